@@ -1,0 +1,363 @@
+"""Configuration: small dataclasses per concern, loadable from YAML, overridable as key.sub=value.
+
+Every dataclass validates itself in `__post_init__`; checks that span concerns (heads vs tensor
+parallel, layers vs pipeline parallel) live in `Config.__post_init__`. Messages say what is
+wrong and how to fix it, and all of this runs before any model is built.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import os
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional, Sequence
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A configuration value is invalid; the message says which and how to fix it."""
+
+
+def _require(cond: bool, msg: str) -> None:
+    if not cond:
+        raise ConfigError(msg)
+
+
+@dataclass
+class ModelConfig:
+    """Llama-family decoder architecture. `preset` fills the fields not given explicitly."""
+
+    preset: Optional[str] = None
+    num_layers: int = 4
+    hidden_size: int = 64
+    ffn_hidden_size: int = 176
+    num_attention_heads: int = 4
+    num_query_groups: Optional[int] = None  # GQA groups; None means = num_attention_heads
+    vocab_size: int = 512
+    max_position_embeddings: int = 256
+    rope_theta: float = 10000.0
+    rope_scaling_factor: float = 1.0  # linear RoPE scaling (positions / factor); 1 = off
+    norm_eps: float = 1e-5
+    qkv_bias: bool = False
+    tie_embeddings: bool = False
+    init_std: float = 0.02
+
+    def __post_init__(self):
+        if self.num_query_groups is None:
+            self.num_query_groups = self.num_attention_heads
+        for name in ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads",
+                     "num_query_groups", "vocab_size", "max_position_embeddings"):
+            value = getattr(self, name)
+            _require(isinstance(value, int) and value > 0,
+                     f"model.{name}={value!r} must be a positive integer")
+        _require(self.hidden_size % self.num_attention_heads == 0,
+                 f"model.hidden_size={self.hidden_size} is not divisible by "
+                 f"model.num_attention_heads={self.num_attention_heads}")
+        _require(self.num_attention_heads % self.num_query_groups == 0,
+                 f"model.num_attention_heads={self.num_attention_heads} is not divisible by "
+                 f"model.num_query_groups={self.num_query_groups} (GQA needs whole groups)")
+        _require(self.rope_theta > 0, f"model.rope_theta={self.rope_theta} must be > 0")
+        _require(self.rope_scaling_factor >= 1.0,
+                 f"model.rope_scaling_factor={self.rope_scaling_factor} must be >= 1 "
+                 "(1 disables linear RoPE scaling)")
+        _require(0 < self.norm_eps < 1, f"model.norm_eps={self.norm_eps} must be in (0, 1)")
+        _require(self.init_std > 0, f"model.init_std={self.init_std} must be > 0")
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_attention_heads
+
+    def num_parameters(self) -> int:
+        """Exact parameter count of the dense model (embeddings included)."""
+        h, f, v = self.hidden_size, self.ffn_hidden_size, self.vocab_size
+        kv = self.num_query_groups * self.head_dim
+        attn = h * h + 2 * h * kv + h * h + (h + 2 * kv if self.qkv_bias else 0)
+        mlp = 3 * h * f
+        per_layer = attn + mlp + 2 * h
+        embed = v * h * (1 if self.tie_embeddings else 2)
+        return self.num_layers * per_layer + embed + h
+
+
+@dataclass
+class ParallelConfig:
+    """Parallel layout. Data parallel is what remains of the world size."""
+
+    tensor: int = 1
+    pipeline: int = 1
+    virtual_pipeline: Optional[int] = None  # interleaved schedule: model chunks per stage
+    expert: int = 1
+    expert_tensor: Optional[int] = None  # None means = tensor
+    sequence_parallel: bool = False
+
+    def __post_init__(self):
+        if self.expert_tensor is None:
+            self.expert_tensor = self.tensor
+        for name in ("tensor", "pipeline", "expert", "expert_tensor"):
+            value = getattr(self, name)
+            _require(isinstance(value, int) and value >= 1,
+                     f"parallel.{name}={value!r} must be an integer >= 1")
+        if self.virtual_pipeline is not None:
+            _require(self.pipeline > 1 and self.virtual_pipeline >= 2,
+                     f"parallel.virtual_pipeline={self.virtual_pipeline} needs "
+                     "parallel.pipeline > 1 and at least 2 chunks per stage")
+        _require(not (self.sequence_parallel and self.tensor == 1),
+                 "parallel.sequence_parallel=true needs parallel.tensor > 1 "
+                 "(sequence parallelism splits activations over the tensor-parallel group)")
+
+    @property
+    def model_parallel_size(self) -> int:
+        return self.tensor * self.pipeline
+
+    def data_parallel_size(self, world_size: int) -> int:
+        """DP size for a world size; raises ConfigError if the layout does not fit."""
+        mp = self.model_parallel_size
+        _require(world_size % mp == 0,
+                 f"world size {world_size} is not divisible by parallel.tensor * "
+                 f"parallel.pipeline = {self.tensor} * {self.pipeline} = {mp}; launch a "
+                 f"multiple of {mp} processes or change the layout")
+        dp = world_size // mp
+        expert_mp = self.expert * self.expert_tensor * self.pipeline
+        _require(world_size % expert_mp == 0,
+                 f"world size {world_size} is not divisible by parallel.expert * "
+                 f"parallel.expert_tensor * parallel.pipeline = {expert_mp}")
+        return dp
+
+
+@dataclass
+class PrecisionConfig:
+    """Numeric formats. bf16/fp16 keep fp32 master weights in the optimizer."""
+
+    dtype: str = "fp32"  # fp32 | bf16 | fp16
+    grad_reduce_in_fp32: bool = True
+
+    def __post_init__(self):
+        _require(self.dtype in ("fp32", "bf16", "fp16"),
+                 f"precision.dtype={self.dtype!r} must be one of fp32, bf16, fp16")
+
+    @property
+    def torch_dtype(self):
+        import torch
+
+        return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[self.dtype]
+
+
+@dataclass
+class TrainConfig:
+    """Optimization and schedule."""
+
+    seq_length: int = 128
+    micro_batch_size: int = 4
+    global_batch_size: int = 8
+    train_steps: int = 20
+    lr: float = 3e-4
+    min_lr: float = 0.0
+    lr_warmup_steps: int = 0
+    lr_decay_style: str = "cosine"  # constant | linear | cosine
+    weight_decay: float = 0.0
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.95
+    adam_eps: float = 1e-8
+    clip_grad: float = 1.0
+    seed: int = 1234
+    log_interval: int = 1
+
+    def __post_init__(self):
+        for name in ("seq_length", "micro_batch_size", "global_batch_size", "train_steps",
+                     "log_interval"):
+            value = getattr(self, name)
+            _require(isinstance(value, int) and value > 0,
+                     f"train.{name}={value!r} must be a positive integer")
+        _require(self.lr > 0, f"train.lr={self.lr} must be > 0")
+        _require(0 <= self.min_lr <= self.lr,
+                 f"train.min_lr={self.min_lr} must be in [0, train.lr={self.lr}]")
+        _require(self.lr_decay_style in ("constant", "linear", "cosine"),
+                 f"train.lr_decay_style={self.lr_decay_style!r} must be constant, linear "
+                 "or cosine")
+        _require(0 <= self.lr_warmup_steps <= self.train_steps,
+                 f"train.lr_warmup_steps={self.lr_warmup_steps} must be in "
+                 f"[0, train.train_steps={self.train_steps}]")
+        _require(self.clip_grad >= 0, f"train.clip_grad={self.clip_grad} must be >= 0")
+
+    def num_microbatches(self, data_parallel_size: int) -> int:
+        per_step = self.micro_batch_size * data_parallel_size
+        _require(self.global_batch_size % per_step == 0,
+                 f"train.global_batch_size={self.global_batch_size} is not divisible by "
+                 f"train.micro_batch_size * data_parallel = {self.micro_batch_size} * "
+                 f"{data_parallel_size} = {per_step}")
+        return self.global_batch_size // per_step
+
+
+@dataclass
+class Config:
+    """The root: one field per concern."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    precision: PrecisionConfig = field(default_factory=PrecisionConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def __post_init__(self):
+        m, p, t = self.model, self.parallel, self.train
+        _require(m.num_attention_heads % p.tensor == 0,
+                 f"model.num_attention_heads={m.num_attention_heads} is not divisible by "
+                 f"parallel.tensor={p.tensor}")
+        _require(m.num_query_groups % p.tensor == 0,
+                 f"model.num_query_groups={m.num_query_groups} is not divisible by "
+                 f"parallel.tensor={p.tensor}")
+        _require(m.ffn_hidden_size % p.tensor == 0,
+                 f"model.ffn_hidden_size={m.ffn_hidden_size} is not divisible by "
+                 f"parallel.tensor={p.tensor}")
+        _require(m.vocab_size % p.tensor == 0,
+                 f"model.vocab_size={m.vocab_size} is not divisible by parallel.tensor="
+                 f"{p.tensor}; pick a tensor-parallel size that divides the vocabulary")
+        chunks = p.pipeline * (p.virtual_pipeline or 1)
+        _require(m.num_layers % chunks == 0,
+                 f"model.num_layers={m.num_layers} is not divisible by parallel.pipeline"
+                 + (f" * parallel.virtual_pipeline = {chunks}" if p.virtual_pipeline else
+                    f"={p.pipeline}"))
+        _require(t.seq_length <= m.max_position_embeddings,
+                 f"train.seq_length={t.seq_length} exceeds model.max_position_embeddings="
+                 f"{m.max_position_embeddings}")
+        if p.sequence_parallel:
+            _require(t.seq_length % p.tensor == 0,
+                     f"train.seq_length={t.seq_length} is not divisible by parallel.tensor="
+                     f"{p.tensor}, which sequence parallelism needs")
+
+    # ---------------------------------------------------------------- building
+    @classmethod
+    def from_dict(cls, data: Dict[str, Any]) -> "Config":
+        data = dict(data or {})
+        _check_keys(data, cls, "")
+        kwargs = {}
+        for f in dataclasses.fields(cls):
+            section = data.get(f.name) or {}
+            _require(isinstance(section, dict),
+                     f"config section '{f.name}' must be a mapping, got {type(section).__name__}")
+            sub_cls = _SECTIONS[f.name]
+            _check_keys(section, sub_cls, f.name + ".")
+            if sub_cls is ModelConfig:
+                kwargs[f.name] = model_config_from_dict(section)
+            else:
+                kwargs[f.name] = _construct(sub_cls, section, f.name)
+        return cls(**kwargs)
+
+    def to_dict(self) -> Dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def replace(self, **sections) -> "Config":
+        """A copy with whole sections replaced (re-validated)."""
+        return dataclasses.replace(self, **sections)
+
+
+_SECTIONS = {"model": ModelConfig, "parallel": ParallelConfig, "precision": PrecisionConfig,
+             "train": TrainConfig}
+
+
+def _check_keys(data: Dict[str, Any], cls, prefix: str) -> None:
+    known = [f.name for f in dataclasses.fields(cls)]
+    for key in data:
+        if key not in known:
+            close = difflib.get_close_matches(key, known, n=1)
+            hint = f"; did you mean '{prefix}{close[0]}'?" if close else \
+                f"; valid keys: {', '.join(prefix + k for k in known)}"
+            raise ConfigError(f"unknown config key '{prefix}{key}'{hint}")
+
+
+def _construct(cls, values: Dict[str, Any], section: str):
+    try:
+        obj = cls(**values)
+    except TypeError as e:  # wrong argument shape: report in config terms
+        raise ConfigError(f"invalid '{section}' section: {e}") from None
+    _check_types(obj, section)
+    return obj
+
+
+def _check_types(obj, section: str) -> None:
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        default = f.default if f.default is not dataclasses.MISSING else None
+        if value is None or default is None:
+            continue
+        if isinstance(default, bool):
+            ok = isinstance(value, bool)
+        elif isinstance(default, int):
+            ok = isinstance(value, int) and not isinstance(value, bool)
+        elif isinstance(default, float):
+            ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        elif isinstance(default, str):
+            ok = isinstance(value, str)
+        else:
+            ok = True
+        _require(ok, f"{section}.{f.name}={value!r} has type {type(value).__name__}, "
+                     f"expected {type(default).__name__}")
+
+
+def model_config_from_dict(values: Dict[str, Any]) -> ModelConfig:
+    """A ModelConfig from a mapping; a `preset` key fills the fields not given."""
+    from xft_megatron.model.presets import preset_values
+
+    values = dict(values)
+    preset = values.get("preset")
+    merged = {**preset_values(preset), **values} if preset else values
+    return _construct(ModelConfig, merged, "model")
+
+
+# -------------------------------------------------------------------- loading and overrides
+def parse_overrides(items: Sequence[str]) -> Dict[str, Any]:
+    """['model.hidden_size=128', 'train.lr=1e-4'] -> nested dict; values parsed as YAML."""
+    out: Dict[str, Any] = {}
+    for item in items:
+        _require("=" in item, f"override '{item}' must look like section.key=value")
+        key, raw = item.split("=", 1)
+        parts = key.strip().split(".")
+        _require(all(parts) and len(parts) >= 2,
+                 f"override '{item}' must name a section and a key, e.g. model.num_layers=8")
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else ""
+        except yaml.YAMLError as e:
+            raise ConfigError(f"override '{item}': value is not valid YAML ({e})") from None
+        node = out
+        for p in parts[:-1]:
+            node = node.setdefault(p, {})
+            _require(isinstance(node, dict), f"override '{item}' conflicts with another one")
+        node[parts[-1]] = value
+    return out
+
+
+def deep_merge(base: Dict[str, Any], update: Dict[str, Any]) -> Dict[str, Any]:
+    out = dict(base)
+    for k, v in update.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = deep_merge(out[k], v)
+        else:
+            out[k] = v
+    return out
+
+
+def read_yaml(path: str) -> Dict[str, Any]:
+    _require(os.path.isfile(path), f"config file '{path}' does not exist")
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = yaml.safe_load(f)
+    except (yaml.YAMLError, UnicodeDecodeError) as e:
+        raise ConfigError(f"config file '{path}' is not valid YAML: {e}") from None
+    data = data or {}
+    _require(isinstance(data, dict), f"config file '{path}' must hold a mapping at the top")
+    return data
+
+
+def load_config(path: Optional[str] = None, overrides: Sequence[str] = ()) -> Config:
+    """Read YAML (optional), apply key=value overrides, validate. Raises ConfigError."""
+    data = read_yaml(path) if path else {}
+    data = deep_merge(data, parse_overrides(overrides))
+    return Config.from_dict(data)
+
+
+def dump_config(cfg: Config) -> str:
+    return yaml.safe_dump(cfg.to_dict(), sort_keys=False)
+
+
+def config_keys() -> List[str]:
+    return [f"{s}.{f.name}" for s, cls in _SECTIONS.items() for f in dataclasses.fields(cls)]

@@ -1,0 +1,107 @@
+"""Build the Llama-family GPT on Megatron-Core from our config.
+
+`transformer_config` maps our dataclasses onto Megatron's TransformerConfig; `build_model`
+returns the model chunks this rank owns (one, or one per virtual pipeline stage).
+"""
+
+from typing import List, Optional
+
+import torch
+import torch.nn.functional as F
+from megatron.core import parallel_state as ps
+from megatron.core.models.gpt import GPTModel
+from megatron.core.transformer.transformer_block import get_num_layers_to_build
+from megatron.core.transformer.transformer_config import TransformerConfig
+
+from xft_megatron import platform
+from xft_megatron.config import Config
+from xft_megatron.model.spec import dense_block_spec
+
+
+def transformer_config(cfg: Config) -> TransformerConfig:
+    m, p, prec = cfg.model, cfg.parallel, cfg.precision
+    on_gpu = platform.has_cuda()
+    return TransformerConfig(
+        num_layers=m.num_layers,
+        hidden_size=m.hidden_size,
+        ffn_hidden_size=m.ffn_hidden_size,
+        num_attention_heads=m.num_attention_heads,
+        num_query_groups=m.num_query_groups,
+        kv_channels=m.head_dim,
+        normalization="RMSNorm",
+        layernorm_epsilon=m.norm_eps,
+        gated_linear_unit=True,
+        activation_func=F.silu,
+        add_bias_linear=False,
+        add_qkv_bias=m.qkv_bias,
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+        init_method_std=m.init_std,
+        # layout
+        tensor_model_parallel_size=p.tensor,
+        pipeline_model_parallel_size=p.pipeline,
+        virtual_pipeline_model_parallel_size=p.virtual_pipeline,
+        expert_model_parallel_size=p.expert,
+        expert_tensor_parallel_size=p.expert_tensor,
+        sequence_parallel=p.sequence_parallel,
+        # numerics
+        params_dtype=prec.torch_dtype,
+        bf16=prec.dtype == "bf16",
+        fp16=prec.dtype == "fp16",
+        pipeline_dtype=prec.torch_dtype,
+        calculate_per_token_loss=True,
+        # kernels: no TE/apex; torch.compile'd SwiGLU on GPU only (CPU CI has no compiler budget)
+        bias_activation_fusion=on_gpu,
+        bias_dropout_fusion=False,
+        masked_softmax_fusion=False,
+        apply_rope_fusion=False,
+        gradient_accumulation_fusion=False,
+        persist_layer_norm=False,
+        use_cpu_initialization=not on_gpu,
+        perform_initialization=True,
+    )
+
+
+def build_model(cfg: Config, tconfig: Optional[TransformerConfig] = None) -> List[GPTModel]:
+    """The GPTModel chunks this rank owns, on this rank's device, in the configured dtype.
+
+    Needs parallel state (see `xft_megatron.parallel.initialize`)."""
+    tconfig = tconfig or transformer_config(cfg)
+    m = cfg.model
+    vp = cfg.parallel.virtual_pipeline
+    chunks = []
+    for vp_stage in range(vp or 1):
+        stage = vp_stage if vp else None
+        pre = ps.is_pipeline_first_stage(ignore_virtual=False, vp_stage=stage)
+        post = ps.is_pipeline_last_stage(ignore_virtual=False, vp_stage=stage)
+        n_here = get_num_layers_to_build(tconfig, vp_stage=stage)
+        model = GPTModel(
+            config=tconfig,
+            transformer_layer_spec=dense_block_spec(n_here),
+            vocab_size=m.vocab_size,
+            max_sequence_length=m.max_position_embeddings,
+            pre_process=pre,
+            post_process=post,
+            share_embeddings_and_output_weights=m.tie_embeddings,
+            position_embedding_type="rope",
+            rotary_base=int(m.rope_theta) if float(m.rope_theta).is_integer() else m.rope_theta,
+            seq_len_interpolation_factor=(
+                m.rope_scaling_factor if m.rope_scaling_factor != 1.0 else None
+            ),
+            vp_stage=stage,
+        )
+        model.to(device=platform.device(), dtype=cfg.precision.torch_dtype)
+        chunks.append(model)
+    return chunks
+
+
+def count_parameters(chunks) -> int:
+    """Parameters held by this rank (shared embeddings counted once)."""
+    seen = set()
+    total = 0
+    for c in chunks:
+        for p in c.parameters():
+            if id(p) not in seen:
+                seen.add(id(p))
+                total += p.numel()
+    return total

@@ -1,0 +1,85 @@
+"""Start torch.distributed and Megatron-Core's parallel state from a ParallelConfig.
+
+Works under torchrun (one or many nodes: RANK/WORLD_SIZE/MASTER_ADDR from the environment),
+under Slurm's srun (SLURM_PROCID/SLURM_NTASKS), and as a single process without a launcher.
+"""
+
+import os
+import socket
+from dataclasses import dataclass
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state as ps
+
+from xft_megatron import platform
+from xft_megatron.config import ParallelConfig
+
+
+@dataclass(frozen=True)
+class RankInfo:
+    rank: int
+    world_size: int
+    local_rank: int
+
+
+def rank_info_from_env() -> RankInfo:
+    env = os.environ
+    if "RANK" in env and "WORLD_SIZE" in env:
+        return RankInfo(int(env["RANK"]), int(env["WORLD_SIZE"]), int(env.get("LOCAL_RANK", 0)))
+    if "SLURM_PROCID" in env and "SLURM_NTASKS" in env:
+        return RankInfo(int(env["SLURM_PROCID"]), int(env["SLURM_NTASKS"]),
+                        int(env.get("SLURM_LOCALID", 0)))
+    return RankInfo(0, 1, 0)
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def init_process_group(timeout_s: float = 600.0) -> RankInfo:
+    """torch.distributed on NCCL (GPU) or gloo (CPU). A no-op if already initialized."""
+    info = rank_info_from_env()
+    if dist.is_initialized():
+        return RankInfo(dist.get_rank(), dist.get_world_size(), info.local_rank)
+    if info.world_size == 1 and "MASTER_ADDR" not in os.environ:
+        os.environ["MASTER_ADDR"] = "127.0.0.1"
+        os.environ["MASTER_PORT"] = str(free_port())
+    if platform.has_cuda():
+        torch.cuda.set_device(info.local_rank % torch.cuda.device_count())
+    dist.init_process_group(
+        backend=platform.backend_name(), rank=info.rank, world_size=info.world_size,
+        timeout=timedelta(seconds=timeout_s),
+    )
+    return info
+
+
+def initialize(parallel: ParallelConfig, seed: int = 1234, timeout_s: float = 600.0) -> RankInfo:
+    """Process group + Megatron parallel state + seeded RNG streams. Validates the layout
+    against the world size first (ConfigError before any group is built)."""
+    info = rank_info_from_env() if not dist.is_initialized() else \
+        RankInfo(dist.get_rank(), dist.get_world_size(), 0)
+    parallel.data_parallel_size(info.world_size)  # raises ConfigError on a bad fit
+    platform.activate_cpu_support()
+    info = init_process_group(timeout_s)
+    if ps.model_parallel_is_initialized():
+        ps.destroy_model_parallel()
+    ps.initialize_model_parallel(
+        tensor_model_parallel_size=parallel.tensor,
+        pipeline_model_parallel_size=parallel.pipeline,
+        virtual_pipeline_model_parallel_size=parallel.virtual_pipeline,
+        expert_model_parallel_size=parallel.expert,
+        expert_tensor_parallel_size=parallel.expert_tensor,
+    )
+    platform.seed_model_parallel_rng(seed)
+    return info
+
+
+def shutdown() -> None:
+    if ps.model_parallel_is_initialized():
+        ps.destroy_model_parallel()
+    if dist.is_initialized():
+        dist.destroy_process_group()

@@ -1,0 +1,211 @@
+"""Backend selection and the CPU/gloo support for Megatron-Core, in one place.
+
+On a GPU machine nothing here changes anything: NCCL is the backend and Megatron-Core runs
+unmodified. On a machine without CUDA, Megatron-Core 0.16.1 still reaches for CUDA in a few
+places. Each is handled below; everything is activated only by `activate_cpu_support()`,
+which `parallel.initialize()` calls when `torch.cuda.is_available()` is False.
+
+What is changed on CPU, and why (tied to megatron-core PINNED_MEGATRON_VERSION; a test fails
+if the installed version differs, so each item gets re-checked when the pin moves):
+
+  1. `torch.cuda.current_device` answers the CPU device. Megatron-Core allocates buffers with
+     `device=torch.cuda.current_device()` in ~20 places (tensor-parallel linear layers'
+     sequence-parallel all-gathers, the global memory buffer, rotary embedding, DDP grad
+     buffers, pipeline p2p). Without CUDA the original raises, so answering "cpu" only turns
+     a crash into CPU placement. Undone by `deactivate_cpu_support()`.
+  2. The RNG tracker: Megatron's `CudaRNGStatesTracker` forks CUDA generator states. We
+     install `CpuRNGStatesTracker` (a subclass) into the tracker slot Megatron provides, so
+     `get_cuda_rng_tracker().fork()` forks the CPU generator instead.
+  3. `torch.cuda.Stream`/`Event`/`synchronize`/`current_stream` used by the alltoall token
+     dispatcher and p2p communication: no-op stand-ins (`_NullStream`, `_NullEvent`); CPU ops
+     run in program order, which is what those streams order on a GPU.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Optional
+
+import torch
+
+PINNED_MEGATRON_VERSION = "0.16.1"
+
+
+def has_cuda() -> bool:
+    return torch.cuda.is_available()
+
+
+def backend_name() -> str:
+    """torch.distributed backend: NCCL on GPU, gloo on CPU."""
+    return "nccl" if has_cuda() else "gloo"
+
+
+def device() -> torch.device:
+    """The device this process computes on (its local GPU, or the CPU)."""
+    if has_cuda():
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def check_megatron_version() -> None:
+    """Refuse to run against a megatron-core other than the pinned one."""
+    from megatron.core import package_info
+
+    found = package_info.__version__
+    if found != PINNED_MEGATRON_VERSION:
+        raise RuntimeError(
+            f"xft-megatron is pinned to megatron-core=={PINNED_MEGATRON_VERSION} but found "
+            f"{found}. Install the pinned version: pip install "
+            f"megatron-core=={PINNED_MEGATRON_VERSION}"
+        )
+
+
+# --------------------------------------------------------------------------------------------
+# 2. RNG tracker on the CPU generator
+# --------------------------------------------------------------------------------------------
+def _make_cpu_tracker_class():
+    from megatron.core.tensor_parallel import random as mrandom
+
+    class CpuRNGStatesTracker(mrandom.CudaRNGStatesTracker):
+        """Megatron's RNG tracker, forking the CPU generator instead of the CUDA one."""
+
+        def add(self, name, seed):
+            if seed in self.seeds_:
+                raise Exception(f"seed {seed} already exists")
+            self.seeds_.add(seed)
+            if name in self.states_:
+                raise Exception(f"rng state {name} already exists")
+            orig = torch.get_rng_state()
+            torch.manual_seed(seed)
+            self.states_[name] = torch.get_rng_state()
+            torch.set_rng_state(orig)
+
+        @contextlib.contextmanager
+        def fork(self, name=mrandom._MODEL_PARALLEL_RNG_TRACKER_NAME):
+            if name not in self.states_:
+                raise Exception(f"rng state {name} is not added")
+            orig = torch.get_rng_state()
+            torch.set_rng_state(self.states_[name])
+            try:
+                yield
+            finally:
+                self.states_[name] = torch.get_rng_state()
+                torch.set_rng_state(orig)
+
+    return CpuRNGStatesTracker
+
+
+def seed_model_parallel_rng(seed: int) -> None:
+    """Seed the default, tensor-parallel and expert-parallel RNG streams (Megatron's scheme).
+
+    Call after parallel state is initialized. GPU: Megatron's own function. CPU: the same
+    three named streams, offsets as Megatron computes them, on the CPU generator.
+    """
+    from megatron.core import parallel_state as ps
+    from megatron.core.tensor_parallel import random as mrandom
+
+    if has_cuda():
+        mrandom.model_parallel_cuda_manual_seed(seed, force_reset_rng=True)
+        return
+    tracker = _make_cpu_tracker_class()()
+    mrandom._CUDA_RNG_STATE_TRACKER = tracker
+    mrandom._CUDA_RNG_STATE_TRACKER_INITIALIZED = True
+    tp_rank = ps.get_tensor_model_parallel_rank()
+    ep_rank = ps.get_expert_model_parallel_rank()
+    etp_rank = ps.get_expert_tensor_parallel_rank()
+    torch.manual_seed(seed)
+    tracker.add(mrandom._DATA_PARALLEL_RNG_TRACKER_NAME, seed)
+    tracker.add(mrandom._MODEL_PARALLEL_RNG_TRACKER_NAME, seed + 2718 + tp_rank)
+    tracker.add(
+        mrandom._EXPERT_PARALLEL_RNG_TRACKER_NAME, seed + 1024 + 100 * ep_rank + etp_rank
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# 1 and 3. torch.cuda stand-ins, installed only without CUDA
+# --------------------------------------------------------------------------------------------
+class _NullEvent:
+    def __init__(self, *args, **kwargs):
+        pass
+
+    def record(self, stream=None):
+        pass
+
+    def wait(self, stream=None):
+        pass
+
+    def synchronize(self):
+        pass
+
+    def query(self):
+        return True
+
+
+class _NullStream:
+    def __init__(self, *args, **kwargs):
+        pass
+
+    def wait_stream(self, other):
+        pass
+
+    def wait_event(self, event):
+        pass
+
+    def record_event(self, event=None):
+        return event if event is not None else _NullEvent()
+
+    def synchronize(self):
+        pass
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+_NULL_STREAM = _NullStream()
+_saved: Optional[dict] = None
+
+
+def _cpu_device():
+    return torch.device("cpu")
+
+
+@contextlib.contextmanager
+def _null_stream_ctx(stream=None):
+    yield
+
+
+def activate_cpu_support() -> None:
+    """Install the CPU stand-ins listed in the module docstring. No-op when CUDA exists."""
+    global _saved
+    if has_cuda() or _saved is not None:
+        return
+    check_megatron_version()
+    replaced = {
+        "current_device": _cpu_device,
+        "Stream": _NullStream,
+        "Event": _NullEvent,
+        "current_stream": lambda device=None: _NULL_STREAM,
+        "default_stream": lambda device=None: _NULL_STREAM,
+        "stream": _null_stream_ctx,
+        "synchronize": lambda device=None: None,
+    }
+    _saved = {name: getattr(torch.cuda, name) for name in replaced}
+    for name, value in replaced.items():
+        setattr(torch.cuda, name, value)
+
+
+def deactivate_cpu_support() -> None:
+    """Restore torch.cuda as it was."""
+    global _saved
+    if _saved is None:
+        return
+    for name, value in _saved.items():
+        setattr(torch.cuda, name, value)
+    _saved = None
+
+
+def cpu_support_active() -> bool:
+    return _saved is not None

@@ -1,0 +1,135 @@
+"""Pure name/layout maps between Megatron-Core GPT state dicts and HF Llama-family ones.
+
+Both directions work on full (unsharded) tensors, one layer at a time if the caller wishes,
+and never touch process groups. Megatron's fused QKV weight is laid out per query group:
+for each of the G groups, [q rows of its H/G heads; k rows; v rows], each head `d` rows.
+"""
+
+from typing import Dict, Iterator, Tuple
+
+import torch
+
+from xft_megatron.config import ModelConfig
+
+Tensor = torch.Tensor
+
+
+def fuse_qkv(q: Tensor, k: Tensor, v: Tensor, m: ModelConfig) -> Tensor:
+    """HF q [H*d, ...], k/v [G*d, ...] -> Megatron linear_qkv [(H + 2G)*d, ...]."""
+    g, d = m.num_query_groups, m.head_dim
+    per = m.num_attention_heads // g
+    rest = q.shape[1:]
+    q = q.reshape(g, per * d, *rest)
+    k = k.reshape(g, d, *rest)
+    v = v.reshape(g, d, *rest)
+    return torch.cat([q, k, v], dim=1).reshape(-1, *rest)
+
+
+def split_qkv(qkv: Tensor, m: ModelConfig) -> Tuple[Tensor, Tensor, Tensor]:
+    """Inverse of `fuse_qkv`."""
+    g, d = m.num_query_groups, m.head_dim
+    per = m.num_attention_heads // g
+    rest = qkv.shape[1:]
+    grouped = qkv.reshape(g, (per + 2) * d, *rest)
+    q, k, v = torch.split(grouped, [per * d, d, d], dim=1)
+    return (q.reshape(-1, *rest).contiguous(), k.reshape(-1, *rest).contiguous(),
+            v.reshape(-1, *rest).contiguous())
+
+
+def layer_to_hf(sd: Dict[str, Tensor], m: ModelConfig, i: int,
+                src: str = "decoder.layers.{i}.") -> Dict[str, Tensor]:
+    """One decoder layer, Megatron names (prefix `src`) -> HF names `model.layers.{i}.`."""
+    s = src.format(i=i)
+    o = f"model.layers.{i}."
+    out = {
+        o + "input_layernorm.weight": sd[s + "input_layernorm.weight"],
+        o + "post_attention_layernorm.weight": sd[s + "pre_mlp_layernorm.weight"],
+        o + "self_attn.o_proj.weight": sd[s + "self_attention.linear_proj.weight"],
+        o + "mlp.down_proj.weight": sd[s + "mlp.linear_fc2.weight"],
+    }
+    q, k, v = split_qkv(sd[s + "self_attention.linear_qkv.weight"], m)
+    out.update({o + "self_attn.q_proj.weight": q, o + "self_attn.k_proj.weight": k,
+                o + "self_attn.v_proj.weight": v})
+    if m.qkv_bias:
+        qb, kb, vb = split_qkv(sd[s + "self_attention.linear_qkv.bias"], m)
+        out.update({o + "self_attn.q_proj.bias": qb, o + "self_attn.k_proj.bias": kb,
+                    o + "self_attn.v_proj.bias": vb})
+    gate, up = torch.chunk(sd[s + "mlp.linear_fc1.weight"], 2, dim=0)
+    out.update({o + "mlp.gate_proj.weight": gate.contiguous(),
+                o + "mlp.up_proj.weight": up.contiguous()})
+    return out
+
+
+def layer_from_hf(sd: Dict[str, Tensor], m: ModelConfig, i: int,
+                  dst: str = "decoder.layers.{i}.") -> Dict[str, Tensor]:
+    """One decoder layer, HF names -> Megatron names (prefix `dst`)."""
+    s = f"model.layers.{i}."
+    o = dst.format(i=i)
+    out = {
+        o + "input_layernorm.weight": sd[s + "input_layernorm.weight"],
+        o + "pre_mlp_layernorm.weight": sd[s + "post_attention_layernorm.weight"],
+        o + "self_attention.linear_proj.weight": sd[s + "self_attn.o_proj.weight"],
+        o + "mlp.linear_fc2.weight": sd[s + "mlp.down_proj.weight"],
+        o + "self_attention.linear_qkv.weight": fuse_qkv(
+            sd[s + "self_attn.q_proj.weight"], sd[s + "self_attn.k_proj.weight"],
+            sd[s + "self_attn.v_proj.weight"], m),
+        o + "mlp.linear_fc1.weight": torch.cat(
+            [sd[s + "mlp.gate_proj.weight"], sd[s + "mlp.up_proj.weight"]], dim=0),
+    }
+    if m.qkv_bias:
+        out[o + "self_attention.linear_qkv.bias"] = fuse_qkv(
+            sd[s + "self_attn.q_proj.bias"], sd[s + "self_attn.k_proj.bias"],
+            sd[s + "self_attn.v_proj.bias"], m)
+    return out
+
+
+def to_hf(sd: Dict[str, Tensor], m: ModelConfig) -> Iterator[Tuple[str, Tensor]]:
+    """Whole model, Megatron -> HF, yielded tensor by tensor (streams layer by layer)."""
+    yield "model.embed_tokens.weight", sd["embedding.word_embeddings.weight"]
+    for i in range(m.num_layers):
+        yield from layer_to_hf(sd, m, i).items()
+    yield "model.norm.weight", sd["decoder.final_layernorm.weight"]
+    if not m.tie_embeddings:
+        yield "lm_head.weight", sd["output_layer.weight"]
+
+
+def from_hf(sd: Dict[str, Tensor], m: ModelConfig) -> Iterator[Tuple[str, Tensor]]:
+    """Whole model, HF -> Megatron."""
+    yield "embedding.word_embeddings.weight", sd["model.embed_tokens.weight"]
+    for i in range(m.num_layers):
+        yield from layer_from_hf(sd, m, i).items()
+    yield "decoder.final_layernorm.weight", sd["model.norm.weight"]
+    if not m.tie_embeddings:
+        yield "output_layer.weight", sd["lm_head.weight"]
+
+
+def hf_config_dict(m: ModelConfig, architecture: str = "LlamaForCausalLM") -> Dict:
+    """config.json content for the HF twin of `m` (Llama, or Qwen2 when qkv_bias)."""
+    model_type = {"LlamaForCausalLM": "llama", "Qwen2ForCausalLM": "qwen2",
+                  "MistralForCausalLM": "mistral"}[architecture]
+    cfg = {
+        "architectures": [architecture],
+        "model_type": model_type,
+        "hidden_size": m.hidden_size,
+        "intermediate_size": m.ffn_hidden_size,
+        "num_hidden_layers": m.num_layers,
+        "num_attention_heads": m.num_attention_heads,
+        "num_key_value_heads": m.num_query_groups,
+        "head_dim": m.head_dim,
+        "vocab_size": m.vocab_size,
+        "max_position_embeddings": m.max_position_embeddings,
+        "rms_norm_eps": m.norm_eps,
+        "rope_theta": m.rope_theta,
+        "tie_word_embeddings": m.tie_embeddings,
+        "hidden_act": "silu",
+        "initializer_range": m.init_std,
+        "attention_bias": m.qkv_bias,
+        "mlp_bias": False,
+        "use_cache": True,
+    }
+    if m.rope_scaling_factor != 1.0:
+        cfg["rope_scaling"] = {"rope_type": "linear", "factor": m.rope_scaling_factor}
+    if architecture != "LlamaForCausalLM":
+        cfg.pop("attention_bias")
+        cfg.pop("mlp_bias")
+    return cfg
