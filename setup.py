@@ -16,6 +16,7 @@ setup(
         "safetensors",
         "pyyaml",
         "tqdm",
+        "psutil",
     ],
     extras_require={
         "test": ["pytest>=8", "pytest-timeout"],

@@ -19,11 +19,25 @@ if the installed version differs, so each item gets re-checked when the pin move
   3. `torch.cuda.Stream`/`Event`/`synchronize`/`current_stream` used by the alltoall token
      dispatcher and p2p communication: no-op stand-ins (`_NullStream`, `_NullEvent`); CPU ops
      run in program order, which is what those streams order on a GPU.
+  4. Tensors created with an explicit `device="cuda"` in the Megatron modules listed in
+     `_MODULES_WITH_CUDA_FACTORIES` (loss-token counters in the schedules, optimizer
+     found-inf/scale flags, grad-norm buffers, masks): those modules see `_TorchOnCpu`, a
+     proxy of `torch` whose tensor factories place such tensors on the CPU. Only these
+     modules are affected; everything else sees the real torch.
+  6. Megatron's optimizer (constructor, and grad clipping in `step`) accepts only tensors
+     whose `Tensor.type()` names a CUDA type ('torch.cuda.FloatTensor', ...).
+     `optimizer_calls()` is a context manager wrapped around those two calls alone: inside
+     it, CPU tensors report the CUDA type names of their dtype. Elsewhere `Tensor.type()` is
+     untouched.
+  5. `torch.Tensor.cuda()` (used e.g. to sync tied embeddings across pipeline stages)
+     returns the tensor itself, as the CPU is the only device.
 """
 
 from __future__ import annotations
 
 import contextlib
+import importlib
+import types
 from typing import Optional
 
 import torch
@@ -177,6 +191,78 @@ def _null_stream_ctx(stream=None):
     yield
 
 
+_MODULES_WITH_CUDA_FACTORIES = (
+    "megatron.core.pipeline_parallel.schedules",
+    "megatron.core.optimizer.optimizer",
+    "megatron.core.optimizer.clip_grads",
+    "megatron.core.optimizer.grad_scaler",
+    "megatron.core.distributed.param_and_grad_buffer",
+    "megatron.core.transformer.utils",
+    "megatron.core.transformer.moe.moe_utils",
+    "megatron.core.tensor_parallel.data",
+    "megatron.core.utils",
+    "megatron.core.rerun_state_machine",
+    "megatron.core.pipeline_parallel.utils",
+    "megatron.core.dist_checkpointing.strategies.state_dict_saver",
+    "megatron.core.dist_checkpointing.exchange_utils",
+)
+_FACTORIES = ("tensor", "zeros", "ones", "empty", "full", "arange", "zeros_like",
+              "ones_like", "empty_like", "full_like", "randn", "rand", "randint")
+
+
+def _on_cpu(fn):
+    def wrapped(*args, **kwargs):
+        dev = kwargs.get("device")
+        if dev is not None and torch.device(dev).type == "cuda":
+            kwargs["device"] = "cpu"
+        return fn(*args, **kwargs)
+
+    wrapped.__name__ = fn.__name__
+    return wrapped
+
+
+class _TorchOnCpu(types.ModuleType):
+    """`torch`, except that tensor factories map device="cuda" to the CPU."""
+
+    def __init__(self):
+        super().__init__("torch")
+        for name in _FACTORIES:
+            setattr(self, name, _on_cpu(getattr(torch, name)))
+
+    def __getattr__(self, name):
+        return getattr(torch, name)
+
+
+def _tensor_cuda_on_cpu(self, *args, **kwargs):
+    return self
+
+
+_CPU_TO_CUDA_TYPE = {"torch.FloatTensor": "torch.cuda.FloatTensor",
+                     "torch.HalfTensor": "torch.cuda.HalfTensor",
+                     "torch.BFloat16Tensor": "torch.cuda.BFloat16Tensor"}
+
+
+@contextlib.contextmanager
+def optimizer_calls():
+    """Wrap Megatron optimizer construction and `step` (item 6). A no-op with CUDA."""
+    if _saved is None:
+        yield
+        return
+    original = torch.Tensor.type
+
+    def type_as_cuda(self, *args, **kwargs):
+        name = original(self, *args, **kwargs)
+        if args or kwargs:
+            return name
+        return _CPU_TO_CUDA_TYPE.get(name, name)
+
+    torch.Tensor.type = type_as_cuda
+    try:
+        yield
+    finally:
+        torch.Tensor.type = original
+
+
 def activate_cpu_support() -> None:
     """Install the CPU stand-ins listed in the module docstring. No-op when CUDA exists."""
     global _saved
@@ -195,6 +281,12 @@ def activate_cpu_support() -> None:
     _saved = {name: getattr(torch.cuda, name) for name in replaced}
     for name, value in replaced.items():
         setattr(torch.cuda, name, value)
+    proxy = _TorchOnCpu()
+    _saved["modules"] = [importlib.import_module(m) for m in _MODULES_WITH_CUDA_FACTORIES]
+    for mod in _saved["modules"]:
+        mod.torch = proxy
+    _saved["Tensor.cuda"] = torch.Tensor.cuda
+    torch.Tensor.cuda = _tensor_cuda_on_cpu
 
 
 def deactivate_cpu_support() -> None:
@@ -202,6 +294,9 @@ def deactivate_cpu_support() -> None:
     global _saved
     if _saved is None:
         return
+    for mod in _saved.pop("modules"):
+        mod.torch = torch
+    torch.Tensor.cuda = _saved.pop("Tensor.cuda")
     for name, value in _saved.items():
         setattr(torch.cuda, name, value)
     _saved = None

@@ -1,0 +1,150 @@
+"""Megatron-Core distributed checkpoints (torch_dist), written atomically.
+
+Layout of a checkpoint root:
+    ROOT/iter_0000100/        a complete checkpoint (dist_checkpointing files + xft_config.yaml)
+    ROOT/latest               text: the name of the newest complete checkpoint
+A save writes into ROOT/.tmp-iter_0000100-<token>/, then renames it into place and only then
+replaces `latest` (write to a temporary file + os.replace). A crash at any moment leaves the
+previous checkpoint and pointer untouched; leftover .tmp-* folders are ignored by readers.
+Sharded tensors carry global names, so a checkpoint loads under any other valid layout.
+"""
+
+import os
+import shutil
+import uuid
+from typing import Dict, List, Optional
+
+import torch
+import torch.distributed as dist
+import yaml
+from megatron.core import dist_checkpointing
+
+from xft_megatron.config import Config
+
+CONFIG_FILE = "xft_config.yaml"
+LATEST_FILE = "latest"
+
+
+def iteration_dir_name(iteration: int) -> str:
+    return f"iter_{iteration:07d}"
+
+
+def _model_sharded_state_dict(chunks: List) -> Dict:
+    if len(chunks) == 1:
+        return {"model": chunks[0].sharded_state_dict()}
+    return {f"model{i}": c.sharded_state_dict() for i, c in enumerate(chunks)}
+
+
+def _broadcast_str(value: Optional[str]) -> str:
+    obj = [value]
+    if dist.is_initialized():
+        dist.broadcast_object_list(obj, src=0)
+    return obj[0]
+
+
+def _barrier():
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def _rank() -> int:
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def save(chunks: List, root: str, iteration: int, cfg: Config,
+         extra_files: Optional[Dict[str, str]] = None) -> str:
+    """Save the model chunks of every rank as ROOT/iter_N atomically; returns its path.
+    All ranks must call it. `extra_files` maps file names to source paths (e.g. tokenizer)
+    copied into the checkpoint by rank 0."""
+    os.makedirs(root, exist_ok=True)
+    name = iteration_dir_name(iteration)
+    tmp = _broadcast_str(os.path.join(root, f".tmp-{name}-{uuid.uuid4().hex[:8]}")
+                         if _rank() == 0 else None)
+    if _rank() == 0:
+        os.makedirs(tmp)
+    _barrier()
+    dist_checkpointing.save(_model_sharded_state_dict(chunks), tmp)
+    if _rank() == 0:
+        with open(os.path.join(tmp, CONFIG_FILE), "w") as f:
+            yaml.safe_dump({"iteration": iteration, **cfg.to_dict()}, f, sort_keys=False)
+        for fname, src in (extra_files or {}).items():
+            shutil.copy2(src, os.path.join(tmp, fname))
+        _fsync_dir(tmp)
+        final = os.path.join(root, name)
+        if os.path.exists(final):  # re-save of the same iteration: keep old until swapped
+            old = os.path.join(root, f".old-{name}-{uuid.uuid4().hex[:8]}")
+            os.rename(final, old)
+            os.rename(tmp, final)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.rename(tmp, final)
+        _write_atomic(os.path.join(root, LATEST_FILE), name + "\n")
+        _fsync_dir(root)
+    _barrier()
+    return os.path.join(root, name)
+
+
+def _write_atomic(path: str, text: str) -> None:
+    tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _fsync_dir(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def resolve(path: str) -> str:
+    """A checkpoint directory from either a root (follows `latest`) or an iter_* folder.
+    Raises FileNotFoundError with a message saying what was looked for."""
+    if os.path.isfile(os.path.join(path, CONFIG_FILE)):
+        return path
+    latest = os.path.join(path, LATEST_FILE)
+    if os.path.isfile(latest):
+        with open(latest) as f:
+            name = f.read().strip()
+        ckpt = os.path.join(path, name)
+        if os.path.isfile(os.path.join(ckpt, CONFIG_FILE)):
+            return ckpt
+        raise FileNotFoundError(f"'{latest}' points to '{name}', which is not a complete "
+                                f"checkpoint (no {CONFIG_FILE} in {ckpt})")
+    raise FileNotFoundError(f"'{path}' is not a checkpoint: expected {CONFIG_FILE} in it or a "
+                            f"'{LATEST_FILE}' file naming one")
+
+
+def read_config(path: str) -> Dict:
+    """The config stored with a checkpoint (root or iter_* folder), iteration included."""
+    with open(os.path.join(resolve(path), CONFIG_FILE)) as f:
+        return yaml.safe_load(f)
+
+
+def load(chunks: List, path: str) -> int:
+    """Load model weights into `chunks` (any layout) from a checkpoint; returns its iteration.
+    All ranks must call it."""
+    ckpt = resolve(path)
+    state = dist_checkpointing.load(_model_sharded_state_dict(chunks), ckpt)
+    if len(chunks) == 1:
+        chunks[0].load_state_dict(state["model"], strict=True)
+    else:
+        for i, c in enumerate(chunks):
+            c.load_state_dict(state[f"model{i}"], strict=True)
+    return int(read_config(ckpt).get("iteration", 0))
+
+
+def gather_full_state_dict(chunks: List) -> Dict[str, torch.Tensor]:
+    """Plain (unwrapped) state dict of a single-rank model: names without wrappers, no extra
+    state. For TP=PP=1 layouts only (tests, conversions)."""
+    out = {}
+    for c in chunks:
+        module = c.module if hasattr(c, "module") else c
+        for k, v in module.state_dict().items():
+            if not k.endswith("_extra_state"):
+                out[k] = v
+    return out

@@ -1,0 +1,70 @@
+"""Megatron-Core DDP, distributed optimizer and LR schedule from our config."""
+
+from typing import List
+
+from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+from megatron.core.distributed.finalize_model_grads import finalize_model_grads
+from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+from megatron.core.transformer.transformer_config import TransformerConfig
+
+from xft_megatron import platform
+from xft_megatron.config import PrecisionConfig, TrainConfig
+
+
+def wrap_ddp(chunks: List, tconfig: TransformerConfig, precision: PrecisionConfig) -> List:
+    """Wrap each model chunk in Megatron's DDP (contiguous grad buffers, distributed optimizer
+    layout) and register the grad-sync hooks the schedules call."""
+    ddp_config = DistributedDataParallelConfig(
+        grad_reduce_in_fp32=precision.grad_reduce_in_fp32,
+        overlap_grad_reduce=False,
+        use_distributed_optimizer=True,
+        check_for_nan_in_grad=False,
+    )
+    wrapped = [
+        DistributedDataParallel(config=tconfig, ddp_config=ddp_config, module=chunk,
+                                disable_bucketing=i > 0)
+        for i, chunk in enumerate(chunks)
+    ]
+    tconfig.no_sync_func = [m.no_sync for m in wrapped]
+    if len(wrapped) == 1:
+        tconfig.no_sync_func = tconfig.no_sync_func[0]
+    tconfig.finalize_model_grads_func = finalize_model_grads
+    return wrapped
+
+
+def build_optimizer(chunks: List, train: TrainConfig, precision: PrecisionConfig):
+    """AdamW with fp32 master weights (bf16/fp16 params), sharded over data parallel."""
+    cfg = OptimizerConfig(
+        optimizer="adam",
+        lr=train.lr,
+        min_lr=train.min_lr,
+        weight_decay=train.weight_decay,
+        adam_beta1=train.adam_beta1,
+        adam_beta2=train.adam_beta2,
+        adam_eps=train.adam_eps,
+        clip_grad=train.clip_grad,
+        bf16=precision.dtype == "bf16",
+        fp16=precision.dtype == "fp16",
+        params_dtype=precision.torch_dtype,
+        use_distributed_optimizer=True,
+    )
+    with platform.optimizer_calls():
+        return get_megatron_optimizer(cfg, chunks)
+
+
+def build_scheduler(optimizer, train: TrainConfig) -> OptimizerParamScheduler:
+    """LR schedule counted in optimizer steps: warmup, then constant/linear/cosine decay."""
+    return OptimizerParamScheduler(
+        optimizer,
+        init_lr=0.0 if train.lr_warmup_steps else train.lr,
+        max_lr=train.lr,
+        min_lr=train.min_lr,
+        lr_warmup_steps=train.lr_warmup_steps,
+        lr_decay_steps=train.train_steps,
+        lr_decay_style=train.lr_decay_style,
+        start_wd=train.weight_decay,
+        end_wd=train.weight_decay,
+        wd_incr_steps=train.train_steps,
+        wd_incr_style="constant",
+    )

@@ -1,0 +1,102 @@
+"""One optimizer step through Megatron-Core's forward-backward schedules.
+
+The loss is a per-token mean over the whole global batch (all microbatches, all data-parallel
+ranks): each microbatch returns (sum of token losses, token count) and Megatron's
+`finalize_model_grads` divides the reduced gradients by the global token count.
+"""
+
+from functools import partial
+from typing import Dict, List
+
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state as ps
+from megatron.core.pipeline_parallel import get_forward_backward_func
+
+from xft_megatron import platform
+
+Batch = Dict[str, torch.Tensor]
+
+
+def make_batch(tokens: torch.Tensor, loss_mask: torch.Tensor = None) -> Batch:
+    """tokens [b, s+1] -> inputs/labels shifted by one, positions, loss mask [b, s]."""
+    inputs, labels = tokens[:, :-1].contiguous(), tokens[:, 1:].contiguous()
+    b, s = inputs.shape
+    mask = torch.ones(b, s, dtype=torch.float32) if loss_mask is None else \
+        loss_mask[:, 1:].float().contiguous()
+    positions = torch.arange(s, dtype=torch.long).unsqueeze(0).expand(b, s).contiguous()
+    return {"tokens": inputs, "labels": labels, "loss_mask": mask, "position_ids": positions}
+
+
+def split_global_batch(batch: Batch, micro_batch_size: int) -> List[Batch]:
+    """This data-parallel rank's slice of a global batch, cut into microbatches."""
+    dp, rank = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
+    n = batch["tokens"].shape[0]
+    if n % (dp * micro_batch_size):
+        raise ValueError(f"global batch of {n} samples does not split into data_parallel={dp} "
+                         f"x micro_batch_size={micro_batch_size}")
+    per_rank = n // dp
+    mine = {k: v[rank * per_rank:(rank + 1) * per_rank] for k, v in batch.items()}
+    return [{k: v[i:i + micro_batch_size] for k, v in mine.items()}
+            for i in range(0, per_rank, micro_batch_size)]
+
+
+def _loss_func(loss_mask: torch.Tensor, output: torch.Tensor):
+    mask = loss_mask.reshape(-1)
+    loss_sum = torch.sum(output.float().reshape(-1) * mask)
+    num_tokens = mask.sum().to(torch.int)
+    return loss_sum, num_tokens, {"lm loss": torch.stack([loss_sum.detach(), mask.sum()])}
+
+
+def _forward_step(data_iterator, model):
+    batch = next(data_iterator)
+    dev = next(model.parameters()).device
+    batch = {k: v.to(dev, non_blocking=True) for k, v in batch.items()}
+    output = model(batch["tokens"], batch["position_ids"], None, labels=batch["labels"])
+    return output, partial(_loss_func, batch["loss_mask"])
+
+
+def forward_backward(chunks: List, microbatches: List[Batch], seq_length: int,
+                     forward_only: bool = False) -> float:
+    """Run the configured schedule over `microbatches`; returns the per-token mean loss over
+    the global batch, identical on every rank."""
+    iters = [iter(microbatches) for _ in chunks]
+    schedule = get_forward_backward_func()
+    reports = schedule(
+        forward_step_func=_forward_step,
+        data_iterator=iters if len(chunks) > 1 else iters[0],
+        model=chunks if len(chunks) > 1 else chunks[0],
+        num_microbatches=len(microbatches),
+        seq_length=seq_length,
+        micro_batch_size=microbatches[0]["tokens"].shape[0],
+        forward_only=forward_only,
+    )
+    return _reduce_reports(reports)
+
+
+def _reduce_reports(reports) -> float:
+    totals = torch.zeros(2, dtype=torch.float64)
+    if ps.is_pipeline_last_stage(ignore_virtual=True):
+        for r in reports:
+            totals += r["lm loss"].detach().to("cpu", torch.float64)
+    # sum over data-parallel ranks, and hand the last stage's value to every stage
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    totals = totals.to(dev)
+    dist.all_reduce(totals, group=ps.get_data_parallel_group())
+    dist.all_reduce(totals, group=ps.get_pipeline_model_parallel_group())
+    return (totals[0] / totals[1].clamp(min=1)).item()
+
+
+def train_step(chunks: List, optimizer, scheduler, microbatches: List[Batch],
+               seq_length: int) -> Dict[str, float]:
+    """Zero grads, forward-backward, clip, optimizer step, LR step."""
+    for c in chunks:
+        c.zero_grad_buffer()
+    optimizer.zero_grad()
+    lr = optimizer.param_groups[0]["lr"]
+    loss = forward_backward(chunks, microbatches, seq_length)
+    with platform.optimizer_calls():
+        ok, grad_norm, _ = optimizer.step()
+    scheduler.step(increment=1)
+    return {"loss": loss, "grad_norm": float(grad_norm) if grad_norm is not None else 0.0,
+            "lr": lr, "skipped": not ok}
