@@ -266,18 +266,23 @@ def _check_keys(data: Dict[str, Any], cls, prefix: str) -> None:
 
 
 def _construct(cls, values: Dict[str, Any], section: str):
+    _check_types(cls, values, section)
     try:
-        obj = cls(**values)
+        return cls(**values)
     except TypeError as e:  # wrong argument shape: report in config terms
         raise ConfigError(f"invalid '{section}' section: {e}") from None
-    _check_types(obj, section)
-    return obj
 
 
-def _check_types(obj, section: str) -> None:
-    for f in dataclasses.fields(obj):
-        value = getattr(obj, f.name)
+def _check_types(cls, values: Dict[str, Any], section: str) -> None:
+    """Each given value must have the type of its field's default (ints accepted as floats)."""
+    for f in dataclasses.fields(cls):
+        if f.name not in values:
+            continue
+        value = values[f.name]
         default = f.default if f.default is not dataclasses.MISSING else None
+        if default is None and f.name in ("num_query_groups", "virtual_pipeline",
+                                          "expert_tensor"):
+            default = 1
         if value is None or default is None:
             continue
         if isinstance(default, bool):
@@ -318,12 +323,23 @@ def parse_overrides(items: Sequence[str]) -> Dict[str, Any]:
             value = yaml.safe_load(raw) if raw.strip() else ""
         except yaml.YAMLError as e:
             raise ConfigError(f"override '{item}': value is not valid YAML ({e})") from None
+        value = _as_number(value)
         node = out
         for p in parts[:-1]:
             node = node.setdefault(p, {})
             _require(isinstance(node, dict), f"override '{item}' conflicts with another one")
         node[parts[-1]] = value
     return out
+
+
+def _as_number(value):
+    """YAML 1.1 reads '1e-3' as a string; a float is what anyone writing it means."""
+    if isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            return value
+    return value
 
 
 def deep_merge(base: Dict[str, Any], update: Dict[str, Any]) -> Dict[str, Any]:
@@ -345,7 +361,8 @@ def read_yaml(path: str) -> Dict[str, Any]:
         raise ConfigError(f"config file '{path}' is not valid YAML: {e}") from None
     data = data or {}
     _require(isinstance(data, dict), f"config file '{path}' must hold a mapping at the top")
-    return data
+    return {k: {kk: _as_number(vv) for kk, vv in v.items()} if isinstance(v, dict) else v
+            for k, v in data.items()}
 
 
 def load_config(path: Optional[str] = None, overrides: Sequence[str] = ()) -> Config:

@@ -29,7 +29,15 @@ def iteration_dir_name(iteration: int) -> str:
     return f"iter_{iteration:07d}"
 
 
+def unwrap(chunk):
+    """The model inside DDP (or other wrappers exposing `.module`)."""
+    while hasattr(chunk, "module"):
+        chunk = chunk.module
+    return chunk
+
+
 def _model_sharded_state_dict(chunks: List) -> Dict:
+    chunks = [unwrap(c) for c in chunks]
     if len(chunks) == 1:
         return {"model": chunks[0].sharded_state_dict()}
     return {f"model{i}": c.sharded_state_dict() for i, c in enumerate(chunks)}
@@ -129,6 +137,7 @@ def load(chunks: List, path: str) -> int:
     """Load model weights into `chunks` (any layout) from a checkpoint; returns its iteration.
     All ranks must call it."""
     ckpt = resolve(path)
+    chunks = [unwrap(c) for c in chunks]
     state = dist_checkpointing.load(_model_sharded_state_dict(chunks), ckpt)
     if len(chunks) == 1:
         chunks[0].load_state_dict(state["model"], strict=True)
@@ -143,8 +152,7 @@ def gather_full_state_dict(chunks: List) -> Dict[str, torch.Tensor]:
     state. For TP=PP=1 layouts only (tests, conversions)."""
     out = {}
     for c in chunks:
-        module = c.module if hasattr(c, "module") else c
-        for k, v in module.state_dict().items():
+        for k, v in unwrap(c).state_dict().items():
             if not k.endswith("_extra_state"):
                 out[k] = v
     return out

@@ -50,6 +50,11 @@ def transformer_config(cfg: Config) -> TransformerConfig:
         fp16=prec.dtype == "fp16",
         pipeline_dtype=prec.torch_dtype,
         calculate_per_token_loss=True,
+        # gloo matches point-to-point messages per peer in posting order; with PP=2 the
+        # previous and next stage are the same peer, and batched p2p posts activations and
+        # gradients in an order that pairs them wrongly. Megatron's unbatched p2p orders by
+        # rank parity, which pairs them right. NCCL keeps the batched path.
+        batch_p2p_comm=on_gpu,
         # kernels: no TE/apex; torch.compile'd SwiGLU on GPU only (CPU CI has no compiler budget)
         bias_activation_fusion=on_gpu,
         bias_dropout_fusion=False,

@@ -12,13 +12,15 @@ from xft_megatron import platform
 from xft_megatron.config import PrecisionConfig, TrainConfig
 
 
-def wrap_ddp(chunks: List, tconfig: TransformerConfig, precision: PrecisionConfig) -> List:
-    """Wrap each model chunk in Megatron's DDP (contiguous grad buffers, distributed optimizer
-    layout) and register the grad-sync hooks the schedules call."""
+def wrap_ddp(chunks: List, tconfig: TransformerConfig, precision: PrecisionConfig,
+             distributed_optimizer: bool = True) -> List:
+    """Wrap each model chunk in Megatron's DDP (contiguous grad buffers) and register the
+    grad-sync hooks the schedules call. With the distributed optimizer, gradients are
+    reduce-scattered (each data-parallel rank keeps its shard); without, all-reduced."""
     ddp_config = DistributedDataParallelConfig(
         grad_reduce_in_fp32=precision.grad_reduce_in_fp32,
         overlap_grad_reduce=False,
-        use_distributed_optimizer=True,
+        use_distributed_optimizer=distributed_optimizer,
         check_for_nan_in_grad=False,
     )
     wrapped = [

@@ -1,0 +1,70 @@
+"""Helpers shared by tests: tiny configs, deterministic batches, model set-up per layout."""
+
+import torch
+
+from xft_megatron import parallel
+from xft_megatron.checkpoint import dist as ckpt
+from xft_megatron.config import load_config
+from xft_megatron.model.builder import build_model, transformer_config
+from xft_megatron.training.optimizer import build_optimizer, build_scheduler, wrap_ddp
+from xft_megatron.training.step import make_batch, split_global_batch
+
+BASE = ["model.preset=tiny", "train.seq_length=32", "train.micro_batch_size=1",
+        "train.global_batch_size=4", "train.lr=1e-3", "train.lr_decay_style=constant",
+        "train.clip_grad=0.0"]
+
+
+def tiny_config(*overrides):
+    return load_config(None, BASE + list(overrides))
+
+
+def global_batch(cfg, step=0):
+    g = torch.Generator().manual_seed(1000 + step)
+    toks = torch.randint(0, cfg.model.vocab_size,
+                         (cfg.train.global_batch_size, cfg.train.seq_length + 1), generator=g)
+    return make_batch(toks)
+
+
+def microbatches(cfg, step=0):
+    return split_global_batch(global_batch(cfg, step), cfg.train.micro_batch_size)
+
+
+def setup(cfg, weights=None, seed=7, ddp=True, distributed_optimizer=True):
+    """Initialize the layout of `cfg`, build the model, load `weights` (a checkpoint) and
+    wrap it in DDP. Returns (chunks, transformer_config)."""
+    parallel.initialize(cfg.parallel, seed=seed)
+    tc = transformer_config(cfg)
+    chunks = build_model(cfg, tc)
+    if weights:
+        ckpt.load(chunks, weights)
+    if ddp:
+        chunks = wrap_ddp(chunks, tc, cfg.precision, distributed_optimizer)
+    return chunks, tc
+
+
+def optimizer_for(chunks, cfg):
+    opt = build_optimizer(chunks, cfg.train, cfg.precision)
+    return opt, build_scheduler(opt, cfg.train)
+
+
+def grads_into_params(chunks):
+    """Overwrite each parameter with its reduced gradient (to save grads as a checkpoint)."""
+    with torch.no_grad():
+        for c in chunks:
+            for p in c.module.parameters():
+                p.copy_(p.main_grad.to(p.dtype))
+
+
+def perturb_norms(chunks, seed=3):
+    """Give RMSNorm weights non-trivial values so their gradients and effects are tested."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for c in chunks:
+            for name, p in c.named_parameters():
+                if "layernorm" in name:
+                    p.copy_(1.0 + 0.2 * torch.randn(p.shape, generator=g))
+
+
+def rel_err(a, b):
+    a, b = a.double(), b.double()
+    return ((a - b).norm() / b.norm().clamp(min=1e-30)).item()

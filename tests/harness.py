@@ -1,0 +1,83 @@
+"""Run a test body on N gloo processes: spawn, free port, clean teardown, rerun on port clash.
+
+    results = run_ranks(4, body, arg1, arg2)   # body(rank, world_size, *args) -> picklable
+
+`body` must be a module-level function. Each rank gets RANK/WORLD_SIZE/MASTER_* in its
+environment, one intra-op thread, and a hard timeout; a failure on any rank raises in the
+test with that rank's traceback.
+"""
+
+import multiprocessing as mp
+import os
+import queue
+import socket
+import traceback
+
+PORT_CLASH = ("EADDRINUSE", "Address already in use", "address already in use")
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _worker(rank, world_size, port, body, args, out):
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank),
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
+                      OMP_NUM_THREADS="1")
+    import torch
+
+    torch.set_num_threads(1)
+    try:
+        result = body(rank, world_size, *args)
+        out.put((rank, True, result))
+    except BaseException:  # report everything, including assertion failures
+        out.put((rank, False, traceback.format_exc()))
+    finally:
+        from xft_megatron import parallel
+
+        try:
+            parallel.shutdown()
+        except Exception:
+            pass
+
+
+class RankFailure(AssertionError):
+    pass
+
+
+def run_ranks(world_size, body, *args, timeout=600, retries=3):
+    """Run `body(rank, world_size, *args)` on `world_size` processes; list of results."""
+    for attempt in range(retries):
+        ctx = mp.get_context("spawn")
+        out = ctx.Queue()
+        port = _free_port()
+        procs = [ctx.Process(target=_worker, args=(r, world_size, port, body, args, out))
+                 for r in range(world_size)]
+        for p in procs:
+            p.start()
+        results, errors = {}, {}
+        try:
+            for _ in range(world_size):
+                rank, ok, value = out.get(timeout=timeout)
+                (results if ok else errors)[rank] = value
+                if errors:
+                    break
+        except queue.Empty:
+            errors[-1] = f"timed out after {timeout}s waiting for ranks " \
+                         f"{sorted(set(range(world_size)) - set(results))}"
+        finally:
+            for p in procs:
+                p.join(timeout=5 if not errors else 1)
+            for p in procs:
+                if p.is_alive():
+                    p.kill()
+                    p.join()
+        if errors and any(s in e for e in errors.values() for s in PORT_CLASH) \
+                and attempt + 1 < retries:
+            continue
+        if errors:
+            msg = "\n".join(f"--- rank {r} ---\n{e}" for r, e in sorted(errors.items()))
+            raise RankFailure(f"distributed test body failed:\n{msg}")
+        return [results[r] for r in range(world_size)]
