@@ -1,0 +1,86 @@
+"""Config: YAML + overrides, presets, and up-front validation with actionable messages."""
+
+import pytest
+
+from xft_megatron.config import (Config, ConfigError, config_keys, load_config,
+                                 model_config_from_dict, parse_overrides)
+from xft_megatron.model.presets import PRESETS
+
+
+def test_yaml_and_overrides(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("model:\n  preset: tiny\n  num_layers: 8\ntrain:\n  lr: 1e-4\n")
+    cfg = load_config(str(path), ["model.hidden_size=128", "parallel.tensor=2",
+                                  "train.lr=2e-4", "precision.dtype=bf16"])
+    assert cfg.model.num_layers == 8  # YAML beats preset
+    assert cfg.model.hidden_size == 128  # override beats YAML
+    assert cfg.model.ffn_hidden_size == PRESETS["tiny"]["ffn_hidden_size"]  # preset fills
+    assert cfg.train.lr == pytest.approx(2e-4)
+    assert cfg.parallel.tensor == 2 and cfg.parallel.expert_tensor == 2
+    assert cfg.precision.dtype == "bf16"
+    # round trip through the dict form (what checkpoints store)
+    assert Config.from_dict(cfg.to_dict()) == cfg
+
+
+def test_override_parsing():
+    assert parse_overrides(["a.b=1", "a.c=x", "d.e=[1, 2]", "f.g=1e-3"]) == \
+        {"a": {"b": 1, "c": "x"}, "d": {"e": [1, 2]}, "f": {"g": 1e-3}}
+    with pytest.raises(ConfigError, match="section.key=value"):
+        parse_overrides(["nonsense"])
+    with pytest.raises(ConfigError, match="name a section"):
+        parse_overrides(["lr=1"])
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["model.preset=tiny", "parallel.tensor=8"],
+     "num_attention_heads=4 is not divisible by parallel.tensor=8"),
+    (["model.preset=tiny", "parallel.pipeline=3"], "num_layers=4 is not divisible by"),
+    (["model.preset=nope"], "unknown model preset 'nope'; known presets: deepseek-coder-1.3b"),
+    (["model.hiden_size=3"], "did you mean 'model.hidden_size'"),
+    (["modle.hidden_size=3"], "unknown config key 'modle'"),
+    (["model.num_layers=two"], "model.num_layers='two' has type str, expected int"),
+    (["model.hidden_size=60", "model.num_attention_heads=8"], "hidden_size=60 is not divisible"),
+    (["parallel.sequence_parallel=true"], "sequence_parallel=true needs parallel.tensor > 1"),
+    (["precision.dtype=fp8"], "precision.dtype='fp8' must be one of"),
+    (["train.global_batch_size=0"], "train.global_batch_size=0 must be a positive"),
+    (["train.seq_length=4096", "model.preset=tiny"], "exceeds model.max_position_embeddings"),
+    (["model.preset=tiny", "model.num_query_groups=3"], "not divisible by model.num_query"),
+    (["train.lr_decay_style=exp"], "must be constant, linear or cosine"),
+])
+def test_validation_messages(overrides, message):
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        load_config(None, overrides)
+
+
+def test_world_size_and_batch_checks():
+    cfg = load_config(None, ["model.preset=tiny", "parallel.tensor=2", "parallel.pipeline=2"])
+    assert cfg.parallel.data_parallel_size(8) == 2
+    with pytest.raises(ConfigError, match="world size 6 is not divisible by parallel.tensor"):
+        cfg.parallel.data_parallel_size(6)
+    with pytest.raises(ConfigError, match="global_batch_size=8 is not divisible"):
+        load_config(None, ["train.micro_batch_size=3"]).train.num_microbatches(1)
+    assert load_config(None, []).train.num_microbatches(2) == 1
+
+
+def test_unreadable_files(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(str(tmp_path / "missing.yaml"))
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model: [unclosed\n")
+    with pytest.raises(ConfigError, match="is not valid YAML"):
+        load_config(str(bad))
+    top = tmp_path / "list.yaml"
+    top.write_text("- 1\n- 2\n")
+    with pytest.raises(ConfigError, match="must hold a mapping"):
+        load_config(str(top))
+
+
+def test_presets_parameter_counts():
+    # published sizes (rounded) of the architectures the presets reproduce
+    expected = {"deepseek-coder-1.3b": 1.346e9, "deepseek-coder-6.7b": 6.74e9,
+                "tinyllama-1.1b": 1.100e9, "llama-2-7b": 6.74e9, "qwen2-0.5b": 0.494e9,
+                "qwen2-1.5b": 1.544e9}
+    for name, count in expected.items():
+        m = model_config_from_dict({"preset": name})
+        assert abs(m.num_parameters() - count) / count < 0.01, (name, m.num_parameters())
+    assert "model.hidden_size" in config_keys()

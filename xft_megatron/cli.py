@@ -1,0 +1,80 @@
+"""`xft <command>`: a thin dispatcher; each command is a function in the library."""
+
+import argparse
+import sys
+import warnings
+
+from xft_megatron.config import ConfigError
+
+
+def _quickstart(args):
+    from xft_megatron import quickstart
+
+    quickstart.run(args.out, steps=args.steps, overrides=args.overrides)
+
+
+def _presets(args):
+    from xft_megatron.config import model_config_from_dict
+    from xft_megatron.model.presets import PRESETS
+
+    for name in PRESETS:
+        m = model_config_from_dict({"preset": name})
+        print(f"{name:22s} layers={m.num_layers:3d} hidden={m.hidden_size:5d} "
+              f"ffn={m.ffn_hidden_size:6d} heads={m.num_attention_heads:3d}/"
+              f"{m.num_query_groups:<3d} vocab={m.vocab_size:6d} "
+              f"params={m.num_parameters() / 1e9:.3f}B")
+
+
+def _config(args):
+    from xft_megatron.config import dump_config, load_config
+
+    print(dump_config(load_config(args.config, args.overrides)), end="")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="xft", description="XFT on Megatron-Core")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    q = sub.add_parser("quickstart", help="run the built-in end-to-end example on this machine")
+    q.add_argument("--out", default="runs/quickstart", help="output directory")
+    q.add_argument("--steps", type=int, default=200, help="training steps")
+    q.add_argument("overrides", nargs="*", help="config overrides, e.g. train.lr=1e-3")
+    q.set_defaults(func=_quickstart)
+
+    s = sub.add_parser("presets", help="list the model presets")
+    s.set_defaults(func=_presets)
+
+    c = sub.add_parser("config", help="print a config after YAML + overrides + validation")
+    c.add_argument("config", nargs="?", help="YAML file")
+    c.add_argument("overrides", nargs="*", help="key.sub=value overrides")
+    c.set_defaults(func=_config)
+    return p
+
+
+def _quiet_dependency_warnings():
+    """Megatron-Core warns at import about absent TE/apex (both optional here) and torch about
+    APIs Megatron still calls; none of it is actionable for a user of this tool."""
+    for module in (r"megatron\..*", r"torch\.distributed\..*"):
+        warnings.filterwarnings("ignore", module=module)
+    warnings.filterwarnings("ignore", message=".*\\.grad attribute of a Tensor that is not a leaf")
+
+
+def main(argv=None) -> int:
+    _quiet_dependency_warnings()
+    args = build_parser().parse_args(argv)
+    if getattr(args, "config", None) and "=" in args.config:  # overrides without a file
+        args.overrides = [args.config] + args.overrides
+        args.config = None
+    try:
+        args.func(args)
+    except ConfigError as e:
+        print(f"xft: config error: {e}", file=sys.stderr)
+        return 2
+    except FileNotFoundError as e:
+        print(f"xft: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,81 @@
+"""A code corpus from the Python standard library on this machine (no downloads).
+
+Files are taken in sorted path order and deduplicated by content, so every machine with the
+same Python version builds the same corpus. Until a trained tokenizer is in place, text is
+tokenized as UTF-8 bytes (ids 0..255), which any vocabulary of >= 256 entries covers.
+"""
+
+import hashlib
+import os
+import sysconfig
+from typing import Iterator, List, Optional, Tuple
+
+import torch
+
+
+def stdlib_dir() -> str:
+    return sysconfig.get_paths()["stdlib"]
+
+
+def python_files(root: str, limit: Optional[int] = None) -> List[str]:
+    """Sorted .py files under `root` (tests and site-packages skipped), unique by content."""
+    out, seen = [], set()
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames[:] = sorted(d for d in dirnames
+                             if d not in ("site-packages", "test", "tests", "__pycache__",
+                                          "idlelib", "lib2to3", "turtledemo"))
+        for name in sorted(filenames):
+            if not name.endswith(".py"):
+                continue
+            path = os.path.join(dirpath, name)
+            try:
+                with open(path, "rb") as f:
+                    digest = hashlib.sha1(f.read()).hexdigest()
+            except OSError:
+                continue
+            if digest not in seen:
+                seen.add(digest)
+                out.append(path)
+            if limit and len(out) >= limit:
+                return out
+    return out
+
+
+def split_by_file(files: List[str], heldout_every: int = 10) -> Tuple[List[str], List[str]]:
+    """Train / held-out split by whole file (every n-th file held out): nothing leaks."""
+    held = [f for i, f in enumerate(files) if i % heldout_every == heldout_every - 1]
+    held_set = set(held)
+    return [f for f in files if f not in held_set], held
+
+
+def byte_tokens(files: List[str]) -> torch.Tensor:
+    """Concatenated UTF-8 bytes of `files` as int64 token ids (files joined by a newline)."""
+    chunks = []
+    for path in files:
+        with open(path, "rb") as f:
+            chunks.append(f.read() + b"\n")
+    data = b"".join(chunks)
+    return torch.frombuffer(bytearray(data), dtype=torch.uint8).to(torch.int64)
+
+
+class WindowBatches:
+    """Global batches of `batch` windows of `seq + 1` tokens from a token stream, in an order
+    fixed by `seed`; step `i` always yields the same batch (resumable, layout-independent)."""
+
+    def __init__(self, tokens: torch.Tensor, seq: int, batch: int, seed: int):
+        if tokens.numel() < seq + 2:
+            raise ValueError(f"corpus has {tokens.numel()} tokens, fewer than one window of "
+                             f"{seq + 1}")
+        self.tokens, self.seq, self.batch, self.seed = tokens, seq, batch, seed
+        self.num_windows = (tokens.numel() - 1) // seq
+
+    def __getitem__(self, step: int) -> torch.Tensor:
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + step)
+        starts = torch.randint(0, self.num_windows, (self.batch,), generator=g) * self.seq
+        return torch.stack([self.tokens[s:s + self.seq + 1] for s in starts.tolist()])
+
+    def __iter__(self) -> Iterator[torch.Tensor]:
+        step = 0
+        while True:
+            yield self[step]
+            step += 1
