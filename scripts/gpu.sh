@@ -1,0 +1,21 @@
+#!/usr/bin/env bash
+# On a GPU machine, from the repo root: install carried wheels (.whl/, see
+# prepare_gpu_wheels.sh), run the GPU tests and the dense benchmark. Logs and JSON go to
+# ${OUT:-runs/gpu}. Usage: scripts/gpu.sh [benchmark points, e.g. 2048:4 4096:2]
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT="${OUT:-runs/gpu}"
+mkdir -p "$OUT"
+if ls .whl/*.whl >/dev/null 2>&1; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+    --target /tmp/site .whl/*.whl || exit 1
+  export PYTHONPATH="/tmp/site:$PWD"
+else
+  export PYTHONPATH="$PWD"
+fi
+export PYTHONUNBUFFERED=1 CUDA_DEVICE_MAX_CONNECTIONS=1
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
+python3 -m pytest -q -m gpu tests -p no:cacheprovider 2>&1 | tee "$OUT/gpu_tests.log"
+POINTS="${*:-2048:4 2048:8 4096:4}"
+python3 -W ignore benchmarks/dense_step.py --points $POINTS --json "$OUT/dense_step.json" \
+  2>&1 | grep -v Warning | tee "$OUT/dense_step.log"

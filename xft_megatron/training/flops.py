@@ -1,0 +1,29 @@
+"""Model FLOPs per token, counted honestly, for MFU.
+
+    flops/token = 6 * P_matmul + 6 * L * h * s
+P_matmul: parameters used in matrix products (attention q/k/v/o, FFN, output layer); the input
+embedding is a lookup and norms are elementwise, so neither counts. 6 = 2 (multiply-add) x 3
+(forward + two backward products). Attention scores and the weighted sum cost 4*s*h per token
+and layer in the forward pass over the full square; causal masking halves it (only the lower
+triangle is needed), and x3 for forward + backward gives 6*L*h*s. Recomputation is not counted.
+"""
+
+from xft_megatron.config import ModelConfig
+
+H200_BF16_DENSE_PEAK = 989e12  # FLOP/s, NVIDIA datasheet (dense, no sparsity)
+
+
+def matmul_params(m: ModelConfig) -> int:
+    h, kv = m.hidden_size, m.num_query_groups * m.head_dim
+    attn = h * h + 2 * h * kv + h * h
+    ffn = 3 * h * m.ffn_hidden_size
+    return m.num_layers * (attn + ffn) + m.vocab_size * h
+
+
+def flops_per_token(m: ModelConfig, seq_length: int) -> float:
+    return 6.0 * matmul_params(m) + 6.0 * m.num_layers * m.hidden_size * seq_length
+
+
+def mfu(m: ModelConfig, seq_length: int, tokens_per_s: float,
+        peak: float = H200_BF16_DENSE_PEAK) -> float:
+    return flops_per_token(m, seq_length) * tokens_per_s / peak
