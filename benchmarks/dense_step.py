@@ -40,12 +40,11 @@ def matmul_ceiling(n=8192, reps=20) -> float:
     return 2 * n ** 3 / statistics.median(times)
 
 
-def run_point(preset, seq, mbs, accum, steps, warmup, extra):
+def _setup(preset, seq, mbs, accum, steps, extra):
     cfg = load_config(None, [f"model.preset={preset}", "precision.dtype=bf16",
                              f"train.seq_length={seq}", f"train.micro_batch_size={mbs}",
                              f"train.global_batch_size={mbs * accum}",
-                             f"train.train_steps={steps + warmup}", "train.lr=1e-4",
-                             f"model.max_position_embeddings={max(seq, 4096)}"] + extra)
+                             f"train.train_steps={steps}", "train.lr=1e-4"] + extra)
     parallel.initialize(cfg.parallel, seed=1)
     tc = transformer_config(cfg)
     chunks = build_model(cfg, tc)
@@ -53,6 +52,19 @@ def run_point(preset, seq, mbs, accum, steps, warmup, extra):
     chunks = wrap_ddp(chunks, tc, cfg.precision)
     opt = build_optimizer(chunks, cfg.train, cfg.precision)
     sched = build_scheduler(opt, cfg.train)
+    return cfg, chunks, opt, sched, params
+
+
+def build_point_for_profile(preset, seq, mbs, accum, extra=()):
+    """A closure running one training step (for benchmarks/profile_step.py)."""
+    cfg, chunks, opt, sched, _ = _setup(preset, seq, mbs, accum, 100, list(extra))
+    toks = torch.randint(0, cfg.model.vocab_size, (mbs * accum, seq + 1))
+    mb = split_global_batch(make_batch(toks), mbs)
+    return lambda: train_step(chunks, opt, sched, mb, seq)
+
+
+def run_point(preset, seq, mbs, accum, steps, warmup, extra):
+    cfg, chunks, opt, sched, params = _setup(preset, seq, mbs, accum, steps + warmup, extra)
     g = torch.Generator().manual_seed(0)
     times, losses = [], []
     for step in range(warmup + steps):

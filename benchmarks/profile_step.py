@@ -1,0 +1,47 @@
+"""Kernel-level profile of dense training steps on one GPU (what the step time is made of).
+
+    python benchmarks/profile_step.py --seq 2048 --mbs 4 --accum 2
+Prints the top CUDA kernels by total time and the share of GEMM / attention / other.
+"""
+
+import argparse
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+from benchmarks.dense_step import build_point_for_profile
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--preset", default="deepseek-coder-1.3b")
+    ap.add_argument("--seq", type=int, default=2048)
+    ap.add_argument("--mbs", type=int, default=4)
+    ap.add_argument("--accum", type=int, default=2)
+    ap.add_argument("--rows", type=int, default=30)
+    args = ap.parse_args()
+    step = build_point_for_profile(args.preset, args.seq, args.mbs, args.accum)
+    for _ in range(3):
+        step()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(2):
+            step()
+        torch.cuda.synchronize()
+    events = [e for e in prof.key_averages() if e.device_type.name == "CUDA"]
+    total = sum(e.self_device_time_total for e in events)
+    groups = {"gemm": 0.0, "attention": 0.0, "other": 0.0}
+    for e in events:
+        name = e.key.lower()
+        kind = "attention" if ("flash" in name or "fmha" in name or "attention" in name) else \
+            "gemm" if ("gemm" in name or "sm90" in name or "cutlass" in name or "nvjet" in name)\
+            else "other"
+        groups[kind] += e.self_device_time_total
+    print(prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=args.rows,
+                                    max_name_column_width=70))
+    print({k: f"{v / total:.1%}" for k, v in groups.items()},
+          f"GPU busy {total / 1e3 / 2:.0f} ms per step")
+
+
+if __name__ == "__main__":
+    main()
