@@ -10,7 +10,8 @@ import torch
 pytestmark = pytest.mark.gpu
 
 
-def test_gpu_forward_and_training_match_reference():
+@pytest.mark.parametrize("compiled", [False, True])
+def test_gpu_forward_and_training_match_reference(compiled):
     import transformers
 
     from tests import common
@@ -19,7 +20,7 @@ def test_gpu_forward_and_training_match_reference():
     from xft_megatron.transforms import hf_llama
 
     cfg = common.tiny_config("model.rope_scaling_factor=4.0", "model.init_std=0.2",
-                             "precision.dtype=bf16")
+                             "precision.dtype=bf16", f"train.compile_layers={compiled}")
     chunks, _ = common.setup(cfg, ddp=False)
     model = chunks[0]
     assert next(model.parameters()).is_cuda

@@ -162,6 +162,8 @@ class TrainConfig:
     clip_grad: float = 1.0
     seed: int = 1234
     log_interval: int = 1
+    compile_layers: bool = False  # torch.compile each decoder layer (GPU): fuses RoPE, norms,
+    #                               residual adds and SwiGLU around the GEMM/attention kernels
 
     def __post_init__(self):
         for name in ("seq_length", "micro_batch_size", "global_batch_size", "train_steps",

@@ -96,8 +96,20 @@ def build_model(cfg: Config, tconfig: Optional[TransformerConfig] = None) -> Lis
             vp_stage=stage,
         )
         model.to(device=platform.device(), dtype=cfg.precision.torch_dtype)
+        if cfg.train.compile_layers:
+            compile_layers(model)
         chunks.append(model)
     return chunks
+
+
+def compile_layers(model: GPTModel) -> None:
+    """Regional compilation: each decoder layer through torch.compile. Layers share one
+    compiled graph (parameters are graph inputs), so compile time does not grow with depth.
+    GPU only: on the CPU it would need a C++ toolchain and minutes per run."""
+    if not platform.has_cuda():
+        raise ValueError("train.compile_layers=true needs a CUDA GPU; set it to false on CPU")
+    for layer in model.decoder.layers:
+        layer.compile(dynamic=False)
 
 
 def count_parameters(chunks) -> int:
