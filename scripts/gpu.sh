@@ -17,5 +17,10 @@ export PYTHONUNBUFFERED=1 CUDA_DEVICE_MAX_CONNECTIONS=1
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
 python3 -m pytest -q -m gpu tests -p no:cacheprovider 2>&1 | tee "$OUT/gpu_tests.log"
 POINTS="${*:-2048:4 2048:8 4096:4}"
-python3 -W ignore benchmarks/dense_step.py --points $POINTS --json "$OUT/dense_step.json" \
-  2>&1 | grep -v Warning | tee "$OUT/dense_step.log"
+# eager layers and compiled layers side by side, same points, same process settings
+for mode in eager compiled; do
+  flag=$([ "$mode" = compiled ] && echo true || echo false)
+  python3 -W ignore benchmarks/dense_step.py --points $POINTS \
+    --json "$OUT/dense_step_$mode.json" train.compile_layers=$flag \
+    2>&1 | grep -v Warning | sed "s/^/[$mode] /" | tee "$OUT/dense_step_$mode.log"
+done
