@@ -84,3 +84,10 @@ def test_presets_parameter_counts():
         m = model_config_from_dict({"preset": name})
         assert abs(m.num_parameters() - count) / count < 0.01, (name, m.num_parameters())
     assert "model.hidden_size" in config_keys()
+
+
+def test_optional_fields_are_type_checked():
+    with pytest.raises(ConfigError, match="compile_layers='maybe' has type str, expected bool"):
+        load_config(None, ["train.compile_layers=maybe"])
+    assert load_config(None, ["train.compile_layers=false"]).train.compile_layers is False
+    assert load_config(None, []).train.compile_layers is None

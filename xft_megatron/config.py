@@ -162,8 +162,9 @@ class TrainConfig:
     clip_grad: float = 1.0
     seed: int = 1234
     log_interval: int = 1
-    compile_layers: bool = False  # torch.compile each decoder layer (GPU): fuses RoPE, norms,
-    #                               residual adds and SwiGLU around the GEMM/attention kernels
+    # torch.compile each decoder layer, fusing RoPE, norms, residual adds and SwiGLU around
+    # the GEMM/attention kernels. None = on with a GPU, off on the CPU.
+    compile_layers: Optional[bool] = None
 
     def __post_init__(self):
         for name in ("seq_length", "micro_batch_size", "global_batch_size", "train_steps",
@@ -275,6 +276,11 @@ def _construct(cls, values: Dict[str, Any], section: str):
         raise ConfigError(f"invalid '{section}' section: {e}") from None
 
 
+# fields whose default is None, with a value of the type they take when set
+_OPTIONAL_FIELD_EXAMPLES = {"num_query_groups": 1, "virtual_pipeline": 1, "expert_tensor": 1,
+                            "compile_layers": False, "preset": ""}
+
+
 def _check_types(cls, values: Dict[str, Any], section: str) -> None:
     """Each given value must have the type of its field's default (ints accepted as floats)."""
     for f in dataclasses.fields(cls):
@@ -282,9 +288,8 @@ def _check_types(cls, values: Dict[str, Any], section: str) -> None:
             continue
         value = values[f.name]
         default = f.default if f.default is not dataclasses.MISSING else None
-        if default is None and f.name in ("num_query_groups", "virtual_pipeline",
-                                          "expert_tensor"):
-            default = 1
+        if default is None:
+            default = _OPTIONAL_FIELD_EXAMPLES.get(f.name)
         if value is None or default is None:
             continue
         if isinstance(default, bool):

@@ -96,7 +96,8 @@ def build_model(cfg: Config, tconfig: Optional[TransformerConfig] = None) -> Lis
             vp_stage=stage,
         )
         model.to(device=platform.device(), dtype=cfg.precision.torch_dtype)
-        if cfg.train.compile_layers:
+        compile_on = cfg.train.compile_layers
+        if compile_on or (compile_on is None and platform.has_cuda()):
             compile_layers(model)
         chunks.append(model)
     return chunks
