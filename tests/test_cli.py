@@ -40,3 +40,24 @@ def test_quickstart_end_to_end(tmp_path):
     assert trained < init - 1.0, (init, trained)  # 40 steps on real code learn something
     assert open(out / "pretrain" / "latest").read().strip() == "iter_0000040"
     assert os.path.isfile(out / "pretrain" / "iter_0000040" / "xft_config.yaml")
+
+
+def test_torchrun_tensor_parallel_matches_single_process(tmp_path):
+    """The same command under torchrun with TP=2 (two gloo processes) reports the same losses
+    as one process: launcher environment, parallel init and TP numerics end to end."""
+    def losses(stdout):
+        m = re.search(r"train loss\s+([\d.]+) -> ([\d.]+).*\n.*held-out loss\s+([\d.]+) "
+                      r"\(init\) -> ([\d.]+)", stdout)
+        assert m, stdout
+        return [float(x) for x in m.groups()]
+
+    single = _run(["quickstart", "--steps", "10", "--out", str(tmp_path / "a")])
+    assert single.returncode == 0, single.stderr[-3000:]
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+                "-m", "xft_megatron.cli", "quickstart", "--steps", "10",
+                "--out", str(tmp_path / "b"), "parallel.tensor=2"]
+    tp = subprocess.run(torchrun, capture_output=True, text=True, timeout=600)
+    assert tp.returncode == 0, tp.stderr[-3000:]
+    assert tp.stdout.count("held-out loss") == 1  # printed once per job, not per rank
+    for a, b in zip(losses(single.stdout), losses(tp.stdout)):
+        assert abs(a - b) <= 2e-4, (single.stdout, tp.stdout)

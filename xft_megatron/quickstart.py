@@ -17,6 +17,14 @@ DEFAULTS = ["model.preset=tiny", "train.seq_length=128", "train.micro_batch_size
             "train.lr_warmup_steps=6", "train.min_lr=3e-4"]
 
 
+def say(*args):
+    """Print once per job (rank 0), however many processes run it."""
+    import torch.distributed as dist
+
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        print(*args, flush=True)
+
+
 def run(out_dir: str, steps: int = 60, max_files: int = 400, overrides=()) -> dict:
     from xft_megatron.training.loop import evaluate, train
 
@@ -29,7 +37,7 @@ def run(out_dir: str, steps: int = 60, max_files: int = 400, overrides=()) -> di
     held = WindowBatches(byte_tokens(held_files), cfg.train.seq_length,
                          cfg.train.global_batch_size, cfg.train.seed + 1)
     held_batches = [held[i] for i in range(4)]
-    print(f"corpus: {len(train_files)} train files, {len(held_files)} held-out files "
+    say(f"corpus: {len(train_files)} train files, {len(held_files)} held-out files "
           f"(python stdlib, {stdlib_dir()})")
 
     # the untrained model, for reference: save step 0, evaluate it
@@ -46,7 +54,7 @@ def run(out_dir: str, steps: int = 60, max_files: int = 400, overrides=()) -> di
                    load_dir=init_ckpt)
     loss_reloaded = evaluate(cfg, result.checkpoint, held_batches)
     summary = {
-        "parameters": result.parameters,
+        "parameters": cfg.model.num_parameters(),
         "steps": steps,
         "train_loss_first": result.losses[0],
         "train_loss_last": result.losses[-1],
@@ -56,11 +64,11 @@ def run(out_dir: str, steps: int = 60, max_files: int = 400, overrides=()) -> di
         "checkpoint": result.checkpoint,
         "seconds": time.perf_counter() - t0,
     }
-    print(f"\nmodel: tiny preset, {result.parameters:,} parameters")
-    print(f"train loss      {summary['train_loss_first']:.4f} -> {summary['train_loss_last']:.4f}"
+    say(f"\nmodel: tiny preset, {summary['parameters']:,} parameters")
+    say(f"train loss      {summary['train_loss_first']:.4f} -> {summary['train_loss_last']:.4f}"
           f"  ({steps} steps, {summary['tokens_per_s']:.0f} tokens/s)")
-    print(f"held-out loss   {loss_init:.4f} (init) -> {loss_reloaded:.4f} "
+    say(f"held-out loss   {loss_init:.4f} (init) -> {loss_reloaded:.4f} "
           f"(trained, reloaded from {result.checkpoint})")
-    print(f"total {summary['seconds']:.1f}s")
+    say(f"total {summary['seconds']:.1f}s")
     return summary
 
