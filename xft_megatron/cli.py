@@ -31,6 +31,17 @@ def _config(args):
     print(dump_config(load_config(args.config, args.overrides)), end="")
 
 
+def _convert(args):
+    from xft_megatron import convert
+
+    if args.direction == "hf-to-mcore":
+        path = convert.hf_to_mcore(args.hf, args.out, dtype=args.dtype or "fp32")
+        print(f"wrote {path}")
+    else:
+        convert.mcore_to_hf(args.ckpt, args.out, dtype=args.dtype or "bf16")
+        print(f"wrote {args.out}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="xft", description="XFT on Megatron-Core")
     sub = p.add_subparsers(dest="command", required=True)
@@ -43,6 +54,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("presets", help="list the model presets")
     s.set_defaults(func=_presets)
+
+    v = sub.add_parser("convert", help="HF directory <-> Megatron distributed checkpoint")
+    v.add_argument("direction", choices=["hf-to-mcore", "mcore-to-hf"])
+    v.add_argument("--hf", help="HF model directory (hf-to-mcore)")
+    v.add_argument("--ckpt", help="Megatron checkpoint root or iter_* folder (mcore-to-hf)")
+    v.add_argument("--out", required=True, help="output directory (must be new or empty)")
+    v.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default=None,
+                   help="dtype written (default: fp32 for Megatron, bf16 for HF)")
+    v.set_defaults(func=_convert)
 
     c = sub.add_parser("config", help="print a config after YAML + overrides + validation")
     c.add_argument("config", nargs="?", help="YAML file")
@@ -65,12 +85,18 @@ def main(argv=None) -> int:
     if getattr(args, "config", None) and "=" in args.config:  # overrides without a file
         args.overrides = [args.config] + args.overrides
         args.config = None
+    if getattr(args, "direction", None) == "hf-to-mcore" and not args.hf:
+        print("xft: convert hf-to-mcore needs --hf DIR", file=sys.stderr)
+        return 2
+    if getattr(args, "direction", None) == "mcore-to-hf" and not args.ckpt:
+        print("xft: convert mcore-to-hf needs --ckpt DIR", file=sys.stderr)
+        return 2
     try:
         args.func(args)
     except ConfigError as e:
         print(f"xft: config error: {e}", file=sys.stderr)
         return 2
-    except FileNotFoundError as e:
+    except (FileNotFoundError, FileExistsError, ValueError) as e:
         print(f"xft: {e}", file=sys.stderr)
         return 2
     return 0

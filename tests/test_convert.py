@@ -1,0 +1,132 @@
+"""HF <-> Megatron conversion: P4 (HF -> Megatron -> HF is bitwise; Megatron's forward equals
+transformers'), both config dialects, and refusals of what is not implemented exactly."""
+
+import json
+import os
+
+import pytest
+import torch
+
+from tests.harness import run_ranks
+
+HF_CASES = {
+    "llama": dict(model_type="llama", hidden_size=64, intermediate_size=176,
+                  num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
+                  vocab_size=384, max_position_embeddings=256, rms_norm_eps=1e-6,
+                  rope_theta=100000.0, rope_scaling={"type": "linear", "factor": 4.0},
+                  tie_word_embeddings=False, initializer_range=0.3),
+    "qwen2": dict(model_type="qwen2", hidden_size=64, intermediate_size=176,
+                  num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                  vocab_size=384, max_position_embeddings=256, rms_norm_eps=1e-6,
+                  rope_theta=1000000.0, tie_word_embeddings=True, initializer_range=0.3),
+}
+
+
+def _body(rank, world, root):
+    import transformers
+    from safetensors.torch import load_file
+
+    from xft_megatron import convert
+    from xft_megatron.checkpoint import dist as ckpt
+    from xft_megatron.config import Config
+    from xft_megatron.model.builder import build_model
+
+    out = {}
+    for name, hf_kwargs in HF_CASES.items():
+        torch.manual_seed(0)
+        hf_cfg = transformers.AutoConfig.for_model(**hf_kwargs)
+        hf = transformers.AutoModelForCausalLM.from_config(hf_cfg).float().eval()
+        with torch.no_grad():
+            for n, p in hf.named_parameters():
+                if "norm" in n or n.endswith("bias"):
+                    p.normal_(1.0 if "norm" in n else 0.0, 0.3)
+        src = os.path.join(root, f"{name}_hf")
+        hf.save_pretrained(src, safe_serialization=True)
+        mc = os.path.join(root, f"{name}_mcore")
+        convert.hf_to_mcore(src, mc)
+        back = os.path.join(root, f"{name}_back")
+        convert.mcore_to_hf(mc, back, dtype="fp32")
+
+        orig = {}
+        for f in os.listdir(src):
+            if f.endswith(".safetensors"):
+                orig.update(load_file(os.path.join(src, f)))
+        new = {}
+        for f in os.listdir(back):
+            if f.endswith(".safetensors"):
+                new.update(load_file(os.path.join(back, f)))
+        if hf_kwargs["tie_word_embeddings"]:
+            orig.pop("lm_head.weight", None)
+        bitwise = set(orig) == set(new) and all(torch.equal(orig[k], new[k]) for k in orig)
+
+        stored = ckpt.read_config(mc)
+        stored.pop("iteration")
+        cfg = Config.from_dict(stored)
+        from xft_megatron import parallel
+
+        parallel.initialize(cfg.parallel)
+        chunks = build_model(cfg)
+        ckpt.load(chunks, mc)
+        ids = torch.randint(0, hf_kwargs["vocab_size"], (2, 80))
+        pos = torch.arange(80).unsqueeze(0).expand(2, -1)
+        with torch.no_grad():
+            ref = hf(ids).logits
+            got = chunks[0](ids, pos, None)
+        reloaded, info = transformers.AutoModelForCausalLM.from_pretrained(
+            back, output_loading_info=True)
+        with torch.no_grad():
+            again = reloaded.float()(ids).logits
+        out[name] = dict(bitwise=bitwise, max_diff=(got - ref).abs().max().item(),
+                         scale=ref.abs().max().item(),
+                         reload_equal=torch.equal(again, ref),
+                         missing=info["missing_keys"], unexpected=info["unexpected_keys"],
+                         rope=(cfg.model.rope_theta, cfg.model.rope_scaling_factor))
+    return out
+
+
+def test_hf_round_trip_is_bitwise_and_forward_matches(tmp_path):
+    r = run_ranks(1, _body, str(tmp_path))[0]
+    assert r["llama"]["rope"] == (100000.0, 4.0)
+    for name, x in r.items():
+        assert x["bitwise"], name
+        assert x["scale"] > 1.0 and x["max_diff"] <= 1e-5 * x["scale"], (name, x)
+        assert x["reload_equal"], name
+        assert not x["missing"] and not x["unexpected"], (name, x)
+
+
+def _write_cfg(d, **kw):
+    os.makedirs(d, exist_ok=True)
+    base = dict(HF_CASES["llama"])
+    base.pop("rope_scaling")
+    base.update(kw)
+    with open(os.path.join(d, "config.json"), "w") as f:
+        json.dump(base, f)
+    return d
+
+
+def test_config_dialects_and_refusals(tmp_path):
+    from xft_megatron.checkpoint.hf import HFFormatError, model_config_from_hf, \
+        safetensors_index
+
+    d5 = _write_cfg(str(tmp_path / "v5"), rope_parameters={"rope_type": "linear",
+                                                            "factor": 4.0,
+                                                            "rope_theta": 100000.0})
+    m, arch = model_config_from_hf(d5)
+    assert (m.rope_theta, m.rope_scaling_factor, arch) == (100000.0, 4.0, "LlamaForCausalLM")
+    cases = [
+        (dict(model_type="mistral", sliding_window=4096), "sliding_window=4096 is not supp"),
+        (dict(model_type="gpt2"), "model_type 'gpt2' is not supported"),
+        (dict(rope_scaling={"rope_type": "yarn", "factor": 4.0}), "rope type 'yarn'"),
+        (dict(hidden_act="gelu"), "hidden_act 'gelu'"),
+        (dict(num_attention_heads=5), "hidden_size=64 is not divisible"),
+    ]
+    for i, (kw, msg) in enumerate(cases):
+        with pytest.raises(HFFormatError, match=msg):
+            model_config_from_hf(_write_cfg(str(tmp_path / f"bad{i}"), **kw))
+    with pytest.raises(HFFormatError, match="config.json is missing"):
+        model_config_from_hf(str(tmp_path / "nothing"))
+    shards = _write_cfg(str(tmp_path / "shards"))
+    with open(os.path.join(shards, "model.safetensors.index.json"), "w") as f:
+        json.dump({"weight_map": {"a": "model-00001-of-00002.safetensors"}}, f)
+    with pytest.raises(HFFormatError, match="model-00001-of-00002.safetensors"):
+        safetensors_index(shards)

@@ -1,0 +1,196 @@
+"""Hugging Face model directories: architecture from config.json, tensors from safetensors.
+
+Reads configs as transformers 4.x writes them (`rope_scaling`, `rope_theta`) and as 5.x
+writes them (`rope_parameters`). Anything this project does not implement exactly (sliding
+window attention, rope types other than default/linear, other activations, MLP biases,
+unknown model types) is refused with a message, never approximated.
+"""
+
+import json
+import os
+from typing import Dict, Iterator, Tuple
+
+import torch
+
+from xft_megatron.config import ConfigError, ModelConfig
+
+ARCHITECTURES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
+                 "qwen2": "Qwen2ForCausalLM"}
+
+
+class HFFormatError(ValueError):
+    """An HF directory this project cannot read exactly; the message names file and problem."""
+
+
+def read_hf_config(hf_dir: str) -> Dict:
+    path = os.path.join(hf_dir, "config.json")
+    if not os.path.isfile(path):
+        raise HFFormatError(f"'{hf_dir}' is not an HF model directory: {path} is missing")
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise HFFormatError(f"{path} is not valid JSON: {e}") from None
+
+
+def _rope(cfg: Dict, path: str) -> Tuple[float, float]:
+    """(theta, linear scaling factor) from either config dialect."""
+    params = cfg.get("rope_parameters")
+    scaling = params if params is not None else cfg.get("rope_scaling")
+    theta = (params or {}).get("rope_theta", cfg.get("rope_theta", 10000.0))
+    if not scaling:
+        return float(theta), 1.0
+    kind = scaling.get("rope_type", scaling.get("type", "default"))
+    if kind == "default":
+        return float(theta), 1.0
+    if kind == "linear":
+        return float(theta), float(scaling["factor"])
+    raise HFFormatError(f"{path}: rope type '{kind}' is not supported (only default and "
+                        "linear scaling are implemented exactly)")
+
+
+def model_config_from_hf(hf_dir: str) -> Tuple[ModelConfig, str]:
+    """(ModelConfig, HF architecture name) for a Llama-family HF directory."""
+    cfg = read_hf_config(hf_dir)
+    path = os.path.join(hf_dir, "config.json")
+    model_type = cfg.get("model_type")
+    if model_type not in ARCHITECTURES:
+        raise HFFormatError(f"{path}: model_type '{model_type}' is not supported; supported: "
+                            f"{', '.join(sorted(ARCHITECTURES))}")
+    if model_type == "mistral" and cfg.get("sliding_window") is not None:
+        raise HFFormatError(f"{path}: sliding_window={cfg['sliding_window']} is not supported "
+                            "(attention here is full causal); set it to null only if the "
+                            "model was trained without it")
+    if model_type == "qwen2" and cfg.get("use_sliding_window"):
+        raise HFFormatError(f"{path}: use_sliding_window=true is not supported")
+    if cfg.get("hidden_act", "silu") != "silu":
+        raise HFFormatError(f"{path}: hidden_act '{cfg['hidden_act']}' is not supported "
+                            "(SwiGLU with SiLU only)")
+    if cfg.get("mlp_bias"):
+        raise HFFormatError(f"{path}: mlp_bias=true is not supported")
+    heads = cfg["num_attention_heads"]
+    if cfg.get("head_dim") not in (None, cfg["hidden_size"] // heads):
+        raise HFFormatError(f"{path}: head_dim={cfg['head_dim']} differs from hidden_size / "
+                            f"num_attention_heads = {cfg['hidden_size'] // heads}")
+    theta, factor = _rope(cfg, path)
+    try:
+        model = ModelConfig(
+            num_layers=cfg["num_hidden_layers"], hidden_size=cfg["hidden_size"],
+            ffn_hidden_size=cfg["intermediate_size"], num_attention_heads=heads,
+            num_query_groups=cfg.get("num_key_value_heads", heads),
+            vocab_size=cfg["vocab_size"],
+            max_position_embeddings=cfg.get("max_position_embeddings", 4096),
+            rope_theta=theta, rope_scaling_factor=factor,
+            norm_eps=cfg.get("rms_norm_eps", 1e-6),
+            qkv_bias=model_type == "qwen2" or bool(cfg.get("attention_bias", False)),
+            tie_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+            init_std=cfg.get("initializer_range", 0.02),
+        )
+    except KeyError as e:
+        raise HFFormatError(f"{path}: required field {e} is missing") from None
+    except ConfigError as e:
+        raise HFFormatError(f"{path}: {e}") from None
+    return model, ARCHITECTURES[model_type]
+
+
+def safetensors_index(hf_dir: str) -> Dict[str, str]:
+    """tensor name -> file, from model.safetensors.index.json or a single model.safetensors;
+    every file the index names must exist."""
+    index = os.path.join(hf_dir, "model.safetensors.index.json")
+    single = os.path.join(hf_dir, "model.safetensors")
+    if os.path.isfile(index):
+        try:
+            with open(index) as f:
+                weight_map = json.load(f)["weight_map"]
+        except (json.JSONDecodeError, KeyError) as e:
+            raise HFFormatError(f"{index} is not a valid safetensors index: {e}") from None
+        missing = sorted({v for v in weight_map.values()
+                          if not os.path.isfile(os.path.join(hf_dir, v))})
+        if missing:
+            raise HFFormatError(f"{index} names shard(s) that do not exist: "
+                                f"{', '.join(missing)}")
+        return {k: os.path.join(hf_dir, v) for k, v in weight_map.items()}
+    if os.path.isfile(single):
+        from safetensors import safe_open
+
+        with safe_open(single, "pt") as f:
+            return {k: single for k in f.keys()}
+    raise HFFormatError(f"no safetensors weights in '{hf_dir}' (expected model.safetensors or "
+                        "model.safetensors.index.json)")
+
+
+class LazyTensors:
+    """A read-only mapping name -> tensor that opens each shard once and reads tensors on
+    access, so a conversion holds only what it is working on."""
+
+    def __init__(self, index: Dict[str, str]):
+        self.index = index
+        self._handles = {}
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        from safetensors import safe_open
+
+        if name not in self.index:
+            raise HFFormatError(f"tensor '{name}' is missing from the checkpoint")
+        path = self.index[name]
+        if path not in self._handles:
+            self._handles[path] = safe_open(path, "pt")
+        return self._handles[path].get_tensor(name)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.index
+
+    def keys(self) -> Iterator[str]:
+        return iter(self.index)
+
+
+def write_hf_dir(tensors: Iterator[Tuple[str, torch.Tensor]], model: ModelConfig,
+                 architecture: str, out_dir: str, dtype: torch.dtype = torch.bfloat16,
+                 shard_bytes: int = 2 * 2 ** 30) -> None:
+    """Write config.json, generation_config.json and sharded safetensors with an index.
+    Written into a temporary sibling folder and renamed into place: never half a model."""
+    import shutil
+    import uuid
+
+    from safetensors.torch import save_file
+
+    from xft_megatron.transforms.hf_llama import hf_config_dict
+
+    if os.path.exists(out_dir) and os.listdir(out_dir):
+        raise FileExistsError(f"'{out_dir}' exists and is not empty; choose a new --out")
+    tmp = f"{out_dir.rstrip('/')}.tmp-{uuid.uuid4().hex[:8]}"
+    os.makedirs(tmp)
+    try:
+        shards, current, size, total = [], {}, 0, 0
+        for name, t in tensors:
+            t = t.detach().to(dtype).contiguous()
+            if current and size + t.numel() * t.element_size() > shard_bytes:
+                shards.append(current)
+                current, size = {}, 0
+            current[name] = t
+            size += t.numel() * t.element_size()
+            total += t.numel() * t.element_size()
+            if size >= shard_bytes:
+                shards.append(current)
+                current, size = {}, 0
+        if current:
+            shards.append(current)
+        weight_map = {}
+        for i, shard in enumerate(shards):
+            fname = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+            save_file(shard, os.path.join(tmp, fname), metadata={"format": "pt"})
+            weight_map.update({k: fname for k in shard})
+        with open(os.path.join(tmp, "model.safetensors.index.json"), "w") as f:
+            json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
+        cfg = hf_config_dict(model, architecture)
+        cfg["torch_dtype"] = str(dtype).replace("torch.", "")
+        with open(os.path.join(tmp, "config.json"), "w") as f:
+            json.dump(cfg, f, indent=2)
+        with open(os.path.join(tmp, "generation_config.json"), "w") as f:
+            json.dump({"do_sample": False}, f, indent=2)
+        if os.path.exists(out_dir):
+            os.rmdir(out_dir)
+        os.rename(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise

@@ -1,0 +1,63 @@
+"""`xft convert`: HF directory <-> Megatron distributed checkpoint (dense Llama family).
+
+torch_dist checkpoints carry global tensor names, so the checkpoint written here loads under
+any parallel layout; the conversion itself runs in one process over full tensors.
+"""
+
+import os
+from typing import Optional
+
+import torch
+
+from xft_megatron import parallel
+from xft_megatron.checkpoint import dist as ckpt
+from xft_megatron.checkpoint.hf import LazyTensors, model_config_from_hf, safetensors_index, \
+    write_hf_dir
+from xft_megatron.config import Config, PrecisionConfig
+from xft_megatron.model.builder import build_model
+from xft_megatron.transforms import hf_llama
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+def _load_full(chunks, tensors) -> None:
+    model = ckpt.unwrap(chunks[0])
+    own = {k for k in model.state_dict() if not k.endswith("_extra_state")}
+    missing = own - set(tensors)
+    if missing:
+        raise ValueError(f"conversion produced no value for: {sorted(missing)[:5]}")
+    with torch.no_grad():
+        params = dict(model.named_parameters())
+        for name, value in tensors.items():
+            params[name].copy_(value)
+
+
+def hf_to_mcore(hf_dir: str, out: str, dtype: str = "fp32") -> str:
+    """Convert an HF directory; returns the written checkpoint folder. Tokenizer files are
+    copied along."""
+    model_cfg, _ = model_config_from_hf(hf_dir)  # refuses unsupported configs up front
+    index = safetensors_index(hf_dir)
+    cfg = Config(model=model_cfg, precision=PrecisionConfig(dtype=dtype))
+    parallel.initialize(cfg.parallel)
+    chunks = build_model(cfg)
+    tensors = dict(hf_llama.from_hf(LazyTensors(index), model_cfg))
+    _load_full(chunks, tensors)
+    extra = {f: os.path.join(hf_dir, f) for f in os.listdir(hf_dir)
+             if f.startswith("tokenizer") or f in ("special_tokens_map.json",)}
+    return ckpt.save(chunks, out, 0, cfg, extra_files=extra)
+
+
+def mcore_to_hf(ckpt_dir: str, out: str, dtype: str = "bf16",
+                architecture: Optional[str] = None) -> None:
+    """Write a dense HF directory from a Megatron checkpoint (any layout it was saved in)."""
+    if os.path.exists(out) and os.listdir(out):
+        raise FileExistsError(f"'{out}' exists and is not empty; choose a new --out")
+    stored = ckpt.read_config(ckpt_dir)
+    stored.pop("iteration", None)
+    cfg = Config.from_dict({**stored, "parallel": {}, "precision": {"dtype": "fp32"}})
+    parallel.initialize(cfg.parallel)
+    chunks = build_model(cfg)
+    ckpt.load(chunks, ckpt_dir)
+    sd = ckpt.gather_full_state_dict(chunks)
+    arch = architecture or ("Qwen2ForCausalLM" if cfg.model.qkv_bias else "LlamaForCausalLM")
+    write_hf_dir(hf_llama.to_hf(sd, cfg.model), cfg.model, arch, out, DTYPES[dtype])
