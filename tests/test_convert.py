@@ -28,7 +28,6 @@ def _body(rank, world, root):
 
     from xft_megatron import convert
     from xft_megatron.checkpoint import dist as ckpt
-    from xft_megatron.config import Config
     from xft_megatron.model.builder import build_model
 
     out = {}
@@ -59,9 +58,7 @@ def _body(rank, world, root):
             orig.pop("lm_head.weight", None)
         bitwise = set(orig) == set(new) and all(torch.equal(orig[k], new[k]) for k in orig)
 
-        stored = ckpt.read_config(mc)
-        stored.pop("iteration")
-        cfg = Config.from_dict(stored)
+        cfg = ckpt.load_config(mc)
         from xft_megatron import parallel
 
         parallel.initialize(cfg.parallel)

@@ -60,8 +60,9 @@ def _layouts(rank, world, workdir):
         chunks, _ = common.setup(cfg, os.path.join(workdir, f"grads_{name}"), ddp=False)
         got = ckpt.gather_full_state_dict(chunks)
         assert set(got) == set(ref), (name, set(got) ^ set(ref))
-        out[name]["grad_err"] = max(common.rel_err(got[k], ref[k]) for k in ref)
-        out[name]["worst"] = max(ref, key=lambda k: common.rel_err(got[k], ref[k]))
+        errs = {k: common.rel_err(got[k], ref[k]) for k in ref}
+        out[name]["worst"] = max(errs, key=errs.get)
+        out[name]["grad_err"] = errs[out[name]["worst"]]
     return out
 
 

@@ -52,9 +52,7 @@ def mcore_to_hf(ckpt_dir: str, out: str, dtype: str = "bf16",
     """Write a dense HF directory from a Megatron checkpoint (any layout it was saved in)."""
     if os.path.exists(out) and os.listdir(out):
         raise FileExistsError(f"'{out}' exists and is not empty; choose a new --out")
-    stored = ckpt.read_config(ckpt_dir)
-    stored.pop("iteration", None)
-    cfg = Config.from_dict({**stored, "parallel": {}, "precision": {"dtype": "fp32"}})
+    cfg = ckpt.load_config(ckpt_dir, parallel={}, precision={"dtype": "fp32"})
     parallel.initialize(cfg.parallel)
     chunks = build_model(cfg)
     ckpt.load(chunks, ckpt_dir)

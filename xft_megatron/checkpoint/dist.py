@@ -133,6 +133,14 @@ def read_config(path: str) -> Dict:
         return yaml.safe_load(f)
 
 
+def load_config(path: str, **sections) -> Config:
+    """The Config stored with a checkpoint, with whole sections replaced by `sections`
+    (e.g. parallel={} to read it in a single process)."""
+    stored = read_config(path)
+    stored.pop("iteration", None)
+    return Config.from_dict({**stored, **sections})
+
+
 def load(chunks: List, path: str) -> int:
     """Load model weights into `chunks` (any layout) from a checkpoint; returns its iteration.
     All ranks must call it."""

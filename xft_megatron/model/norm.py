@@ -7,7 +7,6 @@ all-reduce it over the tensor-parallel group, exactly as it does for its TE/apex
 """
 
 import torch
-from megatron.core.transformer.module import MegatronModule  # noqa: F401 (spec symmetry)
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 

@@ -75,13 +75,12 @@ def forward_backward(chunks: List, microbatches: List[Batch], seq_length: int,
 
 
 def _reduce_reports(reports) -> float:
-    totals = torch.zeros(2, dtype=torch.float64)
+    # summed on the device: one host sync per step (the .item() below), not one per microbatch
+    totals = torch.zeros(2, dtype=torch.float64, device=platform.device())
     if ps.is_pipeline_last_stage(ignore_virtual=True):
         for r in reports:
-            totals += r["lm loss"].detach().to("cpu", torch.float64)
+            totals += r["lm loss"].detach().to(torch.float64)
     # sum over data-parallel ranks, and hand the last stage's value to every stage
-    dev = "cuda" if torch.cuda.is_available() else "cpu"
-    totals = totals.to(dev)
     dist.all_reduce(totals, group=ps.get_data_parallel_group())
     dist.all_reduce(totals, group=ps.get_pipeline_model_parallel_group())
     return (totals[0] / totals[1].clamp(min=1)).item()
