@@ -81,6 +81,87 @@ class ModelConfig:
 
 
 @dataclass
+class MoEConfig:
+    """XFT mixture-of-experts (../XFT_SPEC.md sections 1-3). `num_experts=0` is a dense model.
+
+    Expert 0 is the shared expert in modes `xft` and `none`; counts include it."""
+
+    num_experts: int = 0  # total experts per MoE layer, shared included; 0 = dense FFN
+    topk: int = 6  # experts per token, shared included
+    mode: str = "xft"  # xft | none (shared weight 1, raw top-k probs) | vanilla (no shared)
+    router_gate: str = "mlp"  # mlp: W2 tanh(W1 x) | linear: W x
+    router_noise: bool = True  # noisy gating in training (learned noise scale); off in eval
+    renorm: str = "probs"  # routed weights: probs (softmax of selected probs) | linear
+    balance_loss: str = "cv"  # cv: CV^2(importance)+CV^2(load) | aux: Megatron switch | none
+    balance_coeff: float = 0.01
+    z_loss_coeff: float = 0.0  # router z-loss (0 = off)
+    capacity_factor: Optional[float] = None  # None = dropless; else routed-expert capacity
+    layer_freq: int = 1  # every layer_freq-th layer (0, f, 2f, ...) is MoE, others dense
+    dispatcher: str = "alltoall"  # alltoall | allgather
+    experts_impl: str = "grouped"  # grouped (one grouped GEMM) | sequential (Megatron's)
+    router_init_std: float = 0.02
+
+    def __post_init__(self):
+        _require(isinstance(self.num_experts, int) and self.num_experts >= 0,
+                 f"moe.num_experts={self.num_experts!r} must be an integer >= 0 (0 = dense)")
+        _require(self.mode in ("xft", "none", "vanilla"),
+                 f"moe.mode={self.mode!r} must be xft, none or vanilla")
+        _require(self.router_gate in ("mlp", "linear"),
+                 f"moe.router_gate={self.router_gate!r} must be mlp or linear")
+        _require(self.renorm in ("probs", "linear"),
+                 f"moe.renorm={self.renorm!r} must be probs or linear")
+        _require(self.balance_loss in ("cv", "aux", "none"),
+                 f"moe.balance_loss={self.balance_loss!r} must be cv, aux or none")
+        _require(self.dispatcher in ("alltoall", "allgather"),
+                 f"moe.dispatcher={self.dispatcher!r} must be alltoall or allgather")
+        _require(self.experts_impl in ("grouped", "sequential"),
+                 f"moe.experts_impl={self.experts_impl!r} must be grouped or sequential")
+        _require(self.balance_coeff >= 0, f"moe.balance_coeff={self.balance_coeff} must be >= 0")
+        _require(self.z_loss_coeff >= 0, f"moe.z_loss_coeff={self.z_loss_coeff} must be >= 0")
+        _require(self.router_init_std > 0,
+                 f"moe.router_init_std={self.router_init_std} must be > 0")
+        _require(isinstance(self.layer_freq, int) and self.layer_freq >= 1,
+                 f"moe.layer_freq={self.layer_freq!r} must be an integer >= 1")
+        _require(self.capacity_factor is None or self.capacity_factor > 0,
+                 f"moe.capacity_factor={self.capacity_factor} must be > 0 (or null: dropless)")
+        if not self.enabled:
+            return
+        _require(isinstance(self.topk, int) and self.topk >= 1,
+                 f"moe.topk={self.topk!r} must be a positive integer")
+        _require(self.topk <= self.num_experts,
+                 f"moe.topk={self.topk} exceeds moe.num_experts={self.num_experts}")
+        if self.has_shared_expert:
+            _require(self.num_experts >= 2,
+                     f"moe.mode={self.mode} needs moe.num_experts >= 2 (a shared expert plus at "
+                     f"least one routed expert); got {self.num_experts}")
+            _require(self.topk >= 2,
+                     f"moe.mode={self.mode} needs moe.topk >= 2 (the shared expert plus at least "
+                     f"one routed expert); got {self.topk}")
+
+    @property
+    def enabled(self) -> bool:
+        return self.num_experts > 0
+
+    @property
+    def has_shared_expert(self) -> bool:
+        return self.mode in ("xft", "none")
+
+    @property
+    def num_routed(self) -> int:
+        """Experts the router scores."""
+        return self.num_experts - 1 if self.has_shared_expert else self.num_experts
+
+    @property
+    def routed_topk(self) -> int:
+        """Routed experts selected per token."""
+        return self.topk - 1 if self.has_shared_expert else self.topk
+
+    def is_moe_layer(self, layer_index: int) -> bool:
+        """Whether global layer `layer_index` (0-based) is an MoE layer."""
+        return self.enabled and layer_index % self.layer_freq == 0
+
+
+@dataclass
 class ParallelConfig:
     """Parallel layout. Data parallel is what remains of the world size."""
 
@@ -197,6 +278,7 @@ class Config:
     """The root: one field per concern."""
 
     model: ModelConfig = field(default_factory=ModelConfig)
+    moe: MoEConfig = field(default_factory=MoEConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     precision: PrecisionConfig = field(default_factory=PrecisionConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -223,10 +305,29 @@ class Config:
         _require(t.seq_length <= m.max_position_embeddings,
                  f"train.seq_length={t.seq_length} exceeds model.max_position_embeddings="
                  f"{m.max_position_embeddings}")
+        self._check_moe()
         if p.sequence_parallel:
             _require(t.seq_length % p.tensor == 0,
                      f"train.seq_length={t.seq_length} is not divisible by parallel.tensor="
                      f"{p.tensor}, which sequence parallelism needs")
+
+    def _check_moe(self):
+        e, p = self.moe, self.parallel
+        if not e.enabled:
+            _require(p.expert == 1 and p.expert_tensor == p.tensor,
+                     "parallel.expert and parallel.expert_tensor apply to MoE models only; "
+                     "set moe.num_experts (or leave parallel.expert=1 and "
+                     "parallel.expert_tensor unset)")
+            return
+        _require(e.num_experts % p.expert == 0,
+                 f"moe.num_experts={e.num_experts} is not divisible by parallel.expert="
+                 f"{p.expert}; each expert-parallel rank must hold the same number of experts")
+        _require(self.model.ffn_hidden_size % p.expert_tensor == 0,
+                 f"model.ffn_hidden_size={self.model.ffn_hidden_size} is not divisible by "
+                 f"parallel.expert_tensor={p.expert_tensor}")
+        _require(p.tensor == 1 or p.sequence_parallel,
+                 "MoE with parallel.tensor > 1 needs parallel.sequence_parallel=true "
+                 "(Megatron-Core routes tokens per sequence-parallel shard)")
 
     # ---------------------------------------------------------------- building
     @classmethod
@@ -254,7 +355,7 @@ class Config:
         return dataclasses.replace(self, **sections)
 
 
-_SECTIONS = {"model": ModelConfig, "parallel": ParallelConfig, "precision": PrecisionConfig,
+_SECTIONS = {"model": ModelConfig, "moe": MoEConfig, "parallel": ParallelConfig, "precision": PrecisionConfig,
              "train": TrainConfig}
 
 
@@ -278,7 +379,8 @@ def _construct(cls, values: Dict[str, Any], section: str):
 
 # fields whose default is None, with a value of the type they take when set
 _OPTIONAL_FIELD_EXAMPLES = {"num_query_groups": 1, "virtual_pipeline": 1, "expert_tensor": 1,
-                            "compile_layers": False, "preset": ""}
+                            "compile_layers": False, "preset": "",
+                            "capacity_factor": 1.0}
 
 
 def _check_types(cls, values: Dict[str, Any], section: str) -> None:

@@ -31,6 +31,11 @@ if the installed version differs, so each item gets re-checked when the pin move
      untouched.
   5. `torch.Tensor.cuda()` (used e.g. to sync tied embeddings across pipeline stages)
      returns the tensor itself, as the CPU is the only device.
+  7. The alltoall token dispatcher copies its all-to-all split sizes to the host with
+     `maybe_move_tensor_to_cpu(..., as_numpy=True)`, which converts only CUDA tensors; a CPU
+     tensor stays a tensor, and `all_to_all_single` rejects tensors as split sizes. The
+     dispatcher module's reference is replaced by `_host_copy`, which also converts CPU
+     tensors when asked for numpy.
 """
 
 from __future__ import annotations
@@ -237,6 +242,18 @@ def _tensor_cuda_on_cpu(self, *args, **kwargs):
     return self
 
 
+_DISPATCHER_MODULE = "megatron.core.transformer.moe.token_dispatcher"
+
+
+def _host_copy(original):
+    def host_copy(tensor, as_numpy=False, record_stream=False):
+        if as_numpy and torch.is_tensor(tensor) and not tensor.is_cuda:
+            return tensor.numpy()
+        return original(tensor, as_numpy=as_numpy, record_stream=record_stream)
+
+    return host_copy
+
+
 _CPU_TO_CUDA_TYPE = {"torch.FloatTensor": "torch.cuda.FloatTensor",
                      "torch.HalfTensor": "torch.cuda.HalfTensor",
                      "torch.BFloat16Tensor": "torch.cuda.BFloat16Tensor"}
@@ -287,6 +304,9 @@ def activate_cpu_support() -> None:
         mod.torch = proxy
     _saved["Tensor.cuda"] = torch.Tensor.cuda
     torch.Tensor.cuda = _tensor_cuda_on_cpu
+    dispatcher = importlib.import_module(_DISPATCHER_MODULE)
+    _saved["dispatcher host copy"] = dispatcher.maybe_move_tensor_to_cpu
+    dispatcher.maybe_move_tensor_to_cpu = _host_copy(dispatcher.maybe_move_tensor_to_cpu)
 
 
 def deactivate_cpu_support() -> None:
@@ -297,6 +317,8 @@ def deactivate_cpu_support() -> None:
     for mod in _saved.pop("modules"):
         mod.torch = torch
     torch.Tensor.cuda = _saved.pop("Tensor.cuda")
+    importlib.import_module(_DISPATCHER_MODULE).maybe_move_tensor_to_cpu = _saved.pop(
+        "dispatcher host copy")
     for name, value in _saved.items():
         setattr(torch.cuda, name, value)
     _saved = None

@@ -11,17 +11,19 @@ import torch.nn.functional as F
 from megatron.core import parallel_state as ps
 from megatron.core.models.gpt import GPTModel
 from megatron.core.transformer.transformer_block import get_num_layers_to_build
+from megatron.core.transformer.transformer_layer import get_transformer_layer_offset
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 from xft_megatron import platform
 from xft_megatron.config import Config
-from xft_megatron.model.spec import dense_block_spec
+from xft_megatron.model.spec import block_spec
 
 
 def transformer_config(cfg: Config) -> TransformerConfig:
     m, p, prec = cfg.model, cfg.parallel, cfg.precision
     on_gpu = platform.has_cuda()
     return TransformerConfig(
+        **_moe_fields(cfg),
         num_layers=m.num_layers,
         hidden_size=m.hidden_size,
         ffn_hidden_size=m.ffn_hidden_size,
@@ -67,6 +69,28 @@ def transformer_config(cfg: Config) -> TransformerConfig:
     )
 
 
+def _moe_fields(cfg: Config) -> dict:
+    """Megatron's MoE settings: the layer, dispatcher and experts read these; routing and its
+    losses are the XFT router's (`RouterSettings`), so Megatron's own balancing is off."""
+    e = cfg.moe
+    if not e.enabled:
+        return {}
+    return dict(
+        num_moe_experts=e.num_experts,
+        moe_router_topk=e.topk,
+        moe_ffn_hidden_size=cfg.model.ffn_hidden_size,
+        moe_token_dispatcher_type=e.dispatcher,
+        moe_router_load_balancing_type="none",
+        moe_aux_loss_coeff=0.0,
+        # the dispatcher counts kept tokens instead of assuming topk per token when set
+        moe_expert_capacity_factor=e.capacity_factor,
+        moe_layer_freq=[int(e.is_moe_layer(i)) for i in range(cfg.model.num_layers)],
+        moe_grouped_gemm=False,
+        moe_permute_fusion=False,
+        moe_router_fusion=False,
+    )
+
+
 def build_model(cfg: Config, tconfig: Optional[TransformerConfig] = None) -> List[GPTModel]:
     """The GPTModel chunks this rank owns, on this rank's device, in the configured dtype.
 
@@ -80,9 +104,10 @@ def build_model(cfg: Config, tconfig: Optional[TransformerConfig] = None) -> Lis
         pre = ps.is_pipeline_first_stage(ignore_virtual=False, vp_stage=stage)
         post = ps.is_pipeline_last_stage(ignore_virtual=False, vp_stage=stage)
         n_here = get_num_layers_to_build(tconfig, vp_stage=stage)
+        first = get_transformer_layer_offset(tconfig, vp_stage=stage)
         model = GPTModel(
             config=tconfig,
-            transformer_layer_spec=dense_block_spec(n_here),
+            transformer_layer_spec=block_spec(cfg.moe, first, n_here),
             vocab_size=m.vocab_size,
             max_sequence_length=m.max_position_embeddings,
             pre_process=pre,
@@ -96,11 +121,21 @@ def build_model(cfg: Config, tconfig: Optional[TransformerConfig] = None) -> Lis
             vp_stage=stage,
         )
         model.to(device=platform.device(), dtype=cfg.precision.torch_dtype)
+        _mark_expert_params(model)
         compile_on = cfg.train.compile_layers
         if compile_on or (compile_on is None and platform.has_cuda()):
             compile_layers(model)
         chunks.append(model)
     return chunks
+
+
+def _mark_expert_params(model) -> None:
+    """Expert weights reduce their gradients over the expert-data-parallel group (the ranks
+    holding the same expert shard) in every layout. Megatron flags them so only with EP > 1,
+    which would leave experts replicated over tensor-parallel ranks (ETP < TP) unreduced."""
+    for name, p in model.named_parameters():
+        if ".mlp.experts." in name:
+            p.allreduce = False
 
 
 def compile_layers(model: GPTModel) -> None:

@@ -1,7 +1,10 @@
-"""Layer specs: Megatron-Core's TransformerLayer with our SDPA attention and SP-capable RMSNorm.
+"""Layer specs: Megatron-Core's TransformerLayer with our SDPA attention and SP-capable RMSNorm,
+and either the dense SwiGLU FFN or Megatron's MoE layer with the XFT router and our experts.
 
 Only Megatron-Core modules and ours: no transformer-engine, no apex.
 """
+
+from functools import partial
 
 from megatron.core.fusions.fused_bias_dropout import get_bias_dropout_add
 from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear
@@ -9,12 +12,17 @@ from megatron.core.transformer.attention import SelfAttention, SelfAttentionSubm
 from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.identity_op import IdentityOp
 from megatron.core.transformer.mlp import MLP, MLPSubmodules
+from megatron.core.transformer.moe.experts import SequentialMLP
+from megatron.core.transformer.moe.moe_layer import MoELayer, MoESubmodules
 from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.transformer_block import TransformerBlockSubmodules
 from megatron.core.transformer.transformer_layer import TransformerLayer, TransformerLayerSubmodules
 
+from xft_megatron.config import MoEConfig
 from xft_megatron.model.attention import SDPAttention
 from xft_megatron.model.norm import RMSNorm
+from xft_megatron.moe.experts import GroupedExperts
+from xft_megatron.moe.router import RouterSettings, XFTRouter
 
 
 def attention_spec() -> ModuleSpec:
@@ -39,6 +47,19 @@ def dense_mlp_spec() -> ModuleSpec:
     )
 
 
+def moe_mlp_spec(moe: MoEConfig) -> ModuleSpec:
+    """Megatron's MoELayer (dispatch, combine, EP/ETP) with the XFT router; experts are our
+    grouped GEMM module or Megatron's SequentialMLP (one MLP per expert, for comparison)."""
+    if moe.experts_impl == "grouped":
+        experts = ModuleSpec(module=GroupedExperts)
+    else:
+        experts = ModuleSpec(module=SequentialMLP, submodules=MLPSubmodules(
+            linear_fc1=ColumnParallelLinear, linear_fc2=RowParallelLinear))
+    router = partial(XFTRouter, settings=RouterSettings.from_config(moe))
+    return ModuleSpec(module=MoELayer,
+                      submodules=MoESubmodules(experts=experts, router=router))
+
+
 def layer_spec(mlp: ModuleSpec) -> ModuleSpec:
     """A pre-norm decoder layer around the given FFN spec."""
     return ModuleSpec(
@@ -54,8 +75,13 @@ def layer_spec(mlp: ModuleSpec) -> ModuleSpec:
     )
 
 
-def dense_block_spec(num_layers_here: int) -> TransformerBlockSubmodules:
-    """The block spec for the layers one pipeline stage (or virtual chunk) builds."""
-    return TransformerBlockSubmodules(
-        layer_specs=[layer_spec(dense_mlp_spec())] * num_layers_here, layer_norm=RMSNorm
-    )
+def block_spec(moe: MoEConfig, first_layer: int, num_layers_here: int
+               ) -> TransformerBlockSubmodules:
+    """The layers one pipeline stage (or virtual chunk) builds: global layers
+    first_layer .. first_layer + num_layers_here - 1, MoE where `moe` says so."""
+    dense, sparse = layer_spec(dense_mlp_spec()), None
+    if moe.enabled:
+        sparse = layer_spec(moe_mlp_spec(moe))
+    specs = [sparse if moe.is_moe_layer(first_layer + i) else dense
+             for i in range(num_layers_here)]
+    return TransformerBlockSubmodules(layer_specs=specs, layer_norm=RMSNorm)

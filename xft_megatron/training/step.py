@@ -12,6 +12,7 @@ import torch
 import torch.distributed as dist
 from megatron.core import parallel_state as ps
 from megatron.core.pipeline_parallel import get_forward_backward_func
+from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_region
 
 from xft_megatron import platform
 
@@ -84,6 +85,50 @@ def _reduce_reports(reports) -> float:
     dist.all_reduce(totals, group=ps.get_data_parallel_group())
     dist.all_reduce(totals, group=ps.get_pipeline_model_parallel_group())
     return (totals[0] / totals[1].clamp(min=1)).item()
+
+
+def _logits_step(data_iterator, model):
+    batch = next(data_iterator)
+    dev = next(model.parameters()).device
+    output = model(batch["tokens"].to(dev), batch["position_ids"].to(dev), None)  # [b, s, V/tp]
+
+    def collect(out):
+        full = gather_from_tensor_model_parallel_region(out)  # [b, s, V]
+        return out.sum() * 0, torch.ones((), dtype=torch.int, device=out.device), \
+            {"logits": full.detach()}
+
+    return output, collect
+
+
+def forward_logits(chunks: List, microbatches: List[Batch], seq_length: int) -> torch.Tensor:
+    """Full-vocabulary logits [n, s, V] (float32, CPU) of the given micro-batches, on every
+    rank, in any TP/SP/PP/EP layout. Every rank must pass the same micro-batches; the model's
+    train/eval mode is left as the caller set it."""
+    iters = [iter(microbatches) for _ in chunks]
+    reports = get_forward_backward_func()(
+        forward_step_func=_logits_step,
+        data_iterator=iters if len(chunks) > 1 else iters[0],
+        model=chunks if len(chunks) > 1 else chunks[0],
+        num_microbatches=len(microbatches),
+        seq_length=seq_length,
+        micro_batch_size=microbatches[0]["tokens"].shape[0],
+        forward_only=True,
+    )
+    b = sum(m["tokens"].shape[0] for m in microbatches)
+    vocab = unwrap_vocab_size(chunks)
+    logits = torch.empty(b, seq_length, vocab, dtype=torch.float32, device=platform.device())
+    if ps.is_pipeline_last_stage(ignore_virtual=True):
+        logits.copy_(torch.cat([r["logits"].float() for r in reports], dim=0))
+    dist.broadcast(logits, src=ps.get_pipeline_model_parallel_last_rank(),
+                   group=ps.get_pipeline_model_parallel_group())
+    return logits.cpu()
+
+
+def unwrap_vocab_size(chunks: List) -> int:
+    model = chunks[0]
+    while hasattr(model, "module"):
+        model = model.module
+    return model.vocab_size
 
 
 def train_step(chunks: List, optimizer, scheduler, microbatches: List[Batch],

@@ -1,0 +1,107 @@
+"""Grouped SwiGLU experts: all local experts in one grouped GEMM per projection.
+
+Weights of the E local experts (F = this rank's slice of the FFN width under expert tensor
+parallelism):
+    fc1_weight [E, 2, F, H]   gate (index 0) and up (index 1) projections
+    fc2_weight [E, H, F]      down projection
+so each expert is exactly a dense SwiGLU FFN (upcycling copies the dense weights in, the merge
+averages them out). The GEMMs run through `torch.nn.functional.grouped_mm` on CUDA in bf16
+(Hopper and newer); elsewhere (CPU, fp32, fp16, unaligned shapes) a per-expert loop computes
+the same thing. Outputs are partial sums under expert tensor parallelism; Megatron's token
+dispatcher reduces them, as for its own expert modules.
+"""
+
+import torch
+import torch.nn.functional as F
+from megatron.core.dist_checkpointing.mapping import ShardedTensor
+from megatron.core.tensor_parallel import get_cuda_rng_tracker, get_expert_parallel_rng_tracker_name
+from megatron.core.transformer.module import MegatronModule
+
+_ALIGN_BYTES = 16  # grouped GEMM kernels need 16-byte aligned strides
+
+
+def grouped_gemm_supported(x: torch.Tensor, *weights: torch.Tensor) -> bool:
+    """Whether `F.grouped_mm` can run these operands (else the per-expert loop is used)."""
+    if not (hasattr(F, "grouped_mm") and x.is_cuda and x.dtype == torch.bfloat16):
+        return False
+    if torch.cuda.get_device_capability(x.device) < (9, 0):
+        return False
+    sizes = [x.shape[-1]] + [d for w in weights for d in w.shape[-2:]]
+    return all((d * x.element_size()) % _ALIGN_BYTES == 0 for d in sizes)
+
+
+def swiglu_experts(x, tokens_per_expert, probs, fc1, fc2, use_grouped: bool):
+    """x [n, H] grouped by expert (counts in tokens_per_expert [E]); probs [n] weights.
+    fc1 [E, 2F, H], fc2 [E, H, F]. Returns [n, H] = sum-weighted expert outputs per token."""
+    if use_grouped:
+        offs = torch.cumsum(tokens_per_expert.to(x.device), 0, dtype=torch.int32)
+        h = F.grouped_mm(x, fc1.transpose(-2, -1), offs=offs)  # [n, 2F]
+        gate, up = h.chunk(2, dim=-1)
+        act = (F.silu(gate) * up * probs.unsqueeze(-1)).to(x.dtype)  # [n, F]
+        return F.grouped_mm(act, fc2.transpose(-2, -1), offs=offs)  # [n, H]
+    counts = tokens_per_expert.tolist()
+    outs = []
+    for e, (xe, pe) in enumerate(zip(x.split(counts), probs.split(counts))):
+        gate, up = F.linear(xe, fc1[e]).chunk(2, dim=-1)
+        act = (F.silu(gate) * up * pe.unsqueeze(-1)).to(x.dtype)
+        outs.append(F.linear(act, fc2[e]))
+    return torch.cat(outs, dim=0) if outs else x.new_zeros(0, fc2.shape[1])
+
+
+class GroupedExperts(MegatronModule):
+    """Megatron-Core experts module (`forward(tokens, tokens_per_expert, probs)`)."""
+
+    def __init__(self, num_local_experts, config, pg_collection=None):
+        super().__init__(config)
+        self.num_local_experts = e = num_local_experts
+        self.ep_group = pg_collection.ep
+        self.tp_group = pg_collection.expt_tp
+        self.dp_group = pg_collection.expt_dp
+        tp = self.tp_group.size()
+        ffn = config.moe_ffn_hidden_size
+        if ffn % tp:
+            raise ValueError(f"FFN width {ffn} is not divisible by expert tensor parallel {tp}")
+        f, h = ffn // tp, config.hidden_size
+        device = "cpu" if config.use_cpu_initialization else torch.cuda.current_device()
+        self.fc1_weight = torch.nn.Parameter(
+            torch.empty(e, 2, f, h, dtype=config.params_dtype, device=device))
+        self.fc2_weight = torch.nn.Parameter(
+            torch.empty(e, h, f, dtype=config.params_dtype, device=device))
+        if config.perform_initialization:
+            with get_cuda_rng_tracker().fork(get_expert_parallel_rng_tracker_name()):
+                config.init_method(self.fc1_weight)
+                config.output_layer_init_method(self.fc2_weight)
+        for p in (self.fc1_weight, self.fc2_weight):
+            # gradients reduce over the expert-data-parallel group (ranks holding this shard)
+            p.allreduce = False
+            p.tensor_model_parallel = True
+            p.partition_dim = p.dim() - 2 if p is self.fc1_weight else p.dim() - 1
+            p.partition_stride = 1
+
+    def forward(self, tokens, tokens_per_expert, probs):
+        """tokens [n, H] sorted by local expert -> ([n, H] partial under ETP, None)."""
+        e, _, f, h = self.fc1_weight.shape
+        fc1 = self.fc1_weight.view(e, 2 * f, h)
+        use_grouped = grouped_gemm_supported(tokens, fc1, self.fc2_weight)
+        out = swiglu_experts(tokens, tokens_per_expert, probs, fc1, self.fc2_weight,
+                             use_grouped)
+        return out, None
+
+    def backward_dw(self):
+        """Weight gradients are not deferred here (Megatron calls this in overlap modes)."""
+
+    def sharded_state_dict(self, prefix="", sharded_offsets=(), metadata=None):
+        """Global tensors [num_experts, ...] split over expert ranks (axis 0) and expert
+        tensor ranks (the FFN axis), replicated over expert data parallel ranks."""
+        pre = len(sharded_offsets)
+        ep_rank, ep_size = self.ep_group.rank(), self.ep_group.size()
+        tp_rank, tp_size = self.tp_group.rank(), self.tp_group.size()
+        replica = (0, 0, self.dp_group.rank())
+        out = {}
+        for name, ffn_axis in (("fc1_weight", 2), ("fc2_weight", 2)):
+            key = f"{prefix}{name}"
+            out[key] = ShardedTensor.from_rank_offsets(
+                key, getattr(self, name), *sharded_offsets,
+                (pre + 0, ep_rank, ep_size), (pre + ffn_axis, tp_rank, tp_size),
+                replica_id=replica, prepend_axis_num=pre)
+        return out
