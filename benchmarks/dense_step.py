@@ -79,14 +79,16 @@ def run_point(preset, seq, mbs, accum, steps, warmup, extra):
         losses.append(stats["loss"])
     step_s = statistics.median(times)
     tokens_per_s = mbs * accum * seq / step_s
-    achieved = flops_per_token(cfg.model, seq) * tokens_per_s
+    achieved = flops_per_token(cfg.model, seq, cfg.moe) * tokens_per_s
     result = dict(preset=preset, seq=seq, micro_batch=mbs, accum=accum, params=params,
                   step_s=step_s, step_s_spread=(min(times), max(times)),
                   tokens_per_s=tokens_per_s, tflops=achieved / 1e12,
                   mfu=achieved / H200_BF16_DENSE_PEAK,
                   peak_mem_gib=torch.cuda.max_memory_allocated() / 2 ** 30,
-                  loss_first=losses[0], loss_last=losses[-1])
+                  loss_first=losses[0], loss_last=losses[-1],
+                  overrides=list(extra))
     del chunks, opt, sched
+    torch._dynamo.reset()  # compiled regions keep references to the model's modules
     gc.collect()
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # On a GPU machine, from the repo root: install carried wheels (.whl/, see
 # prepare_gpu_wheels.sh), run the GPU tests and the dense benchmark. Logs and JSON go to
-# ${OUT:-runs/gpu}. Usage: scripts/gpu.sh [benchmark points, e.g. 2048:4 4096:2]
+# ${OUT:-runs/gpu}. Usage: [BENCH=dense|moe|all] scripts/gpu.sh [dense points, e.g. 2048:4]
+# BENCH (default all) picks the benchmarks run after the GPU tests.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-runs/gpu}"
@@ -16,6 +17,14 @@ fi
 export PYTHONUNBUFFERED=1 CUDA_DEVICE_MAX_CONNECTIONS=1
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
 python3 -m pytest -q -m gpu tests -p no:cacheprovider 2>&1 | tee "$OUT/gpu_tests.log"
+BENCH="${BENCH:-all}"
+if [ "$BENCH" = moe ] || [ "$BENCH" = all ]; then
+  python3 -W ignore benchmarks/expert_gemm.py "$OUT/expert_gemm.json" \
+    2>&1 | grep -v Warning | tee "$OUT/expert_gemm.log"
+  python3 -W ignore benchmarks/moe_step.py --json "$OUT/moe_step.json" \
+    2>&1 | grep -v Warning | tee "$OUT/moe_step.log"
+fi
+[ "$BENCH" = moe ] && exit 0
 POINTS="${*:-2048:4 2048:8 4096:4}"
 # eager layers and compiled layers side by side, same points, same process settings
 for mode in eager compiled; do

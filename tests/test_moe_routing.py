@@ -159,6 +159,9 @@ def _router(gate, noise, balance="cv", z=0.0):
 @pytest.mark.parametrize("gate,noise", [("mlp", True), ("linear", False)])
 def test_router_module_matches_spec(gate, noise):
     """Gate, noise, softmax, weights and the attached balance loss of the module."""
+    from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler
+
+    MoEAuxLossAutoScaler.set_loss_scale(torch.ones(1))  # as the schedules do
     router = _router(gate, noise, z=1e-3).train()
     x = torch.randn(6, 4, 16, generator=torch.Generator().manual_seed(1), requires_grad=True)
     torch.manual_seed(42)
@@ -195,3 +198,52 @@ def test_router_eval_has_no_noise_and_no_loss():
     a, _ = router(x)
     b, _ = router(x)
     assert torch.equal(a, b) and router.loss_count == 0
+
+
+def _modes_body(rank, world):
+    from tests import common
+    from xft_megatron.checkpoint.dist import gather_full_state_dict
+    from xft_megatron.transforms.upcycle import upcycle
+
+    dense_cfg = common.tiny_config("model.init_std=0.1")
+    chunks, _ = common.setup(dense_cfg, ddp=False)
+    sd = gather_full_state_dict(chunks)
+    x = torch.randn(16, 2, dense_cfg.model.hidden_size, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        dense_out, _ = chunks[0].decoder.layers[0].mlp(x)
+    out = {}
+    for mode in ("xft", "none", "vanilla"):
+        cfg = common.tiny_config("model.init_std=0.1", "moe.num_experts=4", "moe.topk=3",
+                                 f"moe.mode={mode}", "moe.router_init_std=0.5")
+        chunks, _ = common.setup(cfg, ddp=False)
+        chunks[0].load_state_dict(dict(upcycle(sd, cfg.moe, cfg.model.hidden_size)),
+                                  strict=False)
+        layer = chunks[0].decoder.layers[0].mlp.eval()
+        with torch.no_grad():
+            weights, selected = layer.router(x)
+            moe_out, _ = layer(x)
+        factor = weights.sum(-1).reshape(16, 2, 1)
+        out[mode] = dict(
+            err=((moe_out - factor * dense_out).abs().max() / dense_out.abs().max()).item(),
+            factor_min=factor.min().item(), factor_mean=factor.mean().item(),
+            num_experts=layer.experts.fc1_weight.shape[0], columns=weights.shape[1],
+            col0_always=bool(selected[:, 0].all()), per_token=selected.sum(-1).unique().tolist())
+    return out
+
+
+def test_modes_scale_the_output_as_specified():
+    """Upcycled experts: xft gives the dense FFN (weights sum to 1); `none` gives the dense FFN
+    times 1 + sum of the selected probabilities (> 1, the failure XFT fixes); `vanilla` has
+    no shared expert (no always-on column) and gives the dense FFN."""
+    from tests.harness import run_ranks
+
+    r = run_ranks(1, _modes_body)[0]
+    for mode in ("xft", "none", "vanilla"):
+        assert r[mode]["err"] < 1e-5, (mode, r[mode])
+        assert r[mode]["num_experts"] == 4 and r[mode]["columns"] == 4
+        assert r[mode]["per_token"] == [3]
+    assert abs(r["xft"]["factor_min"] - 1) < 1e-6 and abs(r["xft"]["factor_mean"] - 1) < 1e-6
+    assert r["none"]["factor_min"] > 1.3, r["none"]  # 1 + top-2 of 3 probabilities >= 1 + 2/3
+    assert r["xft"]["col0_always"] and r["none"]["col0_always"]
+    assert not r["vanilla"]["col0_always"]
+    assert abs(r["vanilla"]["factor_mean"] - 1) < 1e-6

@@ -53,6 +53,10 @@ def mcore_to_hf(ckpt_dir: str, out: str, dtype: str = "bf16",
     if os.path.exists(out) and os.listdir(out):
         raise FileExistsError(f"'{out}' exists and is not empty; choose a new --out")
     cfg = ckpt.load_config(ckpt_dir, parallel={}, precision={"dtype": "fp32"})
+    if cfg.moe.enabled:
+        raise ValueError(f"'{ckpt_dir}' is an XFT MoE checkpoint (moe.num_experts="
+                         f"{cfg.moe.num_experts}); only dense checkpoints convert to HF. Fold "
+                         "the MoE back to a dense model first.")
     parallel.initialize(cfg.parallel)
     chunks = build_model(cfg)
     ckpt.load(chunks, ckpt_dir)

@@ -65,8 +65,7 @@ def initialize(parallel: ParallelConfig, seed: int = 1234, timeout_s: float = 60
     parallel.data_parallel_size(info.world_size)  # raises ConfigError on a bad fit
     platform.activate_cpu_support()
     info = init_process_group(timeout_s)
-    if ps.model_parallel_is_initialized():
-        ps.destroy_model_parallel()
+    _destroy_model_parallel()
     ps.initialize_model_parallel(
         tensor_model_parallel_size=parallel.tensor,
         pipeline_model_parallel_size=parallel.pipeline,
@@ -78,8 +77,32 @@ def initialize(parallel: ParallelConfig, seed: int = 1234, timeout_s: float = 60
     return info
 
 
+def _megatron_groups():
+    """The process groups Megatron's parallel state holds on this rank (each once)."""
+    found = {}
+    for value in vars(ps).values():
+        for v in (value if isinstance(value, (list, tuple)) else [value]):
+            if isinstance(v, dist.ProcessGroup):
+                found[id(v)] = v
+    return list(found.values())
+
+
+def _destroy_model_parallel() -> None:
+    """Forget Megatron's parallel state AND release its process groups. Megatron's own
+    `destroy_model_parallel` only drops its references, so every re-initialization (a new
+    layout in one process: tests, conversions) would leave its groups alive, with their
+    communication threads and sockets."""
+    if not ps.model_parallel_is_initialized():
+        return
+    groups = _megatron_groups()
+    ps.destroy_model_parallel()
+    world = dist.distributed_c10d._get_default_group()
+    for g in groups:
+        if g is not world and g in dist.distributed_c10d._world.pg_map:
+            dist.destroy_process_group(g)
+
+
 def shutdown() -> None:
-    if ps.model_parallel_is_initialized():
-        ps.destroy_model_parallel()
+    _destroy_model_parallel()
     if dist.is_initialized():
         dist.destroy_process_group()

@@ -36,6 +36,13 @@ if the installed version differs, so each item gets re-checked when the pin move
      tensor stays a tensor, and `all_to_all_single` rejects tensors as split sizes. The
      dispatcher module's reference is replaced by `_host_copy`, which also converts CPU
      tensors when asked for numpy.
+  8. With expert tensor parallelism the alltoall dispatcher all-gathers and reduce-scatters
+     token blocks of UNEQUAL sizes per rank (`torch.distributed.all_gather` with a list of
+     different shapes, `torch.distributed.reduce_scatter` with a list). NCCL does both; gloo
+     does neither. `megatron.core.tensor_parallel.mappings` sees `_MappingsTorch`, whose
+     `distributed` namespace pads unequal blocks for the gather and implements the list
+     reduce-scatter as an all-reduce of the concatenation followed by taking this rank's
+     block. Results are exactly what NCCL computes (sum order aside).
 """
 
 from __future__ import annotations
@@ -243,6 +250,48 @@ def _tensor_cuda_on_cpu(self, *args, **kwargs):
 
 
 _DISPATCHER_MODULE = "megatron.core.transformer.moe.token_dispatcher"
+_MAPPINGS_MODULE = "megatron.core.tensor_parallel.mappings"
+
+
+def _uneven_all_gather(tensor_list, tensor, group=None, async_op=False):
+    if all(t.shape == tensor.shape for t in tensor_list):
+        return torch.distributed.all_gather(tensor_list, tensor, group=group)
+    rows = max(t.shape[0] for t in tensor_list)
+    padded = tensor.new_zeros((rows,) + tuple(tensor.shape[1:]))
+    padded[: tensor.shape[0]] = tensor
+    gathered = [torch.empty_like(padded) for _ in tensor_list]
+    torch.distributed.all_gather(gathered, padded, group=group)
+    for out, got in zip(tensor_list, gathered):
+        out.copy_(got[: out.shape[0]])
+
+
+def _list_reduce_scatter(output, input_list, op=None, group=None, async_op=False):
+    full = torch.cat([t.reshape(t.shape[0], -1) for t in input_list], dim=0)
+    torch.distributed.all_reduce(full, group=group)
+    rank = torch.distributed.get_rank(group)
+    start = sum(t.shape[0] for t in input_list[:rank])
+    output.copy_(full[start:start + output.shape[0]].reshape(output.shape))
+
+
+class _MappingsDistributed(types.ModuleType):
+    def __init__(self):
+        super().__init__("torch.distributed")
+        self.all_gather = _uneven_all_gather
+        self.reduce_scatter = _list_reduce_scatter
+
+    def __getattr__(self, name):
+        return getattr(torch.distributed, name)
+
+
+class _MappingsTorch(types.ModuleType):
+    """`torch` for Megatron's mappings module on CPU: gloo-capable uneven collectives."""
+
+    def __init__(self):
+        super().__init__("torch")
+        self.distributed = _MappingsDistributed()
+
+    def __getattr__(self, name):
+        return getattr(torch, name)
 
 
 def _host_copy(original):
@@ -304,6 +353,8 @@ def activate_cpu_support() -> None:
         mod.torch = proxy
     _saved["Tensor.cuda"] = torch.Tensor.cuda
     torch.Tensor.cuda = _tensor_cuda_on_cpu
+    mappings = importlib.import_module(_MAPPINGS_MODULE)
+    mappings.torch = _MappingsTorch()
     dispatcher = importlib.import_module(_DISPATCHER_MODULE)
     _saved["dispatcher host copy"] = dispatcher.maybe_move_tensor_to_cpu
     dispatcher.maybe_move_tensor_to_cpu = _host_copy(dispatcher.maybe_move_tensor_to_cpu)
@@ -317,6 +368,7 @@ def deactivate_cpu_support() -> None:
     for mod in _saved.pop("modules"):
         mod.torch = torch
     torch.Tensor.cuda = _saved.pop("Tensor.cuda")
+    importlib.import_module(_MAPPINGS_MODULE).torch = torch
     importlib.import_module(_DISPATCHER_MODULE).maybe_move_tensor_to_cpu = _saved.pop(
         "dispatcher host copy")
     for name, value in _saved.items():

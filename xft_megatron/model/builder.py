@@ -139,13 +139,20 @@ def _mark_expert_params(model) -> None:
 
 
 def compile_layers(model: GPTModel) -> None:
-    """Regional compilation: each decoder layer through torch.compile. Layers share one
+    """Regional compilation: each dense decoder layer through torch.compile. Layers share one
     compiled graph (parameters are graph inputs), so compile time does not grow with depth.
+    In MoE layers only the attention block is compiled: token dispatch has data-dependent
+    shapes and host synchronization that would break the graph every step.
     GPU only: on the CPU it would need a C++ toolchain and minutes per run."""
+    from megatron.core.transformer.moe.moe_layer import MoELayer
+
     if not platform.has_cuda():
         raise ValueError("train.compile_layers=true needs a CUDA GPU; set it to false on CPU")
     for layer in model.decoder.layers:
-        layer.compile(dynamic=False)
+        if isinstance(layer.mlp, MoELayer):
+            layer.self_attention.compile(dynamic=False)
+        else:
+            layer.compile(dynamic=False)
 
 
 def count_parameters(chunks) -> int:

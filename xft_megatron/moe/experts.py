@@ -30,20 +30,38 @@ def grouped_gemm_supported(x: torch.Tensor, *weights: torch.Tensor) -> bool:
     return all((d * x.element_size()) % _ALIGN_BYTES == 0 for d in sizes)
 
 
+def _weighted_swiglu(h: torch.Tensor, probs: torch.Tensor) -> torch.Tensor:
+    """h [n, 2F] = [gate | up] -> SiLU(gate) * up * probs, in h's dtype."""
+    gate, up = h.chunk(2, dim=-1)
+    return (F.silu(gate) * up * probs.unsqueeze(-1)).to(h.dtype)
+
+
+_fused_weighted_swiglu = None
+
+
+def weighted_swiglu(h: torch.Tensor, probs: torch.Tensor) -> torch.Tensor:
+    """`_weighted_swiglu`, fused into one kernel by torch.compile on CUDA (token counts vary
+    every step, so the graph is compiled for dynamic shapes once)."""
+    global _fused_weighted_swiglu
+    if not h.is_cuda:
+        return _weighted_swiglu(h, probs)
+    if _fused_weighted_swiglu is None:
+        _fused_weighted_swiglu = torch.compile(_weighted_swiglu, dynamic=True)
+    return _fused_weighted_swiglu(h, probs)
+
+
 def swiglu_experts(x, tokens_per_expert, probs, fc1, fc2, use_grouped: bool):
     """x [n, H] grouped by expert (counts in tokens_per_expert [E]); probs [n] weights.
     fc1 [E, 2F, H], fc2 [E, H, F]. Returns [n, H] = sum-weighted expert outputs per token."""
     if use_grouped:
         offs = torch.cumsum(tokens_per_expert.to(x.device), 0, dtype=torch.int32)
         h = F.grouped_mm(x, fc1.transpose(-2, -1), offs=offs)  # [n, 2F]
-        gate, up = h.chunk(2, dim=-1)
-        act = (F.silu(gate) * up * probs.unsqueeze(-1)).to(x.dtype)  # [n, F]
+        act = weighted_swiglu(h, probs)  # [n, F]
         return F.grouped_mm(act, fc2.transpose(-2, -1), offs=offs)  # [n, H]
     counts = tokens_per_expert.tolist()
     outs = []
     for e, (xe, pe) in enumerate(zip(x.split(counts), probs.split(counts))):
-        gate, up = F.linear(xe, fc1[e]).chunk(2, dim=-1)
-        act = (F.silu(gate) * up * pe.unsqueeze(-1)).to(x.dtype)
+        act = weighted_swiglu(F.linear(xe, fc1[e]), pe)
         outs.append(F.linear(act, fc2[e]))
     return torch.cat(outs, dim=0) if outs else x.new_zeros(0, fc2.shape[1])
 

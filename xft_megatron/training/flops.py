@@ -6,24 +6,37 @@ embedding is a lookup and norms are elementwise, so neither counts. 6 = 2 (multi
 (forward + two backward products). Attention scores and the weighted sum cost 4*s*h per token
 and layer in the forward pass over the full square; causal masking halves it (only the lower
 triangle is needed), and x3 for forward + backward gives 6*L*h*s. Recomputation is not counted.
+
+MoE layers count ACTIVE parameters: the FFN once per expert a token uses (moe.topk, the shared
+expert included), plus the router's matmuls (gate, and the noise projection when on).
 """
 
-from xft_megatron.config import ModelConfig
+from typing import Optional
+
+from xft_megatron.config import ModelConfig, MoEConfig
 
 H200_BF16_DENSE_PEAK = 989e12  # FLOP/s, NVIDIA datasheet (dense, no sparsity)
 
 
-def matmul_params(m: ModelConfig) -> int:
+def matmul_params(m: ModelConfig, moe: Optional[MoEConfig] = None) -> int:
+    """Parameters in matrix products per token (active ones for MoE layers)."""
     h, kv = m.hidden_size, m.num_query_groups * m.head_dim
     attn = h * h + 2 * h * kv + h * h
     ffn = 3 * h * m.ffn_hidden_size
-    return m.num_layers * (attn + ffn) + m.vocab_size * h
+    total = m.num_layers * (attn + ffn) + m.vocab_size * h
+    if moe is not None and moe.enabled:
+        r = moe.num_routed
+        router = r * h + (r * r if moe.router_gate == "mlp" else 0) + \
+            (r * h if moe.router_noise else 0)
+        n_moe = sum(moe.is_moe_layer(i) for i in range(m.num_layers))
+        total += n_moe * ((moe.topk - 1) * ffn + router)
+    return total
 
 
-def flops_per_token(m: ModelConfig, seq_length: int) -> float:
-    return 6.0 * matmul_params(m) + 6.0 * m.num_layers * m.hidden_size * seq_length
+def flops_per_token(m: ModelConfig, seq_length: int, moe: Optional[MoEConfig] = None) -> float:
+    return 6.0 * matmul_params(m, moe) + 6.0 * m.num_layers * m.hidden_size * seq_length
 
 
 def mfu(m: ModelConfig, seq_length: int, tokens_per_s: float,
-        peak: float = H200_BF16_DENSE_PEAK) -> float:
-    return flops_per_token(m, seq_length) * tokens_per_s / peak
+        moe: Optional[MoEConfig] = None, peak: float = H200_BF16_DENSE_PEAK) -> float:
+    return flops_per_token(m, seq_length, moe) * tokens_per_s / peak

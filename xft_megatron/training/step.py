@@ -15,6 +15,8 @@ from megatron.core.pipeline_parallel import get_forward_backward_func
 from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_region
 
 from xft_megatron import platform
+from xft_megatron.checkpoint.dist import unwrap
+from xft_megatron.moe import losses as moe_losses
 
 Batch = Dict[str, torch.Tensor]
 
@@ -115,7 +117,7 @@ def forward_logits(chunks: List, microbatches: List[Batch], seq_length: int) -> 
         forward_only=True,
     )
     b = sum(m["tokens"].shape[0] for m in microbatches)
-    vocab = unwrap_vocab_size(chunks)
+    vocab = unwrap(chunks[0]).vocab_size
     logits = torch.empty(b, seq_length, vocab, dtype=torch.float32, device=platform.device())
     if ps.is_pipeline_last_stage(ignore_virtual=True):
         logits.copy_(torch.cat([r["logits"].float() for r in reports], dim=0))
@@ -124,23 +126,21 @@ def forward_logits(chunks: List, microbatches: List[Batch], seq_length: int) -> 
     return logits.cpu()
 
 
-def unwrap_vocab_size(chunks: List) -> int:
-    model = chunks[0]
-    while hasattr(model, "module"):
-        model = model.module
-    return model.vocab_size
-
-
 def train_step(chunks: List, optimizer, scheduler, microbatches: List[Batch],
                seq_length: int) -> Dict[str, float]:
-    """Zero grads, forward-backward, clip, optimizer step, LR step."""
+    """Zero grads, forward-backward, clip, optimizer step, LR step. `loss` is the language
+    model loss plus the MoE router losses (summed over layers), both also reported apart."""
     for c in chunks:
         c.zero_grad_buffer()
     optimizer.zero_grad()
     lr = optimizer.param_groups[0]["lr"]
-    loss = forward_backward(chunks, microbatches, seq_length)
+    lm_loss = forward_backward(chunks, microbatches, seq_length)
+    router = moe_losses.collect(chunks, unwrap(chunks[0]).config.num_layers)
     with platform.optimizer_calls():
         ok, grad_norm, _ = optimizer.step()
     scheduler.step(increment=1)
-    return {"loss": loss, "grad_norm": float(grad_norm) if grad_norm is not None else 0.0,
+    moe_loss = float(router.sum())
+    return {"loss": lm_loss + moe_loss, "lm_loss": lm_loss, "moe_loss": moe_loss,
+            "moe_layer_losses": router.tolist(),
+            "grad_norm": float(grad_norm) if grad_norm is not None else 0.0,
             "lr": lr, "skipped": not ok}
