@@ -68,3 +68,14 @@ def perturb_norms(chunks, seed=3):
 def rel_err(a, b):
     a, b = a.double(), b.double()
     return ((a - b).norm() / b.norm().clamp(min=1e-30)).item()
+
+
+def gradient_errors(cfg, grads_ckpt, ref):
+    """Read a checkpoint of gradients back unsharded (layout of `cfg`: TP=PP=EP=1, every
+    rank holds full tensors) and compare with `ref` per tensor: (worst name, its rel err)."""
+    chunks, _ = setup(cfg, grads_ckpt, ddp=False)
+    got = ckpt.gather_full_state_dict(chunks)
+    assert set(got) == set(ref), set(got) ^ set(ref)
+    errs = {k: rel_err(got[k], ref[k]) for k in ref}
+    worst = max(errs, key=errs.get)
+    return worst, errs[worst]

@@ -9,7 +9,9 @@ noise off (eval). The checkpoint is written single-process and resharded by ever
 P5: a model with distinct experts (noise off: noise draws depend on the layout) gives the
 single-process LM loss, router losses (cv balance + z-loss), gradients and 3-step loss curve
 in the layouts above: loss relative 1e-6, gradient relative (per tensor) 1e-5, curve 1e-5.
-Also: router and expert weights receive gradients, the shared expert always does.
+Also: router and expert weights receive gradients, the shared expert always does; and P2
+through the model: folding the upcycled weights back (random merge coefficients) gives the
+dense logits.
 
 One reference process, one group of four gloo processes for all layouts.
 """
@@ -23,6 +25,7 @@ from tests.harness import run_ranks
 from xft_megatron.checkpoint import dist as ckpt
 from xft_megatron.moe import losses as moe_losses
 from xft_megatron.training.step import forward_backward, forward_logits, train_step
+from xft_megatron.transforms.merge import fold, merge_coefficients
 from xft_megatron.transforms.upcycle import upcycle
 
 MOE = ["moe.num_experts=8", "moe.topk=4"]
@@ -92,6 +95,13 @@ def _reference(rank, world, workdir):
             (unexpected, missing)
         ckpt.save(chunks, os.path.join(workdir, f"up_{name}"), 0, cfg)
         out["p1_single"][name] = _logits(chunks, cfg, train_mode)
+    # P2 through the model: fold the upcycled weights (random alpha) into a dense model
+    g = torch.Generator().manual_seed(4)
+    folded = dict(fold(moe_sd, lambda layer: merge_coefficients(torch.randn(7, generator=g))))
+    chunks, _ = common.setup(dense_cfg, ddp=False)
+    missing, unexpected = chunks[0].load_state_dict(folded, strict=False)
+    assert not unexpected and all(k.endswith("_extra_state") for k in missing)
+    out["p2_logits"] = _logits(chunks, dense_cfg, False)
     # P5 reference: distinct (randomly initialized) experts
     cfg = common.tiny_config(*P5_MOE)
     chunks, _ = common.setup(cfg, ddp=False)
@@ -135,12 +145,8 @@ def _layouts(rank, world, workdir):
     ref = torch.load(os.path.join(workdir, "ref_grads.pt"))
     cfg = common.tiny_config(*P5_MOE)
     for layout in p5:
-        chunks, _ = common.setup(cfg, os.path.join(workdir, f"grads_{layout}"), ddp=False)
-        got = ckpt.gather_full_state_dict(chunks)
-        assert set(got) == set(ref), (layout, set(got) ^ set(ref))
-        errs = {k: common.rel_err(got[k], ref[k]) for k in ref}
-        p5[layout]["worst"] = max(errs, key=errs.get)
-        p5[layout]["grad_err"] = errs[p5[layout]["worst"]]
+        p5[layout]["worst"], p5[layout]["grad_err"] = common.gradient_errors(
+            cfg, os.path.join(workdir, f"grads_{layout}"), ref)
     return {"p1": p1, "p5": p5, "scale": scale}
 
 
@@ -151,6 +157,7 @@ def test_moe_p1_and_p5_across_layouts(tmp_path):
     scale = dense.abs().max().item()
     for name, logits in ref["p1_single"].items():  # P1, single process
         assert (logits - dense).abs().max().item() <= 1e-5 * scale, name
+    assert (ref["p2_logits"] - dense).abs().max().item() <= 1e-5 * scale  # P2
     # gradients reach every router parameter and expert; the shared expert always
     for n, s in ref["grad_sums"].items():
         if ".mlp.router." in n or ".mlp.experts." in n:

@@ -57,12 +57,8 @@ def _layouts(rank, world, workdir):
     ref = torch.load(os.path.join(workdir, "ref_grads.pt"))
     cfg = common.tiny_config()
     for name in LAYOUTS:
-        chunks, _ = common.setup(cfg, os.path.join(workdir, f"grads_{name}"), ddp=False)
-        got = ckpt.gather_full_state_dict(chunks)
-        assert set(got) == set(ref), (name, set(got) ^ set(ref))
-        errs = {k: common.rel_err(got[k], ref[k]) for k in ref}
-        out[name]["worst"] = max(errs, key=errs.get)
-        out[name]["grad_err"] = errs[out[name]["worst"]]
+        out[name]["worst"], out[name]["grad_err"] = common.gradient_errors(
+            cfg, os.path.join(workdir, f"grads_{name}"), ref)
     return out
 
 

@@ -42,6 +42,24 @@ def _convert(args):
         print(f"wrote {args.out}")
 
 
+def _upcycle(args):
+    from xft_megatron.config import MoEConfig
+    from xft_megatron.upcycle_merge import upcycle_checkpoint
+
+    moe = MoEConfig(num_experts=args.num_experts, topk=args.topk, router_gate=args.router_gate,
+                    layer_freq=args.layer_freq, router_noise=not args.no_router_noise)
+    path = upcycle_checkpoint(args.ckpt, args.out, moe, seed=args.seed, noise_std=args.noise,
+                              hf_dir=args.hf)
+    print(f"wrote {path}")
+
+
+def _merge(args):
+    from xft_megatron.upcycle_merge import merge_checkpoint
+
+    path = merge_checkpoint(args.ckpt, args.out, args.coefficients, args.shared_weight)
+    print(f"wrote {path}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="xft", description="XFT on Megatron-Core")
     sub = p.add_subparsers(dest="command", required=True)
@@ -63,6 +81,29 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default=None,
                    help="dtype written (default: fp32 for Megatron, bf16 for HF)")
     v.set_defaults(func=_convert)
+
+    u = sub.add_parser("upcycle", help="dense checkpoint -> XFT MoE checkpoint")
+    src = u.add_mutually_exclusive_group(required=True)
+    src.add_argument("--ckpt", help="dense Megatron checkpoint (any layout)")
+    src.add_argument("--hf", help="dense HF model directory (converted on the way)")
+    u.add_argument("--out", required=True, help="output directory (must be new or empty)")
+    u.add_argument("--num-experts", type=int, default=8, help="experts per layer, shared incl.")
+    u.add_argument("--topk", type=int, default=6, help="experts per token, shared included")
+    u.add_argument("--router-gate", choices=["mlp", "linear"], default="mlp")
+    u.add_argument("--no-router-noise", action="store_true", help="no noisy-gating weights")
+    u.add_argument("--layer-freq", type=int, default=1, help="every N-th layer becomes MoE")
+    u.add_argument("--noise", type=float, default=0.0,
+                   help="std of noise added to routed expert copies (ablation; default 0)")
+    u.add_argument("--seed", type=int, default=0, help="router initialization seed")
+    u.set_defaults(func=_upcycle)
+
+    m = sub.add_parser("merge", help="XFT MoE checkpoint -> dense checkpoint (the fold)")
+    m.add_argument("--ckpt", required=True, help="XFT MoE checkpoint (any layout)")
+    m.add_argument("--out", required=True, help="output directory (must be new or empty)")
+    m.add_argument("--coefficients", default="uniform",
+                   help="uniform | shared-only | learned | FILE.json of per-layer alphas")
+    m.add_argument("--shared-weight", type=float, default=0.75, help="lambda, in [0, 1]")
+    m.set_defaults(func=_merge)
 
     c = sub.add_parser("config", help="print a config after YAML + overrides + validation")
     c.add_argument("config", nargs="?", help="YAML file")

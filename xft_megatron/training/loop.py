@@ -44,7 +44,10 @@ def train(cfg: Config, batches: Callable[[int], torch.Tensor], save_dir: Optiona
         mbs = split_global_batch(make_batch(batches(step)), t.micro_batch_size)
         stats = train_step(chunks, optimizer, scheduler, mbs, t.seq_length)
         result.losses.append(stats["loss"])
-        bar.set_postfix(loss=f"{stats['loss']:.4f}", lr=f"{stats['lr']:.2e}")
+        shown = {"loss": f"{stats['loss']:.4f}", "lr": f"{stats['lr']:.2e}"}
+        if cfg.moe.enabled:
+            shown["moe_loss"] = f"{stats['moe_loss']:.4f}"
+        bar.set_postfix(**shown)
     elapsed = time.perf_counter() - start
     result.tokens_per_s = t.train_steps * t.global_batch_size * t.seq_length / elapsed
     if save_dir:

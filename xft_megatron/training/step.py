@@ -63,10 +63,17 @@ def forward_backward(chunks: List, microbatches: List[Batch], seq_length: int,
                      forward_only: bool = False) -> float:
     """Run the configured schedule over `microbatches`; returns the per-token mean loss over
     the global batch, identical on every rank."""
+    return _reduce_reports(_schedule(_forward_step, chunks, microbatches, seq_length,
+                                     forward_only))
+
+
+def _schedule(step_func, chunks: List, microbatches: List[Batch], seq_length: int,
+              forward_only: bool):
+    """Megatron's schedule for this layout (no pipelining, 1F1B, interleaved) over the
+    micro-batches; returns the loss functions' reports (last pipeline stage only)."""
     iters = [iter(microbatches) for _ in chunks]
-    schedule = get_forward_backward_func()
-    reports = schedule(
-        forward_step_func=_forward_step,
+    return get_forward_backward_func()(
+        forward_step_func=step_func,
         data_iterator=iters if len(chunks) > 1 else iters[0],
         model=chunks if len(chunks) > 1 else chunks[0],
         num_microbatches=len(microbatches),
@@ -74,7 +81,6 @@ def forward_backward(chunks: List, microbatches: List[Batch], seq_length: int,
         micro_batch_size=microbatches[0]["tokens"].shape[0],
         forward_only=forward_only,
     )
-    return _reduce_reports(reports)
 
 
 def _reduce_reports(reports) -> float:
@@ -106,16 +112,7 @@ def forward_logits(chunks: List, microbatches: List[Batch], seq_length: int) -> 
     """Full-vocabulary logits [n, s, V] (float32, CPU) of the given micro-batches, on every
     rank, in any TP/SP/PP/EP layout. Every rank must pass the same micro-batches; the model's
     train/eval mode is left as the caller set it."""
-    iters = [iter(microbatches) for _ in chunks]
-    reports = get_forward_backward_func()(
-        forward_step_func=_logits_step,
-        data_iterator=iters if len(chunks) > 1 else iters[0],
-        model=chunks if len(chunks) > 1 else chunks[0],
-        num_microbatches=len(microbatches),
-        seq_length=seq_length,
-        micro_batch_size=microbatches[0]["tokens"].shape[0],
-        forward_only=True,
-    )
+    reports = _schedule(_logits_step, chunks, microbatches, seq_length, forward_only=True)
     b = sum(m["tokens"].shape[0] for m in microbatches)
     vocab = unwrap(chunks[0]).vocab_size
     logits = torch.empty(b, seq_length, vocab, dtype=torch.float32, device=platform.device())

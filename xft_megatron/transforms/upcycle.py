@@ -53,15 +53,15 @@ def upcycle(dense: Dict[str, torch.Tensor], moe: MoEConfig, hidden_size: int, se
     if not moe.enabled:
         raise ValueError("upcycling needs moe.num_experts > 0")
     for name, value in dense.items():
-        if name.endswith(_FC2) and _layer_of(name) is not None and \
-                moe.is_moe_layer(_layer_of(name)):
+        layer = layer_of(name)
+        sparse = layer is not None and moe.is_moe_layer(layer)
+        if sparse and name.endswith(_FC2):
             continue  # emitted with fc1
-        if not (name.endswith(_FC1) and moe.is_moe_layer(_layer_of(name))):
+        if not (sparse and name.endswith(_FC1)):
             yield name, value
             continue
-        layer = _layer_of(name)
         prefix = name[: -len(_FC1)] + ".mlp."
-        g = torch.Generator().manual_seed(seed * 100_003 + layer + 7)
+        g = torch.Generator().manual_seed(seed * 100_003 + 50_000 + layer)  # noise stream
         fc1, fc2 = experts_from_dense(value, dense[prefix + "linear_fc2.weight"],
                                       moe.num_experts, noise_std, g)
         yield prefix + "experts.fc1_weight", fc1
@@ -70,7 +70,7 @@ def upcycle(dense: Dict[str, torch.Tensor], moe: MoEConfig, hidden_size: int, se
             yield prefix + "router." + k, v
 
 
-def _layer_of(name: str) -> Optional[int]:
+def layer_of(name: str) -> Optional[int]:
     parts = name.split(".")
     if "layers" in parts:
         i = parts.index("layers")

@@ -1,0 +1,90 @@
+"""`xft upcycle` / `xft merge` on checkpoints: P2 through the commands (upcycle, then merge
+with any coefficients and lambda, returns the dense weights: max |diff| <= 1e-6 * max |W|,
+fp32), the coefficients printed per layer, and refusals that write nothing."""
+
+import json
+import os
+
+
+from tests.harness import run_ranks
+
+
+def _body(rank, world, root):
+    import contextlib
+    import io
+
+    from tests import common
+    from xft_megatron import cli
+    from xft_megatron.checkpoint import dist as ckpt
+
+    cfg = common.tiny_config()
+    chunks, _ = common.setup(cfg, ddp=False)
+    common.perturb_norms(chunks)
+    dense_dir = os.path.join(root, "dense")
+    ckpt.save(chunks, dense_dir, 0, cfg)
+    dense = ckpt.gather_full_state_dict(chunks)
+    d = lambda name: os.path.join(root, name)  # noqa: E731
+
+    def xft(*argv):
+        buf = io.StringIO()
+        with contextlib.redirect_stdout(buf), contextlib.redirect_stderr(buf):
+            code = cli.main([str(a) for a in argv])
+        return code, buf.getvalue()
+
+    out = {"upcycle": xft("upcycle", "--ckpt", dense_dir, "--out", d("moe"),
+                          "--num-experts", 4, "--topk", 3, "--router-gate", "linear")}
+    alphas = {str(i): [0.5 * i, -1.0, 2.0] for i in range(cfg.model.num_layers)}
+    with open(d("alphas.json"), "w") as f:
+        json.dump(alphas, f)
+    out["merges"] = {}
+    for name, args in {"uniform": ["--shared-weight", 0.3],
+                       "shared-only": ["--coefficients", "shared-only"],
+                       "file": ["--coefficients", d("alphas.json"), "--shared-weight", 0.9]
+                       }.items():
+        code, text = xft("merge", "--ckpt", d("moe"), "--out", d(f"merged_{name}"), *args)
+        mcfg = ckpt.load_config(d(f"merged_{name}"), parallel={})
+        chunks, _ = common.setup(mcfg, d(f"merged_{name}"), ddp=False)
+        got = ckpt.gather_full_state_dict(chunks)
+        err = max(((got[k] - v).abs().max() / v.abs().max()).item() for k, v in dense.items())
+        out["merges"][name] = dict(code=code, text=text, same_keys=set(got) == set(dense),
+                                   err=err, moe=mcfg.moe.num_experts)
+    refusals = {
+        "upcycle_moe": ("upcycle", "--ckpt", d("moe"), "--out", d("r1"), "--num-experts", 4,
+                        "--topk", 3),
+        "merge_dense": ("merge", "--ckpt", dense_dir, "--out", d("r2")),
+        "topk_gt_experts": ("upcycle", "--ckpt", dense_dir, "--out", d("r3"),
+                            "--num-experts", 4, "--topk", 5),
+        "lambda": ("merge", "--ckpt", d("moe"), "--out", d("r4"), "--shared-weight", 1.5),
+        "learned": ("merge", "--ckpt", d("moe"), "--out", d("r5"), "--coefficients", "learned"),
+        "out_exists": ("merge", "--ckpt", d("moe"), "--out", d("moe")),
+    }
+    out["refusals"] = {}
+    for name, argv in refusals.items():
+        code, text = xft(*argv)
+        target = argv[argv.index("--out") + 1]
+        written = os.path.exists(target) and name != "out_exists"
+        out["refusals"][name] = dict(code=code, text=text, written=written)
+    return out
+
+
+def test_upcycle_and_merge_commands(tmp_path):
+    r = run_ranks(1, _body, str(tmp_path))[0]
+    assert r["upcycle"][0] == 0, r["upcycle"][1]
+    for name, m in r["merges"].items():
+        assert m["code"] == 0, (name, m["text"])
+        assert m["same_keys"] and m["moe"] == 0, name
+        assert m["err"] <= 1e-6, (name, m["err"])
+    assert "layer 0: 0.3000 0.2333 0.2333 0.2333" in r["merges"]["uniform"]["text"]
+    assert "layer 0: 1.0000 0.0000 0.0000 0.0000" in r["merges"]["shared-only"]["text"]
+    expected = {
+        "upcycle_moe": "already an MoE checkpoint",
+        "merge_dense": "dense checkpoint; there is nothing to merge",
+        "topk_gt_experts": "moe.topk=5 exceeds moe.num_experts=4",
+        "lambda": "must be in [0, 1]",
+        "learned": "merge-stage checkpoint",
+        "out_exists": "exists and is not empty",
+    }
+    for name, msg in expected.items():
+        got = r["refusals"][name]
+        assert got["code"] == 2 and msg in got["text"], (name, got)
+        assert not got["written"], f"{name}: wrote output despite refusing"

@@ -1,0 +1,55 @@
+"""XFT MoE -> dense weights (../XFT_SPEC.md section 4), as pure functions over tensors.
+
+Per MoE layer, coefficients c_0 = lambda (shared expert) and c_i = (1 - lambda) softmax(alpha)_i
+over the routed experts; the dense FFN is W = sum_j c_j W_j for gate, up and down separately.
+Names are those of an unsharded (TP=PP=EP=1) model state dict, as `upcycle.py` writes them.
+"""
+
+from typing import Callable, Dict, Iterator, Tuple
+
+import torch
+
+from xft_megatron.transforms.upcycle import layer_of
+
+_FC1 = ".mlp.experts.fc1_weight"  # [N, 2, F, H]
+_FC2 = ".mlp.experts.fc2_weight"  # [N, H, F]
+
+
+def merge_coefficients(alpha: torch.Tensor, shared_weight: float = 0.75) -> torch.Tensor:
+    """alpha [N-1] (logits over the routed experts) -> c [N]: c_0 = lambda,
+    c_i = (1 - lambda) * softmax(alpha)_i. Computed in float64."""
+    if not 0.0 <= shared_weight <= 1.0:
+        raise ValueError(f"shared weight (lambda) must be in [0, 1], got {shared_weight}")
+    routed = (1.0 - shared_weight) * torch.softmax(alpha.double(), dim=-1)
+    return torch.cat([routed.new_tensor([shared_weight]), routed])
+
+
+def merge_experts(fc1: torch.Tensor, fc2: torch.Tensor, coeffs: torch.Tensor
+                  ) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Expert fc1 [N, 2, F, H], fc2 [N, H, F] and c [N] -> dense fc1 [2F, H] (gate rows, then
+    up rows) and fc2 [H, F], in the experts' dtype (accumulated in float64)."""
+    n, _, f, h = fc1.shape
+    if coeffs.shape != (n,):
+        raise ValueError(f"{coeffs.numel()} coefficients for {n} experts")
+    c = coeffs.double()
+    dense1 = torch.einsum("n,nkfh->kfh", c, fc1.double()).reshape(2 * f, h)
+    dense2 = torch.einsum("n,nhf->hf", c, fc2.double())
+    return dense1.to(fc1.dtype), dense2.to(fc2.dtype)
+
+
+def fold(moe: Dict[str, torch.Tensor], coefficients: Callable[[int], torch.Tensor]
+         ) -> Iterator[Tuple[str, torch.Tensor]]:
+    """Stream (name, tensor) of the dense state dict: each MoE layer's experts merged with
+    `coefficients(layer)` (a [N] tensor), its router dropped; everything else unchanged."""
+    for name, value in moe.items():
+        layer = layer_of(name)
+        if ".mlp.router." in name or name.endswith(_FC2):
+            continue
+        if name.endswith(_FC1):
+            prefix = name[: -len(_FC1)] + ".mlp."
+            fc1, fc2 = merge_experts(value, moe[prefix + "experts.fc2_weight"],
+                                     coefficients(layer))
+            yield prefix + "linear_fc1.weight", fc1
+            yield prefix + "linear_fc2.weight", fc2
+            continue
+        yield name, value

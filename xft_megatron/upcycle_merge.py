@@ -1,0 +1,128 @@
+"""`xft upcycle` and `xft merge`: the two ends of XFT on Megatron checkpoints.
+
+Both read a checkpoint saved under any layout (torch_dist reshards on load), apply the pure
+transforms in `transforms/upcycle.py` / `transforms/merge.py` in one process over full
+tensors, and write a checkpoint that loads under any layout. Inputs are validated before any
+model is built; nothing is written when a check fails.
+"""
+
+import json
+import os
+import shutil
+from typing import Callable, Dict, Optional
+
+import torch
+
+from xft_megatron import parallel
+from xft_megatron.checkpoint import dist as ckpt
+from xft_megatron.config import ConfigError, MoEConfig
+from xft_megatron.convert import _load_full, hf_to_mcore
+from xft_megatron.model.builder import build_model
+from xft_megatron.transforms.merge import fold, merge_coefficients
+from xft_megatron.transforms.upcycle import upcycle
+
+COEFFICIENT_CHOICES = ("uniform", "shared-only", "learned")
+
+
+def _new_dir(out: str) -> None:
+    if os.path.exists(out) and os.listdir(out):
+        raise FileExistsError(f"'{out}' exists and is not empty; choose a new --out")
+
+
+def _tokenizer_files(ckpt_dir: str) -> Dict[str, str]:
+    d = ckpt.resolve(ckpt_dir)
+    return {f: os.path.join(d, f) for f in os.listdir(d)
+            if f.startswith("tokenizer") or f == "special_tokens_map.json"}
+
+
+def _full_state_dict(cfg, path) -> Dict[str, torch.Tensor]:
+    parallel.initialize(cfg.parallel)
+    chunks = build_model(cfg)
+    ckpt.load(chunks, path)
+    return ckpt.gather_full_state_dict(chunks)
+
+
+def upcycle_checkpoint(src: Optional[str], out: str, moe: MoEConfig, seed: int = 0,
+                       noise_std: float = 0.0, hf_dir: Optional[str] = None) -> str:
+    """Dense checkpoint (or HF directory) -> XFT MoE checkpoint; returns the written folder."""
+    _new_dir(out)
+    if not moe.enabled:
+        raise ConfigError("upcycling needs --num-experts > 0")
+    if noise_std < 0:
+        raise ValueError(f"--noise must be >= 0, got {noise_std}")
+    tmp = None
+    if hf_dir:
+        tmp = out.rstrip("/") + ".dense-tmp"
+        src = hf_to_mcore(hf_dir, tmp)
+    try:
+        dense_cfg = ckpt.load_config(src, parallel={})
+        if dense_cfg.moe.enabled:
+            raise ValueError(f"'{src}' is already an MoE checkpoint (moe.num_experts="
+                             f"{dense_cfg.moe.num_experts}); upcycle a dense checkpoint")
+        cfg = dense_cfg.replace(moe=moe)  # validates the MoE settings against the model
+        dense = _full_state_dict(dense_cfg, src)
+        chunks = build_model(cfg)
+        _load_full(chunks, dict(upcycle(dense, moe, cfg.model.hidden_size, seed, noise_std)))
+        return ckpt.save(chunks, out, 0, cfg, extra_files=_tokenizer_files(src))
+    finally:
+        if tmp:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def coefficient_source(spec: str, num_experts: int, shared_weight: float
+                       ) -> Callable[[int], torch.Tensor]:
+    """layer -> merge coefficients [N] for `--coefficients`: uniform (alpha = 0),
+    shared-only (the shared expert alone), or a JSON file {"<layer>": [alpha_1..alpha_N-1]}
+    with 0-based global layer indices."""
+    merge_coefficients(torch.zeros(1), shared_weight)  # validates lambda
+    routed = num_experts - 1
+    if spec == "uniform":
+        return lambda layer: merge_coefficients(torch.zeros(routed), shared_weight)
+    if spec == "shared-only":
+        return lambda layer: merge_coefficients(torch.zeros(routed), 1.0)
+    if spec == "learned":
+        raise ValueError("--coefficients learned needs a trained merge-stage checkpoint, which "
+                         "this version cannot produce yet; pass uniform, shared-only or a JSON "
+                         "file of per-layer alphas")
+    if not os.path.isfile(spec):
+        raise FileNotFoundError(f"--coefficients '{spec}' is neither one of "
+                                f"{', '.join(COEFFICIENT_CHOICES)} nor a JSON file")
+    with open(spec) as f:
+        table = {int(k): torch.tensor(v, dtype=torch.float64) for k, v in json.load(f).items()}
+    for layer, alpha in table.items():
+        if alpha.shape != (routed,):
+            raise ValueError(f"{spec}: layer {layer} has {alpha.numel()} alphas, expected "
+                             f"{routed} (one per routed expert)")
+
+    def from_file(layer: int) -> torch.Tensor:
+        if layer not in table:
+            raise ValueError(f"{spec} has no alphas for MoE layer {layer}")
+        return merge_coefficients(table[layer], shared_weight)
+
+    return from_file
+
+
+def merge_checkpoint(src: str, out: str, coefficients: str = "uniform",
+                     shared_weight: float = 0.75, report=print) -> str:
+    """XFT MoE checkpoint -> dense checkpoint of the base architecture; returns its folder."""
+    _new_dir(out)
+    cfg = ckpt.load_config(src, parallel={})
+    if not cfg.moe.enabled:
+        raise ValueError(f"'{src}' is a dense checkpoint; there is nothing to merge")
+    if not cfg.moe.has_shared_expert:
+        raise ValueError(f"'{src}' uses moe.mode=vanilla (no shared expert); the XFT merge "
+                         "needs a shared expert")
+    coeffs = coefficient_source(coefficients, cfg.moe.num_experts, shared_weight)
+    used = {}
+
+    def logged(layer):
+        used[layer] = coeffs(layer)
+        report(f"layer {layer}: " + " ".join(f"{c:.4f}" for c in used[layer].tolist()))
+        return used[layer]
+
+    moe_sd = _full_state_dict(cfg, src)
+    dense_cfg = cfg.replace(moe=MoEConfig())
+    dense = dict(fold(moe_sd, logged))
+    chunks = build_model(dense_cfg)
+    _load_full(chunks, dense)
+    return ckpt.save(chunks, out, 0, dense_cfg, extra_files=_tokenizer_files(src))
