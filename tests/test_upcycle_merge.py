@@ -1,10 +1,12 @@
 """`xft upcycle` / `xft merge` on checkpoints: P2 through the commands (upcycle, then merge
 with any coefficients and lambda, returns the dense weights: max |diff| <= 1e-6 * max |W|,
-fp32), the coefficients printed per layer, and refusals that write nothing."""
+fp32), the coefficients printed per layer, refusals that write nothing, and P3 (the merge in
+any layout writes bitwise the single-process fold)."""
 
 import json
 import os
 
+import torch
 
 from tests.harness import run_ranks
 
@@ -88,3 +90,68 @@ def test_upcycle_and_merge_commands(tmp_path):
         got = r["refusals"][name]
         assert got["code"] == 2 and msg in got["text"], (name, got)
         assert not got["written"], f"{name}: wrote output despite refusing"
+
+
+P3_LAYOUTS = {
+    "ep2": {"expert": 2},
+    "ep4": {"expert": 4},
+    "tp2_ep2": {"tensor": 2, "expert": 2, "sequence_parallel": True},
+    "pp2": {"pipeline": 2},
+    "pp2_ep2": {"pipeline": 2, "expert": 2},
+}
+
+
+def _p3_reference(rank, world, root):
+    from tests import common
+    from xft_megatron.checkpoint import dist as ckpt
+    from xft_megatron.transforms.merge import fold, merge_coefficients
+    from xft_megatron.upcycle_merge import merge_checkpoint
+
+    cfg = common.tiny_config("moe.num_experts=8", "moe.topk=4")
+    chunks, _ = common.setup(cfg, ddp=False)  # random init: distinct experts
+    ckpt.save(chunks, os.path.join(root, "moe"), 0, cfg)
+    sd = ckpt.gather_full_state_dict(chunks)
+    g = torch.Generator().manual_seed(0)
+    alphas = {str(i): torch.randn(7, generator=g).tolist() for i in range(cfg.model.num_layers)}
+    with open(os.path.join(root, "alphas.json"), "w") as f:
+        json.dump(alphas, f)
+    expected = dict(fold(sd, lambda i: merge_coefficients(torch.tensor(alphas[str(i)]), 0.6)))
+    torch.save(expected, os.path.join(root, "expected.pt"))
+    merge_checkpoint(os.path.join(root, "moe"), os.path.join(root, "single"),
+                     os.path.join(root, "alphas.json"), 0.6, report=lambda *a: None)
+    return _compare(os.path.join(root, "single"), expected)
+
+
+def _compare(path, expected):
+    from tests import common
+    from xft_megatron.checkpoint import dist as ckpt
+
+    chunks, _ = common.setup(common.tiny_config(), path, ddp=False)
+    got = ckpt.gather_full_state_dict(chunks)
+    return {"keys": set(got) == set(expected),
+            "bitwise": all(torch.equal(got[k], expected[k]) for k in expected),
+            "max_diff": max((got[k] - expected[k]).abs().max().item() for k in expected)}
+
+
+def _p3_layouts(rank, world, root):
+    from xft_megatron.upcycle_merge import merge_checkpoint
+
+    expected = torch.load(os.path.join(root, "expected.pt"))
+    out = {}
+    for name, layout in P3_LAYOUTS.items():
+        merge_checkpoint(os.path.join(root, "moe"), os.path.join(root, name),
+                         os.path.join(root, "alphas.json"), 0.6, layout,
+                         report=lambda *a: None)
+        out[name] = _compare(os.path.join(root, name), expected)
+    return out
+
+
+def test_distributed_fold_is_bitwise_the_single_process_fold(tmp_path):
+    """P3: the merge run with EP=2, EP=4, TP=2+EP=2, PP=2, PP=2+EP=2 writes bitwise the tensors
+    of the pure single-process fold (distinct experts, per-layer alphas, lambda 0.6)."""
+    root = str(tmp_path)
+    single = run_ranks(1, _p3_reference, root)[0]
+    assert single["keys"] and single["bitwise"], single
+    for rank_result in run_ranks(4, _p3_layouts, root):
+        for name, r in rank_result.items():
+            assert r["keys"] and r["bitwise"], (name, r)

@@ -56,7 +56,10 @@ def _upcycle(args):
 def _merge(args):
     from xft_megatron.upcycle_merge import merge_checkpoint
 
-    path = merge_checkpoint(args.ckpt, args.out, args.coefficients, args.shared_weight)
+    layout = {"tensor": args.tp, "pipeline": args.pp, "expert": args.ep,
+              "sequence_parallel": args.tp > 1}
+    path = merge_checkpoint(args.ckpt, args.out, args.coefficients, args.shared_weight,
+                            layout)
     print(f"wrote {path}")
 
 
@@ -103,6 +106,9 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--coefficients", default="uniform",
                    help="uniform | shared-only | learned | FILE.json of per-layer alphas")
     m.add_argument("--shared-weight", type=float, default=0.75, help="lambda, in [0, 1]")
+    for flag, what in (("--tp", "tensor"), ("--pp", "pipeline"), ("--ep", "expert")):
+        m.add_argument(flag, type=int, default=1,
+                       help=f"{what} parallel size to run the merge with (under torchrun)")
     m.set_defaults(func=_merge)
 
     c = sub.add_parser("config", help="print a config after YAML + overrides + validation")

@@ -1,24 +1,31 @@
 """`xft upcycle` and `xft merge`: the two ends of XFT on Megatron checkpoints.
 
-Both read a checkpoint saved under any layout (torch_dist reshards on load), apply the pure
-transforms in `transforms/upcycle.py` / `transforms/merge.py` in one process over full
-tensors, and write a checkpoint that loads under any layout. Inputs are validated before any
-model is built; nothing is written when a check fails.
+Both read a checkpoint saved under any layout (torch_dist reshards on load) and write one
+that loads under any layout. Upcycling runs in one process over full tensors (the pure
+transform in `transforms/upcycle.py`). The merge runs in whatever layout it is launched with
+(one process, or torchrun over many): each rank gathers its layers' experts over the expert
+parallel group and folds its own tensor-parallel shard with `transforms/merge.py`, so every
+layout writes bitwise the same dense tensors. Inputs are validated before any model is built;
+nothing is written when a check fails.
 """
 
+import dataclasses
 import json
 import os
 import shutil
 from typing import Callable, Dict, Optional
 
 import torch
+import torch.distributed as dist
+from megatron.core import parallel_state as ps
+from megatron.core.transformer.moe.moe_layer import MoELayer
 
 from xft_megatron import parallel
 from xft_megatron.checkpoint import dist as ckpt
 from xft_megatron.config import ConfigError, MoEConfig
 from xft_megatron.convert import _load_full, hf_to_mcore
 from xft_megatron.model.builder import build_model
-from xft_megatron.transforms.merge import fold, merge_coefficients
+from xft_megatron.transforms.merge import merge_coefficients, merge_experts
 from xft_megatron.transforms.upcycle import upcycle
 
 COEFFICIENT_CHOICES = ("uniform", "shared-only", "learned")
@@ -103,26 +110,74 @@ def coefficient_source(spec: str, num_experts: int, shared_weight: float
 
 
 def merge_checkpoint(src: str, out: str, coefficients: str = "uniform",
-                     shared_weight: float = 0.75, report=print) -> str:
-    """XFT MoE checkpoint -> dense checkpoint of the base architecture; returns its folder."""
+                     shared_weight: float = 0.75, layout: Optional[Dict] = None,
+                     report=print) -> str:
+    """XFT MoE checkpoint -> dense checkpoint of the base architecture; returns its folder.
+    `layout`: the parallel section to run the merge in (default: one process)."""
     _new_dir(out)
-    cfg = ckpt.load_config(src, parallel={})
+    cfg = ckpt.load_config(src, parallel=dict(layout or {}))
     if not cfg.moe.enabled:
         raise ValueError(f"'{src}' is a dense checkpoint; there is nothing to merge")
     if not cfg.moe.has_shared_expert:
         raise ValueError(f"'{src}' uses moe.mode=vanilla (no shared expert); the XFT merge "
                          "needs a shared expert")
+    if cfg.moe.experts_impl != "grouped":
+        raise ValueError(f"'{src}' stores experts as Megatron's SequentialMLP; the merge reads "
+                         "the grouped layout (moe.experts_impl=grouped)")
+    if cfg.parallel.expert_tensor != cfg.parallel.tensor:
+        raise ConfigError("merge with parallel.expert_tensor equal to parallel.tensor (the "
+                          "dense FFN is split like the experts); any layout loads the result")
     coeffs = coefficient_source(coefficients, cfg.moe.num_experts, shared_weight)
-    used = {}
+    table = {layer: coeffs(layer) for layer in range(cfg.model.num_layers)
+             if cfg.moe.is_moe_layer(layer)}  # every layer's coefficients, checked up front
+    parallel.initialize(cfg.parallel)
+    moe_chunks = build_model(cfg)
+    ckpt.load(moe_chunks, src)
+    dense_cfg = cfg.replace(moe=MoEConfig(), parallel=dataclasses.replace(
+        cfg.parallel, expert=1, expert_tensor=cfg.parallel.tensor))
+    dense_chunks = build_model(dense_cfg)  # same process groups; experts are gone
+    fold_chunks(moe_chunks, dense_chunks, table.__getitem__)
+    if dist.get_rank() == 0:
+        for layer, c in table.items():
+            report(f"layer {layer}: " + " ".join(f"{v:.4f}" for v in c.tolist()))
+    return ckpt.save(dense_chunks, out, 0, dense_cfg, extra_files=_tokenizer_files(src))
 
-    def logged(layer):
-        used[layer] = coeffs(layer)
-        report(f"layer {layer}: " + " ".join(f"{c:.4f}" for c in used[layer].tolist()))
-        return used[layer]
 
-    moe_sd = _full_state_dict(cfg, src)
-    dense_cfg = cfg.replace(moe=MoEConfig())
-    dense = dict(fold(moe_sd, logged))
-    chunks = build_model(dense_cfg)
-    _load_full(chunks, dense)
-    return ckpt.save(chunks, out, 0, dense_cfg, extra_files=_tokenizer_files(src))
+def _gather_over_experts(local: torch.Tensor) -> torch.Tensor:
+    """[E_local, ...] on each expert-parallel rank -> [E, ...] in global expert order."""
+    group = ps.get_expert_model_parallel_group()
+    if group.size() == 1:
+        return local
+    parts = [torch.empty_like(local) for _ in range(group.size())]
+    dist.all_gather(parts, local.contiguous(), group=group)
+    return torch.cat(parts, dim=0)
+
+
+@torch.no_grad()
+def fold_chunks(moe_chunks, dense_chunks, coefficients: Callable[[int], torch.Tensor]) -> None:
+    """Fill this rank's dense model shards from its MoE model shards (same layout): every
+    non-FFN tensor copied, each MoE layer's experts merged with `coefficients(layer)`
+    (0-based global layer)."""
+    if ps.get_expert_tensor_parallel_rank() != ps.get_tensor_model_parallel_rank():
+        raise RuntimeError("expert and tensor parallel ranks differ; cannot fold in place")
+    for mc, dc in zip(moe_chunks, dense_chunks):
+        moe, dense = ckpt.unwrap(mc), ckpt.unwrap(dc)
+        src = dict(moe.named_parameters())
+        filled = set()
+        for name, p in dense.named_parameters():
+            if name in src:
+                p.copy_(src[name])
+                filled.add(id(p))
+        for mlayer, dlayer in zip(moe.decoder.layers, dense.decoder.layers):
+            if not isinstance(mlayer.mlp, MoELayer):
+                continue
+            fc1 = _gather_over_experts(mlayer.mlp.experts.fc1_weight)  # [N, 2, F/tp, H]
+            fc2 = _gather_over_experts(mlayer.mlp.experts.fc2_weight)  # [N, H, F/tp]
+            w1, w2 = merge_experts(fc1, fc2, coefficients(mlayer.layer_number - 1))
+            for target, value in ((dlayer.mlp.linear_fc1.weight, w1),
+                                  (dlayer.mlp.linear_fc2.weight, w2)):
+                target.copy_(value)
+                filled.add(id(target))
+        missing = [n for n, p in dense.named_parameters() if id(p) not in filled]
+        if missing:
+            raise RuntimeError(f"fold left dense tensors unset: {missing[:5]}")

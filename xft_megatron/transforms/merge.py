@@ -31,10 +31,18 @@ def merge_experts(fc1: torch.Tensor, fc2: torch.Tensor, coeffs: torch.Tensor
     n, _, f, h = fc1.shape
     if coeffs.shape != (n,):
         raise ValueError(f"{coeffs.numel()} coefficients for {n} experts")
-    c = coeffs.double()
-    dense1 = torch.einsum("n,nkfh->kfh", c, fc1.double()).reshape(2 * f, h)
-    dense2 = torch.einsum("n,nhf->hf", c, fc2.double())
-    return dense1.to(fc1.dtype), dense2.to(fc2.dtype)
+    return (weighted_sum(fc1, coeffs).reshape(2 * f, h).to(fc1.dtype),
+            weighted_sum(fc2, coeffs).to(fc2.dtype))
+
+
+def weighted_sum(stacked: torch.Tensor, coeffs: torch.Tensor) -> torch.Tensor:
+    """sum_j c_j * stacked[j] in float64, experts added in index order element by element, so
+    any slice of the other dimensions (a tensor-parallel shard) gets bitwise the same values
+    as the full tensor."""
+    acc = torch.zeros(stacked.shape[1:], dtype=torch.float64, device=stacked.device)
+    for j in range(stacked.shape[0]):
+        acc += coeffs[j].item() * stacked[j].double()
+    return acc
 
 
 def fold(moe: Dict[str, torch.Tensor], coefficients: Callable[[int], torch.Tensor]
