@@ -100,6 +100,9 @@ class MoEConfig:
     dispatcher: str = "alltoall"  # alltoall | allgather
     experts_impl: str = "grouped"  # grouped (one grouped GEMM) | sequential (Megatron's)
     router_init_std: float = 0.02
+    # merge: MoE layers become the learnable merge (frozen experts, trainable alpha per layer)
+    stage: str = "moe"  # moe | merge
+    merge_shared_weight: float = 0.75  # lambda: the shared expert's fixed merge coefficient
 
     def __post_init__(self):
         _require(isinstance(self.num_experts, int) and self.num_experts >= 0,
@@ -122,6 +125,12 @@ class MoEConfig:
                  f"moe.router_init_std={self.router_init_std} must be > 0")
         _require(isinstance(self.layer_freq, int) and self.layer_freq >= 1,
                  f"moe.layer_freq={self.layer_freq!r} must be an integer >= 1")
+        _require(self.stage in ("moe", "merge"),
+                 f"moe.stage={self.stage!r} must be moe or merge")
+        _require(0.0 <= self.merge_shared_weight <= 1.0,
+                 f"moe.merge_shared_weight={self.merge_shared_weight} must be in [0, 1]")
+        _require(self.stage != "merge" or self.mode != "vanilla",
+                 "moe.stage=merge needs a shared expert (moe.mode xft or none)")
         _require(self.capacity_factor is None or self.capacity_factor > 0,
                  f"moe.capacity_factor={self.capacity_factor} must be > 0 (or null: dropless)")
         if not self.enabled:

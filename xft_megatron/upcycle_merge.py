@@ -25,6 +25,7 @@ from xft_megatron.checkpoint import dist as ckpt
 from xft_megatron.config import ConfigError, MoEConfig
 from xft_megatron.convert import _load_full, hf_to_mcore
 from xft_megatron.model.builder import build_model
+from xft_megatron.moe.merge_mlp import MergeMLP
 from xft_megatron.transforms.merge import merge_coefficients, merge_experts
 from xft_megatron.transforms.upcycle import upcycle
 
@@ -88,9 +89,9 @@ def coefficient_source(spec: str, num_experts: int, shared_weight: float
     if spec == "shared-only":
         return lambda layer: merge_coefficients(torch.zeros(routed), 1.0)
     if spec == "learned":
-        raise ValueError("--coefficients learned needs a trained merge-stage checkpoint, which "
-                         "this version cannot produce yet; pass uniform, shared-only or a JSON "
-                         "file of per-layer alphas")
+        raise ValueError("--coefficients learned needs a merge-stage checkpoint (trained with "
+                         "moe.stage=merge); this one has no alphas. Pass uniform, shared-only "
+                         "or a JSON file of per-layer alphas")
     if not os.path.isfile(spec):
         raise FileNotFoundError(f"--coefficients '{spec}' is neither one of "
                                 f"{', '.join(COEFFICIENT_CHOICES)} nor a JSON file")
@@ -127,12 +128,16 @@ def merge_checkpoint(src: str, out: str, coefficients: str = "uniform",
     if cfg.parallel.expert_tensor != cfg.parallel.tensor:
         raise ConfigError("merge with parallel.expert_tensor equal to parallel.tensor (the "
                           "dense FFN is split like the experts); any layout loads the result")
-    coeffs = coefficient_source(coefficients, cfg.moe.num_experts, shared_weight)
-    table = {layer: coeffs(layer) for layer in range(cfg.model.num_layers)
-             if cfg.moe.is_moe_layer(layer)}  # every layer's coefficients, checked up front
+    learned = coefficients == "learned" and cfg.moe.stage == "merge"
+    if not learned:
+        coeffs = coefficient_source(coefficients, cfg.moe.num_experts, shared_weight)
+        table = {layer: coeffs(layer) for layer in range(cfg.model.num_layers)
+                 if cfg.moe.is_moe_layer(layer)}  # every layer's coefficients, checked up front
     parallel.initialize(cfg.parallel)
     moe_chunks = build_model(cfg)
     ckpt.load(moe_chunks, src)
+    if learned:
+        table = _learned_coefficients(moe_chunks)
     dense_cfg = cfg.replace(moe=MoEConfig(), parallel=dataclasses.replace(
         cfg.parallel, expert=1, expert_tensor=cfg.parallel.tensor))
     dense_chunks = build_model(dense_cfg)  # same process groups; experts are gone
@@ -141,6 +146,20 @@ def merge_checkpoint(src: str, out: str, coefficients: str = "uniform",
         for layer, c in table.items():
             report(f"layer {layer}: " + " ".join(f"{v:.4f}" for v in c.tolist()))
     return ckpt.save(dense_chunks, out, 0, dense_cfg, extra_files=_tokenizer_files(src))
+
+
+def _learned_coefficients(chunks) -> Dict[int, torch.Tensor]:
+    """Every merge-stage layer's coefficients (from its trained alpha and fixed lambda), from
+    all pipeline stages, on every rank."""
+    mine = {}
+    for c in chunks:
+        for layer in ckpt.unwrap(c).decoder.layers:
+            if isinstance(layer.mlp, MergeMLP):
+                mine[layer.layer_number - 1] = merge_coefficients(
+                    layer.mlp.alpha.detach().cpu(), layer.mlp.shared_weight)
+    everyone = [None] * dist.get_world_size()
+    dist.all_gather_object(everyone, mine)
+    return {k: v for d in everyone for k, v in d.items()}
 
 
 def _gather_over_experts(local: torch.Tensor) -> torch.Tensor:
@@ -169,7 +188,7 @@ def fold_chunks(moe_chunks, dense_chunks, coefficients: Callable[[int], torch.Te
                 p.copy_(src[name])
                 filled.add(id(p))
         for mlayer, dlayer in zip(moe.decoder.layers, dense.decoder.layers):
-            if not isinstance(mlayer.mlp, MoELayer):
+            if not isinstance(mlayer.mlp, (MoELayer, MergeMLP)):
                 continue
             fc1 = _gather_over_experts(mlayer.mlp.experts.fc1_weight)  # [N, 2, F/tp, H]
             fc2 = _gather_over_experts(mlayer.mlp.experts.fc2_weight)  # [N, H, F/tp]

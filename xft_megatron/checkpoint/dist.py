@@ -12,7 +12,7 @@ Sharded tensors carry global names, so a checkpoint loads under any other valid 
 import os
 import shutil
 import uuid
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Sequence
 
 import torch
 import torch.distributed as dist
@@ -141,17 +141,30 @@ def load_config(path: str, **sections) -> Config:
     return Config.from_dict({**stored, **sections})
 
 
-def load(chunks: List, path: str) -> int:
+def load(chunks: List, path: str, may_lack: Sequence[str] = ()) -> int:
     """Load model weights into `chunks` (any layout) from a checkpoint; returns its iteration.
-    All ranks must call it."""
+    Tensors whose names end with one of `may_lack` keep their current values when the
+    checkpoint has none (e.g. the merge stage's alphas, loading an MoE checkpoint); every
+    other tensor must be there. All ranks must call it."""
     ckpt = resolve(path)
     chunks = [unwrap(c) for c in chunks]
-    state = dist_checkpointing.load(_model_sharded_state_dict(chunks), ckpt)
-    if len(chunks) == 1:
-        chunks[0].load_state_dict(state["model"], strict=True)
-    else:
-        for i, c in enumerate(chunks):
-            c.load_state_dict(state[f"model{i}"], strict=True)
+    request = _model_sharded_state_dict(chunks)
+    skipped = set()
+    if may_lack:
+        stored = set(dist_checkpointing.load_tensors_metadata(ckpt))
+        for sub in request.values():
+            for name in [n for n, v in sub.items() if n.endswith(tuple(may_lack))
+                         and getattr(v, "key", None) not in stored]:
+                del sub[name]
+                skipped.add(name)
+    state = dist_checkpointing.load(request, ckpt)
+    for i, c in enumerate(chunks):
+        missing, unexpected = c.load_state_dict(
+            state["model" if len(chunks) == 1 else f"model{i}"], strict=False)
+        missing = [k for k in missing if k not in skipped and not k.endswith("_extra_state")]
+        if missing or unexpected:
+            raise RuntimeError(f"checkpoint '{ckpt}' does not fit the model: missing "
+                               f"{missing[:5]}, unexpected {unexpected[:5]}")
     return int(read_config(ckpt).get("iteration", 0))
 
 

@@ -122,6 +122,9 @@ def build_model(cfg: Config, tconfig: Optional[TransformerConfig] = None) -> Lis
         )
         model.to(device=platform.device(), dtype=cfg.precision.torch_dtype)
         _mark_expert_params(model)
+        if cfg.moe.enabled and cfg.moe.stage == "merge":
+            for name, p in model.named_parameters():  # the merge stage trains alpha alone
+                p.requires_grad_(name.endswith("mlp.alpha"))
         compile_on = cfg.train.compile_layers
         if compile_on or (compile_on is None and platform.has_cuda()):
             compile_layers(model)

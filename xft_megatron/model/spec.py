@@ -22,6 +22,7 @@ from xft_megatron.config import MoEConfig
 from xft_megatron.model.attention import SDPAttention
 from xft_megatron.model.norm import RMSNorm
 from xft_megatron.moe.experts import GroupedExperts
+from xft_megatron.moe.merge_mlp import MergeMLP
 from xft_megatron.moe.router import RouterSettings, XFTRouter
 
 
@@ -49,12 +50,16 @@ def dense_mlp_spec() -> ModuleSpec:
 
 def moe_mlp_spec(moe: MoEConfig) -> ModuleSpec:
     """Megatron's MoELayer (dispatch, combine, EP/ETP) with the XFT router; experts are our
-    grouped GEMM module or Megatron's SequentialMLP (one MLP per expert, for comparison)."""
+    grouped GEMM module or Megatron's SequentialMLP (one MLP per expert, for comparison).
+    In the merge stage, the learnable merge of the same (frozen) experts instead."""
     if moe.experts_impl == "grouped":
         experts = ModuleSpec(module=GroupedExperts)
     else:
         experts = ModuleSpec(module=SequentialMLP, submodules=MLPSubmodules(
             linear_fc1=ColumnParallelLinear, linear_fc2=RowParallelLinear))
+    if moe.stage == "merge":
+        return ModuleSpec(module=MergeMLP, params={
+            "num_experts": moe.num_experts, "shared_weight": moe.merge_shared_weight})
     router = partial(XFTRouter, settings=RouterSettings.from_config(moe))
     return ModuleSpec(module=MoELayer,
                       submodules=MoESubmodules(experts=experts, router=router))

@@ -31,8 +31,8 @@ def train(cfg: Config, batches: Callable[[int], torch.Tensor], save_dir: Optiona
     info = parallel.initialize(cfg.parallel, seed=cfg.train.seed)
     tc = transformer_config(cfg)
     chunks = build_model(cfg, tc)
-    if load_dir:
-        ckpt.load(chunks, load_dir)
+    if load_dir:  # the merge stage starts from an MoE checkpoint: alphas start uniform
+        ckpt.load(chunks, load_dir, may_lack=("mlp.alpha",) if cfg.moe.stage == "merge" else ())
     result = RunResult(parameters=count_parameters(chunks))
     chunks = wrap_ddp(chunks, tc, cfg.precision)
     optimizer = build_optimizer(chunks, cfg.train, cfg.precision)
