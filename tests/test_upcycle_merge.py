@@ -39,7 +39,7 @@ def _body(rank, world, root):
     with open(d("alphas.json"), "w") as f:
         json.dump(alphas, f)
     out["merges"] = {}
-    for name, args in {"uniform": ["--shared-weight", 0.3],
+    for name, args in {"uniform": ["--shared-weight", 0.3, "--hf-out", d("merged_hf")],
                        "shared-only": ["--coefficients", "shared-only"],
                        "file": ["--coefficients", d("alphas.json"), "--shared-weight", 0.9]
                        }.items():
@@ -50,6 +50,14 @@ def _body(rank, world, root):
         err = max(((got[k] - v).abs().max() / v.abs().max()).item() for k, v in dense.items())
         out["merges"][name] = dict(code=code, text=text, same_keys=set(got) == set(dense),
                                    err=err, moe=mcfg.moe.num_experts)
+    import transformers
+
+    hf = transformers.AutoModelForCausalLM.from_pretrained(d("merged_hf"), dtype=torch.float32)
+    ids = torch.randint(0, cfg.model.vocab_size, (1, 16))
+    chunks, _ = common.setup(cfg, dense_dir, ddp=False)
+    with torch.no_grad():
+        ref = chunks[0](ids, torch.arange(16).unsqueeze(0), None)
+        out["hf_err"] = ((hf(ids).logits - ref).abs().max() / ref.abs().max()).item()
     refusals = {
         "upcycle_moe": ("upcycle", "--ckpt", d("moe"), "--out", d("r1"), "--num-experts", 4,
                         "--topk", 3),
@@ -77,6 +85,7 @@ def test_upcycle_and_merge_commands(tmp_path):
         assert m["same_keys"] and m["moe"] == 0, name
         assert m["err"] <= 1e-6, (name, m["err"])
     assert "layer 0: 0.3000 0.2333 0.2333 0.2333" in r["merges"]["uniform"]["text"]
+    assert r["hf_err"] <= 1e-5, r["hf_err"]  # --hf-out: transformers runs the merged model
     assert "layer 0: 1.0000 0.0000 0.0000 0.0000" in r["merges"]["shared-only"]["text"]
     expected = {
         "upcycle_moe": "already an MoE checkpoint",

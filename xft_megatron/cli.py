@@ -59,7 +59,7 @@ def _merge(args):
     layout = {"tensor": args.tp, "pipeline": args.pp, "expert": args.ep,
               "sequence_parallel": args.tp > 1}
     path = merge_checkpoint(args.ckpt, args.out, args.coefficients, args.shared_weight,
-                            layout)
+                            layout, hf_out=args.hf_out)
     print(f"wrote {path}")
 
 
@@ -106,6 +106,7 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--coefficients", default="uniform",
                    help="uniform | shared-only | learned | FILE.json of per-layer alphas")
     m.add_argument("--shared-weight", type=float, default=0.75, help="lambda, in [0, 1]")
+    m.add_argument("--hf-out", default=None, help="also write an HF directory (one process)")
     for flag, what in (("--tp", "tensor"), ("--pp", "pipeline"), ("--ep", "expert")):
         m.add_argument(flag, type=int, default=1,
                        help=f"{what} parallel size to run the merge with (under torchrun)")

@@ -20,16 +20,21 @@ from xft_megatron.transforms import hf_llama
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
-def _load_full(chunks, tensors) -> None:
+def load_full_state(chunks, tensors) -> None:
+    """Copy (name, tensor) pairs (a mapping or a stream) into a single-rank model; every
+    model tensor must receive a value. A stream is consumed one tensor at a time."""
     model = ckpt.unwrap(chunks[0])
-    own = {k for k in model.state_dict() if not k.endswith("_extra_state")}
-    missing = own - set(tensors)
+    params = dict(model.named_parameters())
+    seen = set()
+    with torch.no_grad():
+        for name, value in (tensors.items() if hasattr(tensors, "items") else tensors):
+            if name not in params:
+                raise ValueError(f"conversion produced a tensor the model lacks: {name}")
+            params[name].copy_(value)
+            seen.add(name)
+    missing = set(params) - seen
     if missing:
         raise ValueError(f"conversion produced no value for: {sorted(missing)[:5]}")
-    with torch.no_grad():
-        params = dict(model.named_parameters())
-        for name, value in tensors.items():
-            params[name].copy_(value)
 
 
 def hf_to_mcore(hf_dir: str, out: str, dtype: str = "fp32") -> str:
@@ -40,8 +45,7 @@ def hf_to_mcore(hf_dir: str, out: str, dtype: str = "fp32") -> str:
     cfg = Config(model=model_cfg, precision=PrecisionConfig(dtype=dtype))
     parallel.initialize(cfg.parallel)
     chunks = build_model(cfg)
-    tensors = dict(hf_llama.from_hf(LazyTensors(index), model_cfg))
-    _load_full(chunks, tensors)
+    load_full_state(chunks, hf_llama.from_hf(LazyTensors(index), model_cfg))  # streamed
     extra = {f: os.path.join(hf_dir, f) for f in os.listdir(hf_dir)
              if f.startswith("tokenizer") or f in ("special_tokens_map.json",)}
     return ckpt.save(chunks, out, 0, cfg, extra_files=extra)

@@ -23,7 +23,7 @@ from megatron.core.transformer.moe.moe_layer import MoELayer
 from xft_megatron import parallel
 from xft_megatron.checkpoint import dist as ckpt
 from xft_megatron.config import ConfigError, MoEConfig
-from xft_megatron.convert import _load_full, hf_to_mcore
+from xft_megatron.convert import load_full_state, hf_to_mcore
 from xft_megatron.model.builder import build_model
 from xft_megatron.moe.merge_mlp import MergeMLP
 from xft_megatron.transforms.merge import merge_coefficients, merge_experts
@@ -70,7 +70,7 @@ def upcycle_checkpoint(src: Optional[str], out: str, moe: MoEConfig, seed: int =
         cfg = dense_cfg.replace(moe=moe)  # validates the MoE settings against the model
         dense = _full_state_dict(dense_cfg, src)
         chunks = build_model(cfg)
-        _load_full(chunks, dict(upcycle(dense, moe, cfg.model.hidden_size, seed, noise_std)))
+        load_full_state(chunks, upcycle(dense, moe, cfg.model.hidden_size, seed, noise_std))
         return ckpt.save(chunks, out, 0, cfg, extra_files=_tokenizer_files(src))
     finally:
         if tmp:
@@ -112,10 +112,17 @@ def coefficient_source(spec: str, num_experts: int, shared_weight: float
 
 def merge_checkpoint(src: str, out: str, coefficients: str = "uniform",
                      shared_weight: float = 0.75, layout: Optional[Dict] = None,
-                     report=print) -> str:
+                     report=print, hf_out: Optional[str] = None) -> str:
     """XFT MoE checkpoint -> dense checkpoint of the base architecture; returns its folder.
-    `layout`: the parallel section to run the merge in (default: one process)."""
+    `layout`: the parallel section to run the merge in (default: one process). `hf_out`: also
+    write the dense model as an HF directory (one process only)."""
     _new_dir(out)
+    if hf_out:
+        _new_dir(hf_out)
+        if dist.is_initialized() and dist.get_world_size() > 1 or \
+                int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            raise ValueError("--hf-out runs in one process; under torchrun, merge first and "
+                             "then run `xft convert mcore-to-hf` on the result")
     cfg = ckpt.load_config(src, parallel=dict(layout or {}))
     if not cfg.moe.enabled:
         raise ValueError(f"'{src}' is a dense checkpoint; there is nothing to merge")
@@ -145,7 +152,12 @@ def merge_checkpoint(src: str, out: str, coefficients: str = "uniform",
     if dist.get_rank() == 0:
         for layer, c in table.items():
             report(f"layer {layer}: " + " ".join(f"{v:.4f}" for v in c.tolist()))
-    return ckpt.save(dense_chunks, out, 0, dense_cfg, extra_files=_tokenizer_files(src))
+    path = ckpt.save(dense_chunks, out, 0, dense_cfg, extra_files=_tokenizer_files(src))
+    if hf_out:
+        from xft_megatron.convert import mcore_to_hf
+
+        mcore_to_hf(path, hf_out, dtype=dense_cfg.precision.dtype)
+    return path
 
 
 def _learned_coefficients(chunks) -> Dict[int, torch.Tensor]:
