@@ -55,6 +55,21 @@ def _reference(rank, world, root):
     loss = forward_backward(chunks, mbs, cfg.train.seq_length)
     grads = _alpha_grads(chunks)
 
+    # the training loop trains alpha alone and reports the coefficients
+    from xft_megatron.training.loop import train
+
+    tcfg = common.tiny_config(*STAGE, "train.train_steps=3", "train.lr=0.5")
+    g = torch.Generator().manual_seed(1)
+    run = train(tcfg, lambda step: torch.randint(0, 512, (4, 33), generator=g),
+                save_dir=os.path.join(root, "trained"), load_dir=os.path.join(root, "moe"),
+                progress=False)
+    trained = run.merge_coefficients
+    before = ckpt.gather_full_state_dict(common.setup(tcfg, os.path.join(root, "moe"),
+                                                      ddp=False)[0])
+    after = ckpt.gather_full_state_dict(common.setup(tcfg, os.path.join(root, "trained"),
+                                                     ddp=False)[0])
+    frozen = all(torch.equal(before[k], after[k]) for k in before if not k.endswith("alpha"))
+
     merge_checkpoint(os.path.join(root, "stage"), os.path.join(root, "folded"), "learned",
                      report=lambda *a: None)
     dense, _ = common.setup(dense_cfg, os.path.join(root, "folded"), ddp=False)
@@ -63,6 +78,7 @@ def _reference(rank, world, root):
         logit_err=(stage_logits - dense_logits).abs().max().item(),
         scale=dense_logits.abs().max().item(), loss=loss,
         grads={k: v.tolist() for k, v in grads.items()},
+        trained=trained, frozen=frozen,
         learned_bitwise=set(got) == set(expected) and all(
             torch.equal(got[k], expected[k]) for k in expected))
 
@@ -87,6 +103,11 @@ def test_merge_stage(tmp_path):
     ref = run_ranks(1, _reference, root)[0]
     assert ref["logit_err"] <= 1e-5 * ref["scale"], ref["logit_err"]
     assert ref["learned_bitwise"]
+    # training moved the routed coefficients off uniform; lambda stayed; nothing else changed
+    assert sorted(ref["trained"]) == [0, 1, 2, 3] and ref["frozen"]
+    for c in ref["trained"].values():
+        assert abs(c[0] - 0.6) < 1e-7 and abs(sum(c) - 1) < 1e-6
+        assert max(abs(x - 0.4 / 7) for x in c[1:]) > 1e-4, c
     names = sorted(ref["grads"])
     assert names and all(n.endswith("mlp.alpha") for n in names), names  # only alpha trains
     assert all(any(abs(x) > 0 for x in ref["grads"][n]) for n in names)

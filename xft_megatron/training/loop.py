@@ -3,7 +3,7 @@ pieces live in builder, optimizer, step and checkpoint."""
 
 import time
 from dataclasses import dataclass, field
-from typing import Callable, List, Optional
+from typing import Callable, Dict, List, Optional
 
 import torch
 from tqdm import tqdm
@@ -23,6 +23,8 @@ class RunResult:
     checkpoint: Optional[str] = None
     tokens_per_s: float = 0.0
     parameters: int = 0
+    moe_losses: List[float] = field(default_factory=list)  # router losses per step (MoE)
+    merge_coefficients: Dict[int, List[float]] = field(default_factory=dict)  # merge stage
 
 
 def train(cfg: Config, batches: Callable[[int], torch.Tensor], save_dir: Optional[str] = None,
@@ -45,14 +47,32 @@ def train(cfg: Config, batches: Callable[[int], torch.Tensor], save_dir: Optiona
         stats = train_step(chunks, optimizer, scheduler, mbs, t.seq_length)
         result.losses.append(stats["loss"])
         shown = {"loss": f"{stats['loss']:.4f}", "lr": f"{stats['lr']:.2e}"}
-        if cfg.moe.enabled:
+        if cfg.moe.enabled and cfg.moe.stage == "moe":
+            result.moe_losses.append(stats["moe_loss"])
             shown["moe_loss"] = f"{stats['moe_loss']:.4f}"
+        if cfg.moe.enabled and cfg.moe.stage == "merge":
+            result.merge_coefficients = merge_coefficients(chunks)
+            top = max(max(c[1:]) for c in result.merge_coefficients.values())
+            shown["max_routed_coeff"] = f"{top:.3f}"
         bar.set_postfix(**shown)
     elapsed = time.perf_counter() - start
     result.tokens_per_s = t.train_steps * t.global_batch_size * t.seq_length / elapsed
     if save_dir:
         result.checkpoint = ckpt.save(chunks, save_dir, t.train_steps, cfg)
     return result
+
+
+def merge_coefficients(chunks) -> Dict[int, List[float]]:
+    """The merge stage's current coefficients [c_0 .. c_N-1] per global layer, every stage's
+    layers on every rank."""
+    from xft_megatron.moe.merge_mlp import MergeMLP
+
+    mine = {layer.layer_number - 1: layer.mlp.coefficients().tolist()
+            for c in chunks for layer in ckpt.unwrap(c).decoder.layers
+            if isinstance(layer.mlp, MergeMLP)}
+    everyone = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(everyone, mine)
+    return {k: v for d in everyone for k, v in d.items()}
 
 
 def evaluate(cfg: Config, checkpoint: str, batches: List[torch.Tensor]) -> float:
