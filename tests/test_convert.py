@@ -127,3 +127,39 @@ def test_config_dialects_and_refusals(tmp_path):
         json.dump({"weight_map": {"a": "model-00001-of-00002.safetensors"}}, f)
     with pytest.raises(HFFormatError, match="model-00001-of-00002.safetensors"):
         safetensors_index(shards)
+
+
+def _verify_body(rank, world, root):
+    import contextlib
+    import io
+
+    import transformers
+
+    from xft_megatron import cli
+    from xft_megatron.verify import VerificationError, verify
+
+    codes = {}
+    for seed in (0, 1):
+        torch.manual_seed(seed)
+        hf = transformers.AutoModelForCausalLM.from_config(
+            transformers.AutoConfig.for_model(**HF_CASES["llama"]))
+        hf.save_pretrained(os.path.join(root, f"hf{seed}"), safe_serialization=True)
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf), contextlib.redirect_stderr(buf):
+        codes["in"] = cli.main(["convert", "hf-to-mcore", "--hf", os.path.join(root, "hf0"),
+                                "--out", os.path.join(root, "mc"), "--verify"])
+        codes["out"] = cli.main(["convert", "mcore-to-hf", "--ckpt", os.path.join(root, "mc"),
+                                 "--out", os.path.join(root, "back"), "--verify"])
+    try:  # a checkpoint against another model's weights must fail
+        verify(os.path.join(root, "hf1"), os.path.join(root, "mc"), report=lambda *a: None)
+        codes["mismatch"] = "accepted"
+    except VerificationError as e:
+        codes["mismatch"] = str(e)
+    return codes, buf.getvalue()
+
+
+def test_verify_flag(tmp_path):
+    codes, text = run_ranks(1, _verify_body, str(tmp_path))[0]
+    assert codes["in"] == 0 and codes["out"] == 0, text
+    assert text.count("verify: max |diff|") == 2 and "argmax agreement 100.00%" in text, text
+    assert "disagree" in codes["mismatch"], codes["mismatch"]

@@ -37,9 +37,15 @@ def _convert(args):
     if args.direction == "hf-to-mcore":
         path = convert.hf_to_mcore(args.hf, args.out, dtype=args.dtype or "fp32")
         print(f"wrote {path}")
+        hf_dir, ckpt_dir = args.hf, path
     else:
         convert.mcore_to_hf(args.ckpt, args.out, dtype=args.dtype or "bf16")
         print(f"wrote {args.out}")
+        hf_dir, ckpt_dir = args.out, args.ckpt
+    if args.verify:
+        from xft_megatron.verify import verify
+
+        verify(hf_dir, ckpt_dir)
 
 
 def _upcycle(args):
@@ -83,6 +89,8 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--out", required=True, help="output directory (must be new or empty)")
     v.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default=None,
                    help="dtype written (default: fp32 for Megatron, bf16 for HF)")
+    v.add_argument("--verify", action="store_true",
+                   help="compare both sides' logits on random tokens; exit 2 if they differ")
     v.set_defaults(func=_convert)
 
     u = sub.add_parser("upcycle", help="dense checkpoint -> XFT MoE checkpoint")
