@@ -103,7 +103,7 @@ def _write_cfg(d, **kw):
 
 def test_config_dialects_and_refusals(tmp_path):
     from xft_megatron.checkpoint.hf import HFFormatError, model_config_from_hf, \
-        safetensors_index
+        weights_index
 
     d5 = _write_cfg(str(tmp_path / "v5"), rope_parameters={"rope_type": "linear",
                                                             "factor": 4.0,
@@ -126,7 +126,7 @@ def test_config_dialects_and_refusals(tmp_path):
     with open(os.path.join(shards, "model.safetensors.index.json"), "w") as f:
         json.dump({"weight_map": {"a": "model-00001-of-00002.safetensors"}}, f)
     with pytest.raises(HFFormatError, match="model-00001-of-00002.safetensors"):
-        safetensors_index(shards)
+        weights_index(shards)
 
 
 def _verify_body(rank, world, root):
@@ -150,6 +150,31 @@ def _verify_body(rank, world, root):
                                 "--out", os.path.join(root, "mc"), "--verify"])
         codes["out"] = cli.main(["convert", "mcore-to-hf", "--ckpt", os.path.join(root, "mc"),
                                  "--out", os.path.join(root, "back"), "--verify"])
+    # the same model as PyTorch .bin shards with an index (older published checkpoints)
+    from safetensors.torch import load_file
+
+    src, binary = os.path.join(root, "hf0"), os.path.join(root, "hf0_bin")
+    os.makedirs(binary)
+    tensors = {}
+    for f in os.listdir(src):
+        if f.endswith(".safetensors"):
+            tensors.update(load_file(os.path.join(src, f)))
+        elif f.endswith(".json"):
+            with open(os.path.join(src, f)) as a, open(os.path.join(binary, f), "w") as b:
+                b.write(a.read())
+    if os.path.exists(os.path.join(binary, "model.safetensors.index.json")):
+        os.remove(os.path.join(binary, "model.safetensors.index.json"))
+    names, weight_map = sorted(tensors), {}
+    for i, part in enumerate((names[::2], names[1::2])):
+        fname = f"pytorch_model-0000{i + 1}-of-00002.bin"
+        torch.save({k: tensors[k] for k in part}, os.path.join(binary, fname))
+        weight_map.update({k: fname for k in part})
+    with open(os.path.join(binary, "pytorch_model.bin.index.json"), "w") as f:
+        total = sum(t.numel() * t.element_size() for t in tensors.values())
+        json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f)
+    with contextlib.redirect_stdout(buf), contextlib.redirect_stderr(buf):
+        codes["bin"] = cli.main(["convert", "hf-to-mcore", "--hf", binary,
+                                 "--out", os.path.join(root, "mc_bin"), "--verify"])
     try:  # a checkpoint against another model's weights must fail
         verify(os.path.join(root, "hf1"), os.path.join(root, "mc"), report=lambda *a: None)
         codes["mismatch"] = "accepted"
@@ -158,8 +183,8 @@ def _verify_body(rank, world, root):
     return codes, buf.getvalue()
 
 
-def test_verify_flag(tmp_path):
+def test_verify_flag_and_bin_shards(tmp_path):
     codes, text = run_ranks(1, _verify_body, str(tmp_path))[0]
-    assert codes["in"] == 0 and codes["out"] == 0, text
-    assert text.count("verify: max |diff|") == 2 and "argmax agreement 100.00%" in text, text
+    assert codes["in"] == 0 and codes["out"] == 0 and codes["bin"] == 0, text
+    assert text.count("verify: max |diff|") == 3 and "argmax agreement 100.00%" in text, text
     assert "disagree" in codes["mismatch"], codes["mismatch"]

@@ -11,7 +11,7 @@ import torch
 
 from xft_megatron import parallel
 from xft_megatron.checkpoint import dist as ckpt
-from xft_megatron.checkpoint.hf import LazyTensors, model_config_from_hf, safetensors_index, \
+from xft_megatron.checkpoint.hf import LazyTensors, model_config_from_hf, weights_index, \
     write_hf_dir
 from xft_megatron.config import Config, PrecisionConfig
 from xft_megatron.model.builder import build_model
@@ -41,7 +41,7 @@ def hf_to_mcore(hf_dir: str, out: str, dtype: str = "fp32") -> str:
     """Convert an HF directory; returns the written checkpoint folder. Tokenizer files are
     copied along."""
     model_cfg, _ = model_config_from_hf(hf_dir)  # refuses unsupported configs up front
-    index = safetensors_index(hf_dir)
+    index = weights_index(hf_dir)
     cfg = Config(model=model_cfg, precision=PrecisionConfig(dtype=dtype))
     parallel.initialize(cfg.parallel)
     chunks = build_model(cfg)

@@ -93,30 +93,56 @@ def model_config_from_hf(hf_dir: str) -> Tuple[ModelConfig, str]:
     return model, ARCHITECTURES[model_type]
 
 
-def safetensors_index(hf_dir: str) -> Dict[str, str]:
-    """tensor name -> file, from model.safetensors.index.json or a single model.safetensors;
-    every file the index names must exist."""
-    index = os.path.join(hf_dir, "model.safetensors.index.json")
-    single = os.path.join(hf_dir, "model.safetensors")
-    if os.path.isfile(index):
-        try:
-            with open(index) as f:
-                weight_map = json.load(f)["weight_map"]
-        except (json.JSONDecodeError, KeyError) as e:
-            raise HFFormatError(f"{index} is not a valid safetensors index: {e}") from None
-        missing = sorted({v for v in weight_map.values()
-                          if not os.path.isfile(os.path.join(hf_dir, v))})
-        if missing:
-            raise HFFormatError(f"{index} names shard(s) that do not exist: "
-                                f"{', '.join(missing)}")
-        return {k: os.path.join(hf_dir, v) for k, v in weight_map.items()}
-    if os.path.isfile(single):
+_INDEXES = (("model.safetensors.index.json", "model.safetensors"),
+            ("pytorch_model.bin.index.json", "pytorch_model.bin"))
+
+
+def weights_index(hf_dir: str) -> Dict[str, str]:
+    """tensor name -> file, from safetensors (preferred) or PyTorch .bin weights, single file
+    or sharded with an index; every file the index names must exist."""
+    for index_name, single_name in _INDEXES:
+        index, single = os.path.join(hf_dir, index_name), os.path.join(hf_dir, single_name)
+        if os.path.isfile(index):
+            try:
+                with open(index) as f:
+                    weight_map = json.load(f)["weight_map"]
+            except (json.JSONDecodeError, KeyError) as e:
+                raise HFFormatError(f"{index} is not a valid weights index: {e}") from None
+            missing = sorted({v for v in weight_map.values()
+                              if not os.path.isfile(os.path.join(hf_dir, v))})
+            if missing:
+                raise HFFormatError(f"{index} names shard(s) that do not exist: "
+                                    f"{', '.join(missing)}")
+            return {k: os.path.join(hf_dir, v) for k, v in weight_map.items()}
+        if os.path.isfile(single):
+            return {k: single for k in _open_weights(single).keys()}
+    raise HFFormatError(f"no weights in '{hf_dir}' (expected model.safetensors[.index.json] "
+                        "or pytorch_model.bin[.index.json])")
+
+
+def _open_weights(path: str):
+    """A handle with keys() and get_tensor(name): safetensors opened lazily, .bin files
+    memory-mapped (pages are read when a tensor is used)."""
+    if path.endswith(".safetensors"):
         from safetensors import safe_open
 
-        with safe_open(single, "pt") as f:
-            return {k: single for k in f.keys()}
-    raise HFFormatError(f"no safetensors weights in '{hf_dir}' (expected model.safetensors or "
-                        "model.safetensors.index.json)")
+        return safe_open(path, "pt")
+    try:
+        state = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+    except Exception as e:  # noqa: BLE001 - any unpickling failure means the same to a user
+        raise HFFormatError(f"cannot read PyTorch weights {path}: {e}") from None
+    return _BinWeights(state)
+
+
+class _BinWeights:
+    def __init__(self, state):
+        self.state = state
+
+    def keys(self):
+        return self.state.keys()
+
+    def get_tensor(self, name):
+        return self.state[name]
 
 
 class LazyTensors:
@@ -128,13 +154,11 @@ class LazyTensors:
         self._handles = {}
 
     def __getitem__(self, name: str) -> torch.Tensor:
-        from safetensors import safe_open
-
         if name not in self.index:
             raise HFFormatError(f"tensor '{name}' is missing from the checkpoint")
         path = self.index[name]
         if path not in self._handles:
-            self._handles[path] = safe_open(path, "pt")
+            self._handles[path] = _open_weights(path)
         return self._handles[path].get_tensor(name)
 
     def __contains__(self, name: str) -> bool:
