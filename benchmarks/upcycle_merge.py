@@ -44,11 +44,16 @@ def _io_floor(src, out_bytes, scratch):
     return elapsed
 
 
-def _stage(name, argv):
-    """Run one stage in a child process; (seconds, peak RSS GiB)."""
+def _record_rss(directory, stage):
+    """Called at the end of a stage's process: its own peak RSS (KiB) into a file."""
+    with open(os.path.join(directory, f"{stage}.rss"), "w") as f:
+        f.write(str(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss))
+
+
+def _stage(module, name, argv):
+    """Run one stage of `module` in a child process; (seconds, peak RSS GiB)."""
     t0 = time.perf_counter()
-    code = subprocess.call([sys.executable, "-m", "benchmarks.upcycle_merge", "--stage", name]
-                           + argv)
+    code = subprocess.call([sys.executable, "-m", module, "--stage", name] + argv)
     elapsed = time.perf_counter() - t0
     if code:
         raise SystemExit(f"stage {name} failed with exit code {code}")
@@ -78,8 +83,7 @@ def _run_stage(args):
 
         merge_checkpoint(os.path.join(args.dir, "moe"), os.path.join(args.dir, "merged"),
                          report=lambda *a: None)
-    with open(os.path.join(args.dir, f"{args.stage}.rss"), "w") as f:  # KiB, this process
-        f.write(str(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss))
+    _record_rss(args.dir, args.stage)
 
 def main():
     ap = argparse.ArgumentParser()
@@ -94,9 +98,9 @@ def main():
     os.makedirs(args.dir)
     common = ["--preset", args.preset, "--dir", args.dir]
     rows = {}
-    _stage("dense", common)
+    _stage("benchmarks.upcycle_merge", "dense", common)
     for name, src, out in (("upcycle", "dense", "moe"), ("merge", "moe", "merged")):
-        seconds, peak = _stage(name, common)
+        seconds, peak = _stage("benchmarks.upcycle_merge", name, common)
         in_b, out_b = _dir_bytes(os.path.join(args.dir, src)), \
             _dir_bytes(os.path.join(args.dir, out))
         floor = _io_floor(os.path.join(args.dir, src), out_b, args.dir)
