@@ -22,7 +22,20 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _die_with_parent():
+    """Linux: a rank gets SIGKILL when the test process dies (e.g. killed by a timeout), so
+    no orphaned rank lingers in a collective."""
+    try:
+        import ctypes
+        import signal
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
 def _worker(rank, world_size, port, body, args, out):
+    _die_with_parent()
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank),
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
                       OMP_NUM_THREADS="1")
