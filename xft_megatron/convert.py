@@ -56,7 +56,9 @@ def mcore_to_hf(ckpt_dir: str, out: str, dtype: str = "bf16",
     """Write a dense HF directory from a Megatron checkpoint (any layout it was saved in)."""
     if os.path.exists(out) and os.listdir(out):
         raise FileExistsError(f"'{out}' exists and is not empty; choose a new --out")
-    cfg = ckpt.load_config(ckpt_dir, parallel={}, precision={"dtype": "fp32"})
+    # the model is built in the checkpoint's own dtype (no fp32 copy of a bf16 model); the
+    # requested output dtype is applied tensor by tensor while writing
+    cfg = ckpt.load_config(ckpt_dir, parallel={})
     if cfg.moe.enabled:
         raise ValueError(f"'{ckpt_dir}' is an XFT MoE checkpoint (moe.num_experts="
                          f"{cfg.moe.num_experts}); only dense checkpoints convert to HF. Fold "
