@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # On a GPU machine, from the repo root: install carried wheels (.whl/, see
 # prepare_gpu_wheels.sh), run the GPU tests and the dense benchmark. Logs and JSON go to
-# ${OUT:-runs/gpu}. Usage: [BENCH=dense|moe|all] scripts/gpu.sh [dense points, e.g. 2048:4]
-# BENCH (default all) picks the benchmarks run after the GPU tests.
+# ${OUT:-runs/gpu}. Usage: [BENCH=dense|moe|all|profile-moe] scripts/gpu.sh [dense points]
+# BENCH (default all) picks the benchmarks run after the GPU tests; profile-moe runs only the
+# MoE layer profile (no tests).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-runs/gpu}"
@@ -16,8 +17,15 @@ else
 fi
 export PYTHONUNBUFFERED=1 CUDA_DEVICE_MAX_CONNECTIONS=1
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
-python3 -m pytest -q -m gpu tests -p no:cacheprovider 2>&1 | tee "$OUT/gpu_tests.log"
 BENCH="${BENCH:-all}"
+if [ "$BENCH" = profile-moe ]; then
+  for v in xft/grouped xft/sequential; do
+    python3 -W ignore benchmarks/profile_moe.py --variant "$v" 2>&1 | grep -v Warning \
+      | tee -a "$OUT/profile_moe.log"
+  done
+  exit 0
+fi
+python3 -m pytest -q -m gpu tests -p no:cacheprovider 2>&1 | tee "$OUT/gpu_tests.log"
 if [ "$BENCH" = moe ] || [ "$BENCH" = all ]; then
   python3 -W ignore benchmarks/expert_gemm.py "$OUT/expert_gemm.json" \
     2>&1 | grep -v Warning | tee "$OUT/expert_gemm.log"

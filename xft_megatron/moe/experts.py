@@ -30,24 +30,66 @@ def grouped_gemm_supported(x: torch.Tensor, *weights: torch.Tensor) -> bool:
     return all((d * x.element_size()) % _ALIGN_BYTES == 0 for d in sizes)
 
 
-def _weighted_swiglu(h: torch.Tensor, probs: torch.Tensor) -> torch.Tensor:
-    """h [n, 2F] = [gate | up] -> SiLU(gate) * up * probs, in h's dtype."""
-    gate, up = h.chunk(2, dim=-1)
+def _swiglu_forward(h: torch.Tensor, probs: torch.Tensor) -> torch.Tensor:
+    """h [n, 2F] = [gate | up] -> SiLU(gate) * up * probs [n, F] in h's dtype (fp32 math)."""
+    gate, up = h.to(_math_dtype(h)).chunk(2, dim=-1)
     return (F.silu(gate) * up * probs.unsqueeze(-1)).to(h.dtype)
 
 
-_fused_weighted_swiglu = None
+def _math_dtype(t: torch.Tensor) -> torch.dtype:
+    return torch.promote_types(t.dtype, torch.float32)  # bf16/fp16 -> fp32, fp64 stays
+
+
+def _swiglu_backward(h: torch.Tensor, probs: torch.Tensor, grad: torch.Tensor):
+    gate, up = h.to(_math_dtype(h)).chunk(2, dim=-1)
+    grad = grad.to(gate.dtype)
+    sig = torch.sigmoid(gate)
+    silu = gate * sig
+    p = probs.unsqueeze(-1)
+    d_gate = grad * up * p * sig * (1.0 + gate * (1.0 - sig))
+    d_up = grad * silu * p
+    d_probs = (grad * silu * up).sum(dim=-1)
+    return torch.cat([d_gate, d_up], dim=-1).to(h.dtype), d_probs.to(probs.dtype)
+
+
+_compiled = {}
+
+
+def _kernel(fn, on_cuda: bool):
+    """`fn` fused into one kernel by torch.compile on CUDA; plain eager elsewhere. Only the
+    token dimension is dynamic (marked per call): static feature sizes keep the generated
+    kernel vectorized, and varying token counts do not recompile."""
+    if not on_cuda:
+        return fn
+    if fn not in _compiled:
+        compiled = torch.compile(fn, dynamic=False)
+
+        def call(*tensors):
+            for t in tensors:
+                torch._dynamo.maybe_mark_dynamic(t, 0)
+            return compiled(*tensors)
+
+        _compiled[fn] = call
+    return _compiled[fn]
+
+
+class _WeightedSwiGLU(torch.autograd.Function):
+    """SiLU(gate) * up * probs with a hand-written backward: one fused kernel each way."""
+
+    @staticmethod
+    def forward(ctx, h, probs):
+        ctx.save_for_backward(h, probs)
+        return _kernel(_swiglu_forward, h.is_cuda)(h, probs)
+
+    @staticmethod
+    def backward(ctx, grad):
+        h, probs = ctx.saved_tensors
+        return _kernel(_swiglu_backward, h.is_cuda)(h, probs, grad.contiguous())
 
 
 def weighted_swiglu(h: torch.Tensor, probs: torch.Tensor) -> torch.Tensor:
-    """`_weighted_swiglu`, fused into one kernel by torch.compile on CUDA (token counts vary
-    every step, so the graph is compiled for dynamic shapes once)."""
-    global _fused_weighted_swiglu
-    if not h.is_cuda:
-        return _weighted_swiglu(h, probs)
-    if _fused_weighted_swiglu is None:
-        _fused_weighted_swiglu = torch.compile(_weighted_swiglu, dynamic=True)
-    return _fused_weighted_swiglu(h, probs)
+    """h [n, 2F] = [gate | up], probs [n] -> SiLU(gate) * up * probs [n, F]."""
+    return _WeightedSwiGLU.apply(h, probs)
 
 
 def swiglu_experts(x, tokens_per_expert, probs, fc1, fc2, use_grouped: bool):

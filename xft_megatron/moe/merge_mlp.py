@@ -59,7 +59,9 @@ class MergeMLP(MegatronModule):
         for p in self.experts.parameters():
             p.requires_grad_(False)  # frozen: only alpha trains
         # uniform alpha: c_i = (1 - lambda) / (N - 1); replicated on every rank
-        self.alpha = torch.nn.Parameter(torch.zeros(num_experts - 1, dtype=torch.float32))
+        device = "cpu" if config.use_cpu_initialization else torch.cuda.current_device()
+        self.alpha = torch.nn.Parameter(torch.zeros(num_experts - 1, dtype=torch.float32,
+                                                    device=device))
         # each tensor-parallel rank sees a different weight shard (and, with sequence
         # parallelism, different tokens): finalize_model_grads sums alpha's gradient over TP
         self.alpha.sequence_parallel = True

@@ -77,16 +77,20 @@ class XFTRouter(MegatronModule):
         self.sequence_parallel = config.sequence_parallel
         self.tp_group = pg_collection.tp if pg_collection is not None else None
         h, r = config.hidden_size, s.num_routed
+        device = "cpu" if config.use_cpu_initialization else torch.cuda.current_device()
+
+        def param(*shape):
+            return torch.nn.Parameter(torch.empty(*shape, dtype=config.params_dtype,
+                                                  device=device))
+
         if s.gate == "linear":
-            self.weight = torch.nn.Parameter(torch.empty(r, h, dtype=config.params_dtype))
+            self.weight = param(r, h)
         elif s.gate == "mlp":
-            self.weight1 = torch.nn.Parameter(torch.empty(r, h, dtype=config.params_dtype))
-            self.weight2 = torch.nn.Parameter(torch.empty(r, r, dtype=config.params_dtype))
+            self.weight1, self.weight2 = param(r, h), param(r, r)
         else:
             raise ValueError(f"router gate must be linear or mlp, got {s.gate!r}")
         if s.noise:
-            self.noise_weight = torch.nn.Parameter(
-                torch.empty(r, h, dtype=config.params_dtype))
+            self.noise_weight = param(r, h)
         for p in self.parameters():
             torch.nn.init.normal_(p, mean=0.0, std=s.init_std)
             # with sequence parallelism each TP rank routes different tokens: finalize_model_grads
