@@ -46,9 +46,28 @@ def test_override_parsing():
     (["train.seq_length=4096", "model.preset=tiny"], "exceeds model.max_position_embeddings"),
     (["model.preset=tiny", "model.num_query_groups=3"], "not divisible by model.num_query"),
     (["train.lr_decay_style=exp"], "must be constant, linear or cosine"),
+    # MoE
+    (["moe.num_experts=8", "parallel.expert=3"], "moe.num_experts=8 is not divisible by "
+                                                 "parallel.expert=3"),
+    (["moe.num_experts=4", "moe.topk=5"], "moe.topk=5 exceeds moe.num_experts=4"),
+    (["moe.num_experts=1", "moe.topk=1"], "needs moe.num_experts >= 2"),
+    (["moe.num_experts=4", "moe.topk=1"], "needs moe.topk >= 2"),
+    (["moe.num_experts=4", "moe.topk=2", "parallel.tensor=2"],
+     "MoE with parallel.tensor > 1 needs parallel.sequence_parallel=true"),
+    (["parallel.expert=2"], "parallel.expert and parallel.expert_tensor apply to MoE models"),
+    (["moe.num_experts=4", "moe.topk=2", "moe.mode=vanilla", "moe.stage=merge"],
+     "moe.stage=merge needs a shared expert"),
+    (["moe.num_experts=4", "moe.topk=2", "moe.merge_shared_weight=1.5"],
+     "moe.merge_shared_weight=1.5 must be in [0, 1]"),
+    (["moe.num_experts=4", "moe.router_gate=conv"], "moe.router_gate='conv' must be mlp or"),
+    (["moe.num_experts=4", "moe.renorm=softmax"], "moe.renorm='softmax' must be probs or"),
+    (["moe.num_experts=4", "moe.capacity_factor=0"], "moe.capacity_factor=0 must be > 0"),
 ])
 def test_validation_messages(overrides, message):
-    with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
+    pattern = message
+    for ch in "()[]":
+        pattern = pattern.replace(ch, "\\" + ch)
+    with pytest.raises(ConfigError, match=pattern):
         load_config(None, overrides)
 
 
