@@ -110,11 +110,24 @@ P3_LAYOUTS = {
 }
 
 
+UPCYCLE_MOE = dict(num_experts=8, topk=4, router_gate="mlp")
+
+
 def _p3_reference(rank, world, root):
     from tests import common
     from xft_megatron.checkpoint import dist as ckpt
+    from xft_megatron.config import MoEConfig
     from xft_megatron.transforms.merge import fold, merge_coefficients
+    from xft_megatron.transforms.upcycle import upcycle
     from xft_megatron.upcycle_merge import merge_checkpoint
+
+    # upcycling reference (pure transform, noisy copies so that slicing errors show)
+    dense_cfg = common.tiny_config()
+    chunks, _ = common.setup(dense_cfg, ddp=False)
+    ckpt.save(chunks, os.path.join(root, "dense"), 0, dense_cfg)
+    torch.save(dict(upcycle(ckpt.gather_full_state_dict(chunks), MoEConfig(**UPCYCLE_MOE),
+                            dense_cfg.model.hidden_size, seed=5, noise_std=0.01)),
+               os.path.join(root, "upcycled_expected.pt"))
 
     cfg = common.tiny_config("moe.num_experts=8", "moe.topk=4")
     chunks, _ = common.setup(cfg, ddp=False)  # random init: distinct experts
@@ -131,11 +144,11 @@ def _p3_reference(rank, world, root):
     return _compare(os.path.join(root, "single"), expected)
 
 
-def _compare(path, expected):
+def _compare(path, expected, *overrides):
     from tests import common
     from xft_megatron.checkpoint import dist as ckpt
 
-    chunks, _ = common.setup(common.tiny_config(), path, ddp=False)
+    chunks, _ = common.setup(common.tiny_config(*overrides), path, ddp=False)
     got = ckpt.gather_full_state_dict(chunks)
     return {"keys": set(got) == set(expected),
             "bitwise": all(torch.equal(got[k], expected[k]) for k in expected),
@@ -143,10 +156,17 @@ def _compare(path, expected):
 
 
 def _p3_layouts(rank, world, root):
-    from xft_megatron.upcycle_merge import merge_checkpoint
+    from xft_megatron.config import MoEConfig
+    from xft_megatron.upcycle_merge import merge_checkpoint, upcycle_checkpoint
 
     expected = torch.load(os.path.join(root, "expected.pt"))
     out = {}
+    upcycled = torch.load(os.path.join(root, "upcycled_expected.pt"))
+    for name, layout in P3_LAYOUTS.items():
+        target = os.path.join(root, f"up_{name}")
+        upcycle_checkpoint(os.path.join(root, "dense"), target, MoEConfig(**UPCYCLE_MOE),
+                           seed=5, noise_std=0.01, layout=layout)
+        out[f"upcycle/{name}"] = _compare(target, upcycled, "moe.num_experts=8", "moe.topk=4")
     for name, layout in P3_LAYOUTS.items():
         merge_checkpoint(os.path.join(root, "moe"), os.path.join(root, name),
                          os.path.join(root, "alphas.json"), 0.6, layout,
@@ -155,9 +175,11 @@ def _p3_layouts(rank, world, root):
     return out
 
 
-def test_distributed_fold_is_bitwise_the_single_process_fold(tmp_path):
+def test_distributed_fold_and_upcycle_are_bitwise_the_single_process_transforms(tmp_path):
     """P3: the merge run with EP=2, EP=4, TP=2+EP=2, PP=2, PP=2+EP=2 writes bitwise the tensors
-    of the pure single-process fold (distinct experts, per-layer alphas, lambda 0.6)."""
+    of the pure single-process fold (distinct experts, per-layer alphas, lambda 0.6); the
+    upcycle run in the same layouts writes bitwise the pure upcycle transform (with noise on
+    the routed copies, so any slicing error shows)."""
     root = str(tmp_path)
     single = run_ranks(1, _p3_reference, root)[0]
     assert single["keys"] and single["bitwise"], single

@@ -55,18 +55,28 @@ def _upcycle(args):
     moe = MoEConfig(num_experts=args.num_experts, topk=args.topk, router_gate=args.router_gate,
                     layer_freq=args.layer_freq, router_noise=not args.no_router_noise)
     path = upcycle_checkpoint(args.ckpt, args.out, moe, seed=args.seed, noise_std=args.noise,
-                              hf_dir=args.hf)
+                              hf_dir=args.hf, layout=_layout(args))
     print(f"wrote {path}")
 
 
 def _merge(args):
     from xft_megatron.upcycle_merge import merge_checkpoint
 
-    layout = {"tensor": args.tp, "pipeline": args.pp, "expert": args.ep,
-              "sequence_parallel": args.tp > 1}
     path = merge_checkpoint(args.ckpt, args.out, args.coefficients, args.shared_weight,
-                            layout, hf_out=args.hf_out)
+                            _layout(args), hf_out=args.hf_out)
     print(f"wrote {path}")
+
+
+def _layout(args) -> dict:
+    """The parallel section a command runs in (under torchrun: its world size must fit)."""
+    return {"tensor": args.tp, "pipeline": args.pp, "expert": args.ep,
+            "sequence_parallel": args.tp > 1}
+
+
+def _add_layout_flags(parser, command: str) -> None:
+    for flag, what in (("--tp", "tensor"), ("--pp", "pipeline"), ("--ep", "expert")):
+        parser.add_argument(flag, type=int, default=1,
+                            help=f"{what} parallel size to run the {command} with (torchrun)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -106,6 +116,7 @@ def build_parser() -> argparse.ArgumentParser:
     u.add_argument("--noise", type=float, default=0.0,
                    help="std of noise added to routed expert copies (ablation; default 0)")
     u.add_argument("--seed", type=int, default=0, help="router initialization seed")
+    _add_layout_flags(u, "upcycle")
     u.set_defaults(func=_upcycle)
 
     m = sub.add_parser("merge", help="XFT MoE checkpoint -> dense checkpoint (the fold)")
@@ -115,9 +126,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="uniform | shared-only | learned | FILE.json of per-layer alphas")
     m.add_argument("--shared-weight", type=float, default=0.75, help="lambda, in [0, 1]")
     m.add_argument("--hf-out", default=None, help="also write an HF directory (one process)")
-    for flag, what in (("--tp", "tensor"), ("--pp", "pipeline"), ("--ep", "expert")):
-        m.add_argument(flag, type=int, default=1,
-                       help=f"{what} parallel size to run the merge with (under torchrun)")
+    _add_layout_flags(m, "merge")
     m.set_defaults(func=_merge)
 
     c = sub.add_parser("config", help="print a config after YAML + overrides + validation")

@@ -1,11 +1,12 @@
 """`xft upcycle` and `xft merge`: the two ends of XFT on Megatron checkpoints.
 
-Both read a checkpoint saved under any layout (torch_dist reshards on load) and write one
-that loads under any layout. Upcycling runs in one process over full tensors (the pure
-transform in `transforms/upcycle.py`). The merge runs in whatever layout it is launched with
-(one process, or torchrun over many): each rank gathers its layers' experts over the expert
-parallel group and folds its own tensor-parallel shard with `transforms/merge.py`, so every
-layout writes bitwise the same dense tensors. Inputs are validated before any model is built;
+Both read a checkpoint saved under any layout (torch_dist reshards on load), run in whatever
+layout they are launched with (one process, or torchrun over many: each rank holds only its
+shards), and write a checkpoint that loads under any layout. Upcycling copies each rank's
+dense FFN shard into its experts and draws routers (and optional copy noise) from the same
+seeded generators as `transforms/upcycle.py`; the merge gathers each layer's experts over
+the expert parallel group and folds this rank's tensor-parallel shard with
+`transforms/merge.py`. Every layout writes bitwise the tensors of the pure transforms. Inputs are validated before any model is built;
 nothing is written when a check fails.
 """
 
@@ -22,12 +23,12 @@ from megatron.core.transformer.moe.moe_layer import MoELayer
 
 from xft_megatron import parallel
 from xft_megatron.checkpoint import dist as ckpt
-from xft_megatron.config import ConfigError, MoEConfig
-from xft_megatron.convert import load_full_state, hf_to_mcore
+from xft_megatron.config import ConfigError, MoEConfig, ParallelConfig
+from xft_megatron.convert import hf_to_mcore
 from xft_megatron.model.builder import build_model
 from xft_megatron.moe.merge_mlp import MergeMLP
 from xft_megatron.transforms.merge import merge_coefficients, merge_experts
-from xft_megatron.transforms.upcycle import upcycle
+from xft_megatron.transforms.upcycle import noise_seed, router_weights
 
 COEFFICIENT_CHOICES = ("uniform", "shared-only", "learned")
 
@@ -43,21 +44,19 @@ def _tokenizer_files(ckpt_dir: str) -> Dict[str, str]:
             if f.startswith("tokenizer") or f == "special_tokens_map.json"}
 
 
-def _full_state_dict(cfg, path) -> Dict[str, torch.Tensor]:
-    parallel.initialize(cfg.parallel)
-    chunks = build_model(cfg)
-    ckpt.load(chunks, path)
-    return ckpt.gather_full_state_dict(chunks)
-
-
 def upcycle_checkpoint(src: Optional[str], out: str, moe: MoEConfig, seed: int = 0,
-                       noise_std: float = 0.0, hf_dir: Optional[str] = None) -> str:
-    """Dense checkpoint (or HF directory) -> XFT MoE checkpoint; returns the written folder."""
+                       noise_std: float = 0.0, hf_dir: Optional[str] = None,
+                       layout: Optional[Dict] = None) -> str:
+    """Dense checkpoint (or HF directory) -> XFT MoE checkpoint; returns the written folder.
+    `layout`: the parallel section to run in (default: one process; under torchrun each rank
+    builds only its shards). Every layout writes the same tensors."""
     _new_dir(out)
     if not moe.enabled:
         raise ConfigError("upcycling needs --num-experts > 0")
     if noise_std < 0:
         raise ValueError(f"--noise must be >= 0, got {noise_std}")
+    if hf_dir and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise ValueError("--hf runs in one process; convert first under torchrun")
     tmp = None
     if hf_dir:
         tmp = out.rstrip("/") + ".dense-tmp"
@@ -67,14 +66,69 @@ def upcycle_checkpoint(src: Optional[str], out: str, moe: MoEConfig, seed: int =
         if dense_cfg.moe.enabled:
             raise ValueError(f"'{src}' is already an MoE checkpoint (moe.num_experts="
                              f"{dense_cfg.moe.num_experts}); upcycle a dense checkpoint")
-        cfg = dense_cfg.replace(moe=moe)  # validates the MoE settings against the model
-        dense = _full_state_dict(dense_cfg, src)
-        chunks = build_model(cfg)
-        load_full_state(chunks, upcycle(dense, moe, cfg.model.hidden_size, seed, noise_std))
-        return ckpt.save(chunks, out, 0, cfg, extra_files=_tokenizer_files(src))
+        # validates the MoE settings against the model and the layout
+        cfg = dense_cfg.replace(moe=moe, parallel=ParallelConfig(**(layout or {})))
+        if cfg.parallel.expert_tensor != cfg.parallel.tensor:
+            raise ConfigError("upcycle with parallel.expert_tensor equal to parallel.tensor "
+                              "(experts are split like the dense FFN); any layout loads the "
+                              "result")
+        parallel.initialize(cfg.parallel)
+        dense_layout = dataclasses.replace(cfg.parallel, expert=1,
+                                           expert_tensor=cfg.parallel.tensor)
+        dense_chunks = build_model(dense_cfg.replace(parallel=dense_layout))
+        ckpt.load(dense_chunks, src)
+        moe_chunks = build_model(cfg)
+        upcycle_chunks(dense_chunks, moe_chunks, moe, seed, noise_std)
+        return ckpt.save(moe_chunks, out, 0, cfg, extra_files=_tokenizer_files(src))
     finally:
         if tmp:
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+@torch.no_grad()
+def upcycle_chunks(dense_chunks, moe_chunks, moe: MoEConfig, seed: int = 0,
+                   noise_std: float = 0.0) -> None:
+    """Fill this rank's MoE model shards from its dense model shards (same layout): experts
+    are copies of this rank's FFN shard, routers drawn like `transforms.upcycle` (full tensors
+    from the same seeded generators, then this rank's slice), so every layout matches the
+    single-process transform bitwise."""
+    ep_rank = ps.get_expert_model_parallel_rank()
+    tp_rank, tp = ps.get_tensor_model_parallel_rank(), ps.get_tensor_model_parallel_world_size()
+    for dc, mc in zip(dense_chunks, moe_chunks):
+        dense, model = ckpt.unwrap(dc), ckpt.unwrap(mc)
+        src = dict(dense.named_parameters())
+        for name, p in model.named_parameters():
+            if name in src:
+                p.copy_(src[name])
+        for dlayer, mlayer in zip(dense.decoder.layers, model.decoder.layers):
+            if not isinstance(mlayer.mlp, MoELayer):
+                continue
+            layer = mlayer.layer_number - 1
+            experts = mlayer.mlp.experts
+            e_local, _, f_local, h = experts.fc1_weight.shape
+            fc1 = dlayer.mlp.linear_fc1.weight.reshape(1, 2, f_local, h)
+            fc2 = dlayer.mlp.linear_fc2.weight.unsqueeze(0)
+            experts.fc1_weight.copy_(fc1.expand(e_local, -1, -1, -1))
+            experts.fc2_weight.copy_(fc2.expand(e_local, -1, -1))
+            if noise_std > 0:
+                _add_routed_noise(experts, moe.num_experts, noise_std, seed, layer,
+                                  ep_rank * e_local, tp_rank, tp)
+            router = router_weights(moe, h, seed, layer, experts.fc1_weight.dtype)
+            for k, v in router.items():
+                getattr(mlayer.mlp.router, k).copy_(v)
+
+
+def _add_routed_noise(experts, num_experts, std, seed, layer, first, tp_rank, tp):
+    """The noise `transforms.upcycle` adds to routed copies, drawn at full size from the same
+    generator, sliced to this rank's experts and FFN shard."""
+    e_local, _, f_local, h = experts.fc1_weight.shape
+    g = torch.Generator().manual_seed(noise_seed(seed, layer))
+    shapes = ((num_experts - 1, 2, f_local * tp, h), (num_experts - 1, h, f_local * tp))
+    noises = [torch.randn(shape, generator=g) for shape in shapes]
+    for w, noise in ((experts.fc1_weight, noises[0]), (experts.fc2_weight, noises[1])):
+        full = torch.cat([torch.zeros_like(noise[:1]), noise])  # expert 0 (shared): exact
+        part = full[first:first + e_local].narrow(2, tp_rank * f_local, f_local)  # FFN axis
+        w += (part.to(w.dtype) * std).to(w.device)
 
 
 def coefficient_source(spec: str, num_experts: int, shared_weight: float

@@ -61,13 +61,18 @@ def upcycle(dense: Dict[str, torch.Tensor], moe: MoEConfig, hidden_size: int, se
             yield name, value
             continue
         prefix = name[: -len(_FC1)] + ".mlp."
-        g = torch.Generator().manual_seed(seed * 100_003 + 50_000 + layer)  # noise stream
+        g = torch.Generator().manual_seed(noise_seed(seed, layer))
         fc1, fc2 = experts_from_dense(value, dense[prefix + "linear_fc2.weight"],
                                       moe.num_experts, noise_std, g)
         yield prefix + "experts.fc1_weight", fc1
         yield prefix + "experts.fc2_weight", fc2
         for k, v in router_weights(moe, hidden_size, seed, layer, value.dtype).items():
             yield prefix + "router." + k, v
+
+
+def noise_seed(seed: int, layer: int) -> int:
+    """The generator seed of a layer's optional expert-copy noise (apart from the router's)."""
+    return seed * 100_003 + 50_000 + layer
 
 
 def layer_of(name: str) -> Optional[int]:
