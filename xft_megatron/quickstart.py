@@ -14,7 +14,7 @@ from xft_megatron.data.code_corpus import WindowBatches, byte_tokens, python_fil
 
 DEFAULTS = ["model.preset=tiny", "train.seq_length=128", "train.micro_batch_size=8",
             "train.global_batch_size=16", "train.train_steps=60", "train.lr=3e-3",
-            "train.lr_warmup_steps=6", "train.min_lr=3e-4"]
+            "train.min_lr=3e-4"]
 
 
 def say(*args):
@@ -28,7 +28,8 @@ def say(*args):
 def run(out_dir: str, steps: int = 60, max_files: int = 400, overrides=()) -> dict:
     from xft_megatron.training.loop import evaluate, train
 
-    cfg = load_config(None, DEFAULTS + [f"train.train_steps={steps}"] + list(overrides))
+    warmup = f"train.lr_warmup_steps={max(1, steps // 10)}"  # 10% of the steps
+    cfg = load_config(None, DEFAULTS + [f"train.train_steps={steps}", warmup] + list(overrides))
     t0 = time.perf_counter()
     files = python_files(stdlib_dir(), limit=max_files)
     train_files, held_files = split_by_file(files)
