@@ -8,14 +8,9 @@ each stage in its own process (peak RSS = that process's own maximum). The I/O f
 stage is reading its input's bytes plus writing its output's bytes with plain file I/O.
 """
 
-import argparse
-import json
 import os
-import shutil
-import sys
-import time
 
-from benchmarks.upcycle_merge import _dir_bytes, _io_floor, _record_rss, _stage
+from benchmarks import stages
 
 
 def _run_stage(args):
@@ -39,40 +34,9 @@ def _run_stage(args):
         from xft_megatron.convert import mcore_to_hf
 
         mcore_to_hf(os.path.join(d, "mcore"), os.path.join(d, "hf_back"), dtype="bf16")
-    _record_rss(d, args.stage)
-
-
-def main():
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--preset", default="deepseek-coder-1.3b")
-    ap.add_argument("--dir", default="/tmp/xft_convert_bench")
-    ap.add_argument("--stage", default=None)
-    ap.add_argument("--json", default=None)
-    args = ap.parse_args()
-    if args.stage:
-        return _run_stage(args)
-    shutil.rmtree(args.dir, ignore_errors=True)
-    os.makedirs(args.dir)
-    common = ["--preset", args.preset, "--dir", args.dir]
-    _stage("benchmarks.convert", "hf", common)
-    rows = {}
-    for name, src, out in (("hf-to-mcore", "hf", "mcore"), ("mcore-to-hf", "mcore", "hf_back")):
-        seconds, peak = _stage("benchmarks.convert", name, common)
-        in_b = _dir_bytes(os.path.join(args.dir, src))
-        out_b = _dir_bytes(os.path.join(args.dir, out))
-        floor = _io_floor(os.path.join(args.dir, src), out_b, args.dir)
-        rows[name] = dict(seconds=seconds, peak_rss_gib=peak, input_gib=in_b / 2 ** 30,
-                          output_gib=out_b / 2 ** 30, io_floor_s=floor,
-                          ratio_to_floor=seconds / floor, rss_over_model=peak * 2 ** 30 / in_b)
-        print(f"{name}: {seconds:.1f} s, peak RSS {peak:.2f} GiB ({peak * 2 ** 30 / in_b:.0%} "
-              f"of the model), in {in_b / 2 ** 30:.2f} GiB -> out {out_b / 2 ** 30:.2f} GiB, "
-              f"I/O floor {floor:.1f} s, ratio {seconds / floor:.1f}x", flush=True)
-    env = dict(date=time.strftime("%Y-%m-%d"), cpus=os.cpu_count(), command=" ".join(sys.argv))
-    print("env:", env)
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"env": env, "rows": rows}, f, indent=1)
 
 
 if __name__ == "__main__":
-    main()
+    stages.main("benchmarks.convert", "/tmp/xft_convert_bench", "hf",
+                (("hf-to-mcore", "hf", "mcore"), ("mcore-to-hf", "mcore", "hf_back")),
+                _run_stage)

@@ -5,7 +5,7 @@ any parallel layout; the conversion itself runs in one process over full tensors
 """
 
 import os
-from typing import Optional
+from typing import Dict, Optional
 
 import torch
 
@@ -46,9 +46,13 @@ def hf_to_mcore(hf_dir: str, out: str, dtype: str = "fp32") -> str:
     parallel.initialize(cfg.parallel)
     chunks = build_model(cfg)
     load_full_state(chunks, hf_llama.from_hf(LazyTensors(index), model_cfg))  # streamed
-    extra = {f: os.path.join(hf_dir, f) for f in os.listdir(hf_dir)
-             if f.startswith("tokenizer") or f in ("special_tokens_map.json",)}
-    return ckpt.save(chunks, out, 0, cfg, extra_files=extra)
+    return ckpt.save(chunks, out, 0, cfg, extra_files=tokenizer_files(hf_dir))
+
+
+def tokenizer_files(directory: str) -> Dict[str, str]:
+    """Tokenizer files in an HF directory or checkpoint folder (name -> path), to carry along."""
+    return {f: os.path.join(directory, f) for f in os.listdir(directory)
+            if f.startswith("tokenizer") or f == "special_tokens_map.json"}
 
 
 def mcore_to_hf(ckpt_dir: str, out: str, dtype: str = "bf16",

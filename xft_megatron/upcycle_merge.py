@@ -24,9 +24,9 @@ from megatron.core.transformer.moe.moe_layer import MoELayer
 from xft_megatron import parallel
 from xft_megatron.checkpoint import dist as ckpt
 from xft_megatron.config import ConfigError, MoEConfig, ParallelConfig
-from xft_megatron.convert import hf_to_mcore
+from xft_megatron.convert import hf_to_mcore, tokenizer_files
 from xft_megatron.model.builder import build_model
-from xft_megatron.moe.merge_mlp import MergeMLP
+from xft_megatron.moe.merge_mlp import MergeMLP, gather_coefficients
 from xft_megatron.transforms.merge import merge_coefficients, merge_experts
 from xft_megatron.transforms.upcycle import noise_seed, router_weights
 
@@ -36,12 +36,6 @@ COEFFICIENT_CHOICES = ("uniform", "shared-only", "learned")
 def _new_dir(out: str) -> None:
     if os.path.exists(out) and os.listdir(out):
         raise FileExistsError(f"'{out}' exists and is not empty; choose a new --out")
-
-
-def _tokenizer_files(ckpt_dir: str) -> Dict[str, str]:
-    d = ckpt.resolve(ckpt_dir)
-    return {f: os.path.join(d, f) for f in os.listdir(d)
-            if f.startswith("tokenizer") or f == "special_tokens_map.json"}
 
 
 def upcycle_checkpoint(src: Optional[str], out: str, moe: MoEConfig, seed: int = 0,
@@ -79,7 +73,7 @@ def upcycle_checkpoint(src: Optional[str], out: str, moe: MoEConfig, seed: int =
         ckpt.load(dense_chunks, src)
         moe_chunks = build_model(cfg)
         upcycle_chunks(dense_chunks, moe_chunks, moe, seed, noise_std)
-        return ckpt.save(moe_chunks, out, 0, cfg, extra_files=_tokenizer_files(src))
+        return ckpt.save(moe_chunks, out, 0, cfg, extra_files=tokenizer_files(ckpt.resolve(src)))
     finally:
         if tmp:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -198,7 +192,7 @@ def merge_checkpoint(src: str, out: str, coefficients: str = "uniform",
     moe_chunks = build_model(cfg)
     ckpt.load(moe_chunks, src)
     if learned:
-        table = _learned_coefficients(moe_chunks)
+        table = gather_coefficients(moe_chunks)
     dense_cfg = cfg.replace(moe=MoEConfig(), parallel=dataclasses.replace(
         cfg.parallel, expert=1, expert_tensor=cfg.parallel.tensor))
     dense_chunks = build_model(dense_cfg)  # same process groups; experts are gone
@@ -206,26 +200,12 @@ def merge_checkpoint(src: str, out: str, coefficients: str = "uniform",
     if dist.get_rank() == 0:
         for layer, c in table.items():
             report(f"layer {layer}: " + " ".join(f"{v:.4f}" for v in c.tolist()))
-    path = ckpt.save(dense_chunks, out, 0, dense_cfg, extra_files=_tokenizer_files(src))
+    path = ckpt.save(dense_chunks, out, 0, dense_cfg, extra_files=tokenizer_files(ckpt.resolve(src)))
     if hf_out:
         from xft_megatron.convert import mcore_to_hf
 
         mcore_to_hf(path, hf_out, dtype=dense_cfg.precision.dtype)
     return path
-
-
-def _learned_coefficients(chunks) -> Dict[int, torch.Tensor]:
-    """Every merge-stage layer's coefficients (from its trained alpha and fixed lambda), from
-    all pipeline stages, on every rank."""
-    mine = {}
-    for c in chunks:
-        for layer in ckpt.unwrap(c).decoder.layers:
-            if isinstance(layer.mlp, MergeMLP):
-                mine[layer.layer_number - 1] = merge_coefficients(
-                    layer.mlp.alpha.detach().cpu(), layer.mlp.shared_weight)
-    everyone = [None] * dist.get_world_size()
-    dist.all_gather_object(everyone, mine)
-    return {k: v for d in everyone for k, v in d.items()}
 
 
 def _gather_over_experts(local: torch.Tensor) -> torch.Tensor:

@@ -21,6 +21,7 @@ from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.moe.moe_utils import get_default_pg_collection
 
 from xft_megatron.moe.experts import GroupedExperts
+from xft_megatron.transforms.merge import merge_coefficients
 
 
 class _SumOverExperts(torch.autograd.Function):
@@ -71,10 +72,8 @@ class MergeMLP(MegatronModule):
         self.layer_number = layer_number
 
     def coefficients(self) -> torch.Tensor:
-        """c [N] (float32): c_0 = lambda, c_i = (1 - lambda) softmax(alpha)_i."""
-        lam = self.shared_weight
-        routed = (1.0 - lam) * torch.softmax(self.alpha.float(), dim=-1)
-        return torch.cat([routed.new_full((1,), lam), routed])
+        """c [N] (float64, differentiable in alpha): the spec's merge coefficients."""
+        return merge_coefficients(self.alpha, self.shared_weight)
 
     def merged_weights(self):
         """This rank's shard of the merged fc1 [2F/tp, H] and fc2 [H, F/tp]."""
@@ -105,3 +104,18 @@ class MergeMLP(MegatronModule):
         elif tp:
             y = reduce_from_tensor_model_parallel_region(y, group=self.tp_group)
         return y, None
+
+
+def gather_coefficients(chunks) -> dict:
+    """{global layer: coefficients [N] float64 on CPU} of every merge-stage layer, from all
+    pipeline stages, on every rank."""
+    mine = {}
+    for c in chunks:
+        while hasattr(c, "module"):
+            c = c.module
+        for layer in c.decoder.layers:
+            if isinstance(layer.mlp, MergeMLP):
+                mine[layer.layer_number - 1] = layer.mlp.coefficients().detach().cpu()
+    everyone = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(everyone, mine)
+    return {k: v for d in everyone for k, v in d.items()}

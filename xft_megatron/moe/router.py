@@ -155,8 +155,9 @@ class XFTRouter(MegatronModule):
         sequence-parallel shards), attached to the backward of `weights`."""
         s = self.settings
         routed_sel = selected[:, self._routed_offset():]
-        n_local = torch.tensor(float(probs.shape[0]), device=probs.device)
-        n_total = self._group_sum(n_local.detach()).detach()
+        # sequence parallelism splits every micro-batch evenly over the TP group
+        shards = self.tp_group.size() if self.sequence_parallel and self.tp_group else 1
+        n_total = float(probs.shape[0] * shards)
         total = probs.new_zeros(())
         if s.balance_loss != "none" and s.balance_coeff > 0:
             if s.balance_loss == "cv":

@@ -13,6 +13,7 @@ from xft_megatron.checkpoint import dist as ckpt
 from xft_megatron.config import Config
 from xft_megatron.model.builder import build_model, count_parameters, transformer_config
 from xft_megatron.training.optimizer import build_optimizer, build_scheduler, wrap_ddp
+from xft_megatron.moe.merge_mlp import gather_coefficients
 from xft_megatron.training.step import forward_backward, make_batch, split_global_batch, \
     train_step
 
@@ -51,7 +52,8 @@ def train(cfg: Config, batches: Callable[[int], torch.Tensor], save_dir: Optiona
             result.moe_losses.append(stats["moe_loss"])
             shown["moe_loss"] = f"{stats['moe_loss']:.4f}"
         if cfg.moe.enabled and cfg.moe.stage == "merge":
-            result.merge_coefficients = merge_coefficients(chunks)
+            result.merge_coefficients = {
+                layer: c.tolist() for layer, c in gather_coefficients(chunks).items()}
             top = max(max(c[1:]) for c in result.merge_coefficients.values())
             shown["max_routed_coeff"] = f"{top:.3f}"
         bar.set_postfix(**shown)
@@ -60,19 +62,6 @@ def train(cfg: Config, batches: Callable[[int], torch.Tensor], save_dir: Optiona
     if save_dir:
         result.checkpoint = ckpt.save(chunks, save_dir, t.train_steps, cfg)
     return result
-
-
-def merge_coefficients(chunks) -> Dict[int, List[float]]:
-    """The merge stage's current coefficients [c_0 .. c_N-1] per global layer, every stage's
-    layers on every rank."""
-    from xft_megatron.moe.merge_mlp import MergeMLP
-
-    mine = {layer.layer_number - 1: layer.mlp.coefficients().tolist()
-            for c in chunks for layer in ckpt.unwrap(c).decoder.layers
-            if isinstance(layer.mlp, MergeMLP)}
-    everyone = [None] * torch.distributed.get_world_size()
-    torch.distributed.all_gather_object(everyone, mine)
-    return {k: v for d in everyone for k, v in d.items()}
 
 
 def evaluate(cfg: Config, checkpoint: str, batches: List[torch.Tensor]) -> float:
