@@ -255,8 +255,22 @@ class TrainConfig:
     # torch.compile each decoder layer, fusing RoPE, norms, residual adds and SwiGLU around
     # the GEMM/attention kernels. None = on with a GPU, off on the CPU.
     compile_layers: Optional[bool] = None
+    # pretrain (plain LM) | sft (dense, instruction data) | moe (XFT MoE, from an upcycled
+    # checkpoint) | merge (learnable merge: only the merge coefficients train). None = from the
+    # model: moe/merge for an MoE (by moe.stage), pretrain for a dense one
+    stage: Optional[str] = None
+    # train.train_steps counts optimizer steps; with epochs set, train_steps is derived from the
+    # dataset size (epochs * samples / global_batch_size) and any given value is ignored
+    epochs: Optional[float] = None
+    on_nan: str = "stop"  # stop | skip: a non-finite loss or gradient stops the run or skips it
 
     def __post_init__(self):
+        _require(self.stage is None or self.stage in STAGES, f"train.stage={self.stage!r} must be one of "
+                 f"{', '.join(STAGES)}")
+        _require(self.on_nan in ("stop", "skip"),
+                 f"train.on_nan={self.on_nan!r} must be stop or skip")
+        _require(self.epochs is None or self.epochs > 0,
+                 f"train.epochs={self.epochs} must be > 0 (or null: use train.train_steps)")
         for name in ("seq_length", "micro_batch_size", "global_batch_size", "train_steps",
                      "log_interval"):
             value = getattr(self, name)
@@ -282,6 +296,54 @@ class TrainConfig:
         return self.global_batch_size // per_step
 
 
+STAGES = ("pretrain", "sft", "moe", "merge")
+
+
+@dataclass
+class DataConfig:
+    """Training data. Record formats (auto-detected per file unless `format` is given):
+    `instruction`/`response` (Magicoder / Evol-Instruct), `messages` (chat), `text` (plain LM),
+    `input_ids` (pre-tokenized)."""
+
+    path: Optional[str] = None  # JSON / JSONL / Parquet file(s), comma-separated; or builtin:stdlib
+    format: str = "auto"  # auto | instruction | chat | text | tokens
+    tokenizer: Optional[str] = None  # HF tokenizer dir or sentencepiece .model; None = the
+    # tokenizer stored with checkpoint.load (or bytes for builtin:stdlib)
+    template: str = "magicoder"  # prompt template for instruction records: magicoder | chat | plain
+    on_error: str = "fail"  # bad records: fail (report and stop) | skip (report and drop)
+    packing: bool = True  # pack samples into full sequences (attention isolated per sample)
+    cache_dir: Optional[str] = None  # tokenized-data cache; None = <checkpoint.save>/data_cache
+
+    def __post_init__(self):
+        _require(self.format in ("auto", "instruction", "chat", "text", "tokens"),
+                 f"data.format={self.format!r} must be auto, instruction, chat, text or tokens")
+        _require(self.template in ("magicoder", "chat", "plain"),
+                 f"data.template={self.template!r} must be magicoder, chat or plain")
+        _require(self.on_error in ("fail", "skip"),
+                 f"data.on_error={self.on_error!r} must be fail or skip")
+
+    @property
+    def paths(self) -> List[str]:
+        return [p.strip() for p in (self.path or "").split(",") if p.strip()]
+
+
+@dataclass
+class CheckpointConfig:
+    """Where a run starts from and saves to."""
+
+    load: Optional[str] = None  # initial weights (root or iter_* folder); the model and moe
+    # sections default to the ones stored with it
+    save: Optional[str] = None  # checkpoint root of this run (iter_*/ + latest)
+    save_interval: int = 0  # save every N steps (0 = final save only)
+    keep: int = 2  # complete checkpoints kept in `save` (older ones removed); 0 = keep all
+
+    def __post_init__(self):
+        _require(isinstance(self.save_interval, int) and self.save_interval >= 0,
+                 f"checkpoint.save_interval={self.save_interval!r} must be an integer >= 0")
+        _require(isinstance(self.keep, int) and self.keep >= 0,
+                 f"checkpoint.keep={self.keep!r} must be an integer >= 0")
+
+
 @dataclass
 class Config:
     """The root: one field per concern."""
@@ -291,6 +353,8 @@ class Config:
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     precision: PrecisionConfig = field(default_factory=PrecisionConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
 
     def __post_init__(self):
         m, p, t = self.model, self.parallel, self.train
@@ -315,6 +379,7 @@ class Config:
                  f"train.seq_length={t.seq_length} exceeds model.max_position_embeddings="
                  f"{m.max_position_embeddings}")
         self._check_moe()
+        self._check_stage()
         if p.sequence_parallel:
             _require(t.seq_length % p.tensor == 0,
                      f"train.seq_length={t.seq_length} is not divisible by parallel.tensor="
@@ -337,6 +402,24 @@ class Config:
         _require(p.tensor == 1 or p.sequence_parallel,
                  "MoE with parallel.tensor > 1 needs parallel.sequence_parallel=true "
                  "(Megatron-Core routes tokens per sequence-parallel shard)")
+
+    def _check_stage(self):
+        e = self.moe
+        if self.train.stage is None:
+            self.train.stage = (e.stage if e.enabled else "pretrain")
+        stage = self.train.stage
+        if stage in ("pretrain", "sft"):
+            _require(not e.enabled, f"train.stage={stage} trains a dense model; set "
+                     "moe.num_experts=0, or train.stage=moe for an XFT MoE")
+        elif stage == "moe":
+            _require(e.enabled and e.stage == "moe",
+                     "train.stage=moe needs an MoE model: load an upcycled checkpoint "
+                     "(checkpoint.load, see `xft upcycle`) or set moe.num_experts")
+        else:
+            _require(e.enabled and e.has_shared_expert,
+                     "train.stage=merge needs an XFT MoE with a shared expert: load an MoE "
+                     "checkpoint (checkpoint.load) trained with moe.mode xft or none")
+            _require(e.stage == "merge", "train.stage=merge needs moe.stage=merge")
 
     # ---------------------------------------------------------------- building
     @classmethod
@@ -364,8 +447,9 @@ class Config:
         return dataclasses.replace(self, **sections)
 
 
-_SECTIONS = {"model": ModelConfig, "moe": MoEConfig, "parallel": ParallelConfig, "precision": PrecisionConfig,
-             "train": TrainConfig}
+_SECTIONS = {"model": ModelConfig, "moe": MoEConfig, "parallel": ParallelConfig,
+             "precision": PrecisionConfig, "train": TrainConfig, "data": DataConfig,
+             "checkpoint": CheckpointConfig}
 
 
 def _check_keys(data: Dict[str, Any], cls, prefix: str) -> None:
@@ -389,7 +473,8 @@ def _construct(cls, values: Dict[str, Any], section: str):
 # fields whose default is None, with a value of the type they take when set
 _OPTIONAL_FIELD_EXAMPLES = {"num_query_groups": 1, "virtual_pipeline": 1, "expert_tensor": 1,
                             "compile_layers": False, "preset": "",
-                            "capacity_factor": 1.0}
+                            "capacity_factor": 1.0, "epochs": 1.0, "stage": "", "path": "",
+                            "tokenizer": "", "cache_dir": "", "load": "", "save": ""}
 
 
 def _check_types(cls, values: Dict[str, Any], section: str) -> None:
