@@ -60,7 +60,7 @@ def build_point_for_profile(preset, seq, mbs, accum, extra=()):
     cfg, chunks, opt, sched, _ = _setup(preset, seq, mbs, accum, 100, list(extra))
     toks = torch.randint(0, cfg.model.vocab_size, (mbs * accum, seq + 1))
     mb = split_global_batch(make_batch(toks), mbs)
-    return lambda: train_step(chunks, opt, sched, mb, seq)
+    return lambda: train_step(chunks, opt, sched, mb, seq, cfg.train.clip_grad)
 
 
 def run_point(preset, seq, mbs, accum, steps, warmup, extra):
@@ -72,7 +72,7 @@ def run_point(preset, seq, mbs, accum, steps, warmup, extra):
         mb = split_global_batch(make_batch(toks), mbs)
         torch.cuda.synchronize()
         t0 = time.perf_counter()
-        stats = train_step(chunks, opt, sched, mb, seq)
+        stats = train_step(chunks, opt, sched, mb, seq, cfg.train.clip_grad)
         torch.cuda.synchronize()
         if step >= warmup:
             times.append(time.perf_counter() - t0)

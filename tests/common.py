@@ -25,6 +25,19 @@ def global_batch(cfg, step=0):
     return make_batch(toks)
 
 
+class RandomBatches:
+    """Uniform random token batches, batch i a pure function of i (a data source for `train`)."""
+
+    def __init__(self, cfg, seed=1000):
+        self.cfg, self.seed = cfg, seed
+
+    def __getitem__(self, step):
+        g = torch.Generator().manual_seed(self.seed + step)
+        t = self.cfg.train
+        return torch.randint(0, self.cfg.model.vocab_size,
+                             (t.global_batch_size, t.seq_length + 1), generator=g)
+
+
 def microbatches(cfg, step=0):
     return split_global_batch(global_batch(cfg, step), cfg.train.micro_batch_size)
 

@@ -40,7 +40,8 @@ def test_gpu_forward_and_training_match_reference(compiled):
 
     chunks, _ = common.setup(cfg)
     opt, sched = common.optimizer_for(chunks, cfg)
-    losses = [train_step(chunks, opt, sched, common.microbatches(cfg), cfg.train.seq_length)
+    losses = [train_step(chunks, opt, sched, common.microbatches(cfg), cfg.train.seq_length,
+                          cfg.train.clip_grad)
               ["loss"] for _ in range(5)]
     assert losses[-1] < losses[0] - 0.05, losses
 
@@ -98,6 +99,7 @@ def test_gpu_upcycled_moe_equals_dense():
     assert ((moe - dense).norm() / dense.norm()).item() < 2e-2
     chunks, _ = common.setup(cfg)
     opt, sched = common.optimizer_for(chunks, cfg)
-    losses = [train_step(chunks, opt, sched, common.microbatches(cfg), cfg.train.seq_length)
+    losses = [train_step(chunks, opt, sched, common.microbatches(cfg), cfg.train.seq_length,
+                          cfg.train.clip_grad)
               ["loss"] for _ in range(5)]
     assert losses[-1] < losses[0] - 0.05, losses

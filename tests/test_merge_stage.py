@@ -58,11 +58,10 @@ def _reference(rank, world, root):
     # the training loop trains alpha alone and reports the coefficients
     from xft_megatron.training.loop import train
 
-    tcfg = common.tiny_config(*STAGE, "train.train_steps=3", "train.lr=0.5")
-    g = torch.Generator().manual_seed(1)
-    run = train(tcfg, lambda step: torch.randint(0, 512, (4, 33), generator=g),
-                save_dir=os.path.join(root, "trained"), load_dir=os.path.join(root, "moe"),
-                progress=False)
+    tcfg = common.tiny_config(*STAGE, "train.train_steps=3", "train.lr=0.5",
+                              f"checkpoint.save={os.path.join(root, 'trained')}",
+                              f"checkpoint.load={os.path.join(root, 'moe')}")
+    run = train(tcfg, common.RandomBatches(tcfg), progress=False)
     trained = run.merge_coefficients
     before = ckpt.gather_full_state_dict(common.setup(tcfg, os.path.join(root, "moe"),
                                                       ddp=False)[0])

@@ -72,7 +72,8 @@ def _p5_run(cfg, weights, workdir, name):
     ckpt.save(chunks, os.path.join(workdir, f"grads_{name}"), 0, cfg)
     chunks, _ = common.setup(cfg, weights)
     opt, sched = common.optimizer_for(chunks, cfg)
-    curve = [train_step(chunks, opt, sched, common.microbatches(cfg), cfg.train.seq_length)
+    curve = [train_step(chunks, opt, sched, common.microbatches(cfg), cfg.train.seq_length,
+                          cfg.train.clip_grad)
              ["loss"] for _ in range(STEPS)]
     return {"loss": loss, "router": router.tolist(), "curve": curve}
 

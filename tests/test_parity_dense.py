@@ -27,7 +27,8 @@ STEPS = 3
 def _curve(cfg, weights):
     chunks, _ = common.setup(cfg, weights)
     opt, sched = common.optimizer_for(chunks, cfg)
-    return [train_step(chunks, opt, sched, common.microbatches(cfg), cfg.train.seq_length)
+    return [train_step(chunks, opt, sched, common.microbatches(cfg), cfg.train.seq_length,
+                          cfg.train.clip_grad)
             ["loss"] for s in range(STEPS)]
 
 

@@ -282,9 +282,9 @@ class TrainConfig:
         _require(self.lr_decay_style in ("constant", "linear", "cosine"),
                  f"train.lr_decay_style={self.lr_decay_style!r} must be constant, linear "
                  "or cosine")
-        _require(0 <= self.lr_warmup_steps <= self.train_steps,
-                 f"train.lr_warmup_steps={self.lr_warmup_steps} must be in "
-                 f"[0, train.train_steps={self.train_steps}]")
+        _require(self.lr_warmup_steps == 0 or 0 < self.lr_warmup_steps < self.train_steps,
+                 f"train.lr_warmup_steps={self.lr_warmup_steps} must be 0 or less than "
+                 f"train.train_steps={self.train_steps}")
         _require(self.clip_grad >= 0, f"train.clip_grad={self.clip_grad} must be >= 0")
 
     def num_microbatches(self, data_parallel_size: int) -> int:
@@ -403,11 +403,15 @@ class Config:
                  "MoE with parallel.tensor > 1 needs parallel.sequence_parallel=true "
                  "(Megatron-Core routes tokens per sequence-parallel shard)")
 
+    @property
+    def stage(self) -> str:
+        """The training stage: train.stage, or the one the model implies when not given."""
+        if self.train.stage is not None:
+            return self.train.stage
+        return self.moe.stage if self.moe.enabled else "pretrain"
+
     def _check_stage(self):
-        e = self.moe
-        if self.train.stage is None:
-            self.train.stage = (e.stage if e.enabled else "pretrain")
-        stage = self.train.stage
+        e, stage = self.moe, self.stage
         if stage in ("pretrain", "sft"):
             _require(not e.enabled, f"train.stage={stage} trains a dense model; set "
                      "moe.num_experts=0, or train.stage=moe for an XFT MoE")

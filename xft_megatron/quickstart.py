@@ -8,7 +8,7 @@ and after training. (The full XFT pipeline is layered on top of this run.)
 import os
 import time
 
-from xft_megatron.config import load_config
+from xft_megatron.config import CheckpointConfig, load_config
 from xft_megatron.data.code_corpus import WindowBatches, byte_tokens, python_files, \
     split_by_file, stdlib_dir
 
@@ -51,8 +51,9 @@ def run(out_dir: str, steps: int = 60, max_files: int = 400, overrides=()) -> di
     ckpt.save(build_model(cfg), init_ckpt, 0, cfg)
     loss_init = evaluate(cfg, init_ckpt, held_batches)
 
-    result = train(cfg, train_data.__getitem__, save_dir=os.path.join(out_dir, "pretrain"),
-                   load_dir=init_ckpt)
+    cfg = cfg.replace(checkpoint=CheckpointConfig(load=init_ckpt,
+                                                  save=os.path.join(out_dir, "pretrain")))
+    result = train(cfg, train_data)
     loss_reloaded = evaluate(cfg, result.checkpoint, held_batches)
     summary = {
         "parameters": cfg.model.num_parameters(),

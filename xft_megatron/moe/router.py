@@ -119,6 +119,7 @@ class XFTRouter(MegatronModule):
             weights, selected = self._drop_over_capacity(weights, selected)
         if self.training and torch.is_grad_enabled():
             weights = self._attach_losses(weights, logits, noisy, noise_std, probs, selected)
+            self._count_routing(weights, selected)
         return weights, selected
 
     # ------------------------------------------------------------------ pieces
@@ -186,8 +187,21 @@ class XFTRouter(MegatronModule):
             weights = MoEAuxLossAutoScaler.apply(weights, total * n_total)
         return weights
 
+    def _count_routing(self, weights, selected) -> None:
+        """Tokens per expert and the summed shared-expert weight g_0 (device tensors, no
+        host sync); this rank's tokens only (`moe.losses` sums them over the layout)."""
+        with torch.no_grad():
+            counts = selected.sum(dim=0, dtype=torch.float64)  # [E]
+            g0 = weights[:, 0].detach().double().sum() if self._routed_offset() else \
+                counts.new_zeros(())
+            stats = torch.cat([counts, g0.reshape(1), counts.new_full((1,), selected.shape[0])])
+            self.routing_stats = stats if self.routing_stats is None else \
+                self.routing_stats + stats
+
     # ------------------------------------------------------------------ reporting
     def reset_loss_stats(self) -> None:
-        """Losses accumulate over training micro-batches until read (`moe.losses`)."""
+        """Losses and routing counts accumulate over training micro-batches until read
+        (`moe.losses`)."""
         self.loss_sum = None  # float64 on the model's device
         self.loss_count = 0
+        self.routing_stats = None  # [E + 2]: tokens per expert, sum of g_0, tokens

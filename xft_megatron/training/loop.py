@@ -1,66 +1,170 @@
-"""A plain LM training run: build, train N steps, save. The entry point stays short; the
-pieces live in builder, optimizer, step and checkpoint."""
+"""The training loop shared by every stage (pretrain, sft, moe, merge): build, start from
+weights or resume, step through Megatron's schedules, report, checkpoint.
 
+Resume (`resume=True`) continues from the newest training checkpoint under
+`checkpoint.save`: weights, optimizer and LR-scheduler state, the step (which fixes the data
+position: batch i is a pure function of i), and every rank's RNG streams. On the same layout
+the resumed run repeats the uninterrupted one exactly. Under another layout the weights,
+optimizer state (stored in model space) and schedule carry over; the RNG streams restart from
+the seed (they are per rank), which only matters for noisy gating and dropout.
+"""
+
+import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Callable, Dict, List, Optional
 
 import torch
-from tqdm import tqdm
+import torch.distributed as dist
 
-from xft_megatron import parallel
+from xft_megatron import parallel, platform
 from xft_megatron.checkpoint import dist as ckpt
 from xft_megatron.config import Config
 from xft_megatron.model.builder import build_model, count_parameters, transformer_config
-from xft_megatron.training.optimizer import build_optimizer, build_scheduler, wrap_ddp
 from xft_megatron.moe.merge_mlp import gather_coefficients
+from xft_megatron.training import flops, rng
+from xft_megatron.training.metrics import Metrics, peak_memory_gib
+from xft_megatron.training.optimizer import build_optimizer, build_scheduler, \
+    init_optimizer_state, set_step_counters, wrap_ddp
 from xft_megatron.training.step import forward_backward, make_batch, split_global_batch, \
     train_step
 
 
+class NonFiniteLoss(RuntimeError):
+    """The loss or gradient became NaN/inf and train.on_nan=stop."""
+
+
 @dataclass
 class RunResult:
-    losses: List[float] = field(default_factory=list)
+    losses: List[float] = field(default_factory=list)  # per step run in this call
     checkpoint: Optional[str] = None
     tokens_per_s: float = 0.0
     parameters: int = 0
+    start_step: int = 0
+    steps_done: int = 0  # the step count reached (the run's total unless stopped early)
+    skipped_steps: List[int] = field(default_factory=list)
+    stopped_early: bool = False
     moe_losses: List[float] = field(default_factory=list)  # router losses per step (MoE)
     merge_coefficients: Dict[int, List[float]] = field(default_factory=dict)  # merge stage
+    summary: Dict = field(default_factory=dict)
 
 
-def train(cfg: Config, batches: Callable[[int], torch.Tensor], save_dir: Optional[str] = None,
-          load_dir: Optional[str] = None, progress: bool = True) -> RunResult:
-    """Train `cfg.train.train_steps` steps on `batches(step) -> [global_batch, seq+1]`."""
+def _latest_training_checkpoint(root: Optional[str]) -> Optional[str]:
+    try:
+        return ckpt.resolve(root) if root and ckpt.is_training_checkpoint(root) else None
+    except FileNotFoundError:
+        return None
+
+
+def _any_rank(flag: bool) -> bool:
+    t = torch.tensor([int(flag)], device=platform.device())
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item())
+
+
+def train(cfg: Config, data, progress: bool = True, resume: bool = False,
+          should_stop: Optional[Callable[[], bool]] = None, extra_files=None,
+          loss_hook=None, log_dir: Optional[str] = None) -> RunResult:
+    """Train to `cfg.train.train_steps` optimizer steps on `data[step]` (a [global_batch,
+    seq+1] token tensor or a packed batch dict). `should_stop()` (polled every step, e.g. set
+    by SIGTERM) ends the run early with a checkpoint. `extra_files` (name -> path) are copied
+    into every checkpoint (tokenizer files)."""
     info = parallel.initialize(cfg.parallel, seed=cfg.train.seed)
+    t, c = cfg.train, cfg.checkpoint
     tc = transformer_config(cfg)
     chunks = build_model(cfg, tc)
-    if load_dir:  # the merge stage starts from an MoE checkpoint: alphas start uniform
-        ckpt.load(chunks, load_dir, may_lack=("mlp.alpha",) if cfg.moe.stage == "merge" else ())
+    resume_from = _latest_training_checkpoint(c.save) if resume else None
+    if resume_from is None and c.load:
+        ckpt.load(chunks, c.load, may_lack=("mlp.alpha",) if cfg.moe.stage == "merge" else ())
     result = RunResult(parameters=count_parameters(chunks))
     chunks = wrap_ddp(chunks, tc, cfg.precision)
-    optimizer = build_optimizer(chunks, cfg.train, cfg.precision)
-    scheduler = build_scheduler(optimizer, cfg.train)
-    t = cfg.train
-    bar = tqdm(range(t.train_steps), desc="train", disable=not progress or info.rank != 0)
-    start = time.perf_counter()
-    for step in bar:
-        mbs = split_global_batch(make_batch(batches(step)), t.micro_batch_size)
-        stats = train_step(chunks, optimizer, scheduler, mbs, t.seq_length)
-        result.losses.append(stats["loss"])
-        shown = {"loss": f"{stats['loss']:.4f}", "lr": f"{stats['lr']:.2e}"}
-        if cfg.moe.enabled and cfg.moe.stage == "moe":
+    optimizer = build_optimizer(chunks, t, cfg.precision)
+    scheduler = build_scheduler(optimizer, t)
+    start = 0
+    if resume_from:
+        same_layout = ckpt.read_config(resume_from)["parallel"] == asdict(cfg.parallel) and \
+            ckpt.saved_world_size(resume_from) == info.world_size
+        if same_layout:
+            init_optimizer_state(optimizer)
+        ckpt.load(chunks, resume_from, optimizer=optimizer if same_layout else None,
+                  scheduler=scheduler)
+        saved = ckpt.read_train_state(resume_from)
+        start = int(saved["step"])
+        result.skipped_steps = list(saved.get("skipped_steps", []))
+        if same_layout:
+            set_step_counters(optimizer, start - len(result.skipped_steps))
+            rng.restore(ckpt.read_rank_state(resume_from)["rng"])
+    result.start_step = result.steps_done = start
+    metrics = Metrics(log_dir or c.save, info.rank == 0, start, t.train_steps, progress)
+    if resume_from:
+        metrics.message(f"resumed from {resume_from} at step {start}" + (
+            "" if same_layout else ": the parallel layout changed, so weights, step and LR "
+            "schedule carry over; optimizer moments and RNG streams start afresh"))
+
+    def save(step: int) -> str:
+        state = {"step": step, "consumed_samples": step * t.global_batch_size,
+                 "skipped_steps": result.skipped_steps}
+        return ckpt.save(chunks, c.save, step, cfg, extra_files, optimizer, scheduler,
+                         train_state=state, rank_state={"rng": rng.capture()}, keep=c.keep)
+
+    tokens_per_step = t.global_batch_size * t.seq_length
+    flops_per_token = flops.flops_per_token(cfg.model, t.seq_length, cfg.moe)
+    world = info.world_size
+    run_start, tokens_seen = time.perf_counter(), 0
+    try:
+        for step in range(start, t.train_steps):
+            step_start = time.perf_counter()
+            mbs = split_global_batch(make_batch(data[step]), t.micro_batch_size)
+            stats = train_step(chunks, optimizer, scheduler, mbs, t.seq_length, t.clip_grad,
+                               loss_hook=loss_hook)
+            finite = math.isfinite(stats["loss"]) and (
+                math.isfinite(stats["grad_norm"]) or cfg.precision.dtype == "fp16")
+            if not finite:
+                result.skipped_steps.append(step + 1)
+                if t.on_nan == "stop":
+                    raise NonFiniteLoss(
+                        f"step {step + 1}: loss {stats['loss']} / grad norm {stats['grad_norm']}"
+                        " is not finite; stopped without updating the weights. The last good "
+                        f"checkpoint is in '{c.save}' (resume with --resume); lower train.lr, "
+                        "check the data, or set train.on_nan=skip to skip such steps")
+                metrics.message(f"step {step + 1}: non-finite loss/gradient, update skipped")
+            elapsed = time.perf_counter() - step_start
+            tokens_seen += tokens_per_step
+            stats["tokens_per_s"] = tokens_per_step / elapsed
+            stats["mfu"] = flops_per_token * stats["tokens_per_s"] / world / \
+                flops.H200_BF16_DENSE_PEAK if platform.has_cuda() else 0.0
+            stats["memory_gib"] = peak_memory_gib()
+            if cfg.moe.enabled and cfg.moe.stage == "merge":
+                result.merge_coefficients = {
+                    layer: co.tolist() for layer, co in gather_coefficients(chunks).items()}
+                stats["merge_coefficients"] = result.merge_coefficients
+            result.losses.append(stats["loss"])
             result.moe_losses.append(stats["moe_loss"])
-            shown["moe_loss"] = f"{stats['moe_loss']:.4f}"
-        if cfg.moe.enabled and cfg.moe.stage == "merge":
-            result.merge_coefficients = {
-                layer: c.tolist() for layer, c in gather_coefficients(chunks).items()}
-            top = max(max(c[1:]) for c in result.merge_coefficients.values())
-            shown["max_routed_coeff"] = f"{top:.3f}"
-        bar.set_postfix(**shown)
-    elapsed = time.perf_counter() - start
-    result.tokens_per_s = t.train_steps * t.global_batch_size * t.seq_length / elapsed
-    if save_dir:
-        result.checkpoint = ckpt.save(chunks, save_dir, t.train_steps, cfg)
+            result.steps_done = step + 1
+            metrics.log(step + 1, stats)
+            stop = should_stop is not None and _any_rank(should_stop())
+            last = step + 1 == t.train_steps
+            if c.save and (stop or last or (c.save_interval and (step + 1) % c.save_interval == 0)):
+                result.checkpoint = save(step + 1)
+            if stop:
+                result.stopped_early = not last
+                metrics.message(f"stopping at step {step + 1} (checkpoint {result.checkpoint})")
+                break
+    finally:
+        seconds = time.perf_counter() - run_start
+        result.tokens_per_s = tokens_seen / seconds if seconds > 0 else 0.0
+        result.summary = {
+            "stage": cfg.stage, "start_step": start, "steps_done": result.steps_done,
+            "train_steps": t.train_steps, "stopped_early": result.stopped_early,
+            "final_loss": result.losses[-1] if result.losses else None,
+            "skipped_steps": result.skipped_steps, "tokens_per_s": result.tokens_per_s,
+            "tokens_per_s_per_rank": result.tokens_per_s / world,
+            "parameters_this_rank": result.parameters,
+            "active_matmul_params": flops.matmul_params(cfg.model, cfg.moe),
+            "peak_memory_gib": peak_memory_gib(), "seconds": seconds,
+            "checkpoint": result.checkpoint, "merge_coefficients": result.merge_coefficients,
+        }
+        metrics.close(result.summary)
     return result
 
 

@@ -6,7 +6,7 @@ ranks): each microbatch returns (sum of token losses, token count) and Megatron'
 """
 
 from functools import partial
-from typing import Dict, List
+from typing import Dict, List, Union
 
 import torch
 import torch.distributed as dist
@@ -16,19 +16,42 @@ from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_regi
 
 from xft_megatron import platform
 from xft_megatron.checkpoint.dist import unwrap
+from xft_megatron.data import packing
 from xft_megatron.moe import losses as moe_losses
+from xft_megatron.training.optimizer import optimizer_step
 
 Batch = Dict[str, torch.Tensor]
 
 
-def make_batch(tokens: torch.Tensor, loss_mask: torch.Tensor = None) -> Batch:
-    """tokens [b, s+1] -> inputs/labels shifted by one, positions, loss mask [b, s]."""
+def make_batch(tokens: Union[torch.Tensor, Batch], loss_mask: torch.Tensor = None) -> Batch:
+    """tokens [b, s+1] -> inputs/labels shifted by one, positions, loss mask [b, s].
+
+    `tokens` may also be a packed batch (data/packing.py: tokens, loss_mask, segment_ids,
+    all [b, s+1]); then `segment_ids` [b, s] are kept, from which each micro-batch's
+    attention mask isolating the packed samples is built, and left out when plain causal
+    attention is equivalent."""
+    segment_ids = None
+    if isinstance(tokens, dict):
+        segment_ids, loss_mask, tokens = tokens.get("segment_ids"), tokens.get("loss_mask"), \
+            tokens["tokens"]
     inputs, labels = tokens[:, :-1].contiguous(), tokens[:, 1:].contiguous()
     b, s = inputs.shape
     mask = torch.ones(b, s, dtype=torch.float32) if loss_mask is None else \
         loss_mask[:, 1:].float().contiguous()
     positions = torch.arange(s, dtype=torch.long).unsqueeze(0).expand(b, s).contiguous()
-    return {"tokens": inputs, "labels": labels, "loss_mask": mask, "position_ids": positions}
+    batch = {"tokens": inputs, "labels": labels, "loss_mask": mask, "position_ids": positions}
+    if segment_ids is not None:
+        segments = segment_ids[:, :-1]
+        if packing.needs_attention_mask(segments):
+            batch["segment_ids"] = segments.contiguous()  # the mask is built per micro-batch
+    return batch
+
+
+def _attention_mask(batch: Batch, device):
+    """[b, 1, s, s] (True = masked out) isolating packed samples, or None (causal)."""
+    if "segment_ids" not in batch:
+        return None
+    return packing.attention_mask(batch["segment_ids"].to(device))
 
 
 def split_global_batch(batch: Batch, micro_batch_size: int) -> List[Batch]:
@@ -55,7 +78,8 @@ def _forward_step(data_iterator, model):
     batch = next(data_iterator)
     dev = next(model.parameters()).device
     batch = {k: v.to(dev, non_blocking=True) for k, v in batch.items()}
-    output = model(batch["tokens"], batch["position_ids"], None, labels=batch["labels"])
+    output = model(batch["tokens"], batch["position_ids"], _attention_mask(batch, dev),
+                   labels=batch["labels"])
     return output, partial(_loss_func, batch["loss_mask"])
 
 
@@ -98,7 +122,8 @@ def _reduce_reports(reports) -> float:
 def _logits_step(data_iterator, model):
     batch = next(data_iterator)
     dev = next(model.parameters()).device
-    output = model(batch["tokens"].to(dev), batch["position_ids"].to(dev), None)  # [b, s, V/tp]
+    output = model(batch["tokens"].to(dev), batch["position_ids"].to(dev),
+                   _attention_mask(batch, dev))  # [b, s, V/tp]
 
     def collect(out):
         full = gather_from_tensor_model_parallel_region(out)  # [b, s, V]
@@ -124,20 +149,30 @@ def forward_logits(chunks: List, microbatches: List[Batch], seq_length: int) -> 
 
 
 def train_step(chunks: List, optimizer, scheduler, microbatches: List[Batch],
-               seq_length: int) -> Dict[str, float]:
+               seq_length: int, clip_grad: float, loss_hook=None) -> Dict:
     """Zero grads, forward-backward, clip, optimizer step, LR step. `loss` is the language
-    model loss plus the MoE router losses (summed over layers), both also reported apart."""
+    model loss plus the MoE router losses (summed over layers), both also reported apart.
+    A non-finite loss or gradient skips the update (`skipped`); the LR schedule advances
+    only on updates. With MoE layers, `expert_load` [layers, experts] and `shared_weight`
+    [layers] (mean g_0) describe the step's routing. `loss_hook(loss) -> loss` may replace
+    the reduced loss (fault injection in tests)."""
     for c in chunks:
         c.zero_grad_buffer()
     optimizer.zero_grad()
     lr = optimizer.param_groups[0]["lr"]
     lm_loss = forward_backward(chunks, microbatches, seq_length)
-    router = moe_losses.collect(chunks, unwrap(chunks[0]).config.num_layers)
-    with platform.optimizer_calls():
-        ok, grad_norm, _ = optimizer.step()
-    scheduler.step(increment=1)
+    if loss_hook is not None:
+        lm_loss = loss_hook(lm_loss)
+    config = unwrap(chunks[0]).config
+    stats = {}
+    if config.num_moe_experts:
+        load, g0 = moe_losses.collect_routing(chunks, config.num_layers, config.num_moe_experts)
+        stats = {"expert_load": load.tolist(), "shared_weight": g0.tolist()}
+    router = moe_losses.collect(chunks, config.num_layers)
     moe_loss = float(router.sum())
+    stepped, grad_norm = optimizer_step(optimizer, clip_grad, lm_loss + moe_loss)
+    if stepped:
+        scheduler.step(increment=1)
     return {"loss": lm_loss + moe_loss, "lm_loss": lm_loss, "moe_loss": moe_loss,
-            "moe_layer_losses": router.tolist(),
-            "grad_norm": float(grad_norm) if grad_norm is not None else 0.0,
-            "lr": lr, "skipped": not ok}
+            "moe_layer_losses": router.tolist(), "grad_norm": grad_norm, "lr": lr,
+            "skipped": not stepped, **stats}

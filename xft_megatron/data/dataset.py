@@ -1,0 +1,214 @@
+"""Tokenized training data: records -> samples (ids, loss_mask) in a cached Arrow file.
+
+`build_dataset` streams the records of `data.path` (records.py), turns each into samples
+(samples.py) and writes them batch by batch to an Arrow stream file that `datasets` memory
+maps. The file lives in `cache_dir/<key>/`, where the key hashes everything the samples depend
+on: the data files (path, size, mtime), the tokenizer (path, vocab size, hash of its files),
+the template and its text, the format, seq_length and on_error. A later build with the same
+inputs loads that folder without tokenizing anything (`report.from_cache` is then True).
+A folder appears only once complete (written under a temporary name, then renamed), so
+concurrent builds of the same key are safe; the first rename wins.
+
+`builtin:stdlib` in data.path stands for the Python standard library's source files
+(code_corpus.python_files), one text record per non-blank file.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import uuid
+from typing import Any, Dict, Iterator, List, Optional, Tuple
+
+import numpy as np
+
+from xft_megatron.config import DataConfig
+from xft_megatron.data.records import DataError, DataReport, RecordError, read_records, \
+    to_example
+from xft_megatron.data.samples import example_samples
+from xft_megatron.data.templates import PROMPTS
+from xft_megatron.data.tokenizer import Tokenizer
+
+BUILTIN_STDLIB = "builtin:stdlib"
+CACHE_VERSION = 1  # bump when the sample layout or the tokenization rules change
+_ARROW_FILE, _REPORT_FILE, _META_FILE = "samples.arrow", "report.json", "meta.json"
+_WRITE_BATCH = 4096  # samples per Arrow record batch
+
+
+class TokenizedDataset:
+    """Samples (ids, loss_mask) backed by a memory-mapped Arrow file.
+
+    `ds[i]` -> (ids int64 [n], loss_mask float32 [n]); `lengths` int64 [len(ds)]."""
+
+    def __init__(self, directory: str, pad_id: int, from_cache: bool):
+        import datasets
+
+        self.directory, self.pad_id, self.from_cache = directory, pad_id, from_cache
+        self.hf_dataset = datasets.Dataset.from_file(os.path.join(directory, _ARROW_FILE))
+        table = self.hf_dataset.data
+        self._ids, self._mask = table.column("ids"), table.column("loss_mask")
+        self.lengths = table.column("length").to_numpy().astype(np.int64)
+
+    def __len__(self) -> int:
+        return len(self.lengths)
+
+    def __getitem__(self, i: int) -> Tuple[np.ndarray, np.ndarray]:
+        ids = self._ids[i].values.to_numpy(zero_copy_only=False).astype(np.int64)
+        mask = self._mask[i].values.to_numpy(zero_copy_only=False).astype(np.float32)
+        return ids, mask
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.lengths.sum())
+
+
+def build_dataset(data_cfg: DataConfig, tokenizer: Tokenizer, seq_length: int,
+                  cache_dir: Optional[str] = None) -> Tuple[TokenizedDataset, DataReport]:
+    """Tokenized samples of `data_cfg.path` (cached) and the report of what was read/dropped.
+
+    Raises DataError: bad records under on_error=fail (listing file:line of the first ones),
+    or no usable sample at all. `cache_dir` defaults to data_cfg.cache_dir."""
+    cache_dir = cache_dir or data_cfg.cache_dir
+    if not cache_dir:
+        raise ValueError("build_dataset needs a cache directory (data.cache_dir) to hold the "
+                         "tokenized samples")
+    if not data_cfg.paths:
+        raise DataError("data.path is empty; give .jsonl/.json/.parquet files "
+                        "(comma-separated) or builtin:stdlib")
+    if seq_length < 1:
+        raise ValueError(f"seq_length={seq_length} must be >= 1")
+    files = source_files(data_cfg.paths)
+    key_inputs = cache_key_inputs(files, tokenizer, data_cfg, seq_length)
+    key = hashlib.sha256(json.dumps(key_inputs, sort_keys=True).encode()).hexdigest()[:20]
+    directory = os.path.join(cache_dir, key)
+    if os.path.isfile(os.path.join(directory, _REPORT_FILE)):
+        return _load(directory, tokenizer, from_cache=True)
+
+    os.makedirs(cache_dir, exist_ok=True)
+    tmp = f"{directory}.tmp-{uuid.uuid4().hex[:8]}"
+    os.makedirs(tmp)
+    try:
+        report = DataReport()
+        stream = _samples(files, data_cfg.format, data_cfg.template, tokenizer, seq_length,
+                          report)
+        _write_arrow(os.path.join(tmp, _ARROW_FILE), stream)
+        report.check(data_cfg.on_error)
+        _write_json(os.path.join(tmp, _META_FILE), {"key": key, "inputs": key_inputs,
+                                                    "pad_id": tokenizer.pad_id})
+        _write_json(os.path.join(tmp, _REPORT_FILE), report.to_dict())
+        try:
+            os.rename(tmp, directory)
+        except OSError:  # another process finished the same key first
+            if not os.path.isfile(os.path.join(directory, _REPORT_FILE)):
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return _load(directory, tokenizer, from_cache=False)
+
+
+Source = Tuple[str, str]  # (kind, path): kind "records" (a data file) or "source" (code)
+
+
+def source_files(paths: List[str]) -> List[Source]:
+    """data.path entries -> data files (builtin:stdlib expands to the stdlib's .py files)."""
+    from xft_megatron.data.code_corpus import python_files, stdlib_dir
+
+    out = []
+    for p in paths:
+        if p == BUILTIN_STDLIB:
+            out += [("source", f) for f in python_files(stdlib_dir())]
+        elif p.startswith("builtin:"):
+            raise DataError(f"data.path entry '{p}' is unknown; the built-in corpus is "
+                            f"{BUILTIN_STDLIB}")
+        elif not os.path.isfile(p):
+            raise FileNotFoundError(f"data file '{p}' does not exist (data.path takes "
+                                    "comma-separated .jsonl/.json/.parquet files or "
+                                    f"{BUILTIN_STDLIB})")
+        else:
+            out.append(("records", p))
+    return out
+
+
+def cache_key_inputs(files: List[Source], tokenizer: Tokenizer, data_cfg: DataConfig,
+                     seq_length: int) -> Dict[str, Any]:
+    """Everything the tokenized samples depend on (hashed into the cache key)."""
+    stats = []
+    for kind, f in files:
+        st = os.stat(f)
+        stats.append([kind, os.path.abspath(f), st.st_size, st.st_mtime_ns])
+    return {"version": CACHE_VERSION, "files": stats, "tokenizer": tokenizer.identity,
+            "template": data_cfg.template, "prompt": PROMPTS.get(data_cfg.template, ""),
+            "format": data_cfg.format, "seq_length": seq_length, "on_error": data_cfg.on_error}
+
+
+def _records(files: List[Source]) -> Iterator[Tuple[str, Any]]:
+    for kind, f in files:
+        if kind == "source":  # one text record per non-blank file
+            with open(f, "rb") as fh:
+                raw = fh.read()
+            if not raw.strip():
+                continue
+            try:
+                yield f, {"text": raw.decode("utf-8")}
+            except UnicodeDecodeError as e:
+                yield f, RecordError("not_utf8", f"byte offset {e.start}")
+        else:
+            yield from read_records(f)
+
+
+def _samples(files: List[Source], fmt: str, template: str, tok: Tokenizer, seq_length: int,
+             report: DataReport) -> Iterator[Tuple[List[int], List[int]]]:
+    for location, value in _records(files):
+        report.read += 1
+        try:
+            if isinstance(value, RecordError):
+                raise value
+            pieces = example_samples(to_example(value, fmt), tok, template, seq_length)
+        except RecordError as e:
+            report.add_error(location, e)
+            continue
+        report.kept += 1
+        for ids, mask in pieces:
+            report.samples += 1
+            report.tokens += len(ids)
+            yield ids, mask
+
+
+def _write_arrow(path: str, samples: Iterator[Tuple[List[int], List[int]]]) -> None:
+    import pyarrow as pa
+
+    schema = pa.schema([("ids", pa.list_(pa.int32())), ("loss_mask", pa.list_(pa.int8())),
+                        ("length", pa.int32())])
+    with pa.OSFile(path, "wb") as sink, pa.ipc.new_stream(sink, schema) as writer:
+        ids_col, mask_col = [], []
+
+        def flush():
+            batch = pa.record_batch([pa.array(ids_col, pa.list_(pa.int32())),
+                                     pa.array(mask_col, pa.list_(pa.int8())),
+                                     pa.array([len(x) for x in ids_col], pa.int32())],
+                                    schema=schema)
+            writer.write_batch(batch)
+            ids_col.clear()
+            mask_col.clear()
+
+        for ids, mask in samples:
+            ids_col.append(ids)
+            mask_col.append(mask)
+            if len(ids_col) >= _WRITE_BATCH:
+                flush()
+        if ids_col:
+            flush()
+
+
+def _load(directory: str, tokenizer: Tokenizer,
+          from_cache: bool) -> Tuple[TokenizedDataset, DataReport]:
+    with open(os.path.join(directory, _REPORT_FILE)) as f:
+        report = DataReport.from_dict(json.load(f), from_cache=from_cache)
+    return TokenizedDataset(directory, tokenizer.pad_id, from_cache), report
+
+
+def _write_json(path: str, value: Dict[str, Any]) -> None:
+    with open(path, "w") as f:
+        json.dump(value, f, indent=1)

@@ -1,0 +1,102 @@
+"""What a training run reports: a progress bar with ETA and a TensorBoard log on rank 0, one
+JSON line per step (`metrics.jsonl`), and a final `summary.json`.
+
+Per step: loss (LM + router), LM loss, router loss, lr, grad norm, tokens/s, MFU (active
+parameters), peak memory; with MoE layers the per-layer expert load and mean shared-expert
+weight g_0; in the merge stage the merge coefficients per layer.
+"""
+
+import json
+import math
+import os
+from typing import Dict, Optional
+
+import psutil
+import torch
+from tqdm import tqdm
+
+
+def peak_memory_gib() -> float:
+    """Peak GPU memory allocated by this process, or its resident memory on the CPU."""
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2**30
+    return psutil.Process().memory_info().rss / 2**30
+
+
+class Metrics:
+    def __init__(self, out_dir: Optional[str], rank0: bool, start_step: int, total_steps: int,
+                 progress: bool = True):
+        self.rank0 = rank0
+        self.out_dir = out_dir if rank0 else None
+        self.bar = tqdm(total=total_steps, initial=start_step, desc="train", dynamic_ncols=True,
+                        disable=not (progress and rank0))
+        self.writer, self.jsonl = None, None
+        if self.out_dir:
+            os.makedirs(self.out_dir, exist_ok=True)
+            self.jsonl = open(os.path.join(self.out_dir, "metrics.jsonl"), "a")
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self.writer = SummaryWriter(os.path.join(self.out_dir, "tensorboard"))
+            except ImportError:  # tensorboard is a dependency; tolerate its absence anyway
+                self.writer = None
+
+    def log(self, step: int, stats: Dict) -> None:
+        """`step` is the 1-based number of the optimizer step just finished."""
+        if not self.rank0:
+            return
+        shown = {"loss": f"{stats['loss']:.4f}", "lr": f"{stats['lr']:.2e}"}
+        if stats.get("moe_loss"):
+            shown["moe"] = f"{stats['moe_loss']:.4f}"
+        if "shared_weight" in stats:
+            g0 = [g for g in stats["shared_weight"] if g > 0]
+            if g0:
+                shown["g0"] = f"{sum(g0) / len(g0):.3f}"
+        if "tokens_per_s" in stats:
+            shown["tok/s"] = f"{stats['tokens_per_s']:.0f}"
+        self.bar.set_postfix(**shown, refresh=False)
+        self.bar.update(1)
+        if self.jsonl:
+            self.jsonl.write(json.dumps({"step": step, **_jsonable(stats)}) + "\n")
+            self.jsonl.flush()
+        if self.writer:
+            for key, value in stats.items():
+                if isinstance(value, (int, float)) and not isinstance(value, bool) \
+                        and math.isfinite(value):
+                    self.writer.add_scalar(f"train/{key}", value, step)
+            for i, row in enumerate(stats.get("expert_load", [])):
+                if any(row):
+                    for e, v in enumerate(row):
+                        self.writer.add_scalar(f"expert_load/layer{i:02d}/expert{e}", v, step)
+            for i, g in enumerate(stats.get("shared_weight", [])):
+                if g:
+                    self.writer.add_scalar(f"shared_weight/layer{i:02d}", g, step)
+            for layer, coeffs in stats.get("merge_coefficients", {}).items():
+                for e, v in enumerate(coeffs):
+                    self.writer.add_scalar(f"merge/layer{int(layer):02d}/expert{e}", v, step)
+
+    def message(self, text: str) -> None:
+        if self.rank0:
+            self.bar.write(text)
+
+    def close(self, summary: Optional[Dict] = None) -> None:
+        self.bar.close()
+        if self.writer:
+            self.writer.close()
+        if self.jsonl:
+            self.jsonl.close()
+        if summary is not None and self.out_dir:
+            path = os.path.join(self.out_dir, "summary.json")
+            with open(path + ".tmp", "w") as f:
+                json.dump(_jsonable(summary), f, indent=1)
+            os.replace(path + ".tmp", path)
+
+
+def _jsonable(d):
+    if isinstance(d, dict):
+        return {str(k): _jsonable(v) for k, v in d.items()}
+    if isinstance(d, (list, tuple)):
+        return [_jsonable(v) for v in d]
+    if isinstance(d, float) and not math.isfinite(d):
+        return str(d)
+    return d
