@@ -67,6 +67,32 @@ def _merge(args):
     print(f"wrote {path}")
 
 
+def _train(args):
+    from xft_megatron.training import run
+
+    result = run.main(args.config, args.overrides, resume=args.resume, dry=args.dry_run,
+                      world_size=args.world_size)
+    if result is not None and result.checkpoint:
+        from xft_megatron.quickstart import say
+
+        say(f"wrote {result.checkpoint}")
+
+
+def _eval(args):
+    import json
+    import os
+
+    from xft_megatron.eval.loss import evaluate_loss
+    from xft_megatron.quickstart import say
+
+    cache = args.cache_dir or os.path.join(os.path.expanduser("~"), ".cache", "xft-megatron",
+                                           "eval")
+    result = evaluate_loss(args.ckpt, args.data, tokenizer=args.tokenizer, layout=_layout(args),
+                           seq_length=args.seq_length, micro_batch_size=args.micro_batch_size,
+                           template=args.template, fmt=args.format, cache_dir=cache)
+    say(json.dumps(result))
+
+
 def _layout(args) -> dict:
     """The parallel section a command runs in (under torchrun: its world size must fit)."""
     return {"tensor": args.tp, "pipeline": args.pp, "expert": args.ep,
@@ -129,6 +155,34 @@ def build_parser() -> argparse.ArgumentParser:
     _add_layout_flags(m, "merge")
     m.set_defaults(func=_merge)
 
+    t = sub.add_parser("train", help="train a stage (pretrain, sft, moe, merge); torchrun")
+    t.add_argument("config", nargs="?", help="YAML file")
+    t.add_argument("overrides", nargs="*", help="key.sub=value overrides")
+    t.add_argument("--resume", action="store_true",
+                   help="continue from the newest checkpoint in checkpoint.save")
+    t.add_argument("--dry-run", action="store_true",
+                   help="validate, print layout, parameter counts and memory estimate, exit")
+    t.add_argument("--world-size", type=int, default=None,
+                   help="with --dry-run: the number of ranks to plan for (default WORLD_SIZE)")
+    t.set_defaults(func=_train)
+
+    e = sub.add_parser("eval", help="evaluate a checkpoint")
+    e.add_argument("what", choices=["loss"])
+    e.add_argument("--ckpt", required=True, help="checkpoint (dense, MoE or merge stage)")
+    e.add_argument("--data", required=True, help="JSON/JSONL/Parquet file(s), comma-separated")
+    e.add_argument("--tokenizer", default=None,
+                   help="HF tokenizer dir or sentencepiece model (default: the checkpoint's)")
+    e.add_argument("--seq-length", type=int, default=None,
+                   help="tokens per row (default: the checkpoint's train.seq_length)")
+    e.add_argument("--micro-batch-size", type=int, default=4)
+    e.add_argument("--template", default="magicoder", choices=["magicoder", "chat", "plain"])
+    e.add_argument("--format", default="auto",
+                   choices=["auto", "instruction", "chat", "text", "tokens"])
+    e.add_argument("--cache-dir", default=None,
+                   help="tokenized-data cache (default ~/.cache/xft-megatron/eval)")
+    _add_layout_flags(e, "evaluation")
+    e.set_defaults(func=_eval)
+
     c = sub.add_parser("config", help="print a config after YAML + overrides + validation")
     c.add_argument("config", nargs="?", help="YAML file")
     c.add_argument("overrides", nargs="*", help="key.sub=value overrides")
@@ -147,7 +201,8 @@ def _quiet_dependency_warnings():
 def main(argv=None) -> int:
     _quiet_dependency_warnings()
     args = build_parser().parse_args(argv)
-    if getattr(args, "config", None) and "=" in args.config:  # overrides without a file
+    if getattr(args, "config", None) and "=" in args.config \
+            and not args.config.endswith((".yaml", ".yml")):  # overrides without a file
         args.overrides = [args.config] + args.overrides
         args.config = None
     if getattr(args, "direction", None) == "hf-to-mcore" and not args.hf:
@@ -161,9 +216,16 @@ def main(argv=None) -> int:
     except ConfigError as e:
         print(f"xft: config error: {e}", file=sys.stderr)
         return 2
-    except (FileNotFoundError, FileExistsError, ValueError) as e:
+    except (FileNotFoundError, FileExistsError, ValueError) as e:  # DataError included
         print(f"xft: {e}", file=sys.stderr)
         return 2
+    except RuntimeError as e:
+        from xft_megatron.training.loop import NonFiniteLoss
+
+        if not isinstance(e, NonFiniteLoss):
+            raise
+        print(f"xft: {e}", file=sys.stderr)
+        return 3
     return 0
 
 

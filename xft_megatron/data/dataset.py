@@ -65,9 +65,10 @@ class TokenizedDataset:
 
 
 def build_dataset(data_cfg: DataConfig, tokenizer: Tokenizer, seq_length: int,
-                  cache_dir: Optional[str] = None) -> Tuple[TokenizedDataset, DataReport]:
+                  cache_dir: Optional[str] = None, vocab_size: Optional[int] = None) -> Tuple[TokenizedDataset, DataReport]:
     """Tokenized samples of `data_cfg.path` (cached) and the report of what was read/dropped.
 
+    `vocab_size` (the model's) bounds `input_ids` records; default: the tokenizer's.
     Raises DataError: bad records under on_error=fail (listing file:line of the first ones),
     or no usable sample at all. `cache_dir` defaults to data_cfg.cache_dir."""
     cache_dir = cache_dir or data_cfg.cache_dir
@@ -81,6 +82,7 @@ def build_dataset(data_cfg: DataConfig, tokenizer: Tokenizer, seq_length: int,
         raise ValueError(f"seq_length={seq_length} must be >= 1")
     files = source_files(data_cfg.paths)
     key_inputs = cache_key_inputs(files, tokenizer, data_cfg, seq_length)
+    key_inputs["id_bound"] = vocab_size
     key = hashlib.sha256(json.dumps(key_inputs, sort_keys=True).encode()).hexdigest()[:20]
     directory = os.path.join(cache_dir, key)
     if os.path.isfile(os.path.join(directory, _REPORT_FILE)):
@@ -92,7 +94,7 @@ def build_dataset(data_cfg: DataConfig, tokenizer: Tokenizer, seq_length: int,
     try:
         report = DataReport()
         stream = _samples(files, data_cfg.format, data_cfg.template, tokenizer, seq_length,
-                          report)
+                          report, vocab_size)
         _write_arrow(os.path.join(tmp, _ARROW_FILE), stream)
         report.check(data_cfg.on_error)
         _write_json(os.path.join(tmp, _META_FILE), {"key": key, "inputs": key_inputs,
@@ -159,13 +161,15 @@ def _records(files: List[Source]) -> Iterator[Tuple[str, Any]]:
 
 
 def _samples(files: List[Source], fmt: str, template: str, tok: Tokenizer, seq_length: int,
-             report: DataReport) -> Iterator[Tuple[List[int], List[int]]]:
+             report: DataReport, id_bound: Optional[int] = None
+             ) -> Iterator[Tuple[List[int], List[int]]]:
     for location, value in _records(files):
         report.read += 1
         try:
             if isinstance(value, RecordError):
                 raise value
-            pieces = example_samples(to_example(value, fmt), tok, template, seq_length)
+            pieces = example_samples(to_example(value, fmt), tok, template, seq_length,
+                                     id_bound)
         except RecordError as e:
             report.add_error(location, e)
             continue

@@ -9,14 +9,15 @@ The loss mask is aligned with the ids: mask[t] = 1 means "token t is a training 
   * tokens (`input_ids`): the ids exactly as given, all targets, windowed like text.
 """
 
-from typing import List, Sequence
+from typing import List, Optional, Sequence
 
 from xft_megatron.data.records import Chat, Example, Instruction, RecordError, Text, Tokens
 from xft_megatron.data.templates import encode_instruction
 from xft_megatron.data.tokenizer import ChatTemplateError, Encoded, Tokenizer
 
 
-def example_samples(ex: Example, tok: Tokenizer, template: str, seq_length: int) -> List[Encoded]:
+def example_samples(ex: Example, tok: Tokenizer, template: str, seq_length: int,
+                    id_bound: Optional[int] = None) -> List[Encoded]:
     """The samples of one example; RecordError when it cannot become any."""
     if isinstance(ex, Instruction):
         return [_single(encode_instruction(tok, ex.instruction, ex.response, template),
@@ -31,10 +32,10 @@ def example_samples(ex: Example, tok: Tokenizer, template: str, seq_length: int)
         bos = [] if tok.bos_id is None else [tok.bos_id]
         return windows(bos + tok.encode(ex.text) + [tok.eos_id], seq_length)
     if isinstance(ex, Tokens):
-        top = max(ex.ids)
-        if top >= tok.vocab_size:
-            raise RecordError("bad_token_id", f"'input_ids' holds id {top} >= the tokenizer's "
-                              f"vocab_size {tok.vocab_size}")
+        top, bound = max(ex.ids), id_bound or tok.vocab_size
+        if top >= bound:
+            raise RecordError("bad_token_id", f"'input_ids' holds id {top} >= the vocabulary "
+                              f"size {bound}")
         return windows(list(ex.ids), seq_length)
     raise TypeError(f"not an example: {type(ex).__name__}")
 

@@ -87,6 +87,14 @@ def forward_backward(chunks: List, microbatches: List[Batch], seq_length: int,
                      forward_only: bool = False) -> float:
     """Run the configured schedule over `microbatches`; returns the per-token mean loss over
     the global batch, identical on every rank."""
+    total, count = loss_totals(chunks, microbatches, seq_length, forward_only)
+    return total / max(count, 1.0)
+
+
+def loss_totals(chunks: List, microbatches: List[Batch], seq_length: int,
+                forward_only: bool = True):
+    """(sum of token losses, number of loss tokens) over the micro-batches of every
+    data-parallel rank, identical on every rank (float64 sum, float count)."""
     return _reduce_reports(_schedule(_forward_step, chunks, microbatches, seq_length,
                                      forward_only))
 
@@ -107,7 +115,7 @@ def _schedule(step_func, chunks: List, microbatches: List[Batch], seq_length: in
     )
 
 
-def _reduce_reports(reports) -> float:
+def _reduce_reports(reports):
     # summed on the device: one host sync per step (the .item() below), not one per microbatch
     totals = torch.zeros(2, dtype=torch.float64, device=platform.device())
     if ps.is_pipeline_last_stage(ignore_virtual=True):
@@ -116,7 +124,8 @@ def _reduce_reports(reports) -> float:
     # sum over data-parallel ranks, and hand the last stage's value to every stage
     dist.all_reduce(totals, group=ps.get_data_parallel_group())
     dist.all_reduce(totals, group=ps.get_pipeline_model_parallel_group())
-    return (totals[0] / totals[1].clamp(min=1)).item()
+    total, count = totals.tolist()
+    return total, count
 
 
 def _logits_step(data_iterator, model):

@@ -1,0 +1,77 @@
+"""Parameter counts and a per-rank memory estimate for `xft train --dry-run`.
+
+Counts are exact for the architecture (embeddings included; MoE layers: every expert plus the
+router). The memory estimate is a planning figure, per GPU, for the most loaded pipeline
+stage, without activation recomputation:
+  weights        params_on_rank * bytes(dtype)
+  gradients      params_on_rank * 4        (fp32 gradient buffers, precision.grad_reduce_in_fp32)
+  optimizer      params_on_rank * (8 + 4 if dtype != fp32 else 8) / data-parallel shards
+                 (Adam moments + fp32 master weights, distributed optimizer)
+  activations    per token and layer: bytes(dtype) * (16 h + k (h + 3 F))  (attention block with
+                 SDPA, FFN of the k experts a token uses), / TP with sequence parallelism,
+                 times the micro-batches in flight (1F1B: up to the pipeline size), plus the
+                 fp32 logits and their gradient.
+"""
+
+from dataclasses import dataclass
+from typing import Dict
+
+from xft_megatron.config import Config, ModelConfig, MoEConfig
+
+
+def _router_params(m: ModelConfig, moe: MoEConfig) -> int:
+    r, h = moe.num_routed, m.hidden_size
+    return r * h + (r * r if moe.router_gate == "mlp" else 0) + (r * h if moe.router_noise else 0)
+
+
+def parameter_counts(m: ModelConfig, moe: MoEConfig) -> Dict[str, int]:
+    """total: every parameter; active: those one token uses; expert: the expert FFN weights."""
+    ffn = 3 * m.hidden_size * m.ffn_hidden_size
+    dense = m.num_parameters()
+    n_moe = sum(moe.is_moe_layer(i) for i in range(m.num_layers))
+    if not moe.enabled or n_moe == 0:
+        return {"total": dense, "active": dense, "expert": 0}
+    extra = n_moe * ((moe.num_experts - 1) * ffn + _router_params(m, moe))
+    active = dense + n_moe * ((moe.topk - 1) * ffn + _router_params(m, moe))
+    return {"total": dense + extra, "active": active, "expert": n_moe * moe.num_experts * ffn}
+
+
+@dataclass
+class MemoryEstimate:
+    weights: float
+    gradients: float
+    optimizer: float
+    activations: float
+
+    @property
+    def total(self) -> float:
+        return self.weights + self.gradients + self.optimizer + self.activations
+
+
+def estimate(cfg: Config, world_size: int) -> MemoryEstimate:
+    """Bytes per rank (see the module docstring for the formula)."""
+    m, moe, p, t = cfg.model, cfg.moe, cfg.parallel, cfg.train
+    counts = parameter_counts(m, moe)
+    dp = p.data_parallel_size(world_size)
+    expert_dp = world_size // (p.expert * p.expert_tensor * p.pipeline)
+    dense_params = (counts["total"] - counts["expert"]) / (p.tensor * p.pipeline)
+    expert_params = counts["expert"] / (p.expert * p.expert_tensor * p.pipeline)
+    if cfg.stage == "merge":  # experts frozen: weights only
+        trained_dense, trained_expert = 0.0, 0.0
+    else:
+        trained_dense, trained_expert = dense_params, expert_params
+    width = {"fp32": 4, "bf16": 2, "fp16": 2}[cfg.precision.dtype]
+    state = 8 + (4 if cfg.precision.dtype != "fp32" else 0)
+    weights = (dense_params + expert_params) * width
+    grads = (trained_dense + trained_expert) * 4
+    optim = state * (trained_dense / dp + trained_expert / expert_dp)
+    h, f = m.hidden_size, m.ffn_hidden_size
+    k = moe.topk if moe.enabled else 1
+    per_token_layer = width * (16 * h + k * (h + 3 * f))
+    tokens = t.micro_batch_size * t.seq_length
+    layers = m.num_layers / p.pipeline
+    split = p.tensor if p.sequence_parallel else 1
+    in_flight = min(p.pipeline, t.num_microbatches(dp))
+    acts = per_token_layer * tokens * layers / split * in_flight
+    acts += 2 * 4 * tokens * m.vocab_size / p.tensor  # fp32 logits and their gradient
+    return MemoryEstimate(weights, grads, optim, acts)

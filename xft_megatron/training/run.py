@@ -1,0 +1,173 @@
+"""`xft train CONFIG.yaml [key=value ...] [--resume] [--dry-run]`: one entry for every stage.
+
+Config assembly: YAML, then overrides; with `checkpoint.load`, the model and moe sections
+stored with that checkpoint are the defaults (values given in YAML/overrides win), so a stage
+never repeats the architecture. `train.stage=merge` turns the loaded MoE into the learnable
+merge (`moe.stage=merge`). Then the data: tokenizer (data.tokenizer, else the one stored with
+checkpoint.load, else bytes), the cached tokenized dataset (built once, by rank 0), packed
+batches; `train.epochs` sets the step count from the dataset size.
+"""
+
+import math
+import os
+import signal
+from dataclasses import replace
+from typing import Optional, Sequence
+
+import torch.distributed as dist
+
+from xft_megatron import parallel
+from xft_megatron.checkpoint import dist as ckpt
+from xft_megatron.config import Config, ConfigError, deep_merge, parse_overrides, read_yaml
+from xft_megatron.data.dataset import build_dataset
+from xft_megatron.data.packing import PackedBatches
+from xft_megatron.data.tokenizer import Tokenizer, load_tokenizer
+from xft_megatron.training import memory
+
+
+def assemble_config(path: Optional[str], overrides: Sequence[str]) -> Config:
+    data = read_yaml(path) if path else {}
+    data = deep_merge(data, parse_overrides(overrides))
+    load = (data.get("checkpoint") or {}).get("load")
+    if load:
+        try:
+            stored = ckpt.read_config(load)
+        except FileNotFoundError as e:
+            raise ConfigError(f"checkpoint.load: {e}") from None
+        for section in ("model", "moe"):
+            data[section] = deep_merge(stored.get(section) or {}, data.get(section) or {})
+        if data["moe"].get("num_experts") == 0:
+            data["moe"].pop("stage", None)
+    stage = (data.get("train") or {}).get("stage")
+    if stage == "merge":
+        data.setdefault("moe", {})["stage"] = "merge"
+    elif stage == "moe":
+        data.setdefault("moe", {})["stage"] = "moe"
+    cfg = Config.from_dict(data)
+    if cfg.stage == "merge" and not cfg.checkpoint.load:
+        raise ConfigError("train.stage=merge starts from a trained XFT MoE: set "
+                          "checkpoint.load to its checkpoint")
+    if not cfg.checkpoint.save:
+        raise ConfigError("checkpoint.save is not set: give the directory this run writes "
+                          "its checkpoints, metrics and data cache to")
+    if not cfg.data.path:
+        raise ConfigError("data.path is not set: give .jsonl/.json/.parquet files "
+                          "(comma-separated) or builtin:stdlib")
+    return cfg
+
+
+def tokenizer_for(cfg: Config) -> Tokenizer:
+    """data.tokenizer, else the tokenizer stored with checkpoint.load, else bytes; refused
+    when its ids do not fit the model's vocabulary."""
+    source = cfg.data.tokenizer
+    if source is None and cfg.checkpoint.load:
+        stored = ckpt.resolve(cfg.checkpoint.load)
+        if any(f.startswith("tokenizer") for f in os.listdir(stored)):
+            source = stored
+    tok = load_tokenizer(source)
+    if tok.vocab_size > cfg.model.vocab_size:
+        raise ConfigError(f"the tokenizer ({source or 'bytes'}) has {tok.vocab_size} ids but "
+                          f"model.vocab_size={cfg.model.vocab_size}: use the model's own "
+                          "tokenizer (data.tokenizer) or a model with a larger vocabulary")
+    return tok
+
+
+def tokenizer_files(tok_source: Optional[str]):
+    if not tok_source:
+        return None
+    if os.path.isfile(tok_source):
+        return {"tokenizer.model": tok_source}
+    return {f: os.path.join(tok_source, f) for f in os.listdir(tok_source)
+            if f.startswith("tokenizer") or f in ("special_tokens_map.json", "vocab.json",
+                                                  "merges.txt", "chat_template.jinja")}
+
+
+def build_batches(cfg: Config, tok: Tokenizer, rank: int):
+    """(PackedBatches, DataReport); rank 0 tokenizes, the others read its cache."""
+    cache = cfg.data.cache_dir or os.path.join(cfg.checkpoint.save, "data_cache")
+    vocab = cfg.model.vocab_size  # bounds input_ids records
+    built, error = None, None
+    if rank == 0:
+        try:
+            built = build_dataset(cfg.data, tok, cfg.train.seq_length, cache, vocab)
+        except Exception as e:  # reported below, after telling the other ranks
+            error = e
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        ok = [error is None]
+        dist.broadcast_object_list(ok, src=0)  # rank 0 failing stops everyone cleanly
+        if not ok[0] and rank != 0:
+            raise RuntimeError("rank 0 could not build the dataset (its error is above)")
+    if error is not None:
+        raise error
+    if built is None:
+        built = build_dataset(cfg.data, tok, cfg.train.seq_length, cache, vocab)
+    dataset, report = built
+    t = cfg.train
+    batches = PackedBatches(dataset, t.seq_length, t.global_batch_size, t.seed,
+                            packing=cfg.data.packing, pad_id=tok.pad_id)
+    return batches, report
+
+
+def dry_run(cfg: Config, world_size: int) -> str:
+    p = cfg.parallel
+    dp = p.data_parallel_size(world_size)
+    counts = memory.parameter_counts(cfg.model, cfg.moe)
+    est = memory.estimate(cfg, world_size)
+    gib = 2 ** 30
+    lines = [
+        f"stage        {cfg.stage}",
+        f"layout       world {world_size} = TP {p.tensor} x PP {p.pipeline} x DP {dp}"
+        f"{f' (VPP {p.virtual_pipeline})' if p.virtual_pipeline else ''}; EP {p.expert}, "
+        f"ETP {p.expert_tensor}, SP {'on' if p.sequence_parallel else 'off'}",
+        f"batch        global {cfg.train.global_batch_size} = micro {cfg.train.micro_batch_size}"
+        f" x DP {dp} x {cfg.train.num_microbatches(dp)} micro-batches; seq {cfg.train.seq_length}",
+        f"parameters   total {counts['total']:,}  active {counts['active']:,}"
+        + (f"  (experts {counts['expert']:,})" if counts["expert"] else ""),
+        f"memory/rank  ~{est.total / gib:.1f} GiB: weights {est.weights / gib:.1f}, "
+        f"grads {est.gradients / gib:.1f}, optimizer {est.optimizer / gib:.1f}, "
+        f"activations {est.activations / gib:.1f} (estimate, no recomputation)",
+    ]
+    return "\n".join(lines)
+
+
+class _StopOnSignal:
+    """SIGTERM (preemption, scancel) asks the loop to checkpoint and stop after the step."""
+
+    def __init__(self):
+        self.requested = False
+        signal.signal(signal.SIGTERM, self._handle)
+
+    def _handle(self, signum, frame):
+        self.requested = True
+
+    def __call__(self) -> bool:
+        return self.requested
+
+
+def main(config_path: Optional[str], overrides: Sequence[str], resume: bool = False,
+         dry: bool = False, world_size: Optional[int] = None, progress: bool = True):
+    from xft_megatron.training.loop import train
+
+    cfg = assemble_config(config_path, overrides)
+    if dry:
+        world = world_size or int(os.environ.get("WORLD_SIZE", "1"))
+        print(dry_run(cfg, world))
+        return None
+    stop = _StopOnSignal()
+    info = parallel.initialize(cfg.parallel, seed=cfg.train.seed)
+    tok = tokenizer_for(cfg)
+    batches, report = build_batches(cfg, tok, info.rank)
+    if cfg.train.epochs:
+        steps = max(1, math.ceil(cfg.train.epochs * len(batches)))
+        cfg = cfg.replace(train=replace(cfg.train, train_steps=steps))
+    if info.rank == 0:
+        print(report.table())
+        print(f"data: {len(batches.rows)} rows of {cfg.train.seq_length + 1} tokens "
+              f"({batches.fill:.0%} filled), {len(batches)} global batches per epoch; "
+              f"training {cfg.train.train_steps} steps")
+        print(dry_run(cfg, info.world_size))
+    source = cfg.data.tokenizer or (ckpt.resolve(cfg.checkpoint.load)
+                                    if cfg.checkpoint.load else None)
+    files = tokenizer_files(source) if source and not tok.identity.startswith("bytes") else None
+    return train(cfg, batches, progress=progress, resume=resume, should_stop=stop,
+                 extra_files=files)
