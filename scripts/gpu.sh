@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # On a GPU machine, from the repo root: install carried wheels (.whl/, see
 # prepare_gpu_wheels.sh), run the GPU tests and the dense benchmark. Logs and JSON go to
-# ${OUT:-runs/gpu}. Usage: [BENCH=dense|moe|all|profile-moe] scripts/gpu.sh [dense points]
+# ${OUT:-runs/gpu}. Usage: [BENCH=dense|moe|train|all|profile-moe] scripts/gpu.sh [dense points]
 # BENCH (default all) picks the benchmarks run after the GPU tests; profile-moe runs only the
-# MoE layer profile (no tests).
+# MoE layer profile (no tests); train runs the XFT MoE stage end to end through `xft train`
+# (benchmarks/train_e2e.py) on 1 GPU, and with EP=2 on 2 GPUs when the machine has them.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-runs/gpu}"
@@ -26,6 +27,22 @@ if [ "$BENCH" = profile-moe ]; then
   exit 0
 fi
 python3 -m pytest -q -m gpu tests -p no:cacheprovider 2>&1 | tee "$OUT/gpu_tests.log"
+if [ "$BENCH" = train ]; then
+  NGPU=$(nvidia-smi -L | wc -l)
+  e2e() {  # name, nproc, args...
+    local name=$1 n=$2; shift 2
+    CUDA_VISIBLE_DEVICES=$(seq -s, 0 $((n - 1))) python3 -W ignore -m torch.distributed.run \
+      --standalone --nproc-per-node "$n" benchmarks/train_e2e.py --out "/tmp/e2e_$name" "$@" \
+      2>&1 | grep -v Warning | tail -25 | tee "$OUT/e2e_$name.log"
+    cp "/tmp/e2e_$name/train_e2e.json" "$OUT/e2e_$name.json" 2>/dev/null
+  }
+  e2e 1gpu_l12 1 --layers 12
+  if [ "$NGPU" -ge 2 ]; then
+    e2e 2gpu_ep2_l12 2 --layers 12 parallel.expert=2
+    e2e 2gpu_ep2_l24 2 --layers 24 parallel.expert=2
+  fi
+  exit 0
+fi
 if [ "$BENCH" = moe ] || [ "$BENCH" = all ]; then
   python3 -W ignore benchmarks/expert_gemm.py "$OUT/expert_gemm.json" \
     2>&1 | grep -v Warning | tee "$OUT/expert_gemm.log"

@@ -336,6 +336,7 @@ class CheckpointConfig:
     save: Optional[str] = None  # checkpoint root of this run (iter_*/ + latest)
     save_interval: int = 0  # save every N steps (0 = final save only)
     keep: int = 2  # complete checkpoints kept in `save` (older ones removed); 0 = keep all
+    final: bool = True  # save at the end of the run (off: benchmarks that only need metrics)
 
     def __post_init__(self):
         _require(isinstance(self.save_interval, int) and self.save_interval >= 0,

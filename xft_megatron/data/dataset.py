@@ -1,8 +1,9 @@
-"""Tokenized training data: records -> samples (ids, loss_mask) in a cached Arrow file.
+"""Tokenized training data: records -> samples (ids, loss_mask) in cached memory-mapped files.
 
 `build_dataset` streams the records of `data.path` (records.py), turns each into samples
-(samples.py) and writes them batch by batch to an Arrow stream file that `datasets` memory
-maps. The file lives in `cache_dir/<key>/`, where the key hashes everything the samples depend
+(samples.py) and appends them to flat binary files (`ids.bin` int32, `mask.bin` int8, and
+`offsets.npy`, where sample i is [offsets[i], offsets[i+1])) that are memory mapped for
+reading, so a dataset of any size costs no RAM and reading needs only numpy. The file lives in `cache_dir/<key>/`, where the key hashes everything the samples depend
 on: the data files (path, size, mtime), the tokenizer (path, vocab size, hash of its files),
 the template and its text, the format, seq_length and on_error. A later build with the same
 inputs loads that folder without tokenizing anything (`report.from_cache` is then True).
@@ -32,32 +33,33 @@ from xft_megatron.data.templates import PROMPTS
 from xft_megatron.data.tokenizer import Tokenizer
 
 BUILTIN_STDLIB = "builtin:stdlib"
-CACHE_VERSION = 1  # bump when the sample layout or the tokenization rules change
-_ARROW_FILE, _REPORT_FILE, _META_FILE = "samples.arrow", "report.json", "meta.json"
-_WRITE_BATCH = 4096  # samples per Arrow record batch
+CACHE_VERSION = 2  # bump when the sample layout or the tokenization rules change
+_IDS_FILE, _MASK_FILE, _OFFSETS_FILE = "ids.bin", "mask.bin", "offsets.npy"
+_REPORT_FILE, _META_FILE = "report.json", "meta.json"
+_WRITE_BATCH = 4096  # samples buffered per write
 
 
 class TokenizedDataset:
-    """Samples (ids, loss_mask) backed by a memory-mapped Arrow file.
+    """Samples (ids, loss_mask) backed by memory-mapped flat files.
 
     `ds[i]` -> (ids int64 [n], loss_mask float32 [n]); `lengths` int64 [len(ds)]."""
 
     def __init__(self, directory: str, pad_id: int, from_cache: bool):
-        import datasets
-
         self.directory, self.pad_id, self.from_cache = directory, pad_id, from_cache
-        self.hf_dataset = datasets.Dataset.from_file(os.path.join(directory, _ARROW_FILE))
-        table = self.hf_dataset.data
-        self._ids, self._mask = table.column("ids"), table.column("loss_mask")
-        self.lengths = table.column("length").to_numpy().astype(np.int64)
+        self.offsets = np.load(os.path.join(directory, _OFFSETS_FILE))
+        self.lengths = np.diff(self.offsets).astype(np.int64)
+        total = int(self.offsets[-1])
+        self._ids = np.memmap(os.path.join(directory, _IDS_FILE), dtype=np.int32, mode="r",
+                              shape=(total,)) if total else np.zeros(0, np.int32)
+        self._mask = np.memmap(os.path.join(directory, _MASK_FILE), dtype=np.int8, mode="r",
+                               shape=(total,)) if total else np.zeros(0, np.int8)
 
     def __len__(self) -> int:
         return len(self.lengths)
 
     def __getitem__(self, i: int) -> Tuple[np.ndarray, np.ndarray]:
-        ids = self._ids[i].values.to_numpy(zero_copy_only=False).astype(np.int64)
-        mask = self._mask[i].values.to_numpy(zero_copy_only=False).astype(np.float32)
-        return ids, mask
+        a, b = int(self.offsets[i]), int(self.offsets[i + 1])
+        return self._ids[a:b].astype(np.int64), self._mask[a:b].astype(np.float32)
 
     @property
     def num_tokens(self) -> int:
@@ -95,7 +97,7 @@ def build_dataset(data_cfg: DataConfig, tokenizer: Tokenizer, seq_length: int,
         report = DataReport()
         stream = _samples(files, data_cfg.format, data_cfg.template, tokenizer, seq_length,
                           report, vocab_size)
-        _write_arrow(os.path.join(tmp, _ARROW_FILE), stream)
+        _write_samples(tmp, stream)
         report.check(data_cfg.on_error)
         _write_json(os.path.join(tmp, _META_FILE), {"key": key, "inputs": key_inputs,
                                                     "pad_id": tokenizer.pad_id})
@@ -180,30 +182,28 @@ def _samples(files: List[Source], fmt: str, template: str, tok: Tokenizer, seq_l
             yield ids, mask
 
 
-def _write_arrow(path: str, samples: Iterator[Tuple[List[int], List[int]]]) -> None:
-    import pyarrow as pa
-
-    schema = pa.schema([("ids", pa.list_(pa.int32())), ("loss_mask", pa.list_(pa.int8())),
-                        ("length", pa.int32())])
-    with pa.OSFile(path, "wb") as sink, pa.ipc.new_stream(sink, schema) as writer:
-        ids_col, mask_col = [], []
+def _write_samples(directory: str, samples: Iterator[Tuple[List[int], List[int]]]) -> None:
+    """Append samples to ids.bin / mask.bin in batches; offsets.npy last."""
+    offsets = [0]
+    with open(os.path.join(directory, _IDS_FILE), "wb") as fi, \
+            open(os.path.join(directory, _MASK_FILE), "wb") as fm:
+        ids_buf, mask_buf = [], []
 
         def flush():
-            batch = pa.record_batch([pa.array(ids_col, pa.list_(pa.int32())),
-                                     pa.array(mask_col, pa.list_(pa.int8())),
-                                     pa.array([len(x) for x in ids_col], pa.int32())],
-                                    schema=schema)
-            writer.write_batch(batch)
-            ids_col.clear()
-            mask_col.clear()
+            if ids_buf:
+                fi.write(np.concatenate(ids_buf).astype(np.int32).tobytes())
+                fm.write(np.concatenate(mask_buf).astype(np.int8).tobytes())
+                ids_buf.clear()
+                mask_buf.clear()
 
         for ids, mask in samples:
-            ids_col.append(ids)
-            mask_col.append(mask)
-            if len(ids_col) >= _WRITE_BATCH:
+            ids_buf.append(np.asarray(ids, dtype=np.int32))
+            mask_buf.append(np.asarray(mask, dtype=np.int8))
+            offsets.append(offsets[-1] + len(ids))
+            if len(ids_buf) >= _WRITE_BATCH:
                 flush()
-        if ids_col:
-            flush()
+        flush()
+    np.save(os.path.join(directory, _OFFSETS_FILE), np.asarray(offsets, dtype=np.int64))
 
 
 def _load(directory: str, tokenizer: Tokenizer,

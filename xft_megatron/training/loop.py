@@ -115,6 +115,7 @@ def train(cfg: Config, data, progress: bool = True, resume: bool = False,
         for step in range(start, t.train_steps):
             step_start = time.perf_counter()
             mbs = split_global_batch(make_batch(data[step]), t.micro_batch_size)
+            data_seconds = time.perf_counter() - step_start
             stats = train_step(chunks, optimizer, scheduler, mbs, t.seq_length, t.clip_grad,
                                loss_hook=loss_hook)
             finite = math.isfinite(stats["loss"]) and (
@@ -131,6 +132,7 @@ def train(cfg: Config, data, progress: bool = True, resume: bool = False,
             elapsed = time.perf_counter() - step_start
             tokens_seen += tokens_per_step
             stats["tokens_per_s"] = tokens_per_step / elapsed
+            stats["step_s"], stats["data_s"] = elapsed, data_seconds
             stats["mfu"] = flops_per_token * stats["tokens_per_s"] / world / \
                 flops.H200_BF16_DENSE_PEAK if platform.has_cuda() else 0.0
             stats["memory_gib"] = peak_memory_gib()
@@ -144,7 +146,8 @@ def train(cfg: Config, data, progress: bool = True, resume: bool = False,
             metrics.log(step + 1, stats)
             stop = should_stop is not None and _any_rank(should_stop())
             last = step + 1 == t.train_steps
-            if c.save and (stop or last or (c.save_interval and (step + 1) % c.save_interval == 0)):
+            periodic = c.save_interval and (step + 1) % c.save_interval == 0
+            if c.save and (stop or (last and c.final) or periodic):
                 result.checkpoint = save(step + 1)
             if stop:
                 result.stopped_early = not last
