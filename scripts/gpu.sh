@@ -26,7 +26,8 @@ if [ "$BENCH" = profile-moe ]; then
   done
   exit 0
 fi
-python3 -m pytest -q -m gpu tests -p no:cacheprovider 2>&1 | tee "$OUT/gpu_tests.log"
+[ "${SKIP_TESTS:-0}" = 1 ] || \
+  python3 -m pytest -q -m gpu tests -p no:cacheprovider 2>&1 | tee "$OUT/gpu_tests.log"
 if [ "$BENCH" = train ]; then
   NGPU=$(nvidia-smi -L | wc -l)
   e2e() {  # name, nproc, args...
@@ -36,11 +37,12 @@ if [ "$BENCH" = train ]; then
       2>&1 | grep -v Warning | tail -25 | tee "$OUT/e2e_$name.log"
     cp "/tmp/e2e_$name/train_e2e.json" "$OUT/e2e_$name.json" 2>/dev/null
   }
-  e2e 1gpu_l12 1 --layers 12
-  if [ "$NGPU" -ge 2 ]; then
-    e2e 2gpu_ep2_l12 2 --layers 12 parallel.expert=2
-    e2e 2gpu_ep2_l24 2 --layers 24 parallel.expert=2
-  fi
+  # E2E: the points to run (default: all that fit the machine), as name:gpus:layers[:ep]
+  for point in ${E2E:-1gpu_l12:1:12 2gpu_ep2_l12:2:12:2 2gpu_ep2_l24:2:24:2 4gpu_ep4_l12:4:12:4 4gpu_ep4_l24:4:24:4}; do
+    IFS=: read -r name n layers ep <<< "$point"
+    [ "$n" -le "$NGPU" ] || continue
+    e2e "$name" "$n" --layers "$layers" ${ep:+parallel.expert=$ep}
+  done
   exit 0
 fi
 if [ "$BENCH" = moe ] || [ "$BENCH" = all ]; then
