@@ -11,6 +11,7 @@ the seed (they are per rank), which only matters for noisy gating and dropout.
 
 import math
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from typing import Callable, Dict, List, Optional
 
@@ -62,6 +63,30 @@ def _any_rank(flag: bool) -> bool:
     return bool(t.item())
 
 
+class _Prefetcher:
+    """Prepares the micro-batches of step i+1 on a background thread while step i runs."""
+
+    def __init__(self, data, micro_batch_size: int, total_steps: int):
+        self.data, self.mbs, self.total = data, micro_batch_size, total_steps
+        self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="xft-data")
+        self.pending = None  # (step, future)
+
+    def _prepare(self, step: int):
+        return split_global_batch(make_batch(self.data[step]), self.mbs)
+
+    def get(self, step: int):
+        if self.pending is not None and self.pending[0] == step:
+            batch = self.pending[1].result()
+        else:
+            batch = self._prepare(step)
+        self.pending = (step + 1, self.pool.submit(self._prepare, step + 1)) \
+            if step + 1 < self.total else None
+        return batch
+
+    def close(self):
+        self.pool.shutdown(wait=True, cancel_futures=True)
+
+
 def train(cfg: Config, data, progress: bool = True, resume: bool = False,
           should_stop: Optional[Callable[[], bool]] = None, extra_files=None,
           loss_hook=None, log_dir: Optional[str] = None) -> RunResult:
@@ -111,10 +136,11 @@ def train(cfg: Config, data, progress: bool = True, resume: bool = False,
     flops_per_token = flops.flops_per_token(cfg.model, t.seq_length, cfg.moe)
     world = info.world_size
     run_start, tokens_seen = time.perf_counter(), 0
+    batches = _Prefetcher(data, t.micro_batch_size, t.train_steps)
     try:
         for step in range(start, t.train_steps):
             step_start = time.perf_counter()
-            mbs = split_global_batch(make_batch(data[step]), t.micro_batch_size)
+            mbs = batches.get(step)
             data_seconds = time.perf_counter() - step_start
             stats = train_step(chunks, optimizer, scheduler, mbs, t.seq_length, t.clip_grad,
                                loss_hook=loss_hook)
@@ -154,6 +180,7 @@ def train(cfg: Config, data, progress: bool = True, resume: bool = False,
                 metrics.message(f"stopping at step {step + 1} (checkpoint {result.checkpoint})")
                 break
     finally:
+        batches.close()
         seconds = time.perf_counter() - run_start
         result.tokens_per_s = tokens_seen / seconds if seconds > 0 else 0.0
         result.summary = {
