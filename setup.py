@@ -17,9 +17,10 @@ setup(
         "pyyaml",
         "tqdm",
         "psutil",
+        "tensorboard",
     ],
     extras_require={
-        "test": ["pytest>=8", "pytest-timeout"],
+        "test": ["pytest>=8", "pytest-timeout", "hypothesis"],
         "te": ["transformer-engine[pytorch]"],
     },
     entry_points={"console_scripts": ["xft=xft_megatron.cli:main"]},

@@ -51,8 +51,10 @@ def hf_to_mcore(hf_dir: str, out: str, dtype: str = "fp32") -> str:
 
 def tokenizer_files(directory: str) -> Dict[str, str]:
     """Tokenizer files in an HF directory or checkpoint folder (name -> path), to carry along."""
+    extra = ("special_tokens_map.json", "added_tokens.json", "vocab.json", "merges.txt",
+             "chat_template.jinja", "chat_template.json")
     return {f: os.path.join(directory, f) for f in os.listdir(directory)
-            if f.startswith("tokenizer") or f == "special_tokens_map.json"}
+            if f.startswith("tokenizer") or f in extra}
 
 
 def mcore_to_hf(ckpt_dir: str, out: str, dtype: str = "bf16",

@@ -26,7 +26,8 @@ def say(*args):
 
 
 def run(out_dir: str, steps: int = 60, max_files: int = 400, overrides=()) -> dict:
-    from xft_megatron.training.loop import evaluate, train
+    from xft_megatron.eval.loss import mean_loss as evaluate
+    from xft_megatron.training.loop import train
 
     warmup = f"train.lr_warmup_steps={max(1, steps // 10)}"  # 10% of the steps
     cfg = load_config(None, DEFAULTS + [f"train.train_steps={steps}", warmup] + list(overrides))

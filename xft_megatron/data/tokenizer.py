@@ -233,3 +233,20 @@ def load_tokenizer(path: Optional[str]) -> Tokenizer:
                                 "expected an HF tokenizer directory or a .model file")
     raise FileNotFoundError(f"tokenizer '{path}' does not exist; expected an HF tokenizer "
                             "directory or a sentencepiece .model file (or no path: bytes)")
+
+
+def tokenizer_for_model(path: Optional[str], checkpoint_dir: Optional[str],
+                        model_vocab_size: int) -> Tuple["Tokenizer", Optional[str]]:
+    """(tokenizer, its source): `path` if given, else the tokenizer files stored in
+    `checkpoint_dir` (an iter_* folder), else bytes. Refused (ValueError naming both sizes)
+    when the tokenizer's ids do not fit the model's vocabulary."""
+    source = path
+    if source is None and checkpoint_dir and \
+            any(f.startswith("tokenizer") for f in os.listdir(checkpoint_dir)):
+        source = checkpoint_dir
+    tok = load_tokenizer(source)
+    if tok.vocab_size > model_vocab_size:
+        raise ValueError(f"the tokenizer ({source or 'bytes'}) has {tok.vocab_size} ids but the "
+                         f"model's vocabulary is {model_vocab_size}: use the model's own "
+                         "tokenizer or a model with a larger vocabulary")
+    return tok, source

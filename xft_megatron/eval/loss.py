@@ -7,25 +7,25 @@ as if alone. Dense, MoE and merge-stage checkpoints; any layout (torchrun).
 """
 
 import math
-import os
-from typing import Dict, Optional
+from typing import Dict, Iterable, Optional
 
 import torch
 
 from xft_megatron import parallel
 from xft_megatron.checkpoint import dist as ckpt
-from xft_megatron.config import ConfigError
+from xft_megatron.config import Config
 from xft_megatron.data.dataset import build_dataset
 from xft_megatron.data.packing import PackedBatches
-from xft_megatron.data.tokenizer import load_tokenizer
+from xft_megatron.data.tokenizer import tokenizer_for_model
 from xft_megatron.model.builder import build_model
 from xft_megatron.training.step import loss_totals, make_batch, split_global_batch
 
 
-def evaluate_loss(checkpoint: str, data: str, tokenizer: Optional[str] = None,
+def evaluate_loss(checkpoint: str, data: str, cache_dir: str, tokenizer: Optional[str] = None,
                   layout: Optional[Dict] = None, seq_length: Optional[int] = None,
-                  micro_batch_size: int = 4, template: str = "magicoder", fmt: str = "auto",
-                  cache_dir: Optional[str] = None) -> Dict[str, float]:
+                  micro_batch_size: int = 4, template: str = "magicoder",
+                  fmt: str = "auto") -> Dict[str, float]:
+    """{loss, perplexity, tokens}; `cache_dir` holds the tokenized data."""
     stored = ckpt.read_config(checkpoint)
     seq = seq_length or stored["train"]["seq_length"]
     dp_layout = dict(layout or {})
@@ -38,30 +38,35 @@ def evaluate_loss(checkpoint: str, data: str, tokenizer: Optional[str] = None,
                            checkpoint={})
     info = parallel.initialize(cfg.parallel, seed=cfg.train.seed)
     dp = cfg.parallel.data_parallel_size(info.world_size)
-    tok_source = tokenizer
-    if tok_source is None:
-        folder = ckpt.resolve(checkpoint)
-        tok_source = folder if any(f.startswith("tokenizer") for f in os.listdir(folder)) \
-            else None
-    tok = load_tokenizer(tok_source)
-    if tok.vocab_size > cfg.model.vocab_size:
-        raise ConfigError(f"the tokenizer ({tok_source or 'bytes'}) has {tok.vocab_size} ids "
-                          f"but the model's vocabulary is {cfg.model.vocab_size}")
-    cache = cache_dir or os.path.join(ckpt.resolve(checkpoint), "..", ".eval_cache")
-    dataset, _ = build_dataset(cfg.data, tok, seq, cache, vocab_size=cfg.model.vocab_size)
+    tok, _ = tokenizer_for_model(tokenizer, ckpt.resolve(checkpoint), cfg.model.vocab_size)
+    dataset, _ = build_dataset(cfg.data, tok, seq, cache_dir, vocab_size=cfg.model.vocab_size)
     batches = PackedBatches(dataset, seq, micro_batch_size * dp, seed=0, packing=True,
                             pad_id=tok.pad_id)
+    total, count = checkpoint_loss(cfg, checkpoint, (batches[i] for i in range(len(batches))))
+    if count == 0:
+        raise ValueError(f"'{data}' has no tokens to score (every loss mask is empty)")
+    loss = total / count
+    return {"loss": loss, "perplexity": math.exp(min(loss, 700.0)), "tokens": int(count)}
+
+
+def checkpoint_loss(cfg: Config, checkpoint: str, global_batches: Iterable):
+    """(sum of token losses, loss tokens) of a checkpoint over global batches (token tensors
+    or packed batch dicts), forward only in eval mode, in the layout of `cfg.parallel`."""
+    parallel.initialize(cfg.parallel, seed=cfg.train.seed)
     chunks = build_model(cfg)
     ckpt.load(chunks, checkpoint)
     for c in chunks:
         c.eval()
     total, count = 0.0, 0.0
     with torch.no_grad():
-        for step in range(len(batches)):  # one epoch: every sample exactly once
-            mbs = split_global_batch(make_batch(batches[step]), micro_batch_size)
-            s, n = loss_totals(chunks, mbs, seq)
+        for batch in global_batches:
+            mbs = split_global_batch(make_batch(batch), cfg.train.micro_batch_size)
+            s, n = loss_totals(chunks, mbs, cfg.train.seq_length)
             total, count = total + s, count + n
-    if count == 0:
-        raise ValueError(f"'{data}' has no tokens to score (every loss mask is empty)")
-    loss = total / count
-    return {"loss": loss, "perplexity": math.exp(min(loss, 700.0)), "tokens": int(count)}
+    return total, count
+
+
+def mean_loss(cfg: Config, checkpoint: str, global_batches: Iterable) -> float:
+    """Per-token loss of a checkpoint on fixed global batches."""
+    total, count = checkpoint_loss(cfg, checkpoint, global_batches)
+    return total / max(count, 1.0)

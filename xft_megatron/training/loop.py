@@ -27,8 +27,7 @@ from xft_megatron.training import flops, rng
 from xft_megatron.training.metrics import Metrics, peak_memory_gib
 from xft_megatron.training.optimizer import build_optimizer, build_scheduler, \
     init_optimizer_state, set_step_counters, wrap_ddp
-from xft_megatron.training.step import forward_backward, make_batch, split_global_batch, \
-    train_step
+from xft_megatron.training.step import make_batch, split_global_batch, train_step
 
 
 class NonFiniteLoss(RuntimeError):
@@ -197,18 +196,3 @@ def train(cfg: Config, data, progress: bool = True, resume: bool = False,
         metrics.close(result.summary)
     return result
 
-
-def evaluate(cfg: Config, checkpoint: str, batches: List[torch.Tensor]) -> float:
-    """Per-token loss of a checkpoint on fixed global batches (forward only)."""
-    parallel.initialize(cfg.parallel, seed=cfg.train.seed)
-    chunks = build_model(cfg)
-    ckpt.load(chunks, checkpoint)
-    for c in chunks:
-        c.eval()
-    total, n = 0.0, 0
-    with torch.no_grad():
-        for b in batches:
-            mbs = split_global_batch(make_batch(b), cfg.train.micro_batch_size)
-            total += forward_backward(chunks, mbs, cfg.train.seq_length, forward_only=True)
-            n += 1
-    return total / max(n, 1)

@@ -12,16 +12,16 @@ import math
 import os
 import signal
 from dataclasses import replace
-from typing import Optional, Sequence
+from typing import Optional, Sequence, Tuple
 
 import torch.distributed as dist
 
-from xft_megatron import parallel
+from xft_megatron import convert, parallel
 from xft_megatron.checkpoint import dist as ckpt
 from xft_megatron.config import Config, ConfigError, deep_merge, parse_overrides, read_yaml
 from xft_megatron.data.dataset import build_dataset
 from xft_megatron.data.packing import PackedBatches
-from xft_megatron.data.tokenizer import Tokenizer, load_tokenizer
+from xft_megatron.data.tokenizer import Tokenizer, tokenizer_for_model
 from xft_megatron.training import memory
 
 
@@ -56,30 +56,20 @@ def assemble_config(path: Optional[str], overrides: Sequence[str]) -> Config:
     return cfg
 
 
-def tokenizer_for(cfg: Config) -> Tokenizer:
-    """data.tokenizer, else the tokenizer stored with checkpoint.load, else bytes; refused
-    when its ids do not fit the model's vocabulary."""
-    source = cfg.data.tokenizer
-    if source is None and cfg.checkpoint.load:
-        stored = ckpt.resolve(cfg.checkpoint.load)
-        if any(f.startswith("tokenizer") for f in os.listdir(stored)):
-            source = stored
-    tok = load_tokenizer(source)
-    if tok.vocab_size > cfg.model.vocab_size:
-        raise ConfigError(f"the tokenizer ({source or 'bytes'}) has {tok.vocab_size} ids but "
-                          f"model.vocab_size={cfg.model.vocab_size}: use the model's own "
-                          "tokenizer (data.tokenizer) or a model with a larger vocabulary")
-    return tok
+def tokenizer_for(cfg: Config) -> Tuple[Tokenizer, Optional[str]]:
+    """data.tokenizer, else the tokenizer stored with checkpoint.load, else bytes."""
+    stored = ckpt.resolve(cfg.checkpoint.load) if cfg.checkpoint.load else None
+    try:
+        return tokenizer_for_model(cfg.data.tokenizer, stored, cfg.model.vocab_size)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
 
 
-def tokenizer_files(tok_source: Optional[str]):
-    if not tok_source:
-        return None
-    if os.path.isfile(tok_source):
-        return {"tokenizer.model": tok_source}
-    return {f: os.path.join(tok_source, f) for f in os.listdir(tok_source)
-            if f.startswith("tokenizer") or f in ("special_tokens_map.json", "vocab.json",
-                                                  "merges.txt", "chat_template.jinja")}
+def tokenizer_files(source: str):
+    """name -> path of the tokenizer files to store with every checkpoint."""
+    if os.path.isfile(source):  # a sentencepiece model
+        return {"tokenizer.model": source}
+    return convert.tokenizer_files(source)
 
 
 def build_batches(cfg: Config, tok: Tokenizer, rank: int):
@@ -155,7 +145,7 @@ def main(config_path: Optional[str], overrides: Sequence[str], resume: bool = Fa
         return None
     stop = _StopOnSignal()
     info = parallel.initialize(cfg.parallel, seed=cfg.train.seed)
-    tok = tokenizer_for(cfg)
+    tok, source = tokenizer_for(cfg)
     batches, report = build_batches(cfg, tok, info.rank)
     if cfg.train.epochs:
         steps = max(1, math.ceil(cfg.train.epochs * len(batches)))
@@ -166,8 +156,6 @@ def main(config_path: Optional[str], overrides: Sequence[str], resume: bool = Fa
               f"({batches.fill:.0%} filled), {len(batches)} global batches per epoch; "
               f"training {cfg.train.train_steps} steps")
         print(dry_run(cfg, info.world_size))
-    source = cfg.data.tokenizer or (ckpt.resolve(cfg.checkpoint.load)
-                                    if cfg.checkpoint.load else None)
-    files = tokenizer_files(source) if source and not tok.identity.startswith("bytes") else None
+    files = tokenizer_files(source) if source else None
     return train(cfg, batches, progress=progress, resume=resume, should_stop=stop,
                  extra_files=files)
