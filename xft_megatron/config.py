@@ -448,7 +448,10 @@ class Config:
         return dataclasses.asdict(self)
 
     def replace(self, **sections) -> "Config":
-        """A copy with whole sections replaced (re-validated)."""
+        """A copy with whole sections replaced (re-validated). Replacing `moe` without
+        `train` lets the stage follow the new model (upcycle: dense -> moe; fold: -> pretrain)."""
+        if "moe" in sections and "train" not in sections:
+            sections["train"] = dataclasses.replace(self.train, stage=None)
         return dataclasses.replace(self, **sections)
 
 

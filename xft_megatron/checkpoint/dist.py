@@ -96,11 +96,12 @@ def save(chunks: List, root: str, iteration: int, cfg: Config,
     tmp = _broadcast_str(os.path.join(root, f".tmp-{name}-{uuid.uuid4().hex[:8]}")
                          if _rank() == 0 else None)
     if _rank() == 0:
-        os.makedirs(os.path.join(tmp, RANK_STATE_DIR))
+        os.makedirs(tmp)
     _barrier()
     dist_checkpointing.save(
         _training_sharded_state_dict(chunks, optimizer, scheduler, is_loading=False), tmp)
     if rank_state is not None:
+        os.makedirs(os.path.join(tmp, RANK_STATE_DIR), exist_ok=True)
         path = os.path.join(tmp, RANK_STATE_DIR, f"rank_{_rank():05d}.pt")
         torch.save(rank_state, path)
         _fsync_file(path)

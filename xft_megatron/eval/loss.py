@@ -24,8 +24,9 @@ from xft_megatron.training.step import loss_totals, make_batch, split_global_bat
 def evaluate_loss(checkpoint: str, data: str, cache_dir: str, tokenizer: Optional[str] = None,
                   layout: Optional[Dict] = None, seq_length: Optional[int] = None,
                   micro_batch_size: int = 4, template: str = "magicoder",
-                  fmt: str = "auto") -> Dict[str, float]:
-    """{loss, perplexity, tokens}; `cache_dir` holds the tokenized data."""
+                  fmt: str = "auto", on_error: str = "fail") -> Dict[str, float]:
+    """{loss, perplexity, tokens, records}; `cache_dir` holds the tokenized data. Records that
+    cannot be scored (see data.on_error) fail the evaluation, or are skipped and counted."""
     stored = ckpt.read_config(checkpoint)
     seq = seq_length or stored["train"]["seq_length"]
     dp_layout = dict(layout or {})
@@ -34,19 +35,20 @@ def evaluate_loss(checkpoint: str, data: str, cache_dir: str, tokenizer: Optiona
                                   "micro_batch_size": micro_batch_size,
                                   "global_batch_size": micro_batch_size},
                            data={"path": data, "tokenizer": tokenizer, "template": template,
-                                 "format": fmt, "on_error": "fail"},
+                                 "format": fmt, "on_error": on_error},
                            checkpoint={})
     info = parallel.initialize(cfg.parallel, seed=cfg.train.seed)
     dp = cfg.parallel.data_parallel_size(info.world_size)
     tok, _ = tokenizer_for_model(tokenizer, ckpt.resolve(checkpoint), cfg.model.vocab_size)
-    dataset, _ = build_dataset(cfg.data, tok, seq, cache_dir, vocab_size=cfg.model.vocab_size)
+    dataset, report = build_dataset(cfg.data, tok, seq, cache_dir, vocab_size=cfg.model.vocab_size)
     batches = PackedBatches(dataset, seq, micro_batch_size * dp, seed=0, packing=True,
                             pad_id=tok.pad_id)
     total, count = checkpoint_loss(cfg, checkpoint, (batches[i] for i in range(len(batches))))
     if count == 0:
         raise ValueError(f"'{data}' has no tokens to score (every loss mask is empty)")
     loss = total / count
-    return {"loss": loss, "perplexity": math.exp(min(loss, 700.0)), "tokens": int(count)}
+    return {"loss": loss, "perplexity": math.exp(min(loss, 700.0)), "tokens": int(count),
+            "records": report.kept, "skipped_records": report.dropped}
 
 
 def checkpoint_loss(cfg: Config, checkpoint: str, global_batches: Iterable):

