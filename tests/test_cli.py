@@ -54,6 +54,14 @@ def test_quickstart_end_to_end_and_rerun(tmp_path):
         assert f"({png}.png)" in report
     assert "completion by the merged model (transformers)" in r.stdout
     assert os.path.isfile(out / "xft_merged" / "hf" / "config.json")
+    # HumanEval straight from the folded Megatron checkpoint (converted to HF on the way)
+    he = _run(["eval", "humaneval", "--model", str(out / "xft_merged"), "--limit", "2",
+               "--max-new-tokens", "16", "--out", str(tmp_path / "he")])
+    assert he.returncode == 0, he.stderr[-3000:]
+    result = json.load(open(tmp_path / "he" / "humaneval.json"))
+    assert [t["task_id"] for t in result["per_task"]] == ["HumanEval/0", "HumanEval/1"]
+    assert all(s in ("passed", "failed", "timeout", "error")
+               for t in result["per_task"] for s in t["results"])
     # a rerun reuses every finished stage and reports the same numbers
     again = _run(["quickstart", "--out", str(out)] + QUICK)
     assert again.returncode == 0, again.stderr[-3000:]

@@ -91,8 +91,8 @@ def test_infinite_loop_times_out_and_leaves_no_process():
 
 
 def test_cpu_limit_stops_a_busy_program_before_the_wall_clock():
-    r = run_program("while True:\n    pass\n", timeout_s=20, limits=SandboxLimits(cpu_seconds=1))
-    assert r.status == "timeout" and r.seconds < 5, r
+    r = run_program("while True:\n    pass\n", timeout_s=30, limits=SandboxLimits(cpu_seconds=1))
+    assert r.status == "timeout" and r.seconds < 15, r  # stopped by RLIMIT_CPU, not at 30 s
 
 
 def test_fork_bomb_and_process_creation_are_refused():

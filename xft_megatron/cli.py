@@ -84,6 +84,11 @@ def _eval(args):
     import json
     import os
 
+    if args.what == "humaneval":
+        return _humaneval(args)
+    if not args.ckpt or not args.data:
+        raise ValueError("xft eval loss needs --ckpt CHECKPOINT and --data FILE")
+
     from xft_megatron.eval.loss import evaluate_loss
     from xft_megatron.quickstart import say
 
@@ -102,6 +107,32 @@ def _data(args):
     code = mine_code.run(args)
     if code:
         raise SystemExit(code)
+
+
+def _humaneval(args):
+    import json
+    import os
+
+    from xft_megatron.eval.humaneval import evaluate_humaneval
+    from xft_megatron.quickstart import say
+
+    model = args.model or args.ckpt
+    if not model:
+        raise ValueError("xft eval humaneval needs --model HF_DIR_OR_CHECKPOINT")
+    out = args.out or os.path.join(model.rstrip("/") + "_humaneval")
+    os.makedirs(out, exist_ok=True)
+    if not os.path.isfile(os.path.join(model, "config.json")):  # a Megatron checkpoint
+        from xft_megatron.convert import mcore_to_hf
+
+        hf_dir = os.path.join(out, "hf_model")
+        if not os.path.isfile(os.path.join(hf_dir, "config.json")):
+            mcore_to_hf(model, hf_dir, dtype="fp32")
+        model = hf_dir
+    result = evaluate_humaneval(model, os.path.join(out, "humaneval.json"), n=args.n,
+                                limit=args.limit, temperature=args.temperature,
+                                max_new_tokens=args.max_new_tokens, workers=args.workers)
+    say(json.dumps({k: result[k] for k in ("pass@1", "pass@k", "n", "limit") if k in result}))
+    say(f"per-task results: {os.path.join(out, 'humaneval.json')}")
 
 
 def _layout(args) -> dict:
@@ -184,9 +215,16 @@ def build_parser() -> argparse.ArgumentParser:
     t.set_defaults(func=_train)
 
     e = sub.add_parser("eval", help="evaluate a checkpoint")
-    e.add_argument("what", choices=["loss"])
-    e.add_argument("--ckpt", required=True, help="checkpoint (dense, MoE or merge stage)")
-    e.add_argument("--data", required=True, help="JSON/JSONL/Parquet file(s), comma-separated")
+    e.add_argument("what", choices=["loss", "humaneval"])
+    e.add_argument("--ckpt", help="loss: checkpoint (dense, MoE or merge stage)")
+    e.add_argument("--data", help="loss: JSON/JSONL/Parquet file(s), comma-separated")
+    e.add_argument("--model", help="humaneval: HF directory or dense Megatron checkpoint")
+    e.add_argument("--n", type=int, default=1, help="humaneval: samples per task (1 = greedy)")
+    e.add_argument("--limit", type=int, default=None, help="humaneval: first K tasks only")
+    e.add_argument("--temperature", type=float, default=0.2, help="humaneval: when --n > 1")
+    e.add_argument("--max-new-tokens", type=int, default=512)
+    e.add_argument("--workers", type=int, default=2, help="humaneval: sandboxed runs at once")
+    e.add_argument("--out", default=None, help="humaneval: output folder")
     e.add_argument("--tokenizer", default=None,
                    help="HF tokenizer dir or sentencepiece model (default: the checkpoint's)")
     e.add_argument("--seq-length", type=int, default=None,

@@ -4,7 +4,9 @@ torch_dist checkpoints carry global tensor names, so the checkpoint written here
 any parallel layout; the conversion itself runs in one process over full tensors.
 """
 
+import json
 import os
+import shutil
 from typing import Dict, Optional
 
 import torch
@@ -75,3 +77,25 @@ def mcore_to_hf(ckpt_dir: str, out: str, dtype: str = "bf16",
     sd = ckpt.gather_full_state_dict(chunks)
     arch = architecture or ("Qwen2ForCausalLM" if cfg.model.qkv_bias else "LlamaForCausalLM")
     write_hf_dir(hf_llama.to_hf(sd, cfg.model), cfg.model, arch, out, DTYPES[dtype])
+    copy_tokenizer(ckpt.resolve(ckpt_dir), out)
+
+
+def copy_tokenizer(src: str, out: str) -> None:
+    """Copy the tokenizer files stored with a checkpoint into an HF directory. A bare
+    sentencepiece model (the quickstart's) gets a tokenizer_config.json so that
+    `AutoTokenizer` loads it (as LlamaTokenizer: BOS added, no text normalization)."""
+    files = tokenizer_files(src)
+    for name, path in files.items():
+        shutil.copy2(path, os.path.join(out, name))
+    if "tokenizer.model" in files and "tokenizer_config.json" not in files \
+            and "tokenizer.json" not in files:
+        import sentencepiece
+
+        sp = sentencepiece.SentencePieceProcessor(model_file=files["tokenizer.model"])
+        piece = lambda i: sp.id_to_piece(i) if 0 <= i < sp.get_piece_size() else None  # noqa
+        config = {"tokenizer_class": "LlamaTokenizer", "bos_token": piece(sp.bos_id()),
+                  "eos_token": piece(sp.eos_id()), "unk_token": piece(sp.unk_id()),
+                  "pad_token": piece(sp.pad_id()), "add_bos_token": sp.bos_id() >= 0,
+                  "add_eos_token": False, "legacy": False, "add_prefix_space": False}
+        with open(os.path.join(out, "tokenizer_config.json"), "w") as f:
+            json.dump(config, f, indent=1)

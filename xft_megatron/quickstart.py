@@ -171,7 +171,7 @@ def _finish(out_dir, data, stages, losses, seconds) -> Dict:
              report.plot_merge_coefficients(stages["merge"]["result"]["merge_coefficients"],
                                             d("merge_coefficients.png"))]
     hf_dir = d("xft_merged", "hf")
-    completion = _generate(hf_dir, d("data", "heldout.jsonl"), data["tokenizer"]) \
+    completion = _generate(hf_dir, d("data", "heldout.jsonl")) \
         if os.path.isdir(hf_dir) else ("(launched on several processes: export with `xft "
                                        "convert mcore-to-hf --ckpt xft_merged --out DIR`)")
     sections = [
@@ -192,21 +192,21 @@ def _finish(out_dir, data, stages, losses, seconds) -> Dict:
     return summary
 
 
-def _generate(hf_dir: str, heldout: str, spm_model: str, max_new_tokens: int = 64) -> str:
-    """Greedy completion of a held-out instruction by the HF export."""
+def _generate(hf_dir: str, heldout: str, max_new_tokens: int = 64) -> str:
+    """Greedy completion of a held-out instruction by the HF export, model and tokenizer both
+    loaded with transformers."""
     import torch
     import transformers
 
     from xft_megatron.data.templates import render_prompt
-    from xft_megatron.data.tokenizer import load_tokenizer
 
     with open(heldout) as f:  # the shortest held-out instruction
         record = min((json.loads(line) for line in f), key=lambda r: len(r["instruction"]))
-    tok = load_tokenizer(spm_model)
-    prompt = render_prompt("magicoder", record["instruction"])
-    ids = ([tok.bos_id] if tok.bos_id is not None else []) + tok.encode(prompt)
+    tok = transformers.AutoTokenizer.from_pretrained(hf_dir)
     model = transformers.AutoModelForCausalLM.from_pretrained(hf_dir).eval()
+    ids = tok(render_prompt("magicoder", record["instruction"]), return_tensors="pt").input_ids
     with torch.no_grad():
-        out = model.generate(torch.tensor([ids]), max_new_tokens=max_new_tokens, do_sample=False,
-                             eos_token_id=tok.eos_id, pad_token_id=tok.pad_id)
-    return record["instruction"].split("\n\n", 1)[-1] + tok.decode(out[0, len(ids):].tolist())
+        out = model.generate(ids, max_new_tokens=max_new_tokens, do_sample=False,
+                             eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    completion = tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
+    return record["instruction"].split("\n\n", 1)[-1] + completion
