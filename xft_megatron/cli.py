@@ -285,6 +285,9 @@ def main(argv=None) -> int:
     except (FileNotFoundError, FileExistsError, ValueError) as e:  # DataError included
         print(f"xft: {e}", file=sys.stderr)
         return 2
+    except OSError as e:  # e.g. a checkpoint write on a full disk (CheckpointWriteError)
+        print(f"xft: {e}", file=sys.stderr)
+        return 2
     except RuntimeError as e:
         from xft_megatron.training.loop import NonFiniteLoss
 

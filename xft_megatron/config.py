@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import os
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Sequence
@@ -23,6 +24,9 @@ class ConfigError(ValueError):
 def _require(cond: bool, msg: str) -> None:
     if not cond:
         raise ConfigError(msg)
+
+
+MAX_LAYERS = 10_000  # far above any real model; beyond it a value is a typo, not a model
 
 
 @dataclass
@@ -52,6 +56,8 @@ class ModelConfig:
             value = getattr(self, name)
             _require(isinstance(value, int) and value > 0,
                      f"model.{name}={value!r} must be a positive integer")
+        _require(self.num_layers <= MAX_LAYERS,
+                 f"model.num_layers={self.num_layers} exceeds {MAX_LAYERS}; check the value")
         _require(self.hidden_size % self.num_attention_heads == 0,
                  f"model.hidden_size={self.hidden_size} is not divisible by "
                  f"model.num_attention_heads={self.num_attention_heads}")
@@ -146,6 +152,8 @@ class MoEConfig:
             _require(self.topk >= 2,
                      f"moe.mode={self.mode} needs moe.topk >= 2 (the shared expert plus at least "
                      f"one routed expert); got {self.topk}")
+        _require(self.topk >= 2, f"moe.topk={self.topk} is not supported: Megatron-Core's MoE "
+                 "layer refuses top-1 routing over softmax scores; use moe.topk >= 2")
 
     @property
     def enabled(self) -> bool:
@@ -502,6 +510,8 @@ def _check_types(cls, values: Dict[str, Any], section: str) -> None:
             ok = isinstance(value, int) and not isinstance(value, bool)
         elif isinstance(default, float):
             ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+            _require(not ok or math.isfinite(value),
+                     f"{section}.{f.name}={value!r} must be a finite number")
         elif isinstance(default, str):
             ok = isinstance(value, str)
         else:
@@ -515,6 +525,7 @@ def model_config_from_dict(values: Dict[str, Any]) -> ModelConfig:
     from xft_megatron.model.presets import preset_values
 
     values = dict(values)
+    _check_types(ModelConfig, values, "model")  # a preset name must be a string to look it up
     preset = values.get("preset")
     merged = {**preset_values(preset), **values} if preset else values
     return _construct(ModelConfig, merged, "model")

@@ -13,8 +13,8 @@ import torch
 
 from xft_megatron import parallel
 from xft_megatron.checkpoint import dist as ckpt
-from xft_megatron.checkpoint.hf import LazyTensors, model_config_from_hf, weights_index, \
-    write_hf_dir
+from xft_megatron.checkpoint.hf import LazyTensors, check_tensors, model_config_from_hf, \
+    weights_index, write_hf_dir
 from xft_megatron.config import Config, PrecisionConfig
 from xft_megatron.model.builder import build_model
 from xft_megatron.transforms import hf_llama
@@ -43,11 +43,12 @@ def hf_to_mcore(hf_dir: str, out: str, dtype: str = "fp32") -> str:
     """Convert an HF directory; returns the written checkpoint folder. Tokenizer files are
     copied along."""
     model_cfg, _ = model_config_from_hf(hf_dir)  # refuses unsupported configs up front
-    index = weights_index(hf_dir)
+    tensors = LazyTensors(weights_index(hf_dir))
+    check_tensors(tensors, hf_llama.hf_shapes(model_cfg), os.path.join(hf_dir, "config.json"))
     cfg = Config(model=model_cfg, precision=PrecisionConfig(dtype=dtype))
     parallel.initialize(cfg.parallel)
     chunks = build_model(cfg)
-    load_full_state(chunks, hf_llama.from_hf(LazyTensors(index), model_cfg))  # streamed
+    load_full_state(chunks, hf_llama.from_hf(tensors, model_cfg))  # streamed
     return ckpt.save(chunks, out, 0, cfg, extra_files=tokenizer_files(hf_dir))
 
 

@@ -13,6 +13,7 @@ previous checkpoint and pointer untouched; leftover .tmp-* folders are ignored b
 Sharded tensors carry global names, so a checkpoint loads under any other valid layout.
 """
 
+import io
 import json
 import os
 import shutil
@@ -23,13 +24,24 @@ import torch
 import torch.distributed as dist
 import yaml
 from megatron.core import dist_checkpointing
+from megatron.core.dist_checkpointing.core import CheckpointingException
+from megatron.core.dist_checkpointing.dict_utils import nested_values
+from megatron.core.dist_checkpointing.mapping import ShardedTensor, ShardedTensorFactory
+from torch.distributed.checkpoint import FileSystemReader
+from torch.distributed.checkpoint.api import CheckpointException
+from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
-from xft_megatron.config import Config
+from xft_megatron.config import Config, ConfigError
 
 CONFIG_FILE = "xft_config.yaml"
 LATEST_FILE = "latest"
 TRAIN_STATE_FILE = "train_state.json"
 RANK_STATE_DIR = "rank_state"
+
+
+class CheckpointWriteError(OSError):
+    """A checkpoint could not be written (disk full, file-size limit, ...); nothing of the
+    previous checkpoints was touched."""
 
 
 def iteration_dir_name(iteration: int) -> str:
@@ -96,8 +108,41 @@ def save(chunks: List, root: str, iteration: int, cfg: Config,
     tmp = _broadcast_str(os.path.join(root, f".tmp-{name}-{uuid.uuid4().hex[:8]}")
                          if _rank() == 0 else None)
     if _rank() == 0:
+        _remove_stale(root)
         os.makedirs(tmp)
     _barrier()
+    try:
+        _write(chunks, root, name, tmp, iteration, cfg, extra_files, optimizer, scheduler,
+               train_state, rank_state, keep)
+    except BaseException as e:  # a failed write (disk full, Ctrl-C) leaves no partial folder
+        if _rank() == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(e, (KeyboardInterrupt, SystemExit)):
+            raise
+        # OSError from our writes; torch's CheckpointException (a BaseException) wrapping a
+        # failed write in the dist_checkpointing writer: its last line names the cause
+        cause = (str(e).strip().splitlines() or [type(e).__name__])[-1]
+        raise CheckpointWriteError(
+            f"could not write checkpoint {name} in '{root}' ({cause}; is the disk full or a "
+            f"file-size limit set?). Nothing was replaced: the previous checkpoint and "
+            f"'{os.path.join(root, LATEST_FILE)}' are unchanged") from e
+    return os.path.join(root, name)
+
+
+def _remove_stale(root: str) -> None:
+    """Leftovers of saves that were killed: partial `.tmp-*` folders (never read), and
+    checkpoints a re-save moved aside once their replacement is complete."""
+    for n in os.listdir(root):
+        stale = n.startswith(".tmp-iter_")
+        if n.startswith(".old-iter_"):
+            replaced = os.path.join(root, n[len(".old-"):].rsplit("-", 1)[0])
+            stale = os.path.isfile(os.path.join(replaced, CONFIG_FILE))
+        if stale:
+            shutil.rmtree(os.path.join(root, n), ignore_errors=True)
+
+
+def _write(chunks, root, name, tmp, iteration, cfg, extra_files, optimizer, scheduler,
+           train_state, rank_state, keep) -> None:
     dist_checkpointing.save(
         _training_sharded_state_dict(chunks, optimizer, scheduler, is_loading=False), tmp)
     if rank_state is not None:
@@ -131,7 +176,6 @@ def save(chunks: List, root: str, iteration: int, cfg: Config,
         if keep:
             _prune(root, keep)
     _barrier()
-    return os.path.join(root, name)
 
 
 def _prune(root: str, keep: int) -> None:
@@ -174,21 +218,63 @@ def resolve(path: str) -> str:
         return path
     latest = os.path.join(path, LATEST_FILE)
     if os.path.isfile(latest):
-        with open(latest) as f:
-            name = f.read().strip()
+        with open(latest, "rb") as f:  # a damaged pointer is reported below, not raised on
+            name = f.read(4096).decode("utf-8", "replace").replace("\x00", "?").strip()
         ckpt = os.path.join(path, name)
         if os.path.isfile(os.path.join(ckpt, CONFIG_FILE)):
             return ckpt
+        fallback = _newest_complete(path)
+        if fallback:  # a save was killed while replacing a checkpoint of the same step
+            return fallback
         raise FileNotFoundError(f"'{latest}' points to '{name}', which is not a complete "
-                                f"checkpoint (no {CONFIG_FILE} in {ckpt})")
+                                f"checkpoint (no {CONFIG_FILE} in {ckpt}); write the name of "
+                                "a complete iter_* folder into it")
     raise FileNotFoundError(f"'{path}' is not a checkpoint: expected {CONFIG_FILE} in it or a "
                             f"'{LATEST_FILE}' file naming one")
 
 
+def _newest_complete(root: str) -> Optional[str]:
+    """The complete checkpoint with the highest step in `root` (iter_* first, then a folder a
+    killed re-save had moved aside), or None."""
+    found = []
+    for n in os.listdir(root):
+        base = n[len(".old-"):].rsplit("-", 1)[0] if n.startswith(".old-iter_") else n
+        if base.startswith("iter_") and os.path.isfile(os.path.join(root, n, CONFIG_FILE)):
+            try:
+                found.append((int(base[len("iter_"):]), not n.startswith("."), n))
+            except ValueError:
+                continue
+    return os.path.join(root, max(found)[2]) if found else None
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be loaded as given (damaged, incomplete, or of another
+    architecture); the message names the checkpoint, the file and the problem."""
+
+
 def read_config(path: str) -> Dict:
     """The config stored with a checkpoint (root or iter_* folder), iteration included."""
-    with open(os.path.join(resolve(path), CONFIG_FILE)) as f:
-        return yaml.safe_load(f)
+    file = os.path.join(resolve(path), CONFIG_FILE)
+    try:
+        with open(file, encoding="utf-8") as f:
+            stored = yaml.safe_load(f)
+    except (yaml.YAMLError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{file} is not valid YAML ({_one_line(e)}); the checkpoint's "
+                              "config is damaged: restore it from a copy or use another "
+                              "iter_* folder") from None
+    if not isinstance(stored, dict):
+        raise CheckpointError(f"{file} holds {type(stored).__name__}, not a config mapping; "
+                              "the checkpoint's config is damaged: restore it from a copy or "
+                              "use another iter_* folder")
+    for section, value in stored.items():
+        if section != "iteration" and value is not None and not isinstance(value, dict):
+            raise CheckpointError(f"{file}: section '{section}' holds "
+                                  f"{type(value).__name__}, not a mapping; the checkpoint's "
+                                  "config is damaged: restore it from a copy")
+    if not isinstance(stored.get("iteration", 0), int):
+        raise CheckpointError(f"{file}: iteration={stored['iteration']!r} is not an integer; "
+                              "the checkpoint's config is damaged: restore it from a copy")
+    return stored
 
 
 def load_config(path: str, **sections) -> Config:
@@ -196,7 +282,14 @@ def load_config(path: str, **sections) -> Config:
     (e.g. parallel={} to read it in a single process)."""
     stored = read_config(path)
     stored.pop("iteration", None)
-    return Config.from_dict({**stored, **sections})
+    try:
+        return Config.from_dict({**stored, **sections})
+    except ConfigError as e:
+        given = sorted(k for k, v in sections.items() if v)
+        fix = f"fix that file or the {', '.join(given)} values given to this command" if given \
+            else "fix that file or restore it from a copy"
+        raise ConfigError(f"the config stored in {os.path.join(resolve(path), CONFIG_FILE)} is "
+                          f"invalid: {e}; {fix}") from None
 
 
 def load(chunks: List, path: str, may_lack: Sequence[str] = (), optimizer=None,
@@ -205,13 +298,18 @@ def load(chunks: List, path: str, may_lack: Sequence[str] = (), optimizer=None,
     Tensors whose names end with one of `may_lack` keep their current values when the
     checkpoint has none (e.g. the merge stage's alphas, loading an MoE checkpoint); every
     other tensor must be there. With `optimizer`/`scheduler`, their states are restored too
-    (a training checkpoint: resume). All ranks must call it."""
+    (a training checkpoint: resume). All ranks must call it.
+    Before anything is read into the model, the checkpoint's files are checked against its
+    index and the model's tensors against the stored names and shapes: CheckpointError
+    (on every rank) naming the file or tensor that is wrong."""
     ckpt = resolve(path)
+    iteration = read_config(ckpt).get("iteration", 0)
     chunks = [unwrap(c) for c in chunks]
     request = _training_sharded_state_dict(chunks, optimizer, scheduler, is_loading=True)
+    metadata, problem = _read_index(ckpt)
     skipped = set()
-    if may_lack:
-        stored = set(dist_checkpointing.load_tensors_metadata(ckpt))
+    if may_lack and metadata is not None:
+        stored = set(metadata.state_dict_metadata)
         for key, sub in request.items():
             if not key.startswith("model"):
                 continue
@@ -219,20 +317,145 @@ def load(chunks: List, path: str, may_lack: Sequence[str] = (), optimizer=None,
                          and getattr(v, "key", None) not in stored]:
                 del sub[name]
                 skipped.add(name)
-    state = dist_checkpointing.load(request, ckpt)
+    _check_model_tensors(ckpt, request, metadata, problem)
+    try:
+        state = dist_checkpointing.load(request, ckpt)
+    except (CheckpointException, Exception) as e:  # torch's is a BaseException
+        raise CheckpointError(_load_failure(ckpt, metadata, e)) from e
     for i, c in enumerate(chunks):
         missing, unexpected = c.load_state_dict(
             state["model" if len(chunks) == 1 else f"model{i}"], strict=False)
         missing = [k for k in missing if k not in skipped and not k.endswith("_extra_state")]
         if missing or unexpected:
-            raise RuntimeError(f"checkpoint '{ckpt}' does not fit the model: missing "
-                               f"{missing[:5]}, unexpected {unexpected[:5]}")
+            raise CheckpointError(f"checkpoint '{ckpt}' does not fit the model: missing "
+                                  f"{missing[:5]}, unexpected {unexpected[:5]}")
     if optimizer is not None:
         with torch.no_grad():  # main parameters may be views of the model's parameters
             optimizer.load_state_dict(state["optimizer"])
     if scheduler is not None:
         scheduler.load_state_dict(state["scheduler"])
-    return int(read_config(ckpt).get("iteration", 0))
+    return iteration
+
+
+_DAMAGED = "restore the checkpoint from a copy, or use another iter_* folder"
+
+
+def _one_line(e: BaseException, limit: int = 300) -> str:
+    text = " ".join(str(e).split())
+    return f"{type(e).__name__}: {text[:limit]}"
+
+
+def _read_index(ckpt: str):
+    """(torch_dist metadata, None), or (None, what is wrong) when the index file is absent or
+    unreadable, or a data file it names is missing or shorter than the index says."""
+    if not os.path.isfile(os.path.join(ckpt, "metadata.json")):
+        return None, (f"checkpoint '{ckpt}' is incomplete: {os.path.join(ckpt, 'metadata.json')} "
+                      f"is missing, so this is not a torch_dist checkpoint; {_DAMAGED}")
+    index, common = os.path.join(ckpt, ".metadata"), os.path.join(ckpt, "common.pt")
+    for file, what in ((index, "tensor index"), (common, "non-tensor state")):
+        if not os.path.isfile(file):
+            return None, (f"checkpoint '{ckpt}' is incomplete: its {what} {file} is "
+                          f"missing; {_DAMAGED}")
+    try:
+        metadata = FileSystemReader(ckpt).read_metadata()
+        sizes = {}
+        for item in metadata.storage_data.values():
+            end = item.offset + item.length
+            sizes[item.relative_path] = max(sizes.get(item.relative_path, 0), end)
+    except Exception as e:  # noqa: BLE001 - any unpickling failure means a damaged index
+        return None, (f"checkpoint '{ckpt}' is damaged: its tensor index {index} cannot be "
+                      f"read ({_one_line(e, 120)}); {_DAMAGED}")
+    for name, need in sorted(sizes.items()):
+        file = os.path.join(ckpt, name)
+        if not os.path.isfile(file):
+            return None, (f"checkpoint '{ckpt}' is incomplete: data file {file} is missing "
+                          f"(its index {index} names it); {_DAMAGED}")
+        have = os.path.getsize(file)
+        if have < need:
+            return None, (f"checkpoint '{ckpt}' is damaged: data file {file} is truncated "
+                          f"({have} bytes, its index {index} needs {need}); {_DAMAGED}")
+    return metadata, None
+
+
+def _check_model_tensors(ckpt: str, request: Dict, metadata, problem: Optional[str]) -> None:
+    """Raise CheckpointError on every rank when any rank found `problem` (a damaged index) or
+    the model's tensors do not match the stored ones: names the checkpoint lacks or global
+    shapes that differ (another architecture). Collective: no rank is left waiting in the load
+    that follows. Stored tensors the model does not ask for are not an error (the merge stage
+    loads an MoE checkpoint without its routers)."""
+    missing, mismatched = [], []  # in the model's order
+    if problem is None:
+        stored = metadata.state_dict_metadata
+        for key, sub in request.items():
+            if not key.startswith("model"):
+                continue
+            for value in nested_values(sub):
+                parts = value.build() if isinstance(value, ShardedTensorFactory) else value
+                for t in nested_values(parts) if isinstance(parts, (dict, list)) else [parts]:
+                    if not isinstance(t, ShardedTensor):
+                        continue
+                    entry = stored.get(t.key)
+                    if not isinstance(entry, TensorStorageMetadata):
+                        missing.append(t.key)
+                    elif tuple(entry.size) != tuple(t.global_shape):
+                        mismatched.append((t.key, tuple(entry.size), tuple(t.global_shape)))
+    gathered = [(problem, missing, mismatched)]
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        gathered = [None] * dist.get_world_size()
+        dist.all_gather_object(gathered, (problem, missing, mismatched))
+    found = next((p for p, _, _ in gathered if p), None)
+    if found:
+        raise CheckpointError(found)
+    missing = list(dict.fromkeys(k for _, ks, _ in gathered for k in ks))
+    mismatched = list(dict.fromkeys(m for _, _, ms in gathered for m in ms))
+    if not (missing or mismatched):
+        return
+    lines = [f"checkpoint '{ckpt}' does not fit the model (it holds another architecture; "
+             f"{os.path.join(ckpt, CONFIG_FILE)} has the one it was saved with): load it into "
+             "a model built from that config, or use a checkpoint of this architecture"]
+    lines += [f"  tensor '{name}' has shape {have} in the checkpoint but {want} in the model"
+              for name, have, want in mismatched[:5]]
+    lines += [f"  tensor '{name}' is not in the checkpoint" for name in missing[:5]]
+    raise CheckpointError("\n".join(lines))
+
+
+def _load_failure(ckpt: str, metadata, error: BaseException) -> str:
+    """A message for a failed dist_checkpointing.load: the file holding an unreadable tensor
+    when one is found, else the underlying error."""
+    if isinstance(error, CheckpointException) and error.failures:
+        error = next(iter(error.failures.values()))[0]
+    if isinstance(error, CheckpointingException) and "mismatch" in str(error):
+        return f"checkpoint '{ckpt}' does not fit the model: {_one_line(error)}"
+    bad = _unreadable_file(ckpt, metadata) if metadata is not None else None
+    if bad:
+        return f"checkpoint '{ckpt}' is damaged: {bad}; {_DAMAGED}"
+    return f"checkpoint '{ckpt}' cannot be loaded ({_one_line(error)}); {_DAMAGED}"
+
+
+def _unreadable_file(ckpt: str, metadata) -> Optional[str]:
+    """Where the first stored tensor whose bytes do not deserialize is, or that common.pt does
+    not (None if all do). Only run after a failed load: a healthy load reads the data once."""
+    per_file: Dict[str, List] = {}
+    for index, item in metadata.storage_data.items():
+        if isinstance(metadata.state_dict_metadata.get(index.fqn), TensorStorageMetadata):
+            per_file.setdefault(item.relative_path, []).append((item, index.fqn))
+    for name, items in sorted(per_file.items()):
+        file = os.path.join(ckpt, name)
+        with open(file, "rb") as f:
+            for item, fqn in sorted(items, key=lambda x: x[0].offset):
+                f.seek(item.offset)
+                try:
+                    torch.load(io.BytesIO(f.read(item.length)), map_location="cpu",
+                               weights_only=True)
+                except Exception as e:  # noqa: BLE001 - reported with its location
+                    return (f"data file {file} holds unreadable bytes at offset {item.offset} "
+                            f"(tensor '{fqn}' does not deserialize: {type(e).__name__})")
+    common = os.path.join(ckpt, "common.pt")
+    try:
+        torch.load(common, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - reported with its location
+        return f"{common} cannot be read ({type(e).__name__})"
+    return None
 
 
 def is_training_checkpoint(path: str) -> bool:

@@ -25,12 +25,18 @@ class HFFormatError(ValueError):
 def read_hf_config(hf_dir: str) -> Dict:
     path = os.path.join(hf_dir, "config.json")
     if not os.path.isfile(path):
-        raise HFFormatError(f"'{hf_dir}' is not an HF model directory: {path} is missing")
+        raise HFFormatError(f"'{hf_dir}' is not an HF model directory: {path} is missing; give "
+                            "the directory holding the model's config.json and weights")
     try:
         with open(path, encoding="utf-8") as f:
-            return json.load(f)
+            cfg = json.load(f)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise HFFormatError(f"{path} is not valid JSON: {e}") from None
+        raise HFFormatError(f"{path} is not valid JSON: {e}; restore the model's config.json") \
+            from None
+    if not isinstance(cfg, dict):
+        raise HFFormatError(f"{path} holds a JSON {type(cfg).__name__}, not an object; restore "
+                            "the model's config.json")
+    return cfg
 
 
 def _rope(cfg: Dict, path: str) -> Tuple[float, float]:
@@ -68,7 +74,17 @@ def model_config_from_hf(hf_dir: str) -> Tuple[ModelConfig, str]:
                             "(SwiGLU with SiLU only)")
     if cfg.get("mlp_bias"):
         raise HFFormatError(f"{path}: mlp_bias=true is not supported")
+    for key in _REQUIRED_INTS:
+        if key not in cfg:
+            raise HFFormatError(f"{path}: required field '{key}' is missing; restore the "
+                                "model's config.json")
+        if type(cfg[key]) is not int:
+            raise HFFormatError(f"{path}: {key}={cfg[key]!r} must be an integer; restore the "
+                                "model's config.json")
     heads = cfg["num_attention_heads"]
+    if heads <= 0:
+        raise HFFormatError(f"{path}: num_attention_heads={heads} must be positive; restore "
+                            "the model's config.json")
     if cfg.get("head_dim") not in (None, cfg["hidden_size"] // heads):
         raise HFFormatError(f"{path}: head_dim={cfg['head_dim']} differs from hidden_size / "
                             f"num_attention_heads = {cfg['hidden_size'] // heads}")
@@ -93,6 +109,9 @@ def model_config_from_hf(hf_dir: str) -> Tuple[ModelConfig, str]:
     return model, ARCHITECTURES[model_type]
 
 
+_REQUIRED_INTS = ("num_hidden_layers", "hidden_size", "intermediate_size", "num_attention_heads",
+                  "vocab_size")
+
 _INDEXES = (("model.safetensors.index.json", "model.safetensors"),
             ("pytorch_model.bin.index.json", "pytorch_model.bin"))
 
@@ -104,15 +123,22 @@ def weights_index(hf_dir: str) -> Dict[str, str]:
         index, single = os.path.join(hf_dir, index_name), os.path.join(hf_dir, single_name)
         if os.path.isfile(index):
             try:
-                with open(index) as f:
+                with open(index, encoding="utf-8") as f:
                     weight_map = json.load(f)["weight_map"]
-            except (json.JSONDecodeError, KeyError) as e:
-                raise HFFormatError(f"{index} is not a valid weights index: {e}") from None
+                if not all(isinstance(k, str) and isinstance(v, str)
+                           for k, v in weight_map.items()):
+                    raise TypeError("weight_map must map tensor names to file names")
+            except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError,
+                    AttributeError) as e:
+                raise HFFormatError(f"{index} is not a valid weights index ({type(e).__name__}: "
+                                    f"{e}); it must hold {{\"weight_map\": {{tensor name: shard "
+                                    "file}}: restore it from the model's source") from None
             missing = sorted({v for v in weight_map.values()
                               if not os.path.isfile(os.path.join(hf_dir, v))})
             if missing:
                 raise HFFormatError(f"{index} names shard(s) that do not exist: "
-                                    f"{', '.join(missing)}")
+                                    f"{', '.join(missing)}; the download is incomplete "
+                                    "(download them again)")
             return {k: os.path.join(hf_dir, v) for k, v in weight_map.items()}
         if os.path.isfile(single):
             return {k: single for k in _open_weights(single).keys()}
@@ -126,11 +152,19 @@ def _open_weights(path: str):
     if path.endswith(".safetensors"):
         from safetensors import safe_open
 
-        return safe_open(path, "pt")
+        try:
+            return safe_open(path, "pt")
+        except Exception as e:  # noqa: BLE001 - SafetensorError, OSError: a damaged file
+            raise HFFormatError(f"cannot read safetensors file {path}: {e}; the file is "
+                                "damaged or incomplete (download it again)") from None
     try:
         state = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
     except Exception as e:  # noqa: BLE001 - any unpickling failure means the same to a user
-        raise HFFormatError(f"cannot read PyTorch weights {path}: {e}") from None
+        raise HFFormatError(f"cannot read PyTorch weights {path}: {e}; the file is damaged or "
+                            "incomplete (download it again)") from None
+    if not isinstance(state, dict):
+        raise HFFormatError(f"{path} holds a {type(state).__name__}, not a state dict of named "
+                            "tensors; use the model's own weights files")
     return _BinWeights(state)
 
 
@@ -151,21 +185,56 @@ class LazyTensors:
 
     def __init__(self, index: Dict[str, str]):
         self.index = index
-        self._handles = {}
+        self._handles, self._names = {}, {}
 
-    def __getitem__(self, name: str) -> torch.Tensor:
+    def _handle(self, name: str):
         if name not in self.index:
-            raise HFFormatError(f"tensor '{name}' is missing from the checkpoint")
+            where = os.path.dirname(next(iter(self.index.values()), "")) or "the weights"
+            raise HFFormatError(f"tensor '{name}' is missing from the weights in '{where}' (no "
+                                "weights file or index entry holds it); the download is "
+                                "incomplete or belongs to another model")
         path = self.index[name]
         if path not in self._handles:
             self._handles[path] = _open_weights(path)
-        return self._handles[path].get_tensor(name)
+            self._names[path] = set(self._handles[path].keys())
+        if name not in self._names[path]:
+            raise HFFormatError(f"{path} does not hold tensor '{name}', although the weights "
+                                "index maps it there; the index or the shard is wrong (download "
+                                "both again)")
+        return self._handles[path], path
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        handle, path = self._handle(name)
+        try:
+            return handle.get_tensor(name)
+        except Exception as e:  # noqa: BLE001 - a damaged shard
+            raise HFFormatError(f"cannot read tensor '{name}' from {path}: {e}; the file is "
+                                "damaged (download it again)") from None
+
+    def shape(self, name: str) -> Tuple[int, ...]:
+        """The tensor's shape, from the file's header where the format has one."""
+        handle, path = self._handle(name)
+        if isinstance(handle, _BinWeights):
+            return tuple(handle.get_tensor(name).shape)
+        return tuple(handle.get_slice(name).get_shape())
 
     def __contains__(self, name: str) -> bool:
         return name in self.index
 
     def keys(self) -> Iterator[str]:
         return iter(self.index)
+
+
+def check_tensors(tensors: LazyTensors, expected: Dict[str, Tuple[int, ...]],
+                  config_path: str) -> None:
+    """Every tensor in `expected` (name -> shape, from config.json) is in the weights with that
+    shape; HFFormatError naming the file and the tensor otherwise. Reads headers only."""
+    for name, want in expected.items():
+        have = tensors.shape(name)
+        if have != tuple(want):
+            raise HFFormatError(f"{tensors.index[name]}: tensor '{name}' has shape {have}, but "
+                                f"{config_path} implies {tuple(want)}; the weights and the "
+                                "config belong to different models")
 
 
 def write_hf_dir(tensors: Iterator[Tuple[str, torch.Tensor]], model: ModelConfig,

@@ -103,6 +103,26 @@ def from_hf(sd: Dict[str, Tensor], m: ModelConfig) -> Iterator[Tuple[str, Tensor
         yield "output_layer.weight", sd["lm_head.weight"]
 
 
+def hf_shapes(m: ModelConfig) -> Dict[str, Tuple[int, ...]]:
+    """Name -> shape of every HF tensor `from_hf` reads for a model of config `m`."""
+    h, f, v = m.hidden_size, m.ffn_hidden_size, m.vocab_size
+    q, kv = m.num_attention_heads * m.head_dim, m.num_query_groups * m.head_dim
+    out = {"model.embed_tokens.weight": (v, h), "model.norm.weight": (h,)}
+    for i in range(m.num_layers):
+        s = f"model.layers.{i}."
+        out.update({s + "input_layernorm.weight": (h,), s + "post_attention_layernorm.weight": (h,),
+                    s + "self_attn.q_proj.weight": (q, h), s + "self_attn.k_proj.weight": (kv, h),
+                    s + "self_attn.v_proj.weight": (kv, h), s + "self_attn.o_proj.weight": (h, q),
+                    s + "mlp.gate_proj.weight": (f, h), s + "mlp.up_proj.weight": (f, h),
+                    s + "mlp.down_proj.weight": (h, f)})
+        if m.qkv_bias:
+            out.update({s + "self_attn.q_proj.bias": (q,), s + "self_attn.k_proj.bias": (kv,),
+                        s + "self_attn.v_proj.bias": (kv,)})
+    if not m.tie_embeddings:
+        out["lm_head.weight"] = (v, h)
+    return out
+
+
 def hf_config_dict(m: ModelConfig, architecture: str = "LlamaForCausalLM") -> Dict:
     """config.json content for the HF twin of `m` (Llama, or Qwen2 when qkv_bias)."""
     model_type = {"LlamaForCausalLM": "llama", "Qwen2ForCausalLM": "qwen2",

@@ -1,0 +1,189 @@
+"""Faults while training (reliability items 1, 2, 5): SIGKILL at many points of checkpoint
+writing, SIGTERM mid-run (preemption), and a file-size limit (disk full) during a save.
+Every time the previous checkpoint must load and the resumed run must repeat the
+uninterrupted loss curve exactly. Figures go to RELIABILITY.md."""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from tests import common, fault_child
+from tests.harness import run_ranks
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+CHILD = [sys.executable, os.path.join(HERE, "fault_child.py")]
+ROOT_DIR = os.path.dirname(HERE)
+
+
+def _prepare(rank, world, base, ref_root):
+    """base: the tiny run stopped after step 2 (iter 1 and 2 saved); ref: 4 steps straight."""
+    from xft_megatron.training.loop import train
+
+    cfg = fault_child.config(base)
+    polls = []
+    train(cfg, common.RandomBatches(cfg), progress=False,
+          should_stop=lambda: polls.append(1) or len(polls) == 2)
+    ref = fault_child.config(ref_root)
+    return train(ref, common.RandomBatches(ref), progress=False).losses
+
+
+def _verify(rank, world, dirs, ref):
+    """For each killed run: which checkpoint survives, and the resumed curve."""
+    from xft_megatron.checkpoint import dist as ckpt
+    from xft_megatron.training.loop import train
+
+    out = []
+    for d in dirs:
+        path = ckpt.resolve(d)
+        step = ckpt.read_train_state(path)["step"]
+        cfg = fault_child.config(d)
+        resumed = train(cfg, common.RandomBatches(cfg), progress=False, resume=True).losses
+        out.append({"dir": d, "survivor": os.path.basename(path), "step": step,
+                    "exact": ref[:step] + resumed == ref,
+                    "leftovers": sorted(n for n in os.listdir(d) if n.startswith("."))})
+    return out
+
+
+def _run_children(jobs, parallel=2):
+    """jobs: [(dir, args)] -> {dir: returncode}, `parallel` at a time."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": ROOT_DIR}
+    results, running = {}, []
+    jobs = list(jobs)
+    while jobs or running:
+        while jobs and len(running) < parallel:
+            d, args = jobs.pop(0)
+            running.append((d, subprocess.Popen(CHILD + [d] + args, env=env,
+                                                stdout=subprocess.DEVNULL,
+                                                stderr=subprocess.DEVNULL)))
+        time.sleep(0.2)
+        for d, p in list(running):
+            if p.poll() is not None:
+                results[d] = p.returncode
+                print(f"child {os.path.basename(d)}: {p.returncode}", file=sys.stderr)
+                running.remove((d, p))
+    return results
+
+
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory):
+    root = tmp_path_factory.mktemp("faults")
+    ref = run_ranks(1, _prepare, str(root / "base"), str(root / "ref"))[0]
+    return root, ref
+
+
+def test_sigkill_at_many_points_of_a_save(prepared):
+    root, ref = prepared
+    counting = root / "count"
+    shutil.copytree(root / "base", counting)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": ROOT_DIR}
+    out = subprocess.run(CHILD + [str(counting), "0"], capture_output=True, text=True,
+                         env=env, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    ops = int(out.stdout.split("OPS")[-1].split()[0])
+    assert ops >= 20  # file-system operations one save makes (every one is a kill point)
+    # 20 of them, spread over the save from first to last, plus 4 wall-clock points
+    picks = sorted({1 + round(i * (ops - 1) / 19) for i in range(20)})
+    jobs = [(str(root / f"op{k:03d}"), [str(k)]) for k in picks]
+    jobs += [(str(root / f"t{i}"), ["0", f"{delay}"]) for i, delay in
+             enumerate((0.05, 0.2, 0.5, 1.0))]
+    for d, _ in jobs:
+        shutil.copytree(root / "base", d)
+    codes = _run_children(jobs)
+    killed = [d for d, c in codes.items() if c == -signal.SIGKILL]
+    assert len([d for d in killed if "op" in os.path.basename(d)]) == len(picks)
+    checks = run_ranks(1, _verify, [d for d, _ in jobs], ref)[0]
+    for c in checks:
+        assert c["survivor"] in ("iter_0000002", "iter_0000003"), c
+        assert c["exact"], c
+    survivors = {c["survivor"] for c in checks}
+    assert survivors == {"iter_0000002", "iter_0000003"}  # kills before and after the switch
+    figures = {"kill points": len(jobs), "killed": len(killed),
+               "previous checkpoint loaded": sum(c["survivor"] == "iter_0000002" for c in checks),
+               "new checkpoint complete": sum(c["survivor"] == "iter_0000003" for c in checks),
+               "resume exact": sum(c["exact"] for c in checks), "save operations": ops}
+    print("FIGURES kill-during-save", json.dumps(figures))
+
+
+def test_sigterm_checkpoints_and_resumes_exactly(prepared, tmp_path):
+    """`xft train` gets SIGTERM mid-run: it finishes the step, saves, exits 0; --resume
+    then reproduces the uninterrupted loss curve."""
+    root, _ = prepared
+    data = tmp_path / "text.jsonl"
+    import sysconfig
+
+    src = os.path.join(sysconfig.get_paths()["stdlib"], "json")
+    with open(data, "w") as f:
+        for name in sorted(os.listdir(src)):
+            if name.endswith(".py"):
+                f.write(json.dumps({"text": open(os.path.join(src, name)).read()}) + "\n")
+    args = ["model.preset=tiny", "train.seq_length=64", "train.micro_batch_size=2",
+            "train.global_batch_size=4", "train.train_steps=40", "train.lr_warmup_steps=2",
+            f"data.path={data}", "checkpoint.save_interval=0"]
+    xft = [sys.executable, "-m", "xft_megatron.cli", "train"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    full = subprocess.run(xft + args + [f"checkpoint.save={tmp_path}/full"],
+                          capture_output=True, text=True, env=env, timeout=300)
+    assert full.returncode == 0, full.stderr[-2000:]
+    run = tmp_path / "pre"
+    p = subprocess.Popen(xft + args + [f"checkpoint.save={run}"], env=env,
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    metrics = run / "metrics.jsonl"
+    deadline = time.time() + 120
+    while time.time() < deadline and (not metrics.exists() or
+                                      len(metrics.read_text().splitlines()) < 5):
+        time.sleep(0.05)
+    t0 = time.time()
+    p.send_signal(signal.SIGTERM)
+    _, err = p.communicate(timeout=60)
+    exit_s = time.time() - t0
+    assert p.returncode == 0, err[-2000:]
+    stopped = json.load(open(run / "summary.json"))["steps_done"]
+    assert 5 <= stopped < 40 and open(run / "latest").read().strip() == f"iter_{stopped:07d}"
+    resumed = subprocess.run(xft + args + [f"checkpoint.save={run}", "--resume"],
+                             capture_output=True, text=True, env=env, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+
+    def curve(d):
+        return [json.loads(x)["loss"] for x in open(d / "metrics.jsonl")]
+
+    assert curve(run) == curve(tmp_path / "full")  # metrics.jsonl appends across the resume
+    print("FIGURES sigterm", json.dumps({"stopped_at_step": stopped, "exit_s": round(exit_s, 2)}))
+
+
+def _disk_full(rank, world, base):
+    import resource
+
+    from xft_megatron.checkpoint import dist as ckpt
+    from xft_megatron.training.loop import train
+
+    cfg = fault_child.config(base)
+    before = open(os.path.join(base, "latest")).read()
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # writes past the limit fail with EFBIG
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (64 * 1024, hard))
+    try:
+        train(cfg, common.RandomBatches(cfg), progress=False, resume=True)
+        error = None
+    except ckpt.CheckpointWriteError as e:
+        error = str(e)
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+    return {"error": error, "latest_same": open(os.path.join(base, "latest")).read() == before,
+            "survivor": os.path.basename(ckpt.resolve(base)),
+            "listing": sorted(os.listdir(base))}
+
+
+def test_disk_full_during_save_keeps_the_previous_checkpoint(prepared):
+    root, _ = prepared
+    d = root / "fsize"
+    shutil.copytree(root / "base", d)
+    r = run_ranks(1, _disk_full, str(d))[0]
+    assert r["error"] and "Nothing was replaced" in r["error"] and "iter_0000003" in r["error"]
+    assert r["latest_same"] and r["survivor"] == "iter_0000002"
+    assert not [n for n in r["listing"] if n.startswith(".tmp")]  # no partial folder left
