@@ -187,3 +187,25 @@ def test_disk_full_during_save_keeps_the_previous_checkpoint(prepared):
     assert r["error"] and "Nothing was replaced" in r["error"] and "iter_0000003" in r["error"]
     assert r["latest_same"] and r["survivor"] == "iter_0000002"
     assert not [n for n in r["listing"] if n.startswith(".tmp")]  # no partial folder left
+
+
+def test_a_dying_rank_ends_the_job_quickly(tmp_path):
+    """Rank 2 of 4 exits in its third step (DP=2 x TP=2): the job ends with a non-zero
+    status within a bounded time (torchrun stops the other ranks), naming the failed rank."""
+    args = ["model.preset=tiny", "train.seq_length=32", "train.micro_batch_size=1",
+            "train.global_batch_size=4", "train.train_steps=50", "parallel.tensor=2",
+            "parallel.sequence_parallel=true", "data.path=builtin:stdlib",
+            f"checkpoint.save={tmp_path}/run", "data.cache_dir=" + str(tmp_path / "cache")]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "4",
+           "--monitor-interval", "1", os.path.join(HERE, "rank_fault_child.py"), "2"] + args
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": ROOT_DIR}
+    r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    end = time.time()
+    assert r.returncode != 0
+    fault = [x for x in r.stdout.splitlines() if x.startswith("FAULT")]
+    assert fault, r.stdout[-2000:] + r.stderr[-2000:]
+    seconds = end - float(fault[0].split()[-1])
+    assert "exitcode" in r.stderr and "17" in r.stderr
+    assert seconds < 60, seconds
+    print("FIGURES rank-failure", json.dumps({"seconds_to_exit": round(seconds, 1),
+                                               "returncode": r.returncode}))
