@@ -75,7 +75,7 @@ def _train(args):
     result = run.main(args.config, args.overrides, resume=args.resume, dry=args.dry_run,
                       world_size=args.world_size)
     if result is not None and result.checkpoint:
-        from xft_megatron.quickstart import say
+        from xft_megatron.parallel import say
 
         say(f"wrote {result.checkpoint}")
 
@@ -90,7 +90,7 @@ def _eval(args):
         raise ValueError("xft eval loss needs --ckpt CHECKPOINT and --data FILE")
 
     from xft_megatron.eval.loss import evaluate_loss
-    from xft_megatron.quickstart import say
+    from xft_megatron.parallel import say
 
     cache = args.cache_dir or os.path.join(os.path.expanduser("~"), ".cache", "xft-megatron",
                                            "eval")
@@ -114,7 +114,7 @@ def _humaneval(args):
     import os
 
     from xft_megatron.eval.humaneval import evaluate_humaneval
-    from xft_megatron.quickstart import say
+    from xft_megatron.parallel import say
 
     model = args.model or args.ckpt
     if not model:

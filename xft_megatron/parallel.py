@@ -59,12 +59,16 @@ def init_process_group(timeout_s: float = 600.0) -> RankInfo:
 
 def initialize(parallel: ParallelConfig, seed: int = 1234, timeout_s: float = 600.0) -> RankInfo:
     """Process group + Megatron parallel state + seeded RNG streams. Validates the layout
-    against the world size first (ConfigError before any group is built)."""
+    against the world size first (ConfigError before any group is built). Called again with
+    the same layout, it keeps the existing groups and only reseeds."""
     info = rank_info_from_env() if not dist.is_initialized() else \
         RankInfo(dist.get_rank(), dist.get_world_size(), 0)
     parallel.data_parallel_size(info.world_size)  # raises ConfigError on a bad fit
     platform.activate_cpu_support()
     info = init_process_group(timeout_s)
+    if _current_layout() == _layout(parallel):  # the groups exist already: only reseed
+        platform.seed_model_parallel_rng(seed)
+        return info
     _destroy_model_parallel()
     ps.initialize_model_parallel(
         tensor_model_parallel_size=parallel.tensor,
@@ -75,6 +79,22 @@ def initialize(parallel: ParallelConfig, seed: int = 1234, timeout_s: float = 60
     )
     platform.seed_model_parallel_rng(seed)
     return info
+
+
+def _layout(parallel: ParallelConfig):
+    return (parallel.tensor, parallel.pipeline, parallel.virtual_pipeline, parallel.expert,
+            parallel.expert_tensor)
+
+
+def _current_layout():
+    """The layout Megatron's parallel state was built for, or None."""
+    if not ps.model_parallel_is_initialized():
+        return None
+    return (ps.get_tensor_model_parallel_world_size(),
+            ps.get_pipeline_model_parallel_world_size(),
+            ps.get_virtual_pipeline_model_parallel_world_size(),
+            ps.get_expert_model_parallel_world_size(),
+            ps.get_expert_tensor_parallel_world_size())
 
 
 def _megatron_groups():
@@ -100,6 +120,12 @@ def _destroy_model_parallel() -> None:
     for g in groups:
         if g is not world and g in dist.distributed_c10d._world.pg_map:
             dist.destroy_process_group(g)
+
+
+def say(*args) -> None:
+    """Print once per job (rank 0), however many processes run it."""
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        print(*args, flush=True)
 
 
 def shutdown() -> None:

@@ -22,6 +22,7 @@ import os
 import time
 from typing import Dict, List, Sequence
 
+from xft_megatron.parallel import say
 from xft_megatron.stages import run_stage
 
 EXPERTS, TOPK, SHARED_WEIGHT = 8, 6, 0.75
@@ -29,14 +30,6 @@ EXPERTS, TOPK, SHARED_WEIGHT = 8, 6, 0.75
 MODEL = ["model.preset=tiny", "model.max_position_embeddings=512", "train.seq_length=512",
          "train.micro_batch_size=4", "train.global_batch_size=8", "data.on_error=skip",
          "train.seed=1234"]
-
-
-def say(*args):
-    """Print once per job (rank 0), however many processes run it."""
-    import torch.distributed as dist
-
-    if not dist.is_initialized() or dist.get_rank() == 0:
-        print(*args, flush=True)
 
 
 def _train(overrides: Sequence[str]) -> Dict:

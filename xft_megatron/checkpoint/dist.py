@@ -129,13 +129,18 @@ def save(chunks: List, root: str, iteration: int, cfg: Config,
     return os.path.join(root, name)
 
 
+def _moved_aside_name(name: str) -> str:
+    """'.old-iter_0000003-1a2b3c4d' (a checkpoint a re-save moved aside) -> 'iter_0000003'."""
+    return name[len(".old-"):].rsplit("-", 1)[0]
+
+
 def _remove_stale(root: str) -> None:
     """Leftovers of saves that were killed: partial `.tmp-*` folders (never read), and
     checkpoints a re-save moved aside once their replacement is complete."""
     for n in os.listdir(root):
         stale = n.startswith(".tmp-iter_")
         if n.startswith(".old-iter_"):
-            replaced = os.path.join(root, n[len(".old-"):].rsplit("-", 1)[0])
+            replaced = os.path.join(root, _moved_aside_name(n))
             stale = os.path.isfile(os.path.join(replaced, CONFIG_FILE))
         if stale:
             shutil.rmtree(os.path.join(root, n), ignore_errors=True)
@@ -238,7 +243,7 @@ def _newest_complete(root: str) -> Optional[str]:
     killed re-save had moved aside), or None."""
     found = []
     for n in os.listdir(root):
-        base = n[len(".old-"):].rsplit("-", 1)[0] if n.startswith(".old-iter_") else n
+        base = _moved_aside_name(n) if n.startswith(".old-iter_") else n
         if base.startswith("iter_") and os.path.isfile(os.path.join(root, n, CONFIG_FILE)):
             try:
                 found.append((int(base[len("iter_"):]), not n.startswith("."), n))
