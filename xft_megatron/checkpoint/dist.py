@@ -13,12 +13,13 @@ previous checkpoint and pointer untouched; leftover .tmp-* folders are ignored b
 Sharded tensors carry global names, so a checkpoint loads under any other valid layout.
 """
 
+import functools
 import io
 import json
 import os
 import shutil
 import uuid
-from typing import Dict, List, Optional, Sequence
+from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
 import torch.distributed as dist
@@ -97,9 +98,11 @@ def _training_sharded_state_dict(chunks: List, optimizer, scheduler, is_loading:
 
 def save(chunks: List, root: str, iteration: int, cfg: Config,
          extra_files: Optional[Dict[str, str]] = None, optimizer=None, scheduler=None,
-         train_state: Optional[Dict] = None, rank_state=None, keep: int = 0) -> str:
+         train_state: Optional[Dict] = None, rank_state=None, keep: int = 0,
+         write_tensors: Optional[Callable[[str], None]] = None) -> str:
     """Save the model chunks of every rank as ROOT/iter_N atomically; returns its path.
-    All ranks must call it. `extra_files` maps file names to source paths (e.g. tokenizer)
+    All ranks must call it. `write_tensors(folder)`, when given, writes the torch_dist files
+    in place of the chunks' own save (the streaming tools; `chunks` is then unused). `extra_files` maps file names to source paths (e.g. tokenizer)
     copied into the checkpoint by rank 0. A training checkpoint adds the optimizer and
     scheduler, `train_state` (JSON, from rank 0) and `rank_state` (per rank, e.g. RNG).
     `keep` > 0 removes all but the newest `keep` complete checkpoints afterwards."""
@@ -112,8 +115,10 @@ def save(chunks: List, root: str, iteration: int, cfg: Config,
         os.makedirs(tmp)
     _barrier()
     try:
-        _write(chunks, root, name, tmp, iteration, cfg, extra_files, optimizer, scheduler,
-               train_state, rank_state, keep)
+        if write_tensors is None:
+            write_tensors = functools.partial(_save_chunks, chunks, optimizer, scheduler)
+        _write(write_tensors, root, name, tmp, iteration, cfg, extra_files, train_state,
+               rank_state, keep)
     except BaseException as e:  # a failed write (disk full, Ctrl-C) leaves no partial folder
         if _rank() == 0:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -146,10 +151,14 @@ def _remove_stale(root: str) -> None:
             shutil.rmtree(os.path.join(root, n), ignore_errors=True)
 
 
-def _write(chunks, root, name, tmp, iteration, cfg, extra_files, optimizer, scheduler,
-           train_state, rank_state, keep) -> None:
+def _save_chunks(chunks, optimizer, scheduler, folder: str) -> None:
     dist_checkpointing.save(
-        _training_sharded_state_dict(chunks, optimizer, scheduler, is_loading=False), tmp)
+        _training_sharded_state_dict(chunks, optimizer, scheduler, is_loading=False), folder)
+
+
+def _write(write_tensors, root, name, tmp, iteration, cfg, extra_files, train_state,
+           rank_state, keep) -> None:
+    write_tensors(tmp)
     if rank_state is not None:
         os.makedirs(os.path.join(tmp, RANK_STATE_DIR), exist_ok=True)
         path = os.path.join(tmp, RANK_STATE_DIR, f"rank_{_rank():05d}.pt")

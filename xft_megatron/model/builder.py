@@ -4,6 +4,8 @@
 returns the model chunks this rank owns (one, or one per virtual pipeline stage).
 """
 
+import contextlib
+import dataclasses
 from typing import List, Optional
 
 import torch
@@ -91,12 +93,14 @@ def _moe_fields(cfg: Config) -> dict:
     )
 
 
-def build_model(cfg: Config, tconfig: Optional[TransformerConfig] = None) -> List[GPTModel]:
+def build_model(cfg: Config, tconfig: Optional[TransformerConfig] = None,
+                meta: bool = False) -> List[GPTModel]:
     """The GPTModel chunks this rank owns, on this rank's device, in the configured dtype.
-
-    Needs parallel state (see `xft_megatron.parallel.initialize`)."""
+    `meta`: parameters without storage (names, shapes and the checkpoint layout only; used by
+    the streaming checkpoint tools). Needs parallel state (see `xft_megatron.parallel.initialize`)."""
     tconfig = tconfig or transformer_config(cfg)
-    m = cfg.model
+    if meta:
+        tconfig = dataclasses.replace(tconfig, perform_initialization=False)
     vp = cfg.parallel.virtual_pipeline
     chunks = []
     for vp_stage in range(vp or 1):
@@ -105,31 +109,38 @@ def build_model(cfg: Config, tconfig: Optional[TransformerConfig] = None) -> Lis
         post = ps.is_pipeline_last_stage(ignore_virtual=False, vp_stage=stage)
         n_here = get_num_layers_to_build(tconfig, vp_stage=stage)
         first = get_transformer_layer_offset(tconfig, vp_stage=stage)
-        model = GPTModel(
-            config=tconfig,
-            transformer_layer_spec=block_spec(cfg.moe, first, n_here),
-            vocab_size=m.vocab_size,
-            max_sequence_length=m.max_position_embeddings,
-            pre_process=pre,
-            post_process=post,
-            share_embeddings_and_output_weights=m.tie_embeddings,
-            position_embedding_type="rope",
-            rotary_base=int(m.rope_theta) if float(m.rope_theta).is_integer() else m.rope_theta,
-            seq_len_interpolation_factor=(
-                m.rope_scaling_factor if m.rope_scaling_factor != 1.0 else None
-            ),
-            vp_stage=stage,
-        )
-        model.to(device=platform.device(), dtype=cfg.precision.torch_dtype)
+        with torch.device("meta") if meta else contextlib.nullcontext():
+            model = _gpt_model(cfg, tconfig, first, n_here, pre, post, stage)
+        model.to(device="meta" if meta else platform.device(), dtype=cfg.precision.torch_dtype)
         _mark_expert_params(model)
         if cfg.moe.enabled and cfg.moe.stage == "merge":
             for name, p in model.named_parameters():  # the merge stage trains alpha alone
                 p.requires_grad_(name.endswith("mlp.alpha"))
         compile_on = cfg.train.compile_layers
-        if compile_on or (compile_on is None and platform.has_cuda()):
+        if not meta and (compile_on or (compile_on is None and platform.has_cuda())):
             compile_layers(model)
         chunks.append(model)
     return chunks
+
+
+def _gpt_model(cfg: Config, tconfig: TransformerConfig, first: int, n_here: int, pre: bool,
+               post: bool, stage: Optional[int]) -> GPTModel:
+    m = cfg.model
+    return GPTModel(
+        config=tconfig,
+        transformer_layer_spec=block_spec(cfg.moe, first, n_here),
+        vocab_size=m.vocab_size,
+        max_sequence_length=m.max_position_embeddings,
+        pre_process=pre,
+        post_process=post,
+        share_embeddings_and_output_weights=m.tie_embeddings,
+        position_embedding_type="rope",
+        rotary_base=int(m.rope_theta) if float(m.rope_theta).is_integer() else m.rope_theta,
+        seq_len_interpolation_factor=(
+            m.rope_scaling_factor if m.rope_scaling_factor != 1.0 else None
+        ),
+        vp_stage=stage,
+    )
 
 
 def _mark_expert_params(model) -> None:
