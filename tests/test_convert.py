@@ -122,18 +122,61 @@ def _layout_body(rank, world, root):
         out[name] = dict(max_diff=(got - ref["logits"]).abs().max().item(),
                          scale=ref["logits"].abs().max().item(),
                          argmax=bool((got.argmax(-1) == ref["logits"].argmax(-1)).all()))
+    out["torchrun"] = _convert_on_all_ranks(root)
+    return out
+
+
+def _convert_on_all_ranks(root):
+    """Both conversions run by every rank (layers spread over them) write what one process
+    writes: the same Megatron tensors, the same HF tensors (HF shards kept small so that
+    every rank writes some)."""
+    from xft_megatron import convert
+    from xft_megatron.checkpoint import dist as ckpt
+    from xft_megatron.checkpoint import stream
+
+    name = "llama"
+    mc, mc_all = os.path.join(root, f"{name}_mcore"), os.path.join(root, f"{name}_mcore_all")
+    convert.hf_to_mcore(os.path.join(root, f"{name}_hf"), mc_all)
+    back_all = os.path.join(root, f"{name}_back_all")
+    convert.mcore_to_hf(mc, back_all, dtype="fp32", shard_bytes=60_000)
+    if torch.distributed.get_rank() != 0:
+        return {}
+    layout = stream.layout_of(ckpt.load_config(mc))
+    a = stream.Reader(ckpt.resolve(mc), layout).read(list(layout.params))
+    b = stream.Reader(ckpt.resolve(mc_all), layout).read(list(layout.params))
+    back = _safetensors(os.path.join(root, f"{name}_back"))
+    spread = _safetensors(back_all)
+    files = sorted(f for f in os.listdir(back_all) if f.endswith(".safetensors"))
+    return dict(mcore_equal=set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a),
+                hf_equal=set(back) == set(spread) and all(torch.equal(back[k], spread[k])
+                                                          for k in back),
+                shards=len(files))
+
+
+def _safetensors(folder):
+    from safetensors.torch import load_file
+
+    out = {}
+    for f in os.listdir(folder):
+        if f.endswith(".safetensors"):
+            out.update(load_file(os.path.join(folder, f)))
     return out
 
 
 def test_converted_checkpoint_matches_transformers_in_parallel_layouts(tmp_path):
     """P4 in layouts: the converted checkpoint, loaded at TP=2 (Llama) and TP=2+SP, PP=2
     (Qwen2, tied embeddings), gives transformers' logits: max |diff| <= 1e-4 (fp32), same
-    argmax."""
+    argmax. Both conversions under 4 ranks write what one process writes."""
     root = str(tmp_path)
     run_ranks(1, _body, root)
-    for rank_result in run_ranks(4, _layout_body, root):
+    results = run_ranks(4, _layout_body, root)
+    for rank_result in results:
         for name, r in rank_result.items():
-            assert r["max_diff"] <= 1e-4 * max(1.0, r["scale"]) and r["argmax"], (name, r)
+            if name != "torchrun":
+                assert r["max_diff"] <= 1e-4 * max(1.0, r["scale"]) and r["argmax"], (name, r)
+    spread = results[0]["torchrun"]
+    assert spread["mcore_equal"] and spread["hf_equal"], spread
+    assert spread["shards"] >= 4, spread  # every rank wrote shards
 
 
 def _write_cfg(d, **kw):

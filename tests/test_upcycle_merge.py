@@ -107,6 +107,7 @@ P3_LAYOUTS = {
     "tp2_ep2": {"tensor": 2, "expert": 2, "sequence_parallel": True},
     "pp2": {"pipeline": 2},
     "pp2_ep2": {"pipeline": 2, "expert": 2},
+    "tp2": {"tensor": 2, "sequence_parallel": True},
 }
 
 
@@ -155,34 +156,65 @@ def _compare(path, expected, *overrides):
             "max_diff": max((got[k] - expected[k]).abs().max().item() for k in expected)}
 
 
+def _resave(src, dst, layout, *overrides):
+    """`src` (a single-rank checkpoint) loaded in `layout` and saved again by Megatron: the
+    stored chunks are then that layout's expert/tensor/pipeline shards."""
+    from tests import common
+    from xft_megatron.checkpoint import dist as ckpt
+
+    flags = [f"parallel.{k}={str(v).lower()}" for k, v in layout.items()]
+    cfg = common.tiny_config(*overrides, *flags)
+    chunks, _ = common.setup(cfg, src, ddp=False)
+    ckpt.save(chunks, dst, 0, cfg)
+
+
 def _p3_layouts(rank, world, root):
     from xft_megatron.config import MoEConfig
     from xft_megatron.upcycle_merge import merge_checkpoint, upcycle_checkpoint
 
-    expected = torch.load(os.path.join(root, "expected.pt"))
+    d = lambda name: os.path.join(root, name)  # noqa: E731
+    expected = torch.load(d("expected.pt"))
+    upcycled = torch.load(d("upcycled_expected.pt"))
+    moe = ("moe.num_experts=8", "moe.topk=4")
     out = {}
-    upcycled = torch.load(os.path.join(root, "upcycled_expected.pt"))
     for name, layout in P3_LAYOUTS.items():
-        target = os.path.join(root, f"up_{name}")
-        upcycle_checkpoint(os.path.join(root, "dense"), target, MoEConfig(**UPCYCLE_MOE),
-                           seed=5, noise_std=0.01, layout=layout)
-        out[f"upcycle/{name}"] = _compare(target, upcycled, "moe.num_experts=8", "moe.topk=4")
-    for name, layout in P3_LAYOUTS.items():
-        merge_checkpoint(os.path.join(root, "moe"), os.path.join(root, name),
-                         os.path.join(root, "alphas.json"), 0.6, layout,
+        if "expert" not in layout:  # a dense model has no expert axis
+            _resave(d("dense"), d(f"dense_{name}"), layout)
+            upcycle_checkpoint(d(f"dense_{name}"), d(f"up_{name}"), MoEConfig(**UPCYCLE_MOE),
+                               seed=5, noise_std=0.01, layout=layout)
+            out[f"upcycle/{name}"] = _compare(d(f"up_{name}"), upcycled, *moe)
+        _resave(d("moe"), d(f"moe_{name}"), layout, *moe)
+        merge_checkpoint(d(f"moe_{name}"), d(f"merged_{name}"), d("alphas.json"), 0.6, layout,
                          report=lambda *a: None)
-        out[name] = _compare(os.path.join(root, name), expected)
+        out[f"merge/{name}"] = _compare(d(f"merged_{name}"), expected)
+    upcycle_checkpoint(d("dense"), d("up_etp1"), MoEConfig(**UPCYCLE_MOE), seed=5,
+                       noise_std=0.01, layout={"tensor": 2, "expert": 2, "expert_tensor": 1,
+                                               "sequence_parallel": True})
+    out["upcycle/etp1_tp2"] = _compare(d("up_etp1"), upcycled, *moe)
+    out["upcycle/etp1_tp2"]["stored"] = ckpt_layout(d("up_etp1"))
     return out
 
 
+def ckpt_layout(path):
+    from xft_megatron.checkpoint import dist as ckpt
+
+    p = ckpt.read_config(path)["parallel"]
+    return p["tensor"], p["expert"], p["expert_tensor"]
+
+
 def test_distributed_fold_and_upcycle_are_bitwise_the_single_process_transforms(tmp_path):
-    """P3: the merge run with EP=2, EP=4, TP=2+EP=2, PP=2, PP=2+EP=2 writes bitwise the tensors
-    of the pure single-process fold (distinct experts, per-layer alphas, lambda 0.6); the
-    upcycle run in the same layouts writes bitwise the pure upcycle transform (with noise on
-    the routed copies, so any slicing error shows)."""
+    """P3: MoE checkpoints saved by Megatron under EP=2, EP=4, TP=2+EP=2, PP=2, PP=2+EP=2 (so
+    stored as those layouts' expert/tensor/pipeline shards), merged by 4 ranks (layers spread
+    over them), give bitwise the tensors of the pure single-process fold (distinct experts,
+    per-layer alphas, lambda 0.6). Dense checkpoints saved under PP=2 / TP=2+SP upcycled by 4
+    ranks give bitwise the pure upcycle transform (noise on the routed copies, so any slicing
+    error shows); so does an upcycle stored with ETP=1 under TP=2."""
     root = str(tmp_path)
     single = run_ranks(1, _p3_reference, root)[0]
     assert single["keys"] and single["bitwise"], single
-    for rank_result in run_ranks(4, _p3_layouts, root):
+    results = run_ranks(4, _p3_layouts, root)
+    assert len(results[0]) == len(P3_LAYOUTS) + 3, sorted(results[0])
+    for rank_result in results:
         for name, r in rank_result.items():
             assert r["keys"] and r["bitwise"], (name, r)
+    assert results[0]["upcycle/etp1_tp2"]["stored"] == (2, 2, 1)

@@ -136,15 +136,24 @@ def _humaneval(args):
 
 
 def _layout(args) -> dict:
-    """The parallel section a command runs in (under torchrun: its world size must fit)."""
-    return {"tensor": args.tp, "pipeline": args.pp, "expert": args.ep,
-            "sequence_parallel": args.tp > 1}
+    """The parallel section of --tp/--pp/--ep(/--etp)."""
+    out = {"tensor": args.tp, "pipeline": args.pp, "expert": args.ep,
+           "sequence_parallel": args.tp > 1}
+    if getattr(args, "etp", None) is not None:
+        out["expert_tensor"] = args.etp
+    return out
 
 
-def _add_layout_flags(parser, command: str) -> None:
-    for flag, what in (("--tp", "tensor"), ("--pp", "pipeline"), ("--ep", "expert")):
-        parser.add_argument(flag, type=int, default=1,
-                            help=f"{what} parallel size to run the {command} with (torchrun)")
+_STORED = ("stored as the checkpoint's default layout (any layout loads it; under torchrun the "
+           "work is spread over all ranks)")
+
+
+def _add_layout_flags(parser, what: str, etp: bool = False) -> None:
+    for flag, name in (("--tp", "tensor"), ("--pp", "pipeline"), ("--ep", "expert")):
+        parser.add_argument(flag, type=int, default=1, help=f"{name} parallel size {what}")
+    if etp:
+        parser.add_argument("--etp", type=int, default=None,
+                            help=f"expert tensor parallel size (default: --tp) {what}")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -190,7 +199,7 @@ def build_parser() -> argparse.ArgumentParser:
     u.add_argument("--noise", type=float, default=0.0,
                    help="std of noise added to routed expert copies (ablation; default 0)")
     u.add_argument("--seed", type=int, default=0, help="router initialization seed")
-    _add_layout_flags(u, "upcycle")
+    _add_layout_flags(u, _STORED, etp=True)
     u.set_defaults(func=_upcycle)
 
     m = sub.add_parser("merge", help="XFT MoE checkpoint -> dense checkpoint (the fold)")
@@ -199,8 +208,8 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--coefficients", default="uniform",
                    help="uniform | shared-only | learned | FILE.json of per-layer alphas")
     m.add_argument("--shared-weight", type=float, default=0.75, help="lambda, in [0, 1]")
-    m.add_argument("--hf-out", default=None, help="also write an HF directory (one process)")
-    _add_layout_flags(m, "merge")
+    m.add_argument("--hf-out", default=None, help="also write an HF directory")
+    _add_layout_flags(m, _STORED)
     m.set_defaults(func=_merge)
 
     t = sub.add_parser("train", help="train a stage (pretrain, sft, moe, merge); torchrun")
@@ -237,7 +246,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="records that cannot be scored: fail, or skip and count them")
     e.add_argument("--cache-dir", default=None,
                    help="tokenized-data cache (default ~/.cache/xft-megatron/eval)")
-    _add_layout_flags(e, "evaluation")
+    _add_layout_flags(e, "to run the loss evaluation with (torchrun)")
     e.set_defaults(func=_eval)
 
     dp = sub.add_parser("data", help="data tools")

@@ -1,42 +1,27 @@
 """`xft convert`: HF directory <-> Megatron distributed checkpoint (dense Llama family).
 
-torch_dist checkpoints carry global tensor names, so the checkpoint written here loads under
-any parallel layout; the conversion itself runs in one process over full tensors.
+Both directions stream: tensors are read, transformed and written one decoder layer at a
+time (`checkpoint/stream.py`, `checkpoint/hf.py`), so memory stays near one layer whatever
+the model size. They run in one process on a CPU machine, or under torchrun where the layers
+are spread over the ranks. The torch_dist checkpoint carries global tensor names and loads
+under any parallel layout.
 """
 
 import json
 import os
 import shutil
-from typing import Dict, Optional
+from typing import Dict, Hashable, Optional
 
 import torch
 
-from xft_megatron import parallel
 from xft_megatron.checkpoint import dist as ckpt
+from xft_megatron.checkpoint import ranks, stream
 from xft_megatron.checkpoint.hf import LazyTensors, check_tensors, model_config_from_hf, \
     weights_index, write_hf_dir
 from xft_megatron.config import Config, PrecisionConfig
-from xft_megatron.model.builder import build_model
 from xft_megatron.transforms import hf_llama
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-
-
-def load_full_state(chunks, tensors) -> None:
-    """Copy (name, tensor) pairs (a mapping or a stream) into a single-rank model; every
-    model tensor must receive a value. A stream is consumed one tensor at a time."""
-    model = ckpt.unwrap(chunks[0])
-    params = dict(model.named_parameters())
-    seen = set()
-    with torch.no_grad():
-        for name, value in (tensors.items() if hasattr(tensors, "items") else tensors):
-            if name not in params:
-                raise ValueError(f"conversion produced a tensor the model lacks: {name}")
-            params[name].copy_(value)
-            seen.add(name)
-    missing = set(params) - seen
-    if missing:
-        raise ValueError(f"conversion produced no value for: {sorted(missing)[:5]}")
 
 
 def hf_to_mcore(hf_dir: str, out: str, dtype: str = "fp32") -> str:
@@ -46,10 +31,17 @@ def hf_to_mcore(hf_dir: str, out: str, dtype: str = "fp32") -> str:
     tensors = LazyTensors(weights_index(hf_dir))
     check_tensors(tensors, hf_llama.hf_shapes(model_cfg), os.path.join(hf_dir, "config.json"))
     cfg = Config(model=model_cfg, precision=PrecisionConfig(dtype=dtype))
-    parallel.initialize(cfg.parallel)
-    chunks = build_model(cfg)
-    load_full_state(chunks, hf_llama.from_hf(tensors, model_cfg))  # streamed
-    return ckpt.save(chunks, out, 0, cfg, extra_files=tokenizer_files(hf_dir))
+    stream.initialize_single_rank_layout()
+    layout = stream.layout_of(cfg)
+    outer = hf_llama.outer_names(model_cfg)
+
+    def group(g: Hashable) -> Dict[str, torch.Tensor]:
+        if isinstance(g, int):
+            return hf_llama.layer_from_hf(tensors, model_cfg, g)
+        return {g: tensors[outer[g]]}
+
+    write = lambda folder: stream.write(folder, layout, stream.GroupCache(group))  # noqa: E731
+    return ckpt.save(None, out, 0, cfg, extra_files=tokenizer_files(hf_dir), write_tensors=write)
 
 
 def tokenizer_files(directory: str) -> Dict[str, str]:
@@ -61,24 +53,32 @@ def tokenizer_files(directory: str) -> Dict[str, str]:
 
 
 def mcore_to_hf(ckpt_dir: str, out: str, dtype: str = "bf16",
-                architecture: Optional[str] = None) -> None:
-    """Write a dense HF directory from a Megatron checkpoint (any layout it was saved in)."""
+                architecture: Optional[str] = None, shard_bytes: int = 2 * 2 ** 30) -> None:
+    """Write a dense HF directory from a Megatron checkpoint (any layout it was saved in),
+    safetensors shards of at most `shard_bytes` (or one larger tensor)."""
     if os.path.exists(out) and os.listdir(out):
         raise FileExistsError(f"'{out}' exists and is not empty; choose a new --out")
-    # the model is built in the checkpoint's own dtype (no fp32 copy of a bf16 model); the
-    # requested output dtype is applied tensor by tensor while writing
     cfg = ckpt.load_config(ckpt_dir, parallel={})
     if cfg.moe.enabled:
         raise ValueError(f"'{ckpt_dir}' is an XFT MoE checkpoint (moe.num_experts="
                          f"{cfg.moe.num_experts}); only dense checkpoints convert to HF. Fold "
                          "the MoE back to a dense model first.")
-    parallel.initialize(cfg.parallel)
-    chunks = build_model(cfg)
-    ckpt.load(chunks, ckpt_dir)
-    sd = ckpt.gather_full_state_dict(chunks)
+    stream.initialize_single_rank_layout()
+    layout = stream.layout_of(cfg)
+    reader = stream.Reader(ckpt_dir, layout)
+    names = layout.groups()
+    to_megatron = {v: k for k, v in hf_llama.outer_names(cfg.model).items()}
+
+    def group(g: Hashable) -> Dict[str, torch.Tensor]:
+        if isinstance(g, int):
+            return hf_llama.layer_to_hf(reader.read(names[g]), cfg.model, g)
+        return {g: reader.read_one(to_megatron[g])}
+
     arch = architecture or ("Qwen2ForCausalLM" if cfg.model.qkv_bias else "LlamaForCausalLM")
-    write_hf_dir(hf_llama.to_hf(sd, cfg.model), cfg.model, arch, out, DTYPES[dtype])
-    copy_tokenizer(ckpt.resolve(ckpt_dir), out)
+    write_hf_dir(hf_llama.hf_shapes(cfg.model), stream.GroupCache(group), cfg.model, arch, out,
+                 DTYPES[dtype], shard_bytes)
+    if ranks.world()[0] == 0:
+        copy_tokenizer(ckpt.resolve(ckpt_dir), out)
 
 
 def copy_tokenizer(src: str, out: str) -> None:

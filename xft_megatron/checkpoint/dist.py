@@ -32,6 +32,7 @@ from torch.distributed.checkpoint import FileSystemReader
 from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
+from xft_megatron.checkpoint import ranks
 from xft_megatron.config import Config, ConfigError
 
 CONFIG_FILE = "xft_config.yaml"
@@ -63,22 +64,6 @@ def _model_sharded_state_dict(chunks: List) -> Dict:
     return {f"model{i}": c.sharded_state_dict() for i, c in enumerate(chunks)}
 
 
-def _broadcast_str(value: Optional[str]) -> str:
-    obj = [value]
-    if dist.is_initialized():
-        dist.broadcast_object_list(obj, src=0)
-    return obj[0]
-
-
-def _barrier():
-    if dist.is_initialized():
-        dist.barrier()
-
-
-def _rank() -> int:
-    return dist.get_rank() if dist.is_initialized() else 0
-
-
 def _training_sharded_state_dict(chunks: List, optimizer, scheduler, is_loading: bool) -> Dict:
     state = _model_sharded_state_dict(chunks)
     if optimizer is not None:
@@ -108,19 +93,20 @@ def save(chunks: List, root: str, iteration: int, cfg: Config,
     `keep` > 0 removes all but the newest `keep` complete checkpoints afterwards."""
     os.makedirs(root, exist_ok=True)
     name = iteration_dir_name(iteration)
-    tmp = _broadcast_str(os.path.join(root, f".tmp-{name}-{uuid.uuid4().hex[:8]}")
-                         if _rank() == 0 else None)
-    if _rank() == 0:
+    rank = ranks.world()[0]
+    tmp = ranks.broadcast(os.path.join(root, f".tmp-{name}-{uuid.uuid4().hex[:8]}")
+                          if rank == 0 else None)
+    if rank == 0:
         _remove_stale(root)
         os.makedirs(tmp)
-    _barrier()
+    ranks.barrier()
     try:
         if write_tensors is None:
             write_tensors = functools.partial(_save_chunks, chunks, optimizer, scheduler)
         _write(write_tensors, root, name, tmp, iteration, cfg, extra_files, train_state,
                rank_state, keep)
     except BaseException as e:  # a failed write (disk full, Ctrl-C) leaves no partial folder
-        if _rank() == 0:
+        if rank == 0:
             shutil.rmtree(tmp, ignore_errors=True)
         if isinstance(e, (KeyboardInterrupt, SystemExit)):
             raise
@@ -161,11 +147,11 @@ def _write(write_tensors, root, name, tmp, iteration, cfg, extra_files, train_st
     write_tensors(tmp)
     if rank_state is not None:
         os.makedirs(os.path.join(tmp, RANK_STATE_DIR), exist_ok=True)
-        path = os.path.join(tmp, RANK_STATE_DIR, f"rank_{_rank():05d}.pt")
+        path = os.path.join(tmp, RANK_STATE_DIR, f"rank_{ranks.world()[0]:05d}.pt")
         torch.save(rank_state, path)
         _fsync_file(path)
-    _barrier()
-    if _rank() == 0:
+    ranks.barrier()
+    if ranks.world()[0] == 0:
         with open(os.path.join(tmp, CONFIG_FILE), "w") as f:
             yaml.safe_dump({"iteration": iteration, **cfg.to_dict()}, f, sort_keys=False)
         if train_state is not None:
@@ -189,7 +175,7 @@ def _write(write_tensors, root, name, tmp, iteration, cfg, extra_files, train_st
         _fsync_dir(root)
         if keep:
             _prune(root, keep)
-    _barrier()
+    ranks.barrier()
 
 
 def _prune(root: str, keep: int) -> None:
@@ -485,7 +471,8 @@ def read_train_state(path: str) -> Dict:
 def read_rank_state(path: str, rank: Optional[int] = None):
     """This rank's saved per-rank state, or None when the checkpoint has none for it (e.g.
     it was written by a different number of ranks)."""
-    f = os.path.join(resolve(path), RANK_STATE_DIR, f"rank_{_rank() if rank is None else rank:05d}.pt")
+    rank = ranks.world()[0] if rank is None else rank
+    f = os.path.join(resolve(path), RANK_STATE_DIR, f"rank_{rank:05d}.pt")
     return torch.load(f, weights_only=False) if os.path.isfile(f) else None
 
 

@@ -8,10 +8,14 @@ unknown model types) is refused with a message, never approximated.
 
 import json
 import os
-from typing import Dict, Iterator, Tuple
+import shutil
+import struct
+import uuid
+from typing import Callable, Dict, Iterator, List, Tuple
 
 import torch
 
+from xft_megatron.checkpoint import ranks
 from xft_megatron.config import ConfigError, ModelConfig
 
 ARCHITECTURES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
@@ -147,16 +151,10 @@ def weights_index(hf_dir: str) -> Dict[str, str]:
 
 
 def _open_weights(path: str):
-    """A handle with keys() and get_tensor(name): safetensors opened lazily, .bin files
-    memory-mapped (pages are read when a tensor is used)."""
+    """A handle with keys(), shape(name) and get_tensor(name): safetensors read with plain
+    file reads (only the tensor asked for is in memory), .bin files memory-mapped."""
     if path.endswith(".safetensors"):
-        from safetensors import safe_open
-
-        try:
-            return safe_open(path, "pt")
-        except Exception as e:  # noqa: BLE001 - SafetensorError, OSError: a damaged file
-            raise HFFormatError(f"cannot read safetensors file {path}: {e}; the file is "
-                                "damaged or incomplete (download it again)") from None
+        return _SafetensorsFile(path)
     try:
         state = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
     except Exception as e:  # noqa: BLE001 - any unpickling failure means the same to a user
@@ -168,12 +166,63 @@ def _open_weights(path: str):
     return _BinWeights(state)
 
 
+class _SafetensorsFile:
+    """One safetensors file: 8-byte little-endian header length, JSON header (dtype, shape,
+    data offsets per tensor), raw data. Tensors are read with `readinto` into fresh memory;
+    nothing is memory-mapped, so a conversion's resident memory is what it holds."""
+
+    DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16,
+              "BF16": torch.bfloat16, "I64": torch.int64, "I32": torch.int32,
+              "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool}
+
+    def __init__(self, path: str):
+        self.path = path
+        try:
+            size = os.path.getsize(path)
+            with open(path, "rb") as f:
+                (n,) = struct.unpack("<Q", f.read(8))
+                if n > size - 8:
+                    raise ValueError(f"header length {n} exceeds the file size {size}")
+                header = json.loads(f.read(n))
+            header.pop("__metadata__", None)
+            end = 0
+            for name, e in header.items():
+                if e["dtype"] not in self.DTYPES:
+                    raise ValueError(f"tensor '{name}' has unsupported dtype {e['dtype']}")
+                end = max(end, e["data_offsets"][1])
+            if 8 + n + end > size:
+                raise ValueError(f"the header needs {8 + n + end} bytes, the file has {size}")
+        except Exception as e:  # noqa: BLE001 - struct/JSON/key errors: a damaged file
+            raise HFFormatError(f"cannot read safetensors file {path}: {e}; the file is "
+                                "damaged or incomplete (download it again)") from None
+        self.header, self.base = header, 8 + n
+
+    def keys(self):
+        return self.header.keys()
+
+    def shape(self, name: str) -> Tuple[int, ...]:
+        return tuple(self.header[name]["shape"])
+
+    def get_tensor(self, name: str) -> torch.Tensor:
+        e = self.header[name]
+        start, end = e["data_offsets"]
+        raw = torch.empty(end - start, dtype=torch.uint8)
+        with open(self.path, "rb") as f:
+            f.seek(self.base + start)
+            if f.readinto(memoryview(raw.numpy())) != end - start:
+                raise OSError(f"short read of '{name}'")
+        return raw.view(self.DTYPES[e["dtype"]]).reshape(e["shape"])
+
+
 class _BinWeights:
     def __init__(self, state):
         self.state = state
 
     def keys(self):
         return self.state.keys()
+
+    def shape(self, name: str) -> Tuple[int, ...]:
+        return tuple(self.state[name].shape)
 
     def get_tensor(self, name):
         return self.state[name]
@@ -213,10 +262,7 @@ class LazyTensors:
 
     def shape(self, name: str) -> Tuple[int, ...]:
         """The tensor's shape, from the file's header where the format has one."""
-        handle, path = self._handle(name)
-        if isinstance(handle, _BinWeights):
-            return tuple(handle.get_tensor(name).shape)
-        return tuple(handle.get_slice(name).get_shape())
+        return self._handle(name)[0].shape(name)
 
     def __contains__(self, name: str) -> bool:
         return name in self.index
@@ -237,53 +283,88 @@ def check_tensors(tensors: LazyTensors, expected: Dict[str, Tuple[int, ...]],
                                 "config belong to different models")
 
 
-def write_hf_dir(tensors: Iterator[Tuple[str, torch.Tensor]], model: ModelConfig,
-                 architecture: str, out_dir: str, dtype: torch.dtype = torch.bfloat16,
-                 shard_bytes: int = 2 * 2 ** 30) -> None:
+_SAFETENSORS_DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16"}
+
+
+def write_hf_dir(shapes: Dict[str, Tuple[int, ...]], produce: Callable[[str], torch.Tensor],
+                 model: ModelConfig, architecture: str, out_dir: str,
+                 dtype: torch.dtype = torch.bfloat16, shard_bytes: int = 2 * 2 ** 30) -> None:
     """Write config.json, generation_config.json and sharded safetensors with an index.
-    Written into a temporary sibling folder and renamed into place: never half a model."""
-    import shutil
-    import uuid
-
-    from safetensors.torch import save_file
-
+    `shapes` (name -> shape, in writing order) fixes every file's header up front, so each
+    tensor is produced (`produce(name)`), written and dropped one at a time. Under torchrun
+    the shards are spread over the ranks (collective). Written into a temporary sibling folder
+    and renamed into place: never half a model."""
     from xft_megatron.transforms.hf_llama import hf_config_dict
 
     if os.path.exists(out_dir) and os.listdir(out_dir):
         raise FileExistsError(f"'{out_dir}' exists and is not empty; choose a new --out")
-    tmp = f"{out_dir.rstrip('/')}.tmp-{uuid.uuid4().hex[:8]}"
-    os.makedirs(tmp)
+    rank, world = ranks.world()
+    tmp = ranks.broadcast(f"{out_dir.rstrip('/')}.tmp-{uuid.uuid4().hex[:8]}"
+                          if rank == 0 else None)
+    if rank == 0:
+        os.makedirs(tmp)
+    ranks.barrier()
     try:
-        shards, current, size, total = [], {}, 0, 0
-        for name, t in tensors:
-            t = t.detach().to(dtype).contiguous()
-            if current and size + t.numel() * t.element_size() > shard_bytes:
-                shards.append(current)
-                current, size = {}, 0
-            current[name] = t
-            size += t.numel() * t.element_size()
-            total += t.numel() * t.element_size()
-            if size >= shard_bytes:
-                shards.append(current)
-                current, size = {}, 0
-        if current:
-            shards.append(current)
-        weight_map = {}
-        for i, shard in enumerate(shards):
-            fname = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-            save_file(shard, os.path.join(tmp, fname), metadata={"format": "pt"})
-            weight_map.update({k: fname for k in shard})
-        with open(os.path.join(tmp, "model.safetensors.index.json"), "w") as f:
-            json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
-        cfg = hf_config_dict(model, architecture)
-        cfg["torch_dtype"] = str(dtype).replace("torch.", "")
-        with open(os.path.join(tmp, "config.json"), "w") as f:
-            json.dump(cfg, f, indent=2)
-        with open(os.path.join(tmp, "generation_config.json"), "w") as f:
-            json.dump({"do_sample": False}, f, indent=2)
-        if os.path.exists(out_dir):
-            os.rmdir(out_dir)
-        os.rename(tmp, out_dir)
+        shards = _plan_shards(shapes, dtype, shard_bytes)
+        names = [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+        for i in range(rank, len(shards), world):
+            _write_safetensors(os.path.join(tmp, names[i]), shards[i], shapes, produce, dtype)
+        ranks.barrier()
+        if rank == 0:
+            weight_map = {n: names[i] for i, shard in enumerate(shards) for n in shard}
+            total = sum(torch.Size(s).numel() for s in shapes.values()) * dtype.itemsize
+            cfg = hf_config_dict(model, architecture)
+            cfg["torch_dtype"] = str(dtype).replace("torch.", "")
+            for fname, content in (("model.safetensors.index.json",
+                                    {"metadata": {"total_size": total}, "weight_map": weight_map}),
+                                   ("config.json", cfg),
+                                   ("generation_config.json", {"do_sample": False})):
+                with open(os.path.join(tmp, fname), "w") as f:
+                    json.dump(content, f, indent=2)
+            if os.path.exists(out_dir):
+                os.rmdir(out_dir)
+            os.rename(tmp, out_dir)
+        ranks.barrier()
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        if rank == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def _plan_shards(shapes, dtype, shard_bytes) -> List[List[str]]:
+    """Consecutive names, each shard at most `shard_bytes` (or one tensor larger than it)."""
+    shards, size = [[]], 0
+    for name, shape in shapes.items():
+        n = torch.Size(shape).numel() * dtype.itemsize
+        if shards[-1] and size + n > shard_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append(name)
+        size += n
+    return shards
+
+
+def _write_safetensors(path: str, names: List[str], shapes, produce, dtype) -> None:
+    """A safetensors file written tensor by tensor: 8-byte header length, JSON header (offsets
+    from the known shapes), then the raw little-endian data in header order."""
+    header, offset = {}, 0
+    for name in names:
+        n = torch.Size(shapes[name]).numel() * dtype.itemsize
+        header[name] = {"dtype": _SAFETENSORS_DTYPES[dtype], "shape": list(shapes[name]),
+                        "data_offsets": [offset, offset + n]}
+        offset += n
+    header["__metadata__"] = {"format": "pt"}
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(raw)))
+        f.write(raw)
+        for name in names:
+            t = produce(name).detach().to("cpu", dtype).contiguous()
+            if tuple(t.shape) != tuple(shapes[name]):
+                raise ValueError(f"{name}: produced shape {tuple(t.shape)}, expected "
+                                 f"{tuple(shapes[name])}")
+            f.write(t.reshape(-1).view(torch.uint8).numpy().data)
+            del t
+        f.flush()
+        os.fsync(f.fileno())

@@ -31,6 +31,7 @@ from torch.distributed.checkpoint.planner import (LoadPlan, LoadPlanner, SavePla
                                                   TensorWriteData, WriteItem, WriteItemType)
 from torch.distributed.checkpoint.planner_helpers import create_read_items_for_chunk_list
 
+from xft_megatron.checkpoint import ranks
 from xft_megatron.config import Config, ParallelConfig
 from xft_megatron.transforms.upcycle import layer_of
 
@@ -128,12 +129,6 @@ def initialize_single_rank_layout() -> None:
     parallel.initialize(ParallelConfig())
 
 
-def world() -> Tuple[int, int]:
-    if dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
 def assign(groups: Sequence[Hashable], size: Callable[[Hashable], int], ranks: int
            ) -> Dict[Hashable, int]:
     """group -> rank: greedy by bytes (largest first to the least loaded rank), so every
@@ -169,7 +164,7 @@ def write(folder: str, layout: Layout, produce: Callable[[str], Tensor]) -> None
     groups are spread over the ranks). `produce(name)` returns the full parameter; it is
     called group after group, each name once per rank that owns it, and cast to the layout's
     dtype (a value of another shape is an error)."""
-    rank, size = world()
+    rank, size = ranks.world()
     groups = layout.groups()
     owner = assign(list(groups), lambda g: sum(_nbytes(layout.params[n]) for n in groups[g]),
                    size)
@@ -240,12 +235,14 @@ class _WritePlanner(SavePlanner):
 
 
 class Reader:
-    """Reads full parameters of `layout` from a torch_dist checkpoint folder (any layout it
-    was saved in: stored chunks are cut and pasted as needed). Validates the index once."""
+    """Reads full parameters of `layout` from a torch_dist checkpoint (root or iter_* folder;
+    any layout it was saved in: stored chunks are cut and pasted as needed). Validates the
+    index and the tensor names and shapes once, up front."""
 
-    def __init__(self, folder: str, layout: Layout):
-        from xft_megatron.checkpoint.dist import CheckpointError, _read_index
+    def __init__(self, path: str, layout: Layout):
+        from xft_megatron.checkpoint.dist import CheckpointError, _read_index, resolve
 
+        folder = resolve(path)
         metadata, problem = _read_index(folder)
         if problem:
             raise CheckpointError(problem)

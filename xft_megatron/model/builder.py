@@ -100,7 +100,8 @@ def build_model(cfg: Config, tconfig: Optional[TransformerConfig] = None,
     the streaming checkpoint tools). Needs parallel state (see `xft_megatron.parallel.initialize`)."""
     tconfig = tconfig or transformer_config(cfg)
     if meta:
-        tconfig = dataclasses.replace(tconfig, perform_initialization=False)
+        tconfig = dataclasses.replace(tconfig, perform_initialization=False,
+                                      use_cpu_initialization=True)
     vp = cfg.parallel.virtual_pipeline
     chunks = []
     for vp_stage in range(vp or 1):

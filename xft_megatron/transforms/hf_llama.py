@@ -5,7 +5,7 @@ and never touch process groups. Megatron's fused QKV weight is laid out per quer
 for each of the G groups, [q rows of its H/G heads; k rows; v rows], each head `d` rows.
 """
 
-from typing import Dict, Iterator, Tuple
+from typing import Dict, Tuple
 
 import torch
 
@@ -83,31 +83,23 @@ def layer_from_hf(sd: Dict[str, Tensor], m: ModelConfig, i: int,
     return out
 
 
-def to_hf(sd: Dict[str, Tensor], m: ModelConfig) -> Iterator[Tuple[str, Tensor]]:
-    """Whole model, Megatron -> HF, yielded tensor by tensor (streams layer by layer)."""
-    yield "model.embed_tokens.weight", sd["embedding.word_embeddings.weight"]
-    for i in range(m.num_layers):
-        yield from layer_to_hf(sd, m, i).items()
-    yield "model.norm.weight", sd["decoder.final_layernorm.weight"]
-    if not m.tie_embeddings:
-        yield "lm_head.weight", sd["output_layer.weight"]
+# Megatron name -> HF name of the tensors outside the decoder layers
+OUTER = {"embedding.word_embeddings.weight": "model.embed_tokens.weight",
+         "decoder.final_layernorm.weight": "model.norm.weight",
+         "output_layer.weight": "lm_head.weight"}
 
 
-def from_hf(sd: Dict[str, Tensor], m: ModelConfig) -> Iterator[Tuple[str, Tensor]]:
-    """Whole model, HF -> Megatron."""
-    yield "embedding.word_embeddings.weight", sd["model.embed_tokens.weight"]
-    for i in range(m.num_layers):
-        yield from layer_from_hf(sd, m, i).items()
-    yield "decoder.final_layernorm.weight", sd["model.norm.weight"]
-    if not m.tie_embeddings:
-        yield "output_layer.weight", sd["lm_head.weight"]
+def outer_names(m: ModelConfig) -> Dict[str, str]:
+    """OUTER without the output layer when the embeddings are tied."""
+    return {k: v for k, v in OUTER.items() if not (m.tie_embeddings and k == "output_layer.weight")}
 
 
 def hf_shapes(m: ModelConfig) -> Dict[str, Tuple[int, ...]]:
-    """Name -> shape of every HF tensor `from_hf` reads for a model of config `m`."""
+    """Name -> shape of every HF tensor of a model of config `m`, layer by layer (embedding
+    first, final norm and output layer last): the order a conversion writes them in."""
     h, f, v = m.hidden_size, m.ffn_hidden_size, m.vocab_size
     q, kv = m.num_attention_heads * m.head_dim, m.num_query_groups * m.head_dim
-    out = {"model.embed_tokens.weight": (v, h), "model.norm.weight": (h,)}
+    out = {"model.embed_tokens.weight": (v, h)}
     for i in range(m.num_layers):
         s = f"model.layers.{i}."
         out.update({s + "input_layernorm.weight": (h,), s + "post_attention_layernorm.weight": (h,),
@@ -118,6 +110,7 @@ def hf_shapes(m: ModelConfig) -> Dict[str, Tuple[int, ...]]:
         if m.qkv_bias:
             out.update({s + "self_attn.q_proj.bias": (q,), s + "self_attn.k_proj.bias": (kv,),
                         s + "self_attn.v_proj.bias": (kv,)})
+    out["model.norm.weight"] = (h,)
     if not m.tie_embeddings:
         out["lm_head.weight"] = (v, h)
     return out
