@@ -4,6 +4,7 @@
 
 1. writes a random-weight HF directory of the preset's shape (bf16 safetensors) with
    transformers, 2. `xft convert hf-to-mcore` (bf16), 3. `xft convert mcore-to-hf` (bf16),
+   both through the CLI entry point,
 each stage in its own process (peak RSS = that process's own maximum). The I/O floor of a
 stage is reading its input's bytes plus writing its output's bytes with plain file I/O.
 """
@@ -27,13 +28,15 @@ def _run_stage(args):
         model = transformers.AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16)
         model.save_pretrained(os.path.join(d, "hf"))
     elif args.stage == "hf-to-mcore":
-        from xft_megatron.convert import hf_to_mcore
+        from xft_megatron import cli
 
-        hf_to_mcore(os.path.join(d, "hf"), os.path.join(d, "mcore"), dtype="bf16")
+        stages.check(cli.main(["convert", "hf-to-mcore", "--hf", os.path.join(d, "hf"),
+                               "--out", os.path.join(d, "mcore"), "--dtype", "bf16"]))
     elif args.stage == "mcore-to-hf":
-        from xft_megatron.convert import mcore_to_hf
+        from xft_megatron import cli
 
-        mcore_to_hf(os.path.join(d, "mcore"), os.path.join(d, "hf_back"), dtype="bf16")
+        stages.check(cli.main(["convert", "mcore-to-hf", "--ckpt", os.path.join(d, "mcore"),
+                               "--out", os.path.join(d, "hf_back"), "--dtype", "bf16"]))
 
 
 if __name__ == "__main__":

@@ -38,6 +38,12 @@ def io_floor(src, out_bytes, scratch):
     return elapsed
 
 
+def check(code):
+    """A stage's command must succeed."""
+    if code:
+        raise SystemExit(f"the command failed with exit code {code}")
+
+
 def record_rss(directory, stage):
     """Called at the end of a stage's process: its own peak RSS (KiB) into a file."""
     with open(os.path.join(directory, f"{stage}.rss"), "w") as f:

@@ -4,6 +4,7 @@
 
 1. writes a random-weight dense checkpoint of the preset (bf16),
 2. `xft upcycle` to 8 experts / top-6, 3. `xft merge` (uniform coefficients) back to dense,
+(both through the CLI entry point)
 each stage in its own process (peak RSS = that process's max resident set). The I/O floor
 for a stage is reading its input checkpoint's bytes plus writing its output's bytes with
 plain file I/O (fsync'd), measured on the same disk right after.
@@ -15,8 +16,6 @@ from benchmarks import stages
 
 
 def _run_stage(args):
-    from xft_megatron.config import MoEConfig
-
     if args.stage == "dense":
         from xft_megatron import parallel
         from xft_megatron.checkpoint import dist as ckpt
@@ -27,15 +26,16 @@ def _run_stage(args):
         parallel.initialize(cfg.parallel)
         ckpt.save(build_model(cfg), os.path.join(args.dir, "dense"), 0, cfg)
     elif args.stage == "upcycle":
-        from xft_megatron.upcycle_merge import upcycle_checkpoint
+        from xft_megatron import cli
 
-        upcycle_checkpoint(os.path.join(args.dir, "dense"), os.path.join(args.dir, "moe"),
-                           MoEConfig(num_experts=8, topk=6))
+        stages.check(cli.main(["upcycle", "--ckpt", os.path.join(args.dir, "dense"), "--out",
+                               os.path.join(args.dir, "moe"), "--num-experts", "8",
+                               "--topk", "6"]))
     elif args.stage == "merge":
-        from xft_megatron.upcycle_merge import merge_checkpoint
+        from xft_megatron import cli
 
-        merge_checkpoint(os.path.join(args.dir, "moe"), os.path.join(args.dir, "merged"),
-                         report=lambda *a: None)
+        stages.check(cli.main(["merge", "--ckpt", os.path.join(args.dir, "moe"), "--out",
+                               os.path.join(args.dir, "merged")]))
 
 
 if __name__ == "__main__":

@@ -10,9 +10,14 @@ from xft_megatron.config import ConfigError
 def _quickstart(args):
     from xft_megatron import quickstart
 
-    quickstart.run(args.out, steps=args.steps, sft_steps=args.sft_steps,
-                   ablations=not args.no_ablations, max_files=args.max_files,
-                   overrides=args.overrides)
+    ablations = () if args.no_ablations else tuple(a for a in args.ablations.split(",") if a)
+    settings = quickstart.Settings(
+        steps=args.steps, sft_steps=args.sft_steps, ablations=ablations,
+        sources=tuple(args.src or quickstart.Settings.sources), max_files=args.max_files,
+        vocab=args.vocab,
+        preset=args.preset, seq_length=args.seq_length, seed=args.seed,
+        router_seed=args.router_seed, pretrain_lr=args.pretrain_lr, tune_lr=args.tune_lr)
+    quickstart.run(args.out, settings, overrides=args.overrides)
 
 
 def _presets(args):
@@ -35,7 +40,9 @@ def _config(args):
 
 def _convert(args):
     from xft_megatron import convert
+    from xft_megatron.checkpoint.stream import reuse_freed_memory
 
+    reuse_freed_memory()
     if args.direction == "hf-to-mcore":
         path = convert.hf_to_mcore(args.hf, args.out, dtype=args.dtype or "fp32")
         print(f"wrote {path}")
@@ -51,9 +58,11 @@ def _convert(args):
 
 
 def _upcycle(args):
+    from xft_megatron.checkpoint.stream import reuse_freed_memory
     from xft_megatron.config import MoEConfig
     from xft_megatron.upcycle_merge import upcycle_checkpoint
 
+    reuse_freed_memory()
     moe = MoEConfig(num_experts=args.num_experts, topk=args.topk, router_gate=args.router_gate,
                     layer_freq=args.layer_freq, router_noise=not args.no_router_noise)
     path = upcycle_checkpoint(args.ckpt, args.out, moe, seed=args.seed, noise_std=args.noise,
@@ -62,8 +71,10 @@ def _upcycle(args):
 
 
 def _merge(args):
+    from xft_megatron.checkpoint.stream import reuse_freed_memory
     from xft_megatron.upcycle_merge import merge_checkpoint
 
+    reuse_freed_memory()
     path = merge_checkpoint(args.ckpt, args.out, args.coefficients, args.shared_weight,
                             _layout(args), hf_out=args.hf_out)
     print(f"wrote {path}")
@@ -135,6 +146,17 @@ def _humaneval(args):
     say(f"per-task results: {os.path.join(out, 'humaneval.json')}")
 
 
+def _moe_layers(text: str) -> int:
+    """--layers all | every-N | N -> the MoE layer frequency."""
+    value = text.strip().lower()
+    if value == "all":
+        return 1
+    number = value[len("every-"):] if value.startswith("every-") else value
+    if not number.isdigit() or int(number) < 1:
+        raise argparse.ArgumentTypeError(f"'{text}' is not all, every-N or N (N >= 1)")
+    return int(number)
+
+
 def _layout(args) -> dict:
     """The parallel section of --tp/--pp/--ep(/--etp)."""
     out = {"tensor": args.tp, "pipeline": args.pp, "expert": args.ep,
@@ -160,16 +182,34 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="xft", description="XFT on Megatron-Core")
     sub = p.add_subparsers(dest="command", required=True)
 
+    from xft_megatron.quickstart import Settings
+
+    qs = Settings()
     q = sub.add_parser("quickstart", help="run the built-in end-to-end example on this machine")
     q.add_argument("--out", default="runs/quickstart", help="output directory")
-    q.add_argument("--steps", type=int, default=300, help="pretraining steps")
-    q.add_argument("--sft-steps", type=int, default=150,
+    q.add_argument("--steps", type=int, default=qs.steps, help="pretraining steps")
+    q.add_argument("--sft-steps", type=int, default=qs.sft_steps,
                    help="instruction-tuning steps of every tuned model (merge: a fifth)")
-    q.add_argument("--no-ablations", action="store_true",
-                   help="skip the vanilla / none upcycling ablations")
-    q.add_argument("--max-files", type=int, default=600,
-                   help="standard-library files mined for data")
-    q.add_argument("overrides", nargs="*", help="config overrides, e.g. train.lr=1e-3")
+    q.add_argument("--ablations", default=",".join(qs.ablations),
+                   help="upcycling ablations tuned like XFT: vanilla, none (comma-separated)")
+    q.add_argument("--no-ablations", action="store_true", help="run no ablation")
+    q.add_argument("--src", action="append", default=None,
+                   help="Python source to mine: stdlib (default), site-packages (this "
+                   "interpreter's) or a directory; repeat for several")
+    q.add_argument("--max-files", type=int, default=qs.max_files, help="files mined per source")
+    q.add_argument("--vocab", type=int, default=qs.vocab, help="tokenizer/model vocabulary")
+    q.add_argument("--preset", default=qs.preset,
+                   help="model preset (`xft presets`); model.* overrides change its fields")
+    q.add_argument("--seq-length", type=int, default=qs.seq_length, help="tokens per row")
+    q.add_argument("--seed", type=int, default=qs.seed,
+                   help="training seed: initialization, data order, noisy gating")
+    q.add_argument("--router-seed", type=int, default=qs.router_seed,
+                   help="router initialization seed at upcycling")
+    q.add_argument("--pretrain-lr", type=float, default=qs.pretrain_lr,
+                   help="peak pretraining LR")
+    q.add_argument("--tune-lr", type=float, default=qs.tune_lr,
+                   help="peak instruction-tuning LR")
+    q.add_argument("overrides", nargs="*", help="config overrides, e.g. precision.dtype=bf16")
     q.set_defaults(func=_quickstart)
 
     s = sub.add_parser("presets", help="list the model presets")
@@ -195,7 +235,8 @@ def build_parser() -> argparse.ArgumentParser:
     u.add_argument("--topk", type=int, default=6, help="experts per token, shared included")
     u.add_argument("--router-gate", choices=["mlp", "linear"], default="mlp")
     u.add_argument("--no-router-noise", action="store_true", help="no noisy-gating weights")
-    u.add_argument("--layer-freq", type=int, default=1, help="every N-th layer becomes MoE")
+    u.add_argument("--layers", "--layer-freq", dest="layer_freq", type=_moe_layers, default=1,
+                   help="which layers become MoE: all (default) | every-N (layers 0, N, 2N, ..)")
     u.add_argument("--noise", type=float, default=0.0,
                    help="std of noise added to routed expert copies (ablation; default 0)")
     u.add_argument("--seed", type=int, default=0, help="router initialization seed")

@@ -11,6 +11,8 @@ ranks, each writing its own files. `Reader` fetches named parameters from any to
 checkpoint (written by Megatron under any layout, or by `write`) chunk by chunk.
 """
 
+import contextlib
+import ctypes
 import dataclasses
 import io
 import os
@@ -172,10 +174,41 @@ def write(folder: str, layout: Layout, produce: Callable[[str], Tensor]) -> None
     planner = _WritePlanner(layout, mine, produce, objects=rank == 0)
     writer = FileSystemWriter(folder, single_file_per_rank=False, sync_files=True,
                               thread_count=1, per_thread_copy_ahead=0)
-    dcp.save({}, storage_writer=writer, planner=planner, no_dist=size == 1)
+    with _without_zip_checksums():
+        dcp.save({}, storage_writer=writer, planner=planner, no_dist=size == 1)
     if rank == 0:
         save_config(CheckpointingConfig("torch_dist", 1, "torch", 1), folder)
         torch.save({}, os.path.join(folder, COMMON_STATE_FNAME))
+
+
+@contextlib.contextmanager
+def _without_zip_checksums():
+    """torch.save computes a CRC-32 of every record it writes, about half the cost of saving
+    a large tensor; torch.load does not check it. Off while streaming, restored after."""
+    get = getattr(torch.serialization, "get_crc32_options", None)
+    if get is None:
+        yield
+        return
+    before = get()
+    torch.serialization.set_crc32_options(False)
+    try:
+        yield
+    finally:
+        torch.serialization.set_crc32_options(before)
+
+
+def reuse_freed_memory() -> None:
+    """Process-wide, for the streaming commands (called by their CLI entry points): glibc
+    serves large allocations from its heap instead of fresh mappings, so each layer's
+    buffers reuse the pages the previous layer freed rather than faulting in new ones (a
+    conversion allocates the same sizes layer after layer). No effect off glibc."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return
+    m_trim_threshold, m_mmap_max = -1, -4
+    libc.mallopt(m_mmap_max, 0)
+    libc.mallopt(m_trim_threshold, 1 << 30)
 
 
 def _nbytes(p: Param) -> int:
@@ -268,9 +301,38 @@ class Reader:
         return self.metadata.state_dict_metadata[key].properties.dtype
 
     def read(self, names: Sequence[str]) -> Dict[str, Tensor]:
-        """{name: full parameter} in the stored dtype, for the given parameter names."""
-        out = {n: torch.empty(self.layout.params[n].shape, dtype=self.stored_dtype(n))
-               for n in names}
+        """{name: full parameter} in the stored dtype, for the given parameter names. Treat
+        the values as read-only (some map the checkpoint's files)."""
+        out = {n: self._mapped(n) for n in names}
+        rest = [n for n in names if out[n] is None]
+        out.update({n: torch.empty(self.layout.params[n].shape, dtype=self.stored_dtype(n))
+                    for n in rest})
+        if rest:
+            self._read_chunks(rest, out)
+        return out
+
+    def _mapped(self, name: str) -> Optional[Tensor]:
+        """The parameter memory-mapped from its file (no copy) when one stored chunk, alone
+        in its file, is exactly the whole parameter (as `write` stores them); else None."""
+        p = self.layout.params[name]
+        part = p.parts[0]
+        whole = len(p.parts) == 1 and part.start == 0 and part.shape == p.shape and \
+            torch.empty(p.shape, device="meta").stride() == part.stride
+        info = self.metadata.storage_data.get(MetadataIndex(part.key, torch.Size(part.offset)))
+        chunks = self.metadata.state_dict_metadata[part.key].chunks
+        if not whole or info is None or info.offset != 0 or \
+                getattr(info, "transform_descriptors", None) or \
+                not any(tuple(c.offsets) == part.offset and tuple(c.sizes) == part.size
+                        for c in chunks):
+            return None
+        path = os.path.join(self.folder, info.relative_path)
+        if os.path.getsize(path) != info.length:
+            return None
+        value = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+        return value.reshape(p.shape)
+
+    def _read_chunks(self, names: Sequence[str], out: Dict[str, Tensor]) -> None:
+        """Fill `out[name]` from the stored chunks overlapping each part (any chunking)."""
         targets, items = {}, []
         for n in names:
             for part in self.layout.params[n].parts:
@@ -282,7 +344,6 @@ class Reader:
         reader.set_up_storage_reader(self.metadata, True)
         plan = reader.prepare_global_plan([reader.prepare_local_plan(LoadPlan(items))])[0]
         reader.read_data(plan, _ReadPlanner(targets)).wait()
-        return out
 
     def read_one(self, name: str) -> Tensor:
         return self.read([name])[name]

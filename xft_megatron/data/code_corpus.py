@@ -1,29 +1,72 @@
-"""A code corpus from the Python standard library on this machine (no downloads).
+"""A code corpus from the Python source on this machine (no downloads): the standard library,
+and optionally the installed packages (site-packages) or any other source tree.
 
 Files are taken in sorted path order and deduplicated by content, so every machine with the
-same Python version builds the same corpus. Until a trained tokenizer is in place, text is
-tokenized as UTF-8 bytes (ids 0..255), which any vocabulary of >= 256 entries covers.
+same Python version (and the same installed packages) builds the same corpus. Until a
+trained tokenizer is in place, text is tokenized as UTF-8 bytes (ids 0..255), which any
+vocabulary of >= 256 entries covers.
 """
 
 import hashlib
 import os
+import site
 import sysconfig
-from typing import Iterator, List, Optional, Tuple
+from typing import Iterator, List, Optional, Sequence, Set, Tuple
 
 import torch
+
+SOURCES = ("stdlib", "site-packages")  # names `source_dirs` resolves; anything else is a path
+_SKIPPED_DIRS = ("site-packages", "dist-packages", "test", "tests", "__pycache__", "idlelib",
+                 "lib2to3", "turtledemo")
 
 
 def stdlib_dir() -> str:
     return sysconfig.get_paths()["stdlib"]
 
 
-def python_files(root: str, limit: Optional[int] = None) -> List[str]:
-    """Sorted .py files under `root` (tests and site-packages skipped), unique by content."""
+def site_packages_dirs() -> List[str]:
+    """This interpreter's existing site-packages folders (installed packages' source)."""
+    paths = sysconfig.get_paths()
+    candidates = list(site.getsitepackages()) + [paths["purelib"], paths["platlib"]]
+    if site.ENABLE_USER_SITE:
+        candidates.append(site.getusersitepackages())
+    return _unique_dirs(candidates)
+
+
+def source_dirs(sources: Sequence[str]) -> List[str]:
+    """Source roots for `sources`: `stdlib`, `site-packages` (every such folder of this
+    interpreter) or directory paths; in the given order, each folder once."""
+    dirs = []
+    for s in sources:
+        if s == "stdlib":
+            dirs.append(stdlib_dir())
+        elif s == "site-packages":
+            dirs += site_packages_dirs()
+        elif os.path.isdir(s):
+            dirs.append(s)
+        else:
+            raise FileNotFoundError(f"source directory '{s}' does not exist (or use one of "
+                                    f"{', '.join(SOURCES)})")
+    return _unique_dirs(dirs)
+
+
+def _unique_dirs(paths: Sequence[str]) -> List[str]:
     out, seen = [], set()
+    for p in paths:
+        real = os.path.realpath(p)
+        if os.path.isdir(real) and real not in seen:
+            seen.add(real)
+            out.append(p)
+    return out
+
+
+def python_files(root: str, limit: Optional[int] = None,
+                 seen: Optional[Set[str]] = None) -> List[str]:
+    """Sorted .py files under `root` (tests and nested site-packages skipped), unique by
+    content; at most `limit`. `seen` (content digests, updated) dedupes across roots."""
+    out, seen = [], set() if seen is None else seen
     for dirpath, dirnames, filenames in os.walk(root):
-        dirnames[:] = sorted(d for d in dirnames
-                             if d not in ("site-packages", "test", "tests", "__pycache__",
-                                          "idlelib", "lib2to3", "turtledemo"))
+        dirnames[:] = sorted(d for d in dirnames if d not in _SKIPPED_DIRS)
         for name in sorted(filenames):
             if not name.endswith(".py"):
                 continue

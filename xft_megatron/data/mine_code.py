@@ -17,7 +17,11 @@ Identical (instruction, response) pairs are kept once (the train copy if there i
 the first in sorted file order), and a held-out record whose response also is a train
 response is dropped: nothing leaks.
 
-CLI: `xft data mine-code --src DIR --out FILE.jsonl [--heldout-out FILE.jsonl]`.
+Several source roots mine as one tree: files unique by content across roots, module names
+relative to their own root, one split over all top-level names.
+
+CLI: `xft data mine-code --src DIR|stdlib|site-packages [...] --out FILE.jsonl
+[--heldout-out FILE.jsonl]`.
 """
 
 from __future__ import annotations
@@ -32,9 +36,9 @@ import sys
 import tempfile
 import time
 import tokenize
-from typing import Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
+from typing import Dict, Iterable, Iterator, List, Optional, Sequence, Tuple, Union
 
-from xft_megatron.data.code_corpus import python_files
+from xft_megatron.data.code_corpus import python_files, source_dirs
 
 LEAD = "Complete the following Python function.\n\n"
 Record = Dict[str, object]
@@ -164,15 +168,38 @@ def heldout_modules(names: Iterable[str], heldout_every: int = 10) -> List[str]:
     return sorted(held)
 
 
-def split_files(src_dir: str, heldout_every: int = 10, max_files: Optional[int] = None
-                ) -> Tuple[List[str], List[str]]:
-    """(train files, held-out files) of `python_files(src_dir)`, split by top-level module."""
-    if not os.path.isdir(src_dir):
-        raise FileNotFoundError(f"source directory '{src_dir}' does not exist")
-    files = python_files(src_dir, max_files)
-    tops = {f: top_level(module_name(src_dir, f)) for f in files}
+Roots = Union[str, Sequence[str]]
+
+
+def _files_by_root(src_dirs: Roots, max_files: Optional[int]) -> List[Tuple[str, str]]:
+    """(root, file) pairs: `python_files` of each root in turn (at most `max_files` each),
+    unique by content across all roots."""
+    roots = [src_dirs] if isinstance(src_dirs, str) else list(src_dirs)
+    seen: set = set()
+    pairs = []
+    for root in roots:
+        if not os.path.isdir(root):
+            raise FileNotFoundError(f"source directory '{root}' does not exist")
+        pairs += [(root, f) for f in python_files(root, max_files, seen)]
+    return pairs
+
+
+def _split_pairs(src_dirs: Roots, heldout_every: int, max_files: Optional[int]):
+    """(train pairs, held-out pairs, top-level name per file), split by top-level module
+    name (a name is on one side whichever root holds it)."""
+    pairs = _files_by_root(src_dirs, max_files)
+    tops = {f: top_level(module_name(root, f)) for root, f in pairs}
     held = set(heldout_modules(tops.values(), heldout_every))
-    return [f for f in files if tops[f] not in held], [f for f in files if tops[f] in held]
+    return [p for p in pairs if tops[p[1]] not in held], \
+        [p for p in pairs if tops[p[1]] in held], tops
+
+
+def split_files(src_dirs: Roots, heldout_every: int = 10, max_files: Optional[int] = None
+                ) -> Tuple[List[str], List[str]]:
+    """(train files, held-out files) of `python_files` of one source root or several (at
+    most `max_files` per root), split by top-level module."""
+    train, held, _ = _split_pairs(src_dirs, heldout_every, max_files)
+    return [f for _, f in train], [f for _, f in held]
 
 
 def corpus_text(files: Iterable[str]) -> Iterator[str]:
@@ -185,18 +212,19 @@ def corpus_text(files: Iterable[str]) -> Iterator[str]:
             continue
 
 
-def mine_tree(src_dir: str, heldout_every: int = 10, max_files: Optional[int] = None
+def mine_tree(src_dirs: Roots, heldout_every: int = 10, max_files: Optional[int] = None
               ) -> Tuple[List[Record], List[Record], Dict[str, int]]:
-    """(train records, held-out records, stats) mined from every file of `src_dir`."""
-    train_files, held_files = split_files(src_dir, heldout_every, max_files)
-    stats = {"files": len(train_files) + len(held_files), "decode_failures": 0,
+    """(train records, held-out records, stats) mined from every file of one source root or
+    several (at most `max_files` per root)."""
+    train_pairs, held_pairs, tops = _split_pairs(src_dirs, heldout_every, max_files)
+    stats = {"files": len(train_pairs) + len(held_pairs), "decode_failures": 0,
              "parse_failures": 0, "duplicates": 0, "heldout_leaks_dropped": 0}
     seen = set()
     sides = []
-    for files in (train_files, held_files):
+    for pairs in (train_pairs, held_pairs):
         records = []
-        for path in files:
-            for r in _mine_file(src_dir, path, stats):
+        for root, path in pairs:
+            for r in _mine_file(root, path, stats):
                 key = (r["instruction"], r["response"])
                 if key in seen:
                     stats["duplicates"] += 1
@@ -209,8 +237,8 @@ def mine_tree(src_dir: str, heldout_every: int = 10, max_files: Optional[int] = 
     kept = [r for r in held if r["response"] not in train_responses]
     stats["heldout_leaks_dropped"] = len(held) - len(kept)
     stats.update(records_train=len(train), records_heldout=len(kept),
-                 modules_train=len({top_level(module_name(src_dir, f)) for f in train_files}),
-                 modules_heldout=len({top_level(module_name(src_dir, f)) for f in held_files}))
+                 modules_train=len({tops[f] for _, f in train_pairs}),
+                 modules_heldout=len({tops[f] for _, f in held_pairs}))
     return train, kept, stats
 
 
@@ -248,13 +276,15 @@ def write_jsonl(path: str, records: Iterable[Record]) -> int:
 
 # ------------------------------------------------------------------------------ CLI
 def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    parser.add_argument("--src", required=True, help="root of a Python source tree")
+    parser.add_argument("--src", required=True, nargs="+",
+                        help="Python source trees: directories, or stdlib / site-packages "
+                        "(this interpreter's)")
     parser.add_argument("--out", required=True, help="train records (JSONL)")
     parser.add_argument("--heldout-out", default=None, help="held-out records (JSONL)")
     parser.add_argument("--heldout-every", type=int, default=10,
                         help="about one in N top-level modules is held out")
     parser.add_argument("--max-files", type=int, default=None,
-                        help="mine only the first N files (sorted order)")
+                        help="mine only the first N files (sorted order) of each source")
     return parser
 
 
@@ -265,7 +295,8 @@ def run(args: argparse.Namespace) -> int:
         return 2
     start = time.perf_counter()
     try:
-        train, held, stats = mine_tree(args.src, args.heldout_every, args.max_files)
+        train, held, stats = mine_tree(source_dirs(args.src), args.heldout_every,
+                                       args.max_files)
     except (FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -31,18 +31,34 @@ def merge_experts(fc1: torch.Tensor, fc2: torch.Tensor, coeffs: torch.Tensor
     n, _, f, h = fc1.shape
     if coeffs.shape != (n,):
         raise ValueError(f"{coeffs.numel()} coefficients for {n} experts")
-    return (weighted_sum(fc1, coeffs).reshape(2 * f, h).to(fc1.dtype),
-            weighted_sum(fc2, coeffs).to(fc2.dtype))
+    return (weighted_sum(fc1, coeffs, fc1.dtype).reshape(2 * f, h),
+            weighted_sum(fc2, coeffs, fc2.dtype))
 
 
-def weighted_sum(stacked: torch.Tensor, coeffs: torch.Tensor) -> torch.Tensor:
-    """sum_j c_j * stacked[j] in float64, experts added in index order element by element, so
-    any slice of the other dimensions (a tensor-parallel shard) gets bitwise the same values
-    as the full tensor."""
-    acc = torch.zeros(stacked.shape[1:], dtype=torch.float64, device=stacked.device)
-    for j in range(stacked.shape[0]):
-        acc += coeffs[j].item() * stacked[j].double()
-    return acc
+def weighted_sum(stacked: torch.Tensor, coeffs: torch.Tensor,
+                 dtype: torch.dtype = torch.float64, block: int = 1 << 15) -> torch.Tensor:
+    """sum_j c_j * stacked[j], accumulated in float64 with the experts added in index order
+    element by element (each product and sum rounded once), then cast to `dtype`. Element-wise
+    throughout, so any slice of the other dimensions (a tensor-parallel shard) gets bitwise
+    the same values as the full tensor. Works through `block` elements at a time: the
+    float64 temporaries stay in cache and each operation stays below torch's intra-op
+    threading grain."""
+    n = stacked.shape[0]
+    flat = stacked.reshape(n, -1)
+    c = [float(v) for v in coeffs.double().tolist()]
+    out = torch.empty(flat.shape[1], dtype=dtype, device=stacked.device)
+    acc = torch.empty(min(block, flat.shape[1]), dtype=torch.float64, device=stacked.device)
+    term = torch.empty_like(acc)
+    for start in range(0, flat.shape[1], block):
+        size = min(block, flat.shape[1] - start)
+        a, t = acc[:size], term[:size]
+        a.zero_()
+        for j in range(n):
+            t.copy_(flat[j, start:start + size])
+            t.mul_(c[j])
+            a.add_(t)
+        out[start:start + size].copy_(a)
+    return out.reshape(stacked.shape[1:])
 
 
 def fold(moe: Dict[str, torch.Tensor], coefficients: Callable[[int], torch.Tensor]
