@@ -290,10 +290,19 @@ class TrainConfig:
         _require(self.lr_decay_style in ("constant", "linear", "cosine"),
                  f"train.lr_decay_style={self.lr_decay_style!r} must be constant, linear "
                  "or cosine")
-        _require(self.lr_warmup_steps == 0 or 0 < self.lr_warmup_steps < self.train_steps,
-                 f"train.lr_warmup_steps={self.lr_warmup_steps} must be 0 or less than "
-                 f"train.train_steps={self.train_steps}")
+        # with epochs, the step count is known once the data is read (`check_warmup` then)
+        _require(self.lr_warmup_steps >= 0,
+                 f"train.lr_warmup_steps={self.lr_warmup_steps} must be >= 0")
+        if self.epochs is None:
+            self.check_warmup(self.train_steps)
         _require(self.clip_grad >= 0, f"train.clip_grad={self.clip_grad} must be >= 0")
+
+    def check_warmup(self, steps: int) -> None:
+        """Megatron's scheduler needs the warmup to end before the last step."""
+        _require(self.lr_warmup_steps < steps,
+                 f"train.lr_warmup_steps={self.lr_warmup_steps} must be 0 or less than the "
+                 f"number of steps ({steps}" + (f", from train.epochs={self.epochs})"
+                                                if self.epochs else ", train.train_steps)"))
 
     def num_microbatches(self, data_parallel_size: int) -> int:
         per_step = self.micro_batch_size * data_parallel_size

@@ -198,10 +198,12 @@ def _without_zip_checksums():
 
 
 def reuse_freed_memory() -> None:
-    """Process-wide, for the streaming commands (called by their CLI entry points): glibc
-    serves large allocations from its heap instead of fresh mappings, so each layer's
-    buffers reuse the pages the previous layer freed rather than faulting in new ones (a
-    conversion allocates the same sizes layer after layer). No effect off glibc."""
+    """Process-wide, for `xft upcycle` and `xft merge` (called by their CLI entry points):
+    glibc serves large allocations from its heap instead of fresh mappings, so each layer's
+    expert buffers (hundreds of MB, the same sizes layer after layer) reuse the pages the
+    previous layer freed rather than faulting in new ones. Costs some resident memory (freed
+    pages are kept); `xft convert`, whose layers are small, does without. No effect off
+    glibc."""
     try:
         libc = ctypes.CDLL("libc.so.6")
     except OSError:

@@ -149,6 +149,7 @@ def main(config_path: Optional[str], overrides: Sequence[str], resume: bool = Fa
     batches, report = build_batches(cfg, tok, info.rank)
     if cfg.train.epochs:
         steps = max(1, math.ceil(cfg.train.epochs * len(batches)))
+        cfg.train.check_warmup(steps)  # before any model is built
         cfg = cfg.replace(train=replace(cfg.train, train_steps=steps))
     if info.rank == 0:
         print(report.table())

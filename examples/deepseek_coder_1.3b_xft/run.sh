@@ -1,0 +1,357 @@
+#!/usr/bin/env bash
+# XFT on deepseek-coder-1.3b-base, end to end, and the SFT baseline (see README.md here).
+#
+#   run.sh [--plan] [--only all|xft|sft] HF_MODEL_DIR DATA_FILE OUT_DIR LAYOUT
+#
+# LAYOUT is NODESxGPUS (1x8, 2x8, 4x8: layouts/<LAYOUT>.yaml). Every step writes one folder
+# under OUT_DIR and is skipped when that folder is complete, so rerunning the same command
+# continues where a previous run stopped (training steps resume from their newest
+# checkpoint). Before anything runs, every training stage is validated and its layout,
+# parameter counts and per-GPU memory estimate are printed (`xft train --dry-run`).
+# --plan does only that and lists the commands, marking the steps already done.
+set -euo pipefail
+
+HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+PYTHON="${XFT_PYTHON:-python}"        # the environment with xft_megatron installed
+TORCHRUN="${XFT_TORCHRUN:-torchrun}"
+
+# Upcycling (XFT_SPEC.md section 1): 8 experts with expert 0 shared, top-6 counting the
+# shared expert, MLP router gate, noisy gating (on unless --no-router-noise), exact copies.
+NUM_EXPERTS=8
+TOPK=6
+ROUTER_GATE=mlp
+ROUTER_SEED=0
+
+usage() {
+  cat <<'EOF'
+usage: run.sh [--plan] [--only all|xft|sft] HF_MODEL_DIR DATA_FILE OUT_DIR LAYOUT
+
+  HF_MODEL_DIR  deepseek-coder-1.3b-base as a Hugging Face directory (config.json,
+                safetensors or .bin weights, tokenizer files)
+  DATA_FILE     Magicoder-Evol-Instruct-110K as JSON lines (instruction / response)
+  OUT_DIR       where every step writes its folder (created; reruns continue here)
+  LAYOUT        NODESxGPUS: 1x8 (this node), 2x8 or 4x8 (inside a Slurm allocation of that
+                many nodes; see slurm/README.md and slurm/xft.sbatch)
+
+  --plan        validate the stage configs, print their dry-runs and the commands; run nothing
+  --only WHAT   all (default: XFT, the SFT baseline and the base model's HumanEval),
+                xft (XFT only) or sft (SFT baseline only)
+
+environment: XFT_PYTHON (python), XFT_TORCHRUN (torchrun); multi-node: XFT_MASTER_ADDR
+(the first node's NodeAddr), XFT_MASTER_PORT (20000 + job id mod 10000)
+EOF
+}
+
+die() { echo "run.sh: error: $*" >&2; exit 2; }
+
+# ------------------------------------------------------------------------------ arguments
+PLAN=0
+ONLY=all
+ARGS=()
+while (($#)); do
+  case "$1" in
+    --plan) PLAN=1 ;;
+    --only) [[ $# -ge 2 ]] || die "--only needs a value: all, xft or sft"; ONLY="$2"; shift ;;
+    --only=*) ONLY="${1#--only=}" ;;
+    -h|--help) usage; exit 0 ;;
+    -*) usage >&2; die "unknown option '$1'" ;;
+    *) ARGS+=("$1") ;;
+  esac
+  shift
+done
+[[ ${#ARGS[@]} -eq 4 ]] || { usage >&2; die "expected 4 arguments, got ${#ARGS[@]}"; }
+absolute() { if [[ "$1" == /* ]]; then echo "$1"; else echo "$PWD/$1"; fi; }
+HF_DIR="$(absolute "${ARGS[0]%/}")"
+DATA="$(absolute "${ARGS[1]}")"
+OUT="$(absolute "${ARGS[2]%/}")"
+LAYOUT="${ARGS[3]}"
+case "$ONLY" in all|xft|sft) ;; *) die "--only must be all, xft or sft, not '$ONLY'" ;; esac
+
+[[ "$LAYOUT" =~ ^([1-9][0-9]*)x([1-9][0-9]*)$ ]] ||
+  die "layout '$LAYOUT' must look like NODESxGPUS, e.g. 1x8"
+LAYOUT_FILE="$HERE/layouts/$LAYOUT.yaml"
+if [[ ! -f "$LAYOUT_FILE" ]]; then
+  known="$(cd "$HERE/layouts" && ls -- *.yaml | sed 's/\.yaml$//' | tr '\n' ' ')"
+  die "no layout file layouts/$LAYOUT.yaml; available: ${known% }. A new layout is a copy of" \
+      "one of them with parallel.* and train.micro_batch_size adjusted (see README.md)"
+fi
+NODES="${BASH_REMATCH[1]}"
+GPUS="${BASH_REMATCH[2]}"
+WORLD=$((NODES * GPUS))
+
+command -v "$PYTHON" >/dev/null || die "'$PYTHON' not found; activate the environment that has" \
+  "xft-megatron installed (or set XFT_PYTHON)"
+"$PYTHON" -c "import xft_megatron" 2>/dev/null || die "'$PYTHON' cannot import xft_megatron;" \
+  "activate its environment (e.g. source .venv/bin/activate) or set XFT_PYTHON"
+
+# layouts/<LAYOUT>.yaml -> the overrides of one stage (one per line), after checking that the
+# file describes the layout its name promises
+layout_overrides() {
+  "$PYTHON" - "$LAYOUT_FILE" "$NODES" "$GPUS" "$1" <<'EOF'
+import sys, yaml
+path, nodes, gpus, stage = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
+try:
+    spec = yaml.safe_load(open(path, encoding="utf-8"))
+except yaml.YAMLError as e:
+    sys.exit(f"run.sh: error: {path} is not valid YAML: {e}")
+if not isinstance(spec, dict) or not isinstance(spec.get("stages"), dict):
+    sys.exit(f"run.sh: error: {path} needs 'nodes', 'gpus_per_node' and a 'stages' mapping")
+if (spec.get("nodes"), spec.get("gpus_per_node")) != (nodes, gpus):
+    sys.exit(f"run.sh: error: {path} says nodes={spec.get('nodes')} gpus_per_node="
+             f"{spec.get('gpus_per_node')}, but its name says {nodes}x{gpus}")
+items = spec["stages"].get(stage)
+if not isinstance(items, list) or not items or \
+        not all(isinstance(i, str) and "=" in i for i in items):
+    sys.exit(f"run.sh: error: {path}: stages.{stage} must be a non-empty list of key=value "
+             "overrides (at least train.micro_batch_size)")
+print("\n".join(items))
+EOF
+}
+lines="$(layout_overrides sft)" || exit 2
+mapfile -t SFT_LAYOUT <<<"$lines"
+lines="$(layout_overrides moe)" || exit 2
+mapfile -t MOE_LAYOUT <<<"$lines"
+lines="$(layout_overrides merge)" || exit 2
+mapfile -t MERGE_LAYOUT <<<"$lines"
+
+# ------------------------------------------------------------------------------ inputs
+problems=()
+[[ -f "$HF_DIR/config.json" ]] || die "'$HF_DIR' is not a Hugging Face model directory (no" \
+  "config.json); download deepseek-ai/deepseek-coder-1.3b-base there"
+compgen -G "$HF_DIR/*.safetensors" >/dev/null || compgen -G "$HF_DIR/pytorch_model*.bin" \
+  >/dev/null || problems+=("'$HF_DIR' has no weights (*.safetensors or pytorch_model*.bin)")
+compgen -G "$HF_DIR/tokenizer*" >/dev/null ||
+  problems+=("'$HF_DIR' has no tokenizer files (tokenizer.json / tokenizer_config.json)")
+[[ -f "$DATA" && -s "$DATA" ]] || problems+=("data file '$DATA' does not exist or is empty")
+if ((${#problems[@]})); then
+  for p in "${problems[@]}"; do
+    if ((PLAN)); then echo "run.sh: warning: $p" >&2; else echo "run.sh: error: $p" >&2; fi
+  done
+  ((PLAN)) || exit 2
+fi
+
+# ------------------------------------------------------------------------------ launchers
+# One-process steps (convert, upcycle, fold, export, evaluate) and distributed training.
+if ((NODES == 1)); then
+  ONE=("$PYTHON" -m xft_megatron.cli)
+  DIST=("$TORCHRUN" --standalone --nnodes 1 --nproc-per-node "$GPUS" -m xft_megatron.cli)
+  if ((!PLAN)); then
+    command -v "$TORCHRUN" >/dev/null || die "'$TORCHRUN' not found (set XFT_TORCHRUN)"
+    found="$(nvidia-smi -L 2>/dev/null | grep -c '^GPU' || true)"
+    ((found >= GPUS)) || die "layout $LAYOUT needs $GPUS GPUs on this node; nvidia-smi lists" \
+      "${found:-0}. Run on a node with $GPUS GPUs or pick a layout that fits"
+  fi
+else
+  # Multi-node: inside a Slurm allocation of NODES nodes (one task per node); each training
+  # step is one srun over all nodes starting torchrun, which rendezvouses on the first node.
+  # slurm/xft.sbatch and slurm/README.md describe the cluster launcher for single commands.
+  if [[ -n "${SLURM_JOB_ID:-}" ]]; then
+    have="${SLURM_JOB_NUM_NODES:-${SLURM_NNODES:-0}}"
+    [[ "$have" -eq "$NODES" ]] || die "layout $LAYOUT needs $NODES nodes; this Slurm job" \
+      "has $have (sbatch/salloc --nodes $NODES --gpus-per-node $GPUS --ntasks-per-node 1)"
+    for tool in srun scontrol "$TORCHRUN"; do
+      command -v "$tool" >/dev/null || die "'$tool' not found on this node"
+    done
+    # rendezvous on the first node, at the address Slurm knows it by (as slurm/xft.sbatch)
+    first="$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)"
+    HEAD="${XFT_MASTER_ADDR:-$(scontrol show node "$first" |
+      sed -n 's/.*NodeAddr=\([^ ]*\).*/\1/p')}"
+    [[ -n "$HEAD" ]] || die "could not read the address of node '$first'; set XFT_MASTER_ADDR"
+    PORT="${XFT_MASTER_PORT:-$((20000 + SLURM_JOB_ID % 10000))}"
+    JOB="$SLURM_JOB_ID"
+  elif ((PLAN)); then
+    HEAD="<first-node>"
+    PORT="${XFT_MASTER_PORT:-<port>}"
+    JOB="<job-id>"
+  else
+    die "layout $LAYOUT spans $NODES nodes: run this script inside a Slurm allocation of" \
+      "$NODES nodes x $GPUS GPUs, e.g. sbatch --nodes $NODES --gpus-per-node $GPUS" \
+      "--ntasks-per-node 1 --wrap \"$0 $HF_DIR $DATA $OUT $LAYOUT\" (slurm/README.md and" \
+      "slurm/xft.sbatch describe the cluster launcher)"
+  fi
+  ONE=(srun --nodes 1 --ntasks 1 "$PYTHON" -m xft_megatron.cli)
+  DIST=(srun --nodes "$NODES" --ntasks-per-node 1 --kill-on-bad-exit=1
+        "$TORCHRUN" --nnodes "$NODES" --nproc-per-node "$GPUS" --rdzv-backend c10d
+        --rdzv-endpoint "$HEAD:$PORT" --rdzv-id "$JOB" -m xft_megatron.cli)
+fi
+
+# ------------------------------------------------------------------------------ completion
+# A step's folder is complete when: a checkpoint has `latest` (one-process tools write to
+# FOLDER.partial and rename it when they finish); a training run's newest checkpoint is at
+# its final step; an HF export has config.json; an evaluation has humaneval.json.
+training_done() {
+  "$PYTHON" - "$1" <<'EOF'
+import json, os, sys, yaml
+root = sys.argv[1]
+try:
+    with open(os.path.join(root, "latest")) as f:
+        ckpt = os.path.join(root, f.read().strip())
+    with open(os.path.join(ckpt, "xft_config.yaml")) as f:
+        steps = yaml.safe_load(f)["train"]["train_steps"]
+    with open(os.path.join(ckpt, "train_state.json")) as f:
+        step = json.load(f)["step"]
+except (OSError, KeyError, TypeError, ValueError, yaml.YAMLError):
+    sys.exit(1)
+sys.exit(0 if step >= steps else 1)
+EOF
+}
+is_done() {  # KIND FOLDER
+  case "$1" in
+    ckpt) [[ -f "$2/latest" ]] ;;
+    train) training_done "$2" ;;
+    hf) [[ -f "$2/config.json" ]] ;;
+    eval) [[ -f "$2/humaneval.json" ]] ;;
+  esac
+}
+
+# ------------------------------------------------------------------------------ steps
+SAVE_MOE="$OUT/moe"                   # the tuned XFT MoE
+SAVE_MERGE="$OUT/merge_stage"         # the MoE with learned merge coefficients
+SAVE_SFT="$OUT/sft"                   # the SFT baseline
+COMMON=(data.path="$DATA" data.cache_dir="$OUT/data_cache")
+
+STEPS=()
+declare -A KIND FOLDER PARTIAL DESC CMD
+add_step() {  # NAME KIND FOLDER PARTIAL(0|1) DESCRIPTION -- COMMAND...
+  local name="$1"
+  STEPS+=("$name"); KIND[$name]="$2"; FOLDER[$name]="$3"; PARTIAL[$name]="$4"
+  DESC[$name]="$5"; shift 6
+  CMD[$name]="$(printf '%q ' "$@")"
+}
+
+add_step base ckpt "$OUT/base" 1 "HF -> Megatron checkpoint (bf16, as published)" -- \
+  "${ONE[@]}" convert hf-to-mcore --hf "$HF_DIR" --out "$OUT/base.partial" --dtype bf16
+if [[ $ONLY == all ]]; then
+  add_step eval_base eval "$OUT/eval/base" 0 "HumanEval of the base model (greedy pass@1)" -- \
+    "${ONE[@]}" eval humaneval --model "$HF_DIR" --out "$OUT/eval/base" --n 1 --workers 8
+fi
+if [[ $ONLY != sft ]]; then
+  add_step upcycle ckpt "$OUT/upcycled" 1 "dense -> XFT MoE ($NUM_EXPERTS experts, top-$TOPK)" -- \
+    "${ONE[@]}" upcycle --ckpt "$OUT/base" --out "$OUT/upcycled.partial" \
+    --num-experts "$NUM_EXPERTS" --topk "$TOPK" --router-gate "$ROUTER_GATE" --seed "$ROUTER_SEED"
+  add_step moe train "$SAVE_MOE" 0 "instruction-tune the MoE (4 epochs)" -- \
+    "${DIST[@]}" train "$HERE/moe.yaml" "${MOE_LAYOUT[@]}" "${COMMON[@]}" \
+    checkpoint.load="$OUT/upcycled" checkpoint.save="$SAVE_MOE" --resume
+  add_step merge_stage train "$SAVE_MERGE" 0 "learn the merge coefficients (1 epoch)" -- \
+    "${DIST[@]}" train "$HERE/merge.yaml" "${MERGE_LAYOUT[@]}" "${COMMON[@]}" \
+    checkpoint.load="$SAVE_MOE" checkpoint.save="$SAVE_MERGE" --resume
+  add_step fold ckpt "$OUT/xft" 1 "fold the experts into a dense model (learned coefficients)" -- \
+    "${ONE[@]}" merge --ckpt "$SAVE_MERGE" --out "$OUT/xft.partial" --coefficients learned
+  add_step xft_hf hf "$OUT/xft_hf" 1 "export the XFT model to HF (bf16)" -- \
+    "${ONE[@]}" convert mcore-to-hf --ckpt "$OUT/xft" --out "$OUT/xft_hf.partial" --dtype bf16
+  add_step eval_xft eval "$OUT/eval/xft" 0 "HumanEval of the XFT model (greedy pass@1)" -- \
+    "${ONE[@]}" eval humaneval --model "$OUT/xft_hf" --out "$OUT/eval/xft" --n 1 --workers 8
+fi
+if [[ $ONLY != xft ]]; then
+  add_step sft train "$SAVE_SFT" 0 "SFT baseline: instruction-tune the dense model (5 epochs)" -- \
+    "${DIST[@]}" train "$HERE/sft.yaml" "${SFT_LAYOUT[@]}" "${COMMON[@]}" \
+    checkpoint.load="$OUT/base" checkpoint.save="$SAVE_SFT" --resume
+  add_step sft_hf hf "$OUT/sft_hf" 1 "export the SFT baseline to HF (bf16)" -- \
+    "${ONE[@]}" convert mcore-to-hf --ckpt "$SAVE_SFT" --out "$OUT/sft_hf.partial" --dtype bf16
+  add_step eval_sft eval "$OUT/eval/sft" 0 "HumanEval of the SFT baseline (greedy pass@1)" -- \
+    "${ONE[@]}" eval humaneval --model "$OUT/sft_hf" --out "$OUT/eval/sft" --n 1 --workers 8
+fi
+
+# ------------------------------------------------------------------------------ preflight
+# Every training stage through `xft train --dry-run` at this layout's world size, before any
+# step runs. A stage whose input checkpoint does not exist yet is checked against a
+# stand-in holding only the config that checkpoint will have: the model section read from
+# HF_MODEL_DIR/config.json (as `xft convert hf-to-mcore` reads it) and the moe section of the
+# upcycling above (as `xft upcycle` writes it). The dry-run reads nothing else from a checkpoint.
+preflight() {
+  local stages=()
+  [[ $ONLY != xft ]] && stages+=(sft "$OUT/base" "$HERE/sft.yaml" "${SFT_LAYOUT[@]}" --)
+  if [[ $ONLY != sft ]]; then
+    stages+=(moe "$OUT/upcycled" "$HERE/moe.yaml" "${MOE_LAYOUT[@]}" --)
+    stages+=(merge "$SAVE_MOE" "$HERE/merge.yaml" "${MERGE_LAYOUT[@]}" --)
+  fi
+  "$PYTHON" - "$HF_DIR" "$WORLD" "$OUT" "$NUM_EXPERTS" "$TOPK" "$ROUTER_GATE" \
+    "${stages[@]}" <<'EOF'
+import os, sys, tempfile, warnings
+warnings.filterwarnings("ignore")
+import yaml
+from xft_megatron.checkpoint import dist as ckpt
+from xft_megatron.checkpoint.hf import HFFormatError, model_config_from_hf
+from xft_megatron.config import Config, ConfigError, MoEConfig, PrecisionConfig
+from xft_megatron.training.run import assemble_config, dry_run
+
+hf, world, out, experts, topk, gate = sys.argv[1:7]
+rest = sys.argv[7:]
+try:
+    model, _ = model_config_from_hf(hf)
+except (HFFormatError, OSError, ValueError) as e:
+    sys.exit(f"run.sh: error: {e}")
+try:
+    dense = Config(model=model, precision=PrecisionConfig(dtype="bf16"))
+    upcycled = dense.replace(moe=MoEConfig(num_experts=int(experts), topk=int(topk),
+                                           router_gate=gate))
+except ConfigError as e:
+    sys.exit(f"run.sh: error: the upcycling settings do not fit {hf}: {e}")
+tmp = tempfile.mkdtemp(prefix="xft-preflight-")
+stand_in = {"sft": dense, "moe": upcycled, "merge": upcycled}
+while rest:
+    end = rest.index("--")
+    stage, load, config, overrides, rest = rest[0], rest[1], rest[2], rest[3:end], rest[end + 1:]
+    try:
+        ckpt.resolve(load)
+        source = load
+    except FileNotFoundError:  # not written yet: a stand-in with the config it will hold
+        source = os.path.join(tmp, stage)
+        os.makedirs(os.path.join(source, "iter_0000000"))
+        with open(os.path.join(source, "iter_0000000", ckpt.CONFIG_FILE), "w") as f:
+            yaml.safe_dump({"iteration": 0, **stand_in[stage].to_dict()}, f, sort_keys=False)
+        with open(os.path.join(source, ckpt.LATEST_FILE), "w") as f:
+            f.write("iter_0000000")
+    args = overrides + [f"checkpoint.load={source}", f"checkpoint.save={out}/{stage}",
+                        "data.path=dry-run.jsonl"]
+    try:
+        cfg = assemble_config(config, args)
+        text = dry_run(cfg, int(world))
+    except (ConfigError, OSError, ValueError) as e:  # CheckpointError: a damaged input
+        sys.exit(f"run.sh: error: stage {stage} ({os.path.basename(config)} + layout "
+                 f"{' '.join(overrides)}): {e}")
+    print(f"--- {stage}: {os.path.basename(config)}, checkpoint.load "
+          f"{'= ' + load if source == load else 'not written yet (stand-in)'}")
+    print(text)
+EOF
+}
+
+echo "== XFT recipe: deepseek-coder-1.3b, layout $LAYOUT ($NODES node(s) x $GPUS GPUs," \
+     "world $WORLD), out $OUT"
+echo "== dry-run of every training stage (per-GPU memory estimate; H200: ~140 GiB)"
+preflight || exit 2
+
+echo "== steps"
+for name in "${STEPS[@]}"; do
+  if is_done "${KIND[$name]}" "${FOLDER[$name]}"; then state="done"; else state="todo"; fi
+  printf '%-12s %-5s %s -> %s\n' "$name" "$state" "${DESC[$name]}" "${FOLDER[$name]}"
+  ((PLAN)) && printf '  $ %s\n' "${CMD[$name]% }"
+done
+((PLAN)) && exit 0
+
+mkdir -p "$OUT/logs" 2>/dev/null && [[ -w "$OUT" ]] || die "cannot write to '$OUT'"
+export PYTHONUNBUFFERED=1  # logs and terminal follow the steps as they run
+for name in "${STEPS[@]}"; do
+  folder="${FOLDER[$name]}"
+  if is_done "${KIND[$name]}" "$folder"; then
+    echo "== $name: done ($folder)"
+    continue
+  fi
+  if [[ ${PARTIAL[$name]} == 1 ]]; then  # a previous attempt was interrupted: start over
+    rm -rf -- "$folder.partial"
+  fi
+  echo "== $name: ${DESC[$name]}"
+  echo "   log: $OUT/logs/$name.log"
+  eval "cmd=(${CMD[$name]})"
+  if ! "${cmd[@]}" 2>&1 | tee -a "$OUT/logs/$name.log"; then
+    echo "run.sh: step '$name' failed (log: $OUT/logs/$name.log); rerun the same command" \
+         "to continue from here" >&2
+    exit 1
+  fi
+  if [[ ${PARTIAL[$name]} == 1 ]]; then
+    mv -- "$folder.partial" "$folder"
+  fi
+  is_done "${KIND[$name]}" "$folder" || { echo "run.sh: step '$name' ended but '$folder' is" \
+    "not complete (log: $OUT/logs/$name.log)" >&2; exit 1; }
+done
+echo "== finished: HumanEval results under $OUT/eval/*/humaneval.json"
