@@ -8,7 +8,9 @@ stage, without activation recomputation:
   optimizer      params_on_rank * (8 + 4 if dtype != fp32 else 8) / data-parallel shards
                  (Adam moments + fp32 master weights, distributed optimizer)
   activations    per token and layer: bytes(dtype) * (16 h + k (h + 3 F))  (attention block with
-                 SDPA, FFN of the k experts a token uses), / TP with sequence parallelism,
+                 SDPA, FFN of the k experts a token uses; with expert parallelism and a
+                 shared expert, the k of the rank holding it, which serves every token of
+                 its group; 1 in the merge stage), / TP with sequence parallelism,
                  times the micro-batches in flight (1F1B: up to the pipeline size), plus the
                  fp32 logits and their gradient.
 """
@@ -48,6 +50,20 @@ class MemoryEstimate:
         return self.weights + self.gradients + self.optimizer + self.activations
 
 
+def _expert_copies_per_token(moe, ep: int, stage: str) -> float:
+    """FFN activations per token of the busiest rank, in dense-FFN units. The merge stage
+    runs one merged FFN; MoE layers run top-k experts, and under expert parallelism the
+    rank holding the shared expert (expert 0) gets every token of its expert-parallel group
+    once for it, plus its share of routed copies."""
+    if not moe.enabled or stage == "merge":
+        return 1.0
+    if not moe.has_shared_expert or ep == 1:
+        return float(moe.topk)
+    routed_here = moe.num_experts // ep - 1  # the shared expert's rank holds fewer routed
+    shared_rank = ep * (1 + routed_here * (moe.topk - 1) / (moe.num_experts - 1))
+    return max(float(moe.topk), shared_rank)
+
+
 def estimate(cfg: Config, world_size: int) -> MemoryEstimate:
     """Bytes per rank (see the module docstring for the formula)."""
     m, moe, p, t = cfg.model, cfg.moe, cfg.parallel, cfg.train
@@ -66,7 +82,7 @@ def estimate(cfg: Config, world_size: int) -> MemoryEstimate:
     grads = (trained_dense + trained_expert) * 4
     optim = state * (trained_dense / dp + trained_expert / expert_dp)
     h, f = m.hidden_size, m.ffn_hidden_size
-    k = moe.topk if moe.enabled else 1
+    k = _expert_copies_per_token(moe, p.expert, cfg.stage)
     per_token_layer = width * (16 * h + k * (h + 3 * f))
     tokens = t.micro_batch_size * t.seq_length
     layers = m.num_layers / p.pipeline
