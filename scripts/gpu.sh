@@ -1,10 +1,13 @@
 #!/usr/bin/env bash
 # On a GPU machine, from the repo root: install carried wheels (.whl/, see
 # prepare_gpu_wheels.sh), run the GPU tests and the dense benchmark. Logs and JSON go to
-# ${OUT:-runs/gpu}. Usage: [BENCH=dense|moe|train|all|profile-moe] scripts/gpu.sh [dense points]
-# BENCH (default all) picks the benchmarks run after the GPU tests; profile-moe runs only the
-# MoE layer profile (no tests); train runs the XFT MoE stage end to end through `xft train`
-# (benchmarks/train_e2e.py) on 1 GPU, and with EP=2 on 2 GPUs when the machine has them.
+# ${OUT:-runs/gpu}. Usage: [BENCH=dense|moe|train|all|profile-moe|scaling|study] scripts/gpu.sh
+# [dense points]. BENCH (default all) picks the benchmarks run after the GPU tests; profile-moe
+# runs only the MoE layer profile (no tests); scaling runs only the scaling study
+# (benchmarks/scaling.py, STUDY=benchmarks/studies/h200.yaml); study runs only the XFT-vs-SFT
+# study (xft quickstart at ~100M parameters); train runs the XFT MoE stage end to end through
+# `xft train` (benchmarks/train_e2e.py) on 1 GPU, and with EP=2 on 2 GPUs when the machine
+# has them.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-runs/gpu}"
@@ -24,6 +27,35 @@ if [ "$BENCH" = profile-moe ]; then
     python3 -W ignore benchmarks/profile_moe.py --variant "$v" 2>&1 | grep -v Warning \
       | tee -a "$OUT/profile_moe.log"
   done
+  exit 0
+fi
+if [ "$BENCH" = scaling ]; then
+  # the scaling study (benchmarks/scaling.py) of STUDY (default the H200 one), no GPU tests;
+  # points needing more GPUs than this machine has are listed as skipped. CSV, summary and
+  # plots into $OUT, the per-point logs and specs as one archive.
+  rm -rf /tmp/scaling
+  python3 -W ignore -m benchmarks.scaling "${STUDY:-benchmarks/studies/h200.yaml}" \
+    --out /tmp/scaling 2>&1 | grep -v Warning | tee "$OUT/scaling.log"
+  cp /tmp/scaling/scaling.csv /tmp/scaling/*.png "$OUT/" 2>/dev/null
+  cp /tmp/scaling/summary.md "$OUT/scaling_summary.md"
+  tar czf "$OUT/scaling_logs.tgz" -C /tmp/scaling logs points
+  exit 0
+fi
+if [ "$BENCH" = study ]; then
+  # XFT vs dense SFT vs vanilla upcycling from a ~100M-parameter base (xft quickstart) on one
+  # GPU, no GPU tests: data mined from the standard library and this interpreter's
+  # site-packages, same data and step budget for every tuned model. Finished stages in
+  # STUDY_DIR are reused, so a run cut short continues where it stopped.
+  dir="${STUDY_DIR:-runs/study}"
+  python3 -W ignore -m xft_megatron.cli quickstart --out "$dir" \
+    --src stdlib --src site-packages --max-files "${STUDY_FILES:-3000}" --vocab 8192 \
+    --seq-length 1024 --steps "${STUDY_STEPS:-450}" --sft-steps "${STUDY_SFT_STEPS:-100}" \
+    --ablations vanilla --pretrain-lr 1e-3 --tune-lr 2e-4 --seed "${STUDY_SEED:-1234}" \
+    model.num_layers=12 model.hidden_size=768 model.ffn_hidden_size=2048 \
+    model.num_attention_heads=12 model.num_query_groups=12 precision.dtype=bf16 \
+    train.micro_batch_size=16 train.global_batch_size=64 \
+    2>&1 | grep -v Warning | tee "$OUT/study.log"
+  cp "$dir/report.md" "$dir/summary.json" "$dir"/*.png "$OUT/" 2>/dev/null
   exit 0
 fi
 [ "${SKIP_TESTS:-0}" = 1 ] || \

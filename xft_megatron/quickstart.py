@@ -27,7 +27,7 @@ import os
 import shlex
 import time
 from dataclasses import asdict, dataclass, fields
-from typing import Dict, List, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 from xft_megatron.stages import run_stage
 
@@ -120,18 +120,20 @@ def _data_stage(out: str, roots: Sequence[str], s: Settings) -> Dict:
             "tokenizer": model}
 
 
-def run(out_dir: str, settings: Settings = Settings(), overrides: Sequence[str] = ()) -> Dict:
+def run(out_dir: str, settings: Optional[Settings] = None, overrides: Sequence[str] = ()
+        ) -> Dict:
     from xft_megatron.config import MoEConfig, load_config
     from xft_megatron.data.code_corpus import source_dirs
+
+    s, t0 = settings or Settings(), time.perf_counter()
+    d = lambda *p: os.path.join(out_dir, *p)  # noqa: E731
+    roots = source_dirs(s.sources)  # a missing source or a bad override stops here, first
+    common = s.base_args() + [f"data.cache_dir={d('data_cache')}"] + list(overrides)
+    load_config(None, common)
     from xft_megatron.eval.loss import evaluate_loss
     from xft_megatron.parallel import say
     from xft_megatron.upcycle_merge import merge_checkpoint, upcycle_checkpoint
 
-    s, t0 = settings, time.perf_counter()
-    d = lambda *p: os.path.join(out_dir, *p)  # noqa: E731
-    roots = source_dirs(s.sources)
-    common = s.base_args() + [f"data.cache_dir={d('data_cache')}"] + list(overrides)
-    load_config(None, common)  # a bad override stops here, before any data is mined
     data = run_stage("data: mine the Python source, train the tokenizer", d("data"),
                      {"sources": roots, "max_files": s.max_files, "vocab": s.vocab,
                       "spm_seed": SPM_SEED},
