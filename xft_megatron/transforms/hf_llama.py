@@ -5,7 +5,7 @@ and never touch process groups. Megatron's fused QKV weight is laid out per quer
 for each of the G groups, [q rows of its H/G heads; k rows; v rows], each head `d` rows.
 """
 
-from typing import Dict, Tuple
+from typing import Dict, Iterator, Tuple
 
 import torch
 
@@ -92,6 +92,27 @@ OUTER = {"embedding.word_embeddings.weight": "model.embed_tokens.weight",
 def outer_names(m: ModelConfig) -> Dict[str, str]:
     """OUTER without the output layer when the embeddings are tied."""
     return {k: v for k, v in OUTER.items() if not (m.tie_embeddings and k == "output_layer.weight")}
+
+
+def to_hf(sd: Dict[str, Tensor], m: ModelConfig) -> Iterator[Tuple[str, Tensor]]:
+    """Whole model, Megatron -> HF, tensor by tensor (the conversions call the per-layer
+    functions directly)."""
+    outer = outer_names(m)
+    yield outer["embedding.word_embeddings.weight"], sd["embedding.word_embeddings.weight"]
+    for i in range(m.num_layers):
+        yield from layer_to_hf(sd, m, i).items()
+    for name in list(outer)[1:]:
+        yield outer[name], sd[name]
+
+
+def from_hf(sd: Dict[str, Tensor], m: ModelConfig) -> Iterator[Tuple[str, Tensor]]:
+    """Whole model, HF -> Megatron."""
+    outer = outer_names(m)
+    yield "embedding.word_embeddings.weight", sd[outer["embedding.word_embeddings.weight"]]
+    for i in range(m.num_layers):
+        yield from layer_from_hf(sd, m, i).items()
+    for name in list(outer)[1:]:
+        yield name, sd[outer[name]]
 
 
 def hf_shapes(m: ModelConfig) -> Dict[str, Tuple[int, ...]]:
