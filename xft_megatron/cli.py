@@ -79,10 +79,13 @@ def _merge(args):
 
 
 def _train(args):
+    from xft_megatron.training.signals import StopOnSignal
+
+    stop = None if args.dry_run else StopOnSignal()  # before the heavy imports
     from xft_megatron.training import run
 
     result = run.main(args.config, args.overrides, resume=args.resume, dry=args.dry_run,
-                      world_size=args.world_size)
+                      world_size=args.world_size, stop=stop)
     if result is not None and result.checkpoint:
         from xft_megatron.parallel import say
 

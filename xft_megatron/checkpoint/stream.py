@@ -172,10 +172,16 @@ def write(folder: str, layout: Layout, produce: Callable[[str], Tensor]) -> None
                    size)
     mine = [n for g, names in groups.items() if owner[g] == rank for n in names]
     planner = _WritePlanner(layout, mine, produce, objects=rank == 0)
-    writer = FileSystemWriter(folder, single_file_per_rank=False, sync_files=True,
+    # files are synced once all are written (one fsync per file as it closes would make the
+    # disk flush ~10 files per layer one by one)
+    writer = FileSystemWriter(folder, single_file_per_rank=False, sync_files=False,
                               thread_count=1, per_thread_copy_ahead=0)
     with _without_zip_checksums():
         dcp.save({}, storage_writer=writer, planner=planner, no_dist=size == 1)
+    for name in os.listdir(folder):
+        if name.startswith(f"__{rank}_"):  # this rank's files (on its own node)
+            with open(os.path.join(folder, name), "rb+") as f:
+                os.fsync(f.fileno())
     if rank == 0:
         save_config(CheckpointingConfig("torch_dist", 1, "torch", 1), folder)
         torch.save({}, os.path.join(folder, COMMON_STATE_FNAME))
@@ -305,12 +311,17 @@ class Reader:
     def read(self, names: Sequence[str]) -> Dict[str, Tensor]:
         """{name: full parameter} in the stored dtype, for the given parameter names. Treat
         the values as read-only (some map the checkpoint's files)."""
-        out = {n: self._mapped(n) for n in names}
-        rest = [n for n in names if out[n] is None]
-        out.update({n: torch.empty(self.layout.params[n].shape, dtype=self.stored_dtype(n))
-                    for n in rest})
-        if rest:
-            self._read_chunks(rest, out)
+        from xft_megatron.checkpoint.dist import CheckpointError, _load_failure
+
+        try:
+            out = {n: self._mapped(n) for n in names}
+            rest = [n for n in names if out[n] is None]
+            out.update({n: torch.empty(self.layout.params[n].shape, dtype=self.stored_dtype(n))
+                        for n in rest})
+            if rest:
+                self._read_chunks(rest, out)
+        except Exception as e:  # noqa: BLE001 - damaged data: say which file holds it
+            raise CheckpointError(_load_failure(self.folder, self.metadata, e)) from None
         return out
 
     def _mapped(self, name: str) -> Optional[Tensor]:

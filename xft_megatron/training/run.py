@@ -10,7 +10,6 @@ batches; `train.epochs` sets the step count from the dataset size.
 
 import math
 import os
-import signal
 from dataclasses import replace
 from typing import Optional, Sequence, Tuple
 
@@ -23,6 +22,7 @@ from xft_megatron.data.dataset import build_dataset
 from xft_megatron.data.packing import PackedBatches
 from xft_megatron.data.tokenizer import Tokenizer, tokenizer_for_model
 from xft_megatron.training import memory
+from xft_megatron.training.signals import StopOnSignal
 
 
 def assemble_config(path: Optional[str], overrides: Sequence[str]) -> Config:
@@ -120,22 +120,9 @@ def dry_run(cfg: Config, world_size: int) -> str:
     return "\n".join(lines)
 
 
-class _StopOnSignal:
-    """SIGTERM (preemption, scancel) asks the loop to checkpoint and stop after the step."""
-
-    def __init__(self):
-        self.requested = False
-        signal.signal(signal.SIGTERM, self._handle)
-
-    def _handle(self, signum, frame):
-        self.requested = True
-
-    def __call__(self) -> bool:
-        return self.requested
-
-
 def main(config_path: Optional[str], overrides: Sequence[str], resume: bool = False,
-         dry: bool = False, world_size: Optional[int] = None, progress: bool = True):
+         dry: bool = False, world_size: Optional[int] = None, progress: bool = True,
+         stop: Optional[StopOnSignal] = None):
     from xft_megatron.training.loop import train
 
     cfg = assemble_config(config_path, overrides)
@@ -143,7 +130,7 @@ def main(config_path: Optional[str], overrides: Sequence[str], resume: bool = Fa
         world = world_size or int(os.environ.get("WORLD_SIZE", "1"))
         print(dry_run(cfg, world))
         return None
-    stop = _StopOnSignal()
+    stop = stop or StopOnSignal()
     info = parallel.initialize(cfg.parallel, seed=cfg.train.seed)
     tok, source = tokenizer_for(cfg)
     batches, report = build_batches(cfg, tok, info.rank)
