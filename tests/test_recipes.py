@@ -25,6 +25,8 @@ import sys
 import pytest
 import yaml
 
+from tests.harness import run_ranks
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RECIPE = os.path.join(ROOT, "examples", "deepseek_coder_1.3b_xft")
 RUN_SH = os.path.join(RECIPE, "run.sh")
@@ -339,9 +341,6 @@ def test_layouts_fit_and_reach_global_batch_64(recipe, dry_runs):
 def test_parameter_counts(dry_runs):
     """The dry-run's counts equal the arithmetic from the shape and the real Megatron modules
     of each stage built at full size on the meta device (no memory, no initialization)."""
-    from xft_megatron import parallel
-    from xft_megatron.config import ParallelConfig
-    from xft_megatron.model.builder import build_model
     from xft_megatron.training import memory
 
     want = _expected_counts()
@@ -353,15 +352,11 @@ def test_parameter_counts(dry_runs):
             assert f"total {total:,}  active {active:,}" in text, (name, text)
             if name != "sft":
                 assert f"(experts {want['experts']:,})" in text
-    parallel.initialize(ParallelConfig())
     runs = dry_runs["1x8"]
-    for name in ("sft", "moe", "merge_stage"):
+    names = ("sft", "moe", "merge_stage")
+    built = run_ranks(1, _meta_model_counts, [runs[n][0] for n in names])[0]
+    for name, (n_all, n_trained, n_experts) in zip(names, built):
         cfg = runs[name][0]
-        (model,) = build_model(cfg.replace(parallel=ParallelConfig()), meta=True)
-        params = dict(model.named_parameters())
-        n_all = sum(p.numel() for p in params.values())
-        n_trained = sum(p.numel() for p in params.values() if p.requires_grad)
-        n_experts = sum(p.numel() for k, p in params.items() if ".experts." in k)
         counts = memory.parameter_counts(cfg.model, cfg.moe)
         if name == "sft":
             assert n_all == n_trained == counts["total"] == want["dense"]
@@ -372,6 +367,24 @@ def test_parameter_counts(dry_runs):
             assert n_experts == want["experts"]
             assert n_trained == want["merge_trainable"]
             assert n_all == want["moe_total"] - want["routers"] + want["merge_trainable"]
+
+
+def _meta_model_counts(rank, world, cfgs):
+    """(all, trained, expert) parameter counts of each config's one-rank model built on the
+    meta device (in a child process: it initializes a process group)."""
+    from xft_megatron import parallel
+    from xft_megatron.config import ParallelConfig
+    from xft_megatron.model.builder import build_model
+
+    parallel.initialize(ParallelConfig())
+    out = []
+    for cfg in cfgs:
+        (model,) = build_model(cfg.replace(parallel=ParallelConfig()), meta=True)
+        params = dict(model.named_parameters())
+        out.append((sum(p.numel() for p in params.values()),
+                    sum(p.numel() for p in params.values() if p.requires_grad),
+                    sum(p.numel() for k, p in params.items() if ".experts." in k)))
+    return out
 
 
 def _busiest_rank_activations(cfg):

@@ -40,7 +40,9 @@ def _config(args):
 
 def _convert(args):
     from xft_megatron import convert
+    from xft_megatron.checkpoint.stream import release_freed_memory
 
+    release_freed_memory()
     if args.direction == "hf-to-mcore":
         path = convert.hf_to_mcore(args.hf, args.out, dtype=args.dtype or "fp32")
         print(f"wrote {path}")

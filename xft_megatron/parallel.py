@@ -45,14 +45,16 @@ def init_process_group(timeout_s: float = 600.0) -> RankInfo:
     info = rank_info_from_env()
     if dist.is_initialized():
         return RankInfo(dist.get_rank(), dist.get_world_size(), info.local_rank)
+    init_method = None  # env:// (torchrun, srun with MASTER_ADDR/PORT exported)
     if info.world_size == 1 and "MASTER_ADDR" not in os.environ:
-        os.environ["MASTER_ADDR"] = "127.0.0.1"
-        os.environ["MASTER_PORT"] = str(free_port())
+        # one process: a private store on a free port, without writing MASTER_* into the
+        # environment (processes started later would inherit them and collide on the port)
+        init_method = f"tcp://127.0.0.1:{free_port()}"
     if platform.has_cuda():
         torch.cuda.set_device(info.local_rank % torch.cuda.device_count())
     dist.init_process_group(
-        backend=platform.backend_name(), rank=info.rank, world_size=info.world_size,
-        timeout=timedelta(seconds=timeout_s),
+        backend=platform.backend_name(), init_method=init_method, rank=info.rank,
+        world_size=info.world_size, timeout=timedelta(seconds=timeout_s),
     )
     return info
 

@@ -67,9 +67,10 @@ def upcycle_checkpoint(src: Optional[str], out: str, moe: MoEConfig, seed: int =
         return ckpt.save(None, out, 0, cfg, extra_files=tokenizer_files(ckpt.resolve(src)),
                          write_tensors=write)
     finally:
-        ranks.barrier()
-        if tmp and ranks.world()[0] == 0:
-            shutil.rmtree(tmp, ignore_errors=True)
+        if tmp:  # the converted dense copy, once every rank is done with it
+            ranks.barrier()
+            if ranks.world()[0] == 0:
+                shutil.rmtree(tmp, ignore_errors=True)
 
 
 def coefficient_source(spec: str, num_experts: int, shared_weight: float

@@ -5,6 +5,7 @@ over the routed experts; the dense FFN is W = sum_j c_j W_j for gate, up and dow
 Names are those of an unsharded (TP=PP=EP=1) model state dict, as `upcycle.py` writes them.
 """
 
+import concurrent.futures
 from typing import Callable, Dict, Iterator, Tuple
 
 import torch
@@ -40,25 +41,44 @@ def weighted_sum(stacked: torch.Tensor, coeffs: torch.Tensor,
     """sum_j c_j * stacked[j], accumulated in float64 with the experts added in index order
     element by element (each product and sum rounded once), then cast to `dtype`. Element-wise
     throughout, so any slice of the other dimensions (a tensor-parallel shard) gets bitwise
-    the same values as the full tensor. Works through `block` elements at a time: the
-    float64 temporaries stay in cache and each operation stays below torch's intra-op
-    threading grain."""
+    the same values as the full tensor. On the CPU it works through `block` elements at a
+    time (float64 temporaries stay in cache, each operation below torch's intra-op threading
+    grain) on torch's number of threads, each thread its own contiguous span."""
     n = stacked.shape[0]
     flat = stacked.reshape(n, -1)
+    total = flat.shape[1]
     c = [float(v) for v in coeffs.double().tolist()]
-    out = torch.empty(flat.shape[1], dtype=dtype, device=stacked.device)
-    acc = torch.empty(min(block, flat.shape[1]), dtype=torch.float64, device=stacked.device)
-    term = torch.empty_like(acc)
-    for start in range(0, flat.shape[1], block):
-        size = min(block, flat.shape[1] - start)
-        a, t = acc[:size], term[:size]
-        a.zero_()
-        for j in range(n):
-            t.copy_(flat[j, start:start + size])
-            t.mul_(c[j])
-            a.add_(t)
-        out[start:start + size].copy_(a)
+    out = torch.empty(total, dtype=dtype, device=stacked.device)
+    if stacked.device.type != "cpu":
+        block = max(total, 1)  # accelerators: whole-tensor operations
+    spans = _spans(total, block, torch.get_num_threads() if stacked.device.type == "cpu" else 1)
+
+    def run(lo: int, hi: int) -> None:
+        acc = torch.empty(min(block, hi - lo), dtype=torch.float64, device=stacked.device)
+        term = torch.empty_like(acc)
+        for start in range(lo, hi, block):
+            size = min(block, hi - start)
+            a, t = acc[:size], term[:size]
+            a.zero_()
+            for j in range(n):
+                t.copy_(flat[j, start:start + size])
+                t.mul_(c[j])
+                a.add_(t)
+            out[start:start + size].copy_(a)
+
+    if len(spans) == 1:
+        run(*spans[0])
+    else:
+        with concurrent.futures.ThreadPoolExecutor(len(spans)) as pool:
+            list(pool.map(lambda span: run(*span), spans))
     return out.reshape(stacked.shape[1:])
+
+
+def _spans(total: int, block: int, workers: int):
+    """[lo, hi) ranges covering [0, total), whole blocks each, one per worker at most."""
+    blocks = -(-total // block) if total else 1
+    per = -(-blocks // max(1, min(workers, blocks)))
+    return [(lo, min(total, lo + per * block)) for lo in range(0, max(total, 1), per * block)]
 
 
 def fold(moe: Dict[str, torch.Tensor], coefficients: Callable[[int], torch.Tensor]
