@@ -1,7 +1,8 @@
 """Shared driver of the CPU stage benchmarks (`convert.py`, `upcycle_merge.py`): each stage
 runs in its own process and records its own peak RSS; each timed stage is compared with the
 I/O floor (reading its input's bytes plus writing its output's bytes with plain file I/O,
-fsync'd, on the same disk right after)."""
+fsync'd, on the same disk right after). Where permitted (root), the page cache is dropped
+before each stage and each floor, so both read from disk."""
 
 import argparse
 import json
@@ -36,6 +37,18 @@ def io_floor(src, out_bytes, scratch):
     elapsed = time.perf_counter() - t0
     os.remove(path)
     return elapsed
+
+
+def drop_page_cache() -> bool:
+    """Write back and drop the page cache (root only), so a stage and its I/O floor both
+    read their input from disk; False where not permitted."""
+    os.sync()
+    try:
+        with open("/proc/sys/vm/drop_caches", "w") as f:
+            f.write("3\n")
+        return True
+    except OSError:
+        return False
 
 
 def check(code):
@@ -79,10 +92,13 @@ def main(module, default_dir, setup_stage, timed_stages, run_stage_fn):
     common = ["--preset", args.preset, "--dir", args.dir]
     run_stage(module, setup_stage, common)
     rows = {}
+    cold = drop_page_cache()
     for name, src, out in timed_stages:
+        drop_page_cache()
         seconds, peak = run_stage(module, name, common)
         in_b = dir_bytes(os.path.join(args.dir, src))
         out_b = dir_bytes(os.path.join(args.dir, out))
+        drop_page_cache()
         floor = io_floor(os.path.join(args.dir, src), out_b, args.dir)
         rows[name] = dict(seconds=seconds, peak_rss_gib=peak, input_gib=in_b / 2 ** 30,
                           output_gib=out_b / 2 ** 30, io_floor_s=floor,
@@ -90,7 +106,9 @@ def main(module, default_dir, setup_stage, timed_stages, run_stage_fn):
         print(f"{name}: {seconds:.1f} s, peak RSS {peak:.2f} GiB ({peak * 2 ** 30 / in_b:.0%} "
               f"of the input), in {in_b / 2 ** 30:.2f} GiB -> out {out_b / 2 ** 30:.2f} GiB, "
               f"I/O floor {floor:.1f} s, ratio {seconds / floor:.1f}x", flush=True)
-    env = dict(date=time.strftime("%Y-%m-%d"), cpus=os.cpu_count(), command=" ".join(sys.argv))
+    env = dict(date=time.strftime("%Y-%m-%d"), cpus=os.cpu_count(), command=" ".join(sys.argv),
+               page_cache="dropped before each stage and each floor" if cold else
+               "not dropped (needs root): floors read a warm cache")
     print("env:", env)
     if args.json:
         with open(args.json, "w") as f:
