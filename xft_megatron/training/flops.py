@@ -8,7 +8,10 @@ and layer in the forward pass over the full square; causal masking halves it (on
 triangle is needed), and x3 for forward + backward gives 6*L*h*s. Recomputation is not counted.
 
 MoE layers count ACTIVE parameters: the FFN once per expert a token uses (moe.topk, the shared
-expert included), plus the router's matmuls (gate, and the noise projection when on).
+expert included), plus the router's matmuls (gate, and the noise projection when on). The
+merge stage (moe.stage=merge) runs one merged FFN per layer and no router, so it counts as the
+dense model (the per-micro-batch weighted sum of the expert weights is not per token and is
+left out).
 """
 
 from typing import Optional
@@ -24,7 +27,7 @@ def matmul_params(m: ModelConfig, moe: Optional[MoEConfig] = None) -> int:
     attn = h * h + 2 * h * kv + h * h
     ffn = 3 * h * m.ffn_hidden_size
     total = m.num_layers * (attn + ffn) + m.vocab_size * h
-    if moe is not None and moe.enabled:
+    if moe is not None and moe.enabled and moe.stage != "merge":
         r = moe.num_routed
         router = r * h + (r * r if moe.router_gate == "mlp" else 0) + \
             (r * h if moe.router_noise else 0)
