@@ -478,7 +478,7 @@ def test_fails_early_with_clear_messages(recipe, tmp_path):
     fails(["--only", "moe", hf, data, out, "1x8"], "--only must be all, xft or sft")
     fails([str(tmp_path), data, out, "1x8"], "is not a Hugging Face model directory")
     # the full run checks its inputs before anything starts
-    r = fails([hf, str(tmp_path / "missing.jsonl"), out, "1x8"],
+    fails([hf, str(tmp_path / "missing.jsonl"), out, "1x8"],
               "data file", "does not exist", "has no weights")
     # inputs present, but this machine has no 8 GPUs / is not inside a 2-node allocation
     full = str(tmp_path / "hf_full")

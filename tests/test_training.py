@@ -94,7 +94,7 @@ def results(tmp_path_factory):
 
 
 def test_resume_reproduces_the_uninterrupted_run(results):
-    (r, _), root = results[0], results[1]
+    r, _ = results[0]
     assert r["first_stopped"] and r["first_ckpt"] == "iter_0000003"
     assert len(r["first"]) == 3 and r["second_start"] == 3 and len(r["second"]) == 3
     assert r["first"] + r["second"] == r["full"], (r["first"] + r["second"], r["full"])

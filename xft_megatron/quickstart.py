@@ -102,12 +102,12 @@ def _train(overrides: Sequence[str]) -> Dict:
 def _data_stage(out: str, roots: Sequence[str], s: Settings) -> Dict:
     from xft_megatron.data import mine_code, spm
 
-    train, held, stats = mine_code.mine_tree(roots, max_files=s.max_files)
+    split = mine_code.split_tree(roots, max_files=s.max_files)
+    train, held, stats = mine_code.mine_split(split)
     os.makedirs(out, exist_ok=True)
     mine_code.write_jsonl(os.path.join(out, "train.jsonl"), train)
     mine_code.write_jsonl(os.path.join(out, "heldout.jsonl"), held)
-    train_files, _ = mine_code.split_files(roots, max_files=s.max_files)
-    texts = list(mine_code.corpus_text(train_files))
+    texts = list(mine_code.corpus_text(f for _, f in split.train))
     with open(os.path.join(out, "corpus.jsonl"), "w") as f:
         for t in texts:
             f.write(json.dumps({"text": t}) + "\n")

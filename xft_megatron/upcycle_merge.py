@@ -10,7 +10,6 @@ given is stored as the checkpoint's default). Inputs are validated before anythi
 read; nothing is written when a check fails.
 """
 
-import dataclasses
 import json
 import os
 import shutil
@@ -124,9 +123,8 @@ def merge_checkpoint(src: str, out: str, coefficients: str = "uniform",
     if cfg.moe.experts_impl != "grouped":
         raise ValueError(f"'{src}' stores experts as Megatron's SequentialMLP; the merge reads "
                          "the grouped layout (moe.experts_impl=grouped)")
-    dense_cfg = cfg.replace(moe=MoEConfig(), parallel=ParallelConfig(**{
-        **dataclasses.asdict(ParallelConfig()), **(layout or {}), "expert": 1,
-        "expert_tensor": None}))
+    dense_cfg = cfg.replace(moe=MoEConfig(), parallel=ParallelConfig(
+        **{**(layout or {}), "expert": 1, "expert_tensor": None}))
     learned = coefficients == "learned" and cfg.moe.stage == "merge"
     moe_layers = [i for i in range(cfg.model.num_layers) if cfg.moe.is_moe_layer(i)]
     if not learned:

@@ -149,7 +149,7 @@ def _write(write_tensors, root, name, tmp, iteration, cfg, extra_files, train_st
         os.makedirs(os.path.join(tmp, RANK_STATE_DIR), exist_ok=True)
         path = os.path.join(tmp, RANK_STATE_DIR, f"rank_{ranks.world()[0]:05d}.pt")
         torch.save(rank_state, path)
-        _fsync_file(path)
+        fsync_file(path)
     ranks.barrier()
     if ranks.world()[0] == 0:
         with open(os.path.join(tmp, CONFIG_FILE), "w") as f:
@@ -161,7 +161,7 @@ def _write(write_tensors, root, name, tmp, iteration, cfg, extra_files, train_st
             shutil.copy2(src, os.path.join(tmp, fname))
         for dirpath, _, files in os.walk(tmp):
             for fname in files:
-                _fsync_file(os.path.join(dirpath, fname))
+                fsync_file(os.path.join(dirpath, fname))
             _fsync_dir(dirpath)
         final = os.path.join(root, name)
         if os.path.exists(final):  # re-save of the same iteration: keep old until swapped
@@ -189,7 +189,7 @@ def _prune(root: str, keep: int) -> None:
             shutil.rmtree(os.path.join(root, n), ignore_errors=True)
 
 
-def _fsync_file(path: str) -> None:
+def fsync_file(path: str) -> None:
     with open(path, "rb+") as f:
         os.fsync(f.fileno())
 

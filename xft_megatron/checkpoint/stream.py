@@ -19,7 +19,6 @@ import os
 from typing import Callable, Dict, Hashable, Iterable, List, Optional, Sequence, Tuple
 
 import torch
-import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from megatron.core.dist_checkpointing.core import CheckpointingConfig, save_config
 from megatron.core.dist_checkpointing.mapping import (ShardedObject, ShardedTensor,
@@ -154,7 +153,7 @@ class GroupCache:
 
     def __call__(self, name: str) -> Tensor:
         g = group_of(name)
-        if g != self.group or name not in self.values:
+        if g != self.group:
             self.values = {}  # drop the previous group before building the next
             self.values = self.build(g)
             self.group = g
@@ -178,10 +177,11 @@ def write(folder: str, layout: Layout, produce: Callable[[str], Tensor]) -> None
                               thread_count=1, per_thread_copy_ahead=0)
     with _without_zip_checksums():
         dcp.save({}, storage_writer=writer, planner=planner, no_dist=size == 1)
+    from xft_megatron.checkpoint.dist import fsync_file
+
     for name in os.listdir(folder):
         if name.startswith(f"__{rank}_"):  # this rank's files (on its own node)
-            with open(os.path.join(folder, name), "rb+") as f:
-                os.fsync(f.fileno())
+            fsync_file(os.path.join(folder, name))
     if rank == 0:
         save_config(CheckpointingConfig("torch_dist", 1, "torch", 1), folder)
         torch.save({}, os.path.join(folder, COMMON_STATE_FNAME))
@@ -243,6 +243,7 @@ class _WritePlanner(SavePlanner):
 
     def __init__(self, layout: Layout, names: Iterable[str], produce, objects: bool):
         self.layout, self.produce = layout, produce
+        self.current: Tuple[Optional[str], Optional[Tensor]] = (None, None)  # cast value
         self.items: List[WriteItem] = []
         self.by_index: Dict[Tuple[str, Tuple[int, ...]], Tuple[str, Part]] = {}
         for name in names:
@@ -281,12 +282,15 @@ class _WritePlanner(SavePlanner):
             buf.seek(0)
             return buf
         name, part = self.by_index[(write_item.index.fqn, tuple(write_item.index.offset))]
-        want = self.layout.params[name]
-        value = self.produce(name)
-        if tuple(value.shape) != want.shape:
-            raise ValueError(f"{name}: produced shape {tuple(value.shape)}, the model's is "
-                             f"{want.shape}")
-        return part.of(value.detach().to("cpu", want.dtype).contiguous())
+        if self.current[0] != name:  # a parameter's chunks come one after another
+            want = self.layout.params[name]
+            value = self.produce(name)
+            if tuple(value.shape) != want.shape:
+                raise ValueError(f"{name}: produced shape {tuple(value.shape)}, the model's is "
+                                 f"{want.shape}")
+            self.current = (None, None)  # drop the previous value first
+            self.current = (name, value.detach().to("cpu", want.dtype).contiguous())
+        return part.of(self.current[1])
 
 
 class Reader:

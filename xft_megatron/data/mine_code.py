@@ -36,7 +36,7 @@ import sys
 import tempfile
 import time
 import tokenize
-from typing import Dict, Iterable, Iterator, List, Optional, Sequence, Tuple, Union
+from typing import Dict, Iterable, Iterator, List, NamedTuple, Optional, Sequence, Tuple, Union
 
 from xft_megatron.data.code_corpus import python_files, source_dirs
 
@@ -184,22 +184,29 @@ def _files_by_root(src_dirs: Roots, max_files: Optional[int]) -> List[Tuple[str,
     return pairs
 
 
-def _split_pairs(src_dirs: Roots, heldout_every: int, max_files: Optional[int]):
-    """(train pairs, held-out pairs, top-level name per file), split by top-level module
-    name (a name is on one side whichever root holds it)."""
+class Split(NamedTuple):
+    """Files of one source root or several, split by top-level module name (a name is on one
+    side whichever root holds it): (root, file) pairs per side, top-level name per file."""
+    train: List[Tuple[str, str]]
+    heldout: List[Tuple[str, str]]
+    tops: Dict[str, str]
+
+
+def split_tree(src_dirs: Roots, heldout_every: int = 10, max_files: Optional[int] = None
+               ) -> Split:
+    """`python_files` of each root (at most `max_files` per root), split by module."""
     pairs = _files_by_root(src_dirs, max_files)
     tops = {f: top_level(module_name(root, f)) for root, f in pairs}
     held = set(heldout_modules(tops.values(), heldout_every))
-    return [p for p in pairs if tops[p[1]] not in held], \
-        [p for p in pairs if tops[p[1]] in held], tops
+    return Split([p for p in pairs if tops[p[1]] not in held],
+                 [p for p in pairs if tops[p[1]] in held], tops)
 
 
 def split_files(src_dirs: Roots, heldout_every: int = 10, max_files: Optional[int] = None
                 ) -> Tuple[List[str], List[str]]:
-    """(train files, held-out files) of `python_files` of one source root or several (at
-    most `max_files` per root), split by top-level module."""
-    train, held, _ = _split_pairs(src_dirs, heldout_every, max_files)
-    return [f for _, f in train], [f for _, f in held]
+    """(train files, held-out files) of `split_tree`."""
+    split = split_tree(src_dirs, heldout_every, max_files)
+    return [f for _, f in split.train], [f for _, f in split.heldout]
 
 
 def corpus_text(files: Iterable[str]) -> Iterator[str]:
@@ -216,7 +223,12 @@ def mine_tree(src_dirs: Roots, heldout_every: int = 10, max_files: Optional[int]
               ) -> Tuple[List[Record], List[Record], Dict[str, int]]:
     """(train records, held-out records, stats) mined from every file of one source root or
     several (at most `max_files` per root)."""
-    train_pairs, held_pairs, tops = _split_pairs(src_dirs, heldout_every, max_files)
+    return mine_split(split_tree(src_dirs, heldout_every, max_files))
+
+
+def mine_split(split: Split) -> Tuple[List[Record], List[Record], Dict[str, int]]:
+    """`mine_tree` of files already split (`split_tree`)."""
+    train_pairs, held_pairs, tops = split
     stats = {"files": len(train_pairs) + len(held_pairs), "decode_failures": 0,
              "parse_failures": 0, "duplicates": 0, "heldout_leaks_dropped": 0}
     seen = set()
