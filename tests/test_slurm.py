@@ -300,6 +300,20 @@ def _curve(save):
     return [r["step"] for r in rows], [r["loss"] for r in rows]
 
 
+def _resumed_steps(job, node_logs):
+    """The step each launch of the job resumed from, in launch order. Rank 0 (which prints it)
+    may sit on either node: c10d rendezvous numbers the nodes in the order they arrive."""
+    found = {}
+    for name in node_logs:
+        # Each launch on a node starts its part of the log with "... restart K) starts torchrun".
+        parts = re.split(r"restart (\d+)\) starts torchrun", job.log(name))
+        for restart, text in zip(parts[1::2], parts[2::2]):
+            for step in re.findall(r"resumed from \S+ at step (\d+)", text):
+                found.setdefault(int(restart), []).append(int(step))
+    assert all(len(v) == 1 for v in found.values()), (found, job.report())
+    return [found[k][0] for k in sorted(found)]
+
+
 def _lines(path):
     """Complete lines in a file being appended to (0 if it does not exist yet)."""
     try:
@@ -364,8 +378,7 @@ def test_stop_resubmit_and_requeue_repeat_the_uninterrupted_curve(cluster, workd
     second.wait_until(lambda: lines() >= stopped + 5, "5 steps after resuming")
     cluster.command("scancel", "--batch", "--signal=USR1", second.id)
     assert second.finish() == 0, second.report()  # `sbatch --wait` waits across the requeue
-    restarted = [int(s) for s in re.findall(r"resumed from \S+ at step (\d+)",
-                                            second.log("n1.log") + second.log("n2.log"))]
+    restarted = _resumed_steps(second, ["n1.log", "n2.log"])
     assert len(restarted) == 2 and restarted[0] == stopped and \
         stopped < restarted[1] < STEPS, second.report()
     launcher = second.log("launcher.log")
