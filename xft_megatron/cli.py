@@ -1,6 +1,7 @@
 """`xft <command>`: a thin dispatcher; each command is a function in the library."""
 
 import argparse
+import os
 import sys
 import warnings
 
@@ -49,7 +50,9 @@ def _convert(args):
         hf_dir, ckpt_dir = args.hf, path
     else:
         convert.mcore_to_hf(args.ckpt, args.out, dtype=args.dtype or "bf16")
-        print(f"wrote {args.out}")
+        moe = os.path.exists(os.path.join(args.out, "modeling_xft_moe.py"))
+        print(f"wrote {args.out}" + (" (an XFT MoE: load it with trust_remote_code=True; "
+                                     "`xft merge` folds it into a dense model)" if moe else ""))
         hf_dir, ckpt_dir = args.out, args.ckpt
     if args.verify:
         from xft_megatron.verify import verify
@@ -96,7 +99,6 @@ def _train(args):
 
 def _eval(args):
     import json
-    import os
 
     if args.what == "humaneval":
         return _humaneval(args)
@@ -125,7 +127,6 @@ def _data(args):
 
 def _humaneval(args):
     import json
-    import os
 
     from xft_megatron.eval.humaneval import evaluate_humaneval
     from xft_megatron.parallel import say
@@ -221,7 +222,8 @@ def build_parser() -> argparse.ArgumentParser:
     v = sub.add_parser("convert", help="HF directory <-> Megatron distributed checkpoint")
     v.add_argument("direction", choices=["hf-to-mcore", "mcore-to-hf"])
     v.add_argument("--hf", help="HF model directory (hf-to-mcore)")
-    v.add_argument("--ckpt", help="Megatron checkpoint root or iter_* folder (mcore-to-hf)")
+    v.add_argument("--ckpt", help="Megatron checkpoint root or iter_* folder (mcore-to-hf); "
+                   "an XFT MoE is written with its modeling file (trust_remote_code)")
     v.add_argument("--out", required=True, help="output directory (must be new or empty)")
     v.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default=None,
                    help="dtype written (default: fp32 for Megatron, bf16 for HF)")

@@ -1,4 +1,5 @@
-"""`xft convert`: HF directory <-> Megatron distributed checkpoint (dense Llama family).
+"""`xft convert`: HF directory <-> Megatron distributed checkpoint (Llama family; an XFT MoE
+checkpoint converts to HF as a remote-code model).
 
 Both directions stream: tensors are read, transformed and written one decoder layer at a
 time (`checkpoint/stream.py`, `checkpoint/hf.py`), so memory stays near one layer whatever
@@ -19,7 +20,8 @@ from xft_megatron.checkpoint import ranks, stream
 from xft_megatron.checkpoint.hf import LazyTensors, check_tensors, model_config_from_hf, \
     weights_index, write_hf_dir
 from xft_megatron.config import Config, PrecisionConfig
-from xft_megatron.transforms import hf_llama
+from xft_megatron.hf_remote import MODELING_FILE
+from xft_megatron.transforms import hf_llama, hf_moe
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
@@ -54,15 +56,17 @@ def tokenizer_files(directory: str) -> Dict[str, str]:
 
 def mcore_to_hf(ckpt_dir: str, out: str, dtype: str = "bf16",
                 architecture: Optional[str] = None, shard_bytes: int = 2 * 2 ** 30) -> None:
-    """Write a dense HF directory from a Megatron checkpoint (any layout it was saved in),
-    safetensors shards of at most `shard_bytes` (or one larger tensor)."""
+    """Write an HF directory from a Megatron checkpoint (any layout it was saved in),
+    safetensors shards of at most `shard_bytes` (or one larger tensor). A dense checkpoint
+    becomes a Llama/Qwen2 model; an XFT MoE checkpoint becomes the MoE of
+    `hf_remote/modeling_xft_moe.py`, copied along (loads with `trust_remote_code=True`)."""
     if os.path.exists(out) and os.listdir(out):
         raise FileExistsError(f"'{out}' exists and is not empty; choose a new --out")
     cfg = ckpt.load_config(ckpt_dir, parallel={})
-    if cfg.moe.enabled:
-        raise ValueError(f"'{ckpt_dir}' is an XFT MoE checkpoint (moe.num_experts="
-                         f"{cfg.moe.num_experts}); only dense checkpoints convert to HF. Fold "
-                         "the MoE back to a dense model first.")
+    moe = cfg.moe
+    if moe.enabled and moe.stage == "merge":
+        raise ValueError(f"'{ckpt_dir}' is a merge-stage checkpoint (moe.stage=merge); fold it "
+                         "first (`xft merge --ckpt ... --coefficients learned --hf-out DIR`)")
     stream.initialize_single_rank_layout()
     layout = stream.layout_of(cfg)
     reader = stream.Reader(ckpt_dir, layout)
@@ -71,12 +75,19 @@ def mcore_to_hf(ckpt_dir: str, out: str, dtype: str = "bf16",
 
     def group(g: Hashable) -> Dict[str, torch.Tensor]:
         if isinstance(g, int):
-            return hf_llama.layer_to_hf(reader.read(names[g]), cfg.model, g)
+            return hf_moe.moe_layer_to_hf(reader.read(names[g]), cfg.model, moe, g)
         return {g: reader.read_one(to_megatron[g])}
 
     arch = architecture or ("Qwen2ForCausalLM" if cfg.model.qkv_bias else "LlamaForCausalLM")
-    write_hf_dir(hf_llama.hf_shapes(cfg.model), stream.GroupCache(group), cfg.model, arch, out,
-                 DTYPES[dtype], shard_bytes)
+    if moe.enabled:
+        shapes = hf_moe.moe_hf_shapes(cfg.model, moe)
+        config = hf_moe.moe_hf_config_dict(cfg.model, moe, arch)
+        extra = {os.path.basename(MODELING_FILE): MODELING_FILE}
+    else:
+        shapes, config, extra = hf_llama.hf_shapes(cfg.model), \
+            hf_llama.hf_config_dict(cfg.model, arch), {}
+    write_hf_dir(shapes, stream.GroupCache(group), config, out, DTYPES[dtype], shard_bytes,
+                 extra_files=extra)
     if ranks.world()[0] == 0:
         copy_tokenizer(ckpt.resolve(ckpt_dir), out)
 

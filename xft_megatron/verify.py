@@ -4,12 +4,14 @@ The Megatron side runs in one process in fp32 with its weights rounded through t
 HF side was written in, so the comparison measures the conversion, not the rounding.
 """
 
+import dataclasses
 from typing import Dict
 
 import torch
 
 from xft_megatron import parallel
 from xft_megatron.checkpoint import dist as ckpt
+from xft_megatron.checkpoint.hf import own_remote_code
 from xft_megatron.model.builder import build_model
 
 TOLERANCE = 1e-4  # max |diff| relative to max(1, max |logit|), fp32
@@ -24,9 +26,13 @@ def compare_logits(hf_dir: str, ckpt_dir: str, batches: int = 2, seq: int = 64,
     import transformers
 
     cfg = ckpt.load_config(ckpt_dir, parallel={}, precision={"dtype": "fp32"})
-    hf = transformers.AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
-    written = next(iter(transformers.AutoModelForCausalLM.from_pretrained(hf_dir).parameters()
-                        )).dtype
+    if cfg.moe.enabled:  # the HF MoE routes every token (no capacity limit)
+        cfg = cfg.replace(moe=dataclasses.replace(cfg.moe, capacity_factor=None))
+    remote = own_remote_code(hf_dir)  # an XFT MoE, with the modeling file written by us
+    load = lambda **kw: transformers.AutoModelForCausalLM.from_pretrained(  # noqa: E731
+        hf_dir, trust_remote_code=remote, **kw)
+    hf = load(dtype=torch.float32).eval()
+    written = next(iter(load().parameters())).dtype
     parallel.initialize(cfg.parallel)
     chunks = build_model(cfg)
     ckpt.load(chunks, ckpt_dir)

@@ -43,6 +43,24 @@ def read_hf_config(hf_dir: str) -> Dict:
     return cfg
 
 
+def own_remote_code(hf_dir: str) -> bool:
+    """Whether `hf_dir` is an XFT MoE written by this project: its config names remote code
+    and that code is this package's modeling file, unchanged (so loading it with
+    `trust_remote_code=True` runs nothing else). False for plain HF directories."""
+    from xft_megatron.hf_remote import MODELING_FILE
+
+    auto_map = read_hf_config(hf_dir).get("auto_map")
+    if not auto_map:
+        return False
+    name = os.path.basename(MODELING_FILE)
+    modules = {v.split(".")[0] for v in auto_map.values() if isinstance(v, str)}
+    path = os.path.join(hf_dir, name)
+    if modules != {os.path.splitext(name)[0]} or not os.path.isfile(path):
+        return False
+    with open(path, "rb") as a, open(MODELING_FILE, "rb") as b:
+        return a.read() == b.read()
+
+
 def _rope(cfg: Dict, path: str) -> Tuple[float, float]:
     """(theta, linear scaling factor) from either config dialect."""
     params = cfg.get("rope_parameters")
@@ -287,15 +305,14 @@ _SAFETENSORS_DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat1
 
 
 def write_hf_dir(shapes: Dict[str, Tuple[int, ...]], produce: Callable[[str], torch.Tensor],
-                 model: ModelConfig, architecture: str, out_dir: str,
-                 dtype: torch.dtype = torch.bfloat16, shard_bytes: int = 2 * 2 ** 30) -> None:
-    """Write config.json, generation_config.json and sharded safetensors with an index.
+                 config: Dict, out_dir: str, dtype: torch.dtype = torch.bfloat16,
+                 shard_bytes: int = 2 * 2 ** 30, extra_files: Dict[str, str] = None) -> None:
+    """Write config.json (`config` plus the dtype), generation_config.json and sharded
+    safetensors with an index; `extra_files` (name -> source path) are copied along.
     `shapes` (name -> shape, in writing order) fixes every file's header up front, so each
     tensor is produced (`produce(name)`), written and dropped one at a time. Under torchrun
     the shards are spread over the ranks (collective). Written into a temporary sibling folder
     and renamed into place: never half a model."""
-    from xft_megatron.transforms.hf_llama import hf_config_dict
-
     if os.path.exists(out_dir) and os.listdir(out_dir):
         raise FileExistsError(f"'{out_dir}' exists and is not empty; choose a new --out")
     rank, world = ranks.world()
@@ -313,8 +330,9 @@ def write_hf_dir(shapes: Dict[str, Tuple[int, ...]], produce: Callable[[str], to
         if rank == 0:
             weight_map = {n: names[i] for i, shard in enumerate(shards) for n in shard}
             total = sum(torch.Size(s).numel() for s in shapes.values()) * dtype.itemsize
-            cfg = hf_config_dict(model, architecture)
-            cfg["torch_dtype"] = str(dtype).replace("torch.", "")
+            cfg = {**config, "torch_dtype": str(dtype).replace("torch.", "")}
+            for name, path in (extra_files or {}).items():
+                shutil.copy2(path, os.path.join(tmp, name))
             for fname, content in (("model.safetensors.index.json",
                                     {"metadata": {"total_size": total}, "weight_map": weight_map}),
                                    ("config.json", cfg),

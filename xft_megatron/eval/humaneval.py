@@ -81,11 +81,16 @@ def generate_completions(model_dir: str, problems: Problems, n: int = 1,
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from xft_megatron.checkpoint.hf import own_remote_code
+
     problems = _as_list(problems)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    tokenizer = _left_padding_tokenizer(AutoTokenizer.from_pretrained(model_dir), model_dir)
+    own = own_remote_code(model_dir)  # an XFT MoE export: runs our own modeling file
+    tokenizer = _left_padding_tokenizer(
+        AutoTokenizer.from_pretrained(model_dir, trust_remote_code=own), model_dir)
     dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).to(device).eval()
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype,
+                                                 trust_remote_code=own).to(device).eval()
     sample = n > 1 and temperature > 0
     copies = n if sample else 1
     prompts = [p["prompt"] for p in problems for _ in range(copies)]

@@ -40,12 +40,21 @@ def layer_to_hf(sd: Dict[str, Tensor], m: ModelConfig, i: int,
                 src: str = "decoder.layers.{i}.") -> Dict[str, Tensor]:
     """One decoder layer, Megatron names (prefix `src`) -> HF names `model.layers.{i}.`."""
     s = src.format(i=i)
+    out = attention_to_hf(sd, m, i, src)
+    out.update(ffn_to_hf(sd[s + "mlp.linear_fc1.weight"], sd[s + "mlp.linear_fc2.weight"],
+                         f"model.layers.{i}.mlp."))
+    return out
+
+
+def attention_to_hf(sd: Dict[str, Tensor], m: ModelConfig, i: int,
+                    src: str = "decoder.layers.{i}.") -> Dict[str, Tensor]:
+    """The norms and attention of one decoder layer (all but the FFN), Megatron -> HF."""
+    s = src.format(i=i)
     o = f"model.layers.{i}."
     out = {
         o + "input_layernorm.weight": sd[s + "input_layernorm.weight"],
         o + "post_attention_layernorm.weight": sd[s + "pre_mlp_layernorm.weight"],
         o + "self_attn.o_proj.weight": sd[s + "self_attention.linear_proj.weight"],
-        o + "mlp.down_proj.weight": sd[s + "mlp.linear_fc2.weight"],
     }
     q, k, v = split_qkv(sd[s + "self_attention.linear_qkv.weight"], m)
     out.update({o + "self_attn.q_proj.weight": q, o + "self_attn.k_proj.weight": k,
@@ -54,10 +63,15 @@ def layer_to_hf(sd: Dict[str, Tensor], m: ModelConfig, i: int,
         qb, kb, vb = split_qkv(sd[s + "self_attention.linear_qkv.bias"], m)
         out.update({o + "self_attn.q_proj.bias": qb, o + "self_attn.k_proj.bias": kb,
                     o + "self_attn.v_proj.bias": vb})
-    gate, up = torch.chunk(sd[s + "mlp.linear_fc1.weight"], 2, dim=0)
-    out.update({o + "mlp.gate_proj.weight": gate.contiguous(),
-                o + "mlp.up_proj.weight": up.contiguous()})
     return out
+
+
+def ffn_to_hf(fc1: Tensor, fc2: Tensor, prefix: str) -> Dict[str, Tensor]:
+    """A SwiGLU FFN, Megatron fc1 [2F, H] (gate rows, then up rows) and fc2 [H, F] -> HF
+    gate_proj/up_proj/down_proj under `prefix`."""
+    gate, up = torch.chunk(fc1, 2, dim=0)
+    return {prefix + "gate_proj.weight": gate.contiguous(),
+            prefix + "up_proj.weight": up.contiguous(), prefix + "down_proj.weight": fc2}
 
 
 def layer_from_hf(sd: Dict[str, Tensor], m: ModelConfig, i: int,

@@ -1,0 +1,104 @@
+"""Pure name/layout maps from an XFT MoE Megatron state dict to the HF MoE model defined by
+`hf_remote/modeling_xft_moe.py` (export only).
+
+HF names of an MoE layer `i` (dense layers keep the Llama names):
+  model.layers.{i}.mlp.shared_expert.{gate,up,down}_proj.weight   (modes xft and none)
+  model.layers.{i}.mlp.experts.{j}.{gate,up,down}_proj.weight     (routed experts, j from 0)
+  model.layers.{i}.mlp.router.{w1,w2}.weight (gate mlp) | router.proj.weight (gate linear)
+  model.layers.{i}.mlp.router.noise.weight                        (noisy gating weights)
+Megatron stores expert 0 (the shared one) first, then the routed experts in the router's
+order; both layouts of the experts (grouped `fc1_weight` [N, 2, F, H] / `fc2_weight`
+[N, H, F], or SequentialMLP's `local_experts.{j}`) are read.
+"""
+
+import os
+from typing import Dict, List, Tuple
+
+import torch
+
+from xft_megatron.config import ModelConfig, MoEConfig
+from xft_megatron.hf_remote import MODELING_FILE
+from xft_megatron.transforms.hf_llama import attention_to_hf, ffn_to_hf, hf_config_dict, \
+    hf_shapes, layer_to_hf
+
+Tensor = torch.Tensor
+
+# dense HF architecture -> (MoE architecture, its config class, model_type)
+ARCHITECTURES = {"LlamaForCausalLM": ("XFTLlamaMoeForCausalLM", "XFTLlamaMoeConfig",
+                                      "xft_moe_llama"),
+                 "Qwen2ForCausalLM": ("XFTQwen2MoeForCausalLM", "XFTQwen2MoeConfig",
+                                      "xft_moe_qwen2")}
+ROUTER = {"weight": "proj.weight", "weight1": "w1.weight", "weight2": "w2.weight",
+          "noise_weight": "noise.weight"}
+
+
+def _experts(sd: Dict[str, Tensor], prefix: str, n: int) -> List[Tuple[Tensor, Tensor]]:
+    """(fc1 [2F, H], fc2 [H, F]) of each of the n experts under `prefix` (`...mlp.experts.`)."""
+    if prefix + "fc1_weight" in sd:
+        fc1, fc2 = sd[prefix + "fc1_weight"], sd[prefix + "fc2_weight"]
+        return [(fc1[j].reshape(-1, fc1.shape[-1]), fc2[j]) for j in range(n)]
+    return [(sd[f"{prefix}local_experts.{j}.linear_fc1.weight"],
+             sd[f"{prefix}local_experts.{j}.linear_fc2.weight"]) for j in range(n)]
+
+
+def moe_layer_to_hf(sd: Dict[str, Tensor], m: ModelConfig, moe: MoEConfig,
+                    i: int) -> Dict[str, Tensor]:
+    """One decoder layer, Megatron names -> HF names (MoE layers as in the module docstring)."""
+    if not moe.is_moe_layer(i):
+        return layer_to_hf(sd, m, i)
+    s, o = f"decoder.layers.{i}.mlp.", f"model.layers.{i}.mlp."
+    out = attention_to_hf(sd, m, i)
+    experts = _experts(sd, s + "experts.", moe.num_experts)
+    if moe.has_shared_expert:
+        out.update(ffn_to_hf(*experts[0], o + "shared_expert."))
+        experts = experts[1:]
+    for j, (fc1, fc2) in enumerate(experts):
+        out.update(ffn_to_hf(fc1, fc2, f"{o}experts.{j}."))
+    for name, hf_name in ROUTER.items():
+        if s + "router." + name in sd:
+            out[o + "router." + hf_name] = sd[s + "router." + name]
+    return out
+
+
+def moe_hf_shapes(m: ModelConfig, moe: MoEConfig) -> Dict[str, Tuple[int, ...]]:
+    """Name -> shape of every HF tensor of the MoE, in writing order (layer by layer)."""
+    h, f, r = m.hidden_size, m.ffn_hidden_size, moe.num_routed
+    out = {}
+    for name, shape in hf_shapes(m).items():
+        parts = name.split(".")
+        if not (name.startswith("model.layers.") and parts[3] == "mlp"
+                and moe.is_moe_layer(int(parts[2]))):
+            out[name] = shape
+            continue
+        if parts[4] != "gate_proj":  # the whole FFN is emitted at gate_proj
+            continue
+        o = ".".join(parts[:4]) + "."
+        ffn = {"gate_proj.weight": (f, h), "up_proj.weight": (f, h), "down_proj.weight": (h, f)}
+        router = {"proj.weight": (r, h)} if moe.router_gate == "linear" else \
+            {"w1.weight": (r, h), "w2.weight": (r, r)}
+        if moe.router_noise:
+            router["noise.weight"] = (r, h)
+        out.update({o + "router." + k: v for k, v in router.items()})
+        if moe.has_shared_expert:
+            out.update({o + "shared_expert." + k: v for k, v in ffn.items()})
+        for j in range(r):
+            out.update({f"{o}experts.{j}.{k}": v for k, v in ffn.items()})
+    return out
+
+
+def moe_hf_config_dict(m: ModelConfig, moe: MoEConfig, dense_architecture: str) -> Dict:
+    """config.json of the MoE: the dense twin's, plus the remote-code classes and `xft_moe`."""
+    arch, config_class, model_type = ARCHITECTURES[dense_architecture]
+    module = os.path.splitext(os.path.basename(MODELING_FILE))[0]
+    cfg = hf_config_dict(m, dense_architecture)
+    cfg.update({
+        "architectures": [arch],
+        "model_type": model_type,
+        "auto_map": {"AutoConfig": f"{module}.{config_class}",
+                     "AutoModelForCausalLM": f"{module}.{arch}"},
+        "xft_moe": {"num_experts": moe.num_experts, "topk": moe.topk, "mode": moe.mode,
+                    "router_gate": moe.router_gate, "router_noise": moe.router_noise,
+                    "renorm": moe.renorm,
+                    "layers": [i for i in range(m.num_layers) if moe.is_moe_layer(i)]},
+    })
+    return cfg
