@@ -14,6 +14,7 @@ import shutil
 import torch
 
 from tests.harness import run_ranks
+from tests.tiny_tokenizer import byte_bpe_tokenizer
 
 # name -> config overrides of the MoE checkpoint exported
 CASES = {
@@ -98,8 +99,34 @@ def _export_body(rank, world, root):
     return results
 
 
+def _parallel_export_body(rank, world, root):
+    from xft_megatron import convert
+
+    for name in CASES:  # small shards, so that every rank writes some
+        convert.mcore_to_hf(os.path.join(root, f"{name}_moe"), os.path.join(root, f"{name}_par"),
+                            dtype="fp32", shard_bytes=200_000)
+
+
+def _tensors(folder):
+    from safetensors.torch import load_file
+
+    out = {}
+    for f in sorted(os.listdir(folder)):
+        if f.endswith(".safetensors"):
+            out.update(load_file(os.path.join(folder, f)))
+    return out
+
+
 def test_exported_moe_matches_megatron_in_transformers(tmp_path):
+    """Also: 4 torchrun-style ranks (layers and shards spread over them) write the tensors one
+    process writes, bitwise."""
     results = run_ranks(1, _export_body, str(tmp_path))[0]
+    run_ranks(4, _parallel_export_body, str(tmp_path))
+    for name in CASES:
+        one, par = _tensors(tmp_path / f"{name}_hf"), _tensors(tmp_path / f"{name}_par")
+        shards = [f for f in os.listdir(tmp_path / f"{name}_par") if f.endswith(".safetensors")]
+        assert len(shards) >= 4 and set(one) == set(par), (name, shards)
+        assert all(torch.equal(one[k], par[k]) for k in one), name
     assert results["xft_mlp_probs_grouped_every2"]["moe_layers"] == 2  # layers 0 and 2 of 4
     assert results["xft_linear_renorm_linear_sequential_qwen2"]["arch"] == \
         "XFTQwen2MoeForCausalLM"
@@ -130,7 +157,7 @@ def _upcycled_body(rank, world, root):
     dense = transformers.AutoModelForCausalLM.from_config(hf_cfg).float().eval()
     dense_dir = os.path.join(root, "dense_hf")
     dense.save_pretrained(dense_dir, safe_serialization=True)
-    _tokenizer().save_pretrained(dense_dir)  # travels along: upcycle -> MoE -> HF
+    byte_bpe_tokenizer(380).save_pretrained(dense_dir)  # travels along: upcycle -> MoE -> HF
     moe_dir = upcycle_checkpoint(None, os.path.join(root, "moe"),
                                  MoEConfig(num_experts=8, topk=6, router_init_std=0.5),
                                  seed=3, hf_dir=dense_dir)
@@ -172,24 +199,6 @@ def _upcycled_body(rank, world, root):
                 stage_code=stage_code, stage_text=refused.getvalue(),
                 stage_written=os.path.exists(os.path.join(root, "stage_hf")),
                 completions=completions, trusted=trusted)
-
-
-def _tokenizer():
-    """A small byte-level BPE tokenizer (vocabulary below the model's 384)."""
-    import inspect
-    import textwrap
-
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    bpe = Tokenizer(models.BPE())
-    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    bpe.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=380, special_tokens=["<pad>", "<s>", "</s>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    bpe.train_from_iterator([inspect.getsource(textwrap)[:8000]], trainer)
-    return PreTrainedTokenizerFast(tokenizer_object=bpe, bos_token="<s>", eos_token="</s>",
-                                   pad_token="<pad>")
 
 
 def test_upcycled_moe_in_transformers_is_the_dense_model_and_verify_covers_it(tmp_path):

@@ -7,7 +7,6 @@ harm this machine run only where `isolation` reports the protection that makes t
 """
 
 import glob
-import inspect
 import itertools
 import json
 import math
@@ -360,18 +359,12 @@ def test_truncate_completion_at_stop_sequences():
 @pytest.fixture(scope="module")
 def tiny_model_dir(tmp_path_factory):
     import torch
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from tests.tiny_tokenizer import byte_bpe_tokenizer
 
     model_dir = tmp_path_factory.mktemp("tiny_llama")
-    bpe = Tokenizer(models.BPE())
-    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    bpe.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=["<pad>", "<s>", "</s>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    bpe.train_from_iterator([inspect.getsource(textwrap)[:8000]], trainer)
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=bpe, bos_token="<s>", eos_token="</s>",
-                                        pad_token="<pad>")
+    tokenizer = byte_bpe_tokenizer(400)
     tokenizer.save_pretrained(model_dir)
     config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64,
                          num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
