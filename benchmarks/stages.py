@@ -82,6 +82,9 @@ def main(module, default_dir, setup_stage, timed_stages, run_stage_fn):
     ap.add_argument("--dir", default=default_dir)
     ap.add_argument("--stage", default=None)
     ap.add_argument("--json", default=None)
+    ap.add_argument("--free-inputs", action="store_true",
+                    help="delete a stage's input once no later stage reads it (large shapes "
+                         "on a small disk)")
     args = ap.parse_args()
     if args.stage:
         run_stage_fn(args)
@@ -93,7 +96,7 @@ def main(module, default_dir, setup_stage, timed_stages, run_stage_fn):
     run_stage(module, setup_stage, common)
     rows = {}
     cold = drop_page_cache()
-    for name, src, out in timed_stages:
+    for i, (name, src, out) in enumerate(timed_stages):
         drop_page_cache()
         seconds, peak = run_stage(module, name, common)
         in_b = dir_bytes(os.path.join(args.dir, src))
@@ -106,6 +109,8 @@ def main(module, default_dir, setup_stage, timed_stages, run_stage_fn):
         print(f"{name}: {seconds:.1f} s, peak RSS {peak:.2f} GiB ({peak * 2 ** 30 / in_b:.0%} "
               f"of the input), in {in_b / 2 ** 30:.2f} GiB -> out {out_b / 2 ** 30:.2f} GiB, "
               f"I/O floor {floor:.1f} s, ratio {seconds / floor:.1f}x", flush=True)
+        if args.free_inputs and all(later[1] != src for later in timed_stages[i + 1:]):
+            shutil.rmtree(os.path.join(args.dir, src))
     env = dict(date=time.strftime("%Y-%m-%d"), cpus=os.cpu_count(), command=" ".join(sys.argv),
                page_cache="dropped before each stage and each floor" if cold else
                "not dropped (needs root): floors read a warm cache")

@@ -119,3 +119,42 @@ def test_groups_are_spread_over_ranks(tmp_path):
     assert a["builds"] and b["builds"], "both ranks must write"
     assert not set(a["builds"]) & set(b["builds"])
     assert sorted(a["builds"] + b["builds"]) == a["groups"]
+
+
+def test_group_cache_prefetch_builds_each_group_once_ahead_of_use():
+    """With prefetch and a plan, group i+1 is built on the background thread while group i is
+    used; every group once, values unchanged; asking out of plan order still answers right."""
+    import threading
+    import time
+
+    from xft_megatron.checkpoint.stream import GroupCache
+
+    calls = []
+
+    def build(g):
+        calls.append((g, threading.current_thread().name))
+        time.sleep(0.02)
+        return {f"decoder.layers.{g}.w": torch.full((2,), float(g)),
+                f"decoder.layers.{g}.b": torch.full((1,), -float(g))}
+
+    cache = GroupCache(build, prefetch=True)
+    cache.plan([0, 1, 2, 3])
+    try:
+        for g in range(4):
+            assert cache(f"decoder.layers.{g}.w").tolist() == [float(g)] * 2
+            assert cache(f"decoder.layers.{g}.b").tolist() == [-float(g)]
+        assert [g for g, _ in calls] == [0, 1, 2, 3]
+        assert calls[0][1] == threading.main_thread().name
+        assert all(name.startswith("prefetch") for _, name in calls[1:]), calls
+        calls.clear()
+        cache.plan([5, 6, 7])
+        assert cache("decoder.layers.5.w").tolist() == [5.0, 5.0]  # 6 is now built ahead
+        assert cache("decoder.layers.7.w").tolist() == [7.0, 7.0]  # but 7 comes first
+        assert sorted(g for g, _ in calls) == [5, 6, 7]  # 6 built ahead (waited for), unused
+    finally:
+        cache.close()
+    plain = GroupCache(build)  # no prefetch: built on demand, in the caller's thread
+    calls.clear()
+    plain.plan([0, 1])
+    plain("decoder.layers.0.w")
+    assert calls == [(0, threading.main_thread().name)]

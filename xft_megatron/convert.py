@@ -42,8 +42,14 @@ def hf_to_mcore(hf_dir: str, out: str, dtype: str = "fp32") -> str:
             return hf_llama.layer_from_hf(tensors, model_cfg, g)
         return {g: tensors[outer[g]]}
 
-    write = lambda folder: stream.write(folder, layout, stream.GroupCache(group))  # noqa: E731
-    return ckpt.save(None, out, 0, cfg, extra_files=tokenizer_files(hf_dir), write_tensors=write)
+    # reading the HF shards (plain file reads) needs no collectives: the next layer is read
+    # while this one is written
+    cache = stream.GroupCache(group, prefetch=True)
+    try:
+        return ckpt.save(None, out, 0, cfg, extra_files=tokenizer_files(hf_dir),
+                         write_tensors=lambda folder: stream.write(folder, layout, cache))
+    finally:
+        cache.close()
 
 
 def tokenizer_files(directory: str) -> Dict[str, str]:

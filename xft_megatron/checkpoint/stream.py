@@ -16,6 +16,7 @@ import ctypes
 import dataclasses
 import io
 import os
+from concurrent.futures import ThreadPoolExecutor
 from typing import Callable, Dict, Hashable, Iterable, List, Optional, Sequence, Tuple
 
 import torch
@@ -145,19 +146,53 @@ def assign(groups: Sequence[Hashable], size: Callable[[Hashable], int], ranks: i
 
 class GroupCache:
     """produce(name) for `write`: builds a whole group (`build(group) -> {name: tensor}`) when
-    one of its names is first asked for and keeps only the latest group."""
+    one of its names is first asked for and keeps only the latest group.
 
-    def __init__(self, build: Callable[[Hashable], Dict[str, Tensor]]):
+    With `prefetch`, once the writer has said in which order it will ask (`plan`), the next
+    group is built on a background thread while the current one is written, so reading the
+    source overlaps writing the output (two groups in memory). `build` then runs on that
+    thread, one call at a time; use it only when `build` needs no collectives."""
+
+    def __init__(self, build: Callable[[Hashable], Dict[str, Tensor]], prefetch: bool = False):
         self.build = build
         self.group, self.values = None, {}
+        self.order: List[Hashable] = []
+        self.pending = None  # (group, future) being built ahead
+        self.pool = ThreadPoolExecutor(1, thread_name_prefix="prefetch") if prefetch else None
+
+    def plan(self, order: Sequence[Hashable]) -> None:
+        """The groups in the order `__call__` will ask for them."""
+        self.order = list(order)
 
     def __call__(self, name: str) -> Tensor:
         g = group_of(name)
         if g != self.group:
             self.values = {}  # drop the previous group before building the next
-            self.values = self.build(g)
+            self.values = self._take(g)
             self.group = g
+            self._ahead(g)
         return self.values[name]
+
+    def _take(self, g: Hashable) -> Dict[str, Tensor]:
+        pending, self.pending = self.pending, None
+        if pending is not None:
+            group, future = pending
+            values = future.result()  # also waits before building another group here
+            if group == g:
+                return values
+        return self.build(g)
+
+    def _ahead(self, g: Hashable) -> None:
+        if self.pool is None or g not in self.order:
+            return
+        i = self.order.index(g) + 1
+        if i < len(self.order):
+            nxt = self.order[i]
+            self.pending = (nxt, self.pool.submit(self.build, nxt))
+
+    def close(self) -> None:
+        if self.pool is not None:
+            self.pool.shutdown(wait=True, cancel_futures=True)
 
 
 def write(folder: str, layout: Layout, produce: Callable[[str], Tensor]) -> None:
@@ -170,6 +205,8 @@ def write(folder: str, layout: Layout, produce: Callable[[str], Tensor]) -> None
     owner = assign(list(groups), lambda g: sum(_nbytes(layout.params[n]) for n in groups[g]),
                    size)
     mine = [n for g, names in groups.items() if owner[g] == rank for n in names]
+    if hasattr(produce, "plan"):
+        produce.plan([g for g in groups if owner[g] == rank])
     planner = _WritePlanner(layout, mine, produce, objects=rank == 0)
     # files are synced once all are written (one fsync per file as it closes would make the
     # disk flush ~10 files per layer one by one)
