@@ -49,8 +49,10 @@ def _convert(args):
         print(f"wrote {path}")
         hf_dir, ckpt_dir = args.hf, path
     else:
+        from xft_megatron.checkpoint.hf import own_remote_code
+
         convert.mcore_to_hf(args.ckpt, args.out, dtype=args.dtype or "bf16")
-        moe = os.path.exists(os.path.join(args.out, "modeling_xft_moe.py"))
+        moe = own_remote_code(args.out)
         print(f"wrote {args.out}" + (" (an XFT MoE: load it with trust_remote_code=True; "
                                      "`xft merge` folds it into a dense model)" if moe else ""))
         hf_dir, ckpt_dir = args.out, args.ckpt

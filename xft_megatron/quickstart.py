@@ -32,6 +32,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 from xft_megatron.stages import run_stage
 
 EXPERTS, TOPK, SHARED_WEIGHT = 8, 6, 0.75
+MERGE_LR = 5e-2  # the merge stage trains only the merge coefficients (min: a tenth)
 ABLATIONS = ("vanilla", "none")
 SPM_SEED = 0  # the tokenizer's; fixed, so runs with other training seeds see the same data
 
@@ -170,7 +171,8 @@ def run(out_dir: str, settings: Optional[Settings] = None, overrides: Sequence[s
     merge_steps = max(10, s.sft_steps // 5)
     merge_args = common + [f"checkpoint.load={d('xft_moe')}", f"checkpoint.save={d('merge')}",
                            sft_data, "train.stage=merge", f"train.train_steps={merge_steps}",
-                           warm(merge_steps), "train.lr=5e-2", "train.min_lr=5e-3",
+                           warm(merge_steps), f"train.lr={MERGE_LR}",
+                           f"train.min_lr={MERGE_LR / 10}",
                            f"moe.merge_shared_weight={SHARED_WEIGHT}"]
     stages["merge"] = run_stage("merge: learnable merge (only alpha trains)", d("merge"),
                                 {"args": merge_args}, lambda: _train(merge_args), say)
@@ -233,7 +235,7 @@ def _settings_section(data: Dict, run_info: Dict) -> str:
         f"the same batches; merge {run_info['merge_steps']} steps; every step "
         f"{t.global_batch_size} rows x {t.seq_length} tokens = {rows:,} token slots",
         f"- learning rates (peak -> min, warmup a tenth of the steps): pretraining "
-        f"{s['pretrain_lr']:g}, tuning {s['tune_lr']:g}, merge 0.05",
+        f"{s['pretrain_lr']:g}, tuning {s['tune_lr']:g}, merge {MERGE_LR:g}",
         f"- seeds: training {s['seed']} (initialization, data order, noisy gating), router "
         f"initialization {s['router_seed']}, tokenizer {SPM_SEED}",
     ])

@@ -87,8 +87,9 @@ def save(chunks: List, root: str, iteration: int, cfg: Config,
          write_tensors: Optional[Callable[[str], None]] = None) -> str:
     """Save the model chunks of every rank as ROOT/iter_N atomically; returns its path.
     All ranks must call it. `write_tensors(folder)`, when given, writes the torch_dist files
-    in place of the chunks' own save (the streaming tools; `chunks` is then unused). `extra_files` maps file names to source paths (e.g. tokenizer)
-    copied into the checkpoint by rank 0. A training checkpoint adds the optimizer and
+    in place of the chunks' own save (the streaming tools; `chunks` is then unused).
+    `extra_files` maps file names to source paths (e.g. tokenizer) copied into the checkpoint
+    by rank 0. A training checkpoint adds the optimizer and
     scheduler, `train_state` (JSON, from rank 0) and `rank_state` (per rank, e.g. RNG).
     `keep` > 0 removes all but the newest `keep` complete checkpoints afterwards."""
     os.makedirs(root, exist_ok=True)

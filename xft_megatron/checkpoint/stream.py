@@ -156,13 +156,13 @@ class GroupCache:
     def __init__(self, build: Callable[[Hashable], Dict[str, Tensor]], prefetch: bool = False):
         self.build = build
         self.group, self.values = None, {}
-        self.order: List[Hashable] = []
+        self.after: Dict[Hashable, Hashable] = {}  # group -> the one asked for next
         self.pending = None  # (group, future) being built ahead
         self.pool = ThreadPoolExecutor(1, thread_name_prefix="prefetch") if prefetch else None
 
     def plan(self, order: Sequence[Hashable]) -> None:
         """The groups in the order `__call__` will ask for them."""
-        self.order = list(order)
+        self.after = dict(zip(order, list(order)[1:]))
 
     def __call__(self, name: str) -> Tensor:
         g = group_of(name)
@@ -183,12 +183,8 @@ class GroupCache:
         return self.build(g)
 
     def _ahead(self, g: Hashable) -> None:
-        if self.pool is None or g not in self.order:
-            return
-        i = self.order.index(g) + 1
-        if i < len(self.order):
-            nxt = self.order[i]
-            self.pending = (nxt, self.pool.submit(self.build, nxt))
+        if self.pool is not None and g in self.after:
+            self.pending = (self.after[g], self.pool.submit(self.build, self.after[g]))
 
     def close(self) -> None:
         if self.pool is not None:

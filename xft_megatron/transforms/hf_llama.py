@@ -5,13 +5,14 @@ and never touch process groups. Megatron's fused QKV weight is laid out per quer
 for each of the G groups, [q rows of its H/G heads; k rows; v rows], each head `d` rows.
 """
 
-from typing import Dict, Iterator, Tuple
+from typing import Callable, Dict, Iterator, Optional, Tuple
 
 import torch
 
 from xft_megatron.config import ModelConfig
 
 Tensor = torch.Tensor
+Shapes = Dict[str, Tuple[int, ...]]
 
 
 def fuse_qkv(q: Tensor, k: Tensor, v: Tensor, m: ModelConfig) -> Tensor:
@@ -129,26 +130,34 @@ def from_hf(sd: Dict[str, Tensor], m: ModelConfig) -> Iterator[Tuple[str, Tensor
         yield name, sd[outer[name]]
 
 
-def hf_shapes(m: ModelConfig) -> Dict[str, Tuple[int, ...]]:
+def hf_shapes(m: ModelConfig, layer_ffn: Optional[Callable[[int], Shapes]] = None) -> Shapes:
     """Name -> shape of every HF tensor of a model of config `m`, layer by layer (embedding
-    first, final norm and output layer last): the order a conversion writes them in."""
-    h, f, v = m.hidden_size, m.ffn_hidden_size, m.vocab_size
+    first, final norm and output layer last): the order a conversion writes them in.
+    `layer_ffn(i)`: the FFN tensors of layer i (default: the dense SwiGLU FFN)."""
+    h, v = m.hidden_size, m.vocab_size
     q, kv = m.num_attention_heads * m.head_dim, m.num_query_groups * m.head_dim
+    layer_ffn = layer_ffn or (lambda i: ffn_shapes(m, f"model.layers.{i}.mlp."))
     out = {"model.embed_tokens.weight": (v, h)}
     for i in range(m.num_layers):
         s = f"model.layers.{i}."
         out.update({s + "input_layernorm.weight": (h,), s + "post_attention_layernorm.weight": (h,),
                     s + "self_attn.q_proj.weight": (q, h), s + "self_attn.k_proj.weight": (kv, h),
-                    s + "self_attn.v_proj.weight": (kv, h), s + "self_attn.o_proj.weight": (h, q),
-                    s + "mlp.gate_proj.weight": (f, h), s + "mlp.up_proj.weight": (f, h),
-                    s + "mlp.down_proj.weight": (h, f)})
+                    s + "self_attn.v_proj.weight": (kv, h), s + "self_attn.o_proj.weight": (h, q)})
         if m.qkv_bias:
             out.update({s + "self_attn.q_proj.bias": (q,), s + "self_attn.k_proj.bias": (kv,),
                         s + "self_attn.v_proj.bias": (kv,)})
+        out.update(layer_ffn(i))
     out["model.norm.weight"] = (h,)
     if not m.tie_embeddings:
         out["lm_head.weight"] = (v, h)
     return out
+
+
+def ffn_shapes(m: ModelConfig, prefix: str) -> Shapes:
+    """The HF tensors of one SwiGLU FFN under `prefix` (as `ffn_to_hf` names them)."""
+    h, f = m.hidden_size, m.ffn_hidden_size
+    return {prefix + "gate_proj.weight": (f, h), prefix + "up_proj.weight": (f, h),
+            prefix + "down_proj.weight": (h, f)}
 
 
 def hf_config_dict(m: ModelConfig, architecture: str = "LlamaForCausalLM") -> Dict:

@@ -18,8 +18,8 @@ import torch
 
 from xft_megatron.config import ModelConfig, MoEConfig
 from xft_megatron.hf_remote import MODELING_FILE
-from xft_megatron.transforms.hf_llama import attention_to_hf, ffn_to_hf, hf_config_dict, \
-    hf_shapes, layer_to_hf
+from xft_megatron.transforms.hf_llama import Shapes, attention_to_hf, ffn_shapes, ffn_to_hf, \
+    hf_config_dict, hf_shapes, layer_to_hf
 
 Tensor = torch.Tensor
 
@@ -60,30 +60,26 @@ def moe_layer_to_hf(sd: Dict[str, Tensor], m: ModelConfig, moe: MoEConfig,
     return out
 
 
-def moe_hf_shapes(m: ModelConfig, moe: MoEConfig) -> Dict[str, Tuple[int, ...]]:
+def moe_hf_shapes(m: ModelConfig, moe: MoEConfig) -> Shapes:
     """Name -> shape of every HF tensor of the MoE, in writing order (layer by layer)."""
-    h, f, r = m.hidden_size, m.ffn_hidden_size, moe.num_routed
-    out = {}
-    for name, shape in hf_shapes(m).items():
-        parts = name.split(".")
-        if not (name.startswith("model.layers.") and parts[3] == "mlp"
-                and moe.is_moe_layer(int(parts[2]))):
-            out[name] = shape
-            continue
-        if parts[4] != "gate_proj":  # the whole FFN is emitted at gate_proj
-            continue
-        o = ".".join(parts[:4]) + "."
-        ffn = {"gate_proj.weight": (f, h), "up_proj.weight": (f, h), "down_proj.weight": (h, f)}
-        router = {"proj.weight": (r, h)} if moe.router_gate == "linear" else \
-            {"w1.weight": (r, h), "w2.weight": (r, r)}
-        if moe.router_noise:
-            router["noise.weight"] = (r, h)
-        out.update({o + "router." + k: v for k, v in router.items()})
+    h, r = m.hidden_size, moe.num_routed
+    router = {"proj.weight": (r, h)} if moe.router_gate == "linear" else \
+        {"w1.weight": (r, h), "w2.weight": (r, r)}
+    if moe.router_noise:
+        router["noise.weight"] = (r, h)
+
+    def layer_ffn(i: int) -> Shapes:
+        o = f"model.layers.{i}.mlp."
+        if not moe.is_moe_layer(i):
+            return ffn_shapes(m, o)
+        out = {o + "router." + k: v for k, v in router.items()}
         if moe.has_shared_expert:
-            out.update({o + "shared_expert." + k: v for k, v in ffn.items()})
+            out.update(ffn_shapes(m, o + "shared_expert."))
         for j in range(r):
-            out.update({f"{o}experts.{j}.{k}": v for k, v in ffn.items()})
-    return out
+            out.update(ffn_shapes(m, f"{o}experts.{j}."))
+        return out
+
+    return hf_shapes(m, layer_ffn)
 
 
 def moe_hf_config_dict(m: ModelConfig, moe: MoEConfig, dense_architecture: str) -> Dict:
