@@ -22,7 +22,8 @@ setup(
         "matplotlib",
     ],
     extras_require={
-        "test": ["pytest>=8", "pytest-timeout", "hypothesis"],
+        "test": ["pytest>=8", "pytest-timeout", "hypothesis", "gguf", "accelerate"],
+        "gguf": ["gguf", "accelerate"],
         "te": ["transformer-engine[pytorch]"],
     },
     entry_points={"console_scripts": ["xft=xft_megatron.cli:main"]},

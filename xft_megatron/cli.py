@@ -44,6 +44,11 @@ def _convert(args):
     from xft_megatron.checkpoint.stream import release_freed_memory
 
     release_freed_memory()
+    if args.direction == "gguf-to-hf":
+        from xft_megatron.checkpoint.gguf import gguf_to_hf
+
+        print(f"wrote {gguf_to_hf(args.gguf, args.out, dtype=args.dtype or 'fp32')}")
+        return
     if args.direction == "hf-to-mcore":
         path = convert.hf_to_mcore(args.hf, args.out, dtype=args.dtype or "fp32")
         print(f"wrote {path}")
@@ -51,7 +56,7 @@ def _convert(args):
     else:
         from xft_megatron.checkpoint.hf import own_remote_code
 
-        convert.mcore_to_hf(args.ckpt, args.out, dtype=args.dtype or "bf16")
+        convert.mcore_to_hf(args.ckpt, args.out, dtype=args.dtype)
         moe = own_remote_code(args.out)
         print(f"wrote {args.out}" + (" (an XFT MoE: load it with trust_remote_code=True; "
                                      "`xft merge` folds it into a dense model)" if moe else ""))
@@ -68,8 +73,9 @@ def _upcycle(args):
     from xft_megatron.upcycle_merge import upcycle_checkpoint
 
     reuse_freed_memory()
-    moe = MoEConfig(num_experts=args.num_experts, topk=args.topk, router_gate=args.router_gate,
-                    layer_freq=args.layer_freq, router_noise=not args.no_router_noise)
+    moe = MoEConfig(num_experts=args.num_experts, topk=args.topk, mode=args.mode,
+                    router_gate=args.router_gate, layer_freq=args.layer_freq,
+                    router_noise=not args.no_router_noise)
     path = upcycle_checkpoint(args.ckpt, args.out, moe, seed=args.seed, noise_std=args.noise,
                               hf_dir=args.hf, layout=_layout(args))
     print(f"wrote {path}")
@@ -137,18 +143,26 @@ def _humaneval(args):
     if not model:
         raise ValueError("xft eval humaneval needs --model HF_DIR_OR_CHECKPOINT")
     out = args.out or os.path.join(model.rstrip("/") + "_humaneval")
-    os.makedirs(out, exist_ok=True)
+    protocol = args.prompt
     if not os.path.isfile(os.path.join(model, "config.json")):  # a Megatron checkpoint
+        from xft_megatron.checkpoint import dist as ckpt
         from xft_megatron.convert import mcore_to_hf
 
+        if protocol == "auto":  # raw completion for a pretrained-only model
+            protocol = "raw" if ckpt.load_config(model, parallel={}).train.stage == "pretrain" \
+                else "magicoder"
         hf_dir = os.path.join(out, "hf_model")
         if not os.path.isfile(os.path.join(hf_dir, "config.json")):
-            mcore_to_hf(model, hf_dir, dtype="fp32")
+            os.makedirs(out, exist_ok=True)
+            mcore_to_hf(model, hf_dir)
         model = hf_dir
+    protocol = "magicoder" if protocol == "auto" else protocol
     result = evaluate_humaneval(model, os.path.join(out, "humaneval.json"), n=args.n,
                                 limit=args.limit, temperature=args.temperature,
-                                max_new_tokens=args.max_new_tokens, workers=args.workers)
-    say(json.dumps({k: result[k] for k in ("pass@1", "pass@k", "n", "limit") if k in result}))
+                                max_new_tokens=args.max_new_tokens, workers=args.workers,
+                                protocol=protocol, problems_file=args.problems)
+    say(json.dumps({k: result[k] for k in ("pass@1", "pass@k", "n", "limit", "protocol")
+                    if k in result}))
     say(f"per-task results: {os.path.join(out, 'humaneval.json')}")
 
 
@@ -221,14 +235,18 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("presets", help="list the model presets")
     s.set_defaults(func=_presets)
 
-    v = sub.add_parser("convert", help="HF directory <-> Megatron distributed checkpoint")
-    v.add_argument("direction", choices=["hf-to-mcore", "mcore-to-hf"])
+    v = sub.add_parser("convert", help="HF directory <-> Megatron distributed checkpoint; "
+                       "GGUF file -> HF directory")
+    v.add_argument("direction", choices=["hf-to-mcore", "mcore-to-hf", "gguf-to-hf"])
+    v.add_argument("--gguf", help="GGUF file (gguf-to-hf; dequantized by transformers, needs "
+                   "the gguf package)")
     v.add_argument("--hf", help="HF model directory (hf-to-mcore)")
     v.add_argument("--ckpt", help="Megatron checkpoint root or iter_* folder (mcore-to-hf); "
                    "an XFT MoE is written with its modeling file (trust_remote_code)")
     v.add_argument("--out", required=True, help="output directory (must be new or empty)")
     v.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default=None,
-                   help="dtype written (default: fp32 for Megatron, bf16 for HF)")
+                   help="dtype written (default: fp32 for Megatron and from GGUF; for HF from a "
+                   "checkpoint its own precision.dtype, as every HF-writing command)")
     v.add_argument("--verify", action="store_true",
                    help="compare both sides' logits on random tokens; exit 2 if they differ")
     v.set_defaults(func=_convert)
@@ -240,6 +258,10 @@ def build_parser() -> argparse.ArgumentParser:
     u.add_argument("--out", required=True, help="output directory (must be new or empty)")
     u.add_argument("--num-experts", type=int, default=8, help="experts per layer, shared incl.")
     u.add_argument("--topk", type=int, default=6, help="experts per token, shared included")
+    u.add_argument("--mode", choices=["xft", "vanilla", "none"], default="xft",
+                   help="xft: shared expert weighted 1 - s_max, routed weights renormalized; "
+                   "the paper's ablations: vanilla (no shared expert, plain top-k), none "
+                   "(shared expert at weight 1, raw top-k probabilities)")
     u.add_argument("--router-gate", choices=["mlp", "linear"], default="mlp")
     u.add_argument("--no-router-noise", action="store_true", help="no noisy-gating weights")
     u.add_argument("--layers", "--layer-freq", dest="layer_freq", type=_moe_layers, default=1,
@@ -281,6 +303,13 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--temperature", type=float, default=0.2, help="humaneval: when --n > 1")
     e.add_argument("--max-new-tokens", type=int, default=512)
     e.add_argument("--workers", type=int, default=2, help="humaneval: sandboxed runs at once")
+    e.add_argument("--prompt", default="auto", choices=["auto", "raw", "magicoder", "chat"],
+                   help="humaneval: prompting protocol (eval/prompts.py): magicoder = the "
+                   "paper's, for instruction-tuned models; raw = code completion, for base "
+                   "models; chat = the tokenizer's chat template. auto: raw for a Megatron "
+                   "checkpoint of the pretrain stage, else magicoder")
+    e.add_argument("--problems", default=None,
+                   help="humaneval: HumanEval-format .jsonl[.gz] (default: the bundled 164)")
     e.add_argument("--out", default=None, help="humaneval: output folder")
     e.add_argument("--tokenizer", default=None,
                    help="HF tokenizer dir or sentencepiece model (default: the checkpoint's)")
@@ -330,6 +359,9 @@ def main(argv=None) -> int:
         args.config = None
     if getattr(args, "direction", None) == "hf-to-mcore" and not args.hf:
         print("xft: convert hf-to-mcore needs --hf DIR", file=sys.stderr)
+        return 2
+    if getattr(args, "direction", None) == "gguf-to-hf" and not args.gguf:
+        print("xft: convert gguf-to-hf needs --gguf FILE", file=sys.stderr)
         return 2
     if getattr(args, "direction", None) == "mcore-to-hf" and not args.ckpt:
         print("xft: convert mcore-to-hf needs --ckpt DIR", file=sys.stderr)

@@ -8,17 +8,17 @@ are spread over the ranks. The torch_dist checkpoint carries global tensor names
 under any parallel layout.
 """
 
-import json
 import os
-import shutil
-from typing import Dict, Hashable, Optional
+from typing import Dict, Hashable, Optional, Tuple
 
 import torch
 
 from xft_megatron.checkpoint import dist as ckpt
-from xft_megatron.checkpoint import ranks, stream
+from xft_megatron.checkpoint import stream
 from xft_megatron.checkpoint.hf import LazyTensors, check_tensors, model_config_from_hf, \
     weights_index, write_hf_dir
+from xft_megatron.checkpoint.special_tokens import GENERATION_CONFIG, generation_config, \
+    special_token_ids
 from xft_megatron.config import Config, PrecisionConfig
 from xft_megatron.hf_remote import MODELING_FILE
 from xft_megatron.transforms import hf_llama, hf_moe
@@ -53,22 +53,37 @@ def hf_to_mcore(hf_dir: str, out: str, dtype: str = "fp32") -> str:
 
 
 def tokenizer_files(directory: str) -> Dict[str, str]:
-    """Tokenizer files in an HF directory or checkpoint folder (name -> path), to carry along."""
+    """Tokenizer files and the generation config in an HF directory or checkpoint folder
+    (name -> path): what every checkpoint carries along from its source."""
     extra = ("special_tokens_map.json", "added_tokens.json", "vocab.json", "merges.txt",
-             "chat_template.jinja", "chat_template.json")
+             "chat_template.jinja", "chat_template.json", GENERATION_CONFIG)
     return {f: os.path.join(directory, f) for f in os.listdir(directory)
             if f.startswith("tokenizer") or f in extra}
 
 
-def mcore_to_hf(ckpt_dir: str, out: str, dtype: str = "bf16",
+def hf_dtype(cfg: Config, dtype: Optional[str]) -> str:
+    """The dtype an HF export is written in: `dtype` if given, else the checkpoint's own
+    (precision.dtype, what its tensors are stored in), so no export rounds silently."""
+    if dtype is None:
+        return cfg.precision.dtype
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype={dtype!r} must be one of {', '.join(DTYPES)}")
+    return dtype
+
+
+def mcore_to_hf(ckpt_dir: str, out: str, dtype: Optional[str] = None,
                 architecture: Optional[str] = None, shard_bytes: int = 2 * 2 ** 30) -> None:
     """Write an HF directory from a Megatron checkpoint (any layout it was saved in),
-    safetensors shards of at most `shard_bytes` (or one larger tensor). A dense checkpoint
+    safetensors shards of at most `shard_bytes` (or one larger tensor), in `dtype` (default:
+    the checkpoint's, `hf_dtype`), with its tokenizer and special-token ids (config.json and
+    generation_config.json, `checkpoint/special_tokens.py`). A dense checkpoint
     becomes a Llama/Qwen2 model; an XFT MoE checkpoint becomes the MoE of
     `hf_remote/modeling_xft_moe.py`, copied along (loads with `trust_remote_code=True`)."""
     if os.path.exists(out) and os.listdir(out):
         raise FileExistsError(f"'{out}' exists and is not empty; choose a new --out")
     cfg = ckpt.load_config(ckpt_dir, parallel={})
+    dtype = hf_dtype(cfg, dtype)
+    folder = ckpt.resolve(ckpt_dir)
     moe = cfg.moe
     if moe.enabled and moe.stage == "merge":
         raise ValueError(f"'{ckpt_dir}' is a merge-stage checkpoint (moe.stage=merge); fold it "
@@ -92,28 +107,28 @@ def mcore_to_hf(ckpt_dir: str, out: str, dtype: str = "bf16",
     else:
         shapes, config, extra = hf_llama.hf_shapes(cfg.model), \
             hf_llama.hf_config_dict(cfg.model, arch), {}
+    files, generated = hf_tokenizer_files(folder)
+    generated[GENERATION_CONFIG] = generation_config(folder)
+    config.update(special_token_ids(folder))
     write_hf_dir(shapes, stream.GroupCache(group), config, out, DTYPES[dtype], shard_bytes,
-                 extra_files=extra)
-    if ranks.world()[0] == 0:
-        copy_tokenizer(ckpt.resolve(ckpt_dir), out)
+                 extra_files={**extra, **files}, json_files=generated)
 
 
-def copy_tokenizer(src: str, out: str) -> None:
-    """Copy the tokenizer files stored with a checkpoint into an HF directory. A bare
-    sentencepiece model (the quickstart's) gets a tokenizer_config.json so that
-    `AutoTokenizer` loads it (as LlamaTokenizer: BOS added, no text normalization)."""
-    files = tokenizer_files(src)
-    for name, path in files.items():
-        shutil.copy2(path, os.path.join(out, name))
+def hf_tokenizer_files(src: str) -> Tuple[Dict[str, str], Dict[str, Dict]]:
+    """(files to copy, JSON files to write): the tokenizer stored with a checkpoint, for an HF
+    directory. A bare sentencepiece model (the quickstart's) gets a tokenizer_config.json so
+    that `AutoTokenizer` loads it (as LlamaTokenizer: BOS added, no text normalization)."""
+    files = {k: v for k, v in tokenizer_files(src).items() if k != GENERATION_CONFIG}
+    generated = {}
     if "tokenizer.model" in files and "tokenizer_config.json" not in files \
             and "tokenizer.json" not in files:
         import sentencepiece
 
         sp = sentencepiece.SentencePieceProcessor(model_file=files["tokenizer.model"])
         piece = lambda i: sp.id_to_piece(i) if 0 <= i < sp.get_piece_size() else None  # noqa
-        config = {"tokenizer_class": "LlamaTokenizer", "bos_token": piece(sp.bos_id()),
-                  "eos_token": piece(sp.eos_id()), "unk_token": piece(sp.unk_id()),
-                  "pad_token": piece(sp.pad_id()), "add_bos_token": sp.bos_id() >= 0,
-                  "add_eos_token": False, "legacy": False, "add_prefix_space": False}
-        with open(os.path.join(out, "tokenizer_config.json"), "w") as f:
-            json.dump(config, f, indent=1)
+        generated["tokenizer_config.json"] = {
+            "tokenizer_class": "LlamaTokenizer", "bos_token": piece(sp.bos_id()),
+            "eos_token": piece(sp.eos_id()), "unk_token": piece(sp.unk_id()),
+            "pad_token": piece(sp.pad_id()), "add_bos_token": sp.bos_id() >= 0,
+            "add_eos_token": False, "legacy": False, "add_prefix_space": False}
+    return files, generated

@@ -151,5 +151,5 @@ def merge_checkpoint(src: str, out: str, coefficients: str = "uniform",
     if hf_out:
         from xft_megatron.convert import mcore_to_hf
 
-        mcore_to_hf(path, hf_out, dtype=dense_cfg.precision.dtype)
+        mcore_to_hf(path, hf_out)  # in the checkpoint's dtype, as mcore-to-hf
     return path

@@ -42,11 +42,12 @@ def compare_logits(hf_dir: str, ckpt_dir: str, batches: int = 2, seq: int = 64,
             p.copy_(p.to(written).float())
     seq = min(seq, cfg.model.max_position_embeddings)
     g = torch.Generator().manual_seed(seed)
-    ids = torch.randint(0, cfg.model.vocab_size, (batches, seq), generator=g)
+    ids = torch.randint(0, cfg.model.vocab_size, (batches, seq), generator=g)  # [b, s]
     pos = torch.arange(seq).unsqueeze(0).expand(batches, -1)
+    device = next(model.parameters()).device  # the GPU where there is one; HF stays on CPU
     with torch.no_grad():
         ref = hf(ids).logits.float()
-        got = model(ids, pos, None).float()
+        got = model(ids.to(device), pos.to(device), None).float().cpu()
     return {
         "max_abs_diff": (got - ref).abs().max().item(),
         "logit_scale": ref.abs().max().item(),

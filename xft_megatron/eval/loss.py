@@ -15,6 +15,7 @@ from xft_megatron import parallel
 from xft_megatron.checkpoint import dist as ckpt
 from xft_megatron.config import Config
 from xft_megatron.data.dataset import build_dataset
+from xft_megatron.data.records import DataError
 from xft_megatron.data.packing import PackedBatches
 from xft_megatron.data.tokenizer import tokenizer_for_model
 from xft_megatron.model.builder import build_model
@@ -40,7 +41,11 @@ def evaluate_loss(checkpoint: str, data: str, cache_dir: str, tokenizer: Optiona
     info = parallel.initialize(cfg.parallel, seed=cfg.train.seed)
     dp = cfg.parallel.data_parallel_size(info.world_size)
     tok, _ = tokenizer_for_model(tokenizer, ckpt.resolve(checkpoint), cfg.model.vocab_size)
-    dataset, report = build_dataset(cfg.data, tok, seq, cache_dir, vocab_size=cfg.model.vocab_size)
+    try:
+        dataset, report = build_dataset(cfg.data, tok, seq, cache_dir,
+                                        vocab_size=cfg.model.vocab_size)
+    except DataError as e:  # its hints name config keys; this command takes flags
+        raise DataError(_with_flags(str(e))) from None
     batches = PackedBatches(dataset, seq, micro_batch_size * dp, seed=0, packing=True,
                             pad_id=tok.pad_id)
     total, count = checkpoint_loss(cfg, checkpoint, (batches[i] for i in range(len(batches))))
@@ -49,6 +54,17 @@ def evaluate_loss(checkpoint: str, data: str, cache_dir: str, tokenizer: Optiona
     loss = total / count
     return {"loss": loss, "perplexity": math.exp(min(loss, 700.0)), "tokens": int(count),
             "records": report.kept, "skipped_records": report.dropped}
+
+
+# the config keys a data error names -> this command's flags for them
+_FLAGS = {"data.on_error=skip": "--on-error skip", "data.on_error": "--on-error",
+          "train.seq_length": "--seq-length"}
+
+
+def _with_flags(message: str) -> str:
+    for key, flag in _FLAGS.items():
+        message = message.replace(key, flag)
+    return message
 
 
 def checkpoint_loss(cfg: Config, checkpoint: str, global_batches: Iterable):
