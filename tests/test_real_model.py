@@ -9,8 +9,9 @@ fold, HumanEval's auto-conversion, a short SFT) and the tests below check what i
     token for token, including where it stops (at <|im_end|>, well before the limit);
   * `xft eval loss` of the upcycled MoE equals transformers' loss of the dense original on the
     same records, tokenized here independently (magicoder and chat templates);
-  * the fold of the untrained upcycle is bitwise the original; a short SFT lowers held-out loss;
-  * HumanEval under the magicoder protocol runs end to end on the folded checkpoint.
+  * the fold of the untrained upcycle is bitwise the original;
+  * HumanEval under the magicoder protocol runs end to end on the folded checkpoint;
+  * `xft quickstart --base` runs the XFT pipeline from it (a short SFT lowers held-out loss).
 """
 
 import json
@@ -25,7 +26,10 @@ from tests.real_model import smollm2_hf_dir
 CHATS = [[{"role": "user", "content": "What is the capital of France? Answer in one word."}],
          [{"role": "user", "content": "Say hello."}]]
 MAX_NEW = 40
-SFT_STEPS = 4
+QUICKSTART = ["--sft-steps", "2", "--merge-steps", "2", "--experts", "4", "--topk", "2",
+              "--moe-every", "10", "--no-ablations", "--max-files", "60", "--seq-length", "256",
+              "--humaneval", "1", "--tune-lr", "1e-4", "train.micro_batch_size=2",
+              "train.global_batch_size=4"]
 
 
 def _records():
@@ -141,7 +145,6 @@ def _pipeline(rank, world, hf, root):
     from xft_megatron import cli, convert, parallel
     from xft_megatron.config import MoEConfig
     from xft_megatron.eval.loss import evaluate_loss
-    from xft_megatron.training import run
     from xft_megatron.upcycle_merge import merge_checkpoint, upcycle_checkpoint
     from xft_megatron.verify import compare_logits
 
@@ -180,15 +183,15 @@ def _pipeline(rank, world, hf, root):
     r["tokens"] = {name: _token_settings(d) for name, d in {"original": hf, **exports}.items()}
     r["chats"] = {name: _greedy_chats(d) for name, d in {"original": hf, **exports}.items()}
 
-    before = evaluate_loss(mc, p("held.jsonl"), cache_dir=p("cache"), seq_length=512)["loss"]
+    # the whole XFT pipeline from this base, at a few steps: convert, SFT, upcycle, MoE SFT,
+    # learnable merge, fold, held-out loss and HumanEval of every model, report
     parallel.shutdown()
-    run.main(None, [f"checkpoint.load={mc}", f"checkpoint.save={p('sft')}", "train.stage=sft",
-                    f"data.path={p('train.jsonl')}", "train.seq_length=512",
-                    "train.micro_batch_size=2", "train.global_batch_size=6",
-                    f"train.train_steps={SFT_STEPS}", "train.lr=1e-4", "train.lr_warmup_steps=0",
-                    "train.lr_decay_style=constant", "train.compile_layers=false"])
-    after = evaluate_loss(p("sft"), p("held.jsonl"), cache_dir=p("cache"), seq_length=512)["loss"]
-    r["sft"] = (before, after)
+    r["quickstart_rc"] = cli.main(["quickstart", "--out", p("qs"), "--base", hf] + QUICKSTART)
+    with open(p("qs", "summary.json")) as f:
+        r["quickstart"] = json.load(f)
+    with open(p("qs", "report.md")) as f:
+        r["report"] = f.read()
+    r["quickstart_export"] = _token_settings(p("qs", "xft_merged", "hf"))
     return r
 
 
@@ -244,7 +247,16 @@ def test_humaneval_magicoder_protocol_on_the_folded_checkpoint(pipeline):
         assert generation and generation in program or "```" in generation
 
 
-def test_short_sft_lowers_heldout_loss(pipeline):
+def test_quickstart_from_the_real_base(pipeline):
+    """The XFT pipeline from an HF base: a short SFT and the MoE lower held-out loss, every
+    model is scored on HumanEval, the folded model's export keeps the special tokens."""
     _, r = pipeline
-    before, after = r["sft"]
-    assert after < before - 0.01, r["sft"]
+    assert r["quickstart_rc"] == 0
+    losses, scores = r["quickstart"]["heldout_loss"], r["quickstart"]["humaneval_pass@1"]
+    models = ["base", "sft (dense)", "xft moe", "xft merged (dense)"]
+    assert list(losses) == models and list(scores) == models
+    for tuned in models[1:]:
+        assert losses[tuned] < losses["base"] - 0.01, losses
+    assert all(0.0 <= v <= 1.0 for v in scores.values())
+    assert "HumanEval pass@1" in r["report"] and "HF base" in r["report"]
+    assert r["quickstart_export"] == r["tokens"]["original"]

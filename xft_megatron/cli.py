@@ -17,7 +17,9 @@ def _quickstart(args):
         sources=tuple(args.src or quickstart.Settings.sources), max_files=args.max_files,
         vocab=args.vocab,
         preset=args.preset, seq_length=args.seq_length, seed=args.seed,
-        router_seed=args.router_seed, pretrain_lr=args.pretrain_lr, tune_lr=args.tune_lr)
+        router_seed=args.router_seed, pretrain_lr=args.pretrain_lr, tune_lr=args.tune_lr,
+        base=args.base, experts=args.experts, topk=args.topk, moe_every=args.moe_every,
+        merge_steps=args.merge_steps, humaneval=args.humaneval)
     quickstart.run(args.out, settings, overrides=args.overrides)
 
 
@@ -229,6 +231,18 @@ def build_parser() -> argparse.ArgumentParser:
                    help="peak pretraining LR")
     q.add_argument("--tune-lr", type=float, default=qs.tune_lr,
                    help="peak instruction-tuning LR")
+    q.add_argument("--base", default=None,
+                   help="start from this HF model directory (converted; its tokenizer) instead "
+                   "of pretraining the preset")
+    q.add_argument("--experts", type=int, default=qs.experts, help="experts per MoE layer")
+    q.add_argument("--topk", type=int, default=qs.topk, help="experts per token")
+    q.add_argument("--moe-every", type=int, default=qs.moe_every,
+                   help="every N-th layer becomes MoE (1 = all)")
+    q.add_argument("--merge-steps", type=int, default=None,
+                   help="learnable-merge steps (default a fifth of --sft-steps, at least 10)")
+    q.add_argument("--humaneval", type=int, default=qs.humaneval,
+                   help="HumanEval problems scored per model (greedy, magicoder protocol; "
+                   "0 = none, 164 = all)")
     q.add_argument("overrides", nargs="*", help="config overrides, e.g. precision.dtype=bf16")
     q.set_defaults(func=_quickstart)
 
