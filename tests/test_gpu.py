@@ -103,3 +103,22 @@ def test_gpu_upcycled_moe_equals_dense():
                           cfg.train.clip_grad)
               ["loss"] for _ in range(5)]
     assert losses[-1] < losses[0] - 0.05, losses
+
+
+def test_gpu_machine_convert_verify(tmp_path):
+    """`xft convert hf-to-mcore --verify` on a machine with a GPU: the Megatron side runs on
+    the GPU and transformers on the CPU, and the logits still agree (fp32 tolerance)."""
+    import transformers
+
+    from xft_megatron import convert
+    from xft_megatron.verify import TOLERANCE, verify
+
+    hf_cfg = transformers.LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=128,
+                                      num_hidden_layers=2, num_attention_heads=4,
+                                      num_key_value_heads=2, max_position_embeddings=128)
+    torch.manual_seed(0)
+    transformers.LlamaForCausalLM(hf_cfg).save_pretrained(tmp_path / "hf")
+    mc = convert.hf_to_mcore(str(tmp_path / "hf"), str(tmp_path / "mc"))
+    r = verify(str(tmp_path / "hf"), mc, report=lambda *a: None)
+    assert r["argmax_agreement"] == 1.0
+    assert r["max_abs_diff"] <= TOLERANCE * max(1.0, r["logit_scale"])

@@ -28,8 +28,8 @@ CHATS = [[{"role": "user", "content": "What is the capital of France? Answer in 
 MAX_NEW = 40
 QUICKSTART = ["--sft-steps", "2", "--merge-steps", "2", "--experts", "4", "--topk", "2",
               "--moe-every", "10", "--no-ablations", "--max-files", "60", "--seq-length", "256",
-              "--humaneval", "1", "--tune-lr", "1e-4", "train.micro_batch_size=2",
-              "train.global_batch_size=4"]
+              "--humaneval", "1", "--humaneval-tokens", "48", "--tune-lr", "1e-4",
+              "train.micro_batch_size=2", "train.global_batch_size=4"]
 
 
 def _records():
@@ -148,8 +148,17 @@ def _pipeline(rank, world, hf, root):
     from xft_megatron.upcycle_merge import merge_checkpoint, upcycle_checkpoint
     from xft_megatron.verify import compare_logits
 
-    r = {}
+    import time
+
+    r = {"seconds": {}}
     p = lambda *names: os.path.join(root, *names)  # noqa: E731
+    t = [time.perf_counter()]
+
+    def lap(name):
+        now = time.perf_counter()
+        r["seconds"][name] = round(now - t[0], 1)
+        t[0] = now
+
     train, held = _records()
     _write_jsonl(p("train.jsonl"), train)
     _write_jsonl(p("held.jsonl"), held)
@@ -159,6 +168,7 @@ def _pipeline(rank, world, hf, root):
     r["verify"] = compare_logits(hf, mc)
     convert.mcore_to_hf(mc, p("dense_hf"))  # the checkpoint's dtype: fp32
     r["dense_bitwise"] = _same_tensors(hf, p("dense_hf"))
+    lap("convert, verify, export")
 
     moe = MoEConfig(num_experts=4, topk=2, layer_freq=3)
     upcycle_checkpoint(mc, p("moe"), moe, seed=0)
@@ -168,6 +178,7 @@ def _pipeline(rank, world, hf, root):
                             seq_length=512)
         r["loss"][template] = (got["loss"], _hf_reference_loss(hf, held, template),
                                got["records"])
+    lap("upcycle, eval loss x2")
     convert.mcore_to_hf(p("moe"), p("moe_hf"))
     merge_checkpoint(p("moe"), p("merged"), "uniform", 0.75, {}, report=lambda *a: None,
                      hf_out=p("merged_hf"))
@@ -177,11 +188,15 @@ def _pipeline(rank, world, hf, root):
                                   "--max-new-tokens", "96", "--out", he])
     with open(os.path.join(he, "humaneval.json")) as f:
         r["humaneval"] = json.load(f)
+    lap("moe export, fold, humaneval")
 
     exports = {"dense": p("dense_hf"), "moe": p("moe_hf"), "merged": p("merged_hf"),
                "humaneval": os.path.join(he, "hf_model")}
     r["tokens"] = {name: _token_settings(d) for name, d in {"original": hf, **exports}.items()}
+    # HumanEval's conversion writes the merged weights again: equal tensors, so equal output
+    r["humaneval_export_is_merged"] = _same_tensors(p("merged_hf"), exports.pop("humaneval"))
     r["chats"] = {name: _greedy_chats(d) for name, d in {"original": hf, **exports}.items()}
+    lap("greedy chats")
 
     # the whole XFT pipeline from this base, at a few steps: convert, SFT, upcycle, MoE SFT,
     # learnable merge, fold, held-out loss and HumanEval of every model, report
@@ -192,6 +207,8 @@ def _pipeline(rank, world, hf, root):
     with open(p("qs", "report.md")) as f:
         r["report"] = f.read()
     r["quickstart_export"] = _token_settings(p("qs", "xft_merged", "hf"))
+    lap("quickstart --base")
+    print("real-model pipeline seconds:", r["seconds"])
     return r
 
 
@@ -222,6 +239,7 @@ def test_every_export_keeps_special_tokens_and_generates_like_the_original(pipel
         assert 0 < len(ids) < MAX_NEW and ids[-1] == 2 and 2 not in ids[:-1], reference
     for name, ids in r["chats"].items():
         assert ids == reference, name
+    assert r["humaneval_export_is_merged"]
 
 
 def test_upcycled_loss_equals_transformers_dense_loss(pipeline):

@@ -19,7 +19,8 @@ def _quickstart(args):
         preset=args.preset, seq_length=args.seq_length, seed=args.seed,
         router_seed=args.router_seed, pretrain_lr=args.pretrain_lr, tune_lr=args.tune_lr,
         base=args.base, experts=args.experts, topk=args.topk, moe_every=args.moe_every,
-        merge_steps=args.merge_steps, humaneval=args.humaneval)
+        merge_steps=args.merge_steps, humaneval=args.humaneval,
+        humaneval_tokens=args.humaneval_tokens)
     quickstart.run(args.out, settings, overrides=args.overrides)
 
 
@@ -243,6 +244,8 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--humaneval", type=int, default=qs.humaneval,
                    help="HumanEval problems scored per model (greedy, magicoder protocol; "
                    "0 = none, 164 = all)")
+    q.add_argument("--humaneval-tokens", type=int, default=qs.humaneval_tokens,
+                   help="most new tokens per HumanEval answer")
     q.add_argument("overrides", nargs="*", help="config overrides, e.g. precision.dtype=bf16")
     q.set_defaults(func=_quickstart)
 

@@ -62,6 +62,7 @@ class Settings:
     moe_every: int = 1  # every moe_every-th layer becomes MoE (1 = all)
     merge_steps: Optional[int] = None  # learnable-merge steps (default a fifth of sft_steps, >= 10)
     humaneval: int = 0  # HumanEval problems scored per model (0 = none, 164 = all)
+    humaneval_tokens: int = 512  # most new tokens per HumanEval answer
 
     def __post_init__(self):
         self.ablations, self.sources = tuple(self.ablations), tuple(self.sources)
@@ -69,7 +70,7 @@ class Settings:
         if unknown:
             raise ValueError(f"unknown ablations {sorted(unknown)}; choose from {ABLATIONS}")
         for name in ("steps", "sft_steps", "max_files", "seq_length", "experts", "topk",
-                     "moe_every"):
+                     "moe_every", "humaneval_tokens"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if not self.sources:
@@ -240,12 +241,15 @@ def run(out_dir: str, settings: Optional[Settings] = None, overrides: Sequence[s
     losses = run_stage("eval: held-out instruction loss", d("eval"),
                        {"models": models, "stages": {k: v["seconds"] for k, v in stages.items()}},
                        evaluate, say)["result"]
+    say("held-out loss: " + ", ".join(f"{k} {v['loss']:.4f}" for k, v in losses.items()))
     if s.humaneval and single:
         scores = run_stage(f"humaneval: pass@1 on {s.humaneval} problems (magicoder)",
                            d("humaneval"), {"models": models, "problems": s.humaneval,
+                                            "max_new_tokens": s.humaneval_tokens,
                                             "stages": {k: v["seconds"]
                                                        for k, v in stages.items()}},
-                           lambda: _humaneval(models, d("humaneval"), s.humaneval), say)
+                           lambda: _humaneval(models, d("humaneval"), s.humaneval,
+                                              s.humaneval_tokens, say), say)
         for name, score in scores["result"].items():
             losses[name]["humaneval_pass@1"] = score
     if s.base:
@@ -273,7 +277,8 @@ def _check_config(overrides: Sequence[str], base: Optional[str]) -> None:
     Config.from_dict(deep_merge({"model": model}, parse_overrides(overrides)))
 
 
-def _humaneval(models: Dict[str, str], out: str, limit: int) -> Dict[str, float]:
+def _humaneval(models: Dict[str, str], out: str, limit: int, max_new_tokens: int,
+               say=print) -> Dict[str, float]:
     """HumanEval pass@1 (greedy, magicoder protocol) of every model, each exported to HF
     first (an MoE with its own modeling file)."""
     from xft_megatron.convert import mcore_to_hf
@@ -285,8 +290,10 @@ def _humaneval(models: Dict[str, str], out: str, limit: int) -> Dict[str, float]
         if not os.path.isfile(os.path.join(hf_dir, "config.json")):
             mcore_to_hf(path, hf_dir)
         report = evaluate_humaneval(hf_dir, os.path.join(out, f"model{i}.json"), limit=limit,
-                                    protocol="magicoder", batch_size=32)
+                                    protocol="magicoder", batch_size=64,
+                                    max_new_tokens=max_new_tokens)
         scores[name] = report["pass@1"]
+        say(f"humaneval: {name} pass@1 {scores[name]:.4f}")
     return scores
 
 

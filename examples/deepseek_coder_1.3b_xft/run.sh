@@ -223,7 +223,8 @@ add_step base ckpt "$OUT/base" 1 "HF -> Megatron checkpoint (bf16, as published)
   "${ONE[@]}" convert hf-to-mcore --hf "$HF_DIR" --out "$OUT/base.partial" --dtype bf16
 if [[ $ONLY == all ]]; then
   add_step eval_base eval "$OUT/eval/base" 0 "HumanEval of the base model (greedy pass@1)" -- \
-    "${ONE[@]}" eval humaneval --model "$HF_DIR" --out "$OUT/eval/base" --n 1 --workers 8
+    "${ONE[@]}" eval humaneval --model "$HF_DIR" --out "$OUT/eval/base" --n 1 --workers 8 \
+    --prompt raw
 fi
 if [[ $ONLY != sft ]]; then
   add_step upcycle ckpt "$OUT/upcycled" 1 "dense -> XFT MoE ($NUM_EXPERTS experts, top-$TOPK)" -- \
@@ -240,7 +241,8 @@ if [[ $ONLY != sft ]]; then
   add_step xft_hf hf "$OUT/xft_hf" 1 "export the XFT model to HF (bf16)" -- \
     "${ONE[@]}" convert mcore-to-hf --ckpt "$OUT/xft" --out "$OUT/xft_hf.partial" --dtype bf16
   add_step eval_xft eval "$OUT/eval/xft" 0 "HumanEval of the XFT model (greedy pass@1)" -- \
-    "${ONE[@]}" eval humaneval --model "$OUT/xft_hf" --out "$OUT/eval/xft" --n 1 --workers 8
+    "${ONE[@]}" eval humaneval --model "$OUT/xft_hf" --out "$OUT/eval/xft" --n 1 --workers 8 \
+    --prompt magicoder
 fi
 if [[ $ONLY != xft ]]; then
   add_step sft train "$SAVE_SFT" 0 "SFT baseline: instruction-tune the dense model (5 epochs)" -- \
@@ -249,7 +251,8 @@ if [[ $ONLY != xft ]]; then
   add_step sft_hf hf "$OUT/sft_hf" 1 "export the SFT baseline to HF (bf16)" -- \
     "${ONE[@]}" convert mcore-to-hf --ckpt "$SAVE_SFT" --out "$OUT/sft_hf.partial" --dtype bf16
   add_step eval_sft eval "$OUT/eval/sft" 0 "HumanEval of the SFT baseline (greedy pass@1)" -- \
-    "${ONE[@]}" eval humaneval --model "$OUT/sft_hf" --out "$OUT/eval/sft" --n 1 --workers 8
+    "${ONE[@]}" eval humaneval --model "$OUT/sft_hf" --out "$OUT/eval/sft" --n 1 --workers 8 \
+    --prompt magicoder
 fi
 
 # ------------------------------------------------------------------------------ preflight
