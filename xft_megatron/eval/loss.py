@@ -2,13 +2,17 @@
 
 Records are read and tokenized exactly as for training (same formats and templates): loss on
 response tokens for instruction/chat records, on every token after the first for `text` and
-`input_ids` records. Samples are packed with per-sample attention isolation, so each is scored
-as if alone. Dense, MoE and merge-stage checkpoints; any layout (torchrun).
+`input_ids` records. Each sample is scored alone, one per row: samples go in order of length
+into batches padded only to their longest sample (`length_batches`), so the work is that of
+the samples themselves (plain causal attention, no packing mask, little padding). Records may
+be as long as the model's context (`max_position_embeddings`) unless `seq_length` caps them.
+Dense, MoE and merge-stage checkpoints; any layout (torchrun).
 """
 
 import math
-from typing import Dict, Iterable, Optional
+from typing import Dict, Iterable, Iterator, Optional
 
+import numpy as np
 import torch
 
 from xft_megatron import parallel
@@ -16,7 +20,6 @@ from xft_megatron.checkpoint import dist as ckpt
 from xft_megatron.config import Config
 from xft_megatron.data.dataset import build_dataset
 from xft_megatron.data.records import DataError
-from xft_megatron.data.packing import PackedBatches
 from xft_megatron.data.tokenizer import tokenizer_for_model
 from xft_megatron.model.builder import build_model
 from xft_megatron.training.step import loss_totals, make_batch, split_global_batch
@@ -27,9 +30,11 @@ def evaluate_loss(checkpoint: str, data: str, cache_dir: str, tokenizer: Optiona
                   micro_batch_size: int = 4, template: str = "magicoder",
                   fmt: str = "auto", on_error: str = "fail") -> Dict[str, float]:
     """{loss, perplexity, tokens, records}; `cache_dir` holds the tokenized data. Records that
-    cannot be scored (see data.on_error) fail the evaluation, or are skipped and counted."""
+    cannot be scored (see data.on_error) fail the evaluation, or are skipped and counted.
+    `seq_length`: the longest sample scored (default: the model's context)."""
     stored = ckpt.read_config(checkpoint)
-    seq = seq_length or stored["train"]["seq_length"]
+    seq = seq_length or (stored.get("model") or {}).get("max_position_embeddings") or \
+        stored["train"]["seq_length"]
     dp_layout = dict(layout or {})
     cfg = ckpt.load_config(checkpoint, parallel=dp_layout,
                            train={**stored["train"], "seq_length": seq,
@@ -46,14 +51,34 @@ def evaluate_loss(checkpoint: str, data: str, cache_dir: str, tokenizer: Optiona
                                         vocab_size=cfg.model.vocab_size)
     except DataError as e:  # its hints name config keys; this command takes flags
         raise DataError(_with_flags(str(e))) from None
-    batches = PackedBatches(dataset, seq, micro_batch_size * dp, seed=0, packing=True,
-                            pad_id=tok.pad_id)
-    total, count = checkpoint_loss(cfg, checkpoint, (batches[i] for i in range(len(batches))))
+    batches = length_batches(dataset, micro_batch_size * dp, cfg.parallel.tensor, tok.pad_id)
+    total, count = checkpoint_loss(cfg, checkpoint, batches)
     if count == 0:
         raise ValueError(f"'{data}' has no tokens to score (every loss mask is empty)")
     loss = total / count
     return {"loss": loss, "perplexity": math.exp(min(loss, 700.0)), "tokens": int(count),
             "records": report.kept, "skipped_records": report.dropped}
+
+
+def length_batches(dataset, rows: int, multiple: int, pad_id: int) -> Iterator[Dict]:
+    """Global batches of `rows` rows, one sample per row, samples longest first; each batch
+    [rows, w] is padded to its longest sample, w - 1 rounded up to `multiple` (sequence
+    parallelism splits the sequence over the tensor-parallel ranks). Rows left over in the
+    last batch are padding (no loss). Every sample's first token is never a target."""
+    lengths = np.asarray(dataset.lengths, dtype=np.int64)
+    order = np.argsort(-lengths, kind="stable")
+    for start in range(0, len(order), rows):
+        picks = order[start:start + rows]
+        seq = -(-(int(lengths[picks].max()) - 1) // multiple) * multiple
+        tokens = np.full((rows, seq + 1), pad_id, dtype=np.int64)
+        mask = np.zeros((rows, seq + 1), dtype=np.float32)
+        segments = np.zeros((rows, seq + 1), dtype=np.int64)
+        for r, index in enumerate(picks):
+            ids, m = dataset[int(index)]
+            n = len(ids)
+            tokens[r, :n], mask[r, 1:n], segments[r, :n] = ids, m[1:], 1
+        yield {"tokens": torch.from_numpy(tokens), "loss_mask": torch.from_numpy(mask),
+               "segment_ids": torch.from_numpy(segments)}
 
 
 # the config keys a data error names -> this command's flags for them
@@ -78,8 +103,9 @@ def checkpoint_loss(cfg: Config, checkpoint: str, global_batches: Iterable):
     total, count = 0.0, 0.0
     with torch.no_grad():
         for batch in global_batches:
-            mbs = split_global_batch(make_batch(batch), cfg.train.micro_batch_size)
-            s, n = loss_totals(chunks, mbs, cfg.train.seq_length)
+            full = make_batch(batch)
+            mbs = split_global_batch(full, cfg.train.micro_batch_size)
+            s, n = loss_totals(chunks, mbs, full["tokens"].shape[1])  # this batch's length
             total, count = total + s, count + n
     return total, count
 
