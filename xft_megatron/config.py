@@ -354,6 +354,8 @@ class CheckpointConfig:
     save_interval: int = 0  # save every N steps (0 = final save only)
     keep: int = 2  # complete checkpoints kept in `save` (older ones removed); 0 = keep all
     final: bool = True  # save at the end of the run (off: benchmarks that only need metrics)
+    overwrite: bool = False  # start a new run from step 0 in a `save` that holds one already
+    # (without it, and without --resume, such a run is refused)
 
     def __post_init__(self):
         _require(isinstance(self.save_interval, int) and self.save_interval >= 0,

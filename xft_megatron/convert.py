@@ -29,6 +29,7 @@ DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 def hf_to_mcore(hf_dir: str, out: str, dtype: str = "fp32") -> str:
     """Convert an HF directory; returns the written checkpoint folder. Tokenizer files are
     copied along."""
+    ckpt.require_empty_dir(out)  # never adds to (and repoints `latest` of) an existing run
     model_cfg, _ = model_config_from_hf(hf_dir)  # refuses unsupported configs up front
     tensors = LazyTensors(weights_index(hf_dir))
     check_tensors(tensors, hf_llama.hf_shapes(model_cfg), os.path.join(hf_dir, "config.json"))
@@ -79,8 +80,7 @@ def mcore_to_hf(ckpt_dir: str, out: str, dtype: Optional[str] = None,
     generation_config.json, `checkpoint/special_tokens.py`). A dense checkpoint
     becomes a Llama/Qwen2 model; an XFT MoE checkpoint becomes the MoE of
     `hf_remote/modeling_xft_moe.py`, copied along (loads with `trust_remote_code=True`)."""
-    if os.path.exists(out) and os.listdir(out):
-        raise FileExistsError(f"'{out}' exists and is not empty; choose a new --out")
+    ckpt.require_empty_dir(out)
     cfg = ckpt.load_config(ckpt_dir, parallel={})
     dtype = hf_dtype(cfg, dtype)
     folder = ckpt.resolve(ckpt_dir)

@@ -27,17 +27,12 @@ from xft_megatron.transforms.upcycle import upcycle
 COEFFICIENT_CHOICES = ("uniform", "shared-only", "learned")
 
 
-def _new_dir(out: str) -> None:
-    if os.path.exists(out) and os.listdir(out):
-        raise FileExistsError(f"'{out}' exists and is not empty; choose a new --out")
-
-
 def upcycle_checkpoint(src: Optional[str], out: str, moe: MoEConfig, seed: int = 0,
                        noise_std: float = 0.0, hf_dir: Optional[str] = None,
                        layout: Optional[Dict] = None) -> str:
     """Dense checkpoint (or HF directory) -> XFT MoE checkpoint; returns the written folder.
     `layout`: the parallel section stored with it (validated against the MoE settings)."""
-    _new_dir(out)
+    ckpt.require_empty_dir(out)
     if not moe.enabled:
         raise ConfigError("upcycling needs --num-experts > 0")
     if noise_std < 0:
@@ -111,9 +106,9 @@ def merge_checkpoint(src: str, out: str, coefficients: str = "uniform",
     """XFT MoE checkpoint -> dense checkpoint of the base architecture; returns its folder.
     `layout`: the parallel section stored with it. `hf_out`: also write the dense model as an
     HF directory."""
-    _new_dir(out)
+    ckpt.require_empty_dir(out)
     if hf_out:
-        _new_dir(hf_out)
+        ckpt.require_empty_dir(hf_out, "--hf-out")
     cfg = ckpt.load_config(src, parallel={})
     if not cfg.moe.enabled:
         raise ValueError(f"'{src}' is a dense checkpoint; there is nothing to merge")

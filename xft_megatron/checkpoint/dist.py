@@ -212,6 +212,14 @@ def _fsync_dir(path: str) -> None:
         os.close(fd)
 
 
+def require_empty_dir(out: str, flag: str = "--out") -> None:
+    """Refuse an output directory that exists and holds anything (e.g. another run's
+    checkpoints, which a new `latest` would silently replace)."""
+    if os.path.exists(out) and (not os.path.isdir(out) or os.listdir(out)):
+        raise FileExistsError(f"'{out}' exists and is not empty; choose a new {flag} (a "
+                              "checkpoint tool never writes into another run's directory)")
+
+
 def resolve(path: str) -> str:
     """A checkpoint directory from either a root (follows `latest`) or an iter_* folder.
     Raises FileNotFoundError with a message saying what was looked for."""

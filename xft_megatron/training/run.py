@@ -120,6 +120,20 @@ def dry_run(cfg: Config, world_size: int) -> str:
     return "\n".join(lines)
 
 
+def check_save_dir(cfg: Config, resume: bool) -> None:
+    """A run without --resume never silently restarts one already in checkpoint.save (it
+    would move `latest` back and later overwrite the newer iterations)."""
+    save = cfg.checkpoint.save
+    if resume or cfg.checkpoint.overwrite or not os.path.isdir(save):
+        return
+    held = sorted(n for n in os.listdir(save) if n.startswith("iter_"))
+    if held or os.path.isfile(os.path.join(save, ckpt.LATEST_FILE)):
+        newest = held[-1] if held else ckpt.LATEST_FILE
+        raise ConfigError(f"checkpoint.save='{save}' already holds a run (newest: {newest}); "
+                          "continue it with --resume, choose a new checkpoint.save, or set "
+                          "checkpoint.overwrite=true to start again from step 0")
+
+
 def main(config_path: Optional[str], overrides: Sequence[str], resume: bool = False,
          dry: bool = False, world_size: Optional[int] = None, progress: bool = True,
          stop: Optional[StopOnSignal] = None):
@@ -130,6 +144,7 @@ def main(config_path: Optional[str], overrides: Sequence[str], resume: bool = Fa
         world = world_size or int(os.environ.get("WORLD_SIZE", "1"))
         print(dry_run(cfg, world))
         return None
+    check_save_dir(cfg, resume)
     stop = stop or StopOnSignal()
     info = parallel.initialize(cfg.parallel, seed=cfg.train.seed)
     tok, source = tokenizer_for(cfg)
