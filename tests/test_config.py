@@ -110,3 +110,25 @@ def test_optional_fields_are_type_checked():
         load_config(None, ["train.compile_layers=maybe"])
     assert load_config(None, ["train.compile_layers=false"]).train.compile_layers is False
     assert load_config(None, []).train.compile_layers is None
+
+
+def test_checkpoint_commands_blame_what_the_user_gave(tmp_path):
+    """A layout that does not fit a stored model names the layout, not the stored file; a
+    data error of `xft eval loss` names that command's flags, not config keys."""
+    from xft_megatron.checkpoint import dist as ckpt
+    from xft_megatron.config import dump_config, load_config
+    from xft_megatron.eval.loss import _with_flags
+
+    (tmp_path / ckpt.CONFIG_FILE).write_text(dump_config(load_config(None, ["model.preset=tiny"])))
+    with pytest.raises(ConfigError) as e:
+        ckpt.load_config(str(tmp_path), parallel={"tensor": 3, "sequence_parallel": True})
+    assert "the layout TP=3 (sequence parallel) does not fit the model stored in" in str(e.value)
+    assert "is invalid" not in str(e.value)
+    (tmp_path / ckpt.CONFIG_FILE).write_text("model:\n  num_layers: -1\n")
+    with pytest.raises(ConfigError, match="is invalid.*fix that file"):
+        ckpt.load_config(str(tmp_path), parallel={})
+    hint = _with_flags("x.jsonl:1: too_long: 9 tokens > seq_length + 1 = 5; raise "
+                       "train.seq_length or shorten the record\nfix them, or set "
+                       "data.on_error=skip to drop them")
+    assert "--seq-length" in hint and "--on-error skip" in hint
+    assert "train.seq_length" not in hint and "data.on_error" not in hint

@@ -35,6 +35,13 @@ def _body(rank, world, root):
 
     out = {"upcycle": xft("upcycle", "--ckpt", dense_dir, "--out", d("moe"),
                           "--num-experts", 4, "--topk", 3, "--router-gate", "linear")}
+    out["modes"] = {}  # the paper's ablations from the command line
+    for mode in ("vanilla", "none"):
+        code, text = xft("upcycle", "--ckpt", dense_dir, "--out", d(f"moe_{mode}"),
+                         "--num-experts", 4, "--topk", 3, "--mode", mode)
+        out["modes"][mode] = (code, ckpt.load_config(d(f"moe_{mode}"), parallel={}).moe.mode
+                              if code == 0 else text)
+    out["modes"]["xft"] = (0, ckpt.load_config(d("moe"), parallel={}).moe.mode)
     alphas = {str(i): [0.5 * i, -1.0, 2.0] for i in range(cfg.model.num_layers)}
     with open(d("alphas.json"), "w") as f:
         json.dump(alphas, f)
@@ -80,6 +87,7 @@ def _body(rank, world, root):
 def test_upcycle_and_merge_commands(tmp_path):
     r = run_ranks(1, _body, str(tmp_path))[0]
     assert r["upcycle"][0] == 0, r["upcycle"][1]
+    assert r["modes"] == {m: (0, m) for m in ("vanilla", "none", "xft")}, r["modes"]
     for name, m in r["merges"].items():
         assert m["code"] == 0, (name, m["text"])
         assert m["same_keys"] and m["moe"] == 0, name
