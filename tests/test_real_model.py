@@ -1,10 +1,11 @@
 """A real pretrained model through the whole toolchain: SmolLM2-135M-Instruct (tests/real_model.py).
 
 One process runs the pipeline once (convert, export, upcycle, loss evaluation, MoE export,
-fold, HumanEval's auto-conversion, a short SFT) and the tests below check what it measured:
+fold, then `xft quickstart --base` from it: SFT, MoE, merge, fold, held-out loss, HumanEval)
+and the tests below check what it measured:
   * hf-to-mcore --verify passes; mcore-to-hf in fp32 gives back the original tensors bitwise;
   * every HF-writing path (dense export, MoE remote-code export, merge --hf-out, HumanEval's
-    conversion) declares the original's bos/eos/pad ids in config.json and
+    conversion of dense and MoE checkpoints) declares the original's bos/eos/pad ids in config.json and
     generation_config.json, and greedy chat generation of each export equals the original's
     token for token, including where it stops (at <|im_end|>, well before the limit);
   * `xft eval loss` of the upcycled MoE equals transformers' loss of the dense original on the
@@ -27,8 +28,8 @@ CHATS = [[{"role": "user", "content": "What is the capital of France? Answer in 
          [{"role": "user", "content": "Say hello."}]]
 MAX_NEW = 40
 QUICKSTART = ["--sft-steps", "2", "--merge-steps", "2", "--experts", "4", "--topk", "2",
-              "--moe-every", "10", "--no-ablations", "--max-files", "60", "--seq-length", "256",
-              "--humaneval", "1", "--humaneval-tokens", "48", "--tune-lr", "1e-4",
+              "--moe-every", "15", "--no-ablations", "--max-files", "60", "--seq-length", "256",
+              "--humaneval", "1", "--humaneval-tokens", "40", "--tune-lr", "1e-4",
               "train.micro_batch_size=2", "train.global_batch_size=4"]
 
 
@@ -183,18 +184,10 @@ def _pipeline(rank, world, hf, root):
     merge_checkpoint(p("moe"), p("merged"), "uniform", 0.75, {}, report=lambda *a: None,
                      hf_out=p("merged_hf"))
     r["fold_bitwise"] = _same_tensors(hf, p("merged_hf"))
-    he = p("he")
-    r["humaneval_rc"] = cli.main(["eval", "humaneval", "--model", p("merged"), "--limit", "2",
-                                  "--max-new-tokens", "96", "--out", he])
-    with open(os.path.join(he, "humaneval.json")) as f:
-        r["humaneval"] = json.load(f)
-    lap("moe export, fold, humaneval")
+    lap("moe export, fold")
 
-    exports = {"dense": p("dense_hf"), "moe": p("moe_hf"), "merged": p("merged_hf"),
-               "humaneval": os.path.join(he, "hf_model")}
+    exports = {"dense": p("dense_hf"), "moe": p("moe_hf"), "merged": p("merged_hf")}
     r["tokens"] = {name: _token_settings(d) for name, d in {"original": hf, **exports}.items()}
-    # HumanEval's conversion writes the merged weights again: equal tensors, so equal output
-    r["humaneval_export_is_merged"] = _same_tensors(p("merged_hf"), exports.pop("humaneval"))
     r["chats"] = {name: _greedy_chats(d) for name, d in {"original": hf, **exports}.items()}
     lap("greedy chats")
 
@@ -206,7 +199,13 @@ def _pipeline(rank, world, hf, root):
         r["quickstart"] = json.load(f)
     with open(p("qs", "report.md")) as f:
         r["report"] = f.read()
-    r["quickstart_export"] = _token_settings(p("qs", "xft_merged", "hf"))
+    # HumanEval converted each model (dense and MoE checkpoints) to HF on its way
+    he = p("qs", "humaneval")
+    r["tokens"].update({f"humaneval {i}": _token_settings(os.path.join(he, f"model{i}"))
+                        for i in range(4)})
+    r["tokens"]["quickstart --hf-out"] = _token_settings(p("qs", "xft_merged", "hf"))
+    with open(os.path.join(he, "model3.json")) as f:
+        r["humaneval"] = json.load(f)
     lap("quickstart --base")
     print("real-model pipeline seconds:", r["seconds"])
     return r
@@ -239,7 +238,6 @@ def test_every_export_keeps_special_tokens_and_generates_like_the_original(pipel
         assert 0 < len(ids) < MAX_NEW and ids[-1] == 2 and 2 not in ids[:-1], reference
     for name, ids in r["chats"].items():
         assert ids == reference, name
-    assert r["humaneval_export_is_merged"]
 
 
 def test_upcycled_loss_equals_transformers_dense_loss(pipeline):
@@ -252,7 +250,7 @@ def test_upcycled_loss_equals_transformers_dense_loss(pipeline):
 
 def test_humaneval_magicoder_protocol_on_the_folded_checkpoint(pipeline):
     _, r = pipeline
-    assert r["humaneval_rc"] == 0
+    assert r["quickstart_rc"] == 0
     report = r["humaneval"]
     assert report["protocol"] == "magicoder"
     for task in report["per_task"]:
@@ -277,4 +275,3 @@ def test_quickstart_from_the_real_base(pipeline):
         assert losses[tuned] < losses["base"] - 0.01, losses
     assert all(0.0 <= v <= 1.0 for v in scores.values())
     assert "HumanEval pass@1" in r["report"] and "HF base" in r["report"]
-    assert r["quickstart_export"] == r["tokens"]["original"]
