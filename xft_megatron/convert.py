@@ -17,8 +17,7 @@ from xft_megatron.checkpoint import dist as ckpt
 from xft_megatron.checkpoint import stream
 from xft_megatron.checkpoint.hf import LazyTensors, check_tensors, model_config_from_hf, \
     weights_index, write_hf_dir
-from xft_megatron.checkpoint.special_tokens import GENERATION_CONFIG, generation_config, \
-    special_token_ids
+from xft_megatron.checkpoint.special_tokens import GENERATION_CONFIG, export_settings
 from xft_megatron.config import Config, PrecisionConfig
 from xft_megatron.hf_remote import MODELING_FILE
 from xft_megatron.transforms import hf_llama, hf_moe
@@ -108,8 +107,8 @@ def mcore_to_hf(ckpt_dir: str, out: str, dtype: Optional[str] = None,
         shapes, config, extra = hf_llama.hf_shapes(cfg.model), \
             hf_llama.hf_config_dict(cfg.model, arch), {}
     files, generated = hf_tokenizer_files(folder)
-    generated[GENERATION_CONFIG] = generation_config(folder)
-    config.update(special_token_ids(folder))
+    ids, generated[GENERATION_CONFIG] = export_settings(folder)
+    config.update(ids)
     write_hf_dir(shapes, stream.GroupCache(group), config, out, DTYPES[dtype], shard_bytes,
                  extra_files={**extra, **files}, json_files=generated)
 

@@ -23,8 +23,9 @@ def gguf_to_hf(gguf_file: str, out: str, dtype: str = "fp32") -> str:
                                 ".gguf file")
     if dtype not in DTYPES:
         raise ValueError(f"dtype={dtype!r} must be one of {', '.join(DTYPES)}")
-    if os.path.exists(out) and os.listdir(out):
-        raise FileExistsError(f"'{out}' exists and is not empty; choose a new --out")
+    from xft_megatron.checkpoint.dist import require_empty_dir
+
+    require_empty_dir(out)
     try:
         import gguf  # noqa: F401  (transformers' GGUF reader needs it)
     except ImportError:

@@ -10,7 +10,7 @@ A checkpoint with no tokenizer and no generation config (byte-level data) gets n
 
 import json
 import os
-from typing import Dict, List, Optional, Union
+from typing import Dict, List, Optional, Tuple, Union
 
 GENERATION_CONFIG = "generation_config.json"
 TOKEN_KEYS = ("bos_token_id", "eos_token_id", "pad_token_id")
@@ -47,26 +47,17 @@ def tokenizer_token_ids(folder: str) -> Dict[str, Optional[int]]:
     return {"bos_token_id": tok.bos_id, "eos_token_id": tok.eos_id, "pad_token_id": tok.pad_id}
 
 
-def special_token_ids(folder: str) -> Dict[str, TokenId]:
-    """The ids an export of the checkpoint in `folder` declares (module docstring); keys
-    with no id are left out."""
+def export_settings(folder: str) -> Tuple[Dict[str, TokenId], Dict]:
+    """(ids for config.json, generation_config.json) of an export of the checkpoint in
+    `folder` (module docstring): keys with no id are left out; the carried generation config
+    is kept (greedy when it says nothing about sampling). The tokenizer is loaded only when the
+    carried config lacks an id."""
     carried = carried_generation_config(folder)
-    from_tokenizer = tokenizer_token_ids(folder)
-    out = {}
-    for key in TOKEN_KEYS:
-        value = carried.get(key)
-        if value is None:
-            value = from_tokenizer[key]
-        if value is not None:
-            out[key] = value
-    return out
-
-
-def generation_config(folder: str) -> Dict:
-    """generation_config.json for an export of `folder`: the carried one (greedy when it says
-    nothing about sampling) with the special-token ids filled in."""
-    cfg = {k: v for k, v in carried_generation_config(folder).items()
-           if k != "transformers_version"}
-    cfg.setdefault("do_sample", False)
-    return {**cfg, **special_token_ids(folder)}
+    ids = {k: carried[k] for k in TOKEN_KEYS if carried.get(k) is not None}
+    if len(ids) < len(TOKEN_KEYS):
+        from_tokenizer = tokenizer_token_ids(folder)
+        ids.update({k: v for k, v in from_tokenizer.items() if k not in ids and v is not None})
+    generation = {k: v for k, v in carried.items() if k != "transformers_version"}
+    generation.setdefault("do_sample", False)
+    return ids, {**generation, **ids}
 
