@@ -7,7 +7,7 @@
 # runs only the MoE layer profile (no tests); scaling runs only the scaling study
 # (benchmarks/scaling.py, STUDY=benchmarks/studies/h200.yaml); study runs only the XFT-vs-SFT
 # study (xft quickstart at ~100M parameters); real-study the same from SmolLM2-135M-Instruct
-# over several seeds; train runs the XFT MoE stage end to end through
+# over several seeds (STUDY_LONG_STEPS: seed 1 once more at that tuning budget); train runs the XFT MoE stage end to end through
 # `xft train` (benchmarks/train_e2e.py) on 1 GPU, and with EP=2 on 2 GPUs when the machine
 # has them.
 set -uo pipefail
@@ -58,12 +58,25 @@ if [ "$BENCH" = real-study ]; then
       --sft-steps "${STUDY_SFT_STEPS:-100}" ${STUDY_ABLATIONS:---ablations vanilla} \
       --tune-lr "${STUDY_LR:-2e-4}" \
       --seed "$seed" --router-seed "$seed" --humaneval "${STUDY_HUMANEVAL:-164}" \
-      precision.dtype=bf16 train.micro_batch_size=16 \
+      precision.dtype=bf16 train.micro_batch_size="${STUDY_MBS:-16}" \
       train.global_batch_size="${STUDY_GBS:-32}" train.compile_layers=false \
       > "$OUT/real_study_seed$seed.log" 2>&1 &
   done
+  if [ -n "${STUDY_LONG_STEPS:-}" ]; then
+    # the budget hypothesis: seed 1 again at STUDY_LONG_STEPS tuning steps, no ablations
+    python3 -W ignore -m xft_megatron.cli quickstart --out "$dir-long/seed1" --base "$base" \
+      --src stdlib --src site-packages --max-files "${STUDY_FILES:-1500}" --seq-length 1024 \
+      --sft-steps "$STUDY_LONG_STEPS" --no-ablations --tune-lr "${STUDY_LR:-2e-4}" \
+      --seed 1 --router-seed 1 --humaneval "${STUDY_HUMANEVAL:-164}" \
+      precision.dtype=bf16 train.micro_batch_size="${STUDY_MBS:-16}" \
+      train.global_batch_size="${STUDY_GBS:-32}" train.compile_layers=false \
+      > "$OUT/real_study_long.log" 2>&1 &
+  fi
   wait
   python3 -W ignore benchmarks/real_study.py "$dir" --out "$OUT/real_study.md"
+  if [ -n "${STUDY_LONG_STEPS:-}" ]; then
+    python3 -W ignore benchmarks/real_study.py "$dir-long" --out "$OUT/real_study_long.md"
+  fi
   exit 0
 fi
 if [ "$BENCH" = study ]; then
