@@ -137,7 +137,7 @@ def _eval(args):
     result = evaluate_loss(args.ckpt, args.data, tokenizer=args.tokenizer, layout=_layout(args),
                            seq_length=args.seq_length, micro_batch_size=args.micro_batch_size,
                            template=args.template, fmt=args.format, cache_dir=cache,
-                           on_error=args.on_error)
+                           on_error=args.on_error, split=args.split)
     say(json.dumps(result))
 
 
@@ -332,7 +332,9 @@ def build_parser() -> argparse.ArgumentParser:
     e = sub.add_parser("eval", help="evaluate a checkpoint")
     e.add_argument("what", choices=["loss", "humaneval"])
     e.add_argument("--ckpt", help="loss: checkpoint (dense, MoE or merge stage)")
-    e.add_argument("--data", help="loss: JSON/JSONL/Parquet file(s), comma-separated")
+    e.add_argument("--data", help="loss: JSON/JSONL/Parquet file(s), hf:NAME (a Hugging Face "
+                   "dataset) or dataset folders, comma-separated")
+    e.add_argument("--split", default="train", help="loss: split of Hugging Face datasets")
     e.add_argument("--model", help="humaneval: HF directory, Hub id org/name[@revision] or "
                    "dense Megatron checkpoint")
     e.add_argument("--n", type=int, default=1, help="humaneval: samples per task (1 = greedy)")
