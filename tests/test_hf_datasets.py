@@ -11,7 +11,6 @@ import shutil
 import pytest
 
 from xft_megatron.config import ConfigError, DataConfig, load_config
-from xft_megatron.data import dataset as dataset_mod
 from xft_megatron.data.dataset import build_dataset
 from xft_megatron.data.records import DataError
 from xft_megatron.data.tokenizer import ByteTokenizer
