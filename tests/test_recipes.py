@@ -531,3 +531,27 @@ def test_readme_memory_table_matches_the_dry_runs(dry_runs):
         if [float(x) for x in figures] != want:
             wrong.append(f"| {layout} | {stage} | " + " | ".join(map(str, want)) + " |")
     assert not wrong, "README rows should read:\n" + "\n".join(wrong)
+
+
+def test_data_by_name_from_the_hugging_face_cache(recipe, tmp_path):
+    """Without DATA the recipe reads hf:ise-uiuc/Magicoder-Evol-Instruct-110K; offline, from a
+    cache laid out as huggingface_hub lays it, the plan passes; a cache without it warns."""
+    home = tmp_path / "hf_home"
+    repo = home / "hub" / "datasets--ise-uiuc--Magicoder-Evol-Instruct-110K"
+    snap = repo / "snapshots" / ("e" * 40)
+    snap.mkdir(parents=True)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("e" * 40)
+    (snap / "data-evol_instruct-decontaminated.jsonl").write_text(
+        json.dumps({"instruction": "Reverse a string.", "response": "s[::-1]"}) + "\n")
+    env = dict(_env(), HF_HOME=str(home), HF_HUB_OFFLINE="1")
+    out = str(tmp_path / "out")
+    r = _run_sh("--plan", "--only", "sft", recipe["hf"], out, "1x8", env=env)
+    assert r.returncode == 0, r.stderr
+    assert "Magicoder" not in r.stderr, r.stderr  # found in the cache: no warning
+    steps, _ = _parse_plan(r.stdout)
+    assert "data.path=hf:ise-uiuc/Magicoder-Evol-Instruct-110K" in steps["sft"][2]
+    env["HF_HOME"] = str(tmp_path / "empty")
+    r = _run_sh("--plan", "--only", "sft", recipe["hf"], out, "1x8", env=env)
+    assert r.returncode == 0 and "warning: data.path entry 'hf:ise-uiuc/Magicoder-Evol-" \
+        "Instruct-110K'" in r.stderr and "offline mode is on" in r.stderr, r.stderr

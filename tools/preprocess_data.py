@@ -21,7 +21,9 @@ from xft_megatron.data.tokenizer import load_tokenizer
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--data", required=True,
-                   help="comma-separated .jsonl/.json/.parquet files, or builtin:stdlib")
+                   help="comma-separated .jsonl/.json/.parquet files, hf:NAME (a Hugging "
+                   "Face dataset), dataset folders, or builtin:stdlib")
+    p.add_argument("--split", default="train", help="split of Hugging Face datasets")
     p.add_argument("--tokenizer", default=None,
                    help="HF tokenizer directory or sentencepiece .model (default: bytes)")
     p.add_argument("--seq-length", type=int, required=True)
@@ -36,7 +38,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(argv=None) -> int:
     args = parse_args(argv)
     try:
-        cfg = DataConfig(path=args.data, format=args.format, tokenizer=args.tokenizer,
+        cfg = DataConfig(path=args.data, split=args.split, format=args.format, tokenizer=args.tokenizer,
                          template=args.template, on_error=args.on_error, cache_dir=args.out)
         tokenizer = load_tokenizer(args.tokenizer)
         start = time.perf_counter()

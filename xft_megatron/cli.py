@@ -8,9 +8,20 @@ import warnings
 from xft_megatron.config import ConfigError
 
 
+def _model_dir(ref, flag: str):
+    """A local HF directory as given, else a Hub id `org/name[@revision]` through the Hugging
+    Face cache (xft_megatron/hub.py; HF_HOME, HF_HUB_OFFLINE read here, at the entry point)."""
+    if ref is None:
+        return None
+    from xft_megatron.hub import HubSettings, resolve_model_dir
+
+    return resolve_model_dir(ref, HubSettings.from_env(), flag)
+
+
 def _quickstart(args):
     from xft_megatron import quickstart
 
+    args.base = _model_dir(args.base, "--base")
     ablations = () if args.no_ablations else tuple(a for a in args.ablations.split(",") if a)
     settings = quickstart.Settings(
         steps=args.steps, sft_steps=args.sft_steps, ablations=ablations,
@@ -53,6 +64,7 @@ def _convert(args):
         print(f"wrote {gguf_to_hf(args.gguf, args.out, dtype=args.dtype or 'fp32')}")
         return
     if args.direction == "hf-to-mcore":
+        args.hf = _model_dir(args.hf, "--hf")
         path = convert.hf_to_mcore(args.hf, args.out, dtype=args.dtype or "fp32")
         print(f"wrote {path}")
         hf_dir, ckpt_dir = args.hf, path
@@ -76,11 +88,12 @@ def _upcycle(args):
     from xft_megatron.upcycle_merge import upcycle_checkpoint
 
     reuse_freed_memory()
+    hf_dir = _model_dir(args.hf, "--hf")
     moe = MoEConfig(num_experts=args.num_experts, topk=args.topk, mode=args.mode,
                     router_gate=args.router_gate, layer_freq=args.layer_freq,
                     router_noise=not args.no_router_noise)
     path = upcycle_checkpoint(args.ckpt, args.out, moe, seed=args.seed, noise_std=args.noise,
-                              hf_dir=args.hf, layout=_layout(args))
+                              hf_dir=hf_dir, layout=_layout(args))
     print(f"wrote {path}")
 
 
@@ -124,7 +137,7 @@ def _eval(args):
     result = evaluate_loss(args.ckpt, args.data, tokenizer=args.tokenizer, layout=_layout(args),
                            seq_length=args.seq_length, micro_batch_size=args.micro_batch_size,
                            template=args.template, fmt=args.format, cache_dir=cache,
-                           on_error=args.on_error)
+                           on_error=args.on_error, split=args.split)
     say(json.dumps(result))
 
 
@@ -145,7 +158,11 @@ def _humaneval(args):
     model = args.model or args.ckpt
     if not model:
         raise ValueError("xft eval humaneval needs --model HF_DIR_OR_CHECKPOINT")
-    out = args.out or os.path.join(model.rstrip("/") + "_humaneval")
+    out = args.out
+    if out is None and not os.path.isdir(model):  # a Hub id: outputs not inside the cache
+        out = model.replace("/", "--").replace("@", "--") + "_humaneval"
+    out = out or model.rstrip("/") + "_humaneval"
+    model = _model_dir(model, "--model")
     protocol = args.prompt
     if not os.path.isfile(os.path.join(model, "config.json")):  # a Megatron checkpoint
         from xft_megatron.checkpoint import dist as ckpt
@@ -233,8 +250,8 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--tune-lr", type=float, default=qs.tune_lr,
                    help="peak instruction-tuning LR")
     q.add_argument("--base", default=None,
-                   help="start from this HF model directory (converted; its tokenizer) instead "
-                   "of pretraining the preset")
+                   help="start from this HF model directory or Hub id org/name[@revision] "
+                   "(converted; its tokenizer) instead of pretraining the preset")
     q.add_argument("--experts", type=int, default=qs.experts, help="experts per MoE layer")
     q.add_argument("--topk", type=int, default=qs.topk, help="experts per token")
     q.add_argument("--moe-every", type=int, default=qs.moe_every,
@@ -257,7 +274,8 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("direction", choices=["hf-to-mcore", "mcore-to-hf", "gguf-to-hf"])
     v.add_argument("--gguf", help="GGUF file (gguf-to-hf; dequantized by transformers, needs "
                    "the gguf package)")
-    v.add_argument("--hf", help="HF model directory (hf-to-mcore)")
+    v.add_argument("--hf", help="HF model directory or Hub id org/name[@revision] "
+                   "(hf-to-mcore)")
     v.add_argument("--ckpt", help="Megatron checkpoint root or iter_* folder (mcore-to-hf); "
                    "an XFT MoE is written with its modeling file (trust_remote_code)")
     v.add_argument("--out", required=True, help="output directory (must be new or empty)")
@@ -271,7 +289,8 @@ def build_parser() -> argparse.ArgumentParser:
     u = sub.add_parser("upcycle", help="dense checkpoint -> XFT MoE checkpoint")
     src = u.add_mutually_exclusive_group(required=True)
     src.add_argument("--ckpt", help="dense Megatron checkpoint (any layout)")
-    src.add_argument("--hf", help="dense HF model directory (converted on the way)")
+    src.add_argument("--hf", help="dense HF model directory or Hub id org/name[@revision] "
+                     "(converted on the way)")
     u.add_argument("--out", required=True, help="output directory (must be new or empty)")
     u.add_argument("--num-experts", type=int, default=8, help="experts per layer, shared incl.")
     u.add_argument("--topk", type=int, default=6, help="experts per token, shared included")
@@ -313,8 +332,11 @@ def build_parser() -> argparse.ArgumentParser:
     e = sub.add_parser("eval", help="evaluate a checkpoint")
     e.add_argument("what", choices=["loss", "humaneval"])
     e.add_argument("--ckpt", help="loss: checkpoint (dense, MoE or merge stage)")
-    e.add_argument("--data", help="loss: JSON/JSONL/Parquet file(s), comma-separated")
-    e.add_argument("--model", help="humaneval: HF directory or dense Megatron checkpoint")
+    e.add_argument("--data", help="loss: JSON/JSONL/Parquet file(s), hf:NAME (a Hugging Face "
+                   "dataset) or dataset folders, comma-separated")
+    e.add_argument("--split", default="train", help="loss: split of Hugging Face datasets")
+    e.add_argument("--model", help="humaneval: HF directory, Hub id org/name[@revision] or "
+                   "dense Megatron checkpoint")
     e.add_argument("--n", type=int, default=1, help="humaneval: samples per task (1 = greedy)")
     e.add_argument("--limit", type=int, default=None, help="humaneval: first K tasks only")
     e.add_argument("--temperature", type=float, default=0.2, help="humaneval: when --n > 1")

@@ -16,6 +16,8 @@ from typing import Any, Dict, List, Optional, Sequence
 
 import yaml
 
+from xft_megatron.data.records import FIELDS
+
 
 class ConfigError(ValueError):
     """A configuration value is invalid; the message says which and how to fix it."""
@@ -318,11 +320,18 @@ STAGES = ("pretrain", "sft", "moe", "merge")
 
 @dataclass
 class DataConfig:
-    """Training data. Record formats (auto-detected per file unless `format` is given):
+    """Training data. Record formats (auto-detected per record unless `format` is given):
     `instruction`/`response` (Magicoder / Evol-Instruct), `messages` (chat), `text` (plain LM),
-    `input_ids` (pre-tokenized)."""
+    `input_ids` (pre-tokenized). Sources: files, Hugging Face datasets (`hf:NAME`, save_to_disk
+    folders, Hub-layout folders; xft_megatron/data/hf_source.py) or builtin:stdlib."""
 
-    path: Optional[str] = None  # JSON / JSONL / Parquet file(s), comma-separated; or builtin:stdlib
+    path: Optional[str] = None  # comma-separated: JSON / JSONL / Parquet files, hf:NAME (a Hub
+    # dataset), dataset folders (save_to_disk or Hub layout), builtin:stdlib
+    split: str = "train"  # the split read from Hugging Face datasets
+    subset: Optional[str] = None  # configuration (subset) of a Hub dataset / Hub-layout folder
+    revision: Optional[str] = None  # branch, tag or commit of hf: datasets (default: main)
+    columns: Dict[str, str] = field(default_factory=dict)  # {field: column} read `column` as
+    # `field`, e.g. columns.instruction=problem columns.response=solution
     format: str = "auto"  # auto | instruction | chat | text | tokens
     tokenizer: Optional[str] = None  # HF tokenizer dir or sentencepiece .model; None = the
     # tokenizer stored with checkpoint.load (or bytes for builtin:stdlib)
@@ -338,6 +347,22 @@ class DataConfig:
                  f"data.template={self.template!r} must be magicoder, chat or plain")
         _require(self.on_error in ("fail", "skip"),
                  f"data.on_error={self.on_error!r} must be fail or skip")
+        _require(isinstance(self.split, str) and self.split.strip() != "",
+                 f"data.split={self.split!r} must name a split, e.g. train")
+        _require(isinstance(self.columns, dict),
+                 f"data.columns={self.columns!r} must map record fields to column names, e.g. "
+                 "data.columns.instruction=problem")
+        for key, column in self.columns.items():
+            _require(key in FIELDS, f"data.columns.{key}: unknown record field; the fields "
+                     f"are {', '.join(FIELDS)}")
+            _require(isinstance(column, str) and column != "",
+                     f"data.columns.{key}={column!r} must be a column name (a string)")
+        _require(len(set(self.columns.values())) == len(self.columns),
+                 f"data.columns maps one column to several fields: {self.columns}")
+        if self.revision is not None:
+            _require(any(p.startswith("hf:") for p in self.paths),
+                     f"data.revision={self.revision!r} applies to Hub datasets (data.path "
+                     "entries hf:NAME), and data.path has none")
 
     @property
     def paths(self) -> List[str]:
@@ -501,7 +526,8 @@ def _construct(cls, values: Dict[str, Any], section: str):
 _OPTIONAL_FIELD_EXAMPLES = {"num_query_groups": 1, "virtual_pipeline": 1, "expert_tensor": 1,
                             "compile_layers": False, "preset": "",
                             "capacity_factor": 1.0, "epochs": 1.0, "stage": "", "path": "",
-                            "tokenizer": "", "cache_dir": "", "load": "", "save": ""}
+                            "tokenizer": "", "cache_dir": "", "load": "", "save": "",
+                            "subset": "", "revision": ""}
 
 
 def _check_types(cls, values: Dict[str, Any], section: str) -> None:

@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # XFT on deepseek-coder-1.3b-base, end to end, and the SFT baseline (see README.md here).
 #
-#   run.sh [--plan] [--only all|xft|sft] HF_MODEL_DIR DATA_FILE OUT_DIR LAYOUT
+#   run.sh [--plan] [--only all|xft|sft] HF_MODEL [DATA] OUT_DIR LAYOUT
 #
+# HF_MODEL is an HF directory or a Hub id; DATA a file, a dataset folder or hf:NAME, by default
+# the paper's hf:ise-uiuc/Magicoder-Evol-Instruct-110K (through the Hugging Face cache).
 # LAYOUT is NODESxGPUS (1x8, 2x8, 4x8: layouts/<LAYOUT>.yaml). Every step writes one folder
 # under OUT_DIR and is skipped when that folder is complete, so rerunning the same command
 # continues where a previous run stopped (training steps resume from their newest
@@ -21,14 +23,19 @@ NUM_EXPERTS=8
 TOPK=6
 ROUTER_GATE=mlp
 ROUTER_SEED=0
+DEFAULT_DATA=hf:ise-uiuc/Magicoder-Evol-Instruct-110K  # the paper's instruction data
 
 usage() {
   cat <<'EOF'
-usage: run.sh [--plan] [--only all|xft|sft] HF_MODEL_DIR DATA_FILE OUT_DIR LAYOUT
+usage: run.sh [--plan] [--only all|xft|sft] HF_MODEL [DATA] OUT_DIR LAYOUT
 
-  HF_MODEL_DIR  deepseek-coder-1.3b-base as a Hugging Face directory (config.json,
-                safetensors or .bin weights, tokenizer files)
-  DATA_FILE     Magicoder-Evol-Instruct-110K as JSON lines (instruction / response)
+  HF_MODEL      deepseek-coder-1.3b-base as a Hugging Face directory (config.json,
+                safetensors or .bin weights, tokenizer files) or its Hub id
+                deepseek-ai/deepseek-coder-1.3b-base[@revision] (Hugging Face cache;
+                downloaded when online, cache only with HF_HUB_OFFLINE=1)
+  DATA          the instruction data (instruction / response records): hf:NAME (a Hub
+                dataset, through the cache as above), a datasets folder or a .jsonl /
+                .json / .parquet file; default hf:ise-uiuc/Magicoder-Evol-Instruct-110K
   OUT_DIR       where every step writes its folder (created; reruns continue here)
   LAYOUT        NODESxGPUS: 1x8 (this node), 2x8 or 4x8 (inside a Slurm allocation of that
                 many nodes; see slurm/README.md and slurm/xft.sbatch)
@@ -59,9 +66,12 @@ while (($#)); do
   esac
   shift
 done
-[[ ${#ARGS[@]} -eq 4 ]] || { usage >&2; die "expected 4 arguments, got ${#ARGS[@]}"; }
-absolute() { if [[ "$1" == /* ]]; then echo "$1"; else echo "$PWD/$1"; fi; }
-HF_DIR="$(absolute "${ARGS[0]%/}")"
+((${#ARGS[@]} == 3)) && ARGS=("${ARGS[0]}" "$DEFAULT_DATA" "${ARGS[1]}" "${ARGS[2]}")
+[[ ${#ARGS[@]} -eq 4 ]] || { usage >&2; die "expected 4 arguments (3 with the default" \
+  "DATA), got ${#ARGS[@]}"; }
+absolute() { if [[ "$1" == /* || "$1" == hf:* ]]; then echo "$1"; else echo "$PWD/$1"; fi; }
+HF_ARG="${ARGS[0]%/}"
+HF_DIR="$(absolute "$HF_ARG")"
 DATA="$(absolute "${ARGS[1]}")"
 OUT="$(absolute "${ARGS[2]%/}")"
 LAYOUT="${ARGS[3]}"
@@ -83,6 +93,20 @@ command -v "$PYTHON" >/dev/null || die "'$PYTHON' not found; activate the enviro
   "xft-megatron installed (or set XFT_PYTHON)"
 "$PYTHON" -c "import xft_megatron" 2>/dev/null || die "'$PYTHON' cannot import xft_megatron;" \
   "activate its environment (e.g. source .venv/bin/activate) or set XFT_PYTHON"
+
+# A Hub id (not a local directory) -> its snapshot folder in the Hugging Face cache
+if [[ ! -d "$HF_ARG" && "$HF_ARG" =~ ^[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9_.-]+(@[A-Za-z0-9_./-]+)?$ ]]
+then
+  HF_DIR="$("$PYTHON" - "$HF_ARG" <<'EOF'
+import sys
+from xft_megatron.hub import HubError, resolve_model_dir
+try:
+    print(resolve_model_dir(sys.argv[1], flag="HF_MODEL"))
+except HubError as e:
+    sys.exit(f"run.sh: error: {e}")
+EOF
+)" || exit 2
+fi
 
 # layouts/<LAYOUT>.yaml -> the overrides of one stage (one per line), after checking that the
 # file describes the layout its name promises
@@ -122,7 +146,22 @@ compgen -G "$HF_DIR/*.safetensors" >/dev/null || compgen -G "$HF_DIR/pytorch_mod
   >/dev/null || problems+=("'$HF_DIR' has no weights (*.safetensors or pytorch_model*.bin)")
 compgen -G "$HF_DIR/tokenizer*" >/dev/null ||
   problems+=("'$HF_DIR' has no tokenizer files (tokenizer.json / tokenizer_config.json)")
-[[ -f "$DATA" && -s "$DATA" ]] || problems+=("data file '$DATA' does not exist or is empty")
+if [[ "$DATA" == hf:* || -d "$DATA" ]]; then  # a Hugging Face dataset: cached or downloadable
+  data_problem="$("$PYTHON" - "$DATA" <<'EOF'
+import sys
+from xft_megatron.config import DataConfig
+from xft_megatron.data.dataset import check_sources
+from xft_megatron.hub import HubSettings
+try:
+    check_sources(DataConfig(path=sys.argv[1]), HubSettings.from_env())
+except (OSError, ValueError) as e:
+    print(e)
+EOF
+)"
+  [[ -z "$data_problem" ]] || problems+=("$data_problem")
+else
+  [[ -f "$DATA" && -s "$DATA" ]] || problems+=("data file '$DATA' does not exist or is empty")
+fi
 if ((${#problems[@]})); then
   for p in "${problems[@]}"; do
     if ((PLAN)); then echo "run.sh: warning: $p" >&2; else echo "run.sh: error: $p" >&2; fi

@@ -10,6 +10,14 @@ inputs loads that folder without tokenizing anything (`report.from_cache` is the
 A folder appears only once complete (written under a temporary name, then renamed), so
 concurrent builds of the same key are safe; the first rename wins.
 
+Hugging Face datasets in data.path (`hf:NAME`, save_to_disk and Hub-layout folders;
+hf_source.py) key the cache on their fingerprint, resolved commit or files instead of the
+file stats; `hub` (xft_megatron/hub.py HubSettings, from the environment at the entry point)
+says where their caches are and whether the network may be used. data.columns renames
+columns to record fields for every source. `check_sources` resolves every entry (a Hub
+dataset: cached or downloaded) without reading records: the entry points call it before any
+model is built, so a missing dataset stops a run at once.
+
 `builtin:stdlib` in data.path stands for the Python standard library's source files
 (code_corpus.python_files), one text record per non-blank file.
 """
@@ -26,14 +34,16 @@ from typing import Any, Dict, Iterator, List, Optional, Tuple
 import numpy as np
 
 from xft_megatron.config import DataConfig
-from xft_megatron.data.records import DataError, DataReport, RecordError, read_records, \
-    to_example
+from xft_megatron.data import hf_source
+from xft_megatron.data.records import DataError, DataReport, RecordError, map_columns, \
+    read_records, to_example
 from xft_megatron.data.samples import example_samples
 from xft_megatron.data.templates import PROMPTS
 from xft_megatron.data.tokenizer import Tokenizer
+from xft_megatron.hub import HubSettings
 
 BUILTIN_STDLIB = "builtin:stdlib"
-CACHE_VERSION = 2  # bump when the sample layout or the tokenization rules change
+CACHE_VERSION = 3  # bump when the sample layout or the tokenization rules change
 _IDS_FILE, _MASK_FILE, _OFFSETS_FILE = "ids.bin", "mask.bin", "offsets.npy"
 _REPORT_FILE, _META_FILE = "report.json", "meta.json"
 _WRITE_BATCH = 4096  # samples buffered per write
@@ -67,22 +77,24 @@ class TokenizedDataset:
 
 
 def build_dataset(data_cfg: DataConfig, tokenizer: Tokenizer, seq_length: int,
-                  cache_dir: Optional[str] = None, vocab_size: Optional[int] = None) -> Tuple[TokenizedDataset, DataReport]:
+                  cache_dir: Optional[str] = None, vocab_size: Optional[int] = None,
+                  hub: Optional[HubSettings] = None) -> Tuple[TokenizedDataset, DataReport]:
     """Tokenized samples of `data_cfg.path` (cached) and the report of what was read/dropped.
 
     `vocab_size` (the model's) bounds `input_ids` records; default: the tokenizer's.
-    Raises DataError: bad records under on_error=fail (listing file:line of the first ones),
-    or no usable sample at all. `cache_dir` defaults to data_cfg.cache_dir."""
+    Raises DataError: a source that cannot be found, bad records under on_error=fail (listing
+    file:line or dataset/split/row of the first ones), or no usable sample at all.
+    `cache_dir` defaults to data_cfg.cache_dir; `hub` to HubSettings.from_env()."""
     cache_dir = cache_dir or data_cfg.cache_dir
     if not cache_dir:
         raise ValueError("build_dataset needs a cache directory (data.cache_dir) to hold the "
                          "tokenized samples")
     if not data_cfg.paths:
-        raise DataError("data.path is empty; give .jsonl/.json/.parquet files "
-                        "(comma-separated) or builtin:stdlib")
+        raise DataError(f"data.path is empty; give {_PATH_HELP}")
     if seq_length < 1:
         raise ValueError(f"seq_length={seq_length} must be >= 1")
-    files = source_files(data_cfg.paths)
+    hub = hub or HubSettings.from_env()
+    files = check_sources(data_cfg, hub)
     key_inputs = cache_key_inputs(files, tokenizer, data_cfg, seq_length)
     key_inputs["id_bound"] = vocab_size
     key = hashlib.sha256(json.dumps(key_inputs, sort_keys=True).encode()).hexdigest()[:20]
@@ -95,8 +107,8 @@ def build_dataset(data_cfg: DataConfig, tokenizer: Tokenizer, seq_length: int,
     os.makedirs(tmp)
     try:
         report = DataReport()
-        stream = _samples(files, data_cfg.format, data_cfg.template, tokenizer, seq_length,
-                          report, vocab_size)
+        stream = _samples(_records(files, hub, data_cfg.columns), data_cfg, tokenizer,
+                          seq_length, report, vocab_size)
         _write_samples(tmp, stream)
         report.check(data_cfg.on_error)
         _write_json(os.path.join(tmp, _META_FILE), {"key": key, "inputs": key_inputs,
@@ -112,24 +124,30 @@ def build_dataset(data_cfg: DataConfig, tokenizer: Tokenizer, seq_length: int,
     return _load(directory, tokenizer, from_cache=False)
 
 
-Source = Tuple[str, str]  # (kind, path): kind "records" (a data file) or "source" (code)
+Source = Tuple[str, Any]  # ("records", data file) | ("source", code file) | ("hf", HFSource)
+_PATH_HELP = ("comma-separated .jsonl/.json/.parquet files, hf:NAME (a Hugging Face Hub "
+              f"dataset), dataset folders (save_to_disk or Hub layout) or {BUILTIN_STDLIB}")
 
 
-def source_files(paths: List[str]) -> List[Source]:
-    """data.path entries -> data files (builtin:stdlib expands to the stdlib's .py files)."""
+def check_sources(data_cfg: DataConfig, hub: HubSettings) -> List[Source]:
+    """data.path entries -> sources: files exist, Hugging Face datasets resolve (a Hub dataset
+    is looked up in the cache, or downloaded when online), builtin:stdlib expands to the
+    stdlib's .py files. Raises DataError / FileNotFoundError naming the entry."""
     from xft_megatron.data.code_corpus import python_files, stdlib_dir
 
-    out = []
-    for p in paths:
+    out: List[Source] = []
+    for p in data_cfg.paths:
         if p == BUILTIN_STDLIB:
             out += [("source", f) for f in python_files(stdlib_dir())]
         elif p.startswith("builtin:"):
             raise DataError(f"data.path entry '{p}' is unknown; the built-in corpus is "
                             f"{BUILTIN_STDLIB}")
+        elif hf_source.is_hf_entry(p):
+            out.append(("hf", hf_source.resolve(p, data_cfg.split, data_cfg.subset,
+                                                data_cfg.revision, hub)))
         elif not os.path.isfile(p):
             raise FileNotFoundError(f"data file '{p}' does not exist (data.path takes "
-                                    "comma-separated .jsonl/.json/.parquet files or "
-                                    f"{BUILTIN_STDLIB})")
+                                    f"{_PATH_HELP})")
         else:
             out.append(("records", p))
     return out
@@ -140,14 +158,19 @@ def cache_key_inputs(files: List[Source], tokenizer: Tokenizer, data_cfg: DataCo
     """Everything the tokenized samples depend on (hashed into the cache key)."""
     stats = []
     for kind, f in files:
+        if kind == "hf":
+            stats.append([kind, hf_source.identity(f)])
+            continue
         st = os.stat(f)
         stats.append([kind, os.path.abspath(f), st.st_size, st.st_mtime_ns])
     return {"version": CACHE_VERSION, "files": stats, "tokenizer": tokenizer.identity,
             "template": data_cfg.template, "prompt": PROMPTS.get(data_cfg.template, ""),
-            "format": data_cfg.format, "seq_length": seq_length, "on_error": data_cfg.on_error}
+            "format": data_cfg.format, "seq_length": seq_length, "on_error": data_cfg.on_error,
+            "columns": dict(sorted(data_cfg.columns.items()))}
 
 
-def _records(files: List[Source]) -> Iterator[Tuple[str, Any]]:
+def _records(files: List[Source], hub: HubSettings,
+             columns: Dict[str, str]) -> Iterator[Tuple[str, Any]]:
     for kind, f in files:
         if kind == "source":  # one text record per non-blank file
             with open(f, "rb") as fh:
@@ -158,20 +181,23 @@ def _records(files: List[Source]) -> Iterator[Tuple[str, Any]]:
                 yield f, {"text": raw.decode("utf-8")}
             except UnicodeDecodeError as e:
                 yield f, RecordError("not_utf8", f"byte offset {e.start}")
+        elif kind == "hf":
+            yield from hf_source.rows(f, hub, columns)
         else:
             yield from read_records(f)
 
 
-def _samples(files: List[Source], fmt: str, template: str, tok: Tokenizer, seq_length: int,
-             report: DataReport, id_bound: Optional[int] = None
+def _samples(records: Iterator[Tuple[str, Any]], data_cfg: DataConfig, tok: Tokenizer,
+             seq_length: int, report: DataReport, id_bound: Optional[int] = None
              ) -> Iterator[Tuple[List[int], List[int]]]:
-    for location, value in _records(files):
+    for location, value in records:
         report.read += 1
         try:
             if isinstance(value, RecordError):
                 raise value
-            pieces = example_samples(to_example(value, fmt), tok, template, seq_length,
-                                     id_bound)
+            value = map_columns(value, data_cfg.columns)
+            pieces = example_samples(to_example(value, data_cfg.format), tok,
+                                     data_cfg.template, seq_length, id_bound)
         except RecordError as e:
             report.add_error(location, e)
             continue

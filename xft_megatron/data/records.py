@@ -13,6 +13,10 @@ Record kinds (`to_example`; with format=auto detected per record, in this order)
   tokens       `input_ids`: [int, ...] (kept exactly)
   text         `text`: str
 
+Column mapping (`map_columns`, data.columns): {field: column} reads a record's `column` as
+`field` before the kind is detected, e.g. {instruction: problem, response: solution}; a record
+without the column is the error missing_fields.
+
 A bad record raises RecordError(reason, detail); reasons are listed in REASONS. A file that
 cannot be read as a whole (not JSON, not a list, corrupt Parquet) raises DataError, a missing
 one FileNotFoundError.
@@ -39,6 +43,8 @@ REASONS = {
 INSTRUCTION_FIELDS = (("instruction", "response"), ("instruction", "output"),
                       ("problem", "solution"))
 ROLES = ("system", "user", "assistant")
+FIELDS = ("instruction", "response", "output", "input", "problem", "solution", "messages",
+          "text", "input_ids")  # the fields data.columns may map a column to
 
 
 class DataError(ValueError):
@@ -88,6 +94,20 @@ def to_example(obj: Any, fmt: str = "auto") -> Example:
         raise RecordError("missing_fields", f"no known fields (has: {keys}); expected messages, "
                           "instruction+response/output, problem+solution, input_ids or text")
     return _PARSERS[kind](obj)
+
+
+def map_columns(obj: Any, columns: Optional[Dict[str, str]]) -> Any:
+    """`obj` with each mapped column renamed to its field (data.columns: {field: column})."""
+    if not columns or not isinstance(obj, dict):
+        return obj
+    missing = [f"'{c}' (data.columns.{f})" for f, c in columns.items() if c not in obj]
+    if missing:
+        keys = ", ".join(k[:20] for k in sorted(map(str, obj))[:8]) or "none"
+        raise RecordError("missing_fields", f"no column {', '.join(missing)} (has: {keys})")
+    sources = set(columns.values())
+    out = {k: v for k, v in obj.items() if k not in sources}
+    out.update({f: obj[c] for f, c in columns.items()})
+    return out
 
 
 def _detect(obj: Dict[str, Any]) -> Optional[str]:

@@ -28,10 +28,12 @@ from xft_megatron.training.step import loss_totals, make_batch, split_global_bat
 def evaluate_loss(checkpoint: str, data: str, cache_dir: str, tokenizer: Optional[str] = None,
                   layout: Optional[Dict] = None, seq_length: Optional[int] = None,
                   micro_batch_size: int = 4, template: str = "magicoder",
-                  fmt: str = "auto", on_error: str = "fail") -> Dict[str, float]:
+                  fmt: str = "auto", on_error: str = "fail",
+                  split: str = "train") -> Dict[str, float]:
     """{loss, perplexity, tokens, records}; `cache_dir` holds the tokenized data. Records that
     cannot be scored (see data.on_error) fail the evaluation, or are skipped and counted.
-    `seq_length`: the longest sample scored (default: the model's context)."""
+    `seq_length`: the longest sample scored (default: the model's context). `data` takes
+    what data.path takes (files, hf:NAME, dataset folders); `split` the datasets' split."""
     stored = ckpt.read_config(checkpoint)
     seq = seq_length or (stored.get("model") or {}).get("max_position_embeddings") or \
         stored["train"]["seq_length"]
@@ -40,7 +42,8 @@ def evaluate_loss(checkpoint: str, data: str, cache_dir: str, tokenizer: Optiona
                            train={**stored["train"], "seq_length": seq,
                                   "micro_batch_size": micro_batch_size,
                                   "global_batch_size": micro_batch_size},
-                           data={"path": data, "tokenizer": tokenizer, "template": template,
+                           data={"path": data, "split": split, "tokenizer": tokenizer,
+                                 "template": template,
                                  "format": fmt, "on_error": on_error},
                            checkpoint={})
     info = parallel.initialize(cfg.parallel, seed=cfg.train.seed)

@@ -18,9 +18,10 @@ import torch.distributed as dist
 from xft_megatron import convert, parallel
 from xft_megatron.checkpoint import dist as ckpt
 from xft_megatron.config import Config, ConfigError, deep_merge, parse_overrides, read_yaml
-from xft_megatron.data.dataset import build_dataset
+from xft_megatron.data.dataset import build_dataset, check_sources
 from xft_megatron.data.packing import PackedBatches
 from xft_megatron.data.tokenizer import Tokenizer, tokenizer_for_model
+from xft_megatron.hub import HubSettings
 from xft_megatron.training import memory
 from xft_megatron.training.signals import StopOnSignal
 
@@ -51,8 +52,9 @@ def assemble_config(path: Optional[str], overrides: Sequence[str]) -> Config:
         raise ConfigError("checkpoint.save is not set: give the directory this run writes "
                           "its checkpoints, metrics and data cache to")
     if not cfg.data.path:
-        raise ConfigError("data.path is not set: give .jsonl/.json/.parquet files "
-                          "(comma-separated) or builtin:stdlib")
+        raise ConfigError("data.path is not set: give .jsonl/.json/.parquet files, hf:NAME "
+                          "(a Hugging Face dataset) or dataset folders (comma-separated), or "
+                          "builtin:stdlib")
     return cfg
 
 
@@ -72,14 +74,14 @@ def tokenizer_files(source: str):
     return convert.tokenizer_files(source)
 
 
-def build_batches(cfg: Config, tok: Tokenizer, rank: int):
+def build_batches(cfg: Config, tok: Tokenizer, rank: int, hub: Optional[HubSettings] = None):
     """(PackedBatches, DataReport); rank 0 tokenizes, the others read its cache."""
     cache = cfg.data.cache_dir or os.path.join(cfg.checkpoint.save, "data_cache")
     vocab = cfg.model.vocab_size  # bounds input_ids records
     built, error = None, None
     if rank == 0:
         try:
-            built = build_dataset(cfg.data, tok, cfg.train.seq_length, cache, vocab)
+            built = build_dataset(cfg.data, tok, cfg.train.seq_length, cache, vocab, hub)
         except Exception as e:  # reported below, after telling the other ranks
             error = e
     if dist.is_initialized() and dist.get_world_size() > 1:
@@ -90,7 +92,7 @@ def build_batches(cfg: Config, tok: Tokenizer, rank: int):
     if error is not None:
         raise error
     if built is None:
-        built = build_dataset(cfg.data, tok, cfg.train.seq_length, cache, vocab)
+        built = build_dataset(cfg.data, tok, cfg.train.seq_length, cache, vocab, hub)
     dataset, report = built
     t = cfg.train
     batches = PackedBatches(dataset, t.seq_length, t.global_batch_size, t.seed,
@@ -145,10 +147,12 @@ def main(config_path: Optional[str], overrides: Sequence[str], resume: bool = Fa
         print(dry_run(cfg, world))
         return None
     check_save_dir(cfg, resume)
+    hub = HubSettings.from_env()
+    check_sources(cfg.data, hub)  # a missing file or dataset stops here, before any model
     stop = stop or StopOnSignal()
     info = parallel.initialize(cfg.parallel, seed=cfg.train.seed)
     tok, source = tokenizer_for(cfg)
-    batches, report = build_batches(cfg, tok, info.rank)
+    batches, report = build_batches(cfg, tok, info.rank, hub)
     if cfg.train.epochs:
         steps = max(1, math.ceil(cfg.train.epochs * len(batches)))
         cfg.train.check_warmup(steps)  # before any model is built
