@@ -59,7 +59,7 @@ exception, a failed assert, sys.exit(n)), "timeout" (wall clock or CPU limit rea
 "error" (the program could not be started, or was terminated by any other signal).
 """
 
-import json
+import marshal
 import math
 import os
 import platform
@@ -75,7 +75,11 @@ import time
 from dataclasses import dataclass
 from typing import List, Optional, Tuple
 
-LAUNCHER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "sandbox_launcher.py")
+from xft_megatron.eval import sandbox_launcher  # noqa: F401  (caches its bytecode)
+
+LAUNCHER_DIR = os.path.dirname(os.path.abspath(__file__))
+LAUNCHER = ("import sys; sys.path.insert(0, sys.argv.pop(1)); import sandbox_launcher; "
+            "sandbox_launcher.main()")  # run with -c LAUNCHER_DIR PLAN
 SANDBOX_PATH = "/usr/bin:/bin"
 PROGRAM_FILE = "main.py"
 END_MARK = b"end"  # written by the last line of _PRELUDE
@@ -168,9 +172,10 @@ def _run_in(workdir: str, source: str, timeout_s: float, limits: SandboxLimits) 
             plan = _launch_plan(limits, workdir, cpu, report_w, end_w, root)
             try:  # no preexec_fn: the launcher isolates itself, then execs the interpreter
                 proc = subprocess.Popen(
-                    [limits.python, "-I", "-S", "-B", LAUNCHER, json.dumps(plan)], cwd=workdir,
-                    env=_environment(workdir), stdin=subprocess.DEVNULL, stdout=out,
-                    stderr=err, close_fds=True, pass_fds=(report_w, end_w),
+                    [limits.python, "-I", "-S", "-B", "-c", LAUNCHER, LAUNCHER_DIR,
+                     marshal.dumps(plan).hex()],
+                    cwd=workdir, env=_environment(workdir), stdin=subprocess.DEVNULL,
+                    stdout=out, stderr=err, close_fds=True, pass_fds=(report_w, end_w),
                     start_new_session=True)
             except (OSError, subprocess.SubprocessError) as e:
                 return SandboxResult("error", None, "", f"the sandbox could not start "
@@ -208,7 +213,7 @@ def _launch_plan(limits: SandboxLimits, workdir: str, cpu: int, report_fd: int, 
     """What the launcher applies to itself before it execs `argv` (sandbox_launcher.py)."""
     argv = [limits.python, "-I", "-S", "-B"]
     argv += ["-c", _PRELUDE, str(end_fd)] if limits.python_guards else [PROGRAM_FILE]
-    return {"workdir": workdir, "argv": argv, "rlimits": _rlimits(limits, cpu),
+    return {"workdir": workdir, "argv": argv, "rlimits": list(_rlimits(limits, cpu)),
             "namespaces": limits.namespaces, "uid": limits.drop_to_uid if root else None,
             "expose": _interpreter_dirs(limits.python) if root else [],
             "report_fd": report_fd, "max_fd": _descriptor_bound(),

@@ -1,11 +1,13 @@
 """The sandbox's launcher: isolates itself, then execs the interpreter on the program.
 
-`sandbox.run_program` starts this file as a script (`python -I -S -B sandbox_launcher.py PLAN`,
-without a `preexec_fn`: nothing runs between its fork and exec), so the isolation is built by a
-single-threaded process of its own rather than in the forked child of a threaded parent. It
-imports only the standard library: it must not depend on the package being importable.
+`sandbox.run_program` starts it (`python -I -S -B -c "...import sandbox_launcher; ...main()"
+DIR PLAN`, from its own directory so the cached bytecode is used, without a `preexec_fn`: nothing
+runs between the fork and exec), so the isolation is built by a single-threaded process of its
+own rather than in the forked child of a threaded parent. It imports only the standard library:
+it must not depend on the package being importable.
 
-PLAN is a JSON object (built by `sandbox._launch_plan`):
+PLAN is a dict, marshalled and hex-encoded (built by `sandbox._launch_plan`; marshal needs no
+import, json costs a few milliseconds):
   workdir   the program's working directory (bind-mounted writable, everything else read-only)
   argv      the interpreter command that runs the program (exec'd at the end)
   rlimits   [[resource, soft, hard], ...]
@@ -38,13 +40,14 @@ library falls back to clone.
 """
 
 import ctypes
-import json
+import marshal
 import os
 import resource
 import select
-import signal
 import struct
 import sys
+
+import _signal  # not signal: its enums cost milliseconds at every start
 
 CLONE_NEWNS, CLONE_NEWUSER, CLONE_NEWPID, CLONE_NEWNET = 0x20000, 0x10000000, 0x20000000, \
     0x40000000
@@ -341,7 +344,7 @@ def become_namespace_init(max_fd: int) -> int:
     code = os.waitstatus_to_exitcode(wait_status)
     if code < 0:
         try:
-            signal.signal(-code, signal.SIG_DFL)
+            _signal.signal(-code, _signal.SIG_DFL)
         except (OSError, ValueError):
             pass  # SIGKILL/SIGSTOP: no handler to reset
         os.kill(os.getpid(), -code)
@@ -394,7 +397,7 @@ def isolate(libc, plan: dict) -> list:
     install_seccomp(libc, plan["machine"])
     if alive_fd is not None:
         # set last: every change of credentials above clears it
-        check(libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0), "parent-death signal")
+        check(libc.prctl(PR_SET_PDEATHSIG, _signal.SIGKILL, 0, 0, 0), "parent-death signal")
         if select.select([alive_fd], [], [], 0)[0]:
             raise Refused("the launcher died before the program started")  # EOF: it is gone
         os.close(alive_fd)
@@ -411,7 +414,7 @@ def isolate(libc, plan: dict) -> list:
 
 
 def main() -> None:
-    plan = json.loads(sys.argv[1])
+    plan = marshal.loads(bytes.fromhex(sys.argv[1]))
     report_fd = plan["report_fd"]
     os.set_inheritable(report_fd, False)  # closed by the exec: the parent reads to EOF
     try:
