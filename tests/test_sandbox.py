@@ -4,6 +4,8 @@ evaluation end to end on a tiny random HF model.
 Hostile programs run twice where it matters: with the Python-level guards (the default) and
 without them, to check the OS-enforced protections on their own. The unguarded checks that could
 harm this machine run only where `isolation` reports the protection that makes them harmless.
+The attack batch (ATTACKS) runs as root and, from a root test process, under an unprivileged uid;
+it bypasses the guards itself, so guarded and unguarded runs test the OS layer alike.
 """
 
 import glob
@@ -11,6 +13,7 @@ import itertools
 import json
 import math
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -636,3 +639,60 @@ def test_unprivileged_attacks_are_contained(public_tmp):
                         f"that hides the parent is missing ({result['isolation']})")
         contained, total, escaped = _contained(result, lines)
         assert escaped == [] and total >= 40, result["stdout"]
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="the refusal is root's")
+def test_root_refuses_rather_than_runs_a_program_with_privileges(public_tmp):
+    marker = public_tmp / "ran"
+    public_tmp.chmod(0o777)
+    program = f"open({str(marker)!r}, 'w').write('ran')\n"
+    for limits in (SandboxLimits(drop_to_uid=None), SandboxLimits(drop_to_uid=0),
+                   SandboxLimits(drop_to_uid=None, python_guards=False)):
+        r = run_program(program, limits=limits)
+        assert r.status == "error" and r.returncode is None, r
+        assert "refused" in r.stderr_tail and "non-zero uid" in r.stderr_tail, r
+    from xft_megatron.eval.sandbox_launcher import private_top
+    if private_top(sys.executable):  # no mount namespace: no way to expose the interpreter
+        r = run_program(program, limits=SandboxLimits(namespaces=False))
+        assert r.status == "error" and "cannot execute" in r.stderr_tail, r
+    assert not marker.exists()
+
+
+def test_the_launcher_isolates_itself_without_a_preexec_fn(monkeypatch):
+    from xft_megatron.eval import sandbox
+    seen = []
+    real_popen = subprocess.Popen
+
+    def recording_popen(*args, **kwargs):
+        seen.append(kwargs)
+        return real_popen(*args, **kwargs)
+
+    monkeypatch.setattr(sandbox.subprocess, "Popen", recording_popen)
+    r = run_program("pass")
+    assert r.status == "passed" and len(seen) == 1, r
+    assert seen[0].get("preexec_fn") is None
+    assert {"no-caps", "no-new-privs", "seccomp"} <= set(r.isolation), r
+
+
+def test_seccomp_syscall_numbers_match_the_kernel_headers():
+    from xft_megatron.eval.sandbox_launcher import ARCHES, seccomp_program
+    headers = {"x86_64": ["/usr/include/x86_64-linux-gnu/asm/unistd_64.h",
+                          "/usr/include/asm/unistd_64.h"],
+               "aarch64": ["/usr/include/asm-generic/unistd.h"]}
+    checked = 0
+    for arch, paths in headers.items():
+        assert len(seccomp_program(ARCHES[arch])) % 8 == 0  # assembles, jumps in range
+        path = next((p for p in paths if os.path.exists(p)), None)
+        if path is None:
+            continue
+        text = open(path).read()
+        table = dict(ARCHES[arch]["denied"], clone=ARCHES[arch]["clone"],
+                     clone3=ARCHES[arch]["clone3"], socket=ARCHES[arch]["socket"])
+        for name, number in table.items():
+            m = re.search(rf"#define __NR(?:3264)?_{name}\s+(\d+)", text)
+            if m is None:
+                continue  # a call this header predates
+            assert int(m.group(1)) == number, (arch, name, number, m.group(1))
+            checked += 1
+    if not checked:
+        pytest.skip("no kernel headers to compare with")

@@ -392,9 +392,14 @@ def isolate(libc, plan: dict) -> list:
         if proc_fd is not None:
             os.close(proc_fd)
     drop_bounding_set(libc)  # a new user namespace starts with a full one
-    clear_capabilities(libc)
-    check(libc.prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0), "no_new_privs")
-    install_seccomp(libc, plan["machine"])
+    failures = []  # as a user, what the kernel refuses is left out of the report
+    for step in (clear_capabilities,
+                 lambda lib: check(lib.prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0), "no_new_privs"),
+                 lambda lib: install_seccomp(lib, plan["machine"])):
+        try:
+            step(libc)
+        except OSError as e:
+            failures.append(str(e))
     if alive_fd is not None:
         # set last: every change of credentials above clears it
         check(libc.prctl(PR_SET_PDEATHSIG, _signal.SIGKILL, 0, 0, 0), "parent-death signal")
@@ -409,7 +414,7 @@ def isolate(libc, plan: dict) -> list:
         missing = [p for p in REQUIRED_AS_ROOT if p not in confirmed]
         if missing or os.getuid() == 0:
             raise Refused(f"running as root, but {', '.join(missing) or 'the uid drop'} "
-                          f"could not be applied")
+                          f"could not be applied ({'; '.join(failures) or 'not in force'})")
     return applied
 
 
