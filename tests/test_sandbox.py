@@ -493,8 +493,9 @@ def clone_userns():
 attempt("clone into a new user namespace", clone_userns, escaped=lambda pid: pid > 0)
 attempt("ptrace-attach the parent", lambda: libc.ptrace(16, PARENT, 0, 0))
 attempt("ptrace TRACEME", lambda: libc.ptrace(0, 0, 0, 0))
-attempt("process_vm_readv of the parent", lambda: libc.syscall(NR["process_vm_readv"], PARENT,
-                                                               0, 0, 0, 0, 0), escaped=lambda v: v >= 0)
+attempt("process_vm_readv of the parent",
+        lambda: libc.syscall(NR["process_vm_readv"], PARENT, 0, 0, 0, 0, 0),
+        escaped=lambda v: v >= 0)
 attempt("signal the parent", lambda: posix.kill(PARENT, 0), escaped=lambda v: True)
 attempt("setuid(0)", lambda: posix.setuid(0), escaped=lambda v: True)
 attempt("sethostname", lambda: libc.sethostname(b"x", 1))

@@ -67,7 +67,6 @@ import resource
 import select
 import shutil
 import signal
-import stat
 import subprocess
 import sys
 import tempfile
@@ -104,7 +103,8 @@ class SandboxLimits:
     output_bytes: int = 4096
     """How much of the end of stdout and stderr is kept in the result."""
     namespaces: bool = True
-    """Try new network, PID and mount namespaces (needs root)."""
+    """Try new user, network, PID and mount namespaces (as a user, they need a kernel that
+    allows unprivileged user namespaces)."""
     drop_to_uid: Optional[int] = 65534
     """The uid (and gid) the program runs as when the parent is root; None or 0: as root the
     sandbox refuses to run (a program never runs with root's privileges)."""
