@@ -4,6 +4,8 @@ evaluation end to end on a tiny random HF model.
 Hostile programs run twice where it matters: with the Python-level guards (the default) and
 without them, to check the OS-enforced protections on their own. The unguarded checks that could
 harm this machine run only where `isolation` reports the protection that makes them harmless.
+The attack batch (ATTACKS) runs as root and, from a root test process, under an unprivileged uid;
+it bypasses the guards itself, so guarded and unguarded runs test the OS layer alike.
 """
 
 import glob
@@ -11,6 +13,7 @@ import itertools
 import json
 import math
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -400,3 +403,297 @@ def test_greedy_generation_is_deterministic_and_model_dir_is_checked(tiny_model_
     assert again["HumanEval/0"] == first["HumanEval/0"] * 3
     with pytest.raises(FileNotFoundError, match="config.json"):
         evaluate_humaneval(str(tmp_path), str(tmp_path / "out.json"), limit=1)
+
+
+# --- root and unprivileged attacks on the OS layer, with the Python guards bypassed -------------
+
+# Every attack prints "contained NAME" or "ESCAPED NAME". The program first takes fresh copies
+# of the modules the guards patch (posix, _socket, _posixsubprocess, subprocess, ctypes): with
+# the guards on, that is the bypass; without them, nothing changes.
+ATTACKS = r'''
+import sys
+def fresh(name):
+    for loaded in [m for m in sys.modules if m == name or m.startswith(name + ".")]:
+        del sys.modules[loaded]
+    return __import__(name)
+posix, _socket, _posixsubprocess = fresh("posix"), fresh("_socket"), fresh("_posixsubprocess")
+fresh("_ctypes"); ctypes = fresh("ctypes"); subprocess = fresh("subprocess")
+TARGET, PORT, PARENT, SECRET = {target!r}, {port}, {parent}, {secret!r}
+libc = ctypes.CDLL(None, use_errno=True)
+libc.syscall.restype = ctypes.c_long
+libc.mount.argtypes = [ctypes.c_char_p] * 3 + [ctypes.c_ulong, ctypes.c_void_p]
+NR = {{"x86_64": dict(mount_setattr=442, clone=56, process_vm_readv=310, open_by_handle_at=304,
+                     io_uring_setup=425, bpf=321, keyctl=250),
+      "aarch64": dict(mount_setattr=442, clone=220, process_vm_readv=270, open_by_handle_at=265,
+                      io_uring_setup=425, bpf=280, keyctl=219)}}[posix.uname().machine]
+NEWNS, NEWUSER, NEWPID, NEWNET = 0x20000, 0x10000000, 0x20000000, 0x40000000
+results = []
+
+def report(name, escaped):
+    results.append(name)
+    print("ESCAPED" if escaped else "contained", name, flush=True)
+
+def attempt(name, action, escaped=lambda value: value == 0):
+    try:
+        value = action()
+    except Exception as e:  # a refusal of any kind is containment
+        value = e
+    report(name, not isinstance(value, Exception) and escaped(value))
+
+def write_target():
+    try:
+        fd = posix.open(TARGET, posix.O_WRONLY | posix.O_TRUNC)
+        posix.write(fd, b"escaped")
+        posix.close(fd)
+        return True
+    except OSError:
+        return False
+
+def secret_visible():
+    found = False
+    for entry in posix.listdir("/proc"):
+        try:
+            with open("/proc/%s/environ" % entry, "rb") as f:
+                found = found or SECRET.encode() in f.read()
+        except OSError:
+            pass
+    return found
+
+class MountAttr(ctypes.Structure):
+    _fields_ = [(n, ctypes.c_uint64) for n in ("set", "clr", "propagation", "userns_fd")]
+
+report("write a host file", write_target())
+attempt("remount / read-write", lambda: libc.mount(None, b"/", None, 32 | 4096, None))
+attempt("remount the target's mount read-write",
+        lambda: libc.mount(None, TARGET.rsplit("/", 1)[0].encode(), None, 32 | 4096, None))
+attempt("mount_setattr: clear read-only on / (recursive)", lambda: libc.syscall(
+    NR["mount_setattr"], -100, b"/", 0x8000, ctypes.byref(MountAttr(0, 1, 0, 0)), 32))
+report("write the host file after the remounts", write_target())
+attempt("mount a tmpfs", lambda: libc.mount(b"tmpfs", b"/tmp", b"tmpfs", 0, None))
+attempt("umount /proc", lambda: libc.umount2(b"/proc", 2))
+report("read a host process's environment (parent's secret)", secret_visible())
+for path in ("/proc/%d/environ" % PARENT, "/proc/1/environ"):
+    attempt("read " + path, lambda: open(path, "rb").read(),
+            escaped=lambda data: SECRET.encode() in data)
+for path in ("/proc/1/ns/net", "/proc/%d/ns/net" % PARENT):
+    attempt("setns into " + path, lambda: libc.setns(posix.open(path, posix.O_RDONLY), NEWNET))
+def connect():
+    s = _socket.socket(_socket.AF_INET, _socket.SOCK_STREAM)
+    s.settimeout(2)
+    s.connect(("127.0.0.1", PORT))
+    return 0
+attempt("connect to a host port (fresh _socket)", connect)
+for flags, name in ((NEWUSER, "user"), (NEWNS, "mount"), (NEWNET, "network"), (NEWPID, "pid")):
+    attempt("unshare a %s namespace" % name, lambda: libc.unshare(flags))
+def clone_userns():
+    pid = libc.syscall(NR["clone"], NEWUSER | 17, 0, 0, 0, 0)
+    if pid == 0:
+        posix._exit(0)
+    return pid
+attempt("clone into a new user namespace", clone_userns, escaped=lambda pid: pid > 0)
+attempt("ptrace-attach the parent", lambda: libc.ptrace(16, PARENT, 0, 0))
+attempt("ptrace TRACEME", lambda: libc.ptrace(0, 0, 0, 0))
+attempt("process_vm_readv of the parent",
+        lambda: libc.syscall(NR["process_vm_readv"], PARENT, 0, 0, 0, 0, 0),
+        escaped=lambda v: v >= 0)
+attempt("signal the parent", lambda: posix.kill(PARENT, 0), escaped=lambda v: True)
+attempt("setuid(0)", lambda: posix.setuid(0), escaped=lambda v: True)
+attempt("sethostname", lambda: libc.sethostname(b"x", 1))
+attempt("open_by_handle_at", lambda: libc.syscall(NR["open_by_handle_at"], 3, 0, 0),
+        escaped=lambda v: v >= 0 or ctypes.get_errno() != 1)
+for name in ("io_uring_setup", "bpf", "keyctl"):
+    attempt(name, lambda: libc.syscall(NR[name], 1, 0, 0),
+            escaped=lambda v: v >= 0 or ctypes.get_errno() != 1)
+import os.path
+def interpreter_write():
+    path = os.path.dirname(os.path.realpath(sys.executable)) + "/xft-sandbox-escape-%d" % PORT
+    posix.close(posix.open(path, posix.O_WRONLY | posix.O_CREAT | posix.O_EXCL))
+    posix.unlink(path)  # do no harm if it escaped
+attempt("write next to the interpreter", interpreter_write, escaped=lambda value: True)
+try:
+    status = dict(line.split(":", 1) for line in open("/proc/self/status") if ":" in line)
+except OSError:
+    status = dict()  # /proc is gone
+for key, wanted in (("CapEff", 0), ("CapPrm", 0), ("CapBnd", 0), ("NoNewPrivs", 1),
+                    ("Seccomp", 2)):
+    value = int(status.get(key, "-1").strip(), 16 if key.startswith("Cap") else 10)
+    report("%s is %d (it is %d)" % (key, wanted, value), value != wanted)
+# the same through a shell, started by a fresh posix.system and a fresh _posixsubprocess
+for command, name in (("mount -o remount,rw /", "shell: mount -o remount,rw /"),
+                      ("umount -l /proc", "shell: umount -l /proc"),
+                      ("unshare -U true", "shell: unshare -U"),
+                      ("nsenter -t 1 -n true", "shell: nsenter the host network")):
+    attempt(name, lambda: posix.system(command + " 2>/dev/null"))
+attempt("shell: write the host file", lambda: posix.system("echo x > " + TARGET + " 2>/dev/null"))
+attempt("subprocess (fresh _posixsubprocess): umount /proc and grep environments",
+        lambda: subprocess.run(["/bin/sh", "-c", "umount -l /proc 2>/dev/null; "
+                                "cat /proc/[0-9]*/environ 2>/dev/null"],
+                               capture_output=True).stdout,
+        escaped=lambda out: SECRET.encode() in out)
+attempt("chroot", lambda: libc.chroot(b"/tmp"))  # last: it would change every path
+print("attacks", len(results))
+'''
+
+# runs `run_program` in a process of its own, so that the sandbox's parent holds the secret in
+# its initial environment (/proc/PID/environ) and can run under another uid
+_DRIVER = r'''
+import json, sys
+sys.path.insert(0, sys.argv[1])
+from xft_megatron.eval.sandbox import SandboxLimits, run_program
+source, guards = sys.stdin.read(), sys.argv[2] == "guards"
+r = run_program(source.replace("{parent}", str(__import__("os").getpid())), timeout_s=20,
+                limits=SandboxLimits(python_guards=guards, output_bytes=1 << 16))
+print(json.dumps({"status": r.status, "stdout": r.stdout_tail, "stderr": r.stderr_tail,
+                  "isolation": r.isolation}))
+'''
+UNPRIVILEGED_UID = 4242  # the sandbox's parent in the unprivileged runs
+
+
+@pytest.fixture
+def public_tmp():
+    """A directory every user can reach (pytest's tmp_path sits below a 0700 directory)."""
+    import pathlib
+    import shutil
+    import tempfile
+    path = pathlib.Path(tempfile.mkdtemp(prefix="xft-attack-", dir="/tmp"))
+    path.chmod(0o755)
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def _package_copy(tmp_path) -> str:
+    """The sandbox's two files in a directory any user can read (the checkout may be private)."""
+    import shutil
+    root = tmp_path / "pkg"
+    (root / "xft_megatron" / "eval").mkdir(parents=True)
+    for init in ("xft_megatron/__init__.py", "xft_megatron/eval/__init__.py"):
+        (root / init).write_text("")
+    here = os.path.dirname(os.path.abspath(run_program.__code__.co_filename))
+    for name in ("sandbox.py", "sandbox_launcher.py"):
+        shutil.copy(os.path.join(here, name), root / "xft_megatron" / "eval" / name)
+    return str(root)
+
+
+def _attack(tmp_path, python: str, package: str, guards: bool, user=None):
+    """Run ATTACKS in the sandbox; returns (result dict, target file, lines)."""
+    secret = "xft-parent-secret-51d2"
+    target = tmp_path / f"host-{guards}-{user}" / "target.txt"
+    target.parent.mkdir()
+    target.parent.chmod(0o777)  # writable by anyone: only the read-only mounts protect it
+    target.write_text("original")
+    target.chmod(0o666)
+    server = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    server.bind(("127.0.0.1", 0))
+    server.listen(8)
+    server.setblocking(False)
+    source = ATTACKS.format(target=str(target), port=server.getsockname()[1], parent="{parent}",
+                            secret=secret)
+    try:
+        driver = subprocess.run(
+            [python, "-I", "-c", _DRIVER, package, "guards" if guards else "none"],
+            input=source, capture_output=True, text=True, timeout=60, user=user, group=user,
+            extra_groups=[] if user is not None else None,
+            env={"PATH": "/usr/bin:/bin", "XFT_PARENT_SECRET": secret})
+        assert driver.returncode == 0, driver.stderr
+        with pytest.raises(BlockingIOError):
+            server.accept()  # nothing reached the host's port
+    finally:
+        server.close()
+    result = json.loads(driver.stdout)
+    assert target.read_text() == "original", result["stdout"]
+    return result, result["stdout"].splitlines()
+
+
+def _contained(result, lines):
+    attacks = [line for line in lines if line.startswith(("contained ", "ESCAPED "))]
+    assert result["status"] == "passed", result
+    assert lines[-1] == f"attacks {len(attacks)}", result
+    escaped = [line for line in attacks if line.startswith("ESCAPED")]
+    return len(attacks) - len(escaped), len(attacks), escaped
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="root attacks need root")
+def test_root_attacks_are_contained_with_and_without_the_guards(public_tmp):
+    tmp_path = public_tmp
+    package = os.path.dirname(os.path.dirname(os.path.dirname(
+        os.path.abspath(run_program.__code__.co_filename))))
+    for guards in (False, True):
+        result, lines = _attack(tmp_path, sys.executable, package, guards)
+        assert {"uid=65534", "userns", "no-caps", "no-new-privs", "seccomp"} <= \
+            set(result["isolation"]), result
+        contained, total, escaped = _contained(result, lines)
+        assert escaped == [] and total >= 40, result["stdout"]
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="runs the sandbox's parent as another uid")
+def test_unprivileged_attacks_are_contained(public_tmp):
+    tmp_path = public_tmp
+    if not os.access(SYSTEM_PYTHON, os.X_OK) or SYSTEM_PYTHON == sys.executable:
+        pytest.skip("no interpreter that another uid can run")
+    package = _package_copy(tmp_path)
+    for guards in (False, True):
+        result, lines = _attack(tmp_path, SYSTEM_PYTHON, package, guards, user=UNPRIVILEGED_UID)
+        assert {"no-caps", "no-new-privs", "seccomp", "nproc"} <= set(result["isolation"]), \
+            result
+        if "userns" not in result["isolation"]:
+            pytest.skip(f"no user namespace for an unprivileged user here: the PID namespace "
+                        f"that hides the parent is missing ({result['isolation']})")
+        contained, total, escaped = _contained(result, lines)
+        assert escaped == [] and total >= 40, result["stdout"]
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="the refusal is root's")
+def test_root_refuses_rather_than_runs_a_program_with_privileges(public_tmp):
+    marker = public_tmp / "ran"
+    public_tmp.chmod(0o777)
+    program = f"open({str(marker)!r}, 'w').write('ran')\n"
+    for limits in (SandboxLimits(drop_to_uid=None), SandboxLimits(drop_to_uid=0),
+                   SandboxLimits(drop_to_uid=None, python_guards=False)):
+        r = run_program(program, limits=limits)
+        assert r.status == "error" and r.returncode is None, r
+        assert "refused" in r.stderr_tail and "non-zero uid" in r.stderr_tail, r
+    from xft_megatron.eval.sandbox_launcher import private_top
+    if private_top(sys.executable):  # no mount namespace: no way to expose the interpreter
+        r = run_program(program, limits=SandboxLimits(namespaces=False))
+        assert r.status == "error" and "cannot execute" in r.stderr_tail, r
+    assert not marker.exists()
+
+
+def test_the_launcher_isolates_itself_without_a_preexec_fn(monkeypatch):
+    from xft_megatron.eval import sandbox
+    seen = []
+    real_popen = subprocess.Popen
+
+    def recording_popen(*args, **kwargs):
+        seen.append(kwargs)
+        return real_popen(*args, **kwargs)
+
+    monkeypatch.setattr(sandbox.subprocess, "Popen", recording_popen)
+    r = run_program("pass")
+    assert r.status == "passed" and len(seen) == 1, r
+    assert seen[0].get("preexec_fn") is None
+    assert {"no-caps", "no-new-privs", "seccomp"} <= set(r.isolation), r
+
+
+def test_seccomp_syscall_numbers_match_the_kernel_headers():
+    from xft_megatron.eval.sandbox_launcher import ARCHES, seccomp_program
+    headers = {"x86_64": ["/usr/include/x86_64-linux-gnu/asm/unistd_64.h",
+                          "/usr/include/asm/unistd_64.h"],
+               "aarch64": ["/usr/include/asm-generic/unistd.h"]}
+    checked = 0
+    for arch, paths in headers.items():
+        assert len(seccomp_program(ARCHES[arch])) % 8 == 0  # assembles, jumps in range
+        path = next((p for p in paths if os.path.exists(p)), None)
+        if path is None:
+            continue
+        text = open(path).read()
+        table = dict(ARCHES[arch]["denied"], clone=ARCHES[arch]["clone"],
+                     clone3=ARCHES[arch]["clone3"], socket=ARCHES[arch]["socket"])
+        for name, number in table.items():
+            m = re.search(rf"#define __NR(?:3264)?_{name}\s+(\d+)", text)
+            if m is None:
+                continue  # a call this header predates
+            assert int(m.group(1)) == number, (arch, name, number, m.group(1))
+            checked += 1
+    if not checked:
+        pytest.skip("no kernel headers to compare with")

@@ -4,31 +4,46 @@
 one child interpreter and removes the directory afterwards. The result says which protections
 were in force (`SandboxResult.isolation`), because what the OS allows differs between machines.
 
-OS-enforced protections (the hard boundary; each is tried and reported, none needs Python's
-cooperation):
-  session       the child leads a new session and process group; the parent SIGKILLs the whole
-                group on the wall-clock timeout and again after a normal exit (stray children).
-  rlimits       RLIMIT_CPU, RLIMIT_AS (memory), RLIMIT_FSIZE (file size), RLIMIT_NOFILE,
-                RLIMIT_NPROC, RLIMIT_CORE = 0; set in the child before exec.
-  nproc         RLIMIT_NPROC only binds a non-root user: the kernel exempts uid 0. Reported only
-                when the program runs under a non-zero uid.
-  netns         a new network namespace (unshare CLONE_NEWNET): no interfaces but a loopback
-                that is down, so nothing, not even 127.0.0.1, can be reached.
-  pidns         a new PID namespace (CLONE_NEWPID) in which the program is pid 1: it can neither
-                see nor signal the parent or any other host process, and when it exits (or is
-                killed, which also happens when it leaves the process group: PDEATHSIG) the
-                kernel kills everything it started.
+OS-enforced protections (the hard boundary; none needs Python's cooperation). They are applied
+by a small launcher (`sandbox_launcher.py`), started without a `preexec_fn`, which isolates
+itself and then execs the interpreter; each is tried and reported:
+  session       the launcher leads a new session and process group; the parent SIGKILLs the
+                whole group on the wall-clock timeout and again after a normal exit.
+  userns        a user namespace of the program's own in which only its uid and gid exist. As
+                root it is created after the uid drop, so the other namespaces below stay owned
+                by the host's (no capability inside can administer them); as a user it is
+                created first and makes the other namespaces possible without privileges.
+  netns         a new network namespace: no interfaces but a loopback that is down, so nothing,
+                not even 127.0.0.1, can be reached.
+  pidns         a new PID namespace in which the program is pid 1: it can neither see nor signal
+                the parent or any other host process, and when it exits (or is killed, which
+                also happens when it leaves the process group: PDEATHSIG) the kernel kills
+                everything it started.
   proc          a private /proc for that namespace (in a private mount namespace): other
                 processes' environments and command lines are out of sight.
+  private-dirs-hidden  (root) a directory others cannot search above the interpreter (a 0700
+                home) is replaced by a tmpfs holding only the interpreter's installation, so the
+                program can run as an unprivileged uid and sees nothing else of that home.
   readonly-fs   every mount read-only (mount_setattr, AT_RECURSIVE) except the working
                 directory, which is bind-mounted writable; mounts never propagate to the host.
-  uid=N         when the parent is root and the interpreter is reachable by other users, the
-                program runs as uid N (default 65534, nobody): it cannot signal root's
-                processes, write root's files, or exceed RLIMIT_NPROC.
+  rlimits       RLIMIT_CPU, RLIMIT_AS (memory), RLIMIT_FSIZE (file size), RLIMIT_NOFILE,
+                RLIMIT_NPROC, RLIMIT_CORE = 0.
+  uid=N         (root) the program runs as uid N (default 65534, nobody), supplementary groups
+                cleared: it cannot signal root's processes or write root's files.
+  no-caps       no capability left: bounding, ambient, permitted, effective and inheritable
+                sets empty (read back from /proc/self/status).
+  no-new-privs  PR_SET_NO_NEW_PRIVS: no set-uid binary or file capability can give any back.
+  seccomp       a seccomp filter (sandbox_launcher.py lists it) refusing mount, umount, setns,
+                unshare, namespace clones, ptrace, process_vm_*, keyctl, bpf, io_uring,
+                module loading, kexec, reboot and the like with EPERM, and sockets other than
+                AF_UNIX.
+  nproc         RLIMIT_NPROC only binds a non-root user: the kernel exempts uid 0. Reported only
+                when the program runs under a non-zero uid.
   env           the environment is only PATH, HOME (= the working directory) and LANG.
-Namespaces need root (CAP_SYS_ADMIN); without them, or when the interpreter lives in a private
-directory such as /root, the corresponding entries are simply absent from `isolation`.
-Reading is not restricted beyond file permissions: a program running as root can read any file.
+As root, a non-zero uid, no-caps, no-new-privs and seccomp must hold: where any cannot be
+applied the run is an "error" naming it, and the program never starts. Elsewhere what the
+kernel refuses is simply absent from `isolation`. Reading is not restricted beyond file
+permissions: the program can read what its uid (nobody, as root) can read.
 
 Python-level guards (`python-guards`; installed by a prelude before the program runs, on every
 machine): fork/exec/spawn/system/popen, subprocess, multiprocessing, kill/killpg/setsid, signal
@@ -44,8 +59,7 @@ exception, a failed assert, sys.exit(n)), "timeout" (wall clock or CPU limit rea
 "error" (the program could not be started, or was terminated by any other signal).
 """
 
-import ctypes
-import functools
+import marshal
 import math
 import os
 import platform
@@ -53,7 +67,6 @@ import resource
 import select
 import shutil
 import signal
-import stat
 import subprocess
 import sys
 import tempfile
@@ -61,13 +74,11 @@ import time
 from dataclasses import dataclass
 from typing import List, Optional, Tuple
 
-CLONE_NEWNS = 0x00020000
-CLONE_NEWPID = 0x20000000
-CLONE_NEWNET = 0x40000000
-MS_NOSUID, MS_NODEV, MS_NOEXEC, MS_BIND, MS_REC, MS_PRIVATE = 2, 4, 8, 4096, 16384, 1 << 18
-AT_FDCWD, AT_RECURSIVE, MOUNT_ATTR_RDONLY = -100, 0x8000, 1
-PR_SET_PDEATHSIG = 1
-MOUNT_SETATTR = {"x86_64": 442, "aarch64": 442, "arm64": 442}  # syscall number per machine
+from xft_megatron.eval import sandbox_launcher  # noqa: F401  (caches its bytecode)
+
+LAUNCHER_DIR = os.path.dirname(os.path.abspath(__file__))
+LAUNCHER = ("import sys; sys.path.insert(0, sys.argv.pop(1)); import sandbox_launcher; "
+            "sandbox_launcher.main()")  # run with -c LAUNCHER_DIR PLAN
 SANDBOX_PATH = "/usr/bin:/bin"
 PROGRAM_FILE = "main.py"
 END_MARK = b"end"  # written by the last line of _PRELUDE
@@ -92,9 +103,11 @@ class SandboxLimits:
     output_bytes: int = 4096
     """How much of the end of stdout and stderr is kept in the result."""
     namespaces: bool = True
-    """Try new network, PID and mount namespaces (needs root)."""
+    """Try new user, network, PID and mount namespaces (as a user, they need a kernel that
+    allows unprivileged user namespaces)."""
     drop_to_uid: Optional[int] = 65534
-    """Run as this uid when the parent is root and the interpreter is reachable by others."""
+    """The uid (and gid) the program runs as when the parent is root; None or 0: as root the
+    sandbox refuses to run (a program never runs with root's privileges)."""
     python_guards: bool = True
     """Install the Python-level guards; turning them off leaves only the OS protections
     (for testing those on their own)."""
@@ -129,24 +142,6 @@ class SandboxResult:
         return self.status == "passed"
 
 
-@dataclass(frozen=True)
-class _ChildPlan:
-    """Everything the child needs between fork and exec, computed in the parent."""
-
-    libc: ctypes.CDLL
-    workdir: bytes
-    rlimits: Tuple[Tuple[int, int, int], ...]  # (resource, soft, hard)
-    namespaces: bool
-    mount_setattr: Optional[int]
-    uid: Optional[int]
-    max_fd: int
-
-
-class _MountAttr(ctypes.Structure):
-    _fields_ = [("attr_set", ctypes.c_uint64), ("attr_clr", ctypes.c_uint64),
-                ("propagation", ctypes.c_uint64), ("userns_fd", ctypes.c_uint64)]
-
-
 def run_program(source: str, timeout_s: float = 10.0,
                 limits: SandboxLimits = SandboxLimits()) -> SandboxResult:
     """Run `source` as `__main__` in a sandbox; never raises for anything the program does."""
@@ -164,39 +159,41 @@ def _run_in(workdir: str, source: str, timeout_s: float, limits: SandboxLimits) 
     with open(program, "w", encoding="utf-8") as f:
         f.write(source)
     os.chmod(program, 0o644)
-    uid = _sandbox_uid(limits)
-    if uid is not None:
-        os.chown(workdir, uid, uid)
+    root = os.geteuid() == 0
+    if root and limits.drop_to_uid:
+        os.chown(workdir, limits.drop_to_uid, limits.drop_to_uid)
     cpu = limits.cpu_seconds or math.ceil(timeout_s) + 1
-    plan = _ChildPlan(libc=_load_libc(), workdir=os.fsencode(workdir),
-                      rlimits=_rlimits(limits, cpu), namespaces=limits.namespaces,
-                      mount_setattr=MOUNT_SETATTR.get(platform.machine()), uid=uid,
-                      max_fd=_descriptor_bound())
     start = time.monotonic()
-    report_r, report_w = os.pipe()  # the child's list of applied protections
+    report_r, report_w = os.pipe()  # the launcher's list of applied protections
     end_r, end_w = os.pipe()  # the runner's word that the program reached its end
     os.set_blocking(end_r, False)
     try:
         with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
-            try:
+            plan = _launch_plan(limits, workdir, cpu, report_w, end_w, root)
+            try:  # no preexec_fn: the launcher isolates itself, then execs the interpreter
                 proc = subprocess.Popen(
-                    _command(limits, end_w), cwd=workdir, env=_environment(workdir),
-                    stdin=subprocess.DEVNULL, stdout=out, stderr=err, close_fds=True,
-                    pass_fds=(end_w,) if limits.python_guards else (),
-                    start_new_session=True,
-                    preexec_fn=functools.partial(_prepare_child, plan, report_w))
+                    [limits.python, "-I", "-S", "-B", "-c", LAUNCHER, LAUNCHER_DIR,
+                     marshal.dumps(plan).hex()],
+                    cwd=workdir, env=_environment(workdir), stdin=subprocess.DEVNULL,
+                    stdout=out, stderr=err, close_fds=True, pass_fds=(report_w, end_w),
+                    start_new_session=True)
             except (OSError, subprocess.SubprocessError) as e:
                 return SandboxResult("error", None, "", f"the sandbox could not start "
                                      f"{limits.python}: {e}", time.monotonic() - start)
             finally:
                 os.close(report_w)
                 os.close(end_w)
-            report = _read_until_eof(report_r).split()
+            report = _read_until_eof(report_r)
             exited = _wait_exit(proc.pid, timeout_s)
             _kill_group(proc.pid)
             _, wait_status, usage = os.wait4(proc.pid, 0)
             proc.returncode = os.waitstatus_to_exitcode(wait_status)
             seconds = time.monotonic() - start
+            applied, _, refusal = report.partition("!")
+            if refusal or "rlimits" not in applied.split():
+                why = refusal or "the launcher failed:\n" + _tail(err, limits.output_bytes)
+                return SandboxResult("error", None, "", f"the sandbox refused to run the "
+                                     f"program: {why}", seconds, tuple(applied.split()))
             status = _status(exited, proc.returncode, usage.ru_utime + usage.ru_stime, cpu)
             stderr_tail = _tail(err, limits.output_bytes)
             if status == "passed" and limits.python_guards and not _reached_end(end_r):
@@ -204,16 +201,36 @@ def _run_in(workdir: str, source: str, timeout_s: float, limits: SandboxLimits) 
             return SandboxResult(
                 status=status, returncode=proc.returncode,
                 stdout_tail=_tail(out, limits.output_bytes), stderr_tail=stderr_tail,
-                seconds=seconds, isolation=tuple(report) + (
+                seconds=seconds, isolation=tuple(applied.split()) + (
                     ("python-guards",) if limits.python_guards else ()))
     finally:
         os.close(report_r)
         os.close(end_r)
 
 
-def _command(limits: SandboxLimits, end_fd: int) -> List[str]:
-    base = [limits.python, "-I", "-S", "-B"]
-    return base + (["-c", _PRELUDE, str(end_fd)] if limits.python_guards else [PROGRAM_FILE])
+def _launch_plan(limits: SandboxLimits, workdir: str, cpu: int, report_fd: int, end_fd: int,
+                 root: bool) -> dict:
+    """What the launcher applies to itself before it execs `argv` (sandbox_launcher.py)."""
+    argv = [limits.python, "-I", "-S", "-B"]
+    argv += ["-c", _PRELUDE, str(end_fd)] if limits.python_guards else [PROGRAM_FILE]
+    return {"workdir": workdir, "argv": argv, "rlimits": list(_rlimits(limits, cpu)),
+            "namespaces": limits.namespaces, "uid": limits.drop_to_uid if root else None,
+            "expose": _interpreter_dirs(limits.python) if root else [],
+            "report_fd": report_fd, "max_fd": _descriptor_bound(),
+            "machine": platform.machine()}
+
+
+def _interpreter_dirs(python: str) -> List[str]:
+    """Directories the interpreter reads when it starts: its installation prefix (and, for
+    this process's own interpreter, sys.base_prefix / base_exec_prefix) and a venv's root."""
+    real = os.path.realpath(python)
+    dirs = [os.path.dirname(os.path.dirname(real))]
+    if real == os.path.realpath(sys.executable):
+        dirs += [sys.base_prefix, sys.base_exec_prefix]
+    venv = os.path.dirname(os.path.dirname(os.path.abspath(python)))
+    if os.path.exists(os.path.join(venv, "pyvenv.cfg")):
+        dirs.append(venv)
+    return sorted({os.path.realpath(d) for d in dirs if os.path.isdir(d)})
 
 
 def _environment(workdir: str) -> dict:
@@ -239,124 +256,10 @@ def _rlimits(limits: SandboxLimits, cpu: int) -> Tuple[Tuple[int, int, int], ...
     return tuple(capped)
 
 
-def _sandbox_uid(limits: SandboxLimits) -> Optional[int]:
-    """The uid to drop to, or None (not root, disabled, or the interpreter is private)."""
-    if limits.drop_to_uid is None or os.geteuid() != 0:
-        return None
-    return limits.drop_to_uid if _reachable_by_others(limits.python) else None
-
-
-def _reachable_by_others(path: str) -> bool:
-    """True when users other than the owner may execute `path` (every directory above it
-    searchable, the file executable); the interpreter's own library is assumed to follow."""
-    real = os.path.realpath(path)
-    try:
-        if not os.stat(real).st_mode & stat.S_IXOTH:
-            return False
-        parent = os.path.dirname(real)
-        while True:
-            if not os.stat(parent).st_mode & stat.S_IXOTH:
-                return False
-            if parent == os.path.dirname(parent):
-                return True
-            parent = os.path.dirname(parent)
-    except OSError:
-        return False
-
-
 def _descriptor_bound() -> int:
     """One past the highest descriptor this process can have open."""
     soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
     return soft if 0 < soft < 1 << 20 else 1 << 20
-
-
-def _load_libc() -> ctypes.CDLL:
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.unshare.argtypes = [ctypes.c_int]
-    libc.mount.argtypes = [ctypes.c_char_p, ctypes.c_char_p, ctypes.c_char_p, ctypes.c_ulong,
-                           ctypes.c_void_p]
-    libc.prctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong,
-                           ctypes.c_ulong]
-    libc.syscall.restype = ctypes.c_long
-    return libc
-
-
-# --- in the child, between fork and exec -------------------------------------------------------
-
-def _prepare_child(plan: _ChildPlan, report_fd: int) -> None:
-    """preexec_fn: isolate, limit, drop privileges; write what was applied to `report_fd`.
-
-    Best-effort steps (namespaces, mounts, uid) are reported; limits that cannot be set raise,
-    which makes the run an "error" rather than an unlimited program."""
-    applied = ["session", "env"]
-    if plan.namespaces and plan.libc.unshare(CLONE_NEWNET) == 0:
-        applied.append("netns")
-    namespace_init = plan.namespaces and plan.libc.unshare(CLONE_NEWPID | CLONE_NEWNS) == 0
-    if namespace_init:
-        _become_namespace_init(plan.max_fd)
-        applied.append("pidns")
-        applied += _private_mounts(plan)
-    for which, soft, hard in plan.rlimits:
-        resource.setrlimit(which, (soft, hard))
-    applied.append("rlimits")
-    if plan.uid is not None:
-        os.setgroups([])
-        os.setgid(plan.uid)
-        os.setuid(plan.uid)
-        applied.append(f"uid={plan.uid}")
-    if namespace_init and plan.libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) != 0:
-        raise OSError("cannot tie the program to the process the parent waits on")
-    if os.getuid() != 0:
-        applied.append("nproc")
-    os.write(report_fd, " ".join(applied).encode())
-
-
-def _become_namespace_init(max_fd: int) -> None:
-    """Fork once more so the program becomes pid 1 of the new PID namespace. The forking
-    process stays behind as the one the parent waits on and exits as its child did; the
-    program gets SIGKILL when that process dies (PR_SET_PDEATHSIG, set after the uid drop,
-    which would clear it), so leaving the process group does not escape the parent's kill."""
-    pid = os.fork()
-    if pid == 0:
-        return
-    os.closerange(3, max_fd)  # let the parent see the exec (and the report) of the child
-    _, wait_status = os.waitpid(pid, 0)
-    code = os.waitstatus_to_exitcode(wait_status)
-    if code < 0:
-        try:
-            signal.signal(-code, signal.SIG_DFL)
-        except (OSError, ValueError):
-            pass  # SIGKILL/SIGSTOP: no handler to reset
-        os.kill(os.getpid(), -code)
-    os._exit(code & 0xFF)
-
-
-def _private_mounts(plan: _ChildPlan) -> List[str]:
-    """A /proc of the new PID namespace and a read-only filesystem except the working dir."""
-    libc = plan.libc
-    if libc.mount(None, b"/", None, MS_REC | MS_PRIVATE, None) != 0:
-        return []  # mounts could propagate to the host: mount nothing
-    applied = []
-    if libc.mount(b"proc", b"/proc", b"proc", MS_NOSUID | MS_NODEV | MS_NOEXEC, None) == 0:
-        applied.append("proc")
-    if plan.mount_setattr is None or _mount_setattr(plan, b"/", AT_RECURSIVE,
-                                                    set_flags=MOUNT_ATTR_RDONLY) != 0:
-        return applied
-    if (libc.mount(plan.workdir, plan.workdir, None, MS_BIND, None) != 0
-            or _mount_setattr(plan, plan.workdir, 0, clear_flags=MOUNT_ATTR_RDONLY) != 0):
-        raise OSError("the filesystem was made read-only but the working directory could not "
-                      "be made writable again")
-    os.chdir(plan.workdir)  # the old cwd is the read-only mount under the new bind mount
-    applied.append("readonly-fs")
-    return applied
-
-
-def _mount_setattr(plan: _ChildPlan, path: bytes, flags: int, set_flags: int = 0,
-                   clear_flags: int = 0) -> int:
-    attr = _MountAttr(set_flags, clear_flags, 0, 0)
-    return plan.libc.syscall(ctypes.c_long(plan.mount_setattr), ctypes.c_int(AT_FDCWD),
-                             ctypes.c_char_p(path), ctypes.c_uint(flags), ctypes.byref(attr),
-                             ctypes.c_size_t(ctypes.sizeof(attr)))
 
 
 # --- in the parent, after the start ------------------------------------------------------------
