@@ -275,3 +275,7 @@ def test_quickstart_from_the_real_base(pipeline):
         assert losses[tuned] < losses["base"] - 0.01, losses
     assert all(0.0 <= v <= 1.0 for v in scores.values())
     assert "HumanEval pass@1" in r["report"] and "HF base" in r["report"]
+    # the settings recorded are the tuning runs', not the converted base's defaults
+    train = r["quickstart"]["config"]["train"]
+    assert (train["global_batch_size"], train["seq_length"]) == (4, 256), train
+    assert "every step 4 rows x 256 tokens = 1,024 token slots" in r["report"]

@@ -122,9 +122,22 @@ def _train(overrides: Sequence[str]) -> Dict:
     from xft_megatron.training import run
 
     result = run.main(None, list(overrides))
+    _release_device_memory()
     return {"losses": result.losses, "checkpoint": result.checkpoint,
             "tokens_per_s": result.tokens_per_s,
             "merge_coefficients": result.merge_coefficients}
+
+
+def _release_device_memory() -> None:
+    """Hand the finished stage's cached GPU memory back, so that runs sharing a GPU see it
+    (the stages of one quickstart run in one process)."""
+    import gc
+
+    import torch
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 def _data_stage(out: str, roots: Sequence[str], s: Settings) -> Dict:
@@ -154,7 +167,6 @@ def _data_stage(out: str, roots: Sequence[str], s: Settings) -> Dict:
 
 def run(out_dir: str, settings: Optional[Settings] = None, overrides: Sequence[str] = ()
         ) -> Dict:
-    from xft_megatron.config import load_config
     from xft_megatron.data.code_corpus import source_dirs
 
     s, t0 = settings or Settings(), time.perf_counter()
@@ -252,12 +264,9 @@ def run(out_dir: str, settings: Optional[Settings] = None, overrides: Sequence[s
                                               s.humaneval_tokens, say), say)
         for name, score in scores["result"].items():
             losses[name]["humaneval_pass@1"] = score
-    if s.base:
-        from xft_megatron.checkpoint import dist as ckpt
+    from xft_megatron.checkpoint import dist as ckpt
 
-        config = ckpt.load_config(d("base"), parallel={}).to_dict()
-    else:
-        config = load_config(None, pre_args).to_dict()
+    config = ckpt.load_config(d("sft"), parallel={}).to_dict()  # the tuning run's settings
     run_info = {"settings": asdict(s), "overrides": list(overrides),
                 "command": s.command(out_dir, overrides), "merge_steps": merge_steps,
                 "world_size": int(os.environ.get("WORLD_SIZE", "1")), "config": config}
