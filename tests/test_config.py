@@ -132,3 +132,41 @@ def test_checkpoint_commands_blame_what_the_user_gave(tmp_path):
                        "data.on_error=skip to drop them")
     assert "--seq-length" in hint and "--on-error skip" in hint
     assert "train.seq_length" not in hint and "data.on_error" not in hint
+
+
+def test_optimizer_values_yaml_shapes_and_text_values(tmp_path):
+    for overrides, message in [
+            (["train.adam_beta1=1.5"], "train.adam_beta1=1.5 must be in [0, 1)"),
+            (["train.adam_beta2=-0.1"], "train.adam_beta2=-0.1 must be in [0, 1)"),
+            (["train.adam_eps=-1"], "train.adam_eps=-1 must be > 0"),
+            (["train.weight_decay=-5"], "train.weight_decay=-5 must be >= 0"),
+            (["train.seed=-1"], "train.seed=-1 must be an integer in [0, 2**32)"),
+            (["checkpoint.save=20241201"], "quote it for a text value: "
+                                           "checkpoint.save='20241201'")]:
+        with pytest.raises(ConfigError) as e:
+            load_config(None, overrides)
+        assert message in str(e.value), (overrides, str(e.value))
+    # a quoted number is text where a path is meant, in overrides and in files
+    assert load_config(None, ["checkpoint.save='20241201'"]).checkpoint.save == "20241201"
+    path = tmp_path / "c.yaml"
+    path.write_text("train:\n  lr: 1e-3\ncheckpoint:\n  save: '0012'\n")
+    cfg = load_config(str(path))
+    assert (cfg.train.lr, cfg.checkpoint.save) == (1e-3, "0012")
+    for text, message in [("train:\n  lr: 1e-3\n  lr: 2e-3\n", "key 'lr' is given twice"),
+                          ("train:\n  seed: 1\ntrain:\n  lr: 1\n", "key 'train' is given twice"),
+                          ("train: 0\n", "config section 'train' must be a mapping, got int")]:
+        path.write_text(text)
+        with pytest.raises(ConfigError, match=message):
+            load_config(str(path))
+
+
+def test_a_model_too_big_for_the_machine_is_refused_naming_the_key():
+    from xft_megatron.training import memory
+
+    cfg = load_config(None, ["model.vocab_size=100000000"])
+    with pytest.raises(ConfigError, match="model.vocab_size dominates"):
+        memory.check_fits(cfg, 1, available=24 * 2 ** 30)
+    deep = load_config(None, ["model.preset=tiny", "model.num_layers=10000"])
+    with pytest.raises(ConfigError, match="model.num_layers dominates"):
+        memory.check_fits(deep, 1, available=2 ** 30)
+    memory.check_fits(load_config(None, []), 1, available=2 ** 30)  # the default fits

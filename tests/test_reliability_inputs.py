@@ -362,7 +362,7 @@ def test_tokenizer_larger_than_the_model_vocabulary(inputs):
 
 
 def test_real_command_line_exit_code_and_message(inputs):
-    """The same refusals through `python -m xft_megatron.cli` (three processes at once):
+    """The same refusals through `python -m xft_megatron.cli` (four processes at once):
     exit status 2, the file named on stderr, no traceback."""
     p = inputs["paths"]
     root = os.path.dirname(os.path.dirname(p["random_distcp"]))
@@ -380,6 +380,9 @@ def test_real_command_line_exit_code_and_message(inputs):
         "train, tokenizer too large": (
             p["train"] + [f"checkpoint.save={root}/cli_train_out"], p["tokenizer"],
             os.path.join(root, "cli_train_out")),
+        "train, a model too big for the machine": (
+            p["train"] + ["model.vocab_size=100000000", f"checkpoint.save={root}/cli_big_out"],
+            "model.vocab_size dominates", os.path.join(root, "cli_big_out")),
     }
     env = dict(os.environ, OMP_NUM_THREADS="1")
     procs = {k: subprocess.Popen([sys.executable, "-m", "xft_megatron.cli"] + argv, env=env,

@@ -298,6 +298,14 @@ class TrainConfig:
         if self.epochs is None:
             self.check_warmup(self.train_steps)
         _require(self.clip_grad >= 0, f"train.clip_grad={self.clip_grad} must be >= 0")
+        for name in ("adam_beta1", "adam_beta2"):
+            value = getattr(self, name)
+            _require(0 <= value < 1, f"train.{name}={value} must be in [0, 1)")
+        _require(self.adam_eps > 0, f"train.adam_eps={self.adam_eps} must be > 0")
+        _require(self.weight_decay >= 0,
+                 f"train.weight_decay={self.weight_decay} must be >= 0")
+        _require(isinstance(self.seed, int) and 0 <= self.seed < 2 ** 32,
+                 f"train.seed={self.seed!r} must be an integer in [0, 2**32)")
 
     def check_warmup(self, steps: int) -> None:
         """Megatron's scheduler needs the warmup to end before the last step."""
@@ -477,7 +485,8 @@ class Config:
         _check_keys(data, cls, "")
         kwargs = {}
         for f in dataclasses.fields(cls):
-            section = data.get(f.name) or {}
+            section = data.get(f.name)
+            section = {} if section is None else section
             _require(isinstance(section, dict),
                      f"config section '{f.name}' must be a mapping, got {type(section).__name__}")
             sub_cls = _SECTIONS[f.name]
@@ -515,6 +524,7 @@ def _check_keys(data: Dict[str, Any], cls, prefix: str) -> None:
 
 
 def _construct(cls, values: Dict[str, Any], section: str):
+    values = _numbers_for_float_fields(cls, values)
     _check_types(cls, values, section)
     try:
         return cls(**values)
@@ -528,6 +538,20 @@ _OPTIONAL_FIELD_EXAMPLES = {"num_query_groups": 1, "virtual_pipeline": 1, "exper
                             "capacity_factor": 1.0, "epochs": 1.0, "stage": "", "path": "",
                             "tokenizer": "", "cache_dir": "", "load": "", "save": "",
                             "subset": "", "revision": ""}
+
+
+def _numbers_for_float_fields(cls, values: Dict[str, Any]) -> Dict[str, Any]:
+    """YAML 1.1 reads '1e-3' as a string; for a float field a number is what anyone writing it
+    means. Other fields keep their strings ('20241201' stays a path)."""
+    out = dict(values)
+    for f in dataclasses.fields(cls):
+        value = out.get(f.name)
+        default = f.default if f.default is not dataclasses.MISSING else None
+        if default is None:
+            default = _OPTIONAL_FIELD_EXAMPLES.get(f.name)
+        if isinstance(value, str) and isinstance(default, float):
+            out[f.name] = _as_float(value)  # a text that is no number: the type check names it
+    return out
 
 
 def _check_types(cls, values: Dict[str, Any], section: str) -> None:
@@ -553,15 +577,17 @@ def _check_types(cls, values: Dict[str, Any], section: str) -> None:
             ok = isinstance(value, str)
         else:
             ok = True
+        hint = (f" (quote it for a text value: {section}.{f.name}='{value}')"
+                if isinstance(default, str) and isinstance(value, (int, float)) else "")
         _require(ok, f"{section}.{f.name}={value!r} has type {type(value).__name__}, "
-                     f"expected {type(default).__name__}")
+                     f"expected {type(default).__name__}{hint}")
 
 
 def model_config_from_dict(values: Dict[str, Any]) -> ModelConfig:
     """A ModelConfig from a mapping; a `preset` key fills the fields not given."""
     from xft_megatron.model.presets import preset_values
 
-    values = dict(values)
+    values = _numbers_for_float_fields(ModelConfig, values)
     _check_types(ModelConfig, values, "model")  # a preset name must be a string to look it up
     preset = values.get("preset")
     merged = {**preset_values(preset), **values} if preset else values
@@ -582,7 +608,8 @@ def parse_overrides(items: Sequence[str]) -> Dict[str, Any]:
             value = yaml.safe_load(raw) if raw.strip() else ""
         except yaml.YAMLError as e:
             raise ConfigError(f"override '{item}': value is not valid YAML ({e})") from None
-        value = _as_number(value)
+        if isinstance(value, str) and raw.strip()[:1] not in ("'", '"'):
+            value = _as_float(value)  # 1e-3 (YAML 1.1 reads it as text); '1e-3' stays text
         node = out
         for p in parts[:-1]:
             node = node.setdefault(p, {})
@@ -591,14 +618,11 @@ def parse_overrides(items: Sequence[str]) -> Dict[str, Any]:
     return out
 
 
-def _as_number(value):
-    """YAML 1.1 reads '1e-3' as a string; a float is what anyone writing it means."""
-    if isinstance(value, str):
-        try:
-            return float(value)
-        except ValueError:
-            return value
-    return value
+def _as_float(text: str):
+    try:
+        return float(text)
+    except ValueError:
+        return text
 
 
 def deep_merge(base: Dict[str, Any], update: Dict[str, Any]) -> Dict[str, Any]:
@@ -615,13 +639,26 @@ def read_yaml(path: str) -> Dict[str, Any]:
     _require(os.path.isfile(path), f"config file '{path}' does not exist")
     try:
         with open(path, encoding="utf-8") as f:
-            data = yaml.safe_load(f)
+            data = yaml.load(f, Loader=_UniqueKeyLoader)
     except (yaml.YAMLError, UnicodeDecodeError) as e:
         raise ConfigError(f"config file '{path}' is not valid YAML: {e}") from None
-    data = data or {}
+    data = {} if data is None else data
     _require(isinstance(data, dict), f"config file '{path}' must hold a mapping at the top")
-    return {k: {kk: _as_number(vv) for kk, vv in v.items()} if isinstance(v, dict) else v
-            for k, v in data.items()}
+    return data
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """SafeLoader that refuses a key given twice in one mapping (plain YAML keeps the last)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"key '{key}' is given twice", key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
 
 
 def load_config(path: Optional[str] = None, overrides: Sequence[str] = ()) -> Config:

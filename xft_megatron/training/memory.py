@@ -91,3 +91,37 @@ def estimate(cfg: Config, world_size: int) -> MemoryEstimate:
     acts = per_token_layer * tokens * layers / split * in_flight
     acts += 2 * 4 * tokens * m.vocab_size / p.tensor  # fp32 logits and their gradient
     return MemoryEstimate(weights, grads, optim, acts)
+
+
+def machine_memory(local_ranks: int) -> float:
+    """Bytes one rank may use: its GPU's memory, or the host's memory shared by the ranks on it."""
+    import os
+
+    import torch
+
+    if torch.cuda.is_available():
+        return float(torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory)
+    host = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    return host / max(1, local_ranks)
+
+
+def check_fits(cfg: Config, world_size: int, available: float) -> None:
+    """Refuse, naming the keys, a configuration whose weights, gradients and optimizer state
+    alone exceed `available` bytes per rank (activations can shrink with recomputation or a
+    smaller micro-batch; these cannot): before Megatron allocates anything."""
+    from xft_megatron.config import ConfigError
+
+    est = estimate(cfg, world_size)
+    fixed = est.weights + est.gradients + est.optimizer
+    if fixed <= available:
+        return
+    m, gib = cfg.model, 2 ** 30
+    embedding = m.vocab_size * m.hidden_size * (1 if m.tie_embeddings else 2)
+    biggest = ("model.vocab_size" if embedding > m.num_parameters() - embedding
+               else "model.num_layers")
+    raise ConfigError(
+        f"the model does not fit: weights, gradients and optimizer state need ~"
+        f"{fixed / gib:,.1f} GiB per rank, this machine has {available / gib:,.1f} GiB per rank "
+        f"(model.num_layers={m.num_layers}, model.hidden_size={m.hidden_size}, "
+        f"model.vocab_size={m.vocab_size}; {biggest} dominates). Check {biggest}, or spread "
+        f"the model over more GPUs (parallel.tensor, parallel.pipeline, parallel.expert)")

@@ -147,6 +147,9 @@ def main(config_path: Optional[str], overrides: Sequence[str], resume: bool = Fa
         print(dry_run(cfg, world))
         return None
     check_save_dir(cfg, resume)
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    memory.check_fits(cfg, world, memory.machine_memory(
+        int(os.environ.get("LOCAL_WORLD_SIZE", str(world)))))
     hub = HubSettings.from_env()
     check_sources(cfg.data, hub)  # a missing file or dataset stops here, before any model
     stop = stop or StopOnSignal()
