@@ -332,9 +332,10 @@ class Reader:
     index and the tensor names and shapes once, up front."""
 
     def __init__(self, path: str, layout: Layout):
-        from xft_megatron.checkpoint.dist import CheckpointError, _read_index, resolve
+        from xft_megatron.checkpoint.dist import CheckpointError, _read_index, resolve, verify
 
         folder = resolve(path)
+        verify(folder)  # every file against the checksums recorded at save (all ranks)
         metadata, problem = _read_index(folder)
         if problem:
             raise CheckpointError(problem)

@@ -17,6 +17,7 @@ import torch.distributed as dist
 
 from xft_megatron import convert, parallel
 from xft_megatron.checkpoint import dist as ckpt
+from xft_megatron.checkpoint import lock
 from xft_megatron.config import Config, ConfigError, deep_merge, parse_overrides, read_yaml
 from xft_megatron.data.dataset import build_dataset
 from xft_megatron.data.packing import PackedBatches
@@ -137,16 +138,21 @@ def check_save_dir(cfg: Config, resume: bool) -> None:
 def main(config_path: Optional[str], overrides: Sequence[str], resume: bool = False,
          dry: bool = False, world_size: Optional[int] = None, progress: bool = True,
          stop: Optional[StopOnSignal] = None):
-    from xft_megatron.training.loop import train
-
     cfg = assemble_config(config_path, overrides)
     if dry:
         world = world_size or int(os.environ.get("WORLD_SIZE", "1"))
         print(dry_run(cfg, world))
         return None
-    check_save_dir(cfg, resume)
     stop = stop or StopOnSignal()
     info = parallel.initialize(cfg.parallel, seed=cfg.train.seed)
+    with lock.hold(cfg.checkpoint.save):  # a second run into checkpoint.save is refused here
+        check_save_dir(cfg, resume)
+        return _prepare_and_train(cfg, info, resume, progress, stop)
+
+
+def _prepare_and_train(cfg: Config, info, resume: bool, progress: bool, stop):
+    from xft_megatron.training.loop import train
+
     tok, source = tokenizer_for(cfg)
     batches, report = build_batches(cfg, tok, info.rank)
     if cfg.train.epochs:
