@@ -213,3 +213,15 @@ def test_checksums_refuse_damaged_files_of_every_kind(tmp_path):
     assert "has no checksums.json" in r["notice"] and r["bare_equal"]
     print("FIGURES flipped-bytes", {"file kinds": len(kinds), "random trials": r["trials"],
                                     "detected": r["detected"]})
+
+
+def test_latest_naming_a_missing_folder_says_which_checkpoint_is_used(tmp_path, capsys):
+    from xft_megatron.checkpoint import dist as ckpt
+
+    (tmp_path / "iter_0000002").mkdir()
+    (tmp_path / "iter_0000002" / ckpt.CONFIG_FILE).write_text("iteration: 2\n")
+    (tmp_path / "latest").write_text("iter_0000009\n")
+    assert ckpt.resolve(str(tmp_path)) == str(tmp_path / "iter_0000002")
+    err = capsys.readouterr().err
+    assert "names 'iter_0000009', which is not a complete checkpoint" in err
+    assert str(tmp_path / "iter_0000002") in err

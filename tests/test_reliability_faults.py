@@ -156,6 +156,37 @@ def test_sigterm_checkpoints_and_resumes_exactly(prepared, tmp_path):
     print("FIGURES sigterm", json.dumps({"stopped_at_step": stopped, "exit_s": round(exit_s, 2)}))
 
 
+def _catches(pid: int, sig: int) -> bool:
+    with open(f"/proc/{pid}/status") as f:
+        mask = next(int(x.split()[1], 16) for x in f if x.startswith("SigCgt:"))
+    return bool(mask >> (sig - 1) & 1)
+
+
+def test_sigterm_while_starting_up_still_checkpoints(tmp_path):
+    """SIGTERM as soon as `xft train` catches it (before torch is imported): the run starts
+    up, stops after its first step with a checkpoint and exits 0 (it used to die, rc -15)."""
+    data = tmp_path / "text.jsonl"
+    _stdlib_jsonl(data)
+    run = tmp_path / "run"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    p = subprocess.Popen([sys.executable, "-m", "xft_megatron.cli", "train",
+                          "model.preset=tiny", "train.seq_length=32", "train.micro_batch_size=2",
+                          "train.global_batch_size=2", "train.train_steps=20",
+                          "train.lr_warmup_steps=1", f"data.path={data}",
+                          f"checkpoint.save={run}", "checkpoint.save_interval=0"],
+                         env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 30
+    while not _catches(p.pid, signal.SIGTERM):
+        assert time.time() < deadline and p.poll() is None
+        time.sleep(0.002)
+    torch_loaded = "libtorch" in open(f"/proc/{p.pid}/maps").read()
+    p.send_signal(signal.SIGTERM)
+    _, err = p.communicate(timeout=120)
+    assert p.returncode == 0, err[-2000:]
+    assert not torch_loaded  # the handler came before the heavy imports
+    assert open(run / "latest").read().strip() == "iter_0000001"
+
+
 def _disk_full(rank, world, base):
     import resource
 
