@@ -155,44 +155,77 @@ def _mismatch(folder: str, name: str, entry, block: int, have_size: Optional[int
             f"{start}-{end} differ; {MANIFEST})")
 
 
+class Pending:
+    """A verification running on background threads (`start`); `result()` waits for it.
+    The threads only read and hash; the one collective (every rank's finding) is in
+    `result`, on the calling thread, so a load's own collectives may run meanwhile."""
+
+    def __init__(self, folder: str, names: Optional[Sequence[str]], collective: bool):
+        self.folder, self.collective, self.found, self.future = folder, collective, None, None
+        self.pool = None
+        body, bad = read_manifest(folder)
+        if body is None:
+            self.found = bad
+            if bad is None and folder not in _noticed:
+                _noticed.add(folder)
+                if ranks.world()[0] == 0:
+                    print(f"notice: checkpoint '{folder}' has no {MANIFEST} (written by an "
+                          "older version or by Megatron itself): its files are loaded without "
+                          "a content check", file=sys.stderr, flush=True)
+            return
+        files, block = body["files"], body["block"]
+        wanted = sorted(files) if names is None else [n for n in names if n in files]
+        rank, world = ranks.world() if collective else (0, 1)
+        units, where = [], []
+        for name in wanted:
+            entry = files[name]
+            path = os.path.join(folder, name)
+            size = os.path.getsize(path) if os.path.isfile(path) else None
+            if size != entry[0]:
+                self.found = self.found or _mismatch(folder, name, entry, block, size)
+                continue
+            for i, (start, length) in enumerate(_blocks(size)):
+                units.append((path, start, length))
+                where.append((name, i))
+        mine = [k for k in range(len(units)) if k % world == rank]
+        self.files, self.block, self.where = files, block, [where[k] for k in mine]
+        work = [units[k] for k in mine]
+        if len(work) > 1:
+            self.pool = ThreadPoolExecutor(THREADS, thread_name_prefix="xft-crc")
+            self.future = [self.pool.submit(_block_crc, *u) for u in work]
+        else:
+            self.crcs = [_block_crc(*u) for u in work]
+
+    def _local(self) -> Optional[str]:
+        if self.future is not None:
+            self.crcs = [f.result() for f in self.future]
+            self.pool.shutdown()
+            self.future = None
+        for (name, i), crc in zip(getattr(self, "where", []), getattr(self, "crcs", [])):
+            if self.files[name][1][i] != crc and self.found is None:
+                self.found = _mismatch(self.folder, name, self.files[name], self.block,
+                                       self.files[name][0], i)
+        return self.found
+
+    def result(self, collective: Optional[bool] = None) -> Optional[str]:
+        """None when every checked file holds its recorded content, else what is wrong
+        (naming the file); the same on every rank when collective."""
+        found = self._local()
+        collective = self.collective if collective is None else collective
+        if collective and dist.is_initialized() and dist.get_world_size() > 1:
+            found = next((g for g in ranks.all_gather(found) if g), None)
+        return found
+
+
+def start(folder: str, names: Optional[Sequence[str]] = None,
+          collective: bool = True) -> Pending:
+    """Begin checking every file the manifest lists (or only `names`) on background threads.
+    Without a manifest: a notice, and nothing to check. With `collective` (all ranks call
+    it, and later `result()`) the blocks are split over the ranks."""
+    return Pending(folder, names, collective)
+
+
 def problem(folder: str, names: Optional[Sequence[str]] = None,
             collective: bool = True) -> Optional[str]:
-    """None when every file the manifest lists (or only `names`) has its recorded content,
-    else what is wrong, naming the file. Without a manifest: a notice, then None. With
-    `collective` (all ranks call it) the blocks are split over the ranks and every rank
-    returns the same answer."""
-    body, bad = read_manifest(folder)
-    if body is None:
-        if bad is None and folder not in _noticed:
-            _noticed.add(folder)
-            if ranks.world()[0] == 0:
-                print(f"notice: checkpoint '{folder}' has no {MANIFEST} (written by an older "
-                      "version or by Megatron itself): its files are loaded without a "
-                      "content check", file=sys.stderr, flush=True)
-        return bad
-    files, block = body["files"], body["block"]
-    wanted = sorted(files) if names is None else [n for n in names if n in files]
-    rank, world = ranks.world() if collective else (0, 1)
-    units, where = [], []
-    found = None
-    for name in wanted:
-        entry = files[name]
-        path = os.path.join(folder, name)
-        size = os.path.getsize(path) if os.path.isfile(path) else None
-        if size != entry[0]:
-            found = found or _mismatch(folder, name, entry, block, size)
-            continue
-        for i, (start, length) in enumerate(_blocks(size)):
-            units.append((path, start, length))
-            where.append((name, i))
-    mine = [k for k in range(len(units)) if k % world == rank]
-    crcs = _hash_units([units[k] for k in mine])
-    for k, crc in zip(mine, crcs):
-        name, i = where[k]
-        if files[name][1][i] != crc and found is None:
-            found = _mismatch(folder, name, files[name], block, files[name][0], i)
-    if collective and dist.is_initialized() and world > 1:
-        gathered = [None] * world
-        dist.all_gather_object(gathered, found)
-        found = next((g for g in gathered if g), None)
-    return found
+    """`start(...).result()`: what is wrong with the files of `folder`, or None."""
+    return start(folder, names, collective).result()

@@ -120,8 +120,8 @@ def _save(chunks, root, iteration, cfg, extra_files, optimizer, scheduler, train
     except BaseException as e:  # a failed write (disk full, Ctrl-C) leaves no partial folder
         if rank == 0:
             shutil.rmtree(tmp, ignore_errors=True)
-        if isinstance(e, (KeyboardInterrupt, SystemExit)):
-            raise
+        if isinstance(e, (KeyboardInterrupt, SystemExit, CheckpointError)):
+            raise  # CheckpointError: the source of a streaming tool is damaged
         # OSError from our writes; torch's CheckpointException (a BaseException) wrapping a
         # failed write in the dist_checkpointing writer: its last line names the cause
         cause = (str(e).strip().splitlines() or [type(e).__name__])[-1]
@@ -374,9 +374,41 @@ def load(chunks: List, path: str, may_lack: Sequence[str] = (), optimizer=None,
     (a training checkpoint: resume). All ranks must call it.
     Before anything is read into the model, the checkpoint's files are checked against its
     index and the model's tensors against the stored names and shapes: CheckpointError
-    (on every rank) naming the file or tensor that is wrong."""
+    (on every rank) naming the file or tensor that is wrong. Every file is checked against
+    the checksums recorded at save on background threads while the load reads
+    (checksums.py); a mismatch raises, naming the file, before the load returns."""
     ckpt = resolve(path)
-    verify(ckpt)
+    pending = checksums.start(ckpt)
+    try:
+        state, chunks, skipped, iteration = _load_state(chunks, ckpt, may_lack, optimizer,
+                                                        scheduler)
+    except BaseException:
+        _raise_damaged(ckpt, pending.result(collective=False))  # the damaged file, named
+        raise
+    _raise_damaged(ckpt, pending.result())
+    for i, c in enumerate(chunks):
+        missing, unexpected = c.load_state_dict(
+            state["model" if len(chunks) == 1 else f"model{i}"], strict=False)
+        missing = [k for k in missing if k not in skipped and not k.endswith("_extra_state")]
+        if missing or unexpected:
+            raise CheckpointError(f"checkpoint '{ckpt}' does not fit the model: missing "
+                                  f"{missing[:5]}, unexpected {unexpected[:5]}")
+    if optimizer is not None:
+        with torch.no_grad():  # main parameters may be views of the model's parameters
+            optimizer.load_state_dict(state["optimizer"])
+    if scheduler is not None:
+        scheduler.load_state_dict(state["scheduler"])
+    return iteration
+
+
+def _raise_damaged(folder: str, found: Optional[str]) -> None:
+    if found:
+        raise CheckpointError(f"checkpoint '{folder}' is damaged: {found}; {_DAMAGED}")
+
+
+def _load_state(chunks, ckpt, may_lack, optimizer, scheduler):
+    """(the state read by dist_checkpointing, the unwrapped chunks, the names skipped as
+    `may_lack`, the iteration), after the checks against the index."""
     iteration = read_config(ckpt).get("iteration", 0)
     chunks = [unwrap(c) for c in chunks]
     request = _training_sharded_state_dict(chunks, optimizer, scheduler, is_loading=True)
@@ -396,19 +428,7 @@ def load(chunks: List, path: str, may_lack: Sequence[str] = (), optimizer=None,
         state = dist_checkpointing.load(request, ckpt)
     except (CheckpointException, Exception) as e:  # torch's is a BaseException
         raise CheckpointError(_load_failure(ckpt, metadata, e)) from e
-    for i, c in enumerate(chunks):
-        missing, unexpected = c.load_state_dict(
-            state["model" if len(chunks) == 1 else f"model{i}"], strict=False)
-        missing = [k for k in missing if k not in skipped and not k.endswith("_extra_state")]
-        if missing or unexpected:
-            raise CheckpointError(f"checkpoint '{ckpt}' does not fit the model: missing "
-                                  f"{missing[:5]}, unexpected {unexpected[:5]}")
-    if optimizer is not None:
-        with torch.no_grad():  # main parameters may be views of the model's parameters
-            optimizer.load_state_dict(state["optimizer"])
-    if scheduler is not None:
-        scheduler.load_state_dict(state["scheduler"])
-    return iteration
+    return state, chunks, skipped, iteration
 
 
 _DAMAGED = "restore the checkpoint from a copy, or use another iter_* folder"
@@ -417,9 +437,7 @@ _DAMAGED = "restore the checkpoint from a copy, or use another iter_* folder"
 def verify(folder: str, names: Optional[Sequence[str]] = None, collective: bool = True) -> None:
     """CheckpointError naming the file when a file of `folder` (or only `names`) differs from
     the checksum recorded at save (collective: every rank raises). See checksums.py."""
-    found = checksums.problem(folder, names, collective=collective)
-    if found:
-        raise CheckpointError(f"checkpoint '{folder}' is damaged: {found}; {_DAMAGED}")
+    _raise_damaged(folder, checksums.problem(folder, names, collective=collective))
 
 
 def _one_line(e: BaseException, limit: int = 300) -> str:
