@@ -255,12 +255,15 @@ def _processes_with(text: str):
     return out
 
 
-def _wait_for(path, proc, seconds=120):
+def _wait_for(path, proc, seconds=120, writers=2):
+    """Until `writers` held writer processes have written their pids to `path`."""
     deadline = time.time() + seconds
-    while time.time() < deadline and not (os.path.exists(path) and open(path).read().strip()):
+    while time.time() < deadline and not (
+            os.path.exists(path) and len(open(path).read().split()) >= writers):
         assert proc.poll() is None, proc.communicate()[1][-3000:]
         time.sleep(0.05)
     assert os.path.exists(path), f"no save was reached in {seconds}s"
+    time.sleep(0.3)  # the trainer now waits for its writers
 
 
 def _stdlib_jsonl(path):

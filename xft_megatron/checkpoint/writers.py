@@ -52,11 +52,22 @@ def _in_child() -> None:
 os.register_at_fork(before=_before_fork, after_in_child=_in_child)
 
 
+def _child_pids() -> set:
+    """This process's direct children (Linux /proc), also those forked but not yet known to
+    multiprocessing (a Ctrl-C in the middle of `Process.start`)."""
+    out = set()
+    with contextlib.suppress(OSError):
+        for tid in os.listdir("/proc/self/task"):
+            with contextlib.suppress(OSError), open(f"/proc/self/task/{tid}/children") as f:
+                out.update(int(x) for x in f.read().split())
+    return out
+
+
 @contextlib.contextmanager
 def guarded():
     """Run one checkpoint save: its writer processes die with this process, and are ended
     before any exception (e.g. KeyboardInterrupt) leaves the block."""
-    before = set(multiprocessing.active_children())
+    before, pids_before = set(multiprocessing.active_children()), _child_pids()
     real = filesystem_async._get_write_results_queue
     filesystem_async._get_write_results_queue = queue.Queue
     _state["depth"] += 1
@@ -67,6 +78,10 @@ def guarded():
             with contextlib.suppress(Exception):
                 p.kill()
                 p.join(10)
+        for pid in _child_pids() - pids_before:  # forked, not yet registered
+            with contextlib.suppress(OSError):
+                os.kill(pid, signal.SIGKILL)
+                os.waitpid(pid, 0)
         raise
     finally:
         _state["depth"] -= 1
