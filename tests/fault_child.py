@@ -71,6 +71,42 @@ def main(root: str, k: int, delay: float = 0.0) -> None:
     print(f"OPS {state['ops']}", flush=True)
 
 
+def hold_writer(marker: str, save_number: int = 2) -> None:
+    """From the `save_number`-th checkpoint save on, Megatron's writer processes write their
+    pid to `marker` and then wait (10 min) before writing: a save in progress to interrupt.
+
+        python -c "import tests.fault_child as f; f.hold_writer(M); f.xft(ARGS...)"
+    """
+    import time
+
+    from megatron.core import dist_checkpointing
+    from megatron.core.dist_checkpointing.strategies.filesystem_async import \
+        FileSystemWriterAsync
+
+    saves = [0]
+    real_save, real_write = dist_checkpointing.save, FileSystemWriterAsync.write_preloaded_data
+
+    def counting_save(*a, **kw):
+        saves[0] += 1
+        return real_save(*a, **kw)
+
+    def held_write(*a, **kw):  # runs in the forked writer
+        if saves[0] >= save_number:
+            with open(marker, "a") as f:
+                f.write(f"{os.getpid()}\n")
+            time.sleep(600)
+        return real_write(*a, **kw)
+
+    dist_checkpointing.save = counting_save
+    FileSystemWriterAsync.write_preloaded_data = staticmethod(held_write)
+
+
+def xft(*args) -> None:
+    from xft_megatron import cli
+
+    sys.exit(cli.main(list(args)))
+
+
 if __name__ == "__main__":
     os.environ.setdefault("RANK", "0")
     os.environ.setdefault("WORLD_SIZE", "1")

@@ -1,11 +1,15 @@
 """No tool writes into another run's directory: checkpoint-writing tools refuse a non-empty
 --out before any work, and `xft train` without --resume refuses a checkpoint.save that holds a
-run (it would restart from step 0 and move `latest` back)."""
+run (it would restart from step 0 and move `latest` back). One writer per directory: the
+directory lock, and save clean-up that removes only provably stale partial folders."""
+
+import os
 
 import pytest
 
 from xft_megatron import convert
 from xft_megatron.checkpoint import dist as ckpt
+from xft_megatron.checkpoint import lock
 from xft_megatron.config import ConfigError, MoEConfig, load_config
 from xft_megatron.training.run import check_save_dir
 from xft_megatron.upcycle_merge import merge_checkpoint, upcycle_checkpoint
@@ -43,3 +47,61 @@ def test_train_without_resume_refuses_an_existing_run(run_dir, tmp_path):
     check_save_dir(cfg(), resume=True)
     check_save_dir(cfg("checkpoint.overwrite=true"), resume=False)
     check_save_dir(load_config(None, [f"checkpoint.save={tmp_path / 'other'}"]), resume=False)
+
+
+def _lock_record(path, **fields):
+    import json
+
+    path.write_text(json.dumps({"host": lock.HOST, "pid": 1, "start": 0.0,
+                                "command": "xft train", **fields}))
+
+
+def test_directory_lock_refuses_a_second_holder_and_takes_over_a_dead_one(tmp_path, capsys):
+    import subprocess
+    import sys
+
+    d = tmp_path / "out"
+    with lock.hold(str(d), "xft train first"):
+        with lock.hold(str(d)):  # re-entrant within the holding process
+            pass
+        other = subprocess.run(  # another process: refused, naming this one
+            [sys.executable, "-c", "import sys; from xft_megatron.checkpoint import lock; "
+             f"lock.acquire({str(d)!r})"], capture_output=True, text=True)
+        assert other.returncode != 0
+        assert f"pid {os.getpid()}" in other.stderr and lock.HOST in other.stderr
+        assert "xft train first" in other.stderr and "in use by another run" in other.stderr
+    assert not d.exists()  # released: lock file and the directory it created are gone
+
+    d.mkdir()
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True).stdout.strip()
+    _lock_record(d / lock.LOCK_FILE, pid=int(dead))  # left by a killed run of this host
+    with lock.hold(str(d)):
+        assert f"pid {dead}" in capsys.readouterr().err
+    _lock_record(d / lock.LOCK_FILE, host="elsewhere", pid=int(dead))
+    with pytest.raises(lock.DirectoryInUse, match=r"another host.*elsewhere.*delete"):
+        lock.acquire(str(d))
+    assert (d / lock.LOCK_FILE).exists() and not lock.held(str(d))
+
+
+def test_temp_cleanup_removes_only_provably_stale_folders(tmp_path):
+    import subprocess
+    import sys
+
+    live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                              capture_output=True, text=True).stdout.strip()
+        names = {"live": f".tmp-iter_0000003-{lock.HOST}-{live.pid}-1a2b3c4d",
+                 "dead": f".tmp-iter_0000003-{lock.HOST}-{dead}-1a2b3c4d",
+                 "own": f".tmp-iter_0000002-{lock.HOST}-{os.getpid()}-1a2b3c4d",
+                 "other host": ".tmp-iter_0000003-node-7-123-1a2b3c4d",
+                 "older name": ".tmp-iter_0000003-1a2b3c4d"}
+        for n in names.values():
+            (tmp_path / n).mkdir()
+        ckpt._remove_stale(str(tmp_path))
+        left = {k for k, n in names.items() if (tmp_path / n).exists()}
+        assert left == {"live", "other host", "older name"}
+    finally:
+        live.kill()
+        live.wait()

@@ -156,6 +156,37 @@ def test_sigterm_checkpoints_and_resumes_exactly(prepared, tmp_path):
     print("FIGURES sigterm", json.dumps({"stopped_at_step": stopped, "exit_s": round(exit_s, 2)}))
 
 
+def _catches(pid: int, sig: int) -> bool:
+    with open(f"/proc/{pid}/status") as f:
+        mask = next(int(x.split()[1], 16) for x in f if x.startswith("SigCgt:"))
+    return bool(mask >> (sig - 1) & 1)
+
+
+def test_sigterm_while_starting_up_still_checkpoints(tmp_path):
+    """SIGTERM as soon as `xft train` catches it (before torch is imported): the run starts
+    up, stops after its first step with a checkpoint and exits 0 (it used to die, rc -15)."""
+    data = tmp_path / "text.jsonl"
+    _stdlib_jsonl(data)
+    run = tmp_path / "run"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    p = subprocess.Popen([sys.executable, "-m", "xft_megatron.cli", "train",
+                          "model.preset=tiny", "train.seq_length=32", "train.micro_batch_size=2",
+                          "train.global_batch_size=2", "train.train_steps=20",
+                          "train.lr_warmup_steps=1", f"data.path={data}",
+                          f"checkpoint.save={run}", "checkpoint.save_interval=0"],
+                         env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 30
+    while not _catches(p.pid, signal.SIGTERM):
+        assert time.time() < deadline and p.poll() is None
+        time.sleep(0.002)
+    torch_loaded = "libtorch" in open(f"/proc/{p.pid}/maps").read()
+    p.send_signal(signal.SIGTERM)
+    _, err = p.communicate(timeout=120)
+    assert p.returncode == 0, err[-2000:]
+    assert not torch_loaded  # the handler came before the heavy imports
+    assert open(run / "latest").read().strip() == "iter_0000001"
+
+
 def _disk_full(rank, world, base):
     import resource
 
@@ -209,3 +240,125 @@ def test_a_dying_rank_ends_the_job_quickly(tmp_path):
     assert seconds < 60, seconds
     print("FIGURES rank-failure", json.dumps({"seconds_to_exit": round(seconds, 1),
                                                "returncode": r.returncode}))
+
+
+def _processes_with(text: str):
+    """pids of this machine's processes whose command line contains `text`."""
+    out = []
+    for pid in os.listdir("/proc"):
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                if text.encode() in f.read() and int(pid) != os.getpid():
+                    out.append(int(pid))
+        except (OSError, ValueError):
+            continue
+    return out
+
+
+def _wait_for(path, proc, seconds=120, writers=2):
+    """Until `writers` held writer processes have written their pids to `path`."""
+    deadline = time.time() + seconds
+    while time.time() < deadline and not (
+            os.path.exists(path) and len(open(path).read().split()) >= writers):
+        assert proc.poll() is None, proc.communicate()[1][-3000:]
+        time.sleep(0.05)
+    assert os.path.exists(path), f"no save was reached in {seconds}s"
+    time.sleep(0.3)  # the trainer now waits for its writers
+
+
+def _stdlib_jsonl(path):
+    import sysconfig
+
+    src = os.path.join(sysconfig.get_paths()["stdlib"], "json")
+    with open(path, "w") as f:
+        for name in sorted(os.listdir(src)):
+            if name.endswith(".py"):
+                f.write(json.dumps({"text": open(os.path.join(src, name)).read()}) + "\n")
+
+
+def test_concurrent_run_refused_and_ctrl_c_or_kill_during_a_save(tmp_path):
+    """Two runs into one checkpoint.save: the second is refused at start, naming the first,
+    which goes on. Ctrl-C (SIGINT) to the first while Megatron's writer writes its second
+    checkpoint: it exits within seconds, no writer left, `latest` still names the first
+    checkpoint, which --resume loads. SIGKILL to a third run during its save: its writer dies
+    with it; its lock and partial folder are taken over / removed by the next run."""
+    from xft_megatron.checkpoint import dist as ckpt
+    from xft_megatron.checkpoint import lock
+
+    data = tmp_path / "text.jsonl"
+    _stdlib_jsonl(data)
+    args = ["model.preset=tiny", "train.seq_length=64", "train.micro_batch_size=2",
+            "train.global_batch_size=4", "train.train_steps=3", "train.lr_warmup_steps=1",
+            f"data.path={data}", "checkpoint.save_interval=1"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": ROOT_DIR}
+
+    def start(run, marker=None, extra=()):
+        a = ["train"] + args + [f"checkpoint.save={run}"] + list(extra)
+        code = (f"import tests.fault_child as f; f.hold_writer({str(marker)!r}); "
+                if marker else "import tests.fault_child as f; ") + f"f.xft(*{a!r})"
+        return subprocess.Popen([sys.executable, "-c", code], cwd=ROOT_DIR, env=env,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+    x, y = tmp_path / "x", tmp_path / "y"
+    mx, my = tmp_path / "held-x", tmp_path / "held-y"
+    a, d = start(x, mx), start(y, my)
+    _wait_for(mx, a)
+    second = subprocess.run([sys.executable, "-m", "xft_megatron.cli", "train"] + args +
+                            [f"checkpoint.save={x}", "--resume"], capture_output=True,
+                            text=True, env=env, timeout=300)
+    assert second.returncode == 2, second.stderr[-2000:]
+    assert f"pid {a.pid}" in second.stderr and lock.HOST in second.stderr, second.stderr
+    assert "in use by another run" in second.stderr and "started" in second.stderr
+
+    t0 = time.time()
+    a.send_signal(signal.SIGINT)  # the writer of iter 2 is writing
+    _, err = a.communicate(timeout=60)
+    sigint_s = time.time() - t0
+    assert a.returncode == 130 and "Traceback" not in err and "interrupted" in err, err[-3000:]
+    time.sleep(0.5)
+    assert not _processes_with(str(mx)), "a writer of the interrupted run survived"
+    assert open(x / "latest").read().strip() == "iter_0000001"
+    assert sorted(os.listdir(x)) == ["data_cache", "iter_0000001", "latest", "metrics.jsonl",
+                                     "summary.json", "tensorboard"]  # no partial, no lock
+
+    _wait_for(my, d)
+    d.kill()
+    d.wait(timeout=30)
+    deadline = time.time() + 10
+    while _processes_with(str(my)) and time.time() < deadline:
+        time.sleep(0.1)
+    survivors = _processes_with(str(my))
+    assert not survivors, f"writer processes {survivors} outlived their killed trainer"
+    left = sorted(os.listdir(y))
+    assert lock.LOCK_FILE in left and any(n.startswith(".tmp-iter_0000002") for n in left)
+
+    resumed = start(x, extra=["--resume"])  # the interrupted run continues from iter 1
+    out, err = resumed.communicate(timeout=300)
+    assert resumed.returncode == 0, err[-3000:]
+    assert "resumed from" in out + err and "iter_0000001" in out + err
+    assert open(x / "latest").read().strip() == "iter_0000003"
+    ckpt.verify(ckpt.resolve(str(x)), collective=False)
+
+    import contextlib
+    import io
+
+    notice = io.StringIO()
+    with contextlib.redirect_stderr(notice):  # the killed run's lock and partial folder
+        with lock.hold(str(y), "test"):
+            ckpt._remove_stale(str(y))
+    assert f"pid {d.pid}" in notice.getvalue() and "no longer running" in notice.getvalue()
+    assert sorted(os.listdir(y)) == ["data_cache", "iter_0000001", "latest", "metrics.jsonl",
+                                     "tensorboard"]
+    print("FIGURES concurrent+interrupt", json.dumps({
+        "concurrent run refused": 1, "sigint exit_s": round(sigint_s, 2),
+        "sigint clean": 1, "sigkill writer survivors": len(survivors)}))
+
+
+def test_no_process_survives_the_kill_tests(prepared):
+    """Run last in this module: no process of the killed trainers (whose command lines name
+    the module's directory), e.g. a Megatron writer they forked, is still alive."""
+    root, _ = prepared
+    deadline = time.time() + 10
+    while _processes_with(str(root)) and time.time() < deadline:
+        time.sleep(0.2)
+    assert not _processes_with(str(root))

@@ -110,7 +110,7 @@ def _merge(args):
 def _train(args):
     from xft_megatron.training.signals import StopOnSignal
 
-    stop = None if args.dry_run else StopOnSignal()  # before the heavy imports
+    stop = None if args.dry_run else (args.stop or StopOnSignal())
     from xft_megatron.training import run
 
     result = run.main(args.config, args.overrides, resume=args.resume, dry=args.dry_run,
@@ -389,9 +389,27 @@ def _quiet_dependency_warnings():
     warnings.filterwarnings("ignore", message=".*\\.grad attribute of a Tensor that is not a leaf")
 
 
+def _early_stop_signal(argv):
+    """`xft train`: the SIGTERM handler, installed before the parser's imports pull in torch
+    and Megatron (seconds), so a preemption that early still ends in a checkpoint."""
+    if argv[:1] == ["train"] and "--dry-run" not in argv:
+        from xft_megatron.training.signals import StopOnSignal
+
+        return StopOnSignal()
+    return None
+
+
+_INTERRUPTED = ("xft: interrupted. Checkpoints written before are complete and `latest` names "
+                "the newest of them; a save in progress was discarded (its partial folder "
+                "removed). Continue with --resume")
+
+
 def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    stop = _early_stop_signal(argv)
     _quiet_dependency_warnings()
     args = build_parser().parse_args(argv)
+    args.stop = stop
     if getattr(args, "config", None) and "=" in args.config \
             and not args.config.endswith((".yaml", ".yml")):  # overrides without a file
         args.overrides = [args.config] + args.overrides
@@ -407,6 +425,9 @@ def main(argv=None) -> int:
         return 2
     try:
         args.func(args)
+    except KeyboardInterrupt:  # Ctrl-C / SIGINT: the writers are already ended (writers.py)
+        print(_INTERRUPTED, file=sys.stderr, flush=True)
+        return 130
     except ConfigError as e:
         print(f"xft: config error: {e}", file=sys.stderr)
         return 2

@@ -110,7 +110,8 @@ def mcore_to_hf(ckpt_dir: str, out: str, dtype: Optional[str] = None,
     ids, generated[GENERATION_CONFIG] = export_settings(folder)
     config.update(ids)
     write_hf_dir(shapes, stream.GroupCache(group), config, out, DTYPES[dtype], shard_bytes,
-                 extra_files={**extra, **files}, json_files=generated)
+                 extra_files={**extra, **files}, json_files=generated,
+                 before_commit=reader.verified)
 
 
 def hf_tokenizer_files(src: str) -> Tuple[Dict[str, str], Dict[str, Dict]]:

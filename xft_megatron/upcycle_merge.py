@@ -57,7 +57,10 @@ def upcycle_checkpoint(src: Optional[str], out: str, moe: MoEConfig, seed: int =
             return dict(upcycle(reader.read(names[g]), moe, hidden, seed, noise_std))
 
         layout_out = stream.layout_of(cfg)
-        write = lambda f: stream.write(f, layout_out, stream.GroupCache(group))  # noqa: E731
+        def write(folder: str) -> None:
+            stream.write(folder, layout_out, stream.GroupCache(group))
+            reader.verified()  # the source's checksums, before the output is committed
+
         return ckpt.save(None, out, 0, cfg, extra_files=tokenizer_files(ckpt.resolve(src)),
                          write_tensors=write)
     finally:
@@ -140,7 +143,10 @@ def merge_checkpoint(src: str, out: str, coefficients: str = "uniform",
         return dict(fold(reader.read(names[g]), table.__getitem__))
 
     dense_layout = stream.layout_of(dense_cfg)
-    write = lambda f: stream.write(f, dense_layout, stream.GroupCache(group))  # noqa: E731
+    def write(folder: str) -> None:
+        stream.write(folder, dense_layout, stream.GroupCache(group))
+        reader.verified()  # the source's checksums, before the output is committed
+
     path = ckpt.save(None, out, 0, dense_cfg, extra_files=tokenizer_files(ckpt.resolve(src)),
                      write_tensors=write)
     if hf_out:

@@ -4,12 +4,16 @@ Layout of a checkpoint root:
     ROOT/iter_0000100/        a complete checkpoint (dist_checkpointing files + xft_config.yaml)
         train_state.json      (training checkpoints) step, consumed samples, data position
         rank_state/rank_N.pt  (training checkpoints) each rank's RNG states
+        checksums.json        CRC-32 of every other file, verified by every load (checksums.py)
     ROOT/latest               text: the name of the newest complete checkpoint
+    ROOT/.xft-lock            while a run writes ROOT: its holder (lock.py)
 Training checkpoints also hold the distributed optimizer's state (in model space, so it
 reshards like the weights) and the LR scheduler's state.
-A save writes into ROOT/.tmp-iter_0000100-<token>/, then renames it into place and only then
-replaces `latest` (write to a temporary file + os.replace). A crash at any moment leaves the
-previous checkpoint and pointer untouched; leftover .tmp-* folders are ignored by readers.
+A save (under the directory lock) writes into ROOT/.tmp-iter_0000100-<host>-<pid>-<token>/,
+records the checksums, then renames it into place and only then replaces `latest` (write to a
+temporary file + os.replace). A crash at any moment leaves the previous checkpoint and pointer
+untouched; leftover .tmp-* folders are ignored by readers and removed by a later save once
+their writer is provably gone (a dead process of this host).
 Sharded tensors carry global names, so a checkpoint loads under any other valid layout.
 """
 
@@ -18,6 +22,7 @@ import io
 import json
 import os
 import shutil
+import sys
 import uuid
 from typing import Callable, Dict, List, Optional, Sequence
 
@@ -32,7 +37,7 @@ from torch.distributed.checkpoint import FileSystemReader
 from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
-from xft_megatron.checkpoint import ranks
+from xft_megatron.checkpoint import checksums, lock, ranks, writers
 from xft_megatron.config import Config, ConfigError
 
 CONFIG_FILE = "xft_config.yaml"
@@ -92,11 +97,16 @@ def save(chunks: List, root: str, iteration: int, cfg: Config,
     by rank 0. A training checkpoint adds the optimizer and
     scheduler, `train_state` (JSON, from rank 0) and `rank_state` (per rank, e.g. RNG).
     `keep` > 0 removes all but the newest `keep` complete checkpoints afterwards."""
-    os.makedirs(root, exist_ok=True)
+    with lock.hold(root):  # re-entrant: a run holds it already for its whole life
+        return _save(chunks, root, iteration, cfg, extra_files, optimizer, scheduler,
+                     train_state, rank_state, keep, write_tensors)
+
+
+def _save(chunks, root, iteration, cfg, extra_files, optimizer, scheduler, train_state,
+          rank_state, keep, write_tensors) -> str:
     name = iteration_dir_name(iteration)
     rank = ranks.world()[0]
-    tmp = ranks.broadcast(os.path.join(root, f".tmp-{name}-{uuid.uuid4().hex[:8]}")
-                          if rank == 0 else None)
+    tmp = ranks.broadcast(os.path.join(root, _tmp_name(name)) if rank == 0 else None)
     if rank == 0:
         _remove_stale(root)
         os.makedirs(tmp)
@@ -104,13 +114,14 @@ def save(chunks: List, root: str, iteration: int, cfg: Config,
     try:
         if write_tensors is None:
             write_tensors = functools.partial(_save_chunks, chunks, optimizer, scheduler)
-        _write(write_tensors, root, name, tmp, iteration, cfg, extra_files, train_state,
-               rank_state, keep)
+        with writers.guarded():  # Megatron's writer processes: ended on Ctrl-C or our death
+            _write(write_tensors, root, name, tmp, iteration, cfg, extra_files, train_state,
+                   rank_state, keep)
     except BaseException as e:  # a failed write (disk full, Ctrl-C) leaves no partial folder
         if rank == 0:
             shutil.rmtree(tmp, ignore_errors=True)
-        if isinstance(e, (KeyboardInterrupt, SystemExit)):
-            raise
+        if isinstance(e, (KeyboardInterrupt, SystemExit, CheckpointError)):
+            raise  # CheckpointError: the source of a streaming tool is damaged
         # OSError from our writes; torch's CheckpointException (a BaseException) wrapping a
         # failed write in the dist_checkpointing writer: its last line names the cause
         cause = (str(e).strip().splitlines() or [type(e).__name__])[-1]
@@ -126,12 +137,35 @@ def _moved_aside_name(name: str) -> str:
     return name[len(".old-"):].rsplit("-", 1)[0]
 
 
+def _tmp_name(name: str) -> str:
+    """'.tmp-iter_0000003-HOST-PID-1a2b3c4d': the writer of a partial folder is known."""
+    return f".tmp-{name}-{lock.HOST}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+
+
+def _tmp_writer(n: str):
+    """(host, pid) of a '.tmp-iter_*' folder named by `_tmp_name`, else None (older names)."""
+    parts = n.rsplit("-", 2)
+    if len(parts) != 3:
+        return None
+    head, pid, token = parts
+    prefix = head.split("-", 2)  # ['.tmp', 'iter_0000003', HOST]
+    if len(prefix) < 3 or not pid.isdigit() or len(token) != 8:
+        return None
+    return prefix[2], int(pid)
+
+
 def _remove_stale(root: str) -> None:
-    """Leftovers of saves that were killed: partial `.tmp-*` folders (never read), and
-    checkpoints a re-save moved aside once their replacement is complete."""
+    """Leftovers of saves that were killed: partial `.tmp-*` folders (never read) whose
+    writer is provably gone (this process, or a dead process of this host; a folder of a
+    live process or of another host is left alone), and checkpoints a re-save moved aside
+    once their replacement is complete."""
     for n in os.listdir(root):
-        stale = n.startswith(".tmp-iter_")
-        if n.startswith(".old-iter_"):
+        stale = False
+        if n.startswith(".tmp-iter_"):
+            writer = _tmp_writer(n)
+            stale = writer is not None and writer[0] == lock.HOST and (
+                writer[1] == os.getpid() or not lock.pid_alive(writer[1]))
+        elif n.startswith(".old-iter_"):
             replaced = os.path.join(root, _moved_aside_name(n))
             stale = os.path.isfile(os.path.join(replaced, CONFIG_FILE))
         if stale:
@@ -152,6 +186,7 @@ def _write(write_tensors, root, name, tmp, iteration, cfg, extra_files, train_st
         torch.save(rank_state, path)
         fsync_file(path)
     ranks.barrier()
+    hashed = ranks.all_gather(checksums.hash_own_files(tmp))  # each rank the files it wrote
     if ranks.world()[0] == 0:
         with open(os.path.join(tmp, CONFIG_FILE), "w") as f:
             yaml.safe_dump({"iteration": iteration, **cfg.to_dict()}, f, sort_keys=False)
@@ -160,6 +195,7 @@ def _write(write_tensors, root, name, tmp, iteration, cfg, extra_files, train_st
                 json.dump(train_state, f, indent=1)
         for fname, src in (extra_files or {}).items():
             shutil.copy2(src, os.path.join(tmp, fname))
+        checksums.write_manifest(tmp, {k: v for part in hashed for k, v in part.items()})
         for dirpath, _, files in os.walk(tmp):
             for fname in files:
                 fsync_file(os.path.join(dirpath, fname))
@@ -215,7 +251,8 @@ def _fsync_dir(path: str) -> None:
 def require_empty_dir(out: str, flag: str = "--out") -> None:
     """Refuse an output directory that exists and holds anything (e.g. another run's
     checkpoints, which a new `latest` would silently replace)."""
-    if os.path.exists(out) and (not os.path.isdir(out) or os.listdir(out)):
+    if os.path.exists(out) and (not os.path.isdir(out) or
+                                set(os.listdir(out)) - {lock.LOCK_FILE}):
         raise FileExistsError(f"'{out}' exists and is not empty; choose a new {flag} (a "
                               "checkpoint tool never writes into another run's directory)")
 
@@ -234,12 +271,21 @@ def resolve(path: str) -> str:
             return ckpt
         fallback = _newest_complete(path)
         if fallback:  # a save was killed while replacing a checkpoint of the same step
+            if (latest, fallback) not in _fallbacks_said:
+                _fallbacks_said.add((latest, fallback))
+                if ranks.world()[0] == 0:
+                    print(f"notice: '{latest}' names '{name}', which is not a complete "
+                          f"checkpoint; using {fallback}, the newest complete one in "
+                          f"'{path}'", file=sys.stderr, flush=True)
             return fallback
         raise FileNotFoundError(f"'{latest}' points to '{name}', which is not a complete "
                                 f"checkpoint (no {CONFIG_FILE} in {ckpt}); write the name of "
                                 "a complete iter_* folder into it")
     raise FileNotFoundError(f"'{path}' is not a checkpoint: expected {CONFIG_FILE} in it or a "
                             f"'{LATEST_FILE}' file naming one")
+
+
+_fallbacks_said = set()
 
 
 def _newest_complete(root: str) -> Optional[str]:
@@ -263,7 +309,9 @@ class CheckpointError(ValueError):
 
 def read_config(path: str) -> Dict:
     """The config stored with a checkpoint (root or iter_* folder), iteration included."""
-    file = os.path.join(resolve(path), CONFIG_FILE)
+    folder = resolve(path)
+    file = os.path.join(folder, CONFIG_FILE)
+    verify(folder, [CONFIG_FILE], collective=False)
     try:
         with open(file, encoding="utf-8") as f:
             stored = yaml.safe_load(f)
@@ -326,8 +374,41 @@ def load(chunks: List, path: str, may_lack: Sequence[str] = (), optimizer=None,
     (a training checkpoint: resume). All ranks must call it.
     Before anything is read into the model, the checkpoint's files are checked against its
     index and the model's tensors against the stored names and shapes: CheckpointError
-    (on every rank) naming the file or tensor that is wrong."""
+    (on every rank) naming the file or tensor that is wrong. Every file is checked against
+    the checksums recorded at save on background threads while the load reads
+    (checksums.py); a mismatch raises, naming the file, before the load returns."""
     ckpt = resolve(path)
+    pending = checksums.start(ckpt)
+    try:
+        state, chunks, skipped, iteration = _load_state(chunks, ckpt, may_lack, optimizer,
+                                                        scheduler)
+    except BaseException:
+        _raise_damaged(ckpt, pending.result(collective=False))  # the damaged file, named
+        raise
+    _raise_damaged(ckpt, pending.result())
+    for i, c in enumerate(chunks):
+        missing, unexpected = c.load_state_dict(
+            state["model" if len(chunks) == 1 else f"model{i}"], strict=False)
+        missing = [k for k in missing if k not in skipped and not k.endswith("_extra_state")]
+        if missing or unexpected:
+            raise CheckpointError(f"checkpoint '{ckpt}' does not fit the model: missing "
+                                  f"{missing[:5]}, unexpected {unexpected[:5]}")
+    if optimizer is not None:
+        with torch.no_grad():  # main parameters may be views of the model's parameters
+            optimizer.load_state_dict(state["optimizer"])
+    if scheduler is not None:
+        scheduler.load_state_dict(state["scheduler"])
+    return iteration
+
+
+def _raise_damaged(folder: str, found: Optional[str]) -> None:
+    if found:
+        raise CheckpointError(f"checkpoint '{folder}' is damaged: {found}; {_DAMAGED}")
+
+
+def _load_state(chunks, ckpt, may_lack, optimizer, scheduler):
+    """(the state read by dist_checkpointing, the unwrapped chunks, the names skipped as
+    `may_lack`, the iteration), after the checks against the index."""
     iteration = read_config(ckpt).get("iteration", 0)
     chunks = [unwrap(c) for c in chunks]
     request = _training_sharded_state_dict(chunks, optimizer, scheduler, is_loading=True)
@@ -347,22 +428,16 @@ def load(chunks: List, path: str, may_lack: Sequence[str] = (), optimizer=None,
         state = dist_checkpointing.load(request, ckpt)
     except (CheckpointException, Exception) as e:  # torch's is a BaseException
         raise CheckpointError(_load_failure(ckpt, metadata, e)) from e
-    for i, c in enumerate(chunks):
-        missing, unexpected = c.load_state_dict(
-            state["model" if len(chunks) == 1 else f"model{i}"], strict=False)
-        missing = [k for k in missing if k not in skipped and not k.endswith("_extra_state")]
-        if missing or unexpected:
-            raise CheckpointError(f"checkpoint '{ckpt}' does not fit the model: missing "
-                                  f"{missing[:5]}, unexpected {unexpected[:5]}")
-    if optimizer is not None:
-        with torch.no_grad():  # main parameters may be views of the model's parameters
-            optimizer.load_state_dict(state["optimizer"])
-    if scheduler is not None:
-        scheduler.load_state_dict(state["scheduler"])
-    return iteration
+    return state, chunks, skipped, iteration
 
 
 _DAMAGED = "restore the checkpoint from a copy, or use another iter_* folder"
+
+
+def verify(folder: str, names: Optional[Sequence[str]] = None, collective: bool = True) -> None:
+    """CheckpointError naming the file when a file of `folder` (or only `names`) differs from
+    the checksum recorded at save (collective: every rank raises). See checksums.py."""
+    _raise_damaged(folder, checksums.problem(folder, names, collective=collective))
 
 
 def _one_line(e: BaseException, limit: int = 300) -> str:
@@ -489,7 +564,9 @@ def is_training_checkpoint(path: str) -> bool:
 
 def read_train_state(path: str) -> Dict:
     """The trainer's position stored with a training checkpoint."""
-    with open(os.path.join(resolve(path), TRAIN_STATE_FILE)) as f:
+    folder = resolve(path)
+    verify(folder, [TRAIN_STATE_FILE], collective=False)
+    with open(os.path.join(folder, TRAIN_STATE_FILE)) as f:
         return json.load(f)
 
 
@@ -497,8 +574,12 @@ def read_rank_state(path: str, rank: Optional[int] = None):
     """This rank's saved per-rank state, or None when the checkpoint has none for it (e.g.
     it was written by a different number of ranks)."""
     rank = ranks.world()[0] if rank is None else rank
-    f = os.path.join(resolve(path), RANK_STATE_DIR, f"rank_{rank:05d}.pt")
-    return torch.load(f, weights_only=False) if os.path.isfile(f) else None
+    folder = resolve(path)
+    name = os.path.join(RANK_STATE_DIR, f"rank_{rank:05d}.pt")
+    if not os.path.isfile(os.path.join(folder, name)):
+        return None
+    verify(folder, [name], collective=False)
+    return torch.load(os.path.join(folder, name), weights_only=False)
 
 
 def saved_world_size(path: str) -> int:

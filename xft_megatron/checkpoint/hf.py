@@ -11,7 +11,7 @@ import os
 import shutil
 import struct
 import uuid
-from typing import Callable, Dict, Iterator, List, Tuple
+from typing import Callable, Dict, Iterator, List, Optional, Tuple
 
 import torch
 
@@ -307,14 +307,16 @@ _SAFETENSORS_DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat1
 def write_hf_dir(shapes: Dict[str, Tuple[int, ...]], produce: Callable[[str], torch.Tensor],
                  config: Dict, out_dir: str, dtype: torch.dtype = torch.bfloat16,
                  shard_bytes: int = 2 * 2 ** 30, extra_files: Dict[str, str] = None,
-                 json_files: Dict[str, Dict] = None) -> None:
+                 json_files: Dict[str, Dict] = None,
+                 before_commit: Optional[Callable[[], None]] = None) -> None:
     """Write config.json (`config` plus the dtype) and sharded safetensors with an index;
     `extra_files` (name -> source path) are copied along and `json_files` (name -> content,
     e.g. generation_config.json) written.
     `shapes` (name -> shape, in writing order) fixes every file's header up front, so each
     tensor is produced (`produce(name)`), written and dropped one at a time. Under torchrun
     the shards are spread over the ranks (collective). Written into a temporary sibling folder
-    and renamed into place: never half a model."""
+    and renamed into place: never half a model. `before_commit()` (all ranks, after every
+    shard is written) may still refuse it (e.g. the source's checksums)."""
     if os.path.exists(out_dir) and os.listdir(out_dir):
         raise FileExistsError(f"'{out_dir}' exists and is not empty; choose a new --out")
     rank, world = ranks.world()
@@ -329,6 +331,8 @@ def write_hf_dir(shapes: Dict[str, Tuple[int, ...]], produce: Callable[[str], to
         for i in range(rank, len(shards), world):
             _write_safetensors(os.path.join(tmp, names[i]), shards[i], shapes, produce, dtype)
         ranks.barrier()
+        if before_commit is not None:
+            before_commit()
         if rank == 0:
             weight_map = {n: names[i] for i, shard in enumerate(shards) for n in shard}
             total = sum(torch.Size(s).numel() for s in shapes.values()) * dtype.itemsize

@@ -24,3 +24,12 @@ def broadcast(value):
     if dist.is_initialized() and dist.get_world_size() > 1:
         dist.broadcast_object_list(box, src=0)
     return box[0]
+
+
+def all_gather(value) -> list:
+    """Every rank's `value` (picklable), in rank order, on every rank."""
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        out = [None] * dist.get_world_size()
+        dist.all_gather_object(out, value)
+        return out
+    return [value]

@@ -8,7 +8,9 @@ parameter. `write` then produces the parameters one group (a decoder layer) at a
 chunk, so nothing but the current group is held; the files are those a single-rank Megatron
 save writes, so they load under any layout. Under torchrun the groups are spread over the
 ranks, each writing its own files. `Reader` fetches named parameters from any torch_dist
-checkpoint (written by Megatron under any layout, or by `write`) chunk by chunk.
+checkpoint (written by Megatron under any layout, or by `write`) chunk by chunk, while its
+files are checked against their recorded checksums; a tool calls `Reader.verified()` before
+it commits an output made from them.
 """
 
 import contextlib
@@ -332,11 +334,16 @@ class Reader:
     index and the tensor names and shapes once, up front."""
 
     def __init__(self, path: str, layout: Layout):
+        from xft_megatron.checkpoint import checksums
         from xft_megatron.checkpoint.dist import CheckpointError, _read_index, resolve
 
         folder = resolve(path)
+        # every file against the checksums recorded at save, on background threads while
+        # the tool reads; `verified()` (before the tool commits its output) waits for it
+        self.pending = checksums.start(folder)
         metadata, problem = _read_index(folder)
         if problem:
+            self._raise_if_damaged(collective=False)
             raise CheckpointError(problem)
         self.folder, self.layout, self.metadata = folder, layout, metadata
         stored = metadata.state_dict_metadata
@@ -355,6 +362,17 @@ class Reader:
                 f"{'; '.join(sorted(set(bad))[:4])}; the tensors and xft_config.yaml belong "
                 "to different models")
 
+    def _raise_if_damaged(self, collective: bool = True) -> None:
+        from xft_megatron.checkpoint.dist import _raise_damaged
+
+        _raise_damaged(self.folder if hasattr(self, "folder") else self.pending.folder,
+                       self.pending.result(collective=collective))
+
+    def verified(self) -> None:
+        """Wait for the checksum verification: CheckpointError (on every rank) naming the
+        damaged file. Call on all ranks before committing anything made from the values."""
+        self._raise_if_damaged()
+
     def stored_dtype(self, name: str) -> torch.dtype:
         key = self.layout.params[name].parts[0].key
         return self.metadata.state_dict_metadata[key].properties.dtype
@@ -372,6 +390,7 @@ class Reader:
             if rest:
                 self._read_chunks(rest, out)
         except Exception as e:  # noqa: BLE001 - damaged data: say which file holds it
+            self._raise_if_damaged(collective=False)
             raise CheckpointError(_load_failure(self.folder, self.metadata, e)) from None
         return out
 

@@ -20,6 +20,7 @@ import torch.distributed as dist
 
 from xft_megatron import parallel, platform
 from xft_megatron.checkpoint import dist as ckpt
+from xft_megatron.checkpoint import lock
 from xft_megatron.config import Config
 from xft_megatron.model.builder import build_model, count_parameters, transformer_config
 from xft_megatron.moe.merge_mlp import gather_coefficients
@@ -92,8 +93,16 @@ def train(cfg: Config, data, progress: bool = True, resume: bool = False,
     """Train to `cfg.train.train_steps` optimizer steps on `data[step]` (a [global_batch,
     seq+1] token tensor or a packed batch dict). `should_stop()` (polled every step, e.g. set
     by SIGTERM) ends the run early with a checkpoint. `extra_files` (name -> path) are copied
-    into every checkpoint (tokenizer files)."""
+    into every checkpoint (tokenizer files). Holds the lock on `checkpoint.save` throughout
+    (checkpoint/lock.py: a second run writing there is refused)."""
     info = parallel.initialize(cfg.parallel, seed=cfg.train.seed)
+    with lock.hold(cfg.checkpoint.save):
+        return _train(cfg, info, data, progress, resume, should_stop, extra_files, loss_hook,
+                      log_dir)
+
+
+def _train(cfg, info, data, progress, resume, should_stop, extra_files, loss_hook,
+           log_dir) -> RunResult:
     t, c = cfg.train, cfg.checkpoint
     tc = transformer_config(cfg)
     chunks = build_model(cfg, tc)

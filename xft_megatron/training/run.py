@@ -17,6 +17,7 @@ import torch.distributed as dist
 
 from xft_megatron import convert, parallel
 from xft_megatron.checkpoint import dist as ckpt
+from xft_megatron.checkpoint import lock
 from xft_megatron.config import Config, ConfigError, deep_merge, parse_overrides, read_yaml
 from xft_megatron.data.dataset import build_dataset, check_sources
 from xft_megatron.data.packing import PackedBatches
@@ -139,14 +140,11 @@ def check_save_dir(cfg: Config, resume: bool) -> None:
 def main(config_path: Optional[str], overrides: Sequence[str], resume: bool = False,
          dry: bool = False, world_size: Optional[int] = None, progress: bool = True,
          stop: Optional[StopOnSignal] = None):
-    from xft_megatron.training.loop import train
-
     cfg = assemble_config(config_path, overrides)
     if dry:
         world = world_size or int(os.environ.get("WORLD_SIZE", "1"))
         print(dry_run(cfg, world))
         return None
-    check_save_dir(cfg, resume)
     world = int(os.environ.get("WORLD_SIZE", "1"))
     memory.check_fits(cfg, world, memory.machine_memory(
         int(os.environ.get("LOCAL_WORLD_SIZE", str(world)))))
@@ -154,6 +152,15 @@ def main(config_path: Optional[str], overrides: Sequence[str], resume: bool = Fa
     check_sources(cfg.data, hub)  # a missing file or dataset stops here, before any model
     stop = stop or StopOnSignal()
     info = parallel.initialize(cfg.parallel, seed=cfg.train.seed)
+    with lock.hold(cfg.checkpoint.save):  # a second run into checkpoint.save is refused here
+        check_save_dir(cfg, resume)
+        return _prepare_and_train(cfg, info, resume, progress, stop, hub)
+
+
+def _prepare_and_train(cfg: Config, info, resume: bool, progress: bool, stop,
+                       hub: HubSettings):
+    from xft_megatron.training.loop import train
+
     tok, source = tokenizer_for(cfg)
     batches, report = build_batches(cfg, tok, info.rank, hub)
     if cfg.train.epochs:
