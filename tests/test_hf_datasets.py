@@ -151,6 +151,17 @@ def test_offline_miss_names_dataset_and_cache(tmp_path):
     assert not os.path.exists(tmp_path / "cache")  # stopped before reading anything
 
 
+def test_a_directory_without_a_dataset_is_named(tmp_path):
+    code = tmp_path / "code"
+    code.mkdir()
+    (code / "a.py").write_text("x = 1\n")
+    with pytest.raises(DataError) as e:
+        build(str(code), tmp_path, hub(tmp_path))
+    msg = str(e.value)
+    assert f"'{code}' is a directory without a dataset" in msg and "save_to_disk" in msg
+    assert "does not exist" not in msg and not os.path.exists(tmp_path / "cache")
+
+
 def test_hub_dataset_from_cache_keys_on_revision(tmp_path):
     settings = hub(tmp_path)
     snap = cache_snapshot(str(tmp_path / "hf_home"), "org/pairs", "dataset")

@@ -38,6 +38,15 @@ def test_checkpoint_tools_refuse_a_directory_holding_a_run(run_dir, tmp_path):
     ckpt.require_empty_dir(str(tmp_path / "fresh"))  # new or empty directories are fine
     (tmp_path / "empty").mkdir()
     ckpt.require_empty_dir(str(tmp_path / "empty"))
+    # nor inside a checkpoint's iter folder, however deep; next to it in the root is fine
+    (run_dir / "iter_0000007" / ckpt.CONFIG_FILE).write_text("iteration: 7\n")
+    inside = run_dir / "iter_0000007" / "hf" / "x"
+    for call in (lambda: convert.mcore_to_hf(missing, str(inside)),
+                 lambda: merge_checkpoint(missing, str(tmp_path / "new"), hf_out=str(inside))):
+        with pytest.raises(FileExistsError, match="is inside the checkpoint .*iter_0000007"):
+            call()
+    assert not (run_dir / "iter_0000007" / "hf").exists()
+    ckpt.require_empty_dir(str(run_dir / "hf"))
 
 
 def test_train_without_resume_refuses_an_existing_run(run_dir, tmp_path):
@@ -105,3 +114,33 @@ def test_temp_cleanup_removes_only_provably_stale_folders(tmp_path):
     finally:
         live.kill()
         live.wait()
+
+
+def test_model_keys_that_disagree_with_the_loaded_checkpoint_are_refused(tmp_path):
+    """checkpoint.load of a bigger model with model.preset=tiny would train the stored
+    architecture without a word: refused, naming each key and the stored value."""
+    import yaml
+
+    from xft_megatron.training.run import assemble_config
+
+    big = load_config(None, ["model.preset=tiny", "model.num_layers=6", "model.hidden_size=128",
+                             "model.num_attention_heads=8"])
+    root = tmp_path / "big"
+    (root / "iter_0000003").mkdir(parents=True)
+    (root / "iter_0000003" / ckpt.CONFIG_FILE).write_text(
+        yaml.safe_dump({"iteration": 3, **big.to_dict()}))
+    (root / "latest").write_text("iter_0000003")
+    base = [f"checkpoint.load={root}", f"checkpoint.save={tmp_path / 'out'}",
+            "data.path=x.jsonl"]
+    with pytest.raises(ConfigError) as e:
+        assemble_config(None, base + ["model.preset=tiny"])
+    msg = str(e.value)
+    assert "(model.preset=tiny)" in msg and "model.num_layers=4 (stored: 6)" in msg
+    assert "model.hidden_size=64 (stored: 128)" in msg
+    with pytest.raises(ConfigError, match="model.num_layers=2 \\(stored: 6\\)"):
+        assemble_config(None, base + ["model.num_layers=2"])
+    # the stored values, or keys a run may change (positions, RoPE), are accepted
+    cfg = assemble_config(None, base + ["model.num_layers=6", "model.max_position_embeddings=512",
+                                        "model.rope_theta=5e5"])
+    assert (cfg.model.num_layers, cfg.model.hidden_size) == (6, 128)
+    assert (cfg.model.max_position_embeddings, cfg.model.rope_theta) == (512, 5e5)

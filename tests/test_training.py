@@ -135,3 +135,20 @@ def test_metrics_files(results):
     summary = json.load(open(os.path.join(root, "full", "summary.json")))
     assert summary["steps_done"] == 6 and summary["final_loss"] == lines[-1]["loss"]
     assert os.listdir(os.path.join(root, "full", "tensorboard"))
+
+
+def test_resumed_metrics_keep_one_line_per_step(tmp_path):
+    """A run resumed at step 4 (its checkpoint) after one that logged 6 steps and was cut
+    mid-line: metrics.jsonl keeps steps 1-4, then the resumed run's 5 and 6 follow."""
+    from xft_megatron.training.metrics import Metrics
+
+    path = tmp_path / "metrics.jsonl"
+    path.write_text("".join(json.dumps({"step": s, "loss": 10.0 - s}) + "\n"
+                            for s in range(1, 7)) + '{"step": 7, "lo')
+    m = Metrics(str(tmp_path), True, start_step=4, total_steps=6, progress=False)
+    for s in (5, 6):
+        m.log(s, {"loss": 1.0, "lr": 0.1})
+    m.close()
+    rows = [json.loads(line) for line in path.read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 3, 4, 5, 6]
+    assert [r["loss"] for r in rows] == [9.0, 8.0, 7.0, 6.0, 1.0, 1.0]

@@ -255,6 +255,13 @@ def require_empty_dir(out: str, flag: str = "--out") -> None:
                                 set(os.listdir(out)) - {lock.LOCK_FILE}):
         raise FileExistsError(f"'{out}' exists and is not empty; choose a new {flag} (a "
                               "checkpoint tool never writes into another run's directory)")
+    parent = os.path.dirname(os.path.abspath(out))
+    while parent != os.path.dirname(parent):
+        if os.path.isfile(os.path.join(parent, CONFIG_FILE)):
+            raise FileExistsError(f"'{out}' is inside the checkpoint '{parent}'; choose a "
+                                  f"{flag} outside it (a checkpoint's folder holds only what "
+                                  "its save wrote and checksummed)")
+        parent = os.path.dirname(parent)
 
 
 def resolve(path: str) -> str:

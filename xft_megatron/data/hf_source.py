@@ -70,7 +70,15 @@ def resolve(entry: str, split: str, subset: Optional[str], revision: Optional[st
             raise DataError(f"data.path entry '{entry}' is a save_to_disk folder, which has "
                             f"no subsets; remove data.subset={subset!r}")
         return HFSource(entry, "disk", entry, split)
+    if not any(name.endswith(_DATA_SUFFIXES) for _, _, names in os.walk(entry) for name in names):
+        raise DataError(f"data.path entry '{entry}' is a directory without a dataset: expected "
+                        f"a datasets save_to_disk folder ({', '.join(_DISK_MARKERS)}) or a "
+                        f"folder of data files ({', '.join(_DATA_SUFFIXES)}); to use one "
+                        "file, give its path")
     return HFSource(entry, "folder", entry, split, subset)
+
+
+_DATA_SUFFIXES = (".parquet", ".jsonl", ".json", ".csv", ".arrow", ".jsonl.gz", ".json.gz")
 
 
 def identity(src: HFSource) -> Dict[str, Any]:

@@ -33,7 +33,9 @@ class Metrics:
         self.writer, self.jsonl = None, None
         if self.out_dir:
             os.makedirs(self.out_dir, exist_ok=True)
-            self.jsonl = open(os.path.join(self.out_dir, "metrics.jsonl"), "a")
+            path = os.path.join(self.out_dir, "metrics.jsonl")
+            _keep_until(path, start_step)  # a resumed run logs its steps again from here
+            self.jsonl = open(path, "a")
             try:
                 from torch.utils.tensorboard import SummaryWriter
 
@@ -90,6 +92,27 @@ class Metrics:
             with open(path + ".tmp", "w") as f:
                 json.dump(_jsonable(summary), f, indent=1)
             os.replace(path + ".tmp", path)
+
+
+def _keep_until(path: str, step: int) -> None:
+    """Drop the lines of `path` past `step` (and any unreadable one, e.g. cut by a kill), so
+    that a resumed run leaves one line per step; rewritten atomically."""
+    if not os.path.isfile(path):
+        return
+    with open(path) as f:
+        lines = f.readlines()
+    kept = []
+    for line in lines:
+        try:
+            row = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(row, dict) and isinstance(row.get("step"), int) and row["step"] <= step:
+            kept.append(line if line.endswith("\n") else line + "\n")
+    if kept != lines:
+        with open(path + ".tmp", "w") as f:
+            f.writelines(kept)
+        os.replace(path + ".tmp", path)
 
 
 def _jsonable(d):

@@ -36,6 +36,7 @@ def assemble_config(path: Optional[str], overrides: Sequence[str]) -> Config:
             stored = ckpt.read_config(load)
         except FileNotFoundError as e:
             raise ConfigError(f"checkpoint.load: {e}") from None
+        _check_stored_model(load, data.get("model") or {}, stored.get("model") or {})
         for section in ("model", "moe"):
             data[section] = deep_merge(stored.get(section) or {}, data.get(section) or {})
         if data["moe"].get("num_experts") == 0:
@@ -57,6 +58,36 @@ def assemble_config(path: Optional[str], overrides: Sequence[str]) -> Config:
                           "(a Hugging Face dataset) or dataset folders (comma-separated), or "
                           "builtin:stdlib")
     return cfg
+
+
+# model keys a run may change on a loaded checkpoint: positions and RoPE (context extension)
+# and the init scale (nothing is initialized from it); any other architecture key is stored
+ADJUSTABLE_MODEL_KEYS = ("max_position_embeddings", "rope_scaling_factor", "rope_theta",
+                         "init_std")
+
+
+def _check_stored_model(load: str, given: dict, stored: dict) -> None:
+    """Refuse model keys (a preset's values included) that disagree with the architecture
+    stored in checkpoint.load, which would otherwise be trained instead without a word."""
+    from xft_megatron.model.presets import preset_values
+
+    wanted = preset_values(given["preset"]) if given.get("preset") else {}
+    wanted.update({k: v for k, v in given.items() if k != "preset"})
+
+    def same(a, b):
+        try:
+            return float(a) == float(b)
+        except (TypeError, ValueError):
+            return a == b
+
+    clash = [f"model.{k}={v!r} (stored: {stored[k]!r})" for k, v in wanted.items()
+             if k in stored and k not in ADJUSTABLE_MODEL_KEYS and not same(v, stored[k])]
+    if clash:
+        via = f" (model.preset={given['preset']})" if given.get("preset") else ""
+        raise ConfigError(f"checkpoint.load={load} holds another architecture than the model "
+                          f"keys given{via}: {', '.join(clash)}. Drop those model keys (the "
+                          "stored architecture is used) or load a checkpoint of that "
+                          "architecture")
 
 
 def tokenizer_for(cfg: Config) -> Tuple[Tokenizer, Optional[str]]:
