@@ -5,6 +5,10 @@ import os
 import subprocess
 import sys
 
+import pytest
+
+from xft_megatron import cli
+
 XFT = [sys.executable, "-m", "xft_megatron.cli"]
 
 
@@ -88,3 +92,32 @@ def test_torchrun_tensor_parallel_matches_single_process(tmp_path):
     assert set(a) == set(b) == set(MODELS[:4])
     for k in a:
         assert abs(a[k] - b[k]) <= 1e-4 * a[k], (k, a, b)
+
+
+def test_error_policy_user_errors_exit_with_a_message_bugs_keep_their_traceback(monkeypatch,
+                                                                                  capsys):
+    """One policy (errors.py): a UserError (or the machine's OSError) prints its message and
+    exits 2 (3 for a non-finite loss); anything else, e.g. a plain ValueError, is a bug and
+    propagates with its traceback."""
+    import argparse
+
+    from xft_megatron.errors import UsageError
+    from xft_megatron.training.loop import NonFiniteLoss
+
+    def parser_raising(exc):
+        def fail(args):
+            raise exc
+
+        p = argparse.ArgumentParser()
+        p.set_defaults(func=fail)
+        return p
+
+    for exc, code in ((UsageError("--n must be >= 1"), 2), (NonFiniteLoss("NaN at step 3"), 3),
+                      (FileNotFoundError("'x.jsonl' does not exist"), 2)):
+        monkeypatch.setattr(cli, "build_parser", lambda exc=exc: parser_raising(exc))
+        assert cli.main([]) == code, exc
+        err = capsys.readouterr().err
+        assert str(exc) in err and "Traceback" not in err
+    monkeypatch.setattr(cli, "build_parser", lambda: parser_raising(ValueError("a bug")))
+    with pytest.raises(ValueError, match="a bug"):
+        cli.main([])

@@ -6,6 +6,7 @@ import sys
 import warnings
 
 from xft_megatron.config import ConfigError
+from xft_megatron.errors import UsageError, UserError
 
 
 def _model_dir(ref, flag: str):
@@ -127,7 +128,7 @@ def _eval(args):
     if args.what == "humaneval":
         return _humaneval(args)
     if not args.ckpt or not args.data:
-        raise ValueError("xft eval loss needs --ckpt CHECKPOINT and --data FILE")
+        raise UsageError("xft eval loss needs --ckpt CHECKPOINT and --data FILE")
 
     from xft_megatron.eval.loss import evaluate_loss
     from xft_megatron.parallel import say
@@ -157,7 +158,7 @@ def _humaneval(args):
 
     model = args.model or args.ckpt
     if not model:
-        raise ValueError("xft eval humaneval needs --model HF_DIR_OR_CHECKPOINT")
+        raise UsageError("xft eval humaneval needs --model HF_DIR_OR_CHECKPOINT")
     out = args.out
     if out is None and not os.path.isdir(model):  # a Hub id: outputs not inside the cache
         out = model.replace("/", "--").replace("@", "--") + "_humaneval"
@@ -430,20 +431,13 @@ def main(argv=None) -> int:
         return 130
     except ConfigError as e:
         print(f"xft: config error: {e}", file=sys.stderr)
-        return 2
-    except (FileNotFoundError, FileExistsError, ValueError) as e:  # DataError included
+        return e.exit_code
+    except UserError as e:  # data, checkpoint, HF format, a held directory, a NaN loss, ...
+        print(f"xft: {e}", file=sys.stderr)
+        return e.exit_code
+    except OSError as e:  # the machine's side: a missing or unwritable path, a full disk
         print(f"xft: {e}", file=sys.stderr)
         return 2
-    except OSError as e:  # e.g. a checkpoint write on a full disk (CheckpointWriteError)
-        print(f"xft: {e}", file=sys.stderr)
-        return 2
-    except RuntimeError as e:
-        from xft_megatron.training.loop import NonFiniteLoss
-
-        if not isinstance(e, NonFiniteLoss):
-            raise
-        print(f"xft: {e}", file=sys.stderr)
-        return 3
     return 0
 
 

@@ -17,10 +17,7 @@ from typing import Any, Dict, List, Optional, Sequence
 import yaml
 
 from xft_megatron.data.records import FIELDS
-
-
-class ConfigError(ValueError):
-    """A configuration value is invalid; the message says which and how to fix it."""
+from xft_megatron.errors import ConfigError  # noqa: F401  (also imported from here)
 
 
 def _require(cond: bool, msg: str) -> None:

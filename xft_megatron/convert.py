@@ -19,6 +19,7 @@ from xft_megatron.checkpoint.hf import LazyTensors, check_tensors, model_config_
     weights_index, write_hf_dir
 from xft_megatron.checkpoint.special_tokens import GENERATION_CONFIG, export_settings
 from xft_megatron.config import Config, PrecisionConfig
+from xft_megatron.errors import UsageError
 from xft_megatron.hf_remote import MODELING_FILE
 from xft_megatron.transforms import hf_llama, hf_moe
 
@@ -67,7 +68,7 @@ def hf_dtype(cfg: Config, dtype: Optional[str]) -> str:
     if dtype is None:
         return cfg.precision.dtype
     if dtype not in DTYPES:
-        raise ValueError(f"dtype={dtype!r} must be one of {', '.join(DTYPES)}")
+        raise UsageError(f"dtype={dtype!r} must be one of {', '.join(DTYPES)}")
     return dtype
 
 
@@ -85,7 +86,7 @@ def mcore_to_hf(ckpt_dir: str, out: str, dtype: Optional[str] = None,
     folder = ckpt.resolve(ckpt_dir)
     moe = cfg.moe
     if moe.enabled and moe.stage == "merge":
-        raise ValueError(f"'{ckpt_dir}' is a merge-stage checkpoint (moe.stage=merge); fold it "
+        raise UsageError(f"'{ckpt_dir}' is a merge-stage checkpoint (moe.stage=merge); fold it "
                          "first (`xft merge --ckpt ... --coefficients learned --hf-out DIR`)")
     stream.initialize_single_rank_layout()
     layout = stream.layout_of(cfg)

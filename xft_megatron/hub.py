@@ -22,6 +22,9 @@ import re
 from dataclasses import dataclass
 from typing import Mapping, Optional, Tuple
 
+from xft_megatron.errors import UserError
+
+
 _TRUE = {"1", "ON", "YES", "TRUE"}
 # org/name with an optional @revision (branch, tag or commit); no leading dot, no '..'
 _HUB_ID = re.compile(r"^(?P<repo>[A-Za-z0-9][\w.-]*/[\w.-]+)(?:@(?P<rev>[\w./-]+))?$")
@@ -30,7 +33,7 @@ _SKIPPED = ["*.msgpack", "*.h5", "*.ot", "*.onnx", "*.onnx_data", "*.gguf", "*.t
             "*.mlmodel", "coreml/*", "onnx/*", "original/*"]
 
 
-class HubError(FileNotFoundError):
+class HubError(UserError, FileNotFoundError):
     """A Hub id that is neither in the cache nor downloadable; the message says how to fix."""
 
 

@@ -32,6 +32,7 @@ import time
 from dataclasses import asdict, dataclass, fields
 from typing import Dict, List, Optional, Sequence, Tuple
 
+from xft_megatron.errors import UsageError
 from xft_megatron.stages import run_stage
 
 SHARED_WEIGHT = 0.75
@@ -68,19 +69,19 @@ class Settings:
         self.ablations, self.sources = tuple(self.ablations), tuple(self.sources)
         unknown = set(self.ablations) - set(ABLATIONS)
         if unknown:
-            raise ValueError(f"unknown ablations {sorted(unknown)}; choose from {ABLATIONS}")
+            raise UsageError(f"unknown ablations {sorted(unknown)}; choose from {ABLATIONS}")
         for name in ("steps", "sft_steps", "max_files", "seq_length", "experts", "topk",
                      "moe_every", "humaneval_tokens"):
             if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+                raise UsageError(f"{name} must be >= 1, got {getattr(self, name)}")
         if not self.sources:
-            raise ValueError("give at least one source (stdlib, site-packages or a directory)")
+            raise UsageError("give at least one source (stdlib, site-packages or a directory)")
         if min(self.pretrain_lr, self.tune_lr) <= 0:
-            raise ValueError("learning rates must be > 0")
+            raise UsageError("learning rates must be > 0")
         if self.merge_steps is not None and self.merge_steps < 1:
-            raise ValueError(f"merge_steps must be >= 1, got {self.merge_steps}")
+            raise UsageError(f"merge_steps must be >= 1, got {self.merge_steps}")
         if not 0 <= self.humaneval <= 164:
-            raise ValueError(f"humaneval must be in [0, 164], got {self.humaneval}")
+            raise UsageError(f"humaneval must be in [0, 164], got {self.humaneval}")
         if self.base is not None:
             from xft_megatron.checkpoint.hf import model_config_from_hf
 

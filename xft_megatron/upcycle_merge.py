@@ -21,6 +21,7 @@ from xft_megatron.checkpoint import dist as ckpt
 from xft_megatron.checkpoint import ranks, stream
 from xft_megatron.config import ConfigError, MoEConfig, ParallelConfig
 from xft_megatron.convert import hf_to_mcore, tokenizer_files
+from xft_megatron.errors import UsageError
 from xft_megatron.transforms.merge import fold, merge_coefficients
 from xft_megatron.transforms.upcycle import upcycle
 
@@ -36,7 +37,7 @@ def upcycle_checkpoint(src: Optional[str], out: str, moe: MoEConfig, seed: int =
     if not moe.enabled:
         raise ConfigError("upcycling needs --num-experts > 0")
     if noise_std < 0:
-        raise ValueError(f"--noise must be >= 0, got {noise_std}")
+        raise UsageError(f"--noise must be >= 0, got {noise_std}")
     tmp = None
     if hf_dir:
         tmp = ranks.broadcast(out.rstrip("/") + ".dense-tmp" if ranks.world()[0] == 0 else None)
@@ -44,7 +45,7 @@ def upcycle_checkpoint(src: Optional[str], out: str, moe: MoEConfig, seed: int =
     try:
         dense_cfg = ckpt.load_config(src, parallel={})
         if dense_cfg.moe.enabled:
-            raise ValueError(f"'{src}' is already an MoE checkpoint (moe.num_experts="
+            raise UsageError(f"'{src}' is already an MoE checkpoint (moe.num_experts="
                              f"{dense_cfg.moe.num_experts}); upcycle a dense checkpoint")
         # validates the MoE settings against the model and the layout
         cfg = dense_cfg.replace(moe=moe, parallel=ParallelConfig(**(layout or {})))
@@ -82,7 +83,7 @@ def coefficient_source(spec: str, num_experts: int, shared_weight: float
     if spec == "shared-only":
         return lambda layer: merge_coefficients(torch.zeros(routed), 1.0)
     if spec == "learned":
-        raise ValueError("--coefficients learned needs a merge-stage checkpoint (trained with "
+        raise UsageError("--coefficients learned needs a merge-stage checkpoint (trained with "
                          "moe.stage=merge); this one has no alphas. Pass uniform, shared-only "
                          "or a JSON file of per-layer alphas")
     if not os.path.isfile(spec):
@@ -92,12 +93,12 @@ def coefficient_source(spec: str, num_experts: int, shared_weight: float
         table = {int(k): torch.tensor(v, dtype=torch.float64) for k, v in json.load(f).items()}
     for layer, alpha in table.items():
         if alpha.shape != (routed,):
-            raise ValueError(f"{spec}: layer {layer} has {alpha.numel()} alphas, expected "
+            raise UsageError(f"{spec}: layer {layer} has {alpha.numel()} alphas, expected "
                              f"{routed} (one per routed expert)")
 
     def from_file(layer: int) -> torch.Tensor:
         if layer not in table:
-            raise ValueError(f"{spec} has no alphas for MoE layer {layer}")
+            raise UsageError(f"{spec} has no alphas for MoE layer {layer}")
         return merge_coefficients(table[layer], shared_weight)
 
     return from_file
@@ -114,12 +115,12 @@ def merge_checkpoint(src: str, out: str, coefficients: str = "uniform",
         ckpt.require_empty_dir(hf_out, "--hf-out")
     cfg = ckpt.load_config(src, parallel={})
     if not cfg.moe.enabled:
-        raise ValueError(f"'{src}' is a dense checkpoint; there is nothing to merge")
+        raise UsageError(f"'{src}' is a dense checkpoint; there is nothing to merge")
     if not cfg.moe.has_shared_expert:
-        raise ValueError(f"'{src}' uses moe.mode=vanilla (no shared expert); the XFT merge "
+        raise UsageError(f"'{src}' uses moe.mode=vanilla (no shared expert); the XFT merge "
                          "needs a shared expert")
     if cfg.moe.experts_impl != "grouped":
-        raise ValueError(f"'{src}' stores experts as Megatron's SequentialMLP; the merge reads "
+        raise UsageError(f"'{src}' stores experts as Megatron's SequentialMLP; the merge reads "
                          "the grouped layout (moe.experts_impl=grouped)")
     dense_cfg = cfg.replace(moe=MoEConfig(), parallel=ParallelConfig(
         **{**(layout or {}), "expert": 1, "expert_tensor": None}))

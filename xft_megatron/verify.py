@@ -12,12 +12,13 @@ import torch
 from xft_megatron import parallel
 from xft_megatron.checkpoint import dist as ckpt
 from xft_megatron.checkpoint.hf import own_remote_code
+from xft_megatron.errors import UserError
 from xft_megatron.model.builder import build_model
 
 TOLERANCE = 1e-4  # max |diff| relative to max(1, max |logit|), fp32
 
 
-class VerificationError(ValueError):
+class VerificationError(UserError, ValueError):
     """The two sides of a conversion disagree beyond tolerance."""
 
 

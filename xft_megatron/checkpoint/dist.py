@@ -39,6 +39,7 @@ from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
 from xft_megatron.checkpoint import checksums, lock, ranks, writers
 from xft_megatron.config import Config, ConfigError
+from xft_megatron.errors import UserError
 
 CONFIG_FILE = "xft_config.yaml"
 LATEST_FILE = "latest"
@@ -46,7 +47,7 @@ TRAIN_STATE_FILE = "train_state.json"
 RANK_STATE_DIR = "rank_state"
 
 
-class CheckpointWriteError(OSError):
+class CheckpointWriteError(UserError, OSError):
     """A checkpoint could not be written (disk full, file-size limit, ...); nothing of the
     previous checkpoints was touched."""
 
@@ -309,7 +310,7 @@ def _newest_complete(root: str) -> Optional[str]:
     return os.path.join(root, max(found)[2]) if found else None
 
 
-class CheckpointError(ValueError):
+class CheckpointError(UserError, ValueError):
     """A checkpoint that cannot be loaded as given (damaged, incomplete, or of another
     architecture); the message names the checkpoint, the file and the problem."""
 

@@ -13,6 +13,8 @@ import os
 import shutil
 import uuid
 
+from xft_megatron.errors import UsageError
+
 DTYPES = ("fp32", "bf16", "fp16")
 
 
@@ -22,7 +24,7 @@ def gguf_to_hf(gguf_file: str, out: str, dtype: str = "fp32") -> str:
         raise FileNotFoundError(f"GGUF file '{gguf_file}' does not exist; give the path of a "
                                 ".gguf file")
     if dtype not in DTYPES:
-        raise ValueError(f"dtype={dtype!r} must be one of {', '.join(DTYPES)}")
+        raise UsageError(f"dtype={dtype!r} must be one of {', '.join(DTYPES)}")
     from xft_megatron.checkpoint.dist import require_empty_dir
 
     require_empty_dir(out)
@@ -46,7 +48,7 @@ def gguf_to_hf(gguf_file: str, out: str, dtype: str = "fp32") -> str:
     missing, unexpected = plain.load_state_dict(quantized.state_dict(), strict=False)
     missing = [k for k in missing if not (k == "lm_head.weight" and config.tie_word_embeddings)]
     if missing or unexpected:
-        raise ValueError(f"'{gguf_file}': the dequantized weights do not fit "
+        raise UsageError(f"'{gguf_file}': the dequantized weights do not fit "
                          f"{type(plain).__name__} (missing {missing[:5]}, unexpected "
                          f"{unexpected[:5]})")
     del quantized

@@ -17,12 +17,13 @@ import torch
 
 from xft_megatron.checkpoint import ranks
 from xft_megatron.config import ConfigError, ModelConfig
+from xft_megatron.errors import UserError
 
 ARCHITECTURES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
                  "qwen2": "Qwen2ForCausalLM"}
 
 
-class HFFormatError(ValueError):
+class HFFormatError(UserError, ValueError):
     """An HF directory this project cannot read exactly; the message names file and problem."""
 
 

@@ -25,12 +25,13 @@ import time
 from typing import Dict, Optional
 
 from xft_megatron.checkpoint import ranks
+from xft_megatron.errors import UserError
 
 LOCK_FILE = ".xft-lock"
 HOST = socket.gethostname()
 
 
-class DirectoryInUse(OSError):
+class DirectoryInUse(UserError, OSError):
     """Another run holds the output directory (or may: a record from another host)."""
 
 

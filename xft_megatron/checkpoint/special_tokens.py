@@ -12,6 +12,8 @@ import json
 import os
 from typing import Dict, List, Optional, Tuple, Union
 
+from xft_megatron.errors import UsageError
+
 GENERATION_CONFIG = "generation_config.json"
 TOKEN_KEYS = ("bos_token_id", "eos_token_id", "pad_token_id")
 
@@ -27,10 +29,10 @@ def carried_generation_config(folder: str) -> Dict:
         with open(path, encoding="utf-8") as f:
             cfg = json.load(f)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"{path} is not valid JSON ({e}); restore it from the source model or "
+        raise UsageError(f"{path} is not valid JSON ({e}); restore it from the source model or "
                          "delete it (the tokenizer's special tokens are used then)") from None
     if not isinstance(cfg, dict):
-        raise ValueError(f"{path} holds a JSON {type(cfg).__name__}, not an object; restore it "
+        raise UsageError(f"{path} holds a JSON {type(cfg).__name__}, not an object; restore it "
                          "or delete it")
     return cfg
 

@@ -15,6 +15,8 @@ from typing import Iterator, List, Optional, Sequence, Set, Tuple
 
 import torch
 
+from xft_megatron.errors import UsageError
+
 SOURCES = ("stdlib", "site-packages")  # names `source_dirs` resolves; anything else is a path
 _SKIPPED_DIRS = ("site-packages", "dist-packages", "test", "tests", "__pycache__", "idlelib",
                  "lib2to3", "turtledemo")
@@ -107,7 +109,7 @@ class WindowBatches:
 
     def __init__(self, tokens: torch.Tensor, seq: int, batch: int, seed: int):
         if tokens.numel() < seq + 2:
-            raise ValueError(f"corpus has {tokens.numel()} tokens, fewer than one window of "
+            raise UsageError(f"corpus has {tokens.numel()} tokens, fewer than one window of "
                              f"{seq + 1}")
         self.tokens, self.seq, self.batch, self.seed = tokens, seq, batch, seed
         self.num_windows = (tokens.numel() - 1) // seq

@@ -40,6 +40,7 @@ from xft_megatron.data.records import DataError, DataReport, RecordError, map_co
 from xft_megatron.data.samples import example_samples
 from xft_megatron.data.templates import PROMPTS
 from xft_megatron.data.tokenizer import Tokenizer
+from xft_megatron.errors import UsageError
 from xft_megatron.hub import HubSettings
 
 BUILTIN_STDLIB = "builtin:stdlib"
@@ -87,12 +88,12 @@ def build_dataset(data_cfg: DataConfig, tokenizer: Tokenizer, seq_length: int,
     `cache_dir` defaults to data_cfg.cache_dir; `hub` to HubSettings.from_env()."""
     cache_dir = cache_dir or data_cfg.cache_dir
     if not cache_dir:
-        raise ValueError("build_dataset needs a cache directory (data.cache_dir) to hold the "
+        raise UsageError("build_dataset needs a cache directory (data.cache_dir) to hold the "
                          "tokenized samples")
     if not data_cfg.paths:
         raise DataError(f"data.path is empty; give {_PATH_HELP}")
     if seq_length < 1:
-        raise ValueError(f"seq_length={seq_length} must be >= 1")
+        raise UsageError(f"seq_length={seq_length} must be >= 1")
     hub = hub or HubSettings.from_env()
     files = check_sources(data_cfg, hub)
     key_inputs = cache_key_inputs(files, tokenizer, data_cfg, seq_length)

@@ -29,6 +29,8 @@ from typing import Dict, List, Optional, Sequence
 import numpy as np
 import torch
 
+from xft_megatron.errors import UsageError
+
 
 def first_fit(lengths: Sequence[int], order: Sequence[int], capacity: int) -> List[List[int]]:
     """Rows (lists of sample indices) from placing samples, in `order`, into the first row
@@ -75,10 +77,10 @@ class PackedBatches:
             lengths = [len(dataset[i][0]) for i in range(len(dataset))]
         lengths = np.asarray(lengths, dtype=np.int64)
         if len(lengths) == 0:
-            raise ValueError("the dataset has no samples")
+            raise UsageError("the dataset has no samples")
         width = seq_length + 1
         if lengths.max() > width:
-            raise ValueError(f"a sample has {lengths.max()} tokens, more than seq_length + 1 = "
+            raise UsageError(f"a sample has {lengths.max()} tokens, more than seq_length + 1 = "
                              f"{width}; the dataset was built for a longer seq_length")
         if packing:
             order = np.random.default_rng([seed, 1]).permutation(len(lengths))

@@ -29,6 +29,9 @@ import os
 from dataclasses import dataclass, field
 from typing import Any, Dict, Iterator, List, Optional, Tuple, Union
 
+from xft_megatron.errors import UserError
+
+
 REASONS = {
     "not_utf8": "bytes that are not UTF-8 (or a lone surrogate escape)",
     "bad_json": "not valid JSON",
@@ -47,7 +50,7 @@ FIELDS = ("instruction", "response", "output", "input", "problem", "solution", "
           "text", "input_ids")  # the fields data.columns may map a column to
 
 
-class DataError(ValueError):
+class DataError(UserError, ValueError):
     """Training data is unusable as given; the message says what and where."""
 
 

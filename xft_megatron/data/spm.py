@@ -27,6 +27,8 @@ import os
 import tempfile
 from typing import Iterable, Iterator
 
+from xft_megatron.errors import UsageError
+
 MODEL_FILE = "tokenizer.model"
 META_FILE = "spm_train.json"  # not "tokenizer*.json": that would read as an HF directory
 MODEL_TYPES = ("bpe", "unigram")
@@ -44,9 +46,9 @@ def train_sentencepiece(texts: Iterable[str], out_dir: str, vocab_size: int = 20
     import sentencepiece as spm
 
     if model_type not in MODEL_TYPES:
-        raise ValueError(f"model_type must be one of {MODEL_TYPES}, got {model_type!r}")
+        raise UsageError(f"model_type must be one of {MODEL_TYPES}, got {model_type!r}")
     if vocab_size < 256 + len(SPECIAL_IDS) + 1:
-        raise ValueError(f"vocab_size {vocab_size} is too small: byte fallback alone needs "
+        raise UsageError(f"vocab_size {vocab_size} is too small: byte fallback alone needs "
                          f"256 ids plus {len(SPECIAL_IDS)} special ids and the newline")
     os.makedirs(out_dir, exist_ok=True)
     model_path = os.path.join(out_dir, MODEL_FILE)
@@ -58,7 +60,7 @@ def train_sentencepiece(texts: Iterable[str], out_dir: str, vocab_size: int = 20
         with os.fdopen(fd, "w", encoding="utf-8", newline="") as f:
             digest, lines = _write_lines(texts, f, settings)
         if lines == 0:
-            raise ValueError("no text to train a tokenizer on (every text was empty)")
+            raise UsageError("no text to train a tokenizer on (every text was empty)")
         if _cached(out_dir, digest):
             return model_path
         spm.set_random_generator_seed(seed)

@@ -10,6 +10,7 @@ template instead (or its plain fallback, see tokenizer.py), loss on the assistan
 from typing import Dict
 
 from xft_megatron.data.tokenizer import Encoded, Tokenizer
+from xft_megatron.errors import UsageError
 
 MAGICODER = ("You are an exceptionally intelligent coding assistant that consistently delivers "
              "accurate and reliable responses to user instructions.\n\n"
@@ -22,7 +23,7 @@ TEMPLATES = ("magicoder", "plain", "chat")
 
 def render_prompt(template: str, instruction: str) -> str:
     if template not in PROMPTS:
-        raise ValueError(f"no prompt text for template {template!r}; one of "
+        raise UsageError(f"no prompt text for template {template!r}; one of "
                          f"{', '.join(PROMPTS)} (template 'chat' uses the tokenizer's)")
     return PROMPTS[template].format(instruction=instruction)
 
@@ -31,7 +32,7 @@ def encode_instruction(tok: Tokenizer, instruction: str, response: str,
                        template: str) -> Encoded:
     """(ids, loss_mask) of one instruction/response pair; mask 1 on response tokens and EOS."""
     if template not in TEMPLATES:
-        raise ValueError(f"template={template!r} must be one of {', '.join(TEMPLATES)}")
+        raise UsageError(f"template={template!r} must be one of {', '.join(TEMPLATES)}")
     if template == "chat":
         return tok.encode_chat([{"role": "user", "content": instruction},
                                 {"role": "assistant", "content": response}])

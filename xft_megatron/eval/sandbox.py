@@ -74,6 +74,7 @@ import time
 from dataclasses import dataclass
 from typing import List, Optional, Tuple
 
+from xft_megatron.errors import UsageError
 from xft_megatron.eval import sandbox_launcher  # noqa: F401  (caches its bytecode)
 
 LAUNCHER_DIR = os.path.dirname(os.path.abspath(__file__))
@@ -117,12 +118,12 @@ class SandboxLimits:
     def __post_init__(self):
         for name in ("memory_bytes", "file_bytes", "processes", "open_files", "output_bytes"):
             if getattr(self, name) < 1:
-                raise ValueError(f"SandboxLimits.{name} must be >= 1, got {getattr(self, name)}")
+                raise UsageError(f"SandboxLimits.{name} must be >= 1, got {getattr(self, name)}")
         if self.cpu_seconds is not None and self.cpu_seconds < 1:
-            raise ValueError(f"SandboxLimits.cpu_seconds must be >= 1 or None, "
+            raise UsageError(f"SandboxLimits.cpu_seconds must be >= 1 or None, "
                              f"got {self.cpu_seconds}")
         if not self.python:
-            raise ValueError("SandboxLimits.python must name an interpreter (empty: "
+            raise UsageError("SandboxLimits.python must name an interpreter (empty: "
                              "sys.executable is unknown in this process; pass one explicitly)")
 
 
@@ -146,7 +147,7 @@ def run_program(source: str, timeout_s: float = 10.0,
                 limits: SandboxLimits = SandboxLimits()) -> SandboxResult:
     """Run `source` as `__main__` in a sandbox; never raises for anything the program does."""
     if not timeout_s > 0:
-        raise ValueError(f"timeout_s must be > 0, got {timeout_s}")
+        raise UsageError(f"timeout_s must be > 0, got {timeout_s}")
     workdir = tempfile.mkdtemp(prefix="xft-sandbox-")
     try:
         return _run_in(workdir, source, timeout_s, limits)

@@ -17,7 +17,7 @@ from megatron.core.transformer.transformer_layer import get_transformer_layer_of
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 from xft_megatron import platform
-from xft_megatron.config import Config
+from xft_megatron.config import Config, ConfigError
 from xft_megatron.model.spec import block_spec
 
 
@@ -162,7 +162,7 @@ def compile_layers(model: GPTModel) -> None:
     from megatron.core.transformer.moe.moe_layer import MoELayer
 
     if not platform.has_cuda():
-        raise ValueError("train.compile_layers=true needs a CUDA GPU; set it to false on CPU")
+        raise ConfigError("train.compile_layers=true needs a CUDA GPU; set it to false on CPU")
     for layer in model.decoder.layers:
         if isinstance(layer.mlp, MoELayer):
             layer.self_attention.compile(dynamic=False)

@@ -20,6 +20,7 @@ from megatron.core.tensor_parallel import (
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.moe.moe_utils import get_default_pg_collection
 
+from xft_megatron.errors import UsageError
 from xft_megatron.moe.experts import GroupedExperts
 from xft_megatron.transforms.merge import merge_coefficients
 
@@ -51,7 +52,7 @@ class MergeMLP(MegatronModule):
         pg = pg_collection or get_default_pg_collection()
         self.ep_group, self.tp_group = pg.ep, pg.tp
         if pg.expt_tp.size() != pg.tp.size():
-            raise ValueError("the merge stage needs parallel.expert_tensor == parallel.tensor")
+            raise UsageError("the merge stage needs parallel.expert_tensor == parallel.tensor")
         self.num_experts = num_experts
         self.shared_weight = shared_weight
         local = num_experts // self.ep_group.size()

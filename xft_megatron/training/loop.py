@@ -22,6 +22,7 @@ from xft_megatron import parallel, platform
 from xft_megatron.checkpoint import dist as ckpt
 from xft_megatron.checkpoint import lock
 from xft_megatron.config import Config
+from xft_megatron.errors import UserError
 from xft_megatron.model.builder import build_model, count_parameters, transformer_config
 from xft_megatron.moe.merge_mlp import gather_coefficients
 from xft_megatron.training import flops, rng
@@ -31,8 +32,10 @@ from xft_megatron.training.optimizer import build_optimizer, build_scheduler, \
 from xft_megatron.training.step import make_batch, split_global_batch, train_step
 
 
-class NonFiniteLoss(RuntimeError):
+class NonFiniteLoss(UserError, RuntimeError):
     """The loss or gradient became NaN/inf and train.on_nan=stop."""
+
+    exit_code = 3
 
 
 @dataclass

@@ -10,6 +10,7 @@ from typing import Callable, Dict, Iterator, Tuple
 
 import torch
 
+from xft_megatron.errors import UsageError
 from xft_megatron.transforms.upcycle import layer_of
 
 _FC1 = ".mlp.experts.fc1_weight"  # [N, 2, F, H]
@@ -20,7 +21,7 @@ def merge_coefficients(alpha: torch.Tensor, shared_weight: float = 0.75) -> torc
     """alpha [N-1] (logits over the routed experts) -> c [N]: c_0 = lambda,
     c_i = (1 - lambda) * softmax(alpha)_i. Computed in float64."""
     if not 0.0 <= shared_weight <= 1.0:
-        raise ValueError(f"shared weight (lambda) must be in [0, 1], got {shared_weight}")
+        raise UsageError(f"shared weight (lambda) must be in [0, 1], got {shared_weight}")
     routed = (1.0 - shared_weight) * torch.softmax(alpha.double(), dim=-1)
     return torch.cat([routed.new_tensor([shared_weight]), routed])
 
@@ -31,7 +32,7 @@ def merge_experts(fc1: torch.Tensor, fc2: torch.Tensor, coeffs: torch.Tensor
     up rows) and fc2 [H, F], in the experts' dtype (accumulated in float64)."""
     n, _, f, h = fc1.shape
     if coeffs.shape != (n,):
-        raise ValueError(f"{coeffs.numel()} coefficients for {n} experts")
+        raise UsageError(f"{coeffs.numel()} coefficients for {n} experts")
     return (weighted_sum(fc1, coeffs, fc1.dtype).reshape(2 * f, h),
             weighted_sum(fc2, coeffs, fc2.dtype))
 
