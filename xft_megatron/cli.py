@@ -5,8 +5,7 @@ import os
 import sys
 import warnings
 
-from xft_megatron.config import ConfigError
-from xft_megatron.errors import UsageError, UserError
+from xft_megatron.errors import ConfigError, UsageError, UserError
 
 
 def _model_dir(ref, flag: str):

@@ -2,6 +2,8 @@
 
 from typing import Any, Dict
 
+from xft_megatron.errors import ConfigError
+
 PRESETS: Dict[str, Dict[str, Any]] = {
     # a few M parameters, GQA on: for tests and the quickstart
     "tiny": dict(num_layers=4, hidden_size=64, ffn_hidden_size=176, num_attention_heads=4,
@@ -34,8 +36,6 @@ PRESETS: Dict[str, Dict[str, Any]] = {
 
 def preset_values(name: str) -> Dict[str, Any]:
     """The field values of a preset; ConfigError naming the known presets otherwise."""
-    from xft_megatron.config import ConfigError
-
     if name not in PRESETS:
         raise ConfigError(f"unknown model preset '{name}'; known presets: "
                           f"{', '.join(sorted(PRESETS))}")

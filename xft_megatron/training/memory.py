@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from typing import Dict
 
 from xft_megatron.config import Config, ModelConfig, MoEConfig
+from xft_megatron.errors import ConfigError
 
 
 def _router_params(m: ModelConfig, moe: MoEConfig) -> int:
@@ -109,8 +110,6 @@ def check_fits(cfg: Config, world_size: int, available: float) -> None:
     """Refuse, naming the keys, a configuration whose weights, gradients and optimizer state
     alone exceed `available` bytes per rank (activations can shrink with recomputation or a
     smaller micro-batch; these cannot): before Megatron allocates anything."""
-    from xft_megatron.config import ConfigError
-
     est = estimate(cfg, world_size)
     fixed = est.weights + est.gradients + est.optimizer
     if fixed <= available:
