@@ -94,7 +94,7 @@ def _refusal(fn):
 # ------------------------------------------------------------------------- corrupt inputs
 CKPT_CASES = {  # name -> (what is damaged, text the message must hold)
     "truncated_distcp": ("iter_0000001/__0_0.distcp", "truncated"),
-    "random_distcp": ("iter_0000001/__0_0.distcp", "unreadable"),
+    "random_distcp": ("iter_0000001/__0_0.distcp", "does not match the checksum"),
     "missing_data_file": ("iter_0000001/__0_1.distcp", "missing"),
     "missing_metadata": ("iter_0000001/.metadata", "missing"),
     "latest_to_missing_folder": ("latest", "points to 'iter_0000002'"),
@@ -159,6 +159,8 @@ def _damage_checkpoint(src, root):
             cfg = yaml.safe_load(open(f))
             cfg["model"]["hidden_size"] = "sixty-four"
             open(f, "w").write(yaml.safe_dump(cfg))
+        if "config_yaml" in name:  # as an older checkpoint without checksums: the config's
+            os.remove(os.path.join(it, "checksums.json"))  # own checks must name the problem
         out[name] = d
     return out
 
