@@ -106,21 +106,34 @@ def machine_memory(local_ranks: int) -> float:
     return host / max(1, local_ranks)
 
 
+# the estimate is a planning figure: a run is refused only when it is clearly over
+ESTIMATE_SLACK = 1.25
+
+
 def check_fits(cfg: Config, world_size: int, available: float) -> None:
-    """Refuse, naming the keys, a configuration whose weights, gradients and optimizer state
-    alone exceed `available` bytes per rank (activations can shrink with recomputation or a
-    smaller micro-batch; these cannot): before Megatron allocates anything."""
+    """Refuse, naming the keys, a configuration that cannot fit `available` bytes per rank:
+    its weights, gradients and optimizer state alone exceed them, or everything with the
+    activations exceeds them by more than ESTIMATE_SLACK. Before Megatron allocates anything."""
     est = estimate(cfg, world_size)
     fixed = est.weights + est.gradients + est.optimizer
-    if fixed <= available:
+    if fixed <= available and est.total <= ESTIMATE_SLACK * available:
         return
-    m, gib = cfg.model, 2 ** 30
-    embedding = m.vocab_size * m.hidden_size * (1 if m.tie_embeddings else 2)
-    biggest = ("model.vocab_size" if embedding > m.num_parameters() - embedding
-               else "model.num_layers")
+    m, t, gib = cfg.model, cfg.train, 2 ** 30
+    if fixed > available:
+        embedding = m.vocab_size * m.hidden_size * (1 if m.tie_embeddings else 2)
+        biggest = ("model.vocab_size" if embedding > m.num_parameters() - embedding
+                   else "model.num_layers")
+        need = f"weights, gradients and optimizer state need ~{fixed / gib:,.1f} GiB per rank"
+        fix = (f"{biggest} dominates). Check {biggest}, or spread the model over more GPUs "
+               "(parallel.tensor, parallel.pipeline, parallel.expert)")
+    else:
+        need = (f"weights, gradients, optimizer state and activations need ~"
+                f"{est.total / gib:,.1f} GiB per rank ({est.activations / gib:,.1f} of them "
+                f"activations)")
+        fix = ("activations dominate). Lower train.micro_batch_size, train.seq_length or "
+               "model.num_layers, or use more GPUs")
     raise ConfigError(
-        f"the model does not fit: weights, gradients and optimizer state need ~"
-        f"{fixed / gib:,.1f} GiB per rank, this machine has {available / gib:,.1f} GiB per rank "
+        f"the model does not fit: {need}, this machine has {available / gib:,.1f} GiB per rank "
         f"(model.num_layers={m.num_layers}, model.hidden_size={m.hidden_size}, "
-        f"model.vocab_size={m.vocab_size}; {biggest} dominates). Check {biggest}, or spread "
-        f"the model over more GPUs (parallel.tensor, parallel.pipeline, parallel.expert)")
+        f"model.vocab_size={m.vocab_size}, train.micro_batch_size={t.micro_batch_size}, "
+        f"train.seq_length={t.seq_length}; {fix}")
