@@ -172,7 +172,7 @@ def test_a_model_too_big_for_the_machine_is_refused_naming_the_key():
     # weights fit but the activations of this micro-batch cannot (no recomputation)
     est = memory.estimate(deep, 1)
     fixed = est.weights + est.gradients + est.optimizer
-    with pytest.raises(ConfigError, match="activations dominate. Lower train.micro_batch_size"):
+    with pytest.raises(ConfigError, match=r"activations dominate\). Lower train.micro_batch_size"):
         memory.check_fits(deep, 1, available=max(fixed, est.total / 2))
     memory.check_fits(deep, 1, available=est.total)  # the estimate is a planning figure
     memory.check_fits(load_config(None, []), 1, available=2 ** 30)  # the default fits
