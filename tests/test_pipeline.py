@@ -115,7 +115,8 @@ def test_every_command_says_what_the_step_runs(tmp_path, hf):
         elif isinstance(s, Train):
             if a.config and not a.config.endswith(".yaml"):  # as cli.main reads it
                 a.config, a.overrides = None, [a.config] + a.overrides
-            assert a.resume and (a.config, tuple(a.overrides)) == (s.config, s.overrides)
+            assert a.resume and (a.config, tuple(a.overrides)) == \
+                (s.config, s.overrides + s.layout)
         elif isinstance(s, Fold):
             assert (a.ckpt, a.out, a.coefficients, a.shared_weight) == \
                 (s.ckpt, "DEST", s.coefficients, s.shared_weight)
@@ -138,6 +139,16 @@ def test_a_changed_setting_reruns_the_step_and_what_reads_it(tmp_path, hf):
         "upcycle", "xft_moe", "merge", "fold", "upcycle_vanilla", "vanilla_moe",
         "upcycle_none", "none_moe", "eval"}
     assert c.digests(_quickstart(out, hf)) == base  # deterministic
+    # the recipe: another layout resumes the same runs, another data file redoes them
+    from xft_megatron.pipeline.recipe import recipe_spec
+
+    def recipe(data="data.jsonl", layout=()):
+        return c.digests(build(recipe_spec(hf, data, out, RECIPE, "all", {"moe": layout})))
+
+    assert recipe(layout=["parallel.expert=4"]) == recipe(layout=["parallel.expert=8"])
+    changed = recipe(data="other.jsonl")
+    assert {k for k in changed if changed[k] != recipe()[k]} == {
+        "moe", "merge_stage", "fold", "xft_hf", "eval_xft", "sft", "sft_hf", "eval_sft"}
 
 
 def _checkpoint(folder, step, steps):

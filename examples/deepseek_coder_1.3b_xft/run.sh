@@ -222,6 +222,10 @@ for o in "${MERGE_LAYOUT[@]}"; do PIPELINE+=(--layout merge "$o"); done
 
 echo "== XFT recipe: deepseek-coder-1.3b, layout $LAYOUT ($NODES node(s) x $GPUS GPUs," \
      "world $WORLD), out $OUT"
+# Preflight: every training step through `xft train --dry-run` at this layout's world size,
+# before any step runs; an input checkpoint not written yet is checked against a stand-in
+# holding only the config it will have (the model section from HF_MODEL/config.json, the
+# moe section of the upcycling). The dry-run reads nothing else from a checkpoint.
 echo "== dry-run of every training stage (per-GPU memory estimate; H200: ~140 GiB)"
 "${PIPELINE[@]}" preflight || exit 2
 

@@ -42,7 +42,8 @@ def recipe_spec(hf: str, data: str, out: str, configs: str, only: str = "all",
     layout = layout or {}
 
     def stage(name: str) -> TrainSpec:
-        return TrainSpec(os.path.join(configs, f"{name}.yaml"), tuple(layout.get(name, ())))
+        return TrainSpec(os.path.join(configs, f"{name}.yaml"),
+                         layout=tuple(layout.get(name, ())))
 
     return PipelineSpec(
         out=out, base=HFBase(hf, dtype="bf16"), moe=MOE,
@@ -99,7 +100,6 @@ def preflight(spec: PipelineSpec, steps: List[Step], world: int) -> None:
     except ConfigError as e:
         raise RecipeError(f"the upcycling settings do not fit {spec.base.path}: {e}") from e
     tmp = tempfile.mkdtemp(prefix="xft-preflight-")
-    own = {"sft": spec.sft, "moe": spec.moe_train, "merge": spec.merge}
     for step in (s for s in steps if isinstance(s, Train)):
         values = dict(o.split("=", 1) for o in step.overrides)
         stage, load = values["train.stage"], values["checkpoint.load"]
@@ -115,13 +115,13 @@ def preflight(spec: PipelineSpec, steps: List[Step], world: int) -> None:
             with open(os.path.join(source, ckpt.LATEST_FILE), "w") as f:
                 f.write("iter_0000000")
         args = [o for o in step.overrides if not o.startswith(("checkpoint.load=", "data.path="))]
-        args += [f"checkpoint.load={source}", "data.path=dry-run.jsonl"]
+        args += list(step.layout) + [f"checkpoint.load={source}", "data.path=dry-run.jsonl"]
         name = os.path.basename(step.config or "")
         try:
             text = dry_run(assemble_config(step.config, args), world)
         except (ConfigError, OSError, ValueError) as e:  # CheckpointError: a damaged input
             raise RecipeError(f"stage {stage} ({name} + layout "
-                              f"{' '.join(own[stage].overrides)}): {e}") from e
+                              f"{' '.join(step.layout)}): {e}") from e
         print(f"--- {stage}: {name}, checkpoint.load "
               f"{'= ' + load if source == load else 'not written yet (stand-in)'}")
         print(text)

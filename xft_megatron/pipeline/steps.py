@@ -100,6 +100,7 @@ class Train(Step):
 
     config: Optional[str] = None  # a recipe YAML
     overrides: Tuple[str, ...] = ()  # key=value, checkpoint.save = folder among them
+    layout: Tuple[str, ...] = ()  # parallel.*, micro-batch: how it runs, not what it computes
     kind = "train"
     resumable = True
     launcher = DIST
@@ -111,14 +112,17 @@ class Train(Step):
     def complete(self, folder):
         return training_finished(folder)
 
+    def settings(self):  # a run resumes under another layout (same results, P5)
+        return {k: v for k, v in super().settings().items() if k != "layout"}
+
     def argv(self, dest):
         return ["train"] + ([self.config] if self.config else []) + list(self.overrides) + \
-            ["--resume"]
+            list(self.layout) + ["--resume"]
 
     def run(self, dest):
         from xft_megatron.training import run
 
-        result = run.main(self.config, list(self.overrides), resume=True)
+        result = run.main(self.config, list(self.overrides + self.layout), resume=True)
         _release_device_memory()
         return {"losses": result.losses, "checkpoint": result.checkpoint,
                 "tokens_per_s": result.tokens_per_s,

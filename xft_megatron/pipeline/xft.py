@@ -19,10 +19,13 @@ Role = Tuple[str, str]  # (step name, folder relative to the output directory)
 @dataclass(frozen=True)
 class TrainSpec:
     """One training stage: a YAML file and/or its own key=value overrides (after the
-    pipeline's common ones; the pipeline adds train.stage and the checkpoint paths)."""
+    pipeline's common ones; the pipeline adds train.stage and the checkpoint paths), and the
+    layout's (parallel.*, train.micro_batch_size: not part of the settings digest, so a
+    stopped run resumes under another layout)."""
 
     config: Optional[str] = None
     overrides: Tuple[str, ...] = ()
+    layout: Tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -118,7 +121,8 @@ def build(spec: PipelineSpec) -> List[Step]:
     def train(role: Role, stage: str, load: str, t: TrainSpec, desc: str, extra=()) -> Train:
         overrides = spec.common + t.overrides + tuple(extra) + (
             f"train.stage={stage}", f"checkpoint.load={load}", f"checkpoint.save={p(role)}")
-        return Train(role[0], desc, p(role), config=t.config, overrides=overrides)
+        return Train(role[0], desc, p(role), config=t.config, overrides=overrides,
+                     layout=t.layout)
 
     def humaneval(role: Role, model: str, label: str, prompt: str) -> HumanEval:
         return HumanEval(role[0], f"HumanEval of {label} (greedy pass@1, {prompt} prompt)",
@@ -134,7 +138,8 @@ def build(spec: PipelineSpec) -> List[Step]:
     else:
         t = spec.base.train
         steps = [Train(n.base[0], spec.base.desc, base, config=t.config,
-                       overrides=spec.common + t.overrides + (f"checkpoint.save={base}",))]
+                       overrides=spec.common + t.overrides + (f"checkpoint.save={base}",),
+                       layout=t.layout)]
     models = [("base", base)]
     m = spec.moe
     for branch in spec.branches:
