@@ -5,6 +5,8 @@ No training runs here: steps are executed by stand-ins that write what the real 
 
 import json
 import os
+import shlex
+import sys
 
 import pytest
 import yaml
@@ -235,3 +237,52 @@ def test_function_steps_are_done_by_their_marker(tmp_path):
     assert again["reused"] and again["result"] == 7 and len(calls) == 1
     other = Function("data", "mine", step.folder, fn=step.fn, params=(("files", 4),))
     assert c.digests([other])["data"] != digest
+
+
+FAKE_XFT = r'''
+import json, os, sys
+import yaml
+a = sys.argv[1:]
+opt = lambda name: a[a.index(name) + 1]
+if a[0] == "train":  # a run at its final step, in checkpoint.save
+    save = dict(o.split("=", 1) for o in a if "=" in o)["checkpoint.save"]
+    os.makedirs(os.path.join(save, "iter_0000003"), exist_ok=True)
+    yaml.safe_dump({"train": {"train_steps": 3}},
+                   open(os.path.join(save, "iter_0000003", "xft_config.yaml"), "w"))
+    json.dump({"step": 3}, open(os.path.join(save, "iter_0000003", "train_state.json"), "w"))
+    open(os.path.join(save, "latest"), "w").write("iter_0000003")
+elif a[:2] == ["eval", "humaneval"]:
+    os.makedirs(opt("--out"), exist_ok=True)
+    json.dump({"pass@1": 0.5}, open(os.path.join(opt("--out"), "humaneval.json"), "w"))
+else:  # convert, upcycle, merge: a new folder
+    os.makedirs(opt("--out"))
+    name = "config.json" if "mcore-to-hf" in a else "latest"
+    open(os.path.join(opt("--out"), name), "w").write("{}")
+print("ran", " ".join(a[:2]))
+'''
+
+
+def test_recipe_runs_every_step_once_through_its_launchers(tmp_path, hf, capsys):
+    """`recipe run` (what run.sh ends with) launches each step's command through the launchers
+    given, logs it, and a rerun reuses every step; stand-in `xft` commands write what the real
+    ones write."""
+    from xft_megatron.pipeline.__main__ import main
+
+    fake = tmp_path / "fake_xft.py"
+    fake.write_text(FAKE_XFT)
+    out = str(tmp_path / "rc")
+    args = ["recipe", "run", "--hf", hf, "--data", "data.jsonl", "--out", out, "--configs",
+            RECIPE, "--one", f"{shlex.quote(sys.executable)} {fake}", "--dist",
+            f"{shlex.quote(sys.executable)} {fake}"]
+    os.makedirs(os.path.join(out, "logs"))
+    assert main(args) == 0
+    first = capsys.readouterr().out
+    steps = _recipe(out, hf)
+    assert first.count("ran ") == len(steps) == 11
+    for s in steps:
+        assert "ran " in open(os.path.join(out, "logs", f"{s.name}.log")).read()
+        assert c.state(s, c.digests(steps)[s.name]) == c.DONE, s.name
+    assert not [p for p in os.listdir(out) if p.endswith(".partial")]
+    assert main(args) == 0
+    again = capsys.readouterr().out
+    assert "ran " not in again and again.count("reusing") == 11

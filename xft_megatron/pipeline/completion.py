@@ -107,7 +107,7 @@ def run_step(step: Step, digest: str, execute: Execute = in_process,
                                                "seconds": 0.0, "result": None}
         when = f"finished earlier in {record['seconds']:.0f}s" if "started" in record \
             else "complete"
-        say(f"== {step.name}: reusing {step.folder} ({when})")
+        say(f"== {step.name}: {step.desc}: reusing {step.folder} ({when})")
         return {**record, "reused": True}
     say(f"== {step.name}: {step.desc}" + (" (resuming)" if os.path.isdir(step.folder) and
                                           now == RESUME else ""))

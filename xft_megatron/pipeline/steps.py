@@ -54,10 +54,10 @@ class Step:
     launcher = ONE  # None: runs only in this process (no `xft` command)
 
     def inputs(self) -> Tuple[str, ...]:
-        """Folders this step reads (the steps writing them come first)."""
+        """Paths (folders, files) this step reads; the steps writing them come first."""
         return ()
 
-    def complete(self, folder: str) -> bool:
+    def complete(self, folder: str) -> Optional[bool]:
         """Whether `folder` holds this step's finished result (None: only the marker says)."""
         return _is_file(folder, "latest")
 
@@ -230,10 +230,8 @@ class HumanEval(Step):
 
     def argv(self, dest):
         return ["eval", "humaneval", "--model", self.model, "--out", dest, "--n", str(self.n),
-                "--workers", str(self.workers), "--prompt", self.prompt] + \
-            (["--limit", str(self.limit)] if self.limit else []) + \
-            (["--max-new-tokens", str(self.max_new_tokens)] if self.max_new_tokens != 512
-             else [])
+                "--workers", str(self.workers), "--prompt", self.prompt, "--max-new-tokens",
+                str(self.max_new_tokens)] + (["--limit", str(self.limit)] if self.limit else [])
 
     def run(self, dest):
         from xft_megatron import cli
