@@ -2,7 +2,8 @@
 the default (tiny) size, as a small XFT-vs-SFT study on a GPU at larger sizes, and from any
 Hugging Face base (`--base HF_DIR`: converted instead of pretrained, its own tokenizer).
 
-Stages (each resumable: a rerun reuses finished ones, see stages.py), all under `--out`:
+Stages (pipeline/xft.py builds them; each resumable: a rerun reuses finished ones, see
+pipeline/completion.py), all under `--out`:
   data       instruction pairs mined from Python source on this machine (functions with
              docstrings: signature + docstring -> implementation), split train/held-out by
              top-level module; the training modules' source as a code corpus; a
@@ -33,7 +34,10 @@ from dataclasses import asdict, dataclass, fields
 from typing import Dict, List, Optional, Sequence, Tuple
 
 from xft_megatron.errors import UsageError
-from xft_megatron.stages import run_stage
+from xft_megatron.pipeline.completion import run_steps
+from xft_megatron.pipeline.steps import Function
+from xft_megatron.pipeline.xft import (EvalSpec, HFBase, HumanEvalSpec, PipelineSpec,
+                                       PretrainBase, TrainSpec, build)
 
 SHARED_WEIGHT = 0.75
 MERGE_LR = 5e-2  # the merge stage trains only the merge coefficients (min: a tenth)
@@ -96,6 +100,10 @@ class Settings:
                         "train.global_batch_size=8", "data.on_error=skip",
                         f"train.seed={self.seed}"]
 
+    def merge_budget(self) -> int:
+        """The learnable merge's step count (default a fifth of the tuning's, >= 10)."""
+        return self.merge_steps or max(10, self.sft_steps // 5)
+
     def moe(self, mode: str):
         from xft_megatron.config import MoEConfig
 
@@ -117,28 +125,6 @@ class Settings:
             else:
                 args += [flag, str(value)]
         return shlex.join(args + list(overrides))
-
-
-def _train(overrides: Sequence[str]) -> Dict:
-    from xft_megatron.training import run
-
-    result = run.main(None, list(overrides))
-    _release_device_memory()
-    return {"losses": result.losses, "checkpoint": result.checkpoint,
-            "tokens_per_s": result.tokens_per_s,
-            "merge_coefficients": result.merge_coefficients}
-
-
-def _release_device_memory() -> None:
-    """Hand the finished stage's cached GPU memory back, so that runs sharing a GPU see it
-    (the stages of one quickstart run in one process)."""
-    import gc
-
-    import torch
-
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
 
 
 def _data_stage(out: str, roots: Sequence[str], s: Settings) -> Dict:
@@ -166,110 +152,78 @@ def _data_stage(out: str, roots: Sequence[str], s: Settings) -> Dict:
             "tokenizer": model}
 
 
+def pipeline_spec(out_dir: str, s: Settings, overrides: Sequence[str] = (),
+                  single: bool = True) -> PipelineSpec:
+    """The XFT pipeline these settings run (`single`: one process, so the fold also exports
+    to HF and HumanEval can run)."""
+    d = lambda *p: os.path.join(out_dir, *p)  # noqa: E731
+    common = s.base_args() + [f"data.cache_dir={d('data_cache')}"] + list(overrides)
+    tokenizer = None if s.base else tokenizer_path(d("data"))
+    if tokenizer:
+        common.append(f"data.tokenizer={tokenizer}")
+
+    def budget(steps: int, lr: float) -> Tuple[str, ...]:
+        return (f"train.train_steps={steps}", f"train.lr_warmup_steps={max(1, steps // 10)}",
+                f"train.lr={lr}", f"train.min_lr={lr / 10}")
+
+    sft_data = f"data.path={d('data', 'train.jsonl')}"
+    tune = TrainSpec(overrides=(sft_data,) + budget(s.sft_steps, s.tune_lr))
+    base = HFBase(os.path.abspath(s.base)) if s.base else PretrainBase(
+        TrainSpec(overrides=(f"data.path={d('data', 'corpus.jsonl')}",) +
+                  budget(s.steps, s.pretrain_lr)),
+        f"pretrain the {s.preset} model on the corpus")
+    he = HumanEvalSpec(limit=s.humaneval, max_new_tokens=s.humaneval_tokens) \
+        if s.humaneval and single else None
+    return PipelineSpec(
+        out=out_dir, base=base, moe=s.moe("xft"), common=tuple(common), sft=tune,
+        moe_train=tune, merge=TrainSpec(overrides=(sft_data,) + budget(s.merge_budget(),
+                                                                       MERGE_LR)),
+        router_seed=s.router_seed, shared_weight=SHARED_WEIGHT, ablations=s.ablations,
+        branches=("sft", "xft"), fold_hf="hf" if single else None,
+        evaluation=EvalSpec(heldout=d("data", "heldout.jsonl"), cache_dir=d("data_cache"),
+                            tokenizer=tokenizer, seq_length=s.seq_length, humaneval=he))
+
+
+def tokenizer_path(data_dir: str) -> str:
+    """The sentencepiece model the data step trains (without a base)."""
+    from xft_megatron.data.spm import MODEL_FILE
+
+    return os.path.join(data_dir, "tokenizer", MODEL_FILE)
+
+
+def data_step(out_dir: str, roots: Sequence[str], s: Settings) -> Function:
+    return Function("data", "mine the Python source" + ("" if s.base else
+                                                        ", train the tokenizer"),
+                    os.path.join(out_dir, "data"), fn=lambda dest: _data_stage(dest, roots, s),
+                    params=(("sources", list(roots)), ("max_files", s.max_files),
+                            ("vocab", s.vocab), ("spm_seed", SPM_SEED), ("base", bool(s.base))))
+
+
 def run(out_dir: str, settings: Optional[Settings] = None, overrides: Sequence[str] = ()
         ) -> Dict:
     from xft_megatron.data.code_corpus import source_dirs
 
     s, t0 = settings or Settings(), time.perf_counter()
-    d = lambda *p: os.path.join(out_dir, *p)  # noqa: E731
     roots = source_dirs(s.sources)  # a missing source or a bad override stops here, first
-    common = s.base_args() + [f"data.cache_dir={d('data_cache')}"] + list(overrides)
-    _check_config(common, s.base)
-    from xft_megatron.eval.loss import evaluate_loss
-    from xft_megatron.parallel import say
-    from xft_megatron.upcycle_merge import merge_checkpoint, upcycle_checkpoint
-
-    data = run_stage("data: mine the Python source" + ("" if s.base else ", train the tokenizer"),
-                     d("data"), {"sources": roots, "max_files": s.max_files, "vocab": s.vocab,
-                                 "spm_seed": SPM_SEED, "base": bool(s.base)},
-                     lambda: _data_stage(d("data"), roots, s), say)["result"]
-    spm_model = data["tokenizer"]  # None with a base: the tokenizer stored with each checkpoint
-    if spm_model:
-        common.append(f"data.tokenizer={spm_model}")
-    warm = lambda n: f"train.lr_warmup_steps={max(1, n // 10)}"  # noqa: E731
-    sft_data = f"data.path={d('data', 'train.jsonl')}"
-
-    def tune(name, load, extra=()):
-        args = common + [f"checkpoint.load={load}", f"checkpoint.save={d(name)}", sft_data,
-                         f"train.train_steps={s.sft_steps}", warm(s.sft_steps),
-                         f"train.lr={s.tune_lr}", f"train.min_lr={s.tune_lr / 10}"] + list(extra)
-        return run_stage(f"{name}: instruction tuning", d(name), {"args": args},
-                         lambda: _train(args), say)
-
-    pre_args = common + [f"data.path={d('data', 'corpus.jsonl')}", f"checkpoint.save={d('base')}",
-                         f"train.train_steps={s.steps}", warm(s.steps),
-                         f"train.lr={s.pretrain_lr}", f"train.min_lr={s.pretrain_lr / 10}"]
-    if s.base:
-        from xft_megatron.convert import hf_to_mcore
-
-        base = os.path.abspath(s.base)
-        stages = {"base": run_stage(f"base: convert the HF model {base}", d("base"),
-                                    {"hf": base}, lambda: {"checkpoint": hf_to_mcore(
-                                        base, d("base"))}, say)}
-    else:
-        stages = {"base": run_stage(f"base: pretrain the {s.preset} model on the corpus",
-                                    d("base"), {"args": pre_args}, lambda: _train(pre_args), say)}
-    stages["sft"] = tune("sft", d("base"), ["train.stage=sft"])
-
-    def upcycle(name, mode):
-        moe = s.moe(mode)
-        return run_stage(f"{name}: upcycle ({mode}, {s.experts} experts, top-{s.topk})", d(name),
-                         {"mode": mode, "base": stages["base"]["seconds"],
-                          "seed": s.router_seed, "moe": asdict(moe)},
-                         lambda: upcycle_checkpoint(d("base"), d(name), moe,
-                                                    seed=s.router_seed), say)
-
-    upcycle("upcycle", "xft")
-    stages["xft_moe"] = tune("xft_moe", d("upcycle"), ["train.stage=moe"])
-    merge_steps = s.merge_steps or max(10, s.sft_steps // 5)
-    merge_args = common + [f"checkpoint.load={d('xft_moe')}", f"checkpoint.save={d('merge')}",
-                           sft_data, "train.stage=merge", f"train.train_steps={merge_steps}",
-                           warm(merge_steps), f"train.lr={MERGE_LR}",
-                           f"train.min_lr={MERGE_LR / 10}",
-                           f"moe.merge_shared_weight={SHARED_WEIGHT}"]
-    stages["merge"] = run_stage("merge: learnable merge (only alpha trains)", d("merge"),
-                                {"args": merge_args}, lambda: _train(merge_args), say)
     single = int(os.environ.get("WORLD_SIZE", "1")) == 1  # the HF export runs in one process
+    spec = pipeline_spec(out_dir, s, overrides, single)
+    _check_config(spec.common, s.base)
+    from xft_megatron.parallel import say
 
-    def fold():
-        return merge_checkpoint(d("merge"), d("xft_merged"), "learned", SHARED_WEIGHT,
-                                hf_out=d("xft_merged", "hf") if single else None, report=say)
-
-    stages["fold"] = run_stage("fold: merge the experts back into a dense model",
-                               d("xft_merged"), {"merge": d("merge")}, fold, say)
-    for mode in s.ablations:
-        upcycle(f"upcycle_{mode}", mode)
-        stages[f"{mode}_moe"] = tune(f"{mode}_moe", d(f"upcycle_{mode}"), ["train.stage=moe"])
-
-    models = {"base": d("base"), "sft (dense)": d("sft"), "xft moe": d("xft_moe"),
-              "xft merged (dense)": d("xft_merged")}
-    models.update({f"{mode} moe (ablation)": d(f"{mode}_moe") for mode in s.ablations})
-
-    def evaluate():
-        return {name: evaluate_loss(path, d("data", "heldout.jsonl"), d("data_cache"),
-                                    tokenizer=spm_model, on_error="skip",
-                                    seq_length=s.seq_length)
-                for name, path in models.items()}
-
-    losses = run_stage("eval: held-out instruction loss", d("eval"),
-                       {"models": models, "stages": {k: v["seconds"] for k, v in stages.items()}},
-                       evaluate, say)["result"]
+    steps = [data_step(out_dir, roots, s)] + build(spec)
+    records = run_steps(steps, say=say)
+    data = records["data"]["result"]
+    stages = {k: v for k, v in records.items() if k not in ("data", "eval", "humaneval")
+              and not k.startswith("upcycle")}
+    losses = records["eval"]["result"]
     say("held-out loss: " + ", ".join(f"{k} {v['loss']:.4f}" for k, v in losses.items()))
-    if s.humaneval and single:
-        scores = run_stage(f"humaneval: pass@1 on {s.humaneval} problems (magicoder)",
-                           d("humaneval"), {"models": models, "problems": s.humaneval,
-                                            "max_new_tokens": s.humaneval_tokens,
-                                            "stages": {k: v["seconds"]
-                                                       for k, v in stages.items()}},
-                           lambda: _humaneval(models, d("humaneval"), s.humaneval,
-                                              s.humaneval_tokens, say), say)
-        for name, score in scores["result"].items():
-            losses[name]["humaneval_pass@1"] = score
+    for name, score in records.get("humaneval", {}).get("result", {}).items():
+        losses[name]["humaneval_pass@1"] = score
     from xft_megatron.checkpoint import dist as ckpt
 
-    config = ckpt.load_config(d("sft"), parallel={}).to_dict()  # the tuning run's settings
+    config = ckpt.load_config(spec.path(spec.names.sft), parallel={}).to_dict()  # tuning's
     run_info = {"settings": asdict(s), "overrides": list(overrides),
-                "command": s.command(out_dir, overrides), "merge_steps": merge_steps,
+                "command": s.command(out_dir, overrides), "merge_steps": s.merge_budget(),
                 "world_size": int(os.environ.get("WORLD_SIZE", "1")), "config": config}
     return _finish(out_dir, data, stages, losses, run_info, time.perf_counter() - t0)
 
@@ -285,26 +239,6 @@ def _check_config(overrides: Sequence[str], base: Optional[str]) -> None:
 
     model = asdict(model_config_from_hf(base)[0])
     Config.from_dict(deep_merge({"model": model}, parse_overrides(overrides)))
-
-
-def _humaneval(models: Dict[str, str], out: str, limit: int, max_new_tokens: int,
-               say=print) -> Dict[str, float]:
-    """HumanEval pass@1 (greedy, magicoder protocol) of every model, each exported to HF
-    first (an MoE with its own modeling file)."""
-    from xft_megatron.convert import mcore_to_hf
-    from xft_megatron.eval.humaneval import evaluate_humaneval
-
-    scores = {}
-    for i, (name, path) in enumerate(models.items()):
-        hf_dir = os.path.join(out, f"model{i}")
-        if not os.path.isfile(os.path.join(hf_dir, "config.json")):
-            mcore_to_hf(path, hf_dir)
-        report = evaluate_humaneval(hf_dir, os.path.join(out, f"model{i}.json"), limit=limit,
-                                    protocol="magicoder", batch_size=64,
-                                    max_new_tokens=max_new_tokens)
-        scores[name] = report["pass@1"]
-        say(f"humaneval: {name} pass@1 {scores[name]:.4f}")
-    return scores
 
 
 def _settings_section(data: Dict, run_info: Dict) -> str:

@@ -17,12 +17,6 @@ HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 PYTHON="${XFT_PYTHON:-python}"        # the environment with xft_megatron installed
 TORCHRUN="${XFT_TORCHRUN:-torchrun}"
 
-# Upcycling (XFT_SPEC.md section 1): 8 experts with expert 0 shared, top-6 counting the
-# shared expert, MLP router gate, noisy gating (on unless --no-router-noise), exact copies.
-NUM_EXPERTS=8
-TOPK=6
-ROUTER_GATE=mlp
-ROUTER_SEED=0
 DEFAULT_DATA=hf:ise-uiuc/Magicoder-Evol-Instruct-110K  # the paper's instruction data
 
 usage() {
@@ -214,186 +208,34 @@ else
         --rdzv-endpoint "$HEAD:$PORT" --rdzv-id "$JOB" -m xft_megatron.cli)
 fi
 
-# ------------------------------------------------------------------------------ completion
-# A step's folder is complete when: a checkpoint has `latest` (one-process tools write to
-# FOLDER.partial and rename it when they finish); a training run's newest checkpoint is at
-# its final step; an HF export has config.json; an evaluation has humaneval.json.
-training_done() {
-  "$PYTHON" - "$1" <<'EOF'
-import json, os, sys, yaml
-root = sys.argv[1]
-try:
-    with open(os.path.join(root, "latest")) as f:
-        ckpt = os.path.join(root, f.read().strip())
-    with open(os.path.join(ckpt, "xft_config.yaml")) as f:
-        steps = yaml.safe_load(f)["train"]["train_steps"]
-    with open(os.path.join(ckpt, "train_state.json")) as f:
-        step = json.load(f)["step"]
-except (OSError, KeyError, TypeError, ValueError, yaml.YAMLError):
-    sys.exit(1)
-sys.exit(0 if step >= steps else 1)
-EOF
-}
-is_done() {  # KIND FOLDER
-  case "$1" in
-    ckpt) [[ -f "$2/latest" ]] ;;
-    train) training_done "$2" ;;
-    hf) [[ -f "$2/config.json" ]] ;;
-    eval) [[ -f "$2/humaneval.json" ]] ;;
-  esac
-}
-
 # ------------------------------------------------------------------------------ steps
-SAVE_MOE="$OUT/moe"                   # the tuned XFT MoE
-SAVE_MERGE="$OUT/merge_stage"         # the MoE with learned merge coefficients
-SAVE_SFT="$OUT/sft"                   # the SFT baseline
-COMMON=(data.path="$DATA" data.cache_dir="$OUT/data_cache")
-
-STEPS=()
-declare -A KIND FOLDER PARTIAL DESC CMD
-add_step() {  # NAME KIND FOLDER PARTIAL(0|1) DESCRIPTION -- COMMAND...
-  local name="$1"
-  STEPS+=("$name"); KIND[$name]="$2"; FOLDER[$name]="$3"; PARTIAL[$name]="$4"
-  DESC[$name]="$5"; shift 6
-  CMD[$name]="$(printf '%q ' "$@")"
-}
-
-add_step base ckpt "$OUT/base" 1 "HF -> Megatron checkpoint (bf16, as published)" -- \
-  "${ONE[@]}" convert hf-to-mcore --hf "$HF_DIR" --out "$OUT/base.partial" --dtype bf16
-if [[ $ONLY == all ]]; then
-  add_step eval_base eval "$OUT/eval/base" 0 "HumanEval of the base model (greedy pass@1)" -- \
-    "${ONE[@]}" eval humaneval --model "$HF_DIR" --out "$OUT/eval/base" --n 1 --workers 8 \
-    --prompt raw
-fi
-if [[ $ONLY != sft ]]; then
-  add_step upcycle ckpt "$OUT/upcycled" 1 "dense -> XFT MoE ($NUM_EXPERTS experts, top-$TOPK)" -- \
-    "${ONE[@]}" upcycle --ckpt "$OUT/base" --out "$OUT/upcycled.partial" \
-    --num-experts "$NUM_EXPERTS" --topk "$TOPK" --router-gate "$ROUTER_GATE" --seed "$ROUTER_SEED"
-  add_step moe train "$SAVE_MOE" 0 "instruction-tune the MoE (4 epochs)" -- \
-    "${DIST[@]}" train "$HERE/moe.yaml" "${MOE_LAYOUT[@]}" "${COMMON[@]}" \
-    checkpoint.load="$OUT/upcycled" checkpoint.save="$SAVE_MOE" --resume
-  add_step merge_stage train "$SAVE_MERGE" 0 "learn the merge coefficients (1 epoch)" -- \
-    "${DIST[@]}" train "$HERE/merge.yaml" "${MERGE_LAYOUT[@]}" "${COMMON[@]}" \
-    checkpoint.load="$SAVE_MOE" checkpoint.save="$SAVE_MERGE" --resume
-  add_step fold ckpt "$OUT/xft" 1 "fold the experts into a dense model (learned coefficients)" -- \
-    "${ONE[@]}" merge --ckpt "$SAVE_MERGE" --out "$OUT/xft.partial" --coefficients learned
-  add_step xft_hf hf "$OUT/xft_hf" 1 "export the XFT model to HF (bf16)" -- \
-    "${ONE[@]}" convert mcore-to-hf --ckpt "$OUT/xft" --out "$OUT/xft_hf.partial" --dtype bf16
-  add_step eval_xft eval "$OUT/eval/xft" 0 "HumanEval of the XFT model (greedy pass@1)" -- \
-    "${ONE[@]}" eval humaneval --model "$OUT/xft_hf" --out "$OUT/eval/xft" --n 1 --workers 8 \
-    --prompt magicoder
-fi
-if [[ $ONLY != xft ]]; then
-  add_step sft train "$SAVE_SFT" 0 "SFT baseline: instruction-tune the dense model (5 epochs)" -- \
-    "${DIST[@]}" train "$HERE/sft.yaml" "${SFT_LAYOUT[@]}" "${COMMON[@]}" \
-    checkpoint.load="$OUT/base" checkpoint.save="$SAVE_SFT" --resume
-  add_step sft_hf hf "$OUT/sft_hf" 1 "export the SFT baseline to HF (bf16)" -- \
-    "${ONE[@]}" convert mcore-to-hf --ckpt "$SAVE_SFT" --out "$OUT/sft_hf.partial" --dtype bf16
-  add_step eval_sft eval "$OUT/eval/sft" 0 "HumanEval of the SFT baseline (greedy pass@1)" -- \
-    "${ONE[@]}" eval humaneval --model "$OUT/sft_hf" --out "$OUT/eval/sft" --n 1 --workers 8 \
-    --prompt magicoder
-fi
-
-# ------------------------------------------------------------------------------ preflight
-# Every training stage through `xft train --dry-run` at this layout's world size, before any
-# step runs. A stage whose input checkpoint does not exist yet is checked against a
-# stand-in holding only the config that checkpoint will have: the model section read from
-# HF_MODEL_DIR/config.json (as `xft convert hf-to-mcore` reads it) and the moe section of the
-# upcycling above (as `xft upcycle` writes it). The dry-run reads nothing else from a checkpoint.
-preflight() {
-  local stages=()
-  [[ $ONLY != xft ]] && stages+=(sft "$OUT/base" "$HERE/sft.yaml" "${SFT_LAYOUT[@]}" --)
-  if [[ $ONLY != sft ]]; then
-    stages+=(moe "$OUT/upcycled" "$HERE/moe.yaml" "${MOE_LAYOUT[@]}" --)
-    stages+=(merge "$SAVE_MOE" "$HERE/merge.yaml" "${MERGE_LAYOUT[@]}" --)
-  fi
-  "$PYTHON" - "$HF_DIR" "$WORLD" "$OUT" "$NUM_EXPERTS" "$TOPK" "$ROUTER_GATE" \
-    "${stages[@]}" <<'EOF'
-import os, sys, tempfile, warnings
-warnings.filterwarnings("ignore")
-import yaml
-from xft_megatron.checkpoint import dist as ckpt
-from xft_megatron.checkpoint.hf import HFFormatError, model_config_from_hf
-from xft_megatron.config import Config, ConfigError, MoEConfig, PrecisionConfig
-from xft_megatron.training.run import assemble_config, dry_run
-
-hf, world, out, experts, topk, gate = sys.argv[1:7]
-rest = sys.argv[7:]
-try:
-    model, _ = model_config_from_hf(hf)
-except (HFFormatError, OSError, ValueError) as e:
-    sys.exit(f"run.sh: error: {e}")
-try:
-    dense = Config(model=model, precision=PrecisionConfig(dtype="bf16"))
-    upcycled = dense.replace(moe=MoEConfig(num_experts=int(experts), topk=int(topk),
-                                           router_gate=gate))
-except ConfigError as e:
-    sys.exit(f"run.sh: error: the upcycling settings do not fit {hf}: {e}")
-tmp = tempfile.mkdtemp(prefix="xft-preflight-")
-stand_in = {"sft": dense, "moe": upcycled, "merge": upcycled}
-while rest:
-    end = rest.index("--")
-    stage, load, config, overrides, rest = rest[0], rest[1], rest[2], rest[3:end], rest[end + 1:]
-    try:
-        ckpt.resolve(load)
-        source = load
-    except FileNotFoundError:  # not written yet: a stand-in with the config it will hold
-        source = os.path.join(tmp, stage)
-        os.makedirs(os.path.join(source, "iter_0000000"))
-        with open(os.path.join(source, "iter_0000000", ckpt.CONFIG_FILE), "w") as f:
-            yaml.safe_dump({"iteration": 0, **stand_in[stage].to_dict()}, f, sort_keys=False)
-        with open(os.path.join(source, ckpt.LATEST_FILE), "w") as f:
-            f.write("iter_0000000")
-    args = overrides + [f"checkpoint.load={source}", f"checkpoint.save={out}/{stage}",
-                        "data.path=dry-run.jsonl"]
-    try:
-        cfg = assemble_config(config, args)
-        text = dry_run(cfg, int(world))
-    except (ConfigError, OSError, ValueError) as e:  # CheckpointError: a damaged input
-        sys.exit(f"run.sh: error: stage {stage} ({os.path.basename(config)} + layout "
-                 f"{' '.join(overrides)}): {e}")
-    print(f"--- {stage}: {os.path.basename(config)}, checkpoint.load "
-          f"{'= ' + load if source == load else 'not written yet (stand-in)'}")
-    print(text)
-EOF
-}
+# The steps, their folders, commands and completion are the XFT pipeline's
+# (xft_megatron/pipeline: xft.py the stage list, recipe.py this recipe's settings,
+# completion.py the skip-if-done scheme); this script passes it the inputs, the layout's
+# overrides and the launchers above.
+PIPELINE=("$PYTHON" -m xft_megatron.pipeline recipe --hf "$HF_DIR" --data "$DATA" --out "$OUT"
+          --configs "$HERE" --only "$ONLY" --world "$WORLD" --one "${ONE[*]@Q}"
+          --dist "${DIST[*]@Q}")
+for o in "${SFT_LAYOUT[@]}"; do PIPELINE+=(--layout sft "$o"); done
+for o in "${MOE_LAYOUT[@]}"; do PIPELINE+=(--layout moe "$o"); done
+for o in "${MERGE_LAYOUT[@]}"; do PIPELINE+=(--layout merge "$o"); done
 
 echo "== XFT recipe: deepseek-coder-1.3b, layout $LAYOUT ($NODES node(s) x $GPUS GPUs," \
      "world $WORLD), out $OUT"
+# Preflight: every training step through `xft train --dry-run` at this layout's world size,
+# before any step runs; an input checkpoint not written yet is checked against a stand-in
+# holding only the config it will have (the model section from HF_MODEL/config.json, the
+# moe section of the upcycling). The dry-run reads nothing else from a checkpoint.
 echo "== dry-run of every training stage (per-GPU memory estimate; H200: ~140 GiB)"
-preflight || exit 2
+"${PIPELINE[@]}" preflight || exit 2
 
 echo "== steps"
-for name in "${STEPS[@]}"; do
-  if is_done "${KIND[$name]}" "${FOLDER[$name]}"; then state="done"; else state="todo"; fi
-  printf '%-12s %-5s %s -> %s\n' "$name" "$state" "${DESC[$name]}" "${FOLDER[$name]}"
-  ((PLAN)) && printf '  $ %s\n' "${CMD[$name]% }"
-done
-((PLAN)) && exit 0
+if ((PLAN)); then
+  "${PIPELINE[@]}" plan --commands
+  exit 0
+fi
+"${PIPELINE[@]}" plan
 
 mkdir -p "$OUT/logs" 2>/dev/null && [[ -w "$OUT" ]] || die "cannot write to '$OUT'"
-export PYTHONUNBUFFERED=1  # logs and terminal follow the steps as they run
-for name in "${STEPS[@]}"; do
-  folder="${FOLDER[$name]}"
-  if is_done "${KIND[$name]}" "$folder"; then
-    echo "== $name: done ($folder)"
-    continue
-  fi
-  if [[ ${PARTIAL[$name]} == 1 ]]; then  # a previous attempt was interrupted: start over
-    rm -rf -- "$folder.partial"
-  fi
-  echo "== $name: ${DESC[$name]}"
-  echo "   log: $OUT/logs/$name.log"
-  eval "cmd=(${CMD[$name]})"
-  if ! "${cmd[@]}" 2>&1 | tee -a "$OUT/logs/$name.log"; then
-    echo "run.sh: step '$name' failed (log: $OUT/logs/$name.log); rerun the same command" \
-         "to continue from here" >&2
-    exit 1
-  fi
-  if [[ ${PARTIAL[$name]} == 1 ]]; then
-    mv -- "$folder.partial" "$folder"
-  fi
-  is_done "${KIND[$name]}" "$folder" || { echo "run.sh: step '$name' ended but '$folder' is" \
-    "not complete (log: $OUT/logs/$name.log)" >&2; exit 1; }
-done
+"${PIPELINE[@]}" run || exit 1
 echo "== finished: HumanEval results under $OUT/eval/*/humaneval.json"

@@ -1,0 +1,288 @@
+"""The one XFT pipeline (xft_megatron/pipeline): the quickstart and the deepseek-coder recipe
+get their steps from the same definition; each step's `xft` command says what its in-process
+run does; the one skip-if-done scheme (settings digest, reuse, resume, partial folders).
+No training runs here: steps are executed by stand-ins that write what the real ones write."""
+
+import json
+import os
+import shlex
+import sys
+
+import pytest
+import yaml
+
+from tests.test_recipes import HF_CONFIG, RECIPE
+from xft_megatron.pipeline import completion as c
+from xft_megatron.pipeline.steps import (Convert, ExportHF, Fold, Function, HumanEval, Train,
+                                         Upcycle)
+from xft_megatron.pipeline.xft import build
+
+
+@pytest.fixture
+def hf(tmp_path):
+    path = tmp_path / "hf"
+    path.mkdir()
+    (path / "config.json").write_text(json.dumps(HF_CONFIG))
+    return str(path)
+
+
+def _quickstart(out, hf, **settings):
+    from xft_megatron import quickstart
+
+    s = quickstart.Settings(base=hf, **settings)
+    return build(quickstart.pipeline_spec(out, s))
+
+
+def _recipe(out, hf, only="all"):
+    from xft_megatron.pipeline.recipe import recipe_spec
+
+    return build(recipe_spec(hf, "data.jsonl", out, RECIPE, only,
+                             {"moe": ["parallel.expert=8"]}))
+
+
+def _xft_chain(steps):
+    """(kind, train stage, the kinds of what it reads) of every step of the XFT chain."""
+    by_folder = {s.folder: s for s in steps}
+    chain = []
+    for s in steps:
+        ablation = any(mode in s.name for mode in ("vanilla", "none"))
+        if isinstance(s, (Convert, Upcycle, Fold, Train)) and not ablation:
+            stage = dict(o.split("=", 1) for o in getattr(s, "overrides", ())).get("train.stage")
+            chain.append((s.kind, stage, tuple(by_folder[p].kind for p in s.inputs()
+                                               if p in by_folder)))
+    return chain
+
+
+def test_quickstart_and_recipe_build_the_same_xft_chain(tmp_path, hf):
+    qs = _quickstart(str(tmp_path / "qs"), hf)
+    rc = _recipe(str(tmp_path / "rc"), hf)
+    want = [("convert", None, ()), ("train", "sft", ("convert",)), ("upcycle", None, ("convert",)),
+            ("train", "moe", ("upcycle",)), ("train", "merge", ("train",)),
+            ("fold", None, ("train",))]
+    assert sorted(_xft_chain(qs)) == sorted(_xft_chain(rc)) == sorted(want)
+    assert [s.name for s in qs] == ["base", "sft", "upcycle", "xft_moe", "merge", "fold",
+                                    "upcycle_vanilla", "vanilla_moe", "upcycle_none", "none_moe",
+                                    "eval"]
+    assert [s.name for s in rc] == ["base", "eval_base", "upcycle", "moe", "merge_stage", "fold",
+                                    "xft_hf", "eval_xft", "sft", "sft_hf", "eval_sft"]
+    (qs_up,), (rc_up,) = ([s for s in x if s.name == "upcycle"] for x in (qs, rc))
+    assert qs_up.moe == rc_up.moe  # MoEConfig, the same settings
+    assert [s.name for s in _recipe(str(tmp_path / "rc"), hf, "xft")] == \
+        ["base", "upcycle", "moe", "merge_stage", "fold", "xft_hf", "eval_xft"]
+
+
+def test_recipe_plan_is_the_pipeline(tmp_path, hf, capsys):
+    """What run.sh launches (`python -m xft_megatron.pipeline recipe plan`) is the built
+    pipeline's steps with run.sh's launchers in front."""
+    from xft_megatron.pipeline.__main__ import main
+
+    out = str(tmp_path / "rc")
+    assert main(["recipe", "plan", "--json", "--hf", hf, "--data", "data.jsonl", "--out", out,
+                 "--configs", RECIPE, "--layout", "moe", "parallel.expert=8",
+                 "--one", "python -m xft_megatron.cli", "--dist",
+                 "torchrun --nproc-per-node 8 -m xft_megatron.cli"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    steps = _recipe(out, hf)
+    digest = c.digests(steps)
+    assert [r["name"] for r in rows] == [s.name for s in steps]
+    for r, s in zip(rows, steps):
+        launcher = ["torchrun", "--nproc-per-node", "8"] if isinstance(s, Train) else ["python"]
+        dest = s.folder + ".partial" if s.partial else s.folder
+        assert r["argv"] == launcher + ["-m", "xft_megatron.cli"] + s.argv(dest)
+        assert (r["folder"], r["digest"]) == (s.folder, digest[s.name])
+        assert r["state"] == (c.RESUME if isinstance(s, Train) else c.TODO)  # nothing written
+
+
+def test_every_command_says_what_the_step_runs(tmp_path, hf):
+    """Each step's argv, parsed by the real CLI, carries the step's own fields."""
+    from xft_megatron.cli import build_parser
+
+    parser = build_parser()
+    steps = _recipe(str(tmp_path / "rc"), hf) + _quickstart(str(tmp_path / "qs"), hf,
+                                                            moe_every=2, router_seed=3)
+    seen = set()
+    for s in steps:
+        if s.launcher is None:
+            continue
+        a = parser.parse_args(s.argv("DEST"))
+        seen.add(type(s))
+        if isinstance(s, Convert):
+            assert (a.direction, a.hf, a.out, a.dtype) == ("hf-to-mcore", s.hf, "DEST", s.dtype)
+        elif isinstance(s, Upcycle):
+            m = s.moe
+            assert (a.ckpt, a.out, a.num_experts, a.topk, a.mode, a.router_gate, a.layer_freq,
+                    a.seed, not a.no_router_noise) == (s.ckpt, "DEST", m.num_experts, m.topk,
+                                                       m.mode, m.router_gate, m.layer_freq,
+                                                       s.seed, m.router_noise)
+        elif isinstance(s, Train):
+            if a.config and not a.config.endswith(".yaml"):  # as cli.main reads it
+                a.config, a.overrides = None, [a.config] + a.overrides
+            assert a.resume and (a.config, tuple(a.overrides)) == \
+                (s.config, s.overrides + s.layout)
+        elif isinstance(s, Fold):
+            assert (a.ckpt, a.out, a.coefficients, a.shared_weight) == \
+                (s.ckpt, "DEST", s.coefficients, s.shared_weight)
+            assert a.hf_out == (os.path.join("DEST", s.hf) if s.hf else None)
+        elif isinstance(s, ExportHF):
+            assert (a.ckpt, a.out, a.dtype) == (s.ckpt, "DEST", s.dtype)
+        elif isinstance(s, HumanEval):
+            assert (a.model, a.out, a.prompt, a.n) == (s.model, "DEST", s.prompt, s.n)
+    assert seen == {Convert, Upcycle, Train, Fold, ExportHF, HumanEval}
+
+
+def test_a_changed_setting_reruns_the_step_and_what_reads_it(tmp_path, hf):
+    out = str(tmp_path / "qs")
+    base = c.digests(_quickstart(out, hf))
+    tuned = c.digests(_quickstart(out, hf, sft_steps=151))  # every tuning, not the upcycling
+    assert {k for k in base if base[k] != tuned[k]} == {
+        "sft", "xft_moe", "merge", "fold", "vanilla_moe", "none_moe", "eval"}
+    router = c.digests(_quickstart(out, hf, router_seed=1))
+    assert {k for k in base if base[k] != router[k]} == {
+        "upcycle", "xft_moe", "merge", "fold", "upcycle_vanilla", "vanilla_moe",
+        "upcycle_none", "none_moe", "eval"}
+    assert c.digests(_quickstart(out, hf)) == base  # deterministic
+    # the recipe: another layout resumes the same runs, another data file redoes them
+    from xft_megatron.pipeline.recipe import recipe_spec
+
+    def recipe(data="data.jsonl", layout=()):
+        return c.digests(build(recipe_spec(hf, data, out, RECIPE, "all", {"moe": layout})))
+
+    assert recipe(layout=["parallel.expert=4"]) == recipe(layout=["parallel.expert=8"])
+    changed = recipe(data="other.jsonl")
+    assert {k for k in changed if changed[k] != recipe()[k]} == {
+        "moe", "merge_stage", "fold", "xft_hf", "eval_xft", "sft", "sft_hf", "eval_sft"}
+
+
+def _checkpoint(folder, step, steps):
+    """What a training run leaves in checkpoint.save after `step` of `steps`."""
+    it = os.path.join(folder, f"iter_{step:07d}")
+    os.makedirs(it)
+    with open(os.path.join(it, "xft_config.yaml"), "w") as f:
+        yaml.safe_dump({"train": {"train_steps": steps}}, f)
+    with open(os.path.join(it, "train_state.json"), "w") as f:
+        json.dump({"step": step}, f)
+    with open(os.path.join(folder, "latest"), "w") as f:
+        f.write(os.path.basename(it))
+
+
+def test_training_step_done_resumed_or_restarted(tmp_path):
+    folder = str(tmp_path / "moe")
+    step = Train("moe", "tune", folder, overrides=(f"checkpoint.save={folder}",))
+    calls = []
+
+    def train(s, dest, until=4):  # a stand-in for `xft train --resume`: continues from latest
+        calls.append(sorted(os.listdir(dest)) if os.path.isdir(dest) else None)
+        _checkpoint(dest, until, 4)
+        return {"step": until}
+
+    rec = c.run_step(step, "d1", train, say=lambda m: None)
+    assert not rec["reused"] and c.state(step, "d1") == c.DONE
+    assert c.run_step(step, "d1", train, say=lambda m: None)["reused"] and len(calls) == 1
+    assert c.state(step, "d2") == c.TODO  # other settings: start again
+    c.run_step(step, "d2", train, say=lambda m: None)
+    assert calls[-1] == [c.MARKER]  # the old run was removed first (the new marker only)
+
+    # stopped midway (marker written at the start, checkpoint before the final step): resume
+    half = str(tmp_path / "half")
+    step = Train("half", "tune", half)
+    _checkpoint(half, 2, 4)
+    with open(os.path.join(half, c.MARKER), "w") as f:
+        json.dump({"name": "half", "params": "d1", "started": 0}, f)
+    assert c.state(step, "d1") == c.RESUME
+    c.run_step(step, "d1", train, say=lambda m: None)
+    assert calls[-1] == [c.MARKER, "iter_0000002", "latest"]  # kept, continued
+    assert c.state(step, "d1") == c.DONE
+
+    # a run at its final step without a marker (by hand, an earlier version) is taken as is
+    legacy = str(tmp_path / "legacy")
+    _checkpoint(legacy, 4, 4)
+    assert c.state(Train("legacy", "tune", legacy), "d") == c.DONE
+    _checkpoint(str(tmp_path / "short"), 3, 4)
+    assert c.state(Train("short", "tune", str(tmp_path / "short")), "d") == c.RESUME
+
+
+def test_one_process_tools_write_partial_folders(tmp_path):
+    folder = str(tmp_path / "upcycled")
+    step = Upcycle("upcycle", "upcycle", folder, ckpt=str(tmp_path / "base"))
+    os.makedirs(folder + ".partial")  # an interrupted earlier attempt
+    (tmp_path / "upcycled.partial" / "junk").write_text("x")
+    seen = []
+
+    def upcycle(s, dest):
+        seen.append(os.listdir(dest) if os.path.isdir(dest) else None)
+        os.makedirs(dest)
+        (tmp_path / "upcycled.partial" / "latest").write_text("iter_0000000")
+        return dest
+
+    assert c.state(step, "d") == c.TODO
+    c.run_step(step, "d", upcycle, say=lambda m: None)
+    assert seen == [None] and not os.path.exists(folder + ".partial")
+    assert sorted(os.listdir(folder)) == [c.MARKER, "latest"]
+    assert c.state(step, "d") == c.DONE and c.state(step, "other") == c.TODO
+
+    def broken(s, dest):
+        os.makedirs(dest)
+
+    with pytest.raises(RuntimeError, match="not complete"):
+        c.run_step(step, "other", broken, say=lambda m: None)
+
+
+def test_function_steps_are_done_by_their_marker(tmp_path):
+    calls = []
+    step = Function("data", "mine", str(tmp_path / "data"), fn=lambda d: calls.append(d) or 7,
+                    params=(("files", 3),))
+    [digest] = c.digests([step]).values()
+    assert c.run_step(step, digest, say=lambda m: None)["result"] == 7
+    again = c.run_step(step, digest, say=lambda m: None)
+    assert again["reused"] and again["result"] == 7 and len(calls) == 1
+    other = Function("data", "mine", step.folder, fn=step.fn, params=(("files", 4),))
+    assert c.digests([other])["data"] != digest
+
+
+FAKE_XFT = r'''
+import json, os, sys
+import yaml
+a = sys.argv[1:]
+opt = lambda name: a[a.index(name) + 1]
+if a[0] == "train":  # a run at its final step, in checkpoint.save
+    save = dict(o.split("=", 1) for o in a if "=" in o)["checkpoint.save"]
+    os.makedirs(os.path.join(save, "iter_0000003"), exist_ok=True)
+    yaml.safe_dump({"train": {"train_steps": 3}},
+                   open(os.path.join(save, "iter_0000003", "xft_config.yaml"), "w"))
+    json.dump({"step": 3}, open(os.path.join(save, "iter_0000003", "train_state.json"), "w"))
+    open(os.path.join(save, "latest"), "w").write("iter_0000003")
+elif a[:2] == ["eval", "humaneval"]:
+    os.makedirs(opt("--out"), exist_ok=True)
+    json.dump({"pass@1": 0.5}, open(os.path.join(opt("--out"), "humaneval.json"), "w"))
+else:  # convert, upcycle, merge: a new folder
+    os.makedirs(opt("--out"))
+    name = "config.json" if "mcore-to-hf" in a else "latest"
+    open(os.path.join(opt("--out"), name), "w").write("{}")
+print("ran", " ".join(a[:2]))
+'''
+
+
+def test_recipe_runs_every_step_once_through_its_launchers(tmp_path, hf, capsys):
+    """`recipe run` (what run.sh ends with) launches each step's command through the launchers
+    given, logs it, and a rerun reuses every step; stand-in `xft` commands write what the real
+    ones write."""
+    from xft_megatron.pipeline.__main__ import main
+
+    fake = tmp_path / "fake_xft.py"
+    fake.write_text(FAKE_XFT)
+    out = str(tmp_path / "rc")
+    args = ["recipe", "run", "--hf", hf, "--data", "data.jsonl", "--out", out, "--configs",
+            RECIPE, "--one", f"{shlex.quote(sys.executable)} {fake}", "--dist",
+            f"{shlex.quote(sys.executable)} {fake}"]
+    os.makedirs(os.path.join(out, "logs"))
+    assert main(args) == 0
+    first = capsys.readouterr().out
+    steps = _recipe(out, hf)
+    assert first.count("ran ") == len(steps) == 11
+    for s in steps:
+        assert "ran " in open(os.path.join(out, "logs", f"{s.name}.log")).read()
+        assert c.state(s, c.digests(steps)[s.name]) == c.DONE, s.name
+    assert not [p for p in os.listdir(out) if p.endswith(".partial")]
+    assert main(args) == 0
+    again = capsys.readouterr().out
+    assert "ran " not in again and again.count("reusing") == 11

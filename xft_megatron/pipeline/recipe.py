@@ -1,0 +1,205 @@
+"""The deepseek-coder-1.3b XFT recipe (examples/deepseek_coder_1.3b_xft) as a PipelineSpec, and
+what run.sh asks of it: the preflight (every training step through `xft train --dry-run`),
+the step list with each step's state and command, and running the steps through run.sh's
+launchers (ONE: one process, DIST: every rank), with the pipeline's one completion scheme.
+
+  python -m xft_megatron.pipeline recipe {preflight,plan,run} --hf DIR --data DATA --out OUT
+      --configs RECIPE_DIR --only all|xft|sft --world N [--layout STAGE OVERRIDE]...
+      [--one 'LAUNCHER...'] [--dist 'LAUNCHER...'] [--commands] [--json]
+"""
+
+import argparse
+import json
+import os
+import shlex
+import subprocess
+import sys
+import tempfile
+from typing import Dict, List, Sequence
+
+from xft_megatron.config import MoEConfig
+from xft_megatron.pipeline.completion import DONE, digests, run_step, state
+from xft_megatron.pipeline.steps import DIST, Step, Train
+from xft_megatron.pipeline.xft import (EvalSpec, HFBase, HumanEvalSpec, Names, PipelineSpec,
+                                       TrainSpec, build)
+
+# Upcycling (XFT_SPEC.md section 1): 8 experts with expert 0 shared, top-6 counting the
+# shared expert, MLP router gate, noisy gating, exact copies; router seed 0.
+MOE = MoEConfig(num_experts=8, topk=6, router_gate="mlp")
+NAMES = Names(upcycle=("upcycle", "upcycled"), moe=("moe", "moe"),
+              merge=("merge_stage", "merge_stage"), fold=("fold", "xft"))
+BRANCHES = {"all": ("xft", "sft"), "xft": ("xft",), "sft": ("sft",)}
+
+
+class RecipeError(Exception):
+    """A problem run.sh reports as `run.sh: error: ...` (exit 2)."""
+
+
+def recipe_spec(hf: str, data: str, out: str, configs: str, only: str = "all",
+                layout: Dict[str, Sequence[str]] = None) -> PipelineSpec:
+    """The recipe: bf16 conversion, XFT and/or the SFT baseline from the recipe's YAML files
+    with the layout's overrides, bf16 HF exports, HumanEval of every model."""
+    layout = layout or {}
+
+    def stage(name: str) -> TrainSpec:
+        return TrainSpec(os.path.join(configs, f"{name}.yaml"),
+                         layout=tuple(layout.get(name, ())))
+
+    return PipelineSpec(
+        out=out, base=HFBase(hf, dtype="bf16"), moe=MOE,
+        common=(f"data.path={data}", f"data.cache_dir={os.path.join(out, 'data_cache')}"),
+        sft=stage("sft"), moe_train=stage("moe"), merge=stage("merge"), branches=BRANCHES[only],
+        export_dtype="bf16", names=NAMES,
+        evaluation=EvalSpec(humaneval=HumanEvalSpec(per_model=True,
+                                                    evaluate_base=only == "all")))
+
+
+def _dest(step: Step) -> str:
+    return step.folder + ".partial" if step.partial else step.folder
+
+
+def plan(steps: List[Step], one: Sequence[str], dist: Sequence[str]) -> List[Dict]:
+    """Every step as {name, kind, desc, folder, launcher, argv, state, digest}."""
+    digest = digests(steps)
+    return [{"name": s.name, "kind": s.kind, "desc": s.desc, "folder": s.folder,
+             "launcher": s.launcher, "state": state(s, digest[s.name]),
+             "argv": list(dist if s.launcher == DIST else one) + s.argv(_dest(s)),
+             "digest": digest[s.name]} for s in steps]
+
+
+def print_plan(rows: List[Dict], commands: bool) -> None:
+    for r in rows:
+        print(f"{r['name']:<12} {'done' if r['state'] == DONE else 'todo':<5} {r['desc']} -> "
+              f"{r['folder']}")
+        if commands:
+            print(f"  $ {shlex.join(r['argv'])}")
+
+
+def preflight(spec: PipelineSpec, steps: List[Step], world: int) -> None:
+    """Every training step through `xft train --dry-run` at `world` ranks. An input checkpoint
+    not written yet is a stand-in holding only the config it will have: the model section
+    read from the HF config.json (as the conversion reads it), the moe section of the
+    upcycling (as `xft upcycle` writes it)."""
+    import warnings
+
+    warnings.filterwarnings("ignore")
+    import yaml
+
+    from xft_megatron.checkpoint import dist as ckpt
+    from xft_megatron.checkpoint.hf import HFFormatError, model_config_from_hf
+    from xft_megatron.config import Config, ConfigError, PrecisionConfig
+    from xft_megatron.training.run import assemble_config, dry_run
+
+    try:
+        model, _ = model_config_from_hf(spec.base.path)
+    except (HFFormatError, OSError, ValueError) as e:
+        raise RecipeError(e) from e
+    try:
+        dense = Config(model=model, precision=PrecisionConfig(dtype=spec.base.dtype))
+        upcycled = dense.replace(moe=spec.moe)
+    except ConfigError as e:
+        raise RecipeError(f"the upcycling settings do not fit {spec.base.path}: {e}") from e
+    tmp = tempfile.mkdtemp(prefix="xft-preflight-")
+    for step in (s for s in steps if isinstance(s, Train)):
+        values = dict(o.split("=", 1) for o in step.overrides)
+        stage, load = values["train.stage"], values["checkpoint.load"]
+        try:
+            ckpt.resolve(load)
+            source = load
+        except FileNotFoundError:  # not written yet: a stand-in with the config it will hold
+            source = os.path.join(tmp, stage)
+            os.makedirs(os.path.join(source, "iter_0000000"))
+            with open(os.path.join(source, "iter_0000000", ckpt.CONFIG_FILE), "w") as f:
+                yaml.safe_dump({"iteration": 0, **(dense if stage == "sft" else upcycled)
+                                .to_dict()}, f, sort_keys=False)
+            with open(os.path.join(source, ckpt.LATEST_FILE), "w") as f:
+                f.write("iter_0000000")
+        args = [o for o in step.overrides if not o.startswith(("checkpoint.load=", "data.path="))]
+        args += list(step.layout) + [f"checkpoint.load={source}", "data.path=dry-run.jsonl"]
+        name = os.path.basename(step.config or "")
+        try:
+            text = dry_run(assemble_config(step.config, args), world)
+        except (ConfigError, OSError, ValueError) as e:  # CheckpointError: a damaged input
+            raise RecipeError(f"stage {stage} ({name} + layout "
+                              f"{' '.join(step.layout)}): {e}") from e
+        print(f"--- {stage}: {name}, checkpoint.load "
+              f"{'= ' + load if source == load else 'not written yet (stand-in)'}")
+        print(text)
+
+
+def run(steps: List[Step], one: Sequence[str], dist: Sequence[str], logs: str) -> int:
+    """Every step not done, launched as run.sh's launchers launch it, its output shown and
+    appended to LOGS/<step>.log; 1 at the first failure (a rerun continues there)."""
+    digest = digests(steps)
+    os.environ["PYTHONUNBUFFERED"] = "1"  # logs and terminal follow the steps as they run
+
+    def launch(step: Step, dest: str) -> None:
+        log = os.path.join(logs, f"{step.name}.log")
+        print(f"   log: {log}", flush=True)
+        argv = list(dist if step.launcher == DIST else one) + step.argv(dest)
+        with open(log, "a") as f, subprocess.Popen(argv, stdout=subprocess.PIPE,
+                                                   stderr=subprocess.STDOUT, text=True) as p:
+            for line in p.stdout:
+                sys.stdout.write(line)
+                f.write(line)
+        if p.returncode:
+            raise StepFailed(f"run.sh: step '{step.name}' failed (log: {log}); rerun the "
+                             "same command to continue from here")
+
+    for step in steps:
+        try:
+            run_step(step, digest[step.name], launch, say=lambda m: print(m, flush=True))
+        except StepFailed as e:
+            print(e, file=sys.stderr)
+            return 1
+        except RuntimeError as e:  # ended, but the folder is not complete
+            print(f"run.sh: {e} (log: {os.path.join(logs, step.name + '.log')})",
+                  file=sys.stderr)
+            return 1
+    return 0
+
+
+class StepFailed(Exception):
+    pass
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("action", choices=["preflight", "plan", "run"])
+    p.add_argument("--hf", required=True, help="the HF base model directory")
+    p.add_argument("--data", required=True, help="the instruction data (data.path)")
+    p.add_argument("--out", required=True, help="where every step writes its folder")
+    p.add_argument("--configs", required=True, help="folder of sft.yaml, moe.yaml, merge.yaml")
+    p.add_argument("--only", choices=sorted(BRANCHES), default="all")
+    p.add_argument("--world", type=int, default=1, help="ranks of the training steps")
+    p.add_argument("--layout", nargs=2, action="append", default=[],
+                   metavar=("STAGE", "OVERRIDE"), help="a layout override of sft|moe|merge")
+    p.add_argument("--one", default="python -m xft_megatron.cli",
+                   help="launcher of one-process steps (shell words)")
+    p.add_argument("--dist", default="torchrun -m xft_megatron.cli",
+                   help="launcher of training steps (shell words)")
+    p.add_argument("--commands", action="store_true", help="plan: also print each command")
+    p.add_argument("--json", action="store_true", help="plan: the steps as JSON")
+
+
+def main(args: argparse.Namespace) -> int:
+    layout: Dict[str, List[str]] = {}
+    for stage, override in args.layout:
+        layout.setdefault(stage, []).append(override)
+    spec = recipe_spec(args.hf, args.data, args.out, args.configs, args.only, layout)
+    steps = build(spec)
+    one, dist = shlex.split(args.one), shlex.split(args.dist)
+    try:
+        if args.action == "preflight":
+            preflight(spec, steps, args.world)
+        elif args.action == "plan":
+            rows = plan(steps, one, dist)
+            if args.json:
+                print(json.dumps(rows, indent=1))
+            else:
+                print_plan(rows, args.commands)
+        else:
+            return run(steps, one, dist, os.path.join(args.out, "logs"))
+    except RecipeError as e:
+        print(f"run.sh: error: {e}", file=sys.stderr)
+        return 2
+    return 0

@@ -1,0 +1,336 @@
+"""The kinds of pipeline step, one small dataclass each: its inputs, its output folder and its
+settings are fields. Every step can run in this process (`run(dest)`, what the quickstart
+does); the ones that are an `xft` command also give that command's argv (`argv()`, what the
+recipe launches, `launcher` saying whether one process or torchrun runs it).
+
+`folder` is where the step's result lives; a step with `partial` writes into FOLDER.partial
+and is renamed when it finishes (a one-process tool never leaves a half-written folder that
+looks complete). `complete(folder)` says whether a folder holds the finished result; the
+completion scheme around it (settings digest, reuse, resume) is in completion.py.
+"""
+
+import json
+import os
+from dataclasses import asdict, dataclass, field
+from typing import Any, Callable, Dict, List, Optional, Tuple
+
+from xft_megatron.config import MoEConfig
+
+ONE, DIST = "ONE", "DIST"  # one process | every rank (torchrun, srun + torchrun)
+READS = ("checkpoint.load", "data.path", "data.tokenizer")  # the overrides naming inputs
+
+
+def _is_file(*path: str) -> bool:
+    return os.path.isfile(os.path.join(*path))
+
+
+def training_finished(root: str) -> bool:
+    """Whether the newest checkpoint under `root` is at its run's final step."""
+    import yaml
+
+    try:
+        with open(os.path.join(root, "latest")) as f:
+            ckpt = os.path.join(root, f.read().strip())
+        with open(os.path.join(ckpt, "xft_config.yaml")) as f:
+            steps = yaml.safe_load(f)["train"]["train_steps"]
+        with open(os.path.join(ckpt, "train_state.json")) as f:
+            step = json.load(f)["step"]
+    except (OSError, KeyError, TypeError, ValueError, yaml.YAMLError):
+        return False
+    return step >= steps
+
+
+@dataclass(frozen=True)
+class Step:
+    """What every kind has: a name, a description, the folder it writes."""
+
+    name: str
+    desc: str
+    folder: str
+
+    kind = "step"
+    partial = False  # writes FOLDER.partial, renamed when finished
+    resumable = False  # an unfinished folder is continued, not removed
+    launcher = ONE  # None: runs only in this process (no `xft` command)
+
+    def inputs(self) -> Tuple[str, ...]:
+        """Paths (folders, files) this step reads; the steps writing them come first."""
+        return ()
+
+    def complete(self, folder: str) -> Optional[bool]:
+        """Whether `folder` holds this step's finished result (None: only the marker says)."""
+        return _is_file(folder, "latest")
+
+    def argv(self, dest: str) -> List[str]:
+        """The `xft` command writing into `dest`."""
+        raise NotImplementedError(f"step {self.name} ({self.kind}) has no `xft` command")
+
+    def run(self, dest: str) -> Any:
+        """Run in this process, writing into `dest`; returns a JSON-serializable result."""
+        raise NotImplementedError
+
+    def settings(self) -> Dict[str, Any]:
+        """What the settings digest covers: every field but the description."""
+        return {"kind": self.kind, **{k: v for k, v in asdict(self).items() if k != "desc"}}
+
+
+@dataclass(frozen=True)
+class Convert(Step):
+    """HF directory -> Megatron checkpoint."""
+
+    hf: str = ""
+    dtype: str = "fp32"
+    kind = "convert"
+    partial = True
+
+    def argv(self, dest):
+        return ["convert", "hf-to-mcore", "--hf", self.hf, "--out", dest, "--dtype", self.dtype]
+
+    def run(self, dest):
+        from xft_megatron.convert import hf_to_mcore
+
+        hf_to_mcore(self.hf, dest, dtype=self.dtype)
+        return {"checkpoint": self.folder}
+
+
+@dataclass(frozen=True)
+class Train(Step):
+    """`xft train [CONFIG] OVERRIDES --resume` (pretrain, sft, moe or merge stage): done when
+    the newest checkpoint is at the final step; an unfinished one resumes."""
+
+    config: Optional[str] = None  # a recipe YAML
+    overrides: Tuple[str, ...] = ()  # key=value, checkpoint.save = folder among them
+    layout: Tuple[str, ...] = ()  # parallel.*, micro-batch: how it runs, not what it computes
+    kind = "train"
+    resumable = True
+    launcher = DIST
+
+    def inputs(self):
+        return tuple(o.split("=", 1)[1] for o in self.overrides
+                     if o.split("=", 1)[0] in READS)
+
+    def complete(self, folder):
+        return training_finished(folder)
+
+    def settings(self):  # a run resumes under another layout (same results, P5)
+        return {k: v for k, v in super().settings().items() if k != "layout"}
+
+    def argv(self, dest):
+        return ["train"] + ([self.config] if self.config else []) + list(self.overrides) + \
+            list(self.layout) + ["--resume"]
+
+    def run(self, dest):
+        from xft_megatron.training import run
+
+        result = run.main(self.config, list(self.overrides + self.layout), resume=True)
+        _release_device_memory()
+        return {"losses": result.losses, "checkpoint": result.checkpoint,
+                "tokens_per_s": result.tokens_per_s,
+                "merge_coefficients": result.merge_coefficients}
+
+
+@dataclass(frozen=True)
+class Upcycle(Step):
+    """Dense checkpoint -> MoE checkpoint (`moe.mode`: xft or an ablation)."""
+
+    ckpt: str = ""
+    moe: MoEConfig = field(default_factory=MoEConfig)
+    seed: int = 0  # router initialization
+    kind = "upcycle"
+    partial = True
+
+    def inputs(self):
+        return (self.ckpt,)
+
+    def argv(self, dest):
+        m = self.moe
+        return ["upcycle", "--ckpt", self.ckpt, "--out", dest, "--num-experts",
+                str(m.num_experts), "--topk", str(m.topk), "--mode", m.mode, "--router-gate",
+                m.router_gate, "--layers", str(m.layer_freq), "--seed", str(self.seed)] + \
+            ([] if m.router_noise else ["--no-router-noise"])
+
+    def run(self, dest):
+        from xft_megatron.upcycle_merge import upcycle_checkpoint
+
+        return upcycle_checkpoint(self.ckpt, dest, self.moe, seed=self.seed)
+
+
+@dataclass(frozen=True)
+class Fold(Step):
+    """MoE checkpoint -> dense checkpoint (`xft merge`), optionally also an HF directory
+    (`hf`: a sub-folder name)."""
+
+    ckpt: str = ""
+    coefficients: str = "learned"
+    shared_weight: float = 0.75
+    hf: Optional[str] = None
+    kind = "fold"
+    partial = True
+
+    def inputs(self):
+        return (self.ckpt,)
+
+    def argv(self, dest):
+        return ["merge", "--ckpt", self.ckpt, "--out", dest, "--coefficients",
+                self.coefficients, "--shared-weight", str(self.shared_weight)] + \
+            (["--hf-out", os.path.join(dest, self.hf)] if self.hf else [])
+
+    def run(self, dest):
+        from xft_megatron.parallel import say
+        from xft_megatron.upcycle_merge import merge_checkpoint
+
+        return merge_checkpoint(self.ckpt, dest, self.coefficients, self.shared_weight,
+                                hf_out=os.path.join(dest, self.hf) if self.hf else None,
+                                report=say)
+
+
+@dataclass(frozen=True)
+class ExportHF(Step):
+    """Megatron checkpoint -> HF directory."""
+
+    ckpt: str = ""
+    dtype: Optional[str] = None  # None: the checkpoint's own precision
+    kind = "export_hf"
+    partial = True
+
+    def inputs(self):
+        return (self.ckpt,)
+
+    def complete(self, folder):
+        return _is_file(folder, "config.json")
+
+    def argv(self, dest):
+        return ["convert", "mcore-to-hf", "--ckpt", self.ckpt, "--out", dest] + \
+            (["--dtype", self.dtype] if self.dtype else [])
+
+    def run(self, dest):
+        from xft_megatron.convert import mcore_to_hf
+
+        mcore_to_hf(self.ckpt, dest, dtype=self.dtype)
+        return {"hf": self.folder}
+
+
+@dataclass(frozen=True)
+class HumanEval(Step):
+    """HumanEval of one model (HF directory or Megatron checkpoint) into FOLDER/humaneval.json."""
+
+    model: str = ""
+    prompt: str = "magicoder"  # raw | magicoder | chat
+    n: int = 1  # samples per task (1 = greedy pass@1)
+    limit: Optional[int] = None  # the first problems only
+    max_new_tokens: int = 512
+    workers: int = 8
+    kind = "humaneval"
+
+    def inputs(self):
+        return (self.model,)
+
+    def complete(self, folder):
+        return _is_file(folder, "humaneval.json")
+
+    def argv(self, dest):
+        return ["eval", "humaneval", "--model", self.model, "--out", dest, "--n", str(self.n),
+                "--workers", str(self.workers), "--prompt", self.prompt, "--max-new-tokens",
+                str(self.max_new_tokens)] + (["--limit", str(self.limit)] if self.limit else [])
+
+    def run(self, dest):
+        from xft_megatron import cli
+
+        if cli.main(self.argv(dest)):
+            raise RuntimeError(f"step {self.name}: `xft {' '.join(self.argv(dest))}` failed")
+        with open(os.path.join(dest, "humaneval.json")) as f:
+            return json.load(f)["pass@1"]
+
+
+@dataclass(frozen=True)
+class EvalLoss(Step):
+    """Held-out loss of several models on one data file (this process only)."""
+
+    models: Tuple[Tuple[str, str], ...] = ()  # (label, checkpoint)
+    data: str = ""
+    cache_dir: str = ""
+    tokenizer: Optional[str] = None
+    seq_length: Optional[int] = None
+    kind = "eval_loss"
+    launcher = None
+
+    def inputs(self):
+        return tuple(path for _, path in self.models) + (self.data,)
+
+    def complete(self, folder):
+        return None
+
+    def run(self, dest):
+        from xft_megatron.eval.loss import evaluate_loss
+
+        return {label: evaluate_loss(path, self.data, self.cache_dir, tokenizer=self.tokenizer,
+                                     on_error="skip", seq_length=self.seq_length)
+                for label, path in self.models}
+
+
+@dataclass(frozen=True)
+class HumanEvalTable(Step):
+    """HumanEval pass@1 (greedy, magicoder protocol) of several models, each exported to HF
+    first (an MoE with its own modeling file), in this process."""
+
+    models: Tuple[Tuple[str, str], ...] = ()  # (label, checkpoint)
+    limit: int = 164
+    max_new_tokens: int = 512
+    kind = "humaneval_table"
+    launcher = None
+
+    def inputs(self):
+        return tuple(path for _, path in self.models)
+
+    def complete(self, folder):
+        return None
+
+    def run(self, dest):
+        from xft_megatron.convert import mcore_to_hf
+        from xft_megatron.eval.humaneval import evaluate_humaneval
+        from xft_megatron.parallel import say
+
+        scores = {}
+        for i, (label, path) in enumerate(self.models):
+            hf_dir = os.path.join(dest, f"model{i}")
+            if not _is_file(hf_dir, "config.json"):
+                mcore_to_hf(path, hf_dir)
+            report = evaluate_humaneval(hf_dir, os.path.join(dest, f"model{i}.json"),
+                                        limit=self.limit, protocol="magicoder", batch_size=64,
+                                        max_new_tokens=self.max_new_tokens)
+            scores[label] = report["pass@1"]
+            say(f"humaneval: {label} pass@1 {scores[label]:.4f}")
+        return scores
+
+
+@dataclass(frozen=True)
+class Function(Step):
+    """A Python function of this process writing into the folder (e.g. the quickstart's data
+    mining); `params` are what its result depends on."""
+
+    fn: Optional[Callable[[str], Any]] = field(default=None, compare=False)
+    params: Tuple[Tuple[str, Any], ...] = ()
+    kind = "function"
+    launcher = None
+
+    def complete(self, folder):
+        return None
+
+    def run(self, dest):
+        return self.fn(dest)
+
+    def settings(self):
+        return {"kind": self.kind, "name": self.name, "folder": self.folder,
+                "params": dict(self.params)}
+
+
+def _release_device_memory() -> None:
+    """Hand the finished stage's cached GPU memory back, so that runs sharing a GPU see it
+    (the stages of one quickstart run in one process)."""
+    import gc
+
+    import torch
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
