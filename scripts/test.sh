@@ -14,4 +14,4 @@ if ! { command -v slurmctld || [ -x /usr/sbin/slurmctld ]; } >/dev/null &&
     echo "test.sh: installing Slurm failed; tests/test_slurm.py will try again or skip"
   fi
 fi
-exec python -m pytest "$@"
+exec python -m pytest --durations=25 "$@"
