@@ -7,6 +7,7 @@ environment, one intra-op thread, and a hard timeout; a failure on any rank rais
 test with that rank's traceback.
 """
 
+import io
 import multiprocessing as mp
 import os
 import queue
@@ -44,7 +45,11 @@ def _worker(rank, world_size, port, body, args, out):
     torch.set_num_threads(1)
     try:
         result = body(rank, world_size, *args)
-        out.put((rank, True, result))
+        # as bytes: a tensor put on the queue as is would be shared through a file
+        # descriptor that dies with this process, possibly before the test reads it
+        buf = io.BytesIO()
+        torch.save(result, buf)
+        out.put((rank, True, buf.getvalue()))
     except BaseException:  # report everything, including assertion failures
         out.put((rank, False, traceback.format_exc()))
     finally:
@@ -74,6 +79,10 @@ def run_ranks(world_size, body, *args, timeout=600, retries=3):
         try:
             for _ in range(world_size):
                 rank, ok, value = out.get(timeout=timeout)
+                if ok:
+                    import torch
+
+                    value = torch.load(io.BytesIO(value), weights_only=False)
                 (results if ok else errors)[rank] = value
                 if errors:
                     break

@@ -562,7 +562,8 @@ def public_tmp():
 
 
 def _package_copy(tmp_path) -> str:
-    """The sandbox's two files in a directory any user can read (the checkout may be private)."""
+    """The sandbox's files (and the error classes it raises) in a directory any user can
+    read (the checkout may be private)."""
     import shutil
     root = tmp_path / "pkg"
     (root / "xft_megatron" / "eval").mkdir(parents=True)
@@ -571,6 +572,7 @@ def _package_copy(tmp_path) -> str:
     here = os.path.dirname(os.path.abspath(run_program.__code__.co_filename))
     for name in ("sandbox.py", "sandbox_launcher.py"):
         shutil.copy(os.path.join(here, name), root / "xft_megatron" / "eval" / name)
+    shutil.copy(os.path.join(os.path.dirname(here), "errors.py"), root / "xft_megatron")
     return str(root)
 
 

@@ -208,8 +208,10 @@ def run(out_dir: str, settings: Optional[Settings] = None, overrides: Sequence[s
     single = int(os.environ.get("WORLD_SIZE", "1")) == 1  # the HF export runs in one process
     spec = pipeline_spec(out_dir, s, overrides, single)
     _check_config(spec.common, s.base)
-    from xft_megatron.parallel import say
+    from xft_megatron.parallel import init_process_group, say
 
+    if not single:  # rank 0 writes the step markers, every step ends in a barrier: from
+        init_process_group()  # the first step on, before any training stage starts the group
     steps = [data_step(out_dir, roots, s)] + build(spec)
     records = run_steps(steps, say=say)
     data = records["data"]["result"]
