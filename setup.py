@@ -22,7 +22,7 @@ setup(
         "matplotlib",
     ],
     extras_require={
-        "test": ["pytest>=8", "pytest-timeout", "hypothesis", "gguf", "accelerate"],
+        "test": ["pytest>=8", "pytest-timeout", "pytest-xdist", "hypothesis", "gguf", "accelerate"],
         "gguf": ["gguf", "accelerate"],
         "te": ["transformer-engine[pytorch]"],
     },

@@ -14,4 +14,6 @@ if ! { command -v slurmctld || [ -x /usr/sbin/slurmctld ]; } >/dev/null &&
     echo "test.sh: installing Slurm failed; tests/test_slurm.py will try again or skip"
   fi
 fi
-exec python -m pytest --durations=25 "$@"
+# Two workers (the CI machine's two cores), whole files per worker so a module's fixtures are
+# built once; XFT_TEST_WORKERS=0 runs in this process.
+exec python -m pytest -n "${XFT_TEST_WORKERS:-2}" --dist loadfile --durations=25 "$@"

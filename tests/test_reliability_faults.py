@@ -227,7 +227,7 @@ def test_a_dying_rank_ends_the_job_quickly(tmp_path):
             "train.global_batch_size=4", "train.train_steps=50", "parallel.tensor=2",
             "parallel.sequence_parallel=true", "data.path=builtin:stdlib",
             f"checkpoint.save={tmp_path}/run", "data.cache_dir=" + str(tmp_path / "cache")]
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "4",
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "4",
            "--monitor-interval", "1", os.path.join(HERE, "rank_fault_child.py"), "2"] + args
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": ROOT_DIR}
     r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
