@@ -176,3 +176,35 @@ def test_a_model_too_big_for_the_machine_is_refused_naming_the_key():
         memory.check_fits(deep, 1, available=max(fixed, est.total / 2))
     memory.check_fits(deep, 1, available=est.total)  # the estimate is a planning figure
     memory.check_fits(load_config(None, []), 1, available=2 ** 30)  # the default fits
+
+
+def test_type_checks_follow_the_annotations():
+    """A new field is type-checked by its annotation alone (Optional unwrapped); mappings and
+    unions of several types are left to the dataclass."""
+    import dataclasses
+    from typing import Dict, Optional, Union
+
+    from xft_megatron import config
+
+    @dataclasses.dataclass
+    class New:
+        count: Optional[int] = None
+        ratio: float = 0.5
+        name: Optional[str] = None
+        flag: bool = False
+        table: Dict[str, str] = dataclasses.field(default_factory=dict)
+        either: Union[int, str] = 0
+
+    config._check_types(New, {"count": 3, "ratio": 1, "name": "x", "flag": True,
+                              "table": {"a": "b"}, "either": "y"}, "new")
+    for values, message in [({"count": "3"}, "new.count='3' has type str, expected int"),
+                            ({"count": True}, "new.count=True has type bool, expected int"),
+                            ({"ratio": "fast"}, "new.ratio='fast' has type str, expected float"),
+                            ({"ratio": float("nan")}, "new.ratio=nan must be a finite number"),
+                            ({"flag": 1}, "new.flag=1 has type int, expected bool"),
+                            ({"name": 7}, "quote it for a text value: new.name='7'")]:
+        with pytest.raises(ConfigError) as e:
+            config._check_types(New, values, "new")
+        assert message in str(e.value), (values, str(e.value))
+    assert config._numbers_for_float_fields(New, {"ratio": "1e-3", "name": "1e-3"}) == \
+        {"ratio": 1e-3, "name": "1e-3"}

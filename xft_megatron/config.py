@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import functools
 import math
 import os
+import typing
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Sequence
 
@@ -529,55 +531,49 @@ def _construct(cls, values: Dict[str, Any], section: str):
         raise ConfigError(f"invalid '{section}' section: {e}") from None
 
 
-# fields whose default is None, with a value of the type they take when set
-_OPTIONAL_FIELD_EXAMPLES = {"num_query_groups": 1, "virtual_pipeline": 1, "expert_tensor": 1,
-                            "compile_layers": False, "preset": "",
-                            "capacity_factor": 1.0, "epochs": 1.0, "stage": "", "path": "",
-                            "tokenizer": "", "cache_dir": "", "load": "", "save": "",
-                            "subset": "", "revision": ""}
+@functools.lru_cache(maxsize=None)
+def _field_types(cls) -> Dict[str, Optional[type]]:
+    """Field -> the one builtin type (bool, int, float, str) its annotation names, Optional
+    unwrapped; None for other annotations (mappings, unions of several types), not checked."""
+    out = {}
+    for name, hint in typing.get_type_hints(cls).items():
+        if typing.get_origin(hint) is typing.Union:
+            args = [a for a in typing.get_args(hint) if a is not type(None)]
+            hint = args[0] if len(args) == 1 else None
+        out[name] = hint if hint in (bool, int, float, str) else None
+    return out
 
 
 def _numbers_for_float_fields(cls, values: Dict[str, Any]) -> Dict[str, Any]:
     """YAML 1.1 reads '1e-3' as a string; for a float field a number is what anyone writing it
     means. Other fields keep their strings ('20241201' stays a path)."""
-    out = dict(values)
-    for f in dataclasses.fields(cls):
-        value = out.get(f.name)
-        default = f.default if f.default is not dataclasses.MISSING else None
-        if default is None:
-            default = _OPTIONAL_FIELD_EXAMPLES.get(f.name)
-        if isinstance(value, str) and isinstance(default, float):
-            out[f.name] = _as_float(value)  # a text that is no number: the type check names it
-    return out
+    types = _field_types(cls)
+    return {k: _as_float(v) if isinstance(v, str) and types.get(k) is float else v
+            for k, v in values.items()}
 
 
 def _check_types(cls, values: Dict[str, Any], section: str) -> None:
-    """Each given value must have the type of its field's default (ints accepted as floats)."""
-    for f in dataclasses.fields(cls):
-        if f.name not in values:
+    """Each given value must have the type its field is annotated with (ints accepted as
+    floats); a new field is checked by its annotation alone."""
+    types = _field_types(cls)
+    for name, value in values.items():
+        expected = types.get(name)
+        if value is None or expected is None:
             continue
-        value = values[f.name]
-        default = f.default if f.default is not dataclasses.MISSING else None
-        if default is None:
-            default = _OPTIONAL_FIELD_EXAMPLES.get(f.name)
-        if value is None or default is None:
-            continue
-        if isinstance(default, bool):
+        if expected is bool:
             ok = isinstance(value, bool)
-        elif isinstance(default, int):
+        elif expected is int:
             ok = isinstance(value, int) and not isinstance(value, bool)
-        elif isinstance(default, float):
+        elif expected is float:
             ok = isinstance(value, (int, float)) and not isinstance(value, bool)
             _require(not ok or math.isfinite(value),
-                     f"{section}.{f.name}={value!r} must be a finite number")
-        elif isinstance(default, str):
-            ok = isinstance(value, str)
+                     f"{section}.{name}={value!r} must be a finite number")
         else:
-            ok = True
-        hint = (f" (quote it for a text value: {section}.{f.name}='{value}')"
-                if isinstance(default, str) and isinstance(value, (int, float)) else "")
-        _require(ok, f"{section}.{f.name}={value!r} has type {type(value).__name__}, "
-                     f"expected {type(default).__name__}{hint}")
+            ok = isinstance(value, str)
+        hint = (f" (quote it for a text value: {section}.{name}='{value}')"
+                if expected is str and isinstance(value, (int, float)) else "")
+        _require(ok, f"{section}.{name}={value!r} has type {type(value).__name__}, "
+                     f"expected {expected.__name__}{hint}")
 
 
 def model_config_from_dict(values: Dict[str, Any]) -> ModelConfig:
