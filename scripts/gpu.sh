@@ -7,9 +7,11 @@
 # runs only the MoE layer profile (no tests); scaling runs only the scaling study
 # (benchmarks/scaling.py, STUDY=benchmarks/studies/h200.yaml); study runs only the XFT-vs-SFT
 # study (xft quickstart at ~100M parameters); real-study the same from SmolLM2-135M-Instruct
-# over several seeds (STUDY_LONG_STEPS: seed 1 once more at that tuning budget); train runs the XFT MoE stage end to end through
-# `xft train` (benchmarks/train_e2e.py) on 1 GPU, and with EP=2 on 2 GPUs when the machine
-# has them.
+# over several seeds (SEEDS, STUDY_SFT_STEPS, STUDY_MBS, STUDY_GBS, STUDY_LR, STUDY_HUMANEVAL;
+# STUDY_LONG_STEPS: seed 1 once more at that tuning budget; each MoE stage at micro-batch 16
+# needs ~55 GiB of GPU memory and each run ~30 GB of disk); train runs the XFT MoE stage end
+# to end through `xft train` (benchmarks/train_e2e.py) on 1 GPU, and with EP=2 on 2 GPUs
+# when the machine has them.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-runs/gpu}"
