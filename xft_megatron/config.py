@@ -78,13 +78,16 @@ class ModelConfig:
 
     def num_parameters(self) -> int:
         """Exact parameter count of the dense model (embeddings included)."""
-        h, f, v = self.hidden_size, self.ffn_hidden_size, self.vocab_size
+        h, f = self.hidden_size, self.ffn_hidden_size
         kv = self.num_query_groups * self.head_dim
         attn = h * h + 2 * h * kv + h * h + (h + 2 * kv if self.qkv_bias else 0)
         mlp = 3 * h * f
         per_layer = attn + mlp + 2 * h
-        embed = v * h * (1 if self.tie_embeddings else 2)
-        return self.num_layers * per_layer + embed + h
+        return self.num_layers * per_layer + self.embedding_parameters() + h
+
+    def embedding_parameters(self) -> int:
+        """The input embedding and the output layer (one matrix when tied)."""
+        return self.vocab_size * self.hidden_size * (1 if self.tie_embeddings else 2)
 
 
 @dataclass

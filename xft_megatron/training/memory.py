@@ -120,7 +120,7 @@ def check_fits(cfg: Config, world_size: int, available: float) -> None:
         return
     m, t, gib = cfg.model, cfg.train, 2 ** 30
     if fixed > available:
-        embedding = m.vocab_size * m.hidden_size * (1 if m.tie_embeddings else 2)
+        embedding = m.embedding_parameters()
         biggest = ("model.vocab_size" if embedding > m.num_parameters() - embedding
                    else "model.num_layers")
         need = f"weights, gradients and optimizer state need ~{fixed / gib:,.1f} GiB per rank"

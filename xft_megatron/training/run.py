@@ -176,9 +176,9 @@ def main(config_path: Optional[str], overrides: Sequence[str], resume: bool = Fa
         world = world_size or int(os.environ.get("WORLD_SIZE", "1"))
         print(dry_run(cfg, world))
         return None
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    memory.check_fits(cfg, world, memory.machine_memory(
-        int(os.environ.get("LOCAL_WORLD_SIZE", str(world)))))
+    world = parallel.rank_info_from_env().world_size  # torchrun or srun, as initialize reads it
+    local = os.environ.get("LOCAL_WORLD_SIZE") or os.environ.get("SLURM_NTASKS_PER_NODE", "")
+    memory.check_fits(cfg, world, memory.machine_memory(int(local) if local.isdigit() else world))
     hub = HubSettings.from_env()
     check_sources(cfg.data, hub)  # a missing file or dataset stops here, before any model
     stop = stop or StopOnSignal()
