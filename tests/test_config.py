@@ -208,3 +208,41 @@ def test_type_checks_follow_the_annotations():
         assert message in str(e.value), (values, str(e.value))
     assert config._numbers_for_float_fields(New, {"ratio": "1e-3", "name": "1e-3"}) == \
         {"ratio": 1e-3, "name": "1e-3"}
+
+
+def test_a_run_whose_checkpoint_cannot_fit_on_disk_is_refused_before_anything(tmp_path, capsys,
+                                                                              monkeypatch):
+    from xft_megatron import cli
+    from xft_megatron.checkpoint import space
+    from xft_megatron.training import disk, memory
+
+    base = ["model.preset=tiny", f"checkpoint.save={tmp_path}/run", "train.train_steps=10"]
+    cfg = load_config(None, base)
+    total = memory.parameter_counts(cfg.model, cfg.moe)["total"]
+    size = disk.checkpoint_bytes(cfg)
+    assert size == {"weights": 4 * total, "optimizer": 12 * total}  # fp32 + main copy, 2 moments
+    full = size["weights"] + size["optimizer"]
+    with pytest.raises(ConfigError, match=r"needs ~.* \(weights .*, optimizer state .*\), but its"
+                       r" disk has .* free.*final_optimizer=false saves the weights alone"):
+        disk.check_room(cfg, free=full - 1)
+    lean = load_config(None, base + ["checkpoint.final_optimizer=false"])
+    assert disk.check_room(lean, free=size["weights"]) == ""  # the weights alone fit
+    merge = load_config(None, base + ["moe.num_experts=4", "moe.topk=2", "train.stage=merge",
+                                       "moe.stage=merge"])
+    assert disk.checkpoint_bytes(merge)["optimizer"] == 0  # only the coefficients train
+    # interval saves: 10 steps / 2 = 5 saves; keep=2 -> 3 at once (2 kept + the one written)
+    periodic = load_config(None, base + ["checkpoint.save_interval=2", "checkpoint.keep=2"])
+    assert disk.saves_in_run(periodic) == 5
+    assert disk.check_room(periodic, free=3 * full) == ""
+    notice = disk.check_room(periodic, free=2 * full)
+    assert "the 3 this run keeps at once need" in notice and "checkpoint.keep" in notice
+    assert disk.saves_in_run(load_config(None, base + ["checkpoint.final=false"])) == 0
+    assert space.human(1536) == "1.5 KiB" and space.human(3 * 2 ** 30) == "3.0 GiB"
+    assert space.free_bytes(str(tmp_path / "not" / "yet")) > 0  # asks the nearest folder
+
+    # through the command line: refused with exit 2 before the data or a model is touched
+    monkeypatch.setattr(space, "free_bytes", lambda path: 4096)
+    code = cli.main(["train", *base, "data.path=/nonexistent.jsonl"])
+    err = capsys.readouterr().err
+    assert code == 2 and "but its disk has 4.0 KiB free" in err, err
+    assert not (tmp_path / "run").exists()

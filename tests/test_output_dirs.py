@@ -144,3 +144,77 @@ def test_model_keys_that_disagree_with_the_loaded_checkpoint_are_refused(tmp_pat
                                         "model.rope_theta=5e5"])
     assert (cfg.model.num_layers, cfg.model.hidden_size) == (6, 128)
     assert (cfg.model.max_position_embeddings, cfg.model.rope_theta) == (512, 5e5)
+
+
+def _hf_export_body(rank, world, root):
+    """An HF export carries its shards' checksums and is written under a lock beside it."""
+    import json
+    import subprocess
+    import sys
+
+    import torch
+    import transformers
+
+    from xft_megatron.checkpoint.hf import HFFormatError
+
+    torch.manual_seed(0)
+    hf = transformers.AutoModelForCausalLM.from_config(transformers.AutoConfig.for_model(
+        model_type="llama", hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, vocab_size=256, tie_word_embeddings=False))
+    src, mc, out = (os.path.join(root, n) for n in ("src", "mc", "export"))
+    hf.save_pretrained(src, safe_serialization=True)
+    convert.hf_to_mcore(src, mc)  # transformers' own directory: no manifest, no notice
+    convert.mcore_to_hf(mc, out, dtype="fp32", shard_bytes=200_000)
+    r = {"listed": sorted(json.load(open(os.path.join(out, "checksums.json")))["files"]),
+         "shards": sorted(f for f in os.listdir(out) if f.endswith(".safetensors"))}
+    with open(os.path.join(out, "config.json")) as f:  # a hand edit of the JSON files is fine
+        cfg = json.load(f)
+    cfg["use_cache"] = False
+    with open(os.path.join(out, "config.json"), "w") as f:
+        json.dump(cfg, f)
+    convert.hf_to_mcore(out, os.path.join(root, "edited"))
+    shard = os.path.join(out, r["shards"][1])
+    with open(shard, "r+b") as f:  # one flipped byte inside tensor data
+        f.seek(os.path.getsize(shard) // 2)
+        byte = f.read(1)
+        f.seek(-1, 1)
+        f.write(bytes([byte[0] ^ 0x10]))
+    try:
+        convert.hf_to_mcore(out, os.path.join(root, "damaged"))
+        r["damaged"] = None
+    except HFFormatError as e:
+        r["damaged"] = str(e)
+    r["damaged_out"] = os.path.exists(os.path.join(root, "damaged"))
+    # a second writer of the same export is refused at start, naming the holder
+    second = os.path.join(root, "second")
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time; from xft_megatron.checkpoint import lock; "
+         f"lock.acquire({second!r}, 'xft convert mcore-to-hf first', beside=True); "
+         "print('held', flush=True); time.sleep(60)"], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        try:
+            convert.mcore_to_hf(mc, second)
+            r["in_use"] = None
+        except lock.DirectoryInUse as e:
+            r["in_use"] = str(e)
+    finally:
+        holder.kill()
+        holder.wait()
+    r["second_exists"] = os.path.exists(second)
+    convert.mcore_to_hf(mc, second)  # the holder is gone: its lock goes with it
+    r["after"] = sorted(os.listdir(root))
+    return r
+
+
+def test_hf_exports_carry_shard_checksums_and_one_writer(tmp_path):
+    from tests.harness import run_ranks
+
+    r = run_ranks(1, _hf_export_body, str(tmp_path))[0]
+    assert len(r["shards"]) >= 2 and r["listed"] == r["shards"]  # the shards, not the JSON
+    assert r["damaged"] and r["shards"][1] in r["damaged"] and "does not match" in \
+        r["damaged"], r["damaged"]
+    assert not r["damaged_out"]  # refused before any output
+    assert r["in_use"] and "xft convert mcore-to-hf first" in r["in_use"], r["in_use"]
+    assert not r["second_exists"]
+    assert not [n for n in r["after"] if "lock" in n or ".tmp-" in n], r["after"]

@@ -17,6 +17,7 @@ and the tests below check what it measured:
 
 import json
 import os
+import shutil
 
 import pytest
 import torch
@@ -190,6 +191,8 @@ def _pipeline(rank, world, hf, root):
     r["tokens"] = {name: _token_settings(d) for name, d in {"original": hf, **exports}.items()}
     r["chats"] = {name: _greedy_chats(d) for name, d in {"original": hf, **exports}.items()}
     lap("greedy chats")
+    for done in ("mc", "dense_hf", "moe", "moe_hf", "merged", "merged_hf"):
+        shutil.rmtree(p(done))  # checked: the quickstart below needs the disk (CI's is small)
 
     # the whole XFT pipeline from this base, at a few steps: convert, SFT, upcycle, MoE SFT,
     # learnable merge, fold, held-out loss and HumanEval of every model, report

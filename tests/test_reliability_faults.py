@@ -210,14 +210,51 @@ def _disk_full(rank, world, base):
             "listing": sorted(os.listdir(base))}
 
 
+def _log_full(rank, world, base):
+    """The training log cannot grow (a file-size limit just above metrics.jsonl's size):
+    the run stops with one message, TensorBoard's writer thread prints no traceback."""
+    import io
+    import resource
+
+    from xft_megatron.training.loop import train
+    from xft_megatron.training.metrics import LogWriteError
+
+    cfg = fault_child.config(base)
+    before = open(os.path.join(base, "latest")).read()
+    limit = os.path.getsize(os.path.join(base, "metrics.jsonl")) + 16
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    err, real_stderr = io.StringIO(), sys.stderr
+    sys.stderr = err
+    resource.setrlimit(resource.RLIMIT_FSIZE, (limit, hard))
+    try:
+        train(cfg, common.RandomBatches(cfg), progress=False, resume=True)
+        error = None
+    except LogWriteError as e:
+        error = str(e)
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+        sys.stderr = real_stderr
+    return {"error": error, "stderr": err.getvalue(),
+            "latest_same": open(os.path.join(base, "latest")).read() == before}
+
+
 def test_disk_full_during_save_keeps_the_previous_checkpoint(prepared):
     root, _ = prepared
     d = root / "fsize"
     shutil.copytree(root / "base", d)
     r = run_ranks(1, _disk_full, str(d))[0]
     assert r["error"] and "Nothing was replaced" in r["error"] and "iter_0000003" in r["error"]
+    assert "free: is it full, or a file-size limit set?" in r["error"]  # names the free space
     assert r["latest_same"] and r["survivor"] == "iter_0000002"
     assert not [n for n in r["listing"] if n.startswith(".tmp")]  # no partial folder left
+    d = root / "logfull"
+    shutil.copytree(root / "base", d)
+    r = run_ranks(1, _log_full, str(d))[0]
+    assert r["error"] and "could not write the training log" in r["error"] and \
+        "File too large" in r["error"] and "--resume" in r["error"], r
+    assert "Traceback" not in r["stderr"], r["stderr"][-2000:]
+    assert r["latest_same"]
 
 
 def test_a_dying_rank_ends_the_job_quickly(tmp_path):

@@ -64,6 +64,19 @@ def _body(rank, world, root):
     moved = train(dp, data, progress=False, resume=True)
     out["moved_start"], out["moved"] = moved.start_step, moved.losses
 
+    # checkpoint.final_optimizer=false: the final save holds the weights, scheduler and step
+    # alone; a --resume with more steps goes on from it with fresh optimizer moments
+    from xft_megatron.checkpoint import space
+
+    lean = [*MOE, f"checkpoint.save={root}/lean", "checkpoint.final_optimizer=false"]
+    train(common.tiny_config(*lean, "train.train_steps=3"), data, progress=False)
+    out["lean_state"] = ckpt.read_train_state(f"{root}/lean")
+    out["lean_bytes"] = space.folder_bytes(f"{root}/lean/iter_0000003")
+    out["full_bytes"] = space.folder_bytes(f"{root}/split/iter_0000003")  # with its optimizer
+    more = train(common.tiny_config(*lean, "train.train_steps=5"), data, progress=False,
+                 resume=True)
+    out["lean_resumed"] = (more.start_step, more.losses)
+
     # the NaN policy. stop: raises at step 3, the checkpoint of step 2 stays the latest
     stop = common.tiny_config(*MOE, f"checkpoint.save={root}/nan_stop",
                               "checkpoint.save_interval=1", "train.on_nan=stop")
@@ -111,6 +124,16 @@ def test_resume_under_another_layout_keeps_weights_and_schedule(results):
     assert abs(r["moved"][0] - r["full"][3]) < 0.05 * abs(r["full"][3])
 
 
+def test_a_weights_only_final_checkpoint_is_smaller_and_resumes(results):
+    r = results[0][0]
+    assert r["lean_state"]["step"] == 3 and r["lean_state"]["optimizer"] is False
+    # fp32 weights alone vs weights + fp32 main copy + two Adam moments: about a quarter
+    assert r["lean_bytes"] < 0.4 * r["full_bytes"], (r["lean_bytes"], r["full_bytes"])
+    start, losses = r["lean_resumed"]
+    assert start == 3 and len(losses) == 2 and all(math.isfinite(x) for x in losses)
+    assert abs(losses[0] - r["full"][3]) < 0.05 * abs(r["full"][3])  # the step-3 weights
+
+
 def test_nan_policy(results):
     r = results[0][0]
     assert r["stop_error"] and "step 3" in r["stop_error"] and "on_nan=skip" in r["stop_error"]
@@ -152,3 +175,43 @@ def test_resumed_metrics_keep_one_line_per_step(tmp_path):
     rows = [json.loads(line) for line in path.read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2, 3, 4, 5, 6]
     assert [r["loss"] for r in rows] == [9.0, 8.0, 7.0, 6.0, 1.0, 1.0]
+
+
+def test_a_full_disk_under_the_log_stops_with_one_message(tmp_path, capfd):
+    """The TensorBoard writer's file write fails in its background thread (ENOSPC injected at
+    its record writer): no thread traceback is printed, the next log call raises one
+    LogWriteError naming the folder and what to do, and the previous thread hook is back."""
+    import threading
+
+    reported, pytest_hook = [], threading.excepthook
+    threading.excepthook = reported.append  # what would be printed as a traceback
+    try:
+        _fill_the_log_disk(tmp_path)
+    finally:
+        threading.excepthook = pytest_hook
+    assert reported == [] and "Traceback" not in capfd.readouterr().err
+
+
+def _fill_the_log_disk(tmp_path):
+    import errno
+    import threading
+    import time
+
+    from xft_megatron.training.metrics import LogWriteError, Metrics
+
+    hook = threading.excepthook
+    m = Metrics(str(tmp_path), True, start_step=0, total_steps=50, progress=False)
+    worker = m.writer._get_file_writer().event_writer._async_writer._worker
+
+    def full(data):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    worker._record_writer.write = full
+    with pytest.raises(LogWriteError, match=r"could not write the training log in .* at step "
+                       r"\d+ \(\[Errno 28\] No space left on device; its disk has .* free\)"):
+        for step in range(1, 51):
+            m.log(step, {"loss": 1.0, "lr": 0.1})
+            time.sleep(0.02)  # the thread takes the record and fails
+    with pytest.raises(LogWriteError):
+        m.close()
+    assert threading.excepthook is hook

@@ -389,6 +389,10 @@ class CheckpointConfig:
     save_interval: int = 0  # save every N steps (0 = final save only)
     keep: int = 2  # complete checkpoints kept in `save` (older ones removed); 0 = keep all
     final: bool = True  # save at the end of the run (off: benchmarks that only need metrics)
+    final_optimizer: bool = True  # the final save holds the optimizer state too (off: weights,
+    # scheduler and step only, a quarter of the size in bf16; a --resume from it restarts the
+    # optimizer moments, with a notice). Interval and signal saves always hold it: they exist
+    # to resume from
     overwrite: bool = False  # start a new run from step 0 in a `save` that holds one already
     # (without it, and without --resume, such a run is refused)
 

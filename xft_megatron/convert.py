@@ -16,7 +16,7 @@ import torch
 from xft_megatron.checkpoint import dist as ckpt
 from xft_megatron.checkpoint import stream
 from xft_megatron.checkpoint.hf import LazyTensors, check_tensors, model_config_from_hf, \
-    weights_index, write_hf_dir
+    verify_weights, weights_index, write_hf_dir
 from xft_megatron.checkpoint.special_tokens import GENERATION_CONFIG, export_settings
 from xft_megatron.config import Config, PrecisionConfig
 from xft_megatron.errors import UsageError
@@ -33,6 +33,7 @@ def hf_to_mcore(hf_dir: str, out: str, dtype: str = "fp32") -> str:
     model_cfg, _ = model_config_from_hf(hf_dir)  # refuses unsupported configs up front
     tensors = LazyTensors(weights_index(hf_dir))
     check_tensors(tensors, hf_llama.hf_shapes(model_cfg), os.path.join(hf_dir, "config.json"))
+    verify_weights(hf_dir)  # the shards' checksums, when this project wrote the directory
     cfg = Config(model=model_cfg, precision=PrecisionConfig(dtype=dtype))
     stream.initialize_single_rank_layout()
     layout = stream.layout_of(cfg)

@@ -20,7 +20,7 @@ import re
 import sys
 import zlib
 from concurrent.futures import ThreadPoolExecutor
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch.distributed as dist
 
@@ -100,22 +100,35 @@ def writer_rank(name: str, world: int) -> int:
     return r if r < world else 0
 
 
-def hash_own_files(folder: str) -> Dict[str, list]:
+def hash_own_files(folder: str, sync: Optional[Callable[[str], None]] = None
+                   ) -> Dict[str, list]:
     """This rank's part of the manifest: the files of `folder` it wrote (collective: call
-    on every rank once they are all written)."""
+    on every rank once they are all written). With `sync` (e.g. an fsync), each of those
+    files is also passed to it, on a thread of its own while the hash threads read: the
+    flush waits on the disk, the hash is CPU on the cached pages, so the two overlap."""
     rank, world = ranks.world()
-    return hash_files(folder, [n for n in list_files(folder) if writer_rank(n, world) == rank])
+    names = [n for n in list_files(folder) if writer_rank(n, world) == rank]
+    if sync is None:
+        return hash_files(folder, names)
+    with ThreadPoolExecutor(1, thread_name_prefix="xft-sync") as syncer:
+        pending = [syncer.submit(sync, os.path.join(folder, n)) for n in names]
+        hashed = hash_files(folder, names)
+        for p in pending:
+            p.result()
+    return hashed
 
 
 def _self_crc(files: Dict[str, list]) -> int:
     return zlib.crc32(json.dumps(files, sort_keys=True, separators=(",", ":")).encode())
 
 
-def write_manifest(folder: str, files: Dict[str, list]) -> None:
-    """Rank 0: the manifest over `files` plus whatever else `folder` holds now."""
+def write_manifest(folder: str, files: Dict[str, list], everything: bool = True) -> None:
+    """Rank 0: the manifest over `files` plus (with `everything`) whatever else `folder`
+    holds now."""
     files = dict(files)
-    rest = [n for n in list_files(folder) if n not in files]
-    files.update(hash_files(folder, rest))
+    if everything:
+        rest = [n for n in list_files(folder) if n not in files]
+        files.update(hash_files(folder, rest))
     body = {"algorithm": ALGORITHM, "block": BLOCK, "files": dict(sorted(files.items())),
             "self": _self_crc(files)}
     with open(os.path.join(folder, MANIFEST), "w") as f:
@@ -160,13 +173,14 @@ class Pending:
     The threads only read and hash; the one collective (every rank's finding) is in
     `result`, on the calling thread, so a load's own collectives may run meanwhile."""
 
-    def __init__(self, folder: str, names: Optional[Sequence[str]], collective: bool):
+    def __init__(self, folder: str, names: Optional[Sequence[str]], collective: bool,
+                 notice: bool = True):
         self.folder, self.collective, self.found, self.future = folder, collective, None, None
         self.pool = None
         body, bad = read_manifest(folder)
         if body is None:
             self.found = bad
-            if bad is None and folder not in _noticed:
+            if bad is None and notice and folder not in _noticed:
                 _noticed.add(folder)
                 if ranks.world()[0] == 0:
                     print(f"notice: checkpoint '{folder}' has no {MANIFEST} (written by an "
@@ -218,14 +232,15 @@ class Pending:
 
 
 def start(folder: str, names: Optional[Sequence[str]] = None,
-          collective: bool = True) -> Pending:
+          collective: bool = True, notice: bool = True) -> Pending:
     """Begin checking every file the manifest lists (or only `names`) on background threads.
     Without a manifest: a notice, and nothing to check. With `collective` (all ranks call
     it, and later `result()`) the blocks are split over the ranks."""
-    return Pending(folder, names, collective)
+    return Pending(folder, names, collective, notice)
 
 
 def problem(folder: str, names: Optional[Sequence[str]] = None,
-            collective: bool = True) -> Optional[str]:
-    """`start(...).result()`: what is wrong with the files of `folder`, or None."""
-    return start(folder, names, collective).result()
+            collective: bool = True, notice: bool = True) -> Optional[str]:
+    """`start(...).result()`: what is wrong with the files of `folder`, or None. `notice`:
+    say so when it has no manifest (off for folders where none is the rule: HF models)."""
+    return start(folder, names, collective, notice).result()

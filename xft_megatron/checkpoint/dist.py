@@ -37,7 +37,7 @@ from torch.distributed.checkpoint import FileSystemReader
 from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
-from xft_megatron.checkpoint import checksums, lock, ranks, writers
+from xft_megatron.checkpoint import checksums, lock, ranks, space, writers
 from xft_megatron.config import Config, ConfigError
 from xft_megatron.errors import UserError
 
@@ -127,8 +127,9 @@ def _save(chunks, root, iteration, cfg, extra_files, optimizer, scheduler, train
         # failed write in the dist_checkpointing writer: its last line names the cause
         cause = (str(e).strip().splitlines() or [type(e).__name__])[-1]
         raise CheckpointWriteError(
-            f"could not write checkpoint {name} in '{root}' ({cause}; is the disk full or a "
-            f"file-size limit set?). Nothing was replaced: the previous checkpoint and "
+            f"could not write checkpoint {name} in '{root}' ({cause}; its disk has "
+            f"{space.human(space.free_bytes(root))} free: is it full, or a file-size limit "
+            f"set?). Nothing was replaced: the previous checkpoint and "
             f"'{os.path.join(root, LATEST_FILE)}' are unchanged") from e
     return os.path.join(root, name)
 
@@ -187,7 +188,8 @@ def _write(write_tensors, root, name, tmp, iteration, cfg, extra_files, train_st
         torch.save(rank_state, path)
         fsync_file(path)
     ranks.barrier()
-    hashed = ranks.all_gather(checksums.hash_own_files(tmp))  # each rank the files it wrote
+    # each rank hashes and flushes the files it wrote, the two overlapping
+    hashed = ranks.all_gather(checksums.hash_own_files(tmp, sync=fsync_file))
     if ranks.world()[0] == 0:
         with open(os.path.join(tmp, CONFIG_FILE), "w") as f:
             yaml.safe_dump({"iteration": iteration, **cfg.to_dict()}, f, sort_keys=False)
@@ -196,10 +198,13 @@ def _write(write_tensors, root, name, tmp, iteration, cfg, extra_files, train_st
                 json.dump(train_state, f, indent=1)
         for fname, src in (extra_files or {}).items():
             shutil.copy2(src, os.path.join(tmp, fname))
-        checksums.write_manifest(tmp, {k: v for part in hashed for k, v in part.items()})
-        for dirpath, _, files in os.walk(tmp):
+        synced = {k: v for part in hashed for k, v in part.items()}
+        checksums.write_manifest(tmp, synced)
+        for dirpath, _, files in os.walk(tmp):  # what the ranks did not flush above
             for fname in files:
-                fsync_file(os.path.join(dirpath, fname))
+                path = os.path.join(dirpath, fname)
+                if os.path.relpath(path, tmp) not in synced:
+                    fsync_file(path)
             _fsync_dir(dirpath)
         final = os.path.join(root, name)
         if os.path.exists(final):  # re-save of the same iteration: keep old until swapped

@@ -15,7 +15,7 @@ from typing import Callable, Dict, Iterator, List, Optional, Tuple
 
 import torch
 
-from xft_megatron.checkpoint import ranks
+from xft_megatron.checkpoint import checksums, lock, ranks
 from xft_megatron.config import ConfigError, ModelConfig
 from xft_megatron.errors import UserError
 
@@ -290,6 +290,15 @@ class LazyTensors:
         return iter(self.index)
 
 
+def verify_weights(hf_dir: str) -> None:
+    """Refuse an HF directory whose weight shards differ from the checksums this project
+    recorded when it wrote them (checksums.json); silent for directories without one."""
+    found = checksums.problem(hf_dir, collective=False, notice=False)
+    if found:
+        raise HFFormatError(f"HF directory '{hf_dir}' is damaged: {found}; export it again "
+                            "or restore it from a copy")
+
+
 def check_tensors(tensors: LazyTensors, expected: Dict[str, Tuple[int, ...]],
                   config_path: str) -> None:
     """Every tensor in `expected` (name -> shape, from config.json) is in the weights with that
@@ -317,9 +326,17 @@ def write_hf_dir(shapes: Dict[str, Tuple[int, ...]], produce: Callable[[str], to
     tensor is produced (`produce(name)`), written and dropped one at a time. Under torchrun
     the shards are spread over the ranks (collective). Written into a temporary sibling folder
     and renamed into place: never half a model. `before_commit()` (all ranks, after every
-    shard is written) may still refuse it (e.g. the source's checksums)."""
-    if os.path.exists(out_dir) and os.listdir(out_dir):
-        raise FileExistsError(f"'{out_dir}' exists and is not empty; choose a new --out")
+    shard is written) may still refuse it (e.g. the source's checksums). One writer per
+    `out_dir`: a second one is refused at start (checkpoint/lock.py, the lock beside it)."""
+    with lock.hold(out_dir, beside=True):
+        if os.path.exists(out_dir) and os.listdir(out_dir):
+            raise FileExistsError(f"'{out_dir}' exists and is not empty; choose a new --out")
+        _write_hf_dir(shapes, produce, config, out_dir, dtype, shard_bytes, extra_files,
+                      json_files, before_commit)
+
+
+def _write_hf_dir(shapes, produce, config, out_dir, dtype, shard_bytes, extra_files,
+                  json_files, before_commit) -> None:
     rank, world = ranks.world()
     tmp = ranks.broadcast(f"{out_dir.rstrip('/')}.tmp-{uuid.uuid4().hex[:8]}"
                           if rank == 0 else None)
@@ -329,9 +346,12 @@ def write_hf_dir(shapes: Dict[str, Tuple[int, ...]], produce: Callable[[str], to
     try:
         shards = _plan_shards(shapes, dtype, shard_bytes)
         names = [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
-        for i in range(rank, len(shards), world):
+        mine = list(range(rank, len(shards), world))
+        for i in mine:
             _write_safetensors(os.path.join(tmp, names[i]), shards[i], shapes, produce, dtype)
-        ranks.barrier()
+        # the weight shards' checksums (checksums.json; `xft convert hf-to-mcore` verifies
+        # them): only the shards, since users edit an HF directory's JSON files by hand
+        hashed = ranks.all_gather(checksums.hash_files(tmp, [names[i] for i in mine]))
         if before_commit is not None:
             before_commit()
         if rank == 0:
@@ -346,6 +366,8 @@ def write_hf_dir(shapes: Dict[str, Tuple[int, ...]], produce: Callable[[str], to
             for fname, content in written.items():
                 with open(os.path.join(tmp, fname), "w") as f:
                     json.dump(content, f, indent=2)
+            checksums.write_manifest(tmp, {k: v for part in hashed for k, v in part.items()},
+                                     everything=False)
             if os.path.exists(out_dir):
                 os.rmdir(out_dir)
             os.rename(tmp, out_dir)

@@ -1,9 +1,10 @@
 """One writer per output directory: an exclusive lock held for a run's life.
 
 Every command that writes a checkpoint directory (`xft train` into checkpoint.save, `xft
-convert`, `xft upcycle`, `xft merge` into --out) holds DIR/.xft-lock: an `fcntl.flock` on that
-file, which records its holder as JSON (host, pid, start time, command). A second writer is
-refused at start, before any expensive work, with a message naming the holder. The kernel
+convert`, `xft upcycle`, `xft merge` into --out) holds DIR/.xft-lock (an HF export, renamed
+into place whole, holds PARENT/.DIR.xft-lock instead): an `fcntl.flock` on that file, which
+records its holder as JSON (host, pid, start time, command). A second writer is refused at
+start, before any expensive work, with a message naming the holder. The kernel
 releases a flock when its process dies, so a lock left by a killed process on this host is
 taken over (with a notice); a record left by a process on another host cannot be checked
 from here and is refused with a message saying how to clear it. A clean release deletes the
@@ -90,12 +91,22 @@ class _Lock:
                 os.rmdir(self.directory)  # only if nothing else was written
 
 
-def _acquire(directory: str, command: str) -> "_Lock":
+def lock_path(directory: str, beside: bool = False) -> str:
+    """DIR/.xft-lock, or with `beside` PARENT/.DIR.xft-lock: for a directory that is written
+    elsewhere and renamed into place whole (an HF export), so it must not exist before."""
+    if not beside:
+        return os.path.join(directory, LOCK_FILE)
+    parent, name = os.path.split(os.path.abspath(directory).rstrip(os.sep))
+    return os.path.join(parent, f".{name}{LOCK_FILE}")
+
+
+def _acquire(directory: str, command: str, beside: bool) -> "_Lock":
     """Rank 0's side: raises DirectoryInUse naming the holder."""
-    path = os.path.join(directory, LOCK_FILE)
+    path = lock_path(directory, beside)
+    home = os.path.dirname(path)
     for _ in range(50):  # retried when a holder released (and deleted) the file meanwhile
-        created = not os.path.isdir(directory)
-        os.makedirs(directory, exist_ok=True)
+        created = not os.path.isdir(home) and not beside
+        os.makedirs(home, exist_ok=True)
         try:
             fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
         except FileNotFoundError:  # the directory was removed by a releasing holder
@@ -142,9 +153,10 @@ def _command() -> str:
     return " ".join(argv)[:500]
 
 
-def acquire(directory: str, command: Optional[str] = None) -> None:
+def acquire(directory: str, command: Optional[str] = None, beside: bool = False) -> None:
     """Take (or, when this process holds it, re-enter) the lock on `directory`; all ranks
-    must call it. DirectoryInUse on every rank when another run holds it."""
+    must call it. DirectoryInUse on every rank when another run holds it. `beside`: the
+    lock file sits next to the directory (`lock_path`)."""
     key = _key(directory)
     if key in _held:
         _held[key].depth += 1
@@ -153,7 +165,7 @@ def acquire(directory: str, command: Optional[str] = None) -> None:
     lock, error = None, None
     if rank == 0:
         try:
-            lock = _acquire(directory, command or _command())
+            lock = _acquire(directory, command or _command(), beside)
         except DirectoryInUse as e:
             error = str(e)
     error = ranks.broadcast(error)
@@ -175,12 +187,12 @@ def release(directory: str) -> None:
 
 
 @contextlib.contextmanager
-def hold(directory: Optional[str], command: Optional[str] = None):
+def hold(directory: Optional[str], command: Optional[str] = None, beside: bool = False):
     """`with hold(DIR):` the exclusive lock on DIR for the block (no-op for None)."""
     if not directory:
         yield
         return
-    acquire(directory, command)
+    acquire(directory, command, beside)
     try:
         yield
     finally:

@@ -14,6 +14,7 @@ from xft_megatron.pipeline.steps import (Convert, EvalLoss, ExportHF, Fold, Huma
                                          HumanEvalTable, Step, Train, Upcycle)
 
 Role = Tuple[str, str]  # (step name, folder relative to the output directory)
+FINAL_WEIGHTS_ONLY = "checkpoint.final_optimizer=false"
 
 
 @dataclass(frozen=True)
@@ -119,7 +120,10 @@ def build(spec: PipelineSpec) -> List[Step]:
     base = p(n.base)
 
     def train(role: Role, stage: str, load: str, t: TrainSpec, desc: str, extra=()) -> Train:
-        overrides = spec.common + t.overrides + tuple(extra) + (
+        # a finished stage is read for its weights only (the next stage, the fold, the
+        # evaluation): its final checkpoint goes without the optimizer state (a quarter of the
+        # size in bf16); the pipeline's or a stage's overrides may ask for it back
+        overrides = (FINAL_WEIGHTS_ONLY,) + spec.common + t.overrides + tuple(extra) + (
             f"train.stage={stage}", f"checkpoint.load={load}", f"checkpoint.save={p(role)}")
         return Train(role[0], desc, p(role), config=t.config, overrides=overrides,
                      layout=t.layout)
@@ -138,7 +142,8 @@ def build(spec: PipelineSpec) -> List[Step]:
     else:
         t = spec.base.train
         steps = [Train(n.base[0], spec.base.desc, base, config=t.config,
-                       overrides=spec.common + t.overrides + (f"checkpoint.save={base}",),
+                       overrides=(FINAL_WEIGHTS_ONLY,) + spec.common + t.overrides +
+                       (f"checkpoint.save={base}",),
                        layout=t.layout)]
     models = [("base", base)]
     m = spec.moe

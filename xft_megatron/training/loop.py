@@ -120,28 +120,34 @@ def _train(cfg, info, data, progress, resume, should_stop, extra_files, loss_hoo
     if resume_from:
         same_layout = ckpt.read_config(resume_from)["parallel"] == asdict(cfg.parallel) and \
             ckpt.saved_world_size(resume_from) == info.world_size
-        if same_layout:
-            init_optimizer_state(optimizer)
-        ckpt.load(chunks, resume_from, optimizer=optimizer if same_layout else None,
-                  scheduler=scheduler)
         saved = ckpt.read_train_state(resume_from)
+        with_optimizer = same_layout and saved.get("optimizer", True)
+        if with_optimizer:
+            init_optimizer_state(optimizer)
+        ckpt.load(chunks, resume_from, optimizer=optimizer if with_optimizer else None,
+                  scheduler=scheduler)
         start = int(saved["step"])
         result.skipped_steps = list(saved.get("skipped_steps", []))
-        if same_layout:
+        if with_optimizer:
             set_step_counters(optimizer, start - len(result.skipped_steps))
+        if same_layout:
             rng.restore(ckpt.read_rank_state(resume_from)["rng"])
     result.start_step = result.steps_done = start
     metrics = Metrics(log_dir or c.save, info.rank == 0, start, t.train_steps, progress)
     if resume_from:
         metrics.message(f"resumed from {resume_from} at step {start}" + (
-            "" if same_layout else ": the parallel layout changed, so weights, step and LR "
-            "schedule carry over; optimizer moments and RNG streams start afresh"))
+            ": the parallel layout changed, so weights, step and LR schedule carry over; "
+            "optimizer moments and RNG streams start afresh" if not same_layout else
+            ": it holds no optimizer state (a final save with checkpoint.final_optimizer="
+            "false), so the optimizer moments start afresh" if not with_optimizer else ""))
 
-    def save(step: int) -> str:
+    def save(step: int, final: bool) -> str:
+        with_state = not final or c.final_optimizer
         state = {"step": step, "consumed_samples": step * t.global_batch_size,
-                 "skipped_steps": result.skipped_steps}
-        return ckpt.save(chunks, c.save, step, cfg, extra_files, optimizer, scheduler,
-                         train_state=state, rank_state={"rng": rng.capture()}, keep=c.keep)
+                 "skipped_steps": result.skipped_steps, "optimizer": with_state}
+        return ckpt.save(chunks, c.save, step, cfg, extra_files,
+                         optimizer if with_state else None, scheduler, train_state=state,
+                         rank_state={"rng": rng.capture()}, keep=c.keep)
 
     tokens_per_step = t.global_batch_size * t.seq_length
     flops_per_token = flops.flops_per_token(cfg.model, t.seq_length, cfg.moe)
@@ -185,7 +191,7 @@ def _train(cfg, info, data, progress, resume, should_stop, extra_files, loss_hoo
             last = step + 1 == t.train_steps
             periodic = c.save_interval and (step + 1) % c.save_interval == 0
             if c.save and (stop or (last and c.final) or periodic):
-                result.checkpoint = save(step + 1)
+                result.checkpoint = save(step + 1, final=last)
             if stop:
                 result.stopped_early = not last
                 metrics.message(f"stopping at step {step + 1} (checkpoint {result.checkpoint})")

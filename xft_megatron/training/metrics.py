@@ -6,14 +6,24 @@ parameters), peak memory; with MoE layers the per-layer expert load and mean sha
 weight g_0; in the merge stage the merge coefficients per layer.
 """
 
+import contextlib
 import json
 import math
 import os
+import threading
 from typing import Dict, Optional
 
 import psutil
 import torch
 from tqdm import tqdm
+
+from xft_megatron.checkpoint import space
+from xft_megatron.errors import UserError
+
+
+class LogWriteError(UserError, OSError):
+    """The training log (metrics.jsonl, TensorBoard, summary.json) could not be written: the
+    run stops there; its checkpoints are untouched."""
 
 
 def peak_memory_gib() -> float:
@@ -30,7 +40,7 @@ class Metrics:
         self.out_dir = out_dir if rank0 else None
         self.bar = tqdm(total=total_steps, initial=start_step, desc="train", dynamic_ncols=True,
                         disable=not (progress and rank0))
-        self.writer, self.jsonl = None, None
+        self.writer, self.jsonl, self._hook = None, None, None
         if self.out_dir:
             os.makedirs(self.out_dir, exist_ok=True)
             path = os.path.join(self.out_dir, "metrics.jsonl")
@@ -40,8 +50,23 @@ class Metrics:
                 from torch.utils.tensorboard import SummaryWriter
 
                 self.writer = SummaryWriter(os.path.join(self.out_dir, "tensorboard"))
+                self._hook = _QuietWriterThread.install()
             except ImportError:  # tensorboard is a dependency; tolerate its absence anyway
                 self.writer = None
+
+    @contextlib.contextmanager
+    def _writing(self, step: Optional[int] = None):
+        """A failed write of the log (disk full, ...) stops the run with what happened and
+        what is kept, instead of a bare OSError and a traceback of TensorBoard's thread."""
+        try:
+            yield
+        except OSError as e:
+            where = f" at step {step}" if step is not None else ""
+            raise LogWriteError(
+                f"could not write the training log in '{self.out_dir}'{where} ({e}; its disk "
+                f"has {space.human(space.free_bytes(self.out_dir))} free). The run stopped; "
+                "its complete checkpoints are kept: make room, then run again with --resume"
+            ) from None
 
     def log(self, step: int, stats: Dict) -> None:
         """`step` is the 1-based number of the optimizer step just finished."""
@@ -58,6 +83,10 @@ class Metrics:
             shown["tok/s"] = f"{stats['tokens_per_s']:.0f}"
         self.bar.set_postfix(**shown, refresh=False)
         self.bar.update(1)
+        with self._writing(step):
+            self._write(step, stats)
+
+    def _write(self, step: int, stats: Dict) -> None:
         if self.jsonl:
             self.jsonl.write(json.dumps({"step": step, **_jsonable(stats)}) + "\n")
             self.jsonl.flush()
@@ -83,15 +112,47 @@ class Metrics:
 
     def close(self, summary: Optional[Dict] = None) -> None:
         self.bar.close()
-        if self.writer:
-            self.writer.close()
-        if self.jsonl:
-            self.jsonl.close()
-        if summary is not None and self.out_dir:
-            path = os.path.join(self.out_dir, "summary.json")
-            with open(path + ".tmp", "w") as f:
-                json.dump(_jsonable(summary), f, indent=1)
-            os.replace(path + ".tmp", path)
+        writer, jsonl, self.writer, self.jsonl = self.writer, self.jsonl, None, None
+        try:
+            with self._writing():
+                if writer:
+                    writer.close()
+                if jsonl:
+                    jsonl.close()
+                if summary is not None and self.out_dir:
+                    path = os.path.join(self.out_dir, "summary.json")
+                    with open(path + ".tmp", "w") as f:
+                        json.dump(_jsonable(summary), f, indent=1)
+                    os.replace(path + ".tmp", path)
+        finally:
+            if self._hook:
+                self._hook.remove()
+                self._hook = None
+
+
+class _QuietWriterThread:
+    """While a TensorBoard writer is open: an OSError in its background thread (a full
+    disk) is not printed as that thread's traceback; the writer raises it again on its next
+    use, which `Metrics._writing` reports. Every other thread error goes to the previous hook."""
+
+    def __init__(self):
+        self.previous = threading.excepthook
+
+    @classmethod
+    def install(cls) -> "_QuietWriterThread":
+        hook = cls()
+        threading.excepthook = hook
+        return hook
+
+    def __call__(self, args) -> None:
+        if isinstance(args.exc_value, OSError) and \
+                type(args.thread).__name__ == "_AsyncWriterThread":
+            return
+        self.previous(args)
+
+    def remove(self) -> None:
+        if threading.excepthook is self:
+            threading.excepthook = self.previous
 
 
 def _keep_until(path: str, step: int) -> None:

@@ -10,6 +10,7 @@ batches; `train.epochs` sets the step count from the dataset size.
 
 import math
 import os
+import sys
 from dataclasses import replace
 from typing import Optional, Sequence, Tuple
 
@@ -17,13 +18,13 @@ import torch.distributed as dist
 
 from xft_megatron import convert, parallel
 from xft_megatron.checkpoint import dist as ckpt
-from xft_megatron.checkpoint import lock
+from xft_megatron.checkpoint import lock, space
 from xft_megatron.config import Config, ConfigError, deep_merge, parse_overrides, read_yaml
 from xft_megatron.data.dataset import build_dataset, check_sources
 from xft_megatron.data.packing import PackedBatches
 from xft_megatron.data.tokenizer import Tokenizer, tokenizer_for_model
 from xft_megatron.hub import HubSettings
-from xft_megatron.training import memory
+from xft_megatron.training import disk, memory
 from xft_megatron.training.signals import StopOnSignal
 
 
@@ -179,6 +180,9 @@ def main(config_path: Optional[str], overrides: Sequence[str], resume: bool = Fa
     world = parallel.rank_info_from_env().world_size  # torchrun or srun, as initialize reads it
     local = os.environ.get("LOCAL_WORLD_SIZE") or os.environ.get("SLURM_NTASKS_PER_NODE", "")
     memory.check_fits(cfg, world, memory.machine_memory(int(local) if local.isdigit() else world))
+    notice = disk.check_room(cfg, space.free_bytes(cfg.checkpoint.save))
+    if notice and os.environ.get("RANK", "0") == "0":
+        print(notice, file=sys.stderr)
     hub = HubSettings.from_env()
     check_sources(cfg.data, hub)  # a missing file or dataset stops here, before any model
     stop = stop or StopOnSignal()
