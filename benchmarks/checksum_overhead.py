@@ -60,8 +60,8 @@ def _save(cfg, layout, root, on: bool) -> float:
     os.sync()
     try:
         t0 = time.perf_counter()
-        ckpt.save(None, root, 0, cfg, write_tensors=lambda f: stream.write(
-            f, layout, stream.GroupCache(group)))
+        ckpt.save_streamed(lambda f: stream.write(f, layout, stream.GroupCache(group)),
+                           root, 0, cfg)
         return time.perf_counter() - t0
     finally:
         checksums.hash_own_files, checksums.write_manifest = hash_own, manifest

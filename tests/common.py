@@ -87,7 +87,7 @@ def gradient_errors(cfg, grads_ckpt, ref):
     """Read a checkpoint of gradients back unsharded (layout of `cfg`: TP=PP=EP=1, every
     rank holds full tensors) and compare with `ref` per tensor: (worst name, its rel err)."""
     chunks, _ = setup(cfg, grads_ckpt, ddp=False)
-    got = ckpt.gather_full_state_dict(chunks)
+    got = ckpt.local_state_dict(chunks)
     assert set(got) == set(ref), set(got) ^ set(ref)
     errs = {k: rel_err(got[k], ref[k]) for k in ref}
     worst = max(errs, key=errs.get)

@@ -21,7 +21,7 @@ def _body(rank, world, root):
         for p in chunks[0].parameters():
             p.add_(1.0)
     second = ckpt.save(chunks, root, 2, cfg)
-    expected = {k: v.clone() for k, v in ckpt.gather_full_state_dict(chunks).items()}
+    expected = {k: v.clone() for k, v in ckpt.local_state_dict(chunks).items()}
 
     # a crash in the middle of writing the third checkpoint
     real_save = dist_checkpointing.save
@@ -41,7 +41,7 @@ def _body(rank, world, root):
 
     fresh, _ = common.setup(cfg, ddp=False, seed=99)
     iteration = ckpt.load(fresh, root)
-    got = ckpt.gather_full_state_dict(fresh)
+    got = ckpt.local_state_dict(fresh)
     return {
         "crashed": crashed,
         "iteration": iteration,
@@ -118,12 +118,12 @@ def _damage_body(rank, world, root):
     stream.initialize_single_rank_layout()
     layout = stream.layout_of(cfg)
     chunks, _ = common.setup(cfg, ddp=False)
-    state = ckpt.gather_full_state_dict(chunks)
+    state = ckpt.local_state_dict(chunks)
     extra = os.path.join(root, "generation_config.json")
     open(extra, "w").write('{"bos_token_id": 1, "eos_token_id": 2}')
-    streamed = ckpt.save(None, f"{root}/stream", 0, cfg, extra_files={
-        "generation_config.json": extra}, write_tensors=lambda f: stream.write(
-            f, layout, stream.GroupCache(lambda g: {n: state[n] for n in layout.groups()[g]})))
+    streamed = ckpt.save_streamed(lambda f: stream.write(
+        f, layout, stream.GroupCache(lambda g: {n: state[n] for n in layout.groups()[g]})),
+        f"{root}/stream", 0, cfg, extra_files={"generation_config.json": extra})
 
     kinds = {}  # every file of both checkpoints, 64 bytes flipped in its middle
     for folder in (trained, streamed):
@@ -188,7 +188,7 @@ def _damage_body(rank, world, root):
     err = io.StringIO()
     with contextlib.redirect_stderr(err):
         fresh, _ = common.setup(cfg, bare, ddp=False, seed=99)
-    loaded = ckpt.gather_full_state_dict(fresh)
+    loaded = ckpt.local_state_dict(fresh)
     return {"kinds": kinds, "commands": commands, "hf_created": hf_created,
             "trials": trials, "detected": detected, "notice": err.getvalue(),
             "bare_equal": all(torch.equal(loaded[k], state[k]) for k in state),

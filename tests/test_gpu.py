@@ -15,7 +15,7 @@ def test_gpu_forward_and_training_match_reference(compiled):
     import transformers
 
     from tests import common
-    from xft_megatron.checkpoint.dist import gather_full_state_dict
+    from xft_megatron.checkpoint.dist import local_state_dict
     from xft_megatron.training.step import train_step
     from xft_megatron.transforms import hf_llama
 
@@ -24,7 +24,7 @@ def test_gpu_forward_and_training_match_reference(compiled):
     chunks, _ = common.setup(cfg, ddp=False)
     model = chunks[0]
     assert next(model.parameters()).is_cuda
-    sd = {k: v.float().cpu() for k, v in gather_full_state_dict(chunks).items()}
+    sd = {k: v.float().cpu() for k, v in local_state_dict(chunks).items()}
     hf_cfg = transformers.AutoConfig.for_model(**hf_llama.hf_config_dict(cfg.model))
     hf = transformers.AutoModelForCausalLM.from_config(hf_cfg).float().eval()
     hf.load_state_dict(dict(hf_llama.to_hf(sd, cfg.model)), strict=False)
@@ -78,13 +78,13 @@ def test_gpu_upcycled_moe_equals_dense():
     """P1 on the GPU in bf16: the upcycled XFT model's logits match the dense model's (bf16
     tolerance), with the grouped GEMM path in use; and MoE training reduces the loss."""
     from tests import common
-    from xft_megatron.checkpoint.dist import gather_full_state_dict
+    from xft_megatron.checkpoint.dist import local_state_dict
     from xft_megatron.training.step import train_step
     from xft_megatron.transforms.upcycle import upcycle
 
     dense_cfg = common.tiny_config("precision.dtype=bf16", "model.init_std=0.2")
     chunks, _ = common.setup(dense_cfg, ddp=False)
-    sd = gather_full_state_dict(chunks)
+    sd = local_state_dict(chunks)
     ids = torch.randint(0, dense_cfg.model.vocab_size, (2, 32), device="cuda")
     pos = torch.arange(32, device="cuda").unsqueeze(0).expand(2, -1)
     with torch.no_grad():

@@ -30,7 +30,7 @@ def _reference(rank, world, root):
     chunks, _ = common.setup(moe_cfg, ddp=False)  # random init: distinct experts
     common.perturb_norms(chunks)
     ckpt.save(chunks, os.path.join(root, "moe"), 0, moe_cfg)
-    moe_sd = ckpt.gather_full_state_dict(chunks)
+    moe_sd = ckpt.local_state_dict(chunks)
 
     cfg = common.tiny_config(*STAGE)
     chunks, _ = common.setup(cfg, os.path.join(root, "moe"), ddp=False)
@@ -63,16 +63,16 @@ def _reference(rank, world, root):
                               f"checkpoint.load={os.path.join(root, 'moe')}")
     run = train(tcfg, common.RandomBatches(tcfg), progress=False)
     trained = run.merge_coefficients
-    before = ckpt.gather_full_state_dict(common.setup(tcfg, os.path.join(root, "moe"),
+    before = ckpt.local_state_dict(common.setup(tcfg, os.path.join(root, "moe"),
                                                       ddp=False)[0])
-    after = ckpt.gather_full_state_dict(common.setup(tcfg, os.path.join(root, "trained"),
+    after = ckpt.local_state_dict(common.setup(tcfg, os.path.join(root, "trained"),
                                                      ddp=False)[0])
     frozen = all(torch.equal(before[k], after[k]) for k in before if not k.endswith("alpha"))
 
     merge_checkpoint(os.path.join(root, "stage"), os.path.join(root, "folded"), "learned",
                      report=lambda *a: None)
     dense, _ = common.setup(dense_cfg, os.path.join(root, "folded"), ddp=False)
-    got = ckpt.gather_full_state_dict(dense)
+    got = ckpt.local_state_dict(dense)
     return dict(
         logit_err=(stage_logits - dense_logits).abs().max().item(),
         scale=dense_logits.abs().max().item(), loss=loss,

@@ -23,7 +23,7 @@ def _body(rank, world):
     import transformers
 
     from tests import common
-    from xft_megatron.checkpoint.dist import gather_full_state_dict
+    from xft_megatron.checkpoint.dist import local_state_dict
     from xft_megatron.transforms import hf_llama
 
     out = {}
@@ -36,7 +36,7 @@ def _body(rank, world):
             for n, p in model.named_parameters():
                 if "layernorm" in n or n.endswith("bias"):
                     p.copy_(torch.randn(p.shape, generator=g) * 0.3 + ("bias" not in n))
-        sd = gather_full_state_dict(chunks)
+        sd = local_state_dict(chunks)
         hf_sd = dict(hf_llama.to_hf(sd, cfg.model))
         back = dict(hf_llama.from_hf(hf_sd, cfg.model))
         exact_inverse = set(back) == set(sd) and all(torch.equal(back[k], sd[k]) for k in sd)

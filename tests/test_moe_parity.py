@@ -83,7 +83,7 @@ def _reference(rank, world, workdir):
     dense_cfg = common.tiny_config()
     chunks, _ = common.setup(dense_cfg, ddp=False)
     common.perturb_norms(chunks)
-    dense_sd = ckpt.gather_full_state_dict(chunks)
+    dense_sd = ckpt.local_state_dict(chunks)
     torch.save(_logits(chunks, dense_cfg, False), os.path.join(workdir, "dense_logits.pt"))
     out = {"p1_single": {}}
     # upcycled checkpoints, and the single-process P1 check

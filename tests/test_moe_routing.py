@@ -202,12 +202,12 @@ def test_router_eval_has_no_noise_and_no_loss():
 
 def _modes_body(rank, world):
     from tests import common
-    from xft_megatron.checkpoint.dist import gather_full_state_dict
+    from xft_megatron.checkpoint.dist import local_state_dict
     from xft_megatron.transforms.upcycle import upcycle
 
     dense_cfg = common.tiny_config("model.init_std=0.1")
     chunks, _ = common.setup(dense_cfg, ddp=False)
-    sd = gather_full_state_dict(chunks)
+    sd = local_state_dict(chunks)
     x = torch.randn(16, 2, dense_cfg.model.hidden_size, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         dense_out, _ = chunks[0].decoder.layers[0].mlp(x)

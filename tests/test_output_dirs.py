@@ -9,7 +9,7 @@ import pytest
 
 from xft_megatron import convert
 from xft_megatron.checkpoint import dist as ckpt
-from xft_megatron.checkpoint import lock
+from xft_megatron.checkpoint import directory, lock
 from xft_megatron.config import ConfigError, MoEConfig, load_config
 from xft_megatron.training.run import check_save_dir
 from xft_megatron.upcycle_merge import merge_checkpoint, upcycle_checkpoint
@@ -35,9 +35,9 @@ def test_checkpoint_tools_refuse_a_directory_holding_a_run(run_dir, tmp_path):
     with pytest.raises(FileExistsError, match="--hf-out"):
         merge_checkpoint(missing, str(tmp_path / "new"), hf_out=str(run_dir))
     assert sorted(p.name for p in run_dir.iterdir()) == ["iter_0000007", "latest"]
-    ckpt.require_empty_dir(str(tmp_path / "fresh"))  # new or empty directories are fine
+    directory.require_empty_dir(str(tmp_path / "fresh"))  # new or empty directories are fine
     (tmp_path / "empty").mkdir()
-    ckpt.require_empty_dir(str(tmp_path / "empty"))
+    directory.require_empty_dir(str(tmp_path / "empty"))
     # nor inside a checkpoint's iter folder, however deep; next to it in the root is fine
     (run_dir / "iter_0000007" / ckpt.CONFIG_FILE).write_text("iteration: 7\n")
     inside = run_dir / "iter_0000007" / "hf" / "x"
@@ -46,7 +46,7 @@ def test_checkpoint_tools_refuse_a_directory_holding_a_run(run_dir, tmp_path):
         with pytest.raises(FileExistsError, match="is inside the checkpoint .*iter_0000007"):
             call()
     assert not (run_dir / "iter_0000007" / "hf").exists()
-    ckpt.require_empty_dir(str(run_dir / "hf"))
+    directory.require_empty_dir(str(run_dir / "hf"))
 
 
 def test_train_without_resume_refuses_an_existing_run(run_dir, tmp_path):
@@ -108,7 +108,7 @@ def test_temp_cleanup_removes_only_provably_stale_folders(tmp_path):
                  "older name": ".tmp-iter_0000003-1a2b3c4d"}
         for n in names.values():
             (tmp_path / n).mkdir()
-        ckpt._remove_stale(str(tmp_path))
+        directory.remove_stale(str(tmp_path))
         left = {k for k, n in names.items() if (tmp_path / n).exists()}
         assert left == {"live", "other host", "older name"}
     finally:

@@ -379,10 +379,12 @@ def test_concurrent_run_refused_and_ctrl_c_or_kill_during_a_save(tmp_path):
     import contextlib
     import io
 
+    from xft_megatron.checkpoint import directory
+
     notice = io.StringIO()
     with contextlib.redirect_stderr(notice):  # the killed run's lock and partial folder
         with lock.hold(str(y), "test"):
-            ckpt._remove_stale(str(y))
+            directory.remove_stale(str(y))
     assert f"pid {d.pid}" in notice.getvalue() and "no longer running" in notice.getvalue()
     assert sorted(os.listdir(y)) == ["data_cache", "iter_0000001", "latest", "metrics.jsonl",
                                      "tensorboard"]

@@ -43,7 +43,7 @@ def _structure_body(rank, world, root):
         cfg = common.tiny_config(*overrides)
         chunks, _ = common.setup(cfg, ddp=False)
         common.perturb_norms(chunks)
-        state = {k: v.clone() for k, v in ckpt.gather_full_state_dict(chunks).items()}
+        state = {k: v.clone() for k, v in ckpt.local_state_dict(chunks).items()}
         megatron = ckpt.save(chunks, os.path.join(root, name, "megatron"), 0, cfg)
         stream.initialize_single_rank_layout()
         layout = stream.layout_of(cfg)
@@ -53,13 +53,14 @@ def _structure_body(rank, world, root):
             builds.append(g)
             return {n: state[n] for n in layout.groups()[g]}
 
-        streamed = ckpt.save(None, os.path.join(root, name, "stream"), 0, cfg,
-                             write_tensors=lambda f, layout=layout, group=group: stream.write(
-                                 f, layout, stream.GroupCache(group)))
+        streamed = ckpt.save_streamed(
+            lambda f, layout=layout, group=group: stream.write(f, layout,
+                                                               stream.GroupCache(group)),
+            os.path.join(root, name, "stream"), 0, cfg)
         read = stream.Reader(streamed, layout).read(list(layout.params))
         read_megatron = stream.Reader(megatron, layout).read(list(layout.params))
         fresh, _ = common.setup(cfg, streamed, ddp=False, seed=99)
-        loaded = ckpt.gather_full_state_dict(fresh)
+        loaded = ckpt.local_state_dict(fresh)
         same = lambda a, b: set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)  # noqa
         out[name] = dict(metadata_equal=_metadata(megatron) == _metadata(streamed),
                          keys=len(_metadata(streamed)),
@@ -106,8 +107,8 @@ def _spread_body(rank, world, root):
         builds.append(str(grp))
         return {n: state[n] for n in layout.groups()[grp]}
 
-    path = ckpt.save(None, os.path.join(root, "spread"), 0, cfg,
-                     write_tensors=lambda f: stream.write(f, layout, stream.GroupCache(group)))
+    path = ckpt.save_streamed(lambda f: stream.write(f, layout, stream.GroupCache(group)),
+                              os.path.join(root, "spread"), 0, cfg)
     read = stream.Reader(path, layout).read(list(layout.params))
     return dict(builds=builds, groups=sorted(map(str, layout.groups())),
                 equal=all(torch.equal(read[n], state[n]) for n in state))

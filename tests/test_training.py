@@ -29,10 +29,11 @@ def _nan_at(step_to_break, calls):
 def _weights(chunks):
     from xft_megatron.checkpoint import dist as ckpt
 
-    return {k: v.clone() for k, v in ckpt.gather_full_state_dict(chunks).items()}
+    return {k: v.clone() for k, v in ckpt.local_state_dict(chunks).items()}
 
 
 def _body(rank, world, root):
+    from xft_megatron.checkpoint import directory
     from xft_megatron.checkpoint import dist as ckpt
     from xft_megatron.training.loop import NonFiniteLoss, train
 
@@ -59,7 +60,7 @@ def _body(rank, world, root):
 
     if rank == 0:
         shutil.copytree(f"{root}/split", f"{root}/split_dp")
-        ckpt._write_atomic(f"{root}/split_dp/latest", "iter_0000003\n")
+        directory.write_atomic(f"{root}/split_dp/latest", "iter_0000003\n")
     torch.distributed.barrier()
     moved = train(dp, data, progress=False, resume=True)
     out["moved_start"], out["moved"] = moved.start_step, moved.losses

@@ -24,7 +24,7 @@ def _body(rank, world, root):
     common.perturb_norms(chunks)
     dense_dir = os.path.join(root, "dense")
     ckpt.save(chunks, dense_dir, 0, cfg)
-    dense = ckpt.gather_full_state_dict(chunks)
+    dense = ckpt.local_state_dict(chunks)
     d = lambda name: os.path.join(root, name)  # noqa: E731
 
     def xft(*argv):
@@ -53,7 +53,7 @@ def _body(rank, world, root):
         code, text = xft("merge", "--ckpt", d("moe"), "--out", d(f"merged_{name}"), *args)
         mcfg = ckpt.load_config(d(f"merged_{name}"), parallel={})
         chunks, _ = common.setup(mcfg, d(f"merged_{name}"), ddp=False)
-        got = ckpt.gather_full_state_dict(chunks)
+        got = ckpt.local_state_dict(chunks)
         err = max(((got[k] - v).abs().max() / v.abs().max()).item() for k, v in dense.items())
         out["merges"][name] = dict(code=code, text=text, same_keys=set(got) == set(dense),
                                    err=err, moe=mcfg.moe.num_experts)
@@ -134,14 +134,14 @@ def _p3_reference(rank, world, root):
     dense_cfg = common.tiny_config()
     chunks, _ = common.setup(dense_cfg, ddp=False)
     ckpt.save(chunks, os.path.join(root, "dense"), 0, dense_cfg)
-    torch.save(dict(upcycle(ckpt.gather_full_state_dict(chunks), MoEConfig(**UPCYCLE_MOE),
+    torch.save(dict(upcycle(ckpt.local_state_dict(chunks), MoEConfig(**UPCYCLE_MOE),
                             dense_cfg.model.hidden_size, seed=5, noise_std=0.01)),
                os.path.join(root, "upcycled_expected.pt"))
 
     cfg = common.tiny_config("moe.num_experts=8", "moe.topk=4")
     chunks, _ = common.setup(cfg, ddp=False)  # random init: distinct experts
     ckpt.save(chunks, os.path.join(root, "moe"), 0, cfg)
-    sd = ckpt.gather_full_state_dict(chunks)
+    sd = ckpt.local_state_dict(chunks)
     g = torch.Generator().manual_seed(0)
     alphas = {str(i): torch.randn(7, generator=g).tolist() for i in range(cfg.model.num_layers)}
     with open(os.path.join(root, "alphas.json"), "w") as f:
@@ -158,7 +158,7 @@ def _compare(path, expected, *overrides):
     from xft_megatron.checkpoint import dist as ckpt
 
     chunks, _ = common.setup(common.tiny_config(*overrides), path, ddp=False)
-    got = ckpt.gather_full_state_dict(chunks)
+    got = ckpt.local_state_dict(chunks)
     return {"keys": set(got) == set(expected),
             "bitwise": all(torch.equal(got[k], expected[k]) for k in expected),
             "max_diff": max((got[k] - expected[k]).abs().max().item() for k in expected)}

@@ -55,7 +55,7 @@ def _config(args):
 
 def _convert(args):
     from xft_megatron import convert
-    from xft_megatron.checkpoint.stream import release_freed_memory
+    from xft_megatron.allocator import release_freed_memory
 
     release_freed_memory()
     if args.direction == "gguf-to-hf":
@@ -83,7 +83,7 @@ def _convert(args):
 
 
 def _upcycle(args):
-    from xft_megatron.checkpoint.stream import reuse_freed_memory
+    from xft_megatron.allocator import reuse_freed_memory
     from xft_megatron.config import MoEConfig
     from xft_megatron.upcycle_merge import upcycle_checkpoint
 
@@ -98,7 +98,7 @@ def _upcycle(args):
 
 
 def _merge(args):
-    from xft_megatron.checkpoint.stream import reuse_freed_memory
+    from xft_megatron.allocator import reuse_freed_memory
     from xft_megatron.upcycle_merge import merge_checkpoint
 
     reuse_freed_memory()

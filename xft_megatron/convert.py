@@ -14,7 +14,7 @@ from typing import Dict, Hashable, Optional, Tuple
 import torch
 
 from xft_megatron.checkpoint import dist as ckpt
-from xft_megatron.checkpoint import stream
+from xft_megatron.checkpoint import directory, stream
 from xft_megatron.checkpoint.hf import LazyTensors, check_tensors, model_config_from_hf, \
     verify_weights, weights_index, write_hf_dir
 from xft_megatron.checkpoint.special_tokens import GENERATION_CONFIG, export_settings
@@ -29,7 +29,7 @@ DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 def hf_to_mcore(hf_dir: str, out: str, dtype: str = "fp32") -> str:
     """Convert an HF directory; returns the written checkpoint folder. Tokenizer files are
     copied along."""
-    ckpt.require_empty_dir(out)  # never adds to (and repoints `latest` of) an existing run
+    directory.require_empty_dir(out)  # never adds to (and repoints `latest` of) an existing run
     model_cfg, _ = model_config_from_hf(hf_dir)  # refuses unsupported configs up front
     tensors = LazyTensors(weights_index(hf_dir))
     check_tensors(tensors, hf_llama.hf_shapes(model_cfg), os.path.join(hf_dir, "config.json"))
@@ -48,8 +48,8 @@ def hf_to_mcore(hf_dir: str, out: str, dtype: str = "fp32") -> str:
     # while this one is written
     cache = stream.GroupCache(group, prefetch=True)
     try:
-        return ckpt.save(None, out, 0, cfg, extra_files=tokenizer_files(hf_dir),
-                         write_tensors=lambda folder: stream.write(folder, layout, cache))
+        return ckpt.save_streamed(lambda folder: stream.write(folder, layout, cache), out, 0,
+                                  cfg, extra_files=tokenizer_files(hf_dir))
     finally:
         cache.close()
 
@@ -81,7 +81,7 @@ def mcore_to_hf(ckpt_dir: str, out: str, dtype: Optional[str] = None,
     generation_config.json, `checkpoint/special_tokens.py`). A dense checkpoint
     becomes a Llama/Qwen2 model; an XFT MoE checkpoint becomes the MoE of
     `hf_remote/modeling_xft_moe.py`, copied along (loads with `trust_remote_code=True`)."""
-    ckpt.require_empty_dir(out)
+    directory.require_empty_dir(out)
     cfg = ckpt.load_config(ckpt_dir, parallel={})
     dtype = hf_dtype(cfg, dtype)
     folder = ckpt.resolve(ckpt_dir)

@@ -18,7 +18,7 @@ from typing import Callable, Dict, Hashable, Optional
 import torch
 
 from xft_megatron.checkpoint import dist as ckpt
-from xft_megatron.checkpoint import ranks, stream
+from xft_megatron.checkpoint import directory, ranks, stream
 from xft_megatron.config import ConfigError, MoEConfig, ParallelConfig
 from xft_megatron.convert import hf_to_mcore, tokenizer_files
 from xft_megatron.errors import UsageError
@@ -33,7 +33,7 @@ def upcycle_checkpoint(src: Optional[str], out: str, moe: MoEConfig, seed: int =
                        layout: Optional[Dict] = None) -> str:
     """Dense checkpoint (or HF directory) -> XFT MoE checkpoint; returns the written folder.
     `layout`: the parallel section stored with it (validated against the MoE settings)."""
-    ckpt.require_empty_dir(out)
+    directory.require_empty_dir(out)
     if not moe.enabled:
         raise ConfigError("upcycling needs --num-experts > 0")
     if noise_std < 0:
@@ -62,8 +62,8 @@ def upcycle_checkpoint(src: Optional[str], out: str, moe: MoEConfig, seed: int =
             stream.write(folder, layout_out, stream.GroupCache(group))
             reader.verified()  # the source's checksums, before the output is committed
 
-        return ckpt.save(None, out, 0, cfg, extra_files=tokenizer_files(ckpt.resolve(src)),
-                         write_tensors=write)
+        return ckpt.save_streamed(write, out, 0, cfg,
+                                  extra_files=tokenizer_files(ckpt.resolve(src)))
     finally:
         if tmp:  # the converted dense copy, once every rank is done with it
             ranks.barrier()
@@ -110,9 +110,9 @@ def merge_checkpoint(src: str, out: str, coefficients: str = "uniform",
     """XFT MoE checkpoint -> dense checkpoint of the base architecture; returns its folder.
     `layout`: the parallel section stored with it. `hf_out`: also write the dense model as an
     HF directory."""
-    ckpt.require_empty_dir(out)
+    directory.require_empty_dir(out)
     if hf_out:
-        ckpt.require_empty_dir(hf_out, "--hf-out")
+        directory.require_empty_dir(hf_out, "--hf-out")
     cfg = ckpt.load_config(src, parallel={})
     if not cfg.moe.enabled:
         raise UsageError(f"'{src}' is a dense checkpoint; there is nothing to merge")
@@ -148,8 +148,8 @@ def merge_checkpoint(src: str, out: str, coefficients: str = "uniform",
         stream.write(folder, dense_layout, stream.GroupCache(group))
         reader.verified()  # the source's checksums, before the output is committed
 
-    path = ckpt.save(None, out, 0, dense_cfg, extra_files=tokenizer_files(ckpt.resolve(src)),
-                     write_tensors=write)
+    path = ckpt.save_streamed(write, out, 0, dense_cfg,
+                              extra_files=tokenizer_files(ckpt.resolve(src)))
     if hf_out:
         from xft_megatron.convert import mcore_to_hf
 

@@ -25,7 +25,7 @@ def gguf_to_hf(gguf_file: str, out: str, dtype: str = "fp32") -> str:
                                 ".gguf file")
     if dtype not in DTYPES:
         raise UsageError(f"dtype={dtype!r} must be one of {', '.join(DTYPES)}")
-    from xft_megatron.checkpoint.dist import require_empty_dir
+    from xft_megatron.checkpoint.directory import require_empty_dir
 
     require_empty_dir(out)
     try:

@@ -14,7 +14,6 @@ it commits an output made from them.
 """
 
 import contextlib
-import ctypes
 import dataclasses
 import io
 import os
@@ -35,9 +34,12 @@ from torch.distributed.checkpoint.planner import (LoadPlan, LoadPlanner, SavePla
                                                   TensorWriteData, WriteItem, WriteItemType)
 from torch.distributed.checkpoint.planner_helpers import create_read_items_for_chunk_list
 
-from xft_megatron.checkpoint import ranks
+from xft_megatron.checkpoint import checksums, ranks
+from xft_megatron.checkpoint.directory import resolve
+from xft_megatron.checkpoint.validate import (CheckpointError, load_failure, raise_damaged,
+                                              read_index)
 from xft_megatron.config import Config, ParallelConfig
-from xft_megatron.transforms.upcycle import layer_of
+from xft_megatron.model.names import layer_of
 
 Tensor = torch.Tensor
 
@@ -206,17 +208,14 @@ def write(folder: str, layout: Layout, produce: Callable[[str], Tensor]) -> None
     if hasattr(produce, "plan"):
         produce.plan([g for g in groups if owner[g] == rank])
     planner = _WritePlanner(layout, mine, produce, objects=rank == 0)
-    # files are synced once all are written (one fsync per file as it closes would make the
-    # disk flush ~10 files per layer one by one)
+    # files are flushed once all are written, by the save (dist.save_streamed: each rank its
+    # own, while it hashes them); one fsync per file as it closes would make the disk flush
+    # ~10 files per layer one by one
     writer = FileSystemWriter(folder, single_file_per_rank=False, sync_files=False,
                               thread_count=1, per_thread_copy_ahead=0)
     with _without_zip_checksums():
         dcp.save({}, storage_writer=writer, planner=planner, no_dist=size == 1)
-    from xft_megatron.checkpoint.dist import fsync_file
 
-    for name in os.listdir(folder):
-        if name.startswith(f"__{rank}_"):  # this rank's files (on its own node)
-            fsync_file(os.path.join(folder, name))
     if rank == 0:
         save_config(CheckpointingConfig("torch_dist", 1, "torch", 1), folder)
         torch.save({}, os.path.join(folder, COMMON_STATE_FNAME))
@@ -236,36 +235,6 @@ def _without_zip_checksums():
         yield
     finally:
         torch.serialization.set_crc32_options(before)
-
-
-def reuse_freed_memory() -> None:
-    """Process-wide, for `xft upcycle` and `xft merge` (called by their CLI entry points):
-    glibc serves large allocations from its heap instead of fresh mappings, so each layer's
-    expert buffers (hundreds of MB, the same sizes layer after layer) reuse the pages the
-    previous layer freed rather than faulting in new ones. Costs some resident memory (freed
-    pages are kept). No effect off glibc."""
-    _mallopt((_M_MMAP_MAX, 0), (_M_TRIM_THRESHOLD, 1 << 30))
-
-
-def release_freed_memory() -> None:
-    """Process-wide, for `xft convert` (called by its CLI entry point), whose tensors are of
-    many sizes: every allocation above 1 MiB gets its own mapping, returned to the system
-    when freed, so resident memory follows what is held now (glibc otherwise raises this
-    threshold to the largest block freed so far and keeps such blocks on its heap). No effect
-    off glibc."""
-    _mallopt((_M_MMAP_THRESHOLD, 1 << 20))
-
-
-_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD, _M_MMAP_MAX = -1, -3, -4
-
-
-def _mallopt(*settings) -> None:
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-    except OSError:
-        return
-    for option, value in settings:
-        libc.mallopt(option, value)
 
 
 def _nbytes(p: Param) -> int:
@@ -334,14 +303,11 @@ class Reader:
     index and the tensor names and shapes once, up front."""
 
     def __init__(self, path: str, layout: Layout):
-        from xft_megatron.checkpoint import checksums
-        from xft_megatron.checkpoint.dist import CheckpointError, _read_index, resolve
-
         folder = resolve(path)
         # every file against the checksums recorded at save, on background threads while
         # the tool reads; `verified()` (before the tool commits its output) waits for it
         self.pending = checksums.start(folder)
-        metadata, problem = _read_index(folder)
+        metadata, problem = read_index(folder)
         if problem:
             self._raise_if_damaged(collective=False)
             raise CheckpointError(problem)
@@ -363,9 +329,7 @@ class Reader:
                 "to different models")
 
     def _raise_if_damaged(self, collective: bool = True) -> None:
-        from xft_megatron.checkpoint.dist import _raise_damaged
-
-        _raise_damaged(self.folder if hasattr(self, "folder") else self.pending.folder,
+        raise_damaged(self.folder if hasattr(self, "folder") else self.pending.folder,
                        self.pending.result(collective=collective))
 
     def verified(self) -> None:
@@ -380,8 +344,6 @@ class Reader:
     def read(self, names: Sequence[str]) -> Dict[str, Tensor]:
         """{name: full parameter} in the stored dtype, for the given parameter names. Treat
         the values as read-only (some map the checkpoint's files)."""
-        from xft_megatron.checkpoint.dist import CheckpointError, _load_failure
-
         try:
             out = {n: self._mapped(n) for n in names}
             rest = [n for n in names if out[n] is None]
@@ -391,7 +353,7 @@ class Reader:
                 self._read_chunks(rest, out)
         except Exception as e:  # noqa: BLE001 - damaged data: say which file holds it
             self._raise_if_damaged(collective=False)
-            raise CheckpointError(_load_failure(self.folder, self.metadata, e)) from None
+            raise CheckpointError(load_failure(self.folder, self.metadata, e)) from None
         return out
 
     def _mapped(self, name: str) -> Optional[Tensor]:

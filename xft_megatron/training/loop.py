@@ -145,9 +145,9 @@ def _train(cfg, info, data, progress, resume, should_stop, extra_files, loss_hoo
         with_state = not final or c.final_optimizer
         state = {"step": step, "consumed_samples": step * t.global_batch_size,
                  "skipped_steps": result.skipped_steps, "optimizer": with_state}
-        return ckpt.save(chunks, c.save, step, cfg, extra_files,
-                         optimizer if with_state else None, scheduler, train_state=state,
-                         rank_state={"rng": rng.capture()}, keep=c.keep)
+        training = ckpt.TrainingState(optimizer if with_state else None, scheduler, state,
+                                      {"rng": rng.capture()})
+        return ckpt.save(chunks, c.save, step, cfg, extra_files, training, keep=c.keep)
 
     tokens_per_step = t.global_batch_size * t.seq_length
     flops_per_token = flops.flops_per_token(cfg.model, t.seq_length, cfg.moe)

@@ -11,7 +11,7 @@ from typing import Callable, Dict, Iterator, Tuple
 import torch
 
 from xft_megatron.errors import UsageError
-from xft_megatron.transforms.upcycle import layer_of
+from xft_megatron.model.names import layer_of
 
 _FC1 = ".mlp.experts.fc1_weight"  # [N, 2, F, H]
 _FC2 = ".mlp.experts.fc2_weight"  # [N, H, F]

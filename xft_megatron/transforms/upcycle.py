@@ -10,6 +10,7 @@ from typing import Dict, Iterator, Optional, Tuple
 import torch
 
 from xft_megatron.config import MoEConfig
+from xft_megatron.model.names import layer_of
 
 _FC1 = ".mlp.linear_fc1.weight"  # dense [2F, H]: gate rows then up rows
 _FC2 = ".mlp.linear_fc2.weight"  # dense [H, F]
@@ -73,12 +74,3 @@ def upcycle(dense: Dict[str, torch.Tensor], moe: MoEConfig, hidden_size: int, se
 def noise_seed(seed: int, layer: int) -> int:
     """The generator seed of a layer's optional expert-copy noise (apart from the router's)."""
     return seed * 100_003 + 50_000 + layer
-
-
-def layer_of(name: str) -> Optional[int]:
-    parts = name.split(".")
-    if "layers" in parts:
-        i = parts.index("layers")
-        if i + 1 < len(parts) and parts[i + 1].isdigit():
-            return int(parts[i + 1])
-    return None
