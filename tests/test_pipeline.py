@@ -64,11 +64,20 @@ def test_quickstart_and_recipe_build_the_same_xft_chain(tmp_path, hf):
                                     "upcycle_vanilla", "vanilla_moe", "upcycle_none", "none_moe",
                                     "eval"]
     assert [s.name for s in rc] == ["base", "eval_base", "upcycle", "moe", "merge_stage", "fold",
-                                    "xft_hf", "eval_xft", "sft", "sft_hf", "eval_sft"]
+                                    "xft_hf", "eval_xft", "sft", "sft_hf", "eval_sft", "report"]
     (qs_up,), (rc_up,) = ([s for s in x if s.name == "upcycle"] for x in (qs, rc))
     assert qs_up.moe == rc_up.moe  # MoEConfig, the same settings
     assert [s.name for s in _recipe(str(tmp_path / "rc"), hf, "xft")] == \
-        ["base", "upcycle", "moe", "merge_stage", "fold", "xft_hf", "eval_xft"]
+        ["base", "upcycle", "moe", "merge_stage", "fold", "xft_hf", "eval_xft", "report"]
+    # with held-out data: every model's loss, then the report over the scores
+    from xft_megatron.pipeline.recipe import recipe_spec
+
+    held = build(recipe_spec(hf, "data.jsonl", str(tmp_path / "rh"), RECIPE,
+                             heldout="held.jsonl"))
+    assert [s.name for s in held][-2:] == ["eval", "report"]
+    assert [label for label, _ in held[-2].models] == ["base", "xft moe", "xft merged (dense)",
+                                                       "sft (dense)"]
+    assert held[-1].heldout == held[-2].folder and held[-1].launcher is None
 
 
 def test_recipe_plan_is_the_pipeline(tmp_path, hf, capsys):
@@ -86,10 +95,13 @@ def test_recipe_plan_is_the_pipeline(tmp_path, hf, capsys):
     digest = c.digests(steps)
     assert [r["name"] for r in rows] == [s.name for s in steps]
     for r, s in zip(rows, steps):
+        assert (r["folder"], r["digest"]) == (s.folder, digest[s.name])
+        if s.launcher is None:  # the runner's own: the report
+            assert r["argv"] == [] and s.kind == "report"
+            continue
         launcher = ["torchrun", "--nproc-per-node", "8"] if isinstance(s, Train) else ["python"]
         dest = s.folder + ".partial" if s.partial else s.folder
         assert r["argv"] == launcher + ["-m", "xft_megatron.cli"] + s.argv(dest)
-        assert (r["folder"], r["digest"]) == (s.folder, digest[s.name])
         assert r["state"] == (c.RESUME if isinstance(s, Train) else c.TODO)  # nothing written
 
 
@@ -150,7 +162,8 @@ def test_a_changed_setting_reruns_the_step_and_what_reads_it(tmp_path, hf):
     assert recipe(layout=["parallel.expert=4"]) == recipe(layout=["parallel.expert=8"])
     changed = recipe(data="other.jsonl")
     assert {k for k in changed if changed[k] != recipe()[k]} == {
-        "moe", "merge_stage", "fold", "xft_hf", "eval_xft", "sft", "sft_hf", "eval_sft"}
+        "moe", "merge_stage", "fold", "xft_hf", "eval_xft", "sft", "sft_hf", "eval_sft",
+        "report"}
 
 
 def _checkpoint(folder, step, steps):
@@ -278,11 +291,19 @@ def test_recipe_runs_every_step_once_through_its_launchers(tmp_path, hf, capsys)
     assert main(args) == 0
     first = capsys.readouterr().out
     steps = _recipe(out, hf)
-    assert first.count("ran ") == len(steps) == 11
+    launched = [s for s in steps if s.launcher is not None]
+    assert first.count("ran ") == len(launched) == 11 and steps[-1].kind == "report"
     for s in steps:
-        assert "ran " in open(os.path.join(out, "logs", f"{s.name}.log")).read()
+        if s.launcher is not None:
+            assert "ran " in open(os.path.join(out, "logs", f"{s.name}.log")).read()
         assert c.state(s, c.digests(steps)[s.name]) == c.DONE, s.name
     assert not [p for p in os.listdir(out) if p.endswith(".partial")]
+    # the report (in the runner's process) gathers every HumanEval step's score
+    results = json.load(open(os.path.join(out, "report", "results.json")))
+    assert results["models"] == {m: {"humaneval_pass@1": 0.5}
+                                 for m in ("base", "xft merged (dense)", "sft (dense)")}
+    assert "| xft merged (dense) |           0.5000 |" in \
+        open(os.path.join(out, "report", "report.md")).read()
     assert main(args) == 0
     again = capsys.readouterr().out
-    assert "ran " not in again and again.count("reusing") == 11
+    assert "ran " not in again and again.count("reusing") == 12

@@ -232,10 +232,11 @@ def test_plan_wires_every_step_to_the_previous_one(recipe):
     for layout, plan in recipe["plans"].items():
         steps, out = plan["steps"], plan["out"]
         assert list(steps) == ["base", "eval_base", "upcycle", "moe", "merge_stage", "fold",
-                               "xft_hf", "eval_xft", "sft", "sft_hf", "eval_sft"], layout
+                               "xft_hf", "eval_xft", "sft", "sft_hf", "eval_sft", "report"], layout
         assert all(state == "todo" for state, _, _ in steps.values())
+        assert steps["report"][2] is None  # run by the runner itself, after every score
         a = {name: parser.parse_args(_split_launcher(argv)[2])
-             for name, (_, _, argv) in steps.items()}
+             for name, (_, _, argv) in steps.items() if argv}
         folder = {name: f for name, (_, f, _) in steps.items()}
         for name in folder:
             assert os.path.dirname(folder[name]).startswith(out), (name, folder[name])
@@ -453,7 +454,7 @@ def test_steps_already_done_are_skipped(recipe, dry_runs, tmp_path):
     steps, dry = _parse_plan(r.stdout)
     state = {name: s for name, (s, _, _) in steps.items()}
     assert state == {"base": "done", "upcycle": "todo", "moe": "done", "merge_stage": "todo",
-                     "fold": "todo", "xft_hf": "todo", "eval_xft": "done"}
+                     "fold": "todo", "xft_hf": "todo", "eval_xft": "done", "report": "todo"}
     # inputs that exist are dry-run as they are, missing ones through stand-ins
     assert f"--- merge: merge.yaml, checkpoint.load = {out}/moe" in r.stdout
     assert "--- moe: moe.yaml, checkpoint.load not written yet (stand-in)" in r.stdout

@@ -297,16 +297,9 @@ def _finish(out_dir, data, stages, losses, run_info, seconds) -> Dict:
     if dist.is_initialized() and dist.get_rank() != 0:
         return summary
     d = lambda *p: os.path.join(out_dir, *p)  # noqa: E731
-    width = max(len(k) for k in losses)
-    he = bool(summary["humaneval_pass@1"])
-    table = [f"| {'model'.ljust(width)} | held-out loss | perplexity |" +
-             (" HumanEval pass@1 |" if he else ""),
-             f"|{'-' * (width + 2)}|---------------|------------|" + ("------------------|"
-                                                                     if he else "")]
-    for name, r in losses.items():
-        table.append(f"| {name.ljust(width)} | {r['loss']:13.4f} | {r['perplexity']:10.2f} |" +
-                     (f" {r['humaneval_pass@1']:16.4f} |" if he else ""))
-    say("\n".join(table))
+    table = report.results_table({name: {k: r[k] for k in report.SCORES if k in r}
+                                  for name, r in losses.items()})
+    say(table)
     curves = {name: report.read_metrics(d(stage)) for name, stage in
               (("sft (dense)", "sft"), ("xft moe", "xft_moe"), ("vanilla moe", "vanilla_moe"),
                ("none moe", "none_moe"))}
@@ -323,7 +316,7 @@ def _finish(out_dir, data, stages, losses, run_info, seconds) -> Dict:
                                        "convert mcore-to-hf --ckpt xft_merged --out DIR`)")
     sections = [
         f"Held-out instruction loss ({losses['base']['records']} held-out records from modules "
-        f"never trained on; {data['train_records']} training records):\n\n" + "\n".join(table),
+        f"never trained on; {data['train_records']} training records):\n\n" + table,
         "Stage times: " + ", ".join(f"{k} {v['seconds']:.0f}s" + (" (reused)" if v["reused"]
                                                                   else "")
                                      for k, v in stages.items()) + f"; total {seconds:.0f}s.",

@@ -1,5 +1,6 @@
-"""The quickstart's report: a markdown summary with PNG plots (loss curves, per-layer expert
-load, learned merge coefficients), written from the stages' metrics files."""
+"""Reports of a pipeline run (the quickstart's, the recipe's Report step): markdown tables of
+the models' scores and the training stages, PNG plots (loss curves, per-layer expert load,
+learned merge coefficients) from the stages' metrics files."""
 
 import json
 import os
@@ -90,6 +91,38 @@ def plot_merge_coefficients(coefficients: Dict[str, List[float]], path: str) -> 
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path
+
+
+# score columns of `results_table`: key -> (header, format)
+SCORES = {"loss": ("held-out loss", "{:.4f}"), "perplexity": ("perplexity", "{:.2f}"),
+          "humaneval_pass@1": ("HumanEval pass@1", "{:.4f}")}
+
+
+def results_table(rows: Dict[str, Dict]) -> str:
+    """A markdown table, one row per model, one column per score any model has (SCORES);
+    a model without that score shows '-'."""
+    keys = [k for k in SCORES if any(k in r for r in rows.values())]
+    width = max([len("model")] + [len(k) for k in rows])
+    cols = [SCORES[k][0] for k in keys]
+    lines = ["| " + "model".ljust(width) + " | " + " | ".join(cols) + " |",
+             "|" + "-" * (width + 2) + "|" + "|".join("-" * (len(c) + 2) for c in cols) + "|"]
+    for name, r in rows.items():
+        cells = [(SCORES[k][1].format(r[k]) if k in r else "-").rjust(len(c))
+                 for k, c in zip(keys, cols)]
+        lines.append("| " + name.ljust(width) + " | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def stages_table(summaries: Dict[str, Dict]) -> str:
+    """A markdown table of training stages from their summary.json: steps, final loss,
+    throughput, time."""
+    lines = ["| stage | steps | final loss | tokens/s | seconds |", "|---|---|---|---|---|"]
+    for name, s in summaries.items():
+        loss = s.get("final_loss")
+        loss = f"{loss:.4f}" if isinstance(loss, (int, float)) else "-"
+        lines.append(f"| {name} | {s.get('steps_done', '-')} | {loss} | "
+                     f"{s.get('tokens_per_s', 0):,.0f} | {s.get('seconds', 0):,.0f} |")
+    return "\n".join(lines)
 
 
 def write_markdown(path: str, title: str, sections: List[str]) -> str:

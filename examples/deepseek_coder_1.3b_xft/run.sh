@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # XFT on deepseek-coder-1.3b-base, end to end, and the SFT baseline (see README.md here).
 #
-#   run.sh [--plan] [--only all|xft|sft] HF_MODEL [DATA] OUT_DIR LAYOUT
+#   run.sh [--plan] [--only all|xft|sft] [--heldout FILE] HF_MODEL [DATA] OUT_DIR LAYOUT
 #
 # HF_MODEL is an HF directory or a Hub id; DATA a file, a dataset folder or hf:NAME, by default
 # the paper's hf:ise-uiuc/Magicoder-Evol-Instruct-110K (through the Hugging Face cache).
@@ -21,7 +21,7 @@ DEFAULT_DATA=hf:ise-uiuc/Magicoder-Evol-Instruct-110K  # the paper's instruction
 
 usage() {
   cat <<'EOF'
-usage: run.sh [--plan] [--only all|xft|sft] HF_MODEL [DATA] OUT_DIR LAYOUT
+usage: run.sh [--plan] [--only all|xft|sft] [--heldout FILE] HF_MODEL [DATA] OUT_DIR LAYOUT
 
   HF_MODEL      deepseek-coder-1.3b-base as a Hugging Face directory (config.json,
                 safetensors or .bin weights, tokenizer files) or its Hub id
@@ -35,6 +35,8 @@ usage: run.sh [--plan] [--only all|xft|sft] HF_MODEL [DATA] OUT_DIR LAYOUT
                 many nodes; see slurm/README.md and slurm/xft.sbatch)
 
   --plan        validate the stage configs, print their dry-runs and the commands; run nothing
+  --heldout FILE  held-out instruction data (.jsonl/.json/.parquet, hf:NAME, a dataset
+                folder): every model's loss on it, in the report (OUT_DIR/report)
   --only WHAT   all (default: XFT, the SFT baseline and the base model's HumanEval),
                 xft (XFT only) or sft (SFT baseline only)
 
@@ -48,12 +50,15 @@ die() { echo "run.sh: error: $*" >&2; exit 2; }
 # ------------------------------------------------------------------------------ arguments
 PLAN=0
 ONLY=all
+HELDOUT=""
 ARGS=()
 while (($#)); do
   case "$1" in
     --plan) PLAN=1 ;;
     --only) [[ $# -ge 2 ]] || die "--only needs a value: all, xft or sft"; ONLY="$2"; shift ;;
     --only=*) ONLY="${1#--only=}" ;;
+    --heldout) [[ $# -ge 2 ]] || die "--heldout needs a file"; HELDOUT="$2"; shift ;;
+    --heldout=*) HELDOUT="${1#--heldout=}" ;;
     -h|--help) usage; exit 0 ;;
     -*) usage >&2; die "unknown option '$1'" ;;
     *) ARGS+=("$1") ;;
@@ -216,6 +221,7 @@ fi
 PIPELINE=("$PYTHON" -m xft_megatron.pipeline recipe --hf "$HF_DIR" --data "$DATA" --out "$OUT"
           --configs "$HERE" --only "$ONLY" --world "$WORLD" --one "${ONE[*]@Q}"
           --dist "${DIST[*]@Q}")
+[[ -z "$HELDOUT" ]] || PIPELINE+=(--heldout "$(absolute "$HELDOUT")")
 for o in "${SFT_LAYOUT[@]}"; do PIPELINE+=(--layout sft "$o"); done
 for o in "${MOE_LAYOUT[@]}"; do PIPELINE+=(--layout moe "$o"); done
 for o in "${MERGE_LAYOUT[@]}"; do PIPELINE+=(--layout merge "$o"); done

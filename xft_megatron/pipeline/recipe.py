@@ -15,7 +15,7 @@ import shlex
 import subprocess
 import sys
 import tempfile
-from typing import Dict, List, Sequence
+from typing import Dict, List, Optional, Sequence
 
 from xft_megatron.config import MoEConfig
 from xft_megatron.pipeline.completion import DONE, digests, run_step, state
@@ -36,9 +36,11 @@ class RecipeError(Exception):
 
 
 def recipe_spec(hf: str, data: str, out: str, configs: str, only: str = "all",
-                layout: Dict[str, Sequence[str]] = None) -> PipelineSpec:
+                layout: Dict[str, Sequence[str]] = None,
+                heldout: Optional[str] = None) -> PipelineSpec:
     """The recipe: bf16 conversion, XFT and/or the SFT baseline from the recipe's YAML files
-    with the layout's overrides, bf16 HF exports, HumanEval of every model."""
+    with the layout's overrides, bf16 HF exports, HumanEval of every model, with `heldout`
+    the held-out loss of every model on that file, and a report over all of it."""
     layout = layout or {}
 
     def stage(name: str) -> TrainSpec:
@@ -49,8 +51,9 @@ def recipe_spec(hf: str, data: str, out: str, configs: str, only: str = "all",
         out=out, base=HFBase(hf, dtype="bf16"), moe=MOE,
         common=(f"data.path={data}", f"data.cache_dir={os.path.join(out, 'data_cache')}"),
         sft=stage("sft"), moe_train=stage("moe"), merge=stage("merge"), branches=BRANCHES[only],
-        export_dtype="bf16", names=NAMES,
-        evaluation=EvalSpec(humaneval=HumanEvalSpec(per_model=True,
+        export_dtype="bf16", names=NAMES, report=True,
+        evaluation=EvalSpec(heldout=heldout, cache_dir=os.path.join(out, "data_cache"),
+                            humaneval=HumanEvalSpec(per_model=True,
                                                     evaluate_base=only == "all")))
 
 
@@ -59,11 +62,13 @@ def _dest(step: Step) -> str:
 
 
 def plan(steps: List[Step], one: Sequence[str], dist: Sequence[str]) -> List[Dict]:
-    """Every step as {name, kind, desc, folder, launcher, argv, state, digest}."""
+    """Every step as {name, kind, desc, folder, launcher, argv, state, digest}; argv is empty
+    for the steps the runner does itself (launcher None: held-out loss, report)."""
     digest = digests(steps)
     return [{"name": s.name, "kind": s.kind, "desc": s.desc, "folder": s.folder,
              "launcher": s.launcher, "state": state(s, digest[s.name]),
-             "argv": list(dist if s.launcher == DIST else one) + s.argv(_dest(s)),
+             "argv": [] if s.launcher is None else
+             list(dist if s.launcher == DIST else one) + s.argv(_dest(s)),
              "digest": digest[s.name]} for s in steps]
 
 
@@ -72,7 +77,7 @@ def print_plan(rows: List[Dict], commands: bool) -> None:
         print(f"{r['name']:<12} {'done' if r['state'] == DONE else 'todo':<5} {r['desc']} -> "
               f"{r['folder']}")
         if commands:
-            print(f"  $ {shlex.join(r['argv'])}")
+            print(f"  $ {shlex.join(r['argv'])}" if r["argv"] else "  (in this process)")
 
 
 def preflight(spec: PipelineSpec, steps: List[Step], world: int) -> None:
@@ -94,6 +99,10 @@ def preflight(spec: PipelineSpec, steps: List[Step], world: int) -> None:
         model, _ = model_config_from_hf(spec.base.path)
     except (HFFormatError, OSError, ValueError) as e:
         raise RecipeError(e) from e
+    held = spec.evaluation.heldout
+    if held and not held.startswith("hf:") and not all(
+            os.path.exists(p) for p in held.split(",")):
+        raise RecipeError(f"--heldout {held}: no such file or folder")
     try:
         dense = Config(model=model, precision=PrecisionConfig(dtype=spec.base.dtype))
         upcycled = dense.replace(moe=spec.moe)
@@ -133,7 +142,9 @@ def run(steps: List[Step], one: Sequence[str], dist: Sequence[str], logs: str) -
     digest = digests(steps)
     os.environ["PYTHONUNBUFFERED"] = "1"  # logs and terminal follow the steps as they run
 
-    def launch(step: Step, dest: str) -> None:
+    def launch(step: Step, dest: str):
+        if step.launcher is None:  # held-out loss, report: in this process, over the results
+            return step.run(dest)
         log = os.path.join(logs, f"{step.name}.log")
         print(f"   log: {log}", flush=True)
         argv = list(dist if step.launcher == DIST else one) + step.argv(dest)
@@ -171,6 +182,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--configs", required=True, help="folder of sft.yaml, moe.yaml, merge.yaml")
     p.add_argument("--only", choices=sorted(BRANCHES), default="all")
     p.add_argument("--world", type=int, default=1, help="ranks of the training steps")
+    p.add_argument("--heldout", default=None,
+                   help="held-out instruction data: every model's loss on it (eval step)")
     p.add_argument("--layout", nargs=2, action="append", default=[],
                    metavar=("STAGE", "OVERRIDE"), help="a layout override of sft|moe|merge")
     p.add_argument("--one", default="python -m xft_megatron.cli",
@@ -185,7 +198,8 @@ def main(args: argparse.Namespace) -> int:
     layout: Dict[str, List[str]] = {}
     for stage, override in args.layout:
         layout.setdefault(stage, []).append(override)
-    spec = recipe_spec(args.hf, args.data, args.out, args.configs, args.only, layout)
+    spec = recipe_spec(args.hf, args.data, args.out, args.configs, args.only, layout,
+                       args.heldout)
     steps = build(spec)
     one, dist = shlex.split(args.one), shlex.split(args.dist)
     try:

@@ -304,6 +304,69 @@ class HumanEvalTable(Step):
 
 
 @dataclass(frozen=True)
+class Report(Step):
+    """FOLDER/report.md and results.json over what the other steps wrote (this process): per
+    model its held-out loss (the EvalLoss step's result) and HumanEval pass@1 (each HumanEval
+    step's humaneval.json), per training stage its steps, final loss, throughput and time
+    (summary.json); plots of the tuning losses, the MoE's per-layer expert load and the
+    learned merge coefficients."""
+
+    title: str = "XFT report"
+    heldout: Optional[str] = None  # the EvalLoss step's folder
+    scores: Tuple[Tuple[str, str], ...] = ()  # (model label, HumanEval step folder)
+    stages: Tuple[Tuple[str, str], ...] = ()  # (label, training step folder)
+    moe_stage: Optional[str] = None  # its expert load is plotted
+    merge_stage: Optional[str] = None  # its learned coefficients are plotted
+    kind = "report"
+    launcher = None
+
+    def inputs(self):
+        return tuple(f for f in (self.heldout, *(f for _, f in self.scores),
+                                 *(f for _, f in self.stages)) if f)
+
+    def complete(self, folder):
+        return _is_file(folder, "report.md")
+
+    def run(self, dest):
+        from xft_megatron import report
+        from xft_megatron.pipeline.completion import read_marker
+
+        os.makedirs(dest, exist_ok=True)
+        models: Dict[str, Dict[str, float]] = {}
+        held = (read_marker(self.heldout) or {}).get("result") if self.heldout else None
+        for label, r in (held or {}).items():
+            models.setdefault(label, {}).update(loss=r["loss"], perplexity=r["perplexity"])
+        for label, folder in self.scores:
+            with open(os.path.join(folder, "humaneval.json")) as f:
+                models.setdefault(label, {})["humaneval_pass@1"] = json.load(f)["pass@1"]
+        stages = {}
+        for label, folder in self.stages:
+            path = os.path.join(folder, "summary.json")
+            if os.path.isfile(path):
+                with open(path) as f:
+                    stages[label] = json.load(f)
+        curves = {label: report.read_metrics(folder) for label, folder in self.stages}
+        merge = next((stages.get(lb) for lb, f in self.stages if f == self.merge_stage), None)
+        here = lambda name: os.path.join(dest, name)  # noqa: E731
+        plots = [report.plot_losses(curves, here("tuning_loss.png"))
+                 if any(curves.values()) else None,
+                 report.plot_expert_load(report.read_metrics(self.moe_stage),
+                                         here("expert_load.png")) if self.moe_stage else None,
+                 report.plot_merge_coefficients((merge or {}).get("merge_coefficients"),
+                                                here("merge_coefficients.png"))]
+        sections = [("Scores (held-out instruction loss; HumanEval pass@1, greedy):\n\n" +
+                     report.results_table(models)) if models else "No model scores yet.",
+                    "Training stages:\n\n" + report.stages_table(stages),
+                    *[f"![{os.path.basename(p)}]({os.path.basename(p)})" for p in plots if p]]
+        report.write_markdown(os.path.join(dest, "report.md"), self.title, sections)
+        result = {"models": models, "stages": {k: {f: s.get(f) for f in (
+            "steps_done", "final_loss", "tokens_per_s", "seconds")} for k, s in stages.items()}}
+        with open(os.path.join(dest, "results.json"), "w") as f:
+            json.dump(result, f, indent=1)
+        return result
+
+
+@dataclass(frozen=True)
 class Function(Step):
     """A Python function of this process writing into the folder (e.g. the quickstart's data
     mining); `params` are what its result depends on."""

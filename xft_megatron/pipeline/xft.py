@@ -11,7 +11,7 @@ from typing import List, Optional, Tuple, Union
 
 from xft_megatron.config import MoEConfig
 from xft_megatron.pipeline.steps import (Convert, EvalLoss, ExportHF, Fold, HumanEval,
-                                         HumanEvalTable, Step, Train, Upcycle)
+                                         HumanEvalTable, Report, Step, Train, Upcycle)
 
 Role = Tuple[str, str]  # (step name, folder relative to the output directory)
 FINAL_WEIGHTS_ONLY = "checkpoint.final_optimizer=false"
@@ -83,6 +83,7 @@ class Names:
     eval_sft: Role = ("eval_sft", "eval/sft")
     eval: Role = ("eval", "eval")
     humaneval: Role = ("humaneval", "humaneval")
+    report: Role = ("report", "report")
 
 
 @dataclass(frozen=True)
@@ -100,6 +101,7 @@ class PipelineSpec:
     branches: Tuple[str, ...] = ("sft", "xft")  # which branches, in this order
     fold_hf: Optional[str] = None  # the fold also writes an HF directory FOLDER/<fold_hf>
     export_dtype: Optional[str] = None  # HF exports of the SFT and XFT models in this dtype
+    report: bool = False  # a last step writes report.md over every result (steps.Report)
     evaluation: EvalSpec = EvalSpec()
     names: Names = Names()
 
@@ -133,12 +135,14 @@ def build(spec: PipelineSpec) -> List[Step]:
                          p(role), model=model, prompt=prompt, limit=he.limit,
                          max_new_tokens=he.max_new_tokens, workers=he.workers)
 
+    scores: List[Role] = []  # (model label, HumanEval step folder), for the report
     if isinstance(spec.base, HFBase):
         steps: List[Step] = [Convert(n.base[0], f"convert the HF model {spec.base.path} -> "
                                      f"Megatron ({spec.base.dtype})", base, hf=spec.base.path,
                                      dtype=spec.base.dtype)]
         if he and he.per_model and he.evaluate_base:
             steps.append(humaneval(n.eval_base, spec.base.path, "the base model", "raw"))
+            scores.append(("base", p(n.eval_base)))
     else:
         t = spec.base.train
         steps = [Train(n.base[0], spec.base.desc, base, config=t.config,
@@ -146,12 +150,14 @@ def build(spec: PipelineSpec) -> List[Step]:
                        (f"checkpoint.save={base}",),
                        layout=t.layout)]
     models = [("base", base)]
+    stages: List[Role] = []  # (label, training step folder), for the report
     m = spec.moe
     for branch in spec.branches:
         if branch == "sft":
             steps.append(train(n.sft, "sft", base, spec.sft,
                                "SFT baseline: instruction-tune the dense model"))
             models.append(("sft (dense)", p(n.sft)))
+            stages.append(("sft (dense)", p(n.sft)))
             if export:
                 steps.append(ExportHF(n.sft_hf[0], f"export the SFT baseline to HF "
                                       f"({spec.export_dtype})", p(n.sft_hf), ckpt=p(n.sft),
@@ -159,6 +165,7 @@ def build(spec: PipelineSpec) -> List[Step]:
                 if he and he.per_model:
                     steps.append(humaneval(n.eval_sft, p(n.sft_hf), "the SFT baseline",
                                            "magicoder"))
+                    scores.append(("sft (dense)", p(n.eval_sft)))
             continue
         steps.append(Upcycle(n.upcycle[0], f"dense -> XFT MoE ({m.num_experts} experts, "
                              f"top-{m.topk})", p(n.upcycle), ckpt=base, moe=m,
@@ -172,12 +179,14 @@ def build(spec: PipelineSpec) -> List[Step]:
                           "coefficients)", p(n.fold), ckpt=p(n.merge), coefficients="learned",
                           shared_weight=spec.shared_weight, hf=spec.fold_hf))
         models += [("xft moe", p(n.moe)), ("xft merged (dense)", p(n.fold))]
+        stages += [("xft moe", p(n.moe)), ("xft merge (coefficients)", p(n.merge))]
         if export:
             steps.append(ExportHF(n.xft_hf[0], f"export the XFT model to HF "
                                   f"({spec.export_dtype})", p(n.xft_hf), ckpt=p(n.fold),
                                   dtype=spec.export_dtype))
             if he and he.per_model:
                 steps.append(humaneval(n.eval_xft, p(n.xft_hf), "the XFT model", "magicoder"))
+                scores.append(("xft merged (dense)", p(n.eval_xft)))
     for mode in spec.ablations:
         upcycled = (f"upcycle_{mode}", f"upcycle_{mode}")
         tuned = (f"{mode}_moe", f"{mode}_moe")
@@ -188,6 +197,7 @@ def build(spec: PipelineSpec) -> List[Step]:
         steps.append(train(tuned, "moe", p(upcycled), spec.moe_train,
                            f"instruction-tune the {mode} MoE (ablation)"))
         models.append((f"{mode} moe (ablation)", p(tuned)))
+        stages.append((f"{mode} moe (ablation)", p(tuned)))
     e = spec.evaluation
     if e.heldout:
         steps.append(EvalLoss(n.eval[0], "held-out instruction loss", p(n.eval),
@@ -197,6 +207,13 @@ def build(spec: PipelineSpec) -> List[Step]:
         steps.append(HumanEvalTable(n.humaneval[0], f"pass@1 on {he.limit} problems "
                                     "(magicoder)", p(n.humaneval), models=tuple(models),
                                     limit=he.limit, max_new_tokens=he.max_new_tokens))
+    if spec.report:
+        xft = "xft" in spec.branches
+        steps.append(Report(n.report[0], "report: every model's scores and every training "
+                            "stage", p(n.report), heldout=p(n.eval) if e.heldout else None,
+                            scores=tuple(scores), stages=tuple(stages),
+                            moe_stage=p(n.moe) if xft else None,
+                            merge_stage=p(n.merge) if xft else None))
     return steps
 
 
