@@ -20,6 +20,7 @@ import yaml
 
 from xft_megatron.data.records import FIELDS
 from xft_megatron.errors import ConfigError  # noqa: F401  (also imported from here)
+from xft_megatron.model import counts
 
 
 def _require(cond: bool, msg: str) -> None:
@@ -78,16 +79,11 @@ class ModelConfig:
 
     def num_parameters(self) -> int:
         """Exact parameter count of the dense model (embeddings included)."""
-        h, f = self.hidden_size, self.ffn_hidden_size
-        kv = self.num_query_groups * self.head_dim
-        attn = h * h + 2 * h * kv + h * h + (h + 2 * kv if self.qkv_bias else 0)
-        mlp = 3 * h * f
-        per_layer = attn + mlp + 2 * h
-        return self.num_layers * per_layer + self.embedding_parameters() + h
+        return counts.dense_parameters(self)
 
     def embedding_parameters(self) -> int:
         """The input embedding and the output layer (one matrix when tied)."""
-        return self.vocab_size * self.hidden_size * (1 if self.tie_embeddings else 2)
+        return counts.embedding_parameters(self)
 
 
 @dataclass
