@@ -4,7 +4,7 @@ import pytest
 
 from xft_megatron.config import (Config, ConfigError, config_keys, load_config,
                                  model_config_from_dict, parse_overrides)
-from xft_megatron.model.presets import PRESETS
+from xft_megatron.families import PRESETS
 
 
 def test_yaml_and_overrides(tmp_path):
@@ -46,6 +46,13 @@ def test_override_parsing():
     (["train.seq_length=4096", "model.preset=tiny"], "exceeds model.max_position_embeddings"),
     (["model.preset=tiny", "model.num_query_groups=3"], "not divisible by model.num_query"),
     (["train.lr_decay_style=exp"], "must be constant, linear or cosine"),
+    # model families
+    (["model.family=gpt2"], "model.family='gpt2' is not supported; supported: llama, mistral"),
+    (["model.family=llama", "model.qkv_bias=true"],
+     "model.qkv_bias=true contradicts model.family=llama, which has qkv_bias=false: drop "
+     "model.qkv_bias (the family sets it), or set model.family to qwen2"),
+    (["model.preset=qwen2-0.5b", "model.family=mistral", "model.qkv_bias=true"],
+     "or set model.family to qwen2"),
     # MoE
     (["moe.num_experts=8", "parallel.expert=3"], "moe.num_experts=8 is not divisible by "
                                                  "parallel.expert=3"),
@@ -92,6 +99,20 @@ def test_unreadable_files(tmp_path):
     top.write_text("- 1\n- 2\n")
     with pytest.raises(ConfigError, match="must hold a mapping"):
         load_config(str(top))
+
+
+def test_model_family_resolution():
+    """A config names its family or gets the one of its attention features; a family given
+    fills the features it fixes (over a preset's values, under values given)."""
+    fam = lambda *o: load_config(None, list(o)).model  # noqa: E731
+    assert (fam().family, fam("model.qkv_bias=true").family) == ("llama", "qwen2")
+    m = fam("model.family=qwen2")
+    assert (m.family, m.qkv_bias) == ("qwen2", True)
+    m = fam("model.preset=qwen2-0.5b", "model.family=llama")
+    assert (m.family, m.qkv_bias, m.tie_embeddings) == ("llama", False, True)
+    assert fam("model.family=mistral").family == "mistral"  # never implied: Llama's features
+    stored = fam("model.preset=qwen2-0.5b")
+    assert model_config_from_dict(Config(model=stored).to_dict()["model"]) == stored
 
 
 def test_presets_parameter_counts():

@@ -19,6 +19,11 @@ HF_CASES = {
                   num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
                   vocab_size=384, max_position_embeddings=256, rms_norm_eps=1e-6,
                   rope_theta=1000000.0, tie_word_embeddings=True, initializer_range=0.3),
+    "mistral": dict(model_type="mistral", hidden_size=64, intermediate_size=176,
+                    num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                    vocab_size=128, max_position_embeddings=256, rms_norm_eps=1e-5,
+                    rope_theta=10000.0, sliding_window=None, tie_word_embeddings=False,
+                    initializer_range=0.3),
 }
 
 
@@ -75,6 +80,7 @@ def _body(rank, world, root):
         with torch.no_grad():
             again = reloaded.float()(ids).logits
         out[name] = dict(bitwise=bitwise, max_diff=(got - ref).abs().max().item(),
+                         family=(cfg.model.family, type(reloaded).__name__),
                          scale=ref.abs().max().item(),
                          reload_equal=torch.equal(again, ref),
                          missing=info["missing_keys"], unexpected=info["unexpected_keys"],
@@ -86,10 +92,17 @@ def test_hf_round_trip_is_bitwise_and_forward_matches(tmp_path):
     r = run_ranks(1, _body, str(tmp_path))[0]
     assert r["llama"]["rope"] == (100000.0, 4.0)
     for name, x in r.items():
+        assert x["family"] == (name, transformers_class(name)), (name, x["family"])
         assert x["bitwise"], name
         assert x["scale"] > 1.0 and x["max_diff"] <= 1e-5 * x["scale"], (name, x)
         assert x["reload_equal"], name
         assert not x["missing"] and not x["unexpected"], (name, x)
+
+
+def transformers_class(family):
+    from xft_megatron import families
+
+    return families.get(family).hf_architecture
 
 
 LAYOUTS = {"llama": ["parallel.tensor=2"],  # 3 layers: no PP
@@ -204,6 +217,8 @@ def test_config_dialects_and_refusals(tmp_path):
         (dict(rope_scaling={"rope_type": "yarn", "factor": 4.0}), "rope type 'yarn'"),
         (dict(hidden_act="gelu"), "hidden_act 'gelu'"),
         (dict(num_attention_heads=5), "hidden_size=64 is not divisible"),
+        (dict(attention_bias=True), "attention_bias=true is not supported for Llama"),
+        (dict(model_type="qwen2", use_sliding_window=True), "use_sliding_window=true"),
     ]
     for i, (kw, msg) in enumerate(cases):
         with pytest.raises(HFFormatError, match=msg):

@@ -23,6 +23,7 @@ def _body(rank, world):
     import transformers
 
     from tests import common
+    from xft_megatron import families
     from xft_megatron.checkpoint.dist import gather_full_state_dict
     from xft_megatron.transforms import hf_llama
 
@@ -40,7 +41,8 @@ def _body(rank, world):
         hf_sd = dict(hf_llama.to_hf(sd, cfg.model))
         back = dict(hf_llama.from_hf(hf_sd, cfg.model))
         exact_inverse = set(back) == set(sd) and all(torch.equal(back[k], sd[k]) for k in sd)
-        hf_cfg = transformers.AutoConfig.for_model(**hf_llama.hf_config_dict(cfg.model, arch))
+        family = families.of(cfg.model)
+        hf_cfg = transformers.AutoConfig.for_model(**family.hf_config(cfg.model))
         hf = transformers.AutoModelForCausalLM.from_config(hf_cfg).float().eval()
         missing, unexpected = hf.load_state_dict(hf_sd, strict=False)
         ids = torch.randint(0, cfg.model.vocab_size, (2, 96), generator=g)
@@ -58,6 +60,7 @@ def _body(rank, world):
             "missing": [k for k in missing if not (cfg.model.tie_embeddings and "lm_head" in k)],
             "unexpected": list(unexpected),
             "exact_inverse": exact_inverse,
+            "arch": (family.hf_architecture, type(hf).__name__, arch),
         }
     return out
 
@@ -66,6 +69,7 @@ def test_forward_matches_transformers():
     results = run_ranks(1, _body)[0]
     for name, r in results.items():
         assert r["exact_inverse"], name
+        assert len(set(r["arch"])) == 1, (name, r["arch"])  # the family's own HF class
         assert not r["missing"] and not r["unexpected"], (name, r)
         assert r["scale"] > 1.0, (name, r)  # logits not vanishingly small: a real comparison
         assert r["max_diff"] <= 1e-5 * r["scale"], (name, r)

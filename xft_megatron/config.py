@@ -33,9 +33,14 @@ MAX_LAYERS = 10_000  # far above any real model; beyond it a value is a typo, no
 
 @dataclass
 class ModelConfig:
-    """Llama-family decoder architecture. `preset` fills the fields not given explicitly."""
+    """Decoder architecture of one of the model families (`xft_megatron/families/`).
+    `preset` fills the fields not given explicitly; so does `family` for the attention
+    features it fixes (qkv_bias)."""
 
     preset: Optional[str] = None
+    # llama | mistral | qwen2. None: the family of the attention features (qwen2 with
+    # qkv_bias, llama without)
+    family: Optional[str] = None
     num_layers: int = 4
     hidden_size: int = 64
     ffn_hidden_size: int = 176
@@ -46,7 +51,7 @@ class ModelConfig:
     rope_theta: float = 10000.0
     rope_scaling_factor: float = 1.0  # linear RoPE scaling (positions / factor); 1 = off
     norm_eps: float = 1e-5
-    qkv_bias: bool = False
+    qkv_bias: bool = False  # biases on the q, k and v projections (Qwen2)
     tie_embeddings: bool = False
     init_std: float = 0.02
 
@@ -72,6 +77,12 @@ class ModelConfig:
                  "(1 disables linear RoPE scaling)")
         _require(0 < self.norm_eps < 1, f"model.norm_eps={self.norm_eps} must be in (0, 1)")
         _require(self.init_std > 0, f"model.init_std={self.init_std} must be > 0")
+        from xft_megatron import families  # the family table imports this module
+
+        family = families.get(self.family) if self.family is not None else \
+            families.for_features(self.qkv_bias)
+        family.check(self)
+        self.family = family.name
 
     @property
     def head_dim(self) -> int:
@@ -576,13 +587,16 @@ def _check_types(cls, values: Dict[str, Any], section: str) -> None:
 
 
 def model_config_from_dict(values: Dict[str, Any]) -> ModelConfig:
-    """A ModelConfig from a mapping; a `preset` key fills the fields not given."""
-    from xft_megatron.model.presets import preset_values
+    """A ModelConfig from a mapping; a `preset` key fills the fields not given, and a `family`
+    key the attention features that family fixes."""
+    from xft_megatron import families
 
     values = _numbers_for_float_fields(ModelConfig, values)
-    _check_types(ModelConfig, values, "model")  # a preset name must be a string to look it up
-    preset = values.get("preset")
-    merged = {**preset_values(preset), **values} if preset else values
+    _check_types(ModelConfig, values, "model")  # names must be strings to look them up
+    preset, family = values.get("preset"), values.get("family")
+    # given values over the family's features over the preset's values
+    merged = {**(families.preset_values(preset) if preset else {}),
+              **(families.get(family).features() if family is not None else {}), **values}
     return _construct(ModelConfig, merged, "model")
 
 
