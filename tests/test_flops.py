@@ -1,6 +1,6 @@
 """Parameter and FLOP counts (`model/counts.py`): against arithmetic written out for the
-deepseek-coder-1.3b shape, against the parameters of the models Megatron builds (dense and
-MoE layers), and read alike by its three consumers (`ModelConfig`,
+deepseek-coder-1.3b shape, against the parameters of the models Megatron builds (every
+family's attention, MoE layers), and read alike by its three consumers (`ModelConfig`,
 the memory estimate, MFU)."""
 
 from tests.harness import run_ranks
@@ -27,14 +27,16 @@ def test_flops_per_token_dense_moe_and_merge_stage():
     assert matmul_params(m, merge) == dense  # one merged FFN per layer, no router
 
 
-# name -> config overrides: with and without QKV bias, tied and untied embeddings, MoE
-# layers with either router gate
+# name -> config overrides: each family's attention (QKV bias, q/k norms with a head width
+# of its own), tied and untied embeddings, MoE layers with either router gate
 CASES = {
     "llama_tiny": ["model.preset=tiny"],
     "qwen2_0.5b": ["model.preset=qwen2-0.5b"],
+    "qwen3_0.6b": ["model.preset=qwen3-0.6b"],
+    "qwen3_head_dim_untied": ["model.preset=tiny", "model.family=qwen3", "model.head_dim=32"],
     "moe_mlp_noise_every2": ["model.preset=tiny", "moe.num_experts=8", "moe.topk=4",
                              "moe.layer_freq=2"],
-    "moe_linear_qwen2": ["model.preset=qwen2-0.5b", "moe.num_experts=4", "moe.topk=2",
+    "moe_linear_qwen3": ["model.preset=qwen3-0.6b", "moe.num_experts=4", "moe.topk=2",
                          "moe.router_gate=linear", "moe.router_noise=false"],
 }
 
@@ -83,3 +85,5 @@ def test_one_counter_read_by_config_memory_and_flops_equals_the_built_models():
             assert want["total"] == want["active"] == m.num_parameters(), name
         else:
             assert want["total"] > want["active"] > m.num_parameters(), (name, want)
+    q3 = _config("qwen3_head_dim_untied").model  # 4 heads of 32 over a 64-wide stream
+    assert counts.flops_per_token(q3, 32) == 6 * counts.matmul_parameters(q3) + 6 * 4 * 128 * 32

@@ -1,7 +1,7 @@
 """The dense model's forward equals transformers' on the same weights (independent reference).
 
 Covers GQA, RoPE theta and linear scaling (x4, DeepSeek-Coder style), RMSNorm eps, QKV bias
-and tied embeddings (Qwen2), in fp32 (max |diff| <= 1e-5 x max |logit|) and bf16 (relative
+and tied embeddings (Qwen2), per-head q/k RMSNorm with a head width of its own (Qwen3), in fp32 (max |diff| <= 1e-5 x max |logit|) and bf16 (relative
 Frobenius error vs fp32 within 1.5x of transformers' own bf16 error). Also: the HF name maps invert each other exactly.
 """
 
@@ -16,6 +16,10 @@ CASES = {
     "qwen2_bias_tied": ("Qwen2ForCausalLM", ["model.qkv_bias=true",
                                              "model.tie_embeddings=true",
                                              "model.rope_theta=1000000.0"]),
+    # head_dim 32 with hidden 64 and 4 heads: q/k/v are wider than the residual stream
+    "qwen3_qk_norm_head_dim": ("Qwen3ForCausalLM", ["model.qk_norm=true", "model.head_dim=32",
+                                                    "model.rope_theta=1000000.0",
+                                                    "model.norm_eps=1e-6"]),
 }
 
 

@@ -245,7 +245,7 @@ def _families_body(rank, world, root):
         torch.manual_seed(i)
         dense = transformers.AutoModelForCausalLM.from_config(
             transformers.AutoConfig.for_model(**HF_CASES[name])).float().eval()
-        with torch.no_grad():  # non-trivial norms and biases
+        with torch.no_grad():  # non-trivial norms (q/k norms included) and biases
             for n, p in dense.named_parameters():
                 if "norm" in n or n.endswith("bias"):
                     p.normal_(1.0 if "norm" in n else 0.0, 0.3)

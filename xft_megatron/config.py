@@ -35,23 +35,25 @@ MAX_LAYERS = 10_000  # far above any real model; beyond it a value is a typo, no
 class ModelConfig:
     """Decoder architecture of one of the model families (`xft_megatron/families/`).
     `preset` fills the fields not given explicitly; so does `family` for the attention
-    features it fixes (qkv_bias)."""
+    features it fixes (qkv_bias, qk_norm)."""
 
     preset: Optional[str] = None
-    # llama | mistral | qwen2. None: the family of the attention features (qwen2 with
-    # qkv_bias, llama without)
+    # llama | mistral | qwen2 | qwen3. None: the family of the attention features (qwen2 with
+    # qkv_bias, qwen3 with qk_norm, llama with neither)
     family: Optional[str] = None
     num_layers: int = 4
     hidden_size: int = 64
     ffn_hidden_size: int = 176
     num_attention_heads: int = 4
     num_query_groups: Optional[int] = None  # GQA groups; None means = num_attention_heads
+    head_dim: Optional[int] = None  # width of one head; None means hidden / attention heads
     vocab_size: int = 512
     max_position_embeddings: int = 256
     rope_theta: float = 10000.0
     rope_scaling_factor: float = 1.0  # linear RoPE scaling (positions / factor); 1 = off
     norm_eps: float = 1e-5
     qkv_bias: bool = False  # biases on the q, k and v projections (Qwen2)
+    qk_norm: bool = False  # RMSNorm over each head's q and k, before RoPE (Qwen3)
     tie_embeddings: bool = False
     init_std: float = 0.02
 
@@ -65,9 +67,15 @@ class ModelConfig:
                      f"model.{name}={value!r} must be a positive integer")
         _require(self.num_layers <= MAX_LAYERS,
                  f"model.num_layers={self.num_layers} exceeds {MAX_LAYERS}; check the value")
-        _require(self.hidden_size % self.num_attention_heads == 0,
-                 f"model.hidden_size={self.hidden_size} is not divisible by "
-                 f"model.num_attention_heads={self.num_attention_heads}")
+        if self.head_dim is None:
+            _require(self.hidden_size % self.num_attention_heads == 0,
+                     f"model.hidden_size={self.hidden_size} is not divisible by "
+                     f"model.num_attention_heads={self.num_attention_heads} (or give "
+                     "model.head_dim)")
+            self.head_dim = self.hidden_size // self.num_attention_heads
+        _require(isinstance(self.head_dim, int) and self.head_dim > 0 and self.head_dim % 2 == 0,
+                 f"model.head_dim={self.head_dim!r} must be a positive even integer (RoPE "
+                 "rotates pairs of channels)")
         _require(self.num_attention_heads % self.num_query_groups == 0,
                  f"model.num_attention_heads={self.num_attention_heads} is not divisible by "
                  f"model.num_query_groups={self.num_query_groups} (GQA needs whole groups)")
@@ -80,13 +88,9 @@ class ModelConfig:
         from xft_megatron import families  # the family table imports this module
 
         family = families.get(self.family) if self.family is not None else \
-            families.for_features(self.qkv_bias)
+            families.for_features(self.qkv_bias, self.qk_norm)
         family.check(self)
         self.family = family.name
-
-    @property
-    def head_dim(self) -> int:
-        return self.hidden_size // self.num_attention_heads
 
     def num_parameters(self) -> int:
         """Exact parameter count of the dense model (embeddings included)."""

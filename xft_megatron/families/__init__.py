@@ -19,7 +19,7 @@ from typing import Any, Dict
 from xft_megatron.errors import ConfigError
 from xft_megatron.families.base import FAMILIES, LlamaLike, for_features, for_model_type, get, \
     of, register
-from xft_megatron.families import llama, mistral, qwen2  # noqa: F401,E402  (registers)
+from xft_megatron.families import llama, mistral, qwen2, qwen3  # noqa: F401,E402  (registers)
 
 __all__ = ["FAMILIES", "PRESETS", "LlamaLike", "for_features", "for_model_type", "get", "of",
            "preset_values", "register"]

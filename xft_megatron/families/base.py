@@ -6,12 +6,12 @@ methods it overrides are where it differs from Llama. Plain data and arithmetic,
 configs are read and validated without loading any model code.
 
 The tensors of one decoder layer are of two kinds. `attention_tensors` lists those copied as
-they are (the norms, the output projection, a family's extras), per family.
+they are (the norms, the output projection, a family's extras such as q/k norms), per family.
 The fused ones are laid out alike in every Llama-like family (q/k/v <-> Megatron's
 `linear_qkv`, gate/up <-> `linear_fc1`) and handled by `transforms/hf_llama.py`.
 """
 
-from typing import Any, Dict, Tuple
+from typing import Any, Dict, Optional, Tuple
 
 from xft_megatron.config import ConfigError, ModelConfig
 from xft_megatron.errors import HFFormatError
@@ -56,14 +56,15 @@ def for_model_type(model_type: Any, path: str) -> "LlamaLike":
                         f"{', '.join(sorted(f.model_type for f in FAMILIES.values()))}")
 
 
-def for_features(qkv_bias: bool) -> "LlamaLike":
+def for_features(qkv_bias: bool, qk_norm: bool) -> "LlamaLike":
     """The family of a config that names none: the first registered one marked `implied`
     whose attention features these are."""
     for family in FAMILIES.values():
-        if family.implied and family.qkv_bias == qkv_bias:
+        if family.implied and (family.qkv_bias, family.qk_norm) == (qkv_bias, qk_norm):
             return family
     known = "; ".join(f"{f.name}: {f.describe()}" for f in FAMILIES.values())
-    raise ConfigError(f"no supported family has model.qkv_bias={_yaml(qkv_bias)} ({known})")
+    raise ConfigError(f"no supported family has model.qkv_bias={_yaml(qkv_bias)} together "
+                      f"with model.qk_norm={_yaml(qk_norm)} ({known})")
 
 
 def _yaml(value: bool) -> str:
@@ -100,12 +101,13 @@ class LlamaLike:
     hf_architecture = ""  # config.json `architectures[0]` of an export
     model_type = ""  # config.json `model_type` it is recognized by
     qkv_bias = False  # biases on the q, k and v projections (none on o)
+    qk_norm = False  # RMSNorm over each head's q and k (weights of size head_dim), before RoPE
     implied = True  # a config naming no family gets this one when the features match
     presets: Dict[str, Dict[str, Any]] = {}  # preset name -> ModelConfig fields
 
     def features(self) -> Dict[str, bool]:
         """The ModelConfig fields this family fixes."""
-        return {"qkv_bias": self.qkv_bias}
+        return {"qkv_bias": self.qkv_bias, "qk_norm": self.qk_norm}
 
     def describe(self) -> str:
         have = [k for k, v in self.features().items() if v]
@@ -127,6 +129,10 @@ class LlamaLike:
         """HFFormatError for what this family's HF model does that is not implemented here
         exactly (overridden per family)."""
 
+    def hf_head_dim(self, hf: Dict[str, Any]) -> Optional[int]:
+        """config.json's head width; None: hidden_size / num_attention_heads."""
+        return hf.get("head_dim")
+
     def model_config(self, hf: Dict[str, Any], path: str) -> ModelConfig:
         """The ModelConfig of config.json content `hf` (read from `path`); HFFormatError for
         anything not implemented exactly (never approximated)."""
@@ -147,9 +153,6 @@ class LlamaLike:
         if heads <= 0:
             raise HFFormatError(f"{path}: num_attention_heads={heads} must be positive; restore "
                                 "the model's config.json")
-        if hf.get("head_dim") not in (None, hf["hidden_size"] // heads):
-            raise HFFormatError(f"{path}: head_dim={hf['head_dim']} differs from hidden_size / "
-                                f"num_attention_heads = {hf['hidden_size'] // heads}")
         theta, factor = rope(hf, path)
         try:
             return ModelConfig(
@@ -157,11 +160,11 @@ class LlamaLike:
                 num_layers=hf["num_hidden_layers"], hidden_size=hf["hidden_size"],
                 ffn_hidden_size=hf["intermediate_size"], num_attention_heads=heads,
                 num_query_groups=hf.get("num_key_value_heads", heads),
-                vocab_size=hf["vocab_size"],
+                head_dim=self.hf_head_dim(hf), vocab_size=hf["vocab_size"],
                 max_position_embeddings=hf.get("max_position_embeddings", 4096),
                 rope_theta=theta, rope_scaling_factor=factor,
                 norm_eps=hf.get("rms_norm_eps", 1e-6), qkv_bias=self.qkv_bias,
-                tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
+                qk_norm=self.qk_norm, tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
                 init_std=hf.get("initializer_range", 0.02),
             )
         except ConfigError as e:

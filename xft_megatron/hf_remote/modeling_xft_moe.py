@@ -1,6 +1,6 @@
 """XFT Mixture-of-Experts for Hugging Face transformers, written by xft-megatron.
 
-A Llama, Mistral or Qwen2 decoder whose FFN, in the layers listed in
+A Llama, Mistral, Qwen2 or Qwen3 decoder whose FFN, in the layers listed in
 `config.xft_moe["layers"]`, is the XFT MoE (arXiv 2404.15247):
   - expert 0 is the SHARED expert (always active), the others are ROUTED; every expert is a
     SwiGLU FFN like the dense one;
@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers import LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM, \
-    Qwen2Config, Qwen2ForCausalLM
+    Qwen2Config, Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM
 
 
 def routing_weights(probs: torch.Tensor, k: int, mode: str, renorm: str):
@@ -152,6 +152,19 @@ class XFTQwen2MoeConfig(Qwen2Config):
 
 class XFTQwen2MoeForCausalLM(Qwen2ForCausalLM):
     config_class = XFTQwen2MoeConfig
+
+    def __init__(self, config):
+        super().__init__(config)
+        _install_moe(self)
+        self.post_init()
+
+
+class XFTQwen3MoeConfig(Qwen3Config):
+    model_type = "xft_moe_qwen3"
+
+
+class XFTQwen3MoeForCausalLM(Qwen3ForCausalLM):
+    config_class = XFTQwen3MoeConfig
 
     def __init__(self, config):
         super().__init__(config)

@@ -4,7 +4,7 @@ MFU (`training/flops.py`) read it; tests/test_flops.py checks it against built m
 
 Per decoder layer, with h = hidden_size, q = heads * head_dim, kv = query groups * head_dim,
 F = ffn_hidden_size and R = routed experts:
-    attention   h q + 2 h kv + q h      (q, k, v, o)  + q + 2 kv (qkv_bias)
+    attention   h q + 2 h kv + q h      (q, k, v, o)  + q + 2 kv (qkv_bias) + 2 head_dim (qk_norm)
     norms       2 h                     (before attention, before the FFN)
     FFN         3 h F                   (SwiGLU gate, up, down; the same per expert)
     router      R h + R R (gate mlp) + R h (noise)     (MoE layers; gate linear: R h)
@@ -38,9 +38,10 @@ def attention_matmul_parameters(m: ModelConfig) -> int:
 
 
 def attention_parameters(m: ModelConfig) -> int:
-    """The attention block: projections and QKV biases."""
+    """The attention block: projections, QKV biases, q/k norms."""
     q, kv = m.num_attention_heads * m.head_dim, m.num_query_groups * m.head_dim
-    return attention_matmul_parameters(m) + (q + 2 * kv if m.qkv_bias else 0)
+    return (attention_matmul_parameters(m) + (q + 2 * kv if m.qkv_bias else 0)
+            + (2 * m.head_dim if m.qk_norm else 0))
 
 
 def ffn_parameters(m: ModelConfig) -> int:
