@@ -20,11 +20,11 @@ def _run_stage(args):
         import torch
         import transformers
 
+        from xft_megatron import families
         from xft_megatron.config import load_config
-        from xft_megatron.transforms.hf_llama import hf_config_dict
 
         m = load_config(None, [f"model.preset={args.preset}"]).model
-        cfg = transformers.AutoConfig.for_model(**hf_config_dict(m, "LlamaForCausalLM"))
+        cfg = transformers.AutoConfig.for_model(**families.of(m).hf_config(m))
         model = transformers.AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16)
         model.save_pretrained(os.path.join(d, "hf"))
     elif args.stage == "hf-to-mcore":

@@ -4,7 +4,7 @@ import pytest
 
 from xft_megatron.config import (Config, ConfigError, config_keys, load_config,
                                  model_config_from_dict, parse_overrides)
-from xft_megatron.model.presets import PRESETS
+from xft_megatron.families import PRESETS
 
 
 def test_yaml_and_overrides(tmp_path):
@@ -46,6 +46,16 @@ def test_override_parsing():
     (["train.seq_length=4096", "model.preset=tiny"], "exceeds model.max_position_embeddings"),
     (["model.preset=tiny", "model.num_query_groups=3"], "not divisible by model.num_query"),
     (["train.lr_decay_style=exp"], "must be constant, linear or cosine"),
+    # model families
+    (["model.family=gpt2"], "model.family='gpt2' is not supported; supported: llama, mistral"),
+    (["model.family=llama", "model.qk_norm=true"],
+     "model.qk_norm=true contradicts model.family=llama, which has qk_norm=false: drop "
+     "model.qk_norm (the family sets it), or set model.family to qwen3"),
+    (["model.preset=qwen2-0.5b", "model.family=mistral", "model.qkv_bias=true"],
+     "or set model.family to qwen2"),
+    (["model.qkv_bias=true", "model.qk_norm=true"], "no supported family has model.qkv_bias="
+                                                   "true together with model.qk_norm=true"),
+    (["model.head_dim=15"], "model.head_dim=15 must be a positive even integer"),
     # MoE
     (["moe.num_experts=8", "parallel.expert=3"], "moe.num_experts=8 is not divisible by "
                                                  "parallel.expert=3"),
@@ -94,11 +104,26 @@ def test_unreadable_files(tmp_path):
         load_config(str(top))
 
 
+def test_model_family_resolution():
+    """A config names its family or gets the one of its attention features; a family given
+    fills the features it fixes (over a preset's values, under values given)."""
+    fam = lambda *o: load_config(None, list(o)).model  # noqa: E731
+    assert (fam().family, fam("model.qkv_bias=true").family,
+            fam("model.qk_norm=true").family) == ("llama", "qwen2", "qwen3")
+    m = fam("model.family=qwen3")
+    assert (m.family, m.qk_norm, m.qkv_bias, m.head_dim) == ("qwen3", True, False, 16)
+    m = fam("model.preset=qwen2-0.5b", "model.family=qwen3", "model.head_dim=128")
+    assert (m.family, m.qkv_bias, m.qk_norm, m.head_dim) == ("qwen3", False, True, 128)
+    assert fam("model.family=mistral").family == "mistral"  # never implied: Llama's features
+    stored = fam("model.preset=qwen3-0.6b")
+    assert model_config_from_dict(Config(model=stored).to_dict()["model"]) == stored
+
+
 def test_presets_parameter_counts():
     # published sizes (rounded) of the architectures the presets reproduce
     expected = {"deepseek-coder-1.3b": 1.346e9, "deepseek-coder-6.7b": 6.74e9,
                 "tinyllama-1.1b": 1.100e9, "llama-2-7b": 6.74e9, "qwen2-0.5b": 0.494e9,
-                "qwen2-1.5b": 1.544e9}
+                "qwen2-1.5b": 1.544e9, "qwen3-0.6b": 0.596e9, "qwen3-1.7b": 1.72e9}
     for name, count in expected.items():
         m = model_config_from_dict({"preset": name})
         assert abs(m.num_parameters() - count) / count < 0.01, (name, m.num_parameters())

@@ -19,6 +19,16 @@ HF_CASES = {
                   num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
                   vocab_size=384, max_position_embeddings=256, rms_norm_eps=1e-6,
                   rope_theta=1000000.0, tie_word_embeddings=True, initializer_range=0.3),
+    "mistral": dict(model_type="mistral", hidden_size=64, intermediate_size=176,
+                    num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                    vocab_size=128, max_position_embeddings=256, rms_norm_eps=1e-5,
+                    rope_theta=10000.0, sliding_window=None, tie_word_embeddings=False,
+                    initializer_range=0.3),
+    # per-head q/k RMSNorm; head_dim 32 differs from hidden_size / heads = 16
+    "qwen3": dict(model_type="qwen3", hidden_size=64, intermediate_size=176,
+                  num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                  head_dim=32, vocab_size=128, max_position_embeddings=256, rms_norm_eps=1e-6,
+                  rope_theta=1000000.0, tie_word_embeddings=False, initializer_range=0.3),
 }
 
 
@@ -75,6 +85,9 @@ def _body(rank, world, root):
         with torch.no_grad():
             again = reloaded.float()(ids).logits
         out[name] = dict(bitwise=bitwise, max_diff=(got - ref).abs().max().item(),
+                         family=(cfg.model.family, type(reloaded).__name__),
+                         qk_norm_tensors=sum(k.endswith(("q_norm.weight", "k_norm.weight"))
+                                             for k in new),
                          scale=ref.abs().max().item(),
                          reload_equal=torch.equal(again, ref),
                          missing=info["missing_keys"], unexpected=info["unexpected_keys"],
@@ -85,16 +98,25 @@ def _body(rank, world, root):
 def test_hf_round_trip_is_bitwise_and_forward_matches(tmp_path):
     r = run_ranks(1, _body, str(tmp_path))[0]
     assert r["llama"]["rope"] == (100000.0, 4.0)
+    assert r["qwen3"]["qk_norm_tensors"] == 4  # q_norm and k_norm of both layers, round-tripped
     for name, x in r.items():
+        assert x["family"] == (name, transformers_class(name)), (name, x["family"])
         assert x["bitwise"], name
         assert x["scale"] > 1.0 and x["max_diff"] <= 1e-5 * x["scale"], (name, x)
         assert x["reload_equal"], name
         assert not x["missing"] and not x["unexpected"], (name, x)
 
 
+def transformers_class(family):
+    from xft_megatron import families
+
+    return families.get(family).hf_architecture
+
+
 LAYOUTS = {"llama": ["parallel.tensor=2"],  # 3 layers: no PP
            "qwen2": ["parallel.tensor=2", "parallel.pipeline=2",
-                     "parallel.sequence_parallel=true"]}
+                     "parallel.sequence_parallel=true"],
+           "qwen3": ["parallel.tensor=2", "parallel.sequence_parallel=true"]}
 
 
 def _layout_body(rank, world, root):
@@ -164,8 +186,8 @@ def _safetensors(folder):
 
 
 def test_converted_checkpoint_matches_transformers_in_parallel_layouts(tmp_path):
-    """P4 in layouts: the converted checkpoint, loaded at TP=2 (Llama) and TP=2+SP, PP=2
-    (Qwen2, tied embeddings), gives transformers' logits: max |diff| <= 1e-4 (fp32), same
+    """P4 in layouts: the converted checkpoint, loaded at TP=2 (Llama), TP=2+SP, PP=2
+    (Qwen2, tied embeddings) and TP=2+SP (Qwen3: q/k norms), gives transformers' logits: max |diff| <= 1e-4 (fp32), same
     argmax. Both conversions under 4 ranks write what one process writes."""
     root = str(tmp_path)
     run_ranks(1, _body, root)
@@ -198,12 +220,19 @@ def test_config_dialects_and_refusals(tmp_path):
                                                             "rope_theta": 100000.0})
     m, arch = model_config_from_hf(d5)
     assert (m.rope_theta, m.rope_scaling_factor, arch) == (100000.0, 4.0, "LlamaForCausalLM")
+    q3 = _write_cfg(str(tmp_path / "qwen3"), model_type="qwen3")  # no head_dim: Qwen3's 128
+    m, arch = model_config_from_hf(q3)
+    assert (m.family, m.head_dim, m.qk_norm, m.qkv_bias, arch) == \
+        ("qwen3", 128, True, False, "Qwen3ForCausalLM")
     cases = [
         (dict(model_type="mistral", sliding_window=4096), "sliding_window=4096 is not supp"),
         (dict(model_type="gpt2"), "model_type 'gpt2' is not supported"),
         (dict(rope_scaling={"rope_type": "yarn", "factor": 4.0}), "rope type 'yarn'"),
         (dict(hidden_act="gelu"), "hidden_act 'gelu'"),
         (dict(num_attention_heads=5), "hidden_size=64 is not divisible"),
+        (dict(attention_bias=True), "attention_bias=true is not supported for Llama"),
+        (dict(model_type="qwen3", attention_bias=True), "not supported for Qwen3"),
+        (dict(model_type="qwen2", use_sliding_window=True), "use_sliding_window=true"),
     ]
     for i, (kw, msg) in enumerate(cases):
         with pytest.raises(HFFormatError, match=msg):

@@ -17,6 +17,7 @@ def test_gpu_forward_and_training_match_reference(compiled):
     from tests import common
     from xft_megatron.checkpoint.dist import local_state_dict
     from xft_megatron.training.step import train_step
+    from xft_megatron import families
     from xft_megatron.transforms import hf_llama
 
     cfg = common.tiny_config("model.rope_scaling_factor=4.0", "model.init_std=0.2",
@@ -25,7 +26,7 @@ def test_gpu_forward_and_training_match_reference(compiled):
     model = chunks[0]
     assert next(model.parameters()).is_cuda
     sd = {k: v.float().cpu() for k, v in local_state_dict(chunks).items()}
-    hf_cfg = transformers.AutoConfig.for_model(**hf_llama.hf_config_dict(cfg.model))
+    hf_cfg = transformers.AutoConfig.for_model(**families.of(cfg.model).hf_config(cfg.model))
     hf = transformers.AutoModelForCausalLM.from_config(hf_cfg).float().eval()
     hf.load_state_dict(dict(hf_llama.to_hf(sd, cfg.model)), strict=False)
     ids = torch.randint(0, cfg.model.vocab_size, (2, 128))

@@ -1,7 +1,7 @@
 """The dense model's forward equals transformers' on the same weights (independent reference).
 
 Covers GQA, RoPE theta and linear scaling (x4, DeepSeek-Coder style), RMSNorm eps, QKV bias
-and tied embeddings (Qwen2), in fp32 (max |diff| <= 1e-5 x max |logit|) and bf16 (relative
+and tied embeddings (Qwen2), per-head q/k RMSNorm with a head width of its own (Qwen3), in fp32 (max |diff| <= 1e-5 x max |logit|) and bf16 (relative
 Frobenius error vs fp32 within 1.5x of transformers' own bf16 error). Also: the HF name maps invert each other exactly.
 """
 
@@ -16,6 +16,10 @@ CASES = {
     "qwen2_bias_tied": ("Qwen2ForCausalLM", ["model.qkv_bias=true",
                                              "model.tie_embeddings=true",
                                              "model.rope_theta=1000000.0"]),
+    # head_dim 32 with hidden 64 and 4 heads: q/k/v are wider than the residual stream
+    "qwen3_qk_norm_head_dim": ("Qwen3ForCausalLM", ["model.qk_norm=true", "model.head_dim=32",
+                                                    "model.rope_theta=1000000.0",
+                                                    "model.norm_eps=1e-6"]),
 }
 
 
@@ -23,6 +27,7 @@ def _body(rank, world):
     import transformers
 
     from tests import common
+    from xft_megatron import families
     from xft_megatron.checkpoint.dist import local_state_dict
     from xft_megatron.transforms import hf_llama
 
@@ -40,7 +45,8 @@ def _body(rank, world):
         hf_sd = dict(hf_llama.to_hf(sd, cfg.model))
         back = dict(hf_llama.from_hf(hf_sd, cfg.model))
         exact_inverse = set(back) == set(sd) and all(torch.equal(back[k], sd[k]) for k in sd)
-        hf_cfg = transformers.AutoConfig.for_model(**hf_llama.hf_config_dict(cfg.model, arch))
+        family = families.of(cfg.model)
+        hf_cfg = transformers.AutoConfig.for_model(**family.hf_config(cfg.model))
         hf = transformers.AutoModelForCausalLM.from_config(hf_cfg).float().eval()
         missing, unexpected = hf.load_state_dict(hf_sd, strict=False)
         ids = torch.randint(0, cfg.model.vocab_size, (2, 96), generator=g)
@@ -58,6 +64,7 @@ def _body(rank, world):
             "missing": [k for k in missing if not (cfg.model.tie_embeddings and "lm_head" in k)],
             "unexpected": list(unexpected),
             "exact_inverse": exact_inverse,
+            "arch": (family.hf_architecture, type(hf).__name__, arch),
         }
     return out
 
@@ -66,6 +73,7 @@ def test_forward_matches_transformers():
     results = run_ranks(1, _body)[0]
     for name, r in results.items():
         assert r["exact_inverse"], name
+        assert len(set(r["arch"])) == 1, (name, r["arch"])  # the family's own HF class
         assert not r["missing"] and not r["unexpected"], (name, r)
         assert r["scale"] > 1.0, (name, r)  # logits not vanishingly small: a real comparison
         assert r["max_diff"] <= 1e-5 * r["scale"], (name, r)

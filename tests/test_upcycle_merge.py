@@ -226,3 +226,66 @@ def test_distributed_fold_and_upcycle_are_bitwise_the_single_process_transforms(
         for name, r in rank_result.items():
             assert r["keys"] and r["bitwise"], (name, r)
     assert results[0]["upcycle/etp1_tp2"]["stored"] == (2, 2, 1)
+
+
+def _families_body(rank, world, root):
+    """For each registered family, a tiny random model of transformers' own class: upcycled
+    from its HF directory, exported as the remote-code MoE, merged back to HF."""
+    import transformers
+
+    from tests.test_convert import HF_CASES, _safetensors
+    from xft_megatron import families
+    from xft_megatron.config import MoEConfig
+    from xft_megatron.convert import mcore_to_hf
+    from xft_megatron.upcycle_merge import merge_checkpoint, upcycle_checkpoint
+
+    out = {}
+    for i, name in enumerate(families.FAMILIES):
+        d = lambda what: os.path.join(root, f"{name}_{what}")  # noqa: E731
+        torch.manual_seed(i)
+        dense = transformers.AutoModelForCausalLM.from_config(
+            transformers.AutoConfig.for_model(**HF_CASES[name])).float().eval()
+        with torch.no_grad():  # non-trivial norms (q/k norms included) and biases
+            for n, p in dense.named_parameters():
+                if "norm" in n or n.endswith("bias"):
+                    p.normal_(1.0 if "norm" in n else 0.0, 0.3)
+        dense.save_pretrained(d("hf"), safe_serialization=True)
+        moe = upcycle_checkpoint(None, d("moe"), MoEConfig(num_experts=4, topk=3,
+                                                           router_init_std=0.5),
+                                 seed=3, hf_dir=d("hf"))
+        mcore_to_hf(moe, d("moe_hf"), dtype="fp32")
+        moe_hf = transformers.AutoModelForCausalLM.from_pretrained(
+            d("moe_hf"), trust_remote_code=True).float().eval()
+        merge_checkpoint(moe, d("merged"), "uniform", 0.3, report=lambda *a: None,
+                         hf_out=d("merged_hf"))
+        merged = transformers.AutoModelForCausalLM.from_pretrained(d("merged_hf")).float()
+        ids = torch.randint(0, HF_CASES[name]["vocab_size"], (2, 40),
+                            generator=torch.Generator().manual_seed(i))
+        with torch.no_grad():
+            ref, got = dense(ids).logits, moe_hf(ids).logits
+        orig, back = _safetensors(d("hf")), _safetensors(d("merged_hf"))
+        if HF_CASES[name].get("tie_word_embeddings"):
+            orig.pop("lm_head.weight", None)
+        out[name] = dict(
+            moe_class=type(moe_hf).__name__, merged_class=type(merged).__name__,
+            want=(families.get(name).moe_classes()[0], families.get(name).hf_architecture),
+            moe_diff=(got - ref).abs().max().item(), scale=ref.abs().max().item(),
+            same_keys=set(orig) == set(back),
+            fold_err=max(((back[k] - w).abs().max() / w.abs().max()).item()
+                         for k, w in orig.items() if k in back))
+    return out
+
+
+def test_every_family_upcycles_and_folds_back_to_its_hf_model(tmp_path):
+    """P1 and P2 per model family, from and back to transformers' own classes: the upcycled
+    MoE, exported with the family's remote-code class, computes the dense model (fp32,
+    1e-5 x max |logit|), and the merge (uniform alphas, lambda 0.3) of that untrained MoE,
+    exported to HF, is the original model's tensors (max |diff| <= 1e-6 * max |W|)."""
+    r = run_ranks(1, _families_body, str(tmp_path))[0]
+    from xft_megatron import families
+
+    assert set(r) == set(families.FAMILIES)
+    for name, x in r.items():
+        assert (x["moe_class"], x["merged_class"]) == x["want"], (name, x)
+        assert x["scale"] > 1.0 and x["moe_diff"] <= 1e-5 * x["scale"], (name, x)
+        assert x["same_keys"] and x["fold_err"] <= 1e-6, (name, x)

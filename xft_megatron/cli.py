@@ -37,11 +37,11 @@ def _quickstart(args):
 
 def _presets(args):
     from xft_megatron.config import model_config_from_dict
-    from xft_megatron.model.presets import PRESETS
+    from xft_megatron.families import PRESETS
 
     for name in PRESETS:
         m = model_config_from_dict({"preset": name})
-        print(f"{name:22s} layers={m.num_layers:3d} hidden={m.hidden_size:5d} "
+        print(f"{name:22s} {m.family:8s} layers={m.num_layers:3d} hidden={m.hidden_size:5d} "
               f"ffn={m.ffn_hidden_size:6d} heads={m.num_attention_heads:3d}/"
               f"{m.num_query_groups:<3d} vocab={m.vocab_size:6d} "
               f"params={m.num_parameters() / 1e9:.3f}B")

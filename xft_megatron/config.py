@@ -20,6 +20,7 @@ import yaml
 
 from xft_megatron.data.records import FIELDS
 from xft_megatron.errors import ConfigError  # noqa: F401  (also imported from here)
+from xft_megatron.model import counts
 
 
 def _require(cond: bool, msg: str) -> None:
@@ -32,20 +33,27 @@ MAX_LAYERS = 10_000  # far above any real model; beyond it a value is a typo, no
 
 @dataclass
 class ModelConfig:
-    """Llama-family decoder architecture. `preset` fills the fields not given explicitly."""
+    """Decoder architecture of one of the model families (`xft_megatron/families/`).
+    `preset` fills the fields not given explicitly; so does `family` for the attention
+    features it fixes (qkv_bias, qk_norm)."""
 
     preset: Optional[str] = None
+    # llama | mistral | qwen2 | qwen3. None: the family of the attention features (qwen2 with
+    # qkv_bias, qwen3 with qk_norm, llama with neither)
+    family: Optional[str] = None
     num_layers: int = 4
     hidden_size: int = 64
     ffn_hidden_size: int = 176
     num_attention_heads: int = 4
     num_query_groups: Optional[int] = None  # GQA groups; None means = num_attention_heads
+    head_dim: Optional[int] = None  # width of one head; None means hidden / attention heads
     vocab_size: int = 512
     max_position_embeddings: int = 256
     rope_theta: float = 10000.0
     rope_scaling_factor: float = 1.0  # linear RoPE scaling (positions / factor); 1 = off
     norm_eps: float = 1e-5
-    qkv_bias: bool = False
+    qkv_bias: bool = False  # biases on the q, k and v projections (Qwen2)
+    qk_norm: bool = False  # RMSNorm over each head's q and k, before RoPE (Qwen3)
     tie_embeddings: bool = False
     init_std: float = 0.02
 
@@ -59,9 +67,15 @@ class ModelConfig:
                      f"model.{name}={value!r} must be a positive integer")
         _require(self.num_layers <= MAX_LAYERS,
                  f"model.num_layers={self.num_layers} exceeds {MAX_LAYERS}; check the value")
-        _require(self.hidden_size % self.num_attention_heads == 0,
-                 f"model.hidden_size={self.hidden_size} is not divisible by "
-                 f"model.num_attention_heads={self.num_attention_heads}")
+        if self.head_dim is None:
+            _require(self.hidden_size % self.num_attention_heads == 0,
+                     f"model.hidden_size={self.hidden_size} is not divisible by "
+                     f"model.num_attention_heads={self.num_attention_heads} (or give "
+                     "model.head_dim)")
+            self.head_dim = self.hidden_size // self.num_attention_heads
+        _require(isinstance(self.head_dim, int) and self.head_dim > 0 and self.head_dim % 2 == 0,
+                 f"model.head_dim={self.head_dim!r} must be a positive even integer (RoPE "
+                 "rotates pairs of channels)")
         _require(self.num_attention_heads % self.num_query_groups == 0,
                  f"model.num_attention_heads={self.num_attention_heads} is not divisible by "
                  f"model.num_query_groups={self.num_query_groups} (GQA needs whole groups)")
@@ -71,23 +85,20 @@ class ModelConfig:
                  "(1 disables linear RoPE scaling)")
         _require(0 < self.norm_eps < 1, f"model.norm_eps={self.norm_eps} must be in (0, 1)")
         _require(self.init_std > 0, f"model.init_std={self.init_std} must be > 0")
+        from xft_megatron import families  # the family table imports this module
 
-    @property
-    def head_dim(self) -> int:
-        return self.hidden_size // self.num_attention_heads
+        family = families.get(self.family) if self.family is not None else \
+            families.for_features(self.qkv_bias, self.qk_norm)
+        family.check(self)
+        self.family = family.name
 
     def num_parameters(self) -> int:
         """Exact parameter count of the dense model (embeddings included)."""
-        h, f = self.hidden_size, self.ffn_hidden_size
-        kv = self.num_query_groups * self.head_dim
-        attn = h * h + 2 * h * kv + h * h + (h + 2 * kv if self.qkv_bias else 0)
-        mlp = 3 * h * f
-        per_layer = attn + mlp + 2 * h
-        return self.num_layers * per_layer + self.embedding_parameters() + h
+        return counts.dense_parameters(self)
 
     def embedding_parameters(self) -> int:
         """The input embedding and the output layer (one matrix when tied)."""
-        return self.vocab_size * self.hidden_size * (1 if self.tie_embeddings else 2)
+        return counts.embedding_parameters(self)
 
 
 @dataclass
@@ -584,13 +595,16 @@ def _check_types(cls, values: Dict[str, Any], section: str) -> None:
 
 
 def model_config_from_dict(values: Dict[str, Any]) -> ModelConfig:
-    """A ModelConfig from a mapping; a `preset` key fills the fields not given."""
-    from xft_megatron.model.presets import preset_values
+    """A ModelConfig from a mapping; a `preset` key fills the fields not given, and a `family`
+    key the attention features that family fixes."""
+    from xft_megatron import families
 
     values = _numbers_for_float_fields(ModelConfig, values)
-    _check_types(ModelConfig, values, "model")  # a preset name must be a string to look it up
-    preset = values.get("preset")
-    merged = {**preset_values(preset), **values} if preset else values
+    _check_types(ModelConfig, values, "model")  # names must be strings to look them up
+    preset, family = values.get("preset"), values.get("family")
+    # given values over the family's features over the preset's values
+    merged = {**(families.preset_values(preset) if preset else {}),
+              **(families.get(family).features() if family is not None else {}), **values}
     return _construct(ModelConfig, merged, "model")
 
 

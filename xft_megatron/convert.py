@@ -1,5 +1,5 @@
-"""`xft convert`: HF directory <-> Megatron distributed checkpoint (Llama family; an XFT MoE
-checkpoint converts to HF as a remote-code model).
+"""`xft convert`: HF directory <-> Megatron distributed checkpoint (the model families of
+`xft_megatron/families/`; an XFT MoE checkpoint converts to HF as a remote-code model).
 
 Both directions stream: tensors are read, transformed and written one decoder layer at a
 time (`checkpoint/stream.py`, `checkpoint/hf.py`), so memory stays near one layer whatever
@@ -13,6 +13,7 @@ from typing import Dict, Hashable, Optional, Tuple
 
 import torch
 
+from xft_megatron import families
 from xft_megatron.checkpoint import dist as ckpt
 from xft_megatron.checkpoint import directory, stream
 from xft_megatron.checkpoint.hf import LazyTensors, check_tensors, model_config_from_hf, \
@@ -74,12 +75,12 @@ def hf_dtype(cfg: Config, dtype: Optional[str]) -> str:
 
 
 def mcore_to_hf(ckpt_dir: str, out: str, dtype: Optional[str] = None,
-                architecture: Optional[str] = None, shard_bytes: int = 2 * 2 ** 30) -> None:
+                shard_bytes: int = 2 * 2 ** 30) -> None:
     """Write an HF directory from a Megatron checkpoint (any layout it was saved in),
     safetensors shards of at most `shard_bytes` (or one larger tensor), in `dtype` (default:
     the checkpoint's, `hf_dtype`), with its tokenizer and special-token ids (config.json and
     generation_config.json, `checkpoint/special_tokens.py`). A dense checkpoint
-    becomes a Llama/Qwen2 model; an XFT MoE checkpoint becomes the MoE of
+    becomes the HF model of its family (`model.family`); an XFT MoE checkpoint the MoE of
     `hf_remote/modeling_xft_moe.py`, copied along (loads with `trust_remote_code=True`)."""
     directory.require_empty_dir(out)
     cfg = ckpt.load_config(ckpt_dir, parallel={})
@@ -100,14 +101,13 @@ def mcore_to_hf(ckpt_dir: str, out: str, dtype: Optional[str] = None,
             return hf_moe.moe_layer_to_hf(reader.read(names[g]), cfg.model, moe, g)
         return {g: reader.read_one(to_megatron[g])}
 
-    arch = architecture or ("Qwen2ForCausalLM" if cfg.model.qkv_bias else "LlamaForCausalLM")
     if moe.enabled:
         shapes = hf_moe.moe_hf_shapes(cfg.model, moe)
-        config = hf_moe.moe_hf_config_dict(cfg.model, moe, arch)
+        config = hf_moe.moe_hf_config_dict(cfg.model, moe)
         extra = {os.path.basename(MODELING_FILE): MODELING_FILE}
     else:
         shapes, config, extra = hf_llama.hf_shapes(cfg.model), \
-            hf_llama.hf_config_dict(cfg.model, arch), {}
+            families.of(cfg.model).hf_config(cfg.model), {}
     files, generated = hf_tokenizer_files(folder)
     ids, generated[GENERATION_CONFIG] = export_settings(folder)
     config.update(ids)

@@ -21,3 +21,7 @@ class UsageError(UserError, ValueError):
 
 class ConfigError(UserError, ValueError):
     """A configuration value is invalid; the message says which and how to fix it."""
+
+
+class HFFormatError(UserError, ValueError):
+    """An HF directory this project cannot read exactly; the message names file and problem."""

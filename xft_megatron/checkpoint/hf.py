@@ -1,9 +1,10 @@
 """Hugging Face model directories: architecture from config.json, tensors from safetensors.
 
-Reads configs as transformers 4.x writes them (`rope_scaling`, `rope_theta`) and as 5.x
-writes them (`rope_parameters`). Anything this project does not implement exactly (sliding
-window attention, rope types other than default/linear, other activations, MLP biases,
-unknown model types) is refused with a message, never approximated.
+config.json is read by the model family its `model_type` names (`xft_megatron/families/`),
+as transformers 4.x writes it (`rope_scaling`, `rope_theta`) and as 5.x does
+(`rope_parameters`). Anything this project does not implement exactly (sliding window
+attention, rope types other than default/linear, other activations, MLP or output-projection
+biases, unknown model types) is refused with a message, never approximated.
 """
 
 import json
@@ -15,16 +16,10 @@ from typing import Callable, Dict, Iterator, List, Optional, Tuple
 
 import torch
 
+from xft_megatron import families
 from xft_megatron.checkpoint import checksums, lock, ranks
-from xft_megatron.config import ConfigError, ModelConfig
-from xft_megatron.errors import UserError
-
-ARCHITECTURES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
-                 "qwen2": "Qwen2ForCausalLM"}
-
-
-class HFFormatError(UserError, ValueError):
-    """An HF directory this project cannot read exactly; the message names file and problem."""
+from xft_megatron.config import ModelConfig
+from xft_megatron.errors import HFFormatError  # noqa: F401  (also imported from here)
 
 
 def read_hf_config(hf_dir: str) -> Dict:
@@ -62,78 +57,13 @@ def own_remote_code(hf_dir: str) -> bool:
         return a.read() == b.read()
 
 
-def _rope(cfg: Dict, path: str) -> Tuple[float, float]:
-    """(theta, linear scaling factor) from either config dialect."""
-    params = cfg.get("rope_parameters")
-    scaling = params if params is not None else cfg.get("rope_scaling")
-    theta = (params or {}).get("rope_theta", cfg.get("rope_theta", 10000.0))
-    if not scaling:
-        return float(theta), 1.0
-    kind = scaling.get("rope_type", scaling.get("type", "default"))
-    if kind == "default":
-        return float(theta), 1.0
-    if kind == "linear":
-        return float(theta), float(scaling["factor"])
-    raise HFFormatError(f"{path}: rope type '{kind}' is not supported (only default and "
-                        "linear scaling are implemented exactly)")
-
-
 def model_config_from_hf(hf_dir: str) -> Tuple[ModelConfig, str]:
-    """(ModelConfig, HF architecture name) for a Llama-family HF directory."""
+    """(ModelConfig, HF architecture name) of an HF directory of one of the model families."""
     cfg = read_hf_config(hf_dir)
     path = os.path.join(hf_dir, "config.json")
-    model_type = cfg.get("model_type")
-    if model_type not in ARCHITECTURES:
-        raise HFFormatError(f"{path}: model_type '{model_type}' is not supported; supported: "
-                            f"{', '.join(sorted(ARCHITECTURES))}")
-    if model_type == "mistral" and cfg.get("sliding_window") is not None:
-        raise HFFormatError(f"{path}: sliding_window={cfg['sliding_window']} is not supported "
-                            "(attention here is full causal); set it to null only if the "
-                            "model was trained without it")
-    if model_type == "qwen2" and cfg.get("use_sliding_window"):
-        raise HFFormatError(f"{path}: use_sliding_window=true is not supported")
-    if cfg.get("hidden_act", "silu") != "silu":
-        raise HFFormatError(f"{path}: hidden_act '{cfg['hidden_act']}' is not supported "
-                            "(SwiGLU with SiLU only)")
-    if cfg.get("mlp_bias"):
-        raise HFFormatError(f"{path}: mlp_bias=true is not supported")
-    for key in _REQUIRED_INTS:
-        if key not in cfg:
-            raise HFFormatError(f"{path}: required field '{key}' is missing; restore the "
-                                "model's config.json")
-        if type(cfg[key]) is not int:
-            raise HFFormatError(f"{path}: {key}={cfg[key]!r} must be an integer; restore the "
-                                "model's config.json")
-    heads = cfg["num_attention_heads"]
-    if heads <= 0:
-        raise HFFormatError(f"{path}: num_attention_heads={heads} must be positive; restore "
-                            "the model's config.json")
-    if cfg.get("head_dim") not in (None, cfg["hidden_size"] // heads):
-        raise HFFormatError(f"{path}: head_dim={cfg['head_dim']} differs from hidden_size / "
-                            f"num_attention_heads = {cfg['hidden_size'] // heads}")
-    theta, factor = _rope(cfg, path)
-    try:
-        model = ModelConfig(
-            num_layers=cfg["num_hidden_layers"], hidden_size=cfg["hidden_size"],
-            ffn_hidden_size=cfg["intermediate_size"], num_attention_heads=heads,
-            num_query_groups=cfg.get("num_key_value_heads", heads),
-            vocab_size=cfg["vocab_size"],
-            max_position_embeddings=cfg.get("max_position_embeddings", 4096),
-            rope_theta=theta, rope_scaling_factor=factor,
-            norm_eps=cfg.get("rms_norm_eps", 1e-6),
-            qkv_bias=model_type == "qwen2" or bool(cfg.get("attention_bias", False)),
-            tie_embeddings=bool(cfg.get("tie_word_embeddings", False)),
-            init_std=cfg.get("initializer_range", 0.02),
-        )
-    except KeyError as e:
-        raise HFFormatError(f"{path}: required field {e} is missing") from None
-    except ConfigError as e:
-        raise HFFormatError(f"{path}: {e}") from None
-    return model, ARCHITECTURES[model_type]
+    family = families.for_model_type(cfg.get("model_type"), path)
+    return family.model_config(cfg, path), family.hf_architecture
 
-
-_REQUIRED_INTS = ("num_hidden_layers", "hidden_size", "intermediate_size", "num_attention_heads",
-                  "vocab_size")
 
 _INDEXES = (("model.safetensors.index.json", "model.safetensors"),
             ("pytorch_model.bin.index.json", "pytorch_model.bin"))

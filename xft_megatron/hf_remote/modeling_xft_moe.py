@@ -1,7 +1,7 @@
 """XFT Mixture-of-Experts for Hugging Face transformers, written by xft-megatron.
 
-A Llama (or Qwen2) decoder whose FFN, in the layers listed in `config.xft_moe["layers"]`, is
-the XFT MoE (arXiv 2404.15247):
+A Llama, Mistral, Qwen2 or Qwen3 decoder whose FFN, in the layers listed in
+`config.xft_moe["layers"]`, is the XFT MoE (arXiv 2404.15247):
   - expert 0 is the SHARED expert (always active), the others are ROUTED; every expert is a
     SwiGLU FFN like the dense one;
   - the router scores the routed experts (gate `mlp`: W2 tanh(W1 x), or `linear`: W x) in
@@ -22,7 +22,8 @@ Loading: AutoModelForCausalLM.from_pretrained(DIR, trust_remote_code=True).
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+from transformers import LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM, \
+    Qwen2Config, Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM
 
 
 def routing_weights(probs: torch.Tensor, k: int, mode: str, renorm: str):
@@ -132,12 +133,38 @@ class XFTLlamaMoeForCausalLM(LlamaForCausalLM):
         self.post_init()
 
 
+class XFTMistralMoeConfig(MistralConfig):
+    model_type = "xft_moe_mistral"
+
+
+class XFTMistralMoeForCausalLM(MistralForCausalLM):
+    config_class = XFTMistralMoeConfig
+
+    def __init__(self, config):
+        super().__init__(config)
+        _install_moe(self)
+        self.post_init()
+
+
 class XFTQwen2MoeConfig(Qwen2Config):
     model_type = "xft_moe_qwen2"
 
 
 class XFTQwen2MoeForCausalLM(Qwen2ForCausalLM):
     config_class = XFTQwen2MoeConfig
+
+    def __init__(self, config):
+        super().__init__(config)
+        _install_moe(self)
+        self.post_init()
+
+
+class XFTQwen3MoeConfig(Qwen3Config):
+    model_type = "xft_moe_qwen3"
+
+
+class XFTQwen3MoeForCausalLM(Qwen3ForCausalLM):
+    config_class = XFTQwen3MoeConfig
 
     def __init__(self, config):
         super().__init__(config)

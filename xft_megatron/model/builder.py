@@ -1,4 +1,4 @@
-"""Build the Llama-family GPT on Megatron-Core from our config.
+"""Build the GPT of any of the model families (`xft_megatron/families/`) on Megatron-Core.
 
 `transformer_config` maps our dataclasses onto Megatron's TransformerConfig; `build_model`
 returns the model chunks this rank owns (one, or one per virtual pipeline stage).
@@ -39,6 +39,7 @@ def transformer_config(cfg: Config) -> TransformerConfig:
         activation_func=F.silu,
         add_bias_linear=False,
         add_qkv_bias=m.qkv_bias,
+        qk_layernorm=m.qk_norm,  # also: Megatron sums the q/k norm gradients over TP ranks
         hidden_dropout=0.0,
         attention_dropout=0.0,
         init_method_std=m.init_std,
@@ -148,7 +149,7 @@ def _gpt_model(cfg: Config, tconfig: TransformerConfig, first: int, n_here: int,
     m = cfg.model
     return GPTModel(
         config=tconfig,
-        transformer_layer_spec=block_spec(cfg.moe, first, n_here),
+        transformer_layer_spec=block_spec(m, cfg.moe, first, n_here),
         vocab_size=m.vocab_size,
         max_sequence_length=m.max_position_embeddings,
         pre_process=pre,

@@ -18,7 +18,7 @@ from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.transformer_block import TransformerBlockSubmodules
 from megatron.core.transformer.transformer_layer import TransformerLayer, TransformerLayerSubmodules
 
-from xft_megatron.config import MoEConfig
+from xft_megatron.config import ModelConfig, MoEConfig
 from xft_megatron.model.attention import SDPAttention
 from xft_megatron.model.norm import RMSNorm
 from xft_megatron.moe.experts import GroupedExperts
@@ -26,7 +26,10 @@ from xft_megatron.moe.merge_mlp import MergeMLP
 from xft_megatron.moe.router import RouterSettings, XFTRouter
 
 
-def attention_spec() -> ModuleSpec:
+def attention_spec(m: ModelConfig) -> ModuleSpec:
+    """Causal self-attention; with `m.qk_norm`, an RMSNorm over each head's q and k (one
+    weight of size head_dim each) before RoPE, as Qwen3 has it."""
+    qk_norm = RMSNorm if m.qk_norm else IdentityOp
     return ModuleSpec(
         module=SelfAttention,
         params={"attn_mask_type": AttnMaskType.causal},
@@ -34,8 +37,8 @@ def attention_spec() -> ModuleSpec:
             linear_qkv=ColumnParallelLinear,
             core_attention=SDPAttention,
             linear_proj=RowParallelLinear,
-            q_layernorm=IdentityOp,
-            k_layernorm=IdentityOp,
+            q_layernorm=qk_norm,
+            k_layernorm=qk_norm,
         ),
     )
 
@@ -65,13 +68,13 @@ def moe_mlp_spec(moe: MoEConfig) -> ModuleSpec:
                       submodules=MoESubmodules(experts=experts, router=router))
 
 
-def layer_spec(mlp: ModuleSpec) -> ModuleSpec:
-    """A pre-norm decoder layer around the given FFN spec."""
+def layer_spec(m: ModelConfig, mlp: ModuleSpec) -> ModuleSpec:
+    """A pre-norm decoder layer of model `m` around the given FFN spec."""
     return ModuleSpec(
         module=TransformerLayer,
         submodules=TransformerLayerSubmodules(
             input_layernorm=RMSNorm,
-            self_attention=attention_spec(),
+            self_attention=attention_spec(m),
             self_attn_bda=get_bias_dropout_add,
             pre_mlp_layernorm=RMSNorm,
             mlp=mlp,
@@ -80,13 +83,13 @@ def layer_spec(mlp: ModuleSpec) -> ModuleSpec:
     )
 
 
-def block_spec(moe: MoEConfig, first_layer: int, num_layers_here: int
+def block_spec(m: ModelConfig, moe: MoEConfig, first_layer: int, num_layers_here: int
                ) -> TransformerBlockSubmodules:
     """The layers one pipeline stage (or virtual chunk) builds: global layers
     first_layer .. first_layer + num_layers_here - 1, MoE where `moe` says so."""
-    dense, sparse = layer_spec(dense_mlp_spec()), None
+    dense, sparse = layer_spec(m, dense_mlp_spec()), None
     if moe.enabled:
-        sparse = layer_spec(moe_mlp_spec(moe))
+        sparse = layer_spec(m, moe_mlp_spec(moe))
     specs = [sparse if moe.is_moe_layer(first_layer + i) else dense
              for i in range(num_layers_here)]
     return TransformerBlockSubmodules(layer_specs=specs, layer_norm=RMSNorm)

@@ -1,8 +1,8 @@
 """Parameter counts and a per-rank memory estimate for `xft train --dry-run`.
 
-Counts are exact for the architecture (embeddings included; MoE layers: every expert plus the
-router). The memory estimate is a planning figure, per GPU, for the most loaded pipeline
-stage, without activation recomputation:
+Parameter counts are `model/counts.py`'s (exact for the architecture: embeddings included;
+MoE layers: every expert plus the router). The memory estimate is a planning figure, per GPU,
+for the most loaded pipeline stage, without activation recomputation:
   weights        params_on_rank * bytes(dtype)
   gradients      params_on_rank * 4        (fp32 gradient buffers, precision.grad_reduce_in_fp32)
   optimizer      params_on_rank * (8 + 4 if dtype != fp32 else 8) / data-parallel shards
@@ -16,27 +16,9 @@ stage, without activation recomputation:
 """
 
 from dataclasses import dataclass
-from typing import Dict
-
-from xft_megatron.config import Config, ModelConfig, MoEConfig
+from xft_megatron.config import Config
 from xft_megatron.errors import ConfigError
-
-
-def _router_params(m: ModelConfig, moe: MoEConfig) -> int:
-    r, h = moe.num_routed, m.hidden_size
-    return r * h + (r * r if moe.router_gate == "mlp" else 0) + (r * h if moe.router_noise else 0)
-
-
-def parameter_counts(m: ModelConfig, moe: MoEConfig) -> Dict[str, int]:
-    """total: every parameter; active: those one token uses; expert: the expert FFN weights."""
-    ffn = 3 * m.hidden_size * m.ffn_hidden_size
-    dense = m.num_parameters()
-    n_moe = sum(moe.is_moe_layer(i) for i in range(m.num_layers))
-    if not moe.enabled or n_moe == 0:
-        return {"total": dense, "active": dense, "expert": 0}
-    extra = n_moe * ((moe.num_experts - 1) * ffn + _router_params(m, moe))
-    active = dense + n_moe * ((moe.topk - 1) * ffn + _router_params(m, moe))
-    return {"total": dense + extra, "active": active, "expert": n_moe * moe.num_experts * ffn}
+from xft_megatron.model.counts import parameter_counts
 
 
 @dataclass

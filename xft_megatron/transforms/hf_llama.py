@@ -1,14 +1,18 @@
-"""Pure name/layout maps between Megatron-Core GPT state dicts and HF Llama-family ones.
+"""Pure name/layout maps between Megatron-Core GPT state dicts and HF ones of the Llama-like
+families (`xft_megatron/families/`).
 
 Both directions work on full (unsharded) tensors, one layer at a time if the caller wishes,
-and never touch process groups. Megatron's fused QKV weight is laid out per query group:
-for each of the G groups, [q rows of its H/G heads; k rows; v rows], each head `d` rows.
+and never touch process groups. The tensors a family copies as they are come from its
+`attention_tensors`; the fused ones are laid out alike in every family: Megatron's QKV weight
+per query group (for each of the G groups, [q rows of its H/G heads; k rows; v rows], each
+head `d` rows) and fc1 as [gate rows; up rows].
 """
 
 from typing import Callable, Dict, Iterator, Optional, Tuple
 
 import torch
 
+from xft_megatron import families
 from xft_megatron.config import ModelConfig
 
 Tensor = torch.Tensor
@@ -52,11 +56,8 @@ def attention_to_hf(sd: Dict[str, Tensor], m: ModelConfig, i: int,
     """The norms and attention of one decoder layer (all but the FFN), Megatron -> HF."""
     s = src.format(i=i)
     o = f"model.layers.{i}."
-    out = {
-        o + "input_layernorm.weight": sd[s + "input_layernorm.weight"],
-        o + "post_attention_layernorm.weight": sd[s + "pre_mlp_layernorm.weight"],
-        o + "self_attn.o_proj.weight": sd[s + "self_attention.linear_proj.weight"],
-    }
+    out = {o + hf: sd[s + name]
+           for name, (hf, _) in families.of(m).attention_tensors(m).items()}
     q, k, v = split_qkv(sd[s + "self_attention.linear_qkv.weight"], m)
     out.update({o + "self_attn.q_proj.weight": q, o + "self_attn.k_proj.weight": k,
                 o + "self_attn.v_proj.weight": v})
@@ -80,17 +81,16 @@ def layer_from_hf(sd: Dict[str, Tensor], m: ModelConfig, i: int,
     """One decoder layer, HF names -> Megatron names (prefix `dst`)."""
     s = f"model.layers.{i}."
     o = dst.format(i=i)
-    out = {
-        o + "input_layernorm.weight": sd[s + "input_layernorm.weight"],
-        o + "pre_mlp_layernorm.weight": sd[s + "post_attention_layernorm.weight"],
-        o + "self_attention.linear_proj.weight": sd[s + "self_attn.o_proj.weight"],
-        o + "mlp.linear_fc2.weight": sd[s + "mlp.down_proj.weight"],
+    out = {o + name: sd[s + hf]
+           for name, (hf, _) in families.of(m).attention_tensors(m).items()}
+    out.update({
         o + "self_attention.linear_qkv.weight": fuse_qkv(
             sd[s + "self_attn.q_proj.weight"], sd[s + "self_attn.k_proj.weight"],
             sd[s + "self_attn.v_proj.weight"], m),
         o + "mlp.linear_fc1.weight": torch.cat(
             [sd[s + "mlp.gate_proj.weight"], sd[s + "mlp.up_proj.weight"]], dim=0),
-    }
+        o + "mlp.linear_fc2.weight": sd[s + "mlp.down_proj.weight"],
+    })
     if m.qkv_bias:
         out[o + "self_attention.linear_qkv.bias"] = fuse_qkv(
             sd[s + "self_attn.q_proj.bias"], sd[s + "self_attn.k_proj.bias"],
@@ -137,12 +137,13 @@ def hf_shapes(m: ModelConfig, layer_ffn: Optional[Callable[[int], Shapes]] = Non
     h, v = m.hidden_size, m.vocab_size
     q, kv = m.num_attention_heads * m.head_dim, m.num_query_groups * m.head_dim
     layer_ffn = layer_ffn or (lambda i: ffn_shapes(m, f"model.layers.{i}.mlp."))
+    copied = families.of(m).attention_tensors(m).values()
     out = {"model.embed_tokens.weight": (v, h)}
     for i in range(m.num_layers):
         s = f"model.layers.{i}."
-        out.update({s + "input_layernorm.weight": (h,), s + "post_attention_layernorm.weight": (h,),
-                    s + "self_attn.q_proj.weight": (q, h), s + "self_attn.k_proj.weight": (kv, h),
-                    s + "self_attn.v_proj.weight": (kv, h), s + "self_attn.o_proj.weight": (h, q)})
+        out.update({s + hf: shape for hf, shape in copied})
+        out.update({s + "self_attn.q_proj.weight": (q, h), s + "self_attn.k_proj.weight": (kv, h),
+                    s + "self_attn.v_proj.weight": (kv, h)})
         if m.qkv_bias:
             out.update({s + "self_attn.q_proj.bias": (q,), s + "self_attn.k_proj.bias": (kv,),
                         s + "self_attn.v_proj.bias": (kv,)})
@@ -158,35 +159,3 @@ def ffn_shapes(m: ModelConfig, prefix: str) -> Shapes:
     h, f = m.hidden_size, m.ffn_hidden_size
     return {prefix + "gate_proj.weight": (f, h), prefix + "up_proj.weight": (f, h),
             prefix + "down_proj.weight": (h, f)}
-
-
-def hf_config_dict(m: ModelConfig, architecture: str = "LlamaForCausalLM") -> Dict:
-    """config.json content for the HF twin of `m` (Llama, or Qwen2 when qkv_bias)."""
-    model_type = {"LlamaForCausalLM": "llama", "Qwen2ForCausalLM": "qwen2",
-                  "MistralForCausalLM": "mistral"}[architecture]
-    cfg = {
-        "architectures": [architecture],
-        "model_type": model_type,
-        "hidden_size": m.hidden_size,
-        "intermediate_size": m.ffn_hidden_size,
-        "num_hidden_layers": m.num_layers,
-        "num_attention_heads": m.num_attention_heads,
-        "num_key_value_heads": m.num_query_groups,
-        "head_dim": m.head_dim,
-        "vocab_size": m.vocab_size,
-        "max_position_embeddings": m.max_position_embeddings,
-        "rms_norm_eps": m.norm_eps,
-        "rope_theta": m.rope_theta,
-        "tie_word_embeddings": m.tie_embeddings,
-        "hidden_act": "silu",
-        "initializer_range": m.init_std,
-        "attention_bias": m.qkv_bias,
-        "mlp_bias": False,
-        "use_cache": True,
-    }
-    if m.rope_scaling_factor != 1.0:
-        cfg["rope_scaling"] = {"rope_type": "linear", "factor": m.rope_scaling_factor}
-    if architecture != "LlamaForCausalLM":
-        cfg.pop("attention_bias")
-        cfg.pop("mlp_bias")
-    return cfg

@@ -16,18 +16,14 @@ from typing import Dict, List, Tuple
 
 import torch
 
+from xft_megatron import families
 from xft_megatron.config import ModelConfig, MoEConfig
 from xft_megatron.hf_remote import MODELING_FILE
 from xft_megatron.transforms.hf_llama import Shapes, attention_to_hf, ffn_shapes, ffn_to_hf, \
-    hf_config_dict, hf_shapes, layer_to_hf
+    hf_shapes, layer_to_hf
 
 Tensor = torch.Tensor
 
-# dense HF architecture -> (MoE architecture, its config class, model_type)
-ARCHITECTURES = {"LlamaForCausalLM": ("XFTLlamaMoeForCausalLM", "XFTLlamaMoeConfig",
-                                      "xft_moe_llama"),
-                 "Qwen2ForCausalLM": ("XFTQwen2MoeForCausalLM", "XFTQwen2MoeConfig",
-                                      "xft_moe_qwen2")}
 ROUTER = {"weight": "proj.weight", "weight1": "w1.weight", "weight2": "w2.weight",
           "noise_weight": "noise.weight"}
 
@@ -82,11 +78,13 @@ def moe_hf_shapes(m: ModelConfig, moe: MoEConfig) -> Shapes:
     return hf_shapes(m, layer_ffn)
 
 
-def moe_hf_config_dict(m: ModelConfig, moe: MoEConfig, dense_architecture: str) -> Dict:
-    """config.json of the MoE: the dense twin's, plus the remote-code classes and `xft_moe`."""
-    arch, config_class, model_type = ARCHITECTURES[dense_architecture]
+def moe_hf_config_dict(m: ModelConfig, moe: MoEConfig) -> Dict:
+    """config.json of the MoE: the dense twin's, plus the remote-code classes of its family
+    and `xft_moe`."""
+    family = families.of(m)
+    arch, config_class, model_type = family.moe_classes()
     module = os.path.splitext(os.path.basename(MODELING_FILE))[0]
-    cfg = hf_config_dict(m, dense_architecture)
+    cfg = family.hf_config(m)
     cfg.update({
         "architectures": [arch],
         "model_type": model_type,
