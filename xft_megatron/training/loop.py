@@ -18,7 +18,7 @@ from typing import Callable, Dict, List, Optional
 import torch
 import torch.distributed as dist
 
-from xft_megatron import parallel, platform
+from xft_megatron import compat, parallel
 from xft_megatron.checkpoint import dist as ckpt
 from xft_megatron.checkpoint import lock
 from xft_megatron.config import Config
@@ -61,7 +61,7 @@ def _latest_training_checkpoint(root: Optional[str]) -> Optional[str]:
 
 
 def _any_rank(flag: bool) -> bool:
-    t = torch.tensor([int(flag)], device=platform.device())
+    t = torch.tensor([int(flag)], device=compat.device())
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return bool(t.item())
 
@@ -171,7 +171,7 @@ def _train(cfg, info, data, progress, resume, should_stop, extra_files, loss_hoo
             stats["tokens_per_s"] = tokens_per_step / elapsed
             stats["step_s"], stats["data_s"] = elapsed, data_seconds
             stats["mfu"] = flops_per_token * stats["tokens_per_s"] / world / \
-                flops.H200_BF16_DENSE_PEAK if platform.has_cuda() else 0.0
+                flops.H200_BF16_DENSE_PEAK if compat.has_cuda() else 0.0
             stats["memory_gib"] = peak_memory_gib()
             if cfg.moe.enabled and cfg.moe.stage == "merge":
                 result.merge_coefficients = {
