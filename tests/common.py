@@ -49,7 +49,7 @@ def setup(cfg, weights=None, seed=7, ddp=True, distributed_optimizer=True):
     tc = transformer_config(cfg)
     chunks = build_model(cfg, tc)
     if weights:  # the merge stage may start from an MoE checkpoint (no alphas yet)
-        ckpt.load(chunks, weights, may_lack=("mlp.alpha",) if cfg.moe.stage == "merge" else ())
+        ckpt.load(chunks, weights, may_lack=("mlp.alpha",) if cfg.stage == "merge" else ())
     if ddp:
         chunks = wrap_ddp(chunks, tc, cfg.precision, distributed_optimizer)
     return chunks, tc

@@ -187,7 +187,7 @@ def _upcycled_body(rank, world, root):
     from tests import common
     from xft_megatron.checkpoint import dist as ckpt
 
-    stage_cfg = common.tiny_config("moe.num_experts=4", "moe.topk=2", "moe.stage=merge")
+    stage_cfg = common.tiny_config("moe.num_experts=4", "moe.topk=2", "train.stage=merge")
     chunks, _ = common.setup(stage_cfg, ddp=False)
     ckpt.save(chunks, os.path.join(root, "stage"), 0, stage_cfg)
     refused = io.StringIO()

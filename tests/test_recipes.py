@@ -394,7 +394,7 @@ def _busiest_rank_activations(cfg):
     routed experts it holds: top-(k-1) of N-1 -> EP * (1 + (E_local - 1)(k-1)/(N-1)) copies
     per local token (at least k); the merge stage runs one FFN; plus fp32 logits + grad."""
     m, e, p, t = cfg.model, cfg.moe, cfg.parallel, cfg.train
-    if not e.enabled or e.stage == "merge":
+    if not e.enabled or cfg.stage == "merge":
         copies = 1.0
     else:
         local = e.num_experts // p.expert

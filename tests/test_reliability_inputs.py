@@ -538,7 +538,7 @@ KEY_KINDS = _config_keys()
 CHOICES = {"moe.mode": ["xft", "none", "vanilla"], "moe.router_gate": ["mlp", "linear"],
            "moe.renorm": ["probs", "linear"], "moe.balance_loss": ["cv", "aux", "none"],
            "moe.dispatcher": ["alltoall", "allgather"],
-           "moe.experts_impl": ["grouped", "sequential"], "moe.stage": ["moe", "merge"],
+           "moe.experts_impl": ["grouped", "sequential"],
            "precision.dtype": ["fp32", "bf16", "fp16"],
            "train.lr_decay_style": ["constant", "linear", "cosine"],
            "train.stage": ["pretrain", "sft", "moe", "merge"], "train.on_nan": ["stop", "skip"],

@@ -116,7 +116,7 @@ def build_model(cfg: Config, tconfig: Optional[TransformerConfig] = None,
             model = _gpt_model(cfg, tconfig, first, n_here, pre, post, stage)
         model.to(device="meta" if meta else compat.device(), dtype=cfg.precision.torch_dtype)
         _mark_expert_params(model)
-        if cfg.moe.enabled and cfg.moe.stage == "merge":
+        if cfg.stage == "merge":
             for name, p in model.named_parameters():  # the merge stage trains alpha alone
                 p.requires_grad_(name.endswith("mlp.alpha"))
         compile_on = cfg.train.compile_layers
@@ -148,7 +148,7 @@ def _gpt_model(cfg: Config, tconfig: TransformerConfig, first: int, n_here: int,
     m = cfg.model
     return GPTModel(
         config=tconfig,
-        transformer_layer_spec=block_spec(cfg.moe, first, n_here),
+        transformer_layer_spec=block_spec(cfg.moe, first, n_here, cfg.stage == "merge"),
         vocab_size=m.vocab_size,
         max_sequence_length=m.max_position_embeddings,
         pre_process=pre,

@@ -111,7 +111,7 @@ def _train(cfg, info, data, progress, resume, should_stop, extra_files, loss_hoo
     chunks = build_model(cfg, tc)
     resume_from = _latest_training_checkpoint(c.save) if resume else None
     if resume_from is None and c.load:
-        ckpt.load(chunks, c.load, may_lack=("mlp.alpha",) if cfg.moe.stage == "merge" else ())
+        ckpt.load(chunks, c.load, may_lack=("mlp.alpha",) if cfg.stage == "merge" else ())
     result = RunResult(parameters=count_parameters(chunks))
     chunks = wrap_ddp(chunks, tc, cfg.precision)
     optimizer = build_optimizer(chunks, t, cfg.precision)
@@ -144,7 +144,8 @@ def _train(cfg, info, data, progress, resume, should_stop, extra_files, loss_hoo
                          train_state=state, rank_state={"rng": rng.capture()}, keep=c.keep)
 
     tokens_per_step = t.global_batch_size * t.seq_length
-    flops_per_token = flops.flops_per_token(cfg.model, t.seq_length, cfg.moe)
+    flops_per_token = flops.flops_per_token(cfg.model, t.seq_length, cfg.moe,
+                                            merge=cfg.stage == "merge")
     world = info.world_size
     run_start, tokens_seen = time.perf_counter(), 0
     batches = _Prefetcher(data, t.micro_batch_size, t.train_steps)
@@ -173,7 +174,7 @@ def _train(cfg, info, data, progress, resume, should_stop, extra_files, loss_hoo
             stats["mfu"] = flops_per_token * stats["tokens_per_s"] / world / \
                 flops.H200_BF16_DENSE_PEAK if compat.has_cuda() else 0.0
             stats["memory_gib"] = peak_memory_gib()
-            if cfg.moe.enabled and cfg.moe.stage == "merge":
+            if cfg.stage == "merge":
                 result.merge_coefficients = {
                     layer: co.tolist() for layer, co in gather_coefficients(chunks).items()}
                 stats["merge_coefficients"] = result.merge_coefficients
