@@ -25,10 +25,10 @@ import sys
 import pytest
 import yaml
 
+from tests.common import REPO
 from tests.harness import run_ranks
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-RECIPE = os.path.join(ROOT, "examples", "deepseek_coder_1.3b_xft")
+RECIPE = os.path.join(REPO, "examples", "deepseek_coder_1.3b_xft")
 RUN_SH = os.path.join(RECIPE, "run.sh")
 LAYOUTS = ("1x8", "2x8", "4x8")
 GIB = 2 ** 30
