@@ -317,7 +317,8 @@ def measured_columns(point: Point, study: Study, result: dict) -> Dict[str, Any]
     c = point.config
     tokens_per_s = c.train.global_batch_size * c.train.seq_length / result["step_s"]
     per_gpu = tokens_per_s / point.gpus
-    achieved = flops.flops_per_token(c.model, c.train.seq_length, c.moe) * per_gpu
+    achieved = flops.flops_per_token(c.model, c.train.seq_length, c.moe,
+                                     merge=c.stage == "merge") * per_gpu
     peak, source = peak_flops(study, result)
     row = {k: result[k] for k in ("steps_timed", "step_s", "step_s_min", "step_s_max",
                                   "peak_mem_gib", "breakdown_step_s", "moe_dispatch_s",

@@ -30,7 +30,7 @@ import torch
 import torch.distributed as dist
 
 from benchmarks.step_timers import StepTimers, synchronize
-from xft_megatron import parallel, platform
+from xft_megatron import compat, parallel
 from xft_megatron.config import Config
 from xft_megatron.data.code_corpus import WindowBatches, byte_tokens, python_files, stdlib_dir
 from xft_megatron.model.builder import build_model, transformer_config
@@ -71,7 +71,7 @@ def peak_memory_gib() -> float:
 
 
 def largest_over_ranks(value: float) -> float:
-    t = torch.tensor([value], dtype=torch.float64, device=platform.device())
+    t = torch.tensor([value], dtype=torch.float64, device=compat.device())
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return float(t.item())
 
@@ -104,7 +104,7 @@ def run(spec: dict) -> dict:
     cfg = Config.from_dict(spec["config"])
     parallel.initialize(cfg.parallel, seed=cfg.train.seed)
     dist.barrier()
-    cpu_peak = None if platform.has_cuda() else cpu_matmul_peak()  # all ranks at once
+    cpu_peak = None if compat.has_cuda() else cpu_matmul_peak()  # all ranks at once
     trainer = Trainer(cfg, spec["data_files"])
     warmup, steps, extra = spec["warmup"], spec["steps"], spec["breakdown_steps"]
     losses, times = [], []
@@ -128,7 +128,7 @@ def run(spec: dict) -> dict:
         **{f"{k}_s": mean([p[k] for p in parts]) for k in (parts[0] if parts else {})},
         "loss_first": losses[0], "loss_last": losses[-1],
         "peak_mem_gib": largest_over_ranks(peak_memory_gib()),
-        "device": torch.cuda.get_device_name() if platform.has_cuda() else "cpu",
+        "device": torch.cuda.get_device_name() if compat.has_cuda() else "cpu",
         "cpu_matmul_flops": cpu_peak, "world_size": dist.get_world_size(),
     }
 

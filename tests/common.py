@@ -1,13 +1,60 @@
-"""Helpers shared by tests: tiny configs, deterministic batches, model set-up per layout."""
+"""Helpers and constants shared by tests: the repository's root, `xft` in a child process
+(`xft_process`) and in this one (`run_cli`), tiny configs, deterministic batches, model set-up
+per layout. Importing it loads torch, not Megatron-Core (the helpers that need Megatron import
+it when called), so any test file can take its constants from here."""
+
+import contextlib
+import io
+import os
+import subprocess
+import sys
+import traceback
+from typing import NamedTuple, Optional
 
 import torch
 
-from xft_megatron import parallel
-from xft_megatron.checkpoint import dist as ckpt
 from xft_megatron.config import load_config
-from xft_megatron.model.builder import build_model, transformer_config
-from xft_megatron.training.optimizer import build_optimizer, build_scheduler, wrap_ddp
-from xft_megatron.training.step import make_batch, split_global_batch
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repository root
+XFT = [sys.executable, "-m", "xft_megatron.cli"]  # the `xft` command, for a child process
+
+
+def xft_process(*argv, timeout: float = 600, **kwargs) -> subprocess.CompletedProcess:
+    """`xft ARGV` in a child process, output captured as text (`subprocess.run` kwargs pass
+    through)."""
+    return subprocess.run(XFT + [str(a) for a in argv], capture_output=True, text=True,
+                          timeout=timeout, **kwargs)
+
+
+class CliRun(NamedTuple):
+    """What `xft ARGV` did in this process (`run_cli`)."""
+
+    code: Optional[int]  # its exit code; None when an exception escaped cli.main (catch=True)
+    out: str  # what it printed to stdout
+    err: str  # ... and to stderr; the traceback instead when an exception escaped
+
+    @property
+    def text(self) -> str:
+        """stdout, then stderr."""
+        return self.out + self.err
+
+
+def run_cli(*argv, catch: bool = False) -> CliRun:
+    """`xft ARGV` run in this process through `cli.main` (each argument str()-ed), its stdout
+    and stderr captured. An exception escaping `cli.main` propagates; with `catch`, it comes
+    back as code None with its traceback in `err` (for tests where any escape is a finding)."""
+    from xft_megatron import cli
+
+    out, err = io.StringIO(), io.StringIO()
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            code = cli.main([str(a) for a in argv])
+    except BaseException:  # noqa: BLE001 - with catch, whatever escapes is the result
+        if not catch:
+            raise
+        return CliRun(None, out.getvalue(), traceback.format_exc())
+    return CliRun(code, out.getvalue(), err.getvalue())
+
 
 BASE = ["model.preset=tiny", "train.seq_length=32", "train.micro_batch_size=1",
         "train.global_batch_size=4", "train.lr=1e-3", "train.lr_decay_style=constant",
@@ -19,6 +66,8 @@ def tiny_config(*overrides):
 
 
 def global_batch(cfg, step=0):
+    from xft_megatron.training.step import make_batch
+
     g = torch.Generator().manual_seed(1000 + step)
     toks = torch.randint(0, cfg.model.vocab_size,
                          (cfg.train.global_batch_size, cfg.train.seq_length + 1), generator=g)
@@ -39,23 +88,32 @@ class RandomBatches:
 
 
 def microbatches(cfg, step=0):
+    from xft_megatron.training.step import split_global_batch
+
     return split_global_batch(global_batch(cfg, step), cfg.train.micro_batch_size)
 
 
 def setup(cfg, weights=None, seed=7, ddp=True, distributed_optimizer=True):
     """Initialize the layout of `cfg`, build the model, load `weights` (a checkpoint) and
     wrap it in DDP. Returns (chunks, transformer_config)."""
+    from xft_megatron import parallel
+    from xft_megatron.checkpoint import dist as ckpt
+    from xft_megatron.model.builder import build_model, transformer_config
+    from xft_megatron.training.optimizer import wrap_ddp
+
     parallel.initialize(cfg.parallel, seed=seed)
     tc = transformer_config(cfg)
     chunks = build_model(cfg, tc)
     if weights:  # the merge stage may start from an MoE checkpoint (no alphas yet)
-        ckpt.load(chunks, weights, may_lack=("mlp.alpha",) if cfg.moe.stage == "merge" else ())
+        ckpt.load(chunks, weights, may_lack=("mlp.alpha",) if cfg.stage == "merge" else ())
     if ddp:
         chunks = wrap_ddp(chunks, tc, cfg.precision, distributed_optimizer)
     return chunks, tc
 
 
 def optimizer_for(chunks, cfg):
+    from xft_megatron.training.optimizer import build_optimizer, build_scheduler
+
     opt = build_optimizer(chunks, cfg.train, cfg.precision)
     return opt, build_scheduler(opt, cfg.train)
 
@@ -86,6 +144,8 @@ def rel_err(a, b):
 def gradient_errors(cfg, grads_ckpt, ref):
     """Read a checkpoint of gradients back unsharded (layout of `cfg`: TP=PP=EP=1, every
     rank holds full tensors) and compare with `ref` per tensor: (worst name, its rel err)."""
+    from xft_megatron.checkpoint import dist as ckpt
+
     chunks, _ = setup(cfg, grads_ckpt, ddp=False)
     got = ckpt.local_state_dict(chunks)
     assert set(got) == set(ref), set(got) ^ set(ref)

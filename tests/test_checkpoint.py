@@ -100,7 +100,6 @@ def _damage_body(rank, world, root):
     import shutil
 
     from tests import common
-    from xft_megatron import cli
     from xft_megatron.checkpoint import checksums, stream
     from xft_megatron.checkpoint import dist as ckpt
     from xft_megatron.training.loop import train
@@ -139,12 +138,7 @@ def _damage_body(rank, world, root):
                 kinds[name] = path in str(e)
             _restore(path, offset, before)
 
-    def xft(*args):
-        err = io.StringIO()
-        with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
-            code = cli.main(list(args))
-        return code, err.getvalue()
-
+    xft = common.run_cli
     commands = {}
     shard = os.path.join(trained, "__0_0.distcp")
     before = _flip(shard, os.path.getsize(shard) // 2, 64)
@@ -202,13 +196,14 @@ def test_checksums_refuse_damaged_files_of_every_kind(tmp_path):
                  "train_state.json", "rank_state/rank_00000.pt", "generation_config.json"):
         assert kinds.get(must), (must, kinds)
     assert all(kinds.values()), kinds
-    for what, (code, err) in r["commands"].items():
+    for what, run in r["commands"].items():
+        code, err = run.code, run.err
         assert code == 2 and "is damaged" in err and "does not match the checksum" in err, \
             (what, code, err[-2000:])
-    assert r["trained"] + "/__0_0.distcp" in r["commands"]["eval loss"][1]
-    assert r["trained"] + "/__0_0.distcp" in r["commands"]["--resume"][1]
-    assert "xft_config.yaml" in r["commands"]["eval loss (config)"][1]
-    assert r["streamed"] in r["commands"]["mcore-to-hf"][1] and not r["hf_created"]
+    assert r["trained"] + "/__0_0.distcp" in r["commands"]["eval loss"].err
+    assert r["trained"] + "/__0_0.distcp" in r["commands"]["--resume"].err
+    assert "xft_config.yaml" in r["commands"]["eval loss (config)"].err
+    assert r["streamed"] in r["commands"]["mcore-to-hf"].err and not r["hf_created"]
     assert r["trials"] >= 50 and r["detected"] == r["trials"], r
     assert "has no checksums.json" in r["notice"] and r["bare_equal"]
     print("FIGURES flipped-bytes", {"file kinds": len(kinds), "random trials": r["trials"],

@@ -7,28 +7,23 @@ import sys
 
 import pytest
 
+from tests.common import run_cli, xft_process
 from xft_megatron import cli
-
-XFT = [sys.executable, "-m", "xft_megatron.cli"]
-
-
-def _run(args, **kw):
-    return subprocess.run(XFT + args, capture_output=True, text=True, timeout=600, **kw)
 
 
 def test_config_errors_are_clear_and_early():
-    r = _run(["config", "model.preset=tiny", "parallel.tensor=8"])
+    r = xft_process("config", "model.preset=tiny", "parallel.tensor=8")
     assert r.returncode == 2
     assert "num_attention_heads=4 is not divisible by parallel.tensor=8" in r.stderr
     assert "Traceback" not in r.stderr
-    r = _run(["config", "/nonexistent/x.yaml"])
+    r = xft_process("config", "/nonexistent/x.yaml")
     assert r.returncode == 2 and "does not exist" in r.stderr
-    r = _run(["config", "model.preset=tiny", "train.lr=1e-3"])
+    r = xft_process("config", "model.preset=tiny", "train.lr=1e-3")
     assert r.returncode == 0 and "lr: 0.001" in r.stdout
 
 
 def test_presets_listed():
-    r = _run(["presets"])
+    r = xft_process("presets")
     assert r.returncode == 0
     for name in ("tiny", "deepseek-coder-1.3b", "qwen2-0.5b", "llama-2-7b"):
         assert name in r.stdout
@@ -43,7 +38,7 @@ MODELS = ("base", "sft (dense)", "xft moe", "xft merged (dense)", "vanilla moe (
 def quickstart_run(tmp_path_factory):
     """One single-process quickstart (with the ablations), shared by the tests below."""
     out = tmp_path_factory.mktemp("quickstart") / "qs"
-    return out, _run(["quickstart", "--out", str(out)] + QUICK)
+    return out, xft_process("quickstart", "--out", str(out), *QUICK)
 
 
 def test_quickstart_end_to_end_and_rerun(quickstart_run, tmp_path):
@@ -64,15 +59,15 @@ def test_quickstart_end_to_end_and_rerun(quickstart_run, tmp_path):
     assert "completion by the merged model (transformers)" in r.stdout
     assert os.path.isfile(out / "xft_merged" / "hf" / "config.json")
     # HumanEval straight from the folded Megatron checkpoint (converted to HF on the way)
-    he = _run(["eval", "humaneval", "--model", str(out / "xft_merged"), "--limit", "2",
-               "--max-new-tokens", "16", "--out", str(tmp_path / "he")])
+    he = xft_process("eval", "humaneval", "--model", str(out / "xft_merged"), "--limit", "2",
+                     "--max-new-tokens", "16", "--out", str(tmp_path / "he"))
     assert he.returncode == 0, he.stderr[-3000:]
     result = json.load(open(tmp_path / "he" / "humaneval.json"))
     assert [t["task_id"] for t in result["per_task"]] == ["HumanEval/0", "HumanEval/1"]
     assert all(s in ("passed", "failed", "timeout", "error")
                for t in result["per_task"] for s in t["results"])
     # a rerun reuses every finished stage and reports the same numbers
-    again = _run(["quickstart", "--out", str(out)] + QUICK)
+    again = xft_process("quickstart", "--out", str(out), *QUICK)
     assert again.returncode == 0, again.stderr[-3000:]
     assert again.stdout.count("reusing") == 12, again.stdout  # every stage
     assert json.load(open(out / "summary.json"))["heldout_loss"] == losses
@@ -99,8 +94,7 @@ def test_torchrun_tensor_parallel_matches_single_process(quickstart_run, tmp_pat
         assert abs(a[k] - b[k]) <= 1e-4 * a[k], (k, a, b)
 
 
-def test_error_policy_user_errors_exit_with_a_message_bugs_keep_their_traceback(monkeypatch,
-                                                                                  capsys):
+def test_error_policy_user_errors_exit_with_a_message_bugs_keep_their_traceback(monkeypatch):
     """One policy (errors.py): a UserError (or the machine's OSError) prints its message and
     exits 2 (3 for a non-finite loss); anything else, e.g. a plain ValueError, is a bug and
     propagates with its traceback."""
@@ -120,9 +114,9 @@ def test_error_policy_user_errors_exit_with_a_message_bugs_keep_their_traceback(
     for exc, code in ((UsageError("--n must be >= 1"), 2), (NonFiniteLoss("NaN at step 3"), 3),
                       (FileNotFoundError("'x.jsonl' does not exist"), 2)):
         monkeypatch.setattr(cli, "build_parser", lambda exc=exc: parser_raising(exc))
-        assert cli.main([]) == code, exc
-        err = capsys.readouterr().err
-        assert str(exc) in err and "Traceback" not in err
+        run = run_cli()
+        assert run.code == code, exc
+        assert str(exc) in run.err and "Traceback" not in run.err
     monkeypatch.setattr(cli, "build_parser", lambda: parser_raising(ValueError("a bug")))
     with pytest.raises(ValueError, match="a bug"):
-        cli.main([])
+        run_cli()

@@ -65,8 +65,8 @@ def test_override_parsing():
     (["moe.num_experts=4", "moe.topk=2", "parallel.tensor=2"],
      "MoE with parallel.tensor > 1 needs parallel.sequence_parallel=true"),
     (["parallel.expert=2"], "parallel.expert and parallel.expert_tensor apply to MoE models"),
-    (["moe.num_experts=4", "moe.topk=2", "moe.mode=vanilla", "moe.stage=merge"],
-     "moe.stage=merge needs a shared expert"),
+    (["moe.num_experts=4", "moe.topk=2", "moe.mode=vanilla", "train.stage=merge"],
+     "train.stage=merge needs an XFT MoE with a shared expert"),
     (["moe.num_experts=4", "moe.topk=2", "moe.merge_shared_weight=1.5"],
      "moe.merge_shared_weight=1.5 must be in [0, 1]"),
     (["moe.num_experts=4", "moe.router_gate=conv"], "moe.router_gate='conv' must be mlp or"),
@@ -252,8 +252,7 @@ def test_a_run_whose_checkpoint_cannot_fit_on_disk_is_refused_before_anything(tm
         disk.check_room(cfg, free=full - 1)
     lean = load_config(None, base + ["checkpoint.final_optimizer=false"])
     assert disk.check_room(lean, free=size["weights"]) == ""  # the weights alone fit
-    merge = load_config(None, base + ["moe.num_experts=4", "moe.topk=2", "train.stage=merge",
-                                       "moe.stage=merge"])
+    merge = load_config(None, base + ["moe.num_experts=4", "moe.topk=2", "train.stage=merge"])
     assert disk.checkpoint_bytes(merge)["optimizer"] == 0  # only the coefficients train
     # interval saves: 10 steps / 2 = 5 saves; keep=2 -> 3 at once (2 kept + the one written)
     periodic = load_config(None, base + ["checkpoint.save_interval=2", "checkpoint.keep=2"])
@@ -271,3 +270,53 @@ def test_a_run_whose_checkpoint_cannot_fit_on_disk_is_refused_before_anything(tm
     err = capsys.readouterr().err
     assert code == 2 and "but its disk has 4.0 KiB free" in err, err
     assert not (tmp_path / "run").exists()
+
+
+def test_the_former_moe_stage_key_is_read_as_train_stage(tmp_path):
+    """The stage is one key, train.stage. Configs of the former layout, which carried moe.stage
+    (moe | merge) next to it, as every saved xft_config.yaml did, still load, with a notice."""
+    import warnings
+
+    import yaml
+
+    from xft_megatron.checkpoint import dist as ckpt
+    from xft_megatron.config import dump_config
+    from xft_megatron.training.run import assemble_config
+
+    moe = ["moe.num_experts=4", "moe.topk=2"]
+    with pytest.warns(FutureWarning, match="moe.stage=merge read as train.stage=merge"):
+        cfg = load_config(None, moe + ["moe.stage=merge"])
+    assert cfg.train.stage == "merge" == cfg.stage and "stage" not in cfg.to_dict()["moe"]
+    with pytest.warns(FutureWarning, match="moe.stage=moe dropped"):
+        assert load_config(None, moe + ["moe.stage=moe"]).stage == "moe"
+    with pytest.warns(FutureWarning, match="train.stage=moe is given"):
+        assert load_config(None, moe + ["moe.stage=merge", "train.stage=moe"]).stage == "moe"
+    with pytest.warns(FutureWarning, match="the model is dense"):
+        assert load_config(None, ["moe.stage=merge"]).stage == "pretrain"
+    with pytest.raises(ConfigError, match="no longer a config key; the stage is train.stage"):
+        load_config(None, moe + ["moe.stage=fold"])
+
+    def saved(name, data):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / ckpt.CONFIG_FILE).write_text(yaml.safe_dump(data, sort_keys=False))
+        return str(tmp_path / name)
+
+    def train(load, *overrides):
+        return assemble_config(None, [f"checkpoint.load={load}", "checkpoint.save=out",
+                                      "data.path=d.jsonl", *overrides])
+
+    merge_stage = load_config(None, moe + ["train.stage=merge"])
+    before = merge_stage.to_dict()  # a merge-stage checkpoint's config as it was saved before
+    before["moe"]["stage"], before["train"]["stage"] = "merge", None
+    old = saved("old", before)
+    with pytest.warns(FutureWarning, match="moe.stage=merge read as train.stage=merge"):
+        assert ckpt.load_config(old, parallel={}).stage == "merge"
+        assert train(old).stage == "merge"  # `xft train` continues the merge stage
+    with pytest.warns(FutureWarning, match="train.stage=moe is given"):
+        assert train(old, "train.stage=moe").stage == "moe"  # or runs the stage it is given
+    new = saved("new", yaml.safe_load(dump_config(merge_stage)))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # today's layout: no notice
+        assert ckpt.load_config(new, parallel={}).stage == "merge"
+        assert train(new).stage == "merge" and train(new, "train.stage=moe").stage == "moe"
+        assert train(new, "moe.num_experts=0").stage == "pretrain"

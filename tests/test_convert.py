@@ -247,12 +247,9 @@ def test_config_dialects_and_refusals(tmp_path):
 
 
 def _verify_body(rank, world, root):
-    import contextlib
-    import io
-
     import transformers
 
-    from xft_megatron import cli
+    from tests.common import run_cli
     from xft_megatron.verify import VerificationError, verify
 
     codes = {}
@@ -261,12 +258,10 @@ def _verify_body(rank, world, root):
         hf = transformers.AutoModelForCausalLM.from_config(
             transformers.AutoConfig.for_model(**HF_CASES["llama"]))
         hf.save_pretrained(os.path.join(root, f"hf{seed}"), safe_serialization=True)
-    buf = io.StringIO()
-    with contextlib.redirect_stdout(buf), contextlib.redirect_stderr(buf):
-        codes["in"] = cli.main(["convert", "hf-to-mcore", "--hf", os.path.join(root, "hf0"),
-                                "--out", os.path.join(root, "mc"), "--verify"])
-        codes["out"] = cli.main(["convert", "mcore-to-hf", "--ckpt", os.path.join(root, "mc"),
-                                 "--out", os.path.join(root, "back"), "--verify"])
+    runs = {"in": run_cli("convert", "hf-to-mcore", "--hf", os.path.join(root, "hf0"),
+                          "--out", os.path.join(root, "mc"), "--verify"),
+            "out": run_cli("convert", "mcore-to-hf", "--ckpt", os.path.join(root, "mc"),
+                           "--out", os.path.join(root, "back"), "--verify")}
     # the same model as PyTorch .bin shards with an index (older published checkpoints)
     from safetensors.torch import load_file
 
@@ -289,15 +284,15 @@ def _verify_body(rank, world, root):
     with open(os.path.join(binary, "pytorch_model.bin.index.json"), "w") as f:
         total = sum(t.numel() * t.element_size() for t in tensors.values())
         json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f)
-    with contextlib.redirect_stdout(buf), contextlib.redirect_stderr(buf):
-        codes["bin"] = cli.main(["convert", "hf-to-mcore", "--hf", binary,
-                                 "--out", os.path.join(root, "mc_bin"), "--verify"])
+    runs["bin"] = run_cli("convert", "hf-to-mcore", "--hf", binary,
+                          "--out", os.path.join(root, "mc_bin"), "--verify")
+    codes.update({name: run.code for name, run in runs.items()})
     try:  # a checkpoint against another model's weights must fail
         verify(os.path.join(root, "hf1"), os.path.join(root, "mc"), report=lambda *a: None)
         codes["mismatch"] = "accepted"
     except VerificationError as e:
         codes["mismatch"] = str(e)
-    return codes, buf.getvalue()
+    return codes, "".join(run.text for run in runs.values())
 
 
 def test_verify_flag_and_bin_shards(tmp_path):

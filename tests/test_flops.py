@@ -23,8 +23,9 @@ def test_flops_per_token_dense_moe_and_merge_stage():
     router = 7 * h + 7 * 7 + 7 * h  # mlp gate (h->7, 7->7) and the noise projection
     assert matmul_params(m, moe) == dense + L * (5 * 3 * h * f + router)
     merge = load_config(None, ["model.preset=deepseek-coder-1.3b", "moe.num_experts=8",
-                               "moe.topk=6", "moe.stage=merge"]).moe
-    assert matmul_params(m, merge) == dense  # one merged FFN per layer, no router
+                               "moe.topk=6", "train.stage=merge"])
+    assert merge.stage == "merge"
+    assert matmul_params(m, merge.moe, merge=True) == dense  # one merged FFN per layer, no router
 
 
 # name -> config overrides: each family's attention (QKV bias, q/k norms with a head width

@@ -252,14 +252,11 @@ def test_settings_follow_the_environment(tmp_path):
 def _convert_and_train(rank, world, root):
     """Offline, from one HF_HOME: convert a Hub model id, then SFT it on a Hub dataset id with
     a column mapping; a missing dataset stops `xft train` before any model is built."""
-    import contextlib
-    import io
-
     import torch
     import transformers
 
+    from tests.common import run_cli
     from tests.test_convert import HF_CASES
-    from xft_megatron import cli
 
     home = os.path.join(root, "hf_home")
     os.environ.update(HF_HOME=home, HF_HUB_OFFLINE="1")
@@ -270,21 +267,19 @@ def _convert_and_train(rank, world, root):
                           safe_serialization=True)
     rows = PAIRS * 2 + [{"problem": "no answer", "solution": ""}]
     hub_layout(cache_snapshot(home, "org/pairs", "dataset"), rows=rows)
-    out, buf = {}, io.StringIO()
-    with contextlib.redirect_stdout(buf), contextlib.redirect_stderr(buf):
-        out["convert"] = cli.main(["convert", "hf-to-mcore", "--hf", "org/tiny-llama",
-                                   "--out", os.path.join(root, "mc")])
-        args = ["train", f"checkpoint.load={root}/mc", "train.stage=sft", "train.train_steps=2",
-                "train.seq_length=128", "train.micro_batch_size=2", "train.global_batch_size=4",
-                "train.lr_warmup_steps=1", "data.template=plain", "data.on_error=skip",
-                "data.path=hf:org/pairs", "data.columns.instruction=problem",
-                "data.columns.response=solution", f"checkpoint.save={root}/sft"]
-        out["train"] = cli.main(args)
-        start = len(buf.getvalue())
-        out["missing"] = cli.main(args[:-4] + ["data.path=hf:someorg/missing",
-                                               f"checkpoint.save={root}/never"])
-        out["missing_log"] = buf.getvalue()[start:]
-    out["log"] = buf.getvalue()
+    runs = {"convert": run_cli("convert", "hf-to-mcore", "--hf", "org/tiny-llama",
+                               "--out", os.path.join(root, "mc"))}
+    args = ["train", f"checkpoint.load={root}/mc", "train.stage=sft", "train.train_steps=2",
+            "train.seq_length=128", "train.micro_batch_size=2", "train.global_batch_size=4",
+            "train.lr_warmup_steps=1", "data.template=plain", "data.on_error=skip",
+            "data.path=hf:org/pairs", "data.columns.instruction=problem",
+            "data.columns.response=solution", f"checkpoint.save={root}/sft"]
+    runs["train"] = run_cli(*args)
+    runs["missing"] = run_cli(*args[:-4], "data.path=hf:someorg/missing",
+                              f"checkpoint.save={root}/never")
+    out = {name: run.code for name, run in runs.items()}
+    out["missing_log"] = runs["missing"].text
+    out["log"] = "".join(run.text for run in runs.values())
     return out
 
 

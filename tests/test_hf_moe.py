@@ -5,8 +5,6 @@ gate kind and expert layout; an upcycled (untrained) MoE exported this way repro
 transformers' own dense model; `--verify` covers the MoE; merge-stage checkpoints are
 refused."""
 
-import contextlib
-import io
 import math
 import os
 import shutil
@@ -144,7 +142,7 @@ def test_exported_moe_matches_megatron_in_transformers(tmp_path):
 def _upcycled_body(rank, world, root):
     import transformers
 
-    from xft_megatron import cli
+    from tests.common import run_cli
     from xft_megatron.config import MoEConfig
     from xft_megatron.upcycle_merge import upcycle_checkpoint
 
@@ -161,10 +159,8 @@ def _upcycled_body(rank, world, root):
     moe_dir = upcycle_checkpoint(None, os.path.join(root, "moe"),
                                  MoEConfig(num_experts=8, topk=6, router_init_std=0.5),
                                  seed=3, hf_dir=dense_dir)
-    buf = io.StringIO()
-    with contextlib.redirect_stdout(buf), contextlib.redirect_stderr(buf):
-        code = cli.main(["convert", "mcore-to-hf", "--ckpt", moe_dir, "--out",
-                         os.path.join(root, "moe_hf"), "--dtype", "fp32", "--verify"])
+    export = run_cli("convert", "mcore-to-hf", "--ckpt", moe_dir, "--out",
+                     os.path.join(root, "moe_hf"), "--dtype", "fp32", "--verify")
     moe = transformers.AutoModelForCausalLM.from_pretrained(
         os.path.join(root, "moe_hf"), trust_remote_code=True).float().eval()
     ids = torch.randint(0, 384, (2, 40), generator=torch.Generator().manual_seed(1))
@@ -187,16 +183,14 @@ def _upcycled_body(rank, world, root):
     from tests import common
     from xft_megatron.checkpoint import dist as ckpt
 
-    stage_cfg = common.tiny_config("moe.num_experts=4", "moe.topk=2", "moe.stage=merge")
+    stage_cfg = common.tiny_config("moe.num_experts=4", "moe.topk=2", "train.stage=merge")
     chunks, _ = common.setup(stage_cfg, ddp=False)
     ckpt.save(chunks, os.path.join(root, "stage"), 0, stage_cfg)
-    refused = io.StringIO()
-    with contextlib.redirect_stdout(refused), contextlib.redirect_stderr(refused):
-        stage_code = cli.main(["convert", "mcore-to-hf", "--ckpt", os.path.join(root, "stage"),
-                               "--out", os.path.join(root, "stage_hf")])
-    return dict(code=code, text=buf.getvalue(), max_diff=(got - ref).abs().max().item(),
+    refused = run_cli("convert", "mcore-to-hf", "--ckpt", os.path.join(root, "stage"),
+                      "--out", os.path.join(root, "stage_hf"))
+    return dict(code=export.code, text=export.text, max_diff=(got - ref).abs().max().item(),
                 scale=ref.abs().max().item(), kind=type(moe).__name__,
-                stage_code=stage_code, stage_text=refused.getvalue(),
+                stage_code=refused.code, stage_text=refused.text,
                 stage_written=os.path.exists(os.path.join(root, "stage_hf")),
                 completions=completions, trusted=trusted)
 

@@ -12,7 +12,7 @@ from tests import common
 from tests.harness import run_ranks
 
 MOE = ["moe.num_experts=8", "moe.topk=4"]
-STAGE = MOE + ["moe.stage=merge", "moe.merge_shared_weight=0.6"]
+STAGE = MOE + ["train.stage=merge", "moe.merge_shared_weight=0.6"]
 
 
 def _alpha_grads(chunks):

@@ -5,19 +5,13 @@ import json
 import math
 import os
 import shlex
-import subprocess
-import sys
 
+from tests.common import xft_process
 from xft_megatron import cli
 from xft_megatron.data.code_corpus import source_dirs
 from xft_megatron.data.mine_code import mine_tree, split_files
 
-XFT = [sys.executable, "-m", "xft_megatron.cli"]
 MODELS = {"base", "sft (dense)", "xft moe", "xft merged (dense)", "vanilla moe (ablation)"}
-
-
-def _run(args):
-    return subprocess.run(XFT + args, capture_output=True, text=True, timeout=300)
 
 
 def _write(root, rel, text):
@@ -51,9 +45,10 @@ def test_several_roots_mine_as_one_tree(tmp_path):
 
 def test_quickstart_study_options_recorded_and_replayable(tmp_path):
     out = tmp_path / "study"
-    r = _run(["quickstart", "--out", str(out), "--src", "stdlib", "--src", "site-packages",
-              "--max-files", "60", "--seq-length", "256", "--seed", "7", "--router-seed", "3",
-              "--ablations", "vanilla", "--steps", "8", "--sft-steps", "6", "--tune-lr", "2e-3"])
+    r = xft_process("quickstart", "--out", str(out), "--src", "stdlib", "--src", "site-packages",
+                    "--max-files", "60", "--seq-length", "256", "--seed", "7", "--router-seed",
+                    "3", "--ablations", "vanilla", "--steps", "8", "--sft-steps", "6",
+                    "--tune-lr", "2e-3", timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     summary = json.load(open(out / "summary.json"))
     losses = summary["heldout_loss"]
@@ -88,8 +83,10 @@ def test_quickstart_study_options_recorded_and_replayable(tmp_path):
 
 
 def test_bad_study_options_stop_early(tmp_path):
-    r = _run(["quickstart", "--out", str(tmp_path / "x"), "--ablations", "vanilla,bogus"])
+    r = xft_process("quickstart", "--out", str(tmp_path / "x"), "--ablations", "vanilla,bogus",
+                    timeout=300)
     assert r.returncode == 2 and "unknown ablations ['bogus']" in r.stderr
-    r = _run(["quickstart", "--out", str(tmp_path / "y"), "--src", str(tmp_path / "missing")])
+    r = xft_process("quickstart", "--out", str(tmp_path / "y"), "--src",
+                    str(tmp_path / "missing"), timeout=300)
     assert r.returncode == 2 and "does not exist" in r.stderr
     assert not os.path.exists(tmp_path / "y" / "data")

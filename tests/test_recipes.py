@@ -25,10 +25,10 @@ import sys
 import pytest
 import yaml
 
+from tests.common import REPO
 from tests.harness import run_ranks
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-RECIPE = os.path.join(ROOT, "examples", "deepseek_coder_1.3b_xft")
+RECIPE = os.path.join(REPO, "examples", "deepseek_coder_1.3b_xft")
 RUN_SH = os.path.join(RECIPE, "run.sh")
 LAYOUTS = ("1x8", "2x8", "4x8")
 GIB = 2 ** 30
@@ -395,7 +395,7 @@ def _busiest_rank_activations(cfg):
     routed experts it holds: top-(k-1) of N-1 -> EP * (1 + (E_local - 1)(k-1)/(N-1)) copies
     per local token (at least k); the merge stage runs one FFN; plus fp32 logits + grad."""
     m, e, p, t = cfg.model, cfg.moe, cfg.parallel, cfg.train
-    if not e.enabled or e.stage == "merge":
+    if not e.enabled or cfg.stage == "merge":
         copies = 1.0
     else:
         local = e.num_experts // p.expert

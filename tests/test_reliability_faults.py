@@ -18,7 +18,6 @@ from tests.harness import run_ranks
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 CHILD = [sys.executable, os.path.join(HERE, "fault_child.py")]
-ROOT_DIR = os.path.dirname(HERE)
 
 
 def _prepare(rank, world, base, ref_root):
@@ -52,7 +51,7 @@ def _verify(rank, world, dirs, ref):
 
 def _run_children(jobs, parallel=2):
     """jobs: [(dir, args)] -> {dir: returncode}, `parallel` at a time."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": ROOT_DIR}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": common.REPO}
     results, running = {}, []
     jobs = list(jobs)
     while jobs or running:
@@ -81,7 +80,7 @@ def test_sigkill_at_many_points_of_a_save(prepared):
     root, ref = prepared
     counting = root / "count"
     shutil.copytree(root / "base", counting)
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": ROOT_DIR}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": common.REPO}
     out = subprocess.run(CHILD + [str(counting), "0"], capture_output=True, text=True,
                          env=env, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
@@ -266,7 +265,7 @@ def test_a_dying_rank_ends_the_job_quickly(tmp_path):
             f"checkpoint.save={tmp_path}/run", "data.cache_dir=" + str(tmp_path / "cache")]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "4",
            "--monitor-interval", "1", os.path.join(HERE, "rank_fault_child.py"), "2"] + args
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": ROOT_DIR}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": common.REPO}
     r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
     end = time.time()
     assert r.returncode != 0
@@ -327,13 +326,13 @@ def test_concurrent_run_refused_and_ctrl_c_or_kill_during_a_save(tmp_path):
     args = ["model.preset=tiny", "train.seq_length=64", "train.micro_batch_size=2",
             "train.global_batch_size=4", "train.train_steps=3", "train.lr_warmup_steps=1",
             f"data.path={data}", "checkpoint.save_interval=1"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": ROOT_DIR}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": common.REPO}
 
     def start(run, marker=None, extra=()):
         a = ["train"] + args + [f"checkpoint.save={run}"] + list(extra)
         code = (f"import tests.fault_child as f; f.hold_writer({str(marker)!r}); "
                 if marker else "import tests.fault_child as f; ") + f"f.xft(*{a!r})"
-        return subprocess.Popen([sys.executable, "-c", code], cwd=ROOT_DIR, env=env,
+        return subprocess.Popen([sys.executable, "-c", code], cwd=common.REPO, env=env,
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
     x, y = tmp_path / "x", tmp_path / "y"

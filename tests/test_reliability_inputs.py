@@ -8,7 +8,6 @@ cleanly, other outcome) at the end and writes it as JSON under pytest's temporar
 
 import contextlib
 import hashlib
-import io
 import json
 import math
 import os
@@ -64,22 +63,6 @@ def tree_digest(path):
             with open(full, "rb") as f:
                 h.update(f.read())
     return h.hexdigest()
-
-
-def _cli(argv):
-    """(exit code, stderr) of `xft ARGV` run in this process; an escaping exception is
-    reported as exit code None with its traceback in place of stderr."""
-    import traceback
-
-    from xft_megatron import cli
-
-    err = io.StringIO()
-    try:
-        with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
-            code = cli.main(argv)
-    except BaseException:  # noqa: BLE001 - anything escaping main is a finding
-        return None, traceback.format_exc()
-    return code, err.getvalue()
 
 
 def _refusal(fn):
@@ -248,7 +231,8 @@ def _inputs_body(rank, world, root):
             (lambda p: ckpt.load(chunks, p))
         kind, msg = _refusal(lambda: load(d))
         dest = os.path.join(root, "hf_out", name)
-        code, err = _cli(["convert", "mcore-to-hf", "--ckpt", d, "--out", dest])
+        code, _, err = common.run_cli("convert", "mcore-to-hf", "--ckpt", d, "--out", dest,
+                                      catch=True)
         out["ckpt"][name] = dict(kind=kind, msg=msg, code=code, stderr=err, dir=d,
                                  out_created=os.path.exists(dest),
                                  unchanged=tree_digest(d) == before)
@@ -262,7 +246,8 @@ def _inputs_body(rank, world, root):
     for name, d in hf.items():
         before = tree_digest(d)
         dest = os.path.join(root, "mcore_out", name)
-        code, err = _cli(["convert", "hf-to-mcore", "--hf", d, "--out", dest])
+        code, _, err = common.run_cli("convert", "hf-to-mcore", "--hf", d, "--out", dest,
+                                      catch=True)
         out["hf"][name] = dict(code=code, stderr=err, dir=d, out_created=os.path.exists(dest),
                                unchanged=tree_digest(d) == before)
 
@@ -276,10 +261,10 @@ def _inputs_body(rank, world, root):
     train = ["train", "model.preset=tiny", "train.seq_length=32", "train.micro_batch_size=1",
              "train.global_batch_size=1", "train.train_steps=1", f"data.path={data}",
              f"data.tokenizer={tok}", f"checkpoint.save={save}"]
-    code, err = _cli(train)
+    code, _, err = common.run_cli(*train, catch=True)
     out["tokenizer"]["xft train"] = dict(code=code, stderr=err, out_created=os.path.exists(save))
-    code, err = _cli(["eval", "loss", "--ckpt", good, "--data", data, "--tokenizer", tok,
-                      "--cache-dir", cache])
+    code, _, err = common.run_cli("eval", "loss", "--ckpt", good, "--data", data,
+                                  "--tokenizer", tok, "--cache-dir", cache, catch=True)
     out["tokenizer"]["xft eval loss"] = dict(code=code, stderr=err,
                                              out_created=os.path.exists(cache),
                                              unchanged=tree_digest(good) == before)
@@ -538,7 +523,7 @@ KEY_KINDS = _config_keys()
 CHOICES = {"moe.mode": ["xft", "none", "vanilla"], "moe.router_gate": ["mlp", "linear"],
            "moe.renorm": ["probs", "linear"], "moe.balance_loss": ["cv", "aux", "none"],
            "moe.dispatcher": ["alltoall", "allgather"],
-           "moe.experts_impl": ["grouped", "sequential"], "moe.stage": ["moe", "merge"],
+           "moe.experts_impl": ["grouped", "sequential"],
            "precision.dtype": ["fp32", "bf16", "fp16"],
            "train.lr_decay_style": ["constant", "linear", "cosine"],
            "train.stage": ["pretrain", "sft", "moe", "merge"], "train.on_nan": ["stop", "skip"],

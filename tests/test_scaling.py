@@ -11,8 +11,8 @@ import pytest
 
 from benchmarks.scaling import COLUMNS, PARTS, Study, expand, make_point
 from benchmarks.scaling_plots import write_plots
+from tests.common import REPO
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SMOKE = os.path.join(REPO, "benchmarks", "studies", "cpu_smoke.yaml")
 H200 = os.path.join(REPO, "benchmarks", "studies", "h200.yaml")
 REQUIRED = ("gpus", "tp", "pp", "ep", "dp", "dispatcher", "experts", "topk", "status",

@@ -29,9 +29,9 @@ import time
 
 import pytest
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-ROOT_DIR = os.path.dirname(HERE)
-SBATCH = os.path.join(ROOT_DIR, "slurm", "xft.sbatch")
+from tests.common import REPO
+
+SBATCH = os.path.join(REPO, "slurm", "xft.sbatch")
 NODES = ("n1", "n2")
 PROGRAMS = ("slurmctld", "slurmd", "sbatch", "scancel", "scontrol", "squeue", "sinfo",
             "munge", "unmunge", "munged")
@@ -218,7 +218,7 @@ def _job_env(cluster):
     env = {k: v for k, v in cluster.env.items() if not k.startswith(("SLURM_", "SBATCH_"))
            and k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
     env.update(SLURM_CONF=cluster.conf, XFT_PYTHON=sys.executable, NPROC_PER_NODE="1",
-               OMP_NUM_THREADS="1", PYTHONPATH=ROOT_DIR, CUDA_VISIBLE_DEVICES="")
+               OMP_NUM_THREADS="1", PYTHONPATH=REPO, CUDA_VISIBLE_DEVICES="")
     return env
 
 

@@ -14,7 +14,7 @@ CASES = {
     "dense_bf16_tied_bias": ["model.tie_embeddings=true", "model.qkv_bias=true",
                              "precision.dtype=bf16"],
     "moe_mlp_gate": ["moe.num_experts=4", "moe.topk=3", "moe.layer_freq=2"],
-    "merge_stage": ["moe.num_experts=4", "moe.topk=3", "moe.stage=merge"],
+    "merge_stage": ["moe.num_experts=4", "moe.topk=3", "train.stage=merge"],
 }
 
 

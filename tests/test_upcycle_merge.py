@@ -12,11 +12,7 @@ from tests.harness import run_ranks
 
 
 def _body(rank, world, root):
-    import contextlib
-    import io
-
     from tests import common
-    from xft_megatron import cli
     from xft_megatron.checkpoint import dist as ckpt
 
     cfg = common.tiny_config()
@@ -27,20 +23,15 @@ def _body(rank, world, root):
     dense = ckpt.local_state_dict(chunks)
     d = lambda name: os.path.join(root, name)  # noqa: E731
 
-    def xft(*argv):
-        buf = io.StringIO()
-        with contextlib.redirect_stdout(buf), contextlib.redirect_stderr(buf):
-            code = cli.main([str(a) for a in argv])
-        return code, buf.getvalue()
-
+    xft = common.run_cli
     out = {"upcycle": xft("upcycle", "--ckpt", dense_dir, "--out", d("moe"),
                           "--num-experts", 4, "--topk", 3, "--router-gate", "linear")}
     out["modes"] = {}  # the paper's ablations from the command line
     for mode in ("vanilla", "none"):
-        code, text = xft("upcycle", "--ckpt", dense_dir, "--out", d(f"moe_{mode}"),
-                         "--num-experts", 4, "--topk", 3, "--mode", mode)
-        out["modes"][mode] = (code, ckpt.load_config(d(f"moe_{mode}"), parallel={}).moe.mode
-                              if code == 0 else text)
+        run = xft("upcycle", "--ckpt", dense_dir, "--out", d(f"moe_{mode}"),
+                  "--num-experts", 4, "--topk", 3, "--mode", mode)
+        out["modes"][mode] = (run.code, ckpt.load_config(d(f"moe_{mode}"), parallel={}).moe.mode
+                              if run.code == 0 else run.text)
     out["modes"]["xft"] = (0, ckpt.load_config(d("moe"), parallel={}).moe.mode)
     alphas = {str(i): [0.5 * i, -1.0, 2.0] for i in range(cfg.model.num_layers)}
     with open(d("alphas.json"), "w") as f:
@@ -50,12 +41,12 @@ def _body(rank, world, root):
                        "shared-only": ["--coefficients", "shared-only"],
                        "file": ["--coefficients", d("alphas.json"), "--shared-weight", 0.9]
                        }.items():
-        code, text = xft("merge", "--ckpt", d("moe"), "--out", d(f"merged_{name}"), *args)
+        run = xft("merge", "--ckpt", d("moe"), "--out", d(f"merged_{name}"), *args)
         mcfg = ckpt.load_config(d(f"merged_{name}"), parallel={})
         chunks, _ = common.setup(mcfg, d(f"merged_{name}"), ddp=False)
         got = ckpt.local_state_dict(chunks)
         err = max(((got[k] - v).abs().max() / v.abs().max()).item() for k, v in dense.items())
-        out["merges"][name] = dict(code=code, text=text, same_keys=set(got) == set(dense),
+        out["merges"][name] = dict(code=run.code, text=run.text, same_keys=set(got) == set(dense),
                                    err=err, moe=mcfg.moe.num_experts)
     import transformers
 
@@ -77,16 +68,16 @@ def _body(rank, world, root):
     }
     out["refusals"] = {}
     for name, argv in refusals.items():
-        code, text = xft(*argv)
+        run = xft(*argv)
         target = argv[argv.index("--out") + 1]
         written = os.path.exists(target) and name != "out_exists"
-        out["refusals"][name] = dict(code=code, text=text, written=written)
+        out["refusals"][name] = dict(code=run.code, text=run.text, written=written)
     return out
 
 
 def test_upcycle_and_merge_commands(tmp_path):
     r = run_ranks(1, _body, str(tmp_path))[0]
-    assert r["upcycle"][0] == 0, r["upcycle"][1]
+    assert r["upcycle"].code == 0, r["upcycle"].text
     assert r["modes"] == {m: (0, m) for m in ("vanilla", "none", "xft")}, r["modes"]
     for name, m in r["merges"].items():
         assert m["code"] == 0, (name, m["text"])

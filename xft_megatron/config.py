@@ -13,6 +13,7 @@ import functools
 import math
 import os
 import typing
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Sequence
 
@@ -121,9 +122,8 @@ class MoEConfig:
     dispatcher: str = "alltoall"  # alltoall | allgather
     experts_impl: str = "grouped"  # grouped (one grouped GEMM) | sequential (Megatron's)
     router_init_std: float = 0.02
-    # merge: MoE layers become the learnable merge (frozen experts, trainable alpha per layer)
-    stage: str = "moe"  # moe | merge
-    merge_shared_weight: float = 0.75  # lambda: the shared expert's fixed merge coefficient
+    merge_shared_weight: float = 0.75  # lambda: the shared expert's fixed merge coefficient in
+    # the merge stage (train.stage=merge)
 
     def __post_init__(self):
         _require(isinstance(self.num_experts, int) and self.num_experts >= 0,
@@ -146,12 +146,8 @@ class MoEConfig:
                  f"moe.router_init_std={self.router_init_std} must be > 0")
         _require(isinstance(self.layer_freq, int) and self.layer_freq >= 1,
                  f"moe.layer_freq={self.layer_freq!r} must be an integer >= 1")
-        _require(self.stage in ("moe", "merge"),
-                 f"moe.stage={self.stage!r} must be moe or merge")
         _require(0.0 <= self.merge_shared_weight <= 1.0,
                  f"moe.merge_shared_weight={self.merge_shared_weight} must be in [0, 1]")
-        _require(self.stage != "merge" or self.mode != "vanilla",
-                 "moe.stage=merge needs a shared expert (moe.mode xft or none)")
         _require(self.capacity_factor is None or self.capacity_factor > 0,
                  f"moe.capacity_factor={self.capacity_factor} must be > 0 (or null: dropless)")
         if not self.enabled:
@@ -279,8 +275,10 @@ class TrainConfig:
     # the GEMM/attention kernels. None = on with a GPU, off on the CPU.
     compile_layers: Optional[bool] = None
     # pretrain (plain LM) | sft (dense, instruction data) | moe (XFT MoE, from an upcycled
-    # checkpoint) | merge (learnable merge: only the merge coefficients train). None = from the
-    # model: moe/merge for an MoE (by moe.stage), pretrain for a dense one
+    # checkpoint) | merge (learnable merge: the MoE layers become the merged FFN of frozen
+    # experts, only the merge coefficients train). None = from the model: moe for an MoE,
+    # pretrain for a dense one. The one stage key (configs that carry the former moe.stage
+    # still load: `upgrade_legacy_keys`)
     stage: Optional[str] = None
     # train.train_steps counts optimizer steps; with epochs set, train_steps is derived from the
     # dataset size (epochs * samples / global_batch_size) and any given value is ignored
@@ -478,7 +476,7 @@ class Config:
         """The training stage: train.stage, or the one the model implies when not given."""
         if self.train.stage is not None:
             return self.train.stage
-        return self.moe.stage if self.moe.enabled else "pretrain"
+        return "moe" if self.moe.enabled else "pretrain"
 
     def _check_stage(self):
         e, stage = self.moe, self.stage
@@ -486,19 +484,18 @@ class Config:
             _require(not e.enabled, f"train.stage={stage} trains a dense model; set "
                      "moe.num_experts=0, or train.stage=moe for an XFT MoE")
         elif stage == "moe":
-            _require(e.enabled and e.stage == "moe",
+            _require(e.enabled,
                      "train.stage=moe needs an MoE model: load an upcycled checkpoint "
                      "(checkpoint.load, see `xft upcycle`) or set moe.num_experts")
         else:
             _require(e.enabled and e.has_shared_expert,
                      "train.stage=merge needs an XFT MoE with a shared expert: load an MoE "
                      "checkpoint (checkpoint.load) trained with moe.mode xft or none")
-            _require(e.stage == "merge", "train.stage=merge needs moe.stage=merge")
 
     # ---------------------------------------------------------------- building
     @classmethod
     def from_dict(cls, data: Dict[str, Any]) -> "Config":
-        data = dict(data or {})
+        data = upgrade_legacy_keys(dict(data or {}))
         _check_keys(data, cls, "")
         kwargs = {}
         for f in dataclasses.fields(cls):
@@ -519,8 +516,11 @@ class Config:
 
     def replace(self, **sections) -> "Config":
         """A copy with whole sections replaced (re-validated). Replacing `moe` without
-        `train` lets the stage follow the new model (upcycle: dense -> moe; fold: -> pretrain)."""
-        if "moe" in sections and "train" not in sections:
+        `train` by a dense model for an MoE or the other way round lets the stage follow the
+        new model (upcycle: dense -> moe; fold: -> pretrain); MoE settings replaced by other
+        MoE settings keep it (a merge stage stays one)."""
+        moe = sections.get("moe")
+        if moe is not None and "train" not in sections and moe.enabled != self.moe.enabled:
             sections["train"] = dataclasses.replace(self.train, stage=None)
         return dataclasses.replace(self, **sections)
 
@@ -528,6 +528,41 @@ class Config:
 _SECTIONS = {"model": ModelConfig, "moe": MoEConfig, "parallel": ParallelConfig,
              "precision": PrecisionConfig, "train": TrainConfig, "data": DataConfig,
              "checkpoint": CheckpointConfig}
+
+
+def upgrade_legacy_keys(data: Dict[str, Any]) -> Dict[str, Any]:
+    """A config mapping in today's keys. Configs written before the stage had one key carry
+    `moe.stage` (moe | merge) next to train.stage; every xft_config.yaml saved with a
+    checkpoint then does. It is read as train.stage, with a one-line notice (FutureWarning):
+    moe.stage=merge of an MoE is train.stage=merge unless train.stage is given (the given one
+    wins, as it did); moe.stage=moe was the default and says nothing train.stage does not.
+    `data` itself is not changed."""
+    moe = data.get("moe")
+    if not isinstance(moe, dict) or "stage" not in moe:
+        return data
+    moe = dict(moe)
+    old = moe.pop("stage")
+    data = {**data, "moe": moe}
+    train = data.get("train")
+    train = {} if train is None else train
+    given = train.get("stage") if isinstance(train, dict) else None
+    experts = moe.get("num_experts", 0)
+    is_moe = isinstance(experts, int) and not isinstance(experts, bool) and experts > 0
+    if old not in ("moe", "merge"):
+        raise ConfigError(f"moe.stage={old!r}: moe.stage is no longer a config key; the stage "
+                          f"is train.stage, one of {', '.join(STAGES)}")
+    if given is not None:
+        what = f"moe.stage={old} dropped, train.stage={given} is given"
+    elif not is_moe:
+        what = f"moe.stage={old} dropped, the model is dense"
+    elif old == "moe" or not isinstance(train, dict):
+        what = f"moe.stage={old} dropped, train.stage defaults to moe for an MoE"
+    else:
+        data["train"] = {**train, "stage": "merge"}
+        what = "moe.stage=merge read as train.stage=merge"
+    warnings.warn(f"config key moe.stage is now train.stage: {what}", FutureWarning,
+                  stacklevel=3)
+    return data
 
 
 def _check_keys(data: Dict[str, Any], cls, prefix: str) -> None:

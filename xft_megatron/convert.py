@@ -87,8 +87,8 @@ def mcore_to_hf(ckpt_dir: str, out: str, dtype: Optional[str] = None,
     dtype = hf_dtype(cfg, dtype)
     folder = ckpt.resolve(ckpt_dir)
     moe = cfg.moe
-    if moe.enabled and moe.stage == "merge":
-        raise UsageError(f"'{ckpt_dir}' is a merge-stage checkpoint (moe.stage=merge); fold it "
+    if cfg.stage == "merge":
+        raise UsageError(f"'{ckpt_dir}' is a merge-stage checkpoint (train.stage=merge); fold it "
                          "first (`xft merge --ckpt ... --coefficients learned --hf-out DIR`)")
     stream.initialize_single_rank_layout()
     layout = stream.layout_of(cfg)

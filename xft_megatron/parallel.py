@@ -13,7 +13,8 @@ import torch
 import torch.distributed as dist
 from megatron.core import parallel_state as ps
 
-from xft_megatron import platform
+from xft_megatron import compat
+from xft_megatron.compat import patches
 from xft_megatron.config import ParallelConfig
 
 
@@ -50,10 +51,10 @@ def init_process_group(timeout_s: float = 600.0) -> RankInfo:
         # one process: a private store on a free port, without writing MASTER_* into the
         # environment (processes started later would inherit them and collide on the port)
         init_method = f"tcp://127.0.0.1:{free_port()}"
-    if platform.has_cuda():
+    if compat.has_cuda():
         torch.cuda.set_device(info.local_rank % torch.cuda.device_count())
     dist.init_process_group(
-        backend=platform.backend_name(), init_method=init_method, rank=info.rank,
+        backend=compat.backend_name(), init_method=init_method, rank=info.rank,
         world_size=info.world_size, timeout=timedelta(seconds=timeout_s),
     )
     return info
@@ -62,14 +63,15 @@ def init_process_group(timeout_s: float = 600.0) -> RankInfo:
 def initialize(parallel: ParallelConfig, seed: int = 1234, timeout_s: float = 600.0) -> RankInfo:
     """Process group + Megatron parallel state + seeded RNG streams. Validates the layout
     against the world size first (ConfigError before any group is built). Called again with
-    the same layout, it keeps the existing groups and only reseeds."""
+    the same layout, it keeps the existing groups and only reseeds. Without CUDA it applies
+    the CPU support for Megatron-Core (compat.patches), which `shutdown` reverts."""
     info = rank_info_from_env() if not dist.is_initialized() else \
         RankInfo(dist.get_rank(), dist.get_world_size(), 0)
     parallel.data_parallel_size(info.world_size)  # raises ConfigError on a bad fit
-    platform.activate_cpu_support()
+    patches.activate_cpu_support()  # reverted by shutdown()
     info = init_process_group(timeout_s)
     if _current_layout() == _layout(parallel):  # the groups exist already: only reseed
-        platform.seed_model_parallel_rng(seed)
+        compat.seed_model_parallel_rng(seed)
         return info
     _destroy_model_parallel()
     ps.initialize_model_parallel(
@@ -79,7 +81,7 @@ def initialize(parallel: ParallelConfig, seed: int = 1234, timeout_s: float = 60
         expert_model_parallel_size=parallel.expert,
         expert_tensor_parallel_size=parallel.expert_tensor,
     )
-    platform.seed_model_parallel_rng(seed)
+    compat.seed_model_parallel_rng(seed)
     return info
 
 
@@ -131,6 +133,11 @@ def say(*args) -> None:
 
 
 def shutdown() -> None:
-    _destroy_model_parallel()
-    if dist.is_initialized():
-        dist.destroy_process_group()
+    """Release Megatron's parallel state and the process group, and revert the CPU support
+    that `initialize` applied: afterwards torch and Megatron-Core are as imported."""
+    try:
+        _destroy_model_parallel()
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    finally:
+        patches.deactivate_cpu_support()

@@ -84,7 +84,7 @@ def coefficient_source(spec: str, num_experts: int, shared_weight: float
         return lambda layer: merge_coefficients(torch.zeros(routed), 1.0)
     if spec == "learned":
         raise UsageError("--coefficients learned needs a merge-stage checkpoint (trained with "
-                         "moe.stage=merge); this one has no alphas. Pass uniform, shared-only "
+                         "train.stage=merge); this one has no alphas. Pass uniform, shared-only "
                          "or a JSON file of per-layer alphas")
     if not os.path.isfile(spec):
         raise FileNotFoundError(f"--coefficients '{spec}' is neither one of "
@@ -124,7 +124,7 @@ def merge_checkpoint(src: str, out: str, coefficients: str = "uniform",
                          "the grouped layout (moe.experts_impl=grouped)")
     dense_cfg = cfg.replace(moe=MoEConfig(), parallel=ParallelConfig(
         **{**(layout or {}), "expert": 1, "expert_tensor": None}))
-    learned = coefficients == "learned" and cfg.moe.stage == "merge"
+    learned = coefficients == "learned" and cfg.stage == "merge"
     moe_layers = [i for i in range(cfg.model.num_layers) if cfg.moe.is_moe_layer(i)]
     if not learned:
         coeffs = coefficient_source(coefficients, cfg.moe.num_experts, shared_weight)

@@ -17,14 +17,14 @@ from megatron.core.transformer.transformer_block import get_num_layers_to_build
 from megatron.core.transformer.transformer_layer import get_transformer_layer_offset
 from megatron.core.transformer.transformer_config import TransformerConfig
 
-from xft_megatron import platform
+from xft_megatron import compat
 from xft_megatron.config import Config, ConfigError
 from xft_megatron.model.spec import block_spec
 
 
 def transformer_config(cfg: Config) -> TransformerConfig:
     m, p, prec = cfg.model, cfg.parallel, cfg.precision
-    on_gpu = platform.has_cuda()
+    on_gpu = compat.has_cuda()
     return TransformerConfig(
         **_moe_fields(cfg),
         num_layers=m.num_layers,
@@ -115,13 +115,13 @@ def build_model(cfg: Config, tconfig: Optional[TransformerConfig] = None,
         first = get_transformer_layer_offset(tconfig, vp_stage=stage)
         with torch.device("meta") if meta else contextlib.nullcontext(), _own_ffn_is_known():
             model = _gpt_model(cfg, tconfig, first, n_here, pre, post, stage)
-        model.to(device="meta" if meta else platform.device(), dtype=cfg.precision.torch_dtype)
+        model.to(device="meta" if meta else compat.device(), dtype=cfg.precision.torch_dtype)
         _mark_expert_params(model)
-        if cfg.moe.enabled and cfg.moe.stage == "merge":
+        if cfg.stage == "merge":
             for name, p in model.named_parameters():  # the merge stage trains alpha alone
                 p.requires_grad_(name.endswith("mlp.alpha"))
         compile_on = cfg.train.compile_layers
-        if not meta and (compile_on or (compile_on is None and platform.has_cuda())):
+        if not meta and (compile_on or (compile_on is None and compat.has_cuda())):
             compile_layers(model)
         chunks.append(model)
     return chunks
@@ -149,7 +149,7 @@ def _gpt_model(cfg: Config, tconfig: TransformerConfig, first: int, n_here: int,
     m = cfg.model
     return GPTModel(
         config=tconfig,
-        transformer_layer_spec=block_spec(m, cfg.moe, first, n_here),
+        transformer_layer_spec=block_spec(m, cfg.moe, first, n_here, cfg.stage == "merge"),
         vocab_size=m.vocab_size,
         max_sequence_length=m.max_position_embeddings,
         pre_process=pre,
@@ -181,7 +181,7 @@ def compile_layers(model: GPTModel) -> None:
     GPU only: on the CPU it would need a C++ toolchain and minutes per run."""
     from megatron.core.transformer.moe.moe_layer import MoELayer
 
-    if not platform.has_cuda():
+    if not compat.has_cuda():
         raise ConfigError("train.compile_layers=true needs a CUDA GPU; set it to false on CPU")
     for layer in model.decoder.layers:
         if isinstance(layer.mlp, MoELayer):

@@ -17,8 +17,8 @@ is a lookup and norms and biases are elementwise). 6 = 2 (multiply-add) x 3 (for
 backward products). Attention scores and the weighted sum cost 4 s q per token and layer over
 the full square; causal masking halves it, and x3 for forward + backward gives 6 L q s.
 MoE layers count ACTIVE parameters: the FFN once per expert a token uses (moe.topk, the shared
-expert included) plus the router's matmuls. The merge stage (moe.stage=merge) runs one merged
-FFN per layer and no router: it counts as the dense model (the per-micro-batch weighted sum of
+expert included) plus the router's matmuls. The merge stage (train.stage=merge: `merge=True`)
+runs one merged FFN per layer and no router: it counts as the dense model (the per-micro-batch weighted sum of
 the expert weights is not per token and is left out).
 """
 
@@ -89,16 +89,19 @@ def parameter_counts(m: ModelConfig, moe: MoEConfig) -> Dict[str, int]:
             "expert": n_moe * moe.num_experts * ffn}
 
 
-def matmul_parameters(m: ModelConfig, moe: Optional[MoEConfig] = None) -> int:
-    """Parameters in matrix products per token (active ones for MoE layers)."""
+def matmul_parameters(m: ModelConfig, moe: Optional[MoEConfig] = None,
+                      merge: bool = False) -> int:
+    """Parameters in matrix products per token (active ones for MoE layers; `merge`: the
+    merge stage of that MoE)."""
     total = (m.num_layers * (attention_matmul_parameters(m) + ffn_parameters(m))
              + m.vocab_size * m.hidden_size)
-    if moe is not None and moe.stage != "merge":
+    if moe is not None and not merge:
         total += moe_layers(m, moe) * ((moe.topk - 1) * ffn_parameters(m)
                                        + router_parameters(m, moe))
     return total
 
 
-def flops_per_token(m: ModelConfig, seq_length: int, moe: Optional[MoEConfig] = None) -> float:
+def flops_per_token(m: ModelConfig, seq_length: int, moe: Optional[MoEConfig] = None,
+                    merge: bool = False) -> float:
     q = m.num_attention_heads * m.head_dim
-    return 6.0 * matmul_parameters(m, moe) + 6.0 * m.num_layers * q * seq_length
+    return 6.0 * matmul_parameters(m, moe, merge) + 6.0 * m.num_layers * q * seq_length

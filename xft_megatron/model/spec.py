@@ -51,16 +51,17 @@ def dense_mlp_spec() -> ModuleSpec:
     )
 
 
-def moe_mlp_spec(moe: MoEConfig) -> ModuleSpec:
+def moe_mlp_spec(moe: MoEConfig, merge: bool = False) -> ModuleSpec:
     """Megatron's MoELayer (dispatch, combine, EP/ETP) with the XFT router; experts are our
     grouped GEMM module or Megatron's SequentialMLP (one MLP per expert, for comparison).
-    In the merge stage, the learnable merge of the same (frozen) experts instead."""
+    With `merge` (the merge stage, train.stage=merge), the learnable merge of the same
+    (frozen) experts instead."""
     if moe.experts_impl == "grouped":
         experts = ModuleSpec(module=GroupedExperts)
     else:
         experts = ModuleSpec(module=SequentialMLP, submodules=MLPSubmodules(
             linear_fc1=ColumnParallelLinear, linear_fc2=RowParallelLinear))
-    if moe.stage == "merge":
+    if merge:
         return ModuleSpec(module=MergeMLP, params={
             "num_experts": moe.num_experts, "shared_weight": moe.merge_shared_weight})
     router = partial(XFTRouter, settings=RouterSettings.from_config(moe))
@@ -83,13 +84,14 @@ def layer_spec(m: ModelConfig, mlp: ModuleSpec) -> ModuleSpec:
     )
 
 
-def block_spec(m: ModelConfig, moe: MoEConfig, first_layer: int, num_layers_here: int
-               ) -> TransformerBlockSubmodules:
+def block_spec(m: ModelConfig, moe: MoEConfig, first_layer: int, num_layers_here: int,
+               merge: bool = False) -> TransformerBlockSubmodules:
     """The layers one pipeline stage (or virtual chunk) builds: global layers
-    first_layer .. first_layer + num_layers_here - 1, MoE where `moe` says so."""
+    first_layer .. first_layer + num_layers_here - 1, MoE where `moe` says so (the merge
+    stage's merged FFN there with `merge`)."""
     dense, sparse = layer_spec(m, dense_mlp_spec()), None
     if moe.enabled:
-        sparse = layer_spec(m, moe_mlp_spec(moe))
+        sparse = layer_spec(m, moe_mlp_spec(moe, merge))
     specs = [sparse if moe.is_moe_layer(first_layer + i) else dense
              for i in range(num_layers_here)]
     return TransformerBlockSubmodules(layer_specs=specs, layer_norm=RMSNorm)

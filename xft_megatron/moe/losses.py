@@ -13,7 +13,7 @@ import torch
 import torch.distributed as dist
 from megatron.core import parallel_state as ps
 
-from xft_megatron import platform
+from xft_megatron import compat
 from xft_megatron.moe.router import XFTRouter
 
 
@@ -27,7 +27,7 @@ def routers(chunks: List):
 def collect(chunks: List, num_layers: int) -> torch.Tensor:
     """[num_layers] float64 on CPU, identical on every rank: each MoE layer's router loss
     averaged over this step's micro-batches (0 for dense layers and when no loss is on)."""
-    per_layer = torch.zeros(num_layers, dtype=torch.float64, device=platform.device())
+    per_layer = torch.zeros(num_layers, dtype=torch.float64, device=compat.device())
     for r in routers(chunks):
         if r.loss_count:
             per_layer[r.layer_number - 1] = r.loss_sum / r.loss_count
@@ -45,7 +45,7 @@ def collect_routing(chunks: List, num_layers: int, num_experts: int
     rank: the fraction of the step's tokens sent to each expert (the shared expert: 1) and
     the mean shared-expert weight g_0 per MoE layer; zeros for dense layers."""
     stats = torch.zeros(num_layers, num_experts + 2, dtype=torch.float64,
-                        device=platform.device())
+                        device=compat.device())
     sequence_parallel = False
     for r in routers(chunks):
         if r.routing_stats is not None:

@@ -44,7 +44,7 @@ class _SumOverExperts(torch.autograd.Function):
 
 
 class MergeMLP(MegatronModule):
-    """Drop-in for an MoE layer's FFN in the merge stage (`moe.stage=merge`)."""
+    """Drop-in for an MoE layer's FFN in the merge stage (`train.stage=merge`)."""
 
     def __init__(self, config, num_experts: int, shared_weight: float, submodules=None,
                  pg_collection=None, **_):

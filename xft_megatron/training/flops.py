@@ -15,5 +15,6 @@ __all__ = ["H200_BF16_DENSE_PEAK", "flops_per_token", "matmul_params", "mfu"]
 
 
 def mfu(m: ModelConfig, seq_length: int, tokens_per_s: float,
-        moe: Optional[MoEConfig] = None, peak: float = H200_BF16_DENSE_PEAK) -> float:
-    return flops_per_token(m, seq_length, moe) * tokens_per_s / peak
+        moe: Optional[MoEConfig] = None, peak: float = H200_BF16_DENSE_PEAK,
+        merge: bool = False) -> float:
+    return flops_per_token(m, seq_length, moe, merge) * tokens_per_s / peak

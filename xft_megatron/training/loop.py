@@ -18,7 +18,7 @@ from typing import Callable, Dict, List, Optional
 import torch
 import torch.distributed as dist
 
-from xft_megatron import parallel, platform
+from xft_megatron import compat, parallel
 from xft_megatron.checkpoint import dist as ckpt
 from xft_megatron.checkpoint import lock
 from xft_megatron.config import Config
@@ -61,7 +61,7 @@ def _latest_training_checkpoint(root: Optional[str]) -> Optional[str]:
 
 
 def _any_rank(flag: bool) -> bool:
-    t = torch.tensor([int(flag)], device=platform.device())
+    t = torch.tensor([int(flag)], device=compat.device())
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return bool(t.item())
 
@@ -111,7 +111,7 @@ def _train(cfg, info, data, progress, resume, should_stop, extra_files, loss_hoo
     chunks = build_model(cfg, tc)
     resume_from = _latest_training_checkpoint(c.save) if resume else None
     if resume_from is None and c.load:
-        ckpt.load(chunks, c.load, may_lack=("mlp.alpha",) if cfg.moe.stage == "merge" else ())
+        ckpt.load(chunks, c.load, may_lack=("mlp.alpha",) if cfg.stage == "merge" else ())
     result = RunResult(parameters=count_parameters(chunks))
     chunks = wrap_ddp(chunks, tc, cfg.precision)
     optimizer = build_optimizer(chunks, t, cfg.precision)
@@ -150,7 +150,8 @@ def _train(cfg, info, data, progress, resume, should_stop, extra_files, loss_hoo
         return ckpt.save(chunks, c.save, step, cfg, extra_files, training, keep=c.keep)
 
     tokens_per_step = t.global_batch_size * t.seq_length
-    flops_per_token = flops.flops_per_token(cfg.model, t.seq_length, cfg.moe)
+    flops_per_token = flops.flops_per_token(cfg.model, t.seq_length, cfg.moe,
+                                            merge=cfg.stage == "merge")
     world = info.world_size
     run_start, tokens_seen = time.perf_counter(), 0
     batches = _Prefetcher(data, t.micro_batch_size, t.train_steps)
@@ -177,9 +178,9 @@ def _train(cfg, info, data, progress, resume, should_stop, extra_files, loss_hoo
             stats["tokens_per_s"] = tokens_per_step / elapsed
             stats["step_s"], stats["data_s"] = elapsed, data_seconds
             stats["mfu"] = flops_per_token * stats["tokens_per_s"] / world / \
-                flops.H200_BF16_DENSE_PEAK if platform.has_cuda() else 0.0
+                flops.H200_BF16_DENSE_PEAK if compat.has_cuda() else 0.0
             stats["memory_gib"] = peak_memory_gib()
-            if cfg.moe.enabled and cfg.moe.stage == "merge":
+            if cfg.stage == "merge":
                 result.merge_coefficients = {
                     layer: co.tolist() for layer, co in gather_coefficients(chunks).items()}
                 stats["merge_coefficients"] = result.merge_coefficients
@@ -207,7 +208,8 @@ def _train(cfg, info, data, progress, resume, should_stop, extra_files, loss_hoo
             "skipped_steps": result.skipped_steps, "tokens_per_s": result.tokens_per_s,
             "tokens_per_s_per_rank": result.tokens_per_s / world,
             "parameters_this_rank": result.parameters,
-            "active_matmul_params": flops.matmul_params(cfg.model, cfg.moe),
+            "active_matmul_params": flops.matmul_params(cfg.model, cfg.moe,
+                                                        merge=cfg.stage == "merge"),
             "peak_memory_gib": peak_memory_gib(), "seconds": seconds,
             "checkpoint": result.checkpoint, "merge_coefficients": result.merge_coefficients,
         }

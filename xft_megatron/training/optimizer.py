@@ -10,7 +10,7 @@ from megatron.core.optimizer.clip_grads import clip_grad_by_total_norm_fp32
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 from megatron.core.transformer.transformer_config import TransformerConfig
 
-from xft_megatron import platform
+from xft_megatron.compat.patches import optimizer_calls
 from xft_megatron.config import PrecisionConfig, TrainConfig
 
 
@@ -53,7 +53,7 @@ def build_optimizer(chunks: List, train: TrainConfig, precision: PrecisionConfig
         params_dtype=precision.torch_dtype,
         use_distributed_optimizer=True,
     )
-    with platform.optimizer_calls():
+    with optimizer_calls():
         return get_megatron_optimizer(cfg, chunks)
 
 
@@ -79,7 +79,7 @@ def optimizer_step(optimizer, clip_grad: float, loss: float) -> Tuple[bool, floa
     (identical on every rank), and a non-finite loss or norm skips the update entirely, so
     the weights and optimizer state stay those of the last good step. Returns (stepped,
     grad_norm)."""
-    with platform.optimizer_calls():
+    with optimizer_calls():
         found_inf = optimizer.prepare_grads()  # fp16: the loss scaler's overflow check
         grad_norm = float(optimizer.get_grad_norm())
         if found_inf or not (math.isfinite(grad_norm) and math.isfinite(loss)):

@@ -3,9 +3,10 @@
 Config assembly: YAML, then overrides; with `checkpoint.load`, the model and moe sections
 stored with that checkpoint are the defaults (values given in YAML/overrides win), so a stage
 never repeats the architecture. `train.stage=merge` turns the loaded MoE into the learnable
-merge (`moe.stage=merge`). Then the data: tokenizer (data.tokenizer, else the one stored with
-checkpoint.load, else bytes), the cached tokenized dataset (built once, by rank 0), packed
-batches; `train.epochs` sets the step count from the dataset size.
+merge (a merge-stage checkpoint loaded without train.stage continues as one). Then the data:
+tokenizer (data.tokenizer, else the one stored with checkpoint.load, else bytes), the cached
+tokenized dataset (built once, by rank 0), packed batches; `train.epochs` sets the step count
+from the dataset size.
 """
 
 import math
@@ -40,13 +41,7 @@ def assemble_config(path: Optional[str], overrides: Sequence[str]) -> Config:
         _check_stored_model(load, data.get("model") or {}, stored.get("model") or {})
         for section in ("model", "moe"):
             data[section] = deep_merge(stored.get(section) or {}, data.get(section) or {})
-        if data["moe"].get("num_experts") == 0:
-            data["moe"].pop("stage", None)
-    stage = (data.get("train") or {}).get("stage")
-    if stage == "merge":
-        data.setdefault("moe", {})["stage"] = "merge"
-    elif stage == "moe":
-        data.setdefault("moe", {})["stage"] = "moe"
+        _continue_merge_stage(data, stored)
     cfg = Config.from_dict(data)
     if cfg.stage == "merge" and not cfg.checkpoint.load:
         raise ConfigError("train.stage=merge starts from a trained XFT MoE: set "
@@ -59,6 +54,20 @@ def assemble_config(path: Optional[str], overrides: Sequence[str]) -> Config:
                           "(a Hugging Face dataset) or dataset folders (comma-separated), or "
                           "builtin:stdlib")
     return cfg
+
+
+def _continue_merge_stage(data: dict, stored: dict) -> None:
+    """A merge-stage checkpoint holds that stage's layers (frozen experts and their alphas),
+    not the MoE layers: loading one without train.stage continues the merge stage, as long as
+    the model stays an MoE. (A stored config of the former layout says so in moe.stage, which
+    the MoE section carries over and `Config.from_dict` reads the same way.)"""
+    train = data.get("train")
+    train = {} if train is None else train
+    if not isinstance(train, dict) or train.get("stage") is not None:
+        return
+    if (stored.get("train") or {}).get("stage") == "merge" and \
+            data["moe"].get("num_experts", 0) != 0:
+        data["train"] = {**train, "stage": "merge"}
 
 
 # model keys a run may change on a loaded checkpoint: positions and RoPE (context extension)

@@ -14,7 +14,7 @@ from megatron.core import parallel_state as ps
 from megatron.core.pipeline_parallel import get_forward_backward_func
 from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_region
 
-from xft_megatron import platform
+from xft_megatron import compat
 from xft_megatron.checkpoint.dist import unwrap
 from xft_megatron.data import packing
 from xft_megatron.moe import losses as moe_losses
@@ -117,7 +117,7 @@ def _schedule(step_func, chunks: List, microbatches: List[Batch], seq_length: in
 
 def _reduce_reports(reports):
     # summed on the device: one host sync per step (the .item() below), not one per microbatch
-    totals = torch.zeros(2, dtype=torch.float64, device=platform.device())
+    totals = torch.zeros(2, dtype=torch.float64, device=compat.device())
     if ps.is_pipeline_last_stage(ignore_virtual=True):
         for r in reports:
             totals += r["lm loss"].detach().to(torch.float64)
@@ -149,7 +149,7 @@ def forward_logits(chunks: List, microbatches: List[Batch], seq_length: int) -> 
     reports = _schedule(_logits_step, chunks, microbatches, seq_length, forward_only=True)
     b = sum(m["tokens"].shape[0] for m in microbatches)
     vocab = unwrap(chunks[0]).vocab_size
-    logits = torch.empty(b, seq_length, vocab, dtype=torch.float32, device=platform.device())
+    logits = torch.empty(b, seq_length, vocab, dtype=torch.float32, device=compat.device())
     if ps.is_pipeline_last_stage(ignore_virtual=True):
         logits.copy_(torch.cat([r["logits"].float() for r in reports], dim=0))
     dist.broadcast(logits, src=ps.get_pipeline_model_parallel_last_rank(),
