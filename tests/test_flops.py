@@ -88,3 +88,44 @@ def test_one_counter_read_by_config_memory_and_flops_equals_the_built_models():
             assert want["total"] > want["active"] > m.num_parameters(), (name, want)
     q3 = _config("qwen3_head_dim_untied").model  # 4 heads of 32 over a 64-wide stream
     assert counts.flops_per_token(q3, 32) == 6 * counts.matmul_parameters(q3) + 6 * 4 * 128 * 32
+
+
+def _checkpoint_names(rank, world):
+    """Per case (and the merge stage of an MoE): the single-rank names of every tensor its
+    checkpoint holds, each with its torch_dist keys."""
+    from xft_megatron.checkpoint import stream
+
+    stream.initialize_single_rank_layout()
+    cases = {name: _config(name) for name in CASES}
+    cases["merge_stage"] = load_config(None, CASES["moe_mlp_noise_every2"] +
+                                       ["train.stage=merge"])
+    return {case: {name: sorted({part.key for part in p.parts})
+                   for name, p in stream.layout_of(cfg).params.items()}
+            for case, cfg in cases.items()}
+
+
+def test_every_checkpoint_tensor_is_named_in_model_names():
+    """model/names.py names every tensor the checkpoints hold, for every family, MoE layer
+    and the merge stage: the HF maps, upcycling and the merge read names only from there.
+    Single-rank names are `layer(i) + ROLE`; Megatron stores them under that key, or the
+    layers stacked under `LAYERS + ROLE` (blocks whose layers are all alike)."""
+    from xft_megatron.model import names
+
+    in_layer = [names.ATTN_NORM, names.QKV, names.QKV_BIAS, names.Q_NORM, names.K_NORM,
+                names.PROJ, names.MLP_NORM, names.FC1, names.FC2, names.EXPERT_FC1,
+                names.EXPERT_FC2, names.ALPHA] + [
+        names.ROUTER + r for r in ("weight", "weight1", "weight2", "noise_weight")]
+    outer = {names.EMBEDDING, names.FINAL_NORM, names.OUTPUT}
+    seen = set()
+    for case, tensors in run_ranks(1, _checkpoint_names)[0].items():
+        for name, keys in tensors.items():
+            layer = names.layer_of(name)
+            if layer is None:
+                assert name in outer and keys == [name], (case, name, keys)
+                seen.add(name)
+                continue
+            role = name[len(names.layer(layer)):]
+            assert name == names.layer(layer) + role and role in in_layer, (case, name)
+            assert keys in ([names.LAYERS + role], [name]), (case, name, keys)
+            seen.add(role)
+    assert seen == set(in_layer) | outer, (set(in_layer) | outer) - seen  # all of them used

@@ -22,6 +22,7 @@ from xft_megatron.checkpoint import directory, ranks, stream
 from xft_megatron.config import ConfigError, MoEConfig, ParallelConfig
 from xft_megatron.convert import hf_to_mcore, tokenizer_files
 from xft_megatron.errors import UsageError
+from xft_megatron.model import names as tensors
 from xft_megatron.transforms.merge import fold, merge_coefficients
 from xft_megatron.transforms.upcycle import upcycle
 
@@ -132,8 +133,8 @@ def merge_checkpoint(src: str, out: str, coefficients: str = "uniform",
     stream.initialize_single_rank_layout()
     reader = stream.Reader(src, stream.layout_of(cfg))
     if learned:  # the stage's alphas and its own lambda
-        alphas = reader.read([f"decoder.layers.{i}.mlp.alpha" for i in moe_layers])
-        table = {i: merge_coefficients(alphas[f"decoder.layers.{i}.mlp.alpha"],
+        alphas = reader.read([tensors.layer(i) + tensors.ALPHA for i in moe_layers])
+        table = {i: merge_coefficients(alphas[tensors.layer(i) + tensors.ALPHA],
                                        cfg.moe.merge_shared_weight) for i in moe_layers}
     if ranks.world()[0] == 0:
         for layer, c in table.items():

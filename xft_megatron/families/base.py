@@ -15,6 +15,7 @@ from typing import Any, Dict, Optional, Tuple
 
 from xft_megatron.config import ConfigError, ModelConfig
 from xft_megatron.errors import HFFormatError
+from xft_megatron.model import names
 
 Shape = Tuple[int, ...]
 TensorNames = Dict[str, Tuple[str, Shape]]  # Megatron name -> (HF name, shape), in a layer
@@ -198,11 +199,11 @@ class LlamaLike:
     # ------------------------------------------------------------ tensors
     def attention_tensors(self, m: ModelConfig) -> TensorNames:
         """The tensors of one decoder layer copied as they are, Megatron name -> (HF name, HF
-        shape), both relative to the layer (`decoder.layers.{i}.`, `model.layers.{i}.`)."""
+        shape), both relative to the layer (`names.layer(i)`, `model.layers.{i}.`)."""
         h, q = m.hidden_size, m.num_attention_heads * m.head_dim
-        return {"input_layernorm.weight": ("input_layernorm.weight", (h,)),
-                "pre_mlp_layernorm.weight": ("post_attention_layernorm.weight", (h,)),
-                "self_attention.linear_proj.weight": ("self_attn.o_proj.weight", (h, q))}
+        return {names.ATTN_NORM: ("input_layernorm.weight", (h,)),
+                names.MLP_NORM: ("post_attention_layernorm.weight", (h,)),
+                names.PROJ: ("self_attn.o_proj.weight", (h, q))}
 
     # ------------------------------------------------------------ MoE export (remote code)
     def moe_classes(self) -> Tuple[str, str, str]:

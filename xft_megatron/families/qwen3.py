@@ -6,6 +6,7 @@ from typing import Any, Dict, Optional
 
 from xft_megatron.errors import HFFormatError
 from xft_megatron.families.base import LlamaLike, TensorNames, register
+from xft_megatron.model import names
 
 
 @register
@@ -40,8 +41,8 @@ class Qwen3(LlamaLike):
     def attention_tensors(self, m) -> TensorNames:
         d = (m.head_dim,)
         return {**super().attention_tensors(m),
-                "self_attention.q_layernorm.weight": ("self_attn.q_norm.weight", d),
-                "self_attention.k_layernorm.weight": ("self_attn.k_norm.weight", d)}
+                names.Q_NORM: ("self_attn.q_norm.weight", d),
+                names.K_NORM: ("self_attn.k_norm.weight", d)}
 
     def hf_config(self, m) -> Dict[str, Any]:
         return {**super().hf_config(m), "attention_bias": False, "use_sliding_window": False}

@@ -19,6 +19,7 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 
 from xft_megatron import compat
 from xft_megatron.config import Config, ConfigError
+from xft_megatron.model import names
 from xft_megatron.model.spec import block_spec
 
 
@@ -119,7 +120,7 @@ def build_model(cfg: Config, tconfig: Optional[TransformerConfig] = None,
         _mark_expert_params(model)
         if cfg.stage == "merge":
             for name, p in model.named_parameters():  # the merge stage trains alpha alone
-                p.requires_grad_(name.endswith("mlp.alpha"))
+                p.requires_grad_(name.endswith(names.ALPHA))
         compile_on = cfg.train.compile_layers
         if not meta and (compile_on or (compile_on is None and compat.has_cuda())):
             compile_layers(model)

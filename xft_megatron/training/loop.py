@@ -23,6 +23,7 @@ from xft_megatron.checkpoint import dist as ckpt
 from xft_megatron.checkpoint import lock
 from xft_megatron.config import Config
 from xft_megatron.errors import UserError
+from xft_megatron.model import names
 from xft_megatron.model.builder import build_model, count_parameters, transformer_config
 from xft_megatron.moe.merge_mlp import gather_coefficients
 from xft_megatron.training import flops, rng
@@ -111,7 +112,7 @@ def _train(cfg, info, data, progress, resume, should_stop, extra_files, loss_hoo
     chunks = build_model(cfg, tc)
     resume_from = _latest_training_checkpoint(c.save) if resume else None
     if resume_from is None and c.load:
-        ckpt.load(chunks, c.load, may_lack=("mlp.alpha",) if cfg.stage == "merge" else ())
+        ckpt.load(chunks, c.load, may_lack=(names.ALPHA,) if cfg.stage == "merge" else ())
     result = RunResult(parameters=count_parameters(chunks))
     chunks = wrap_ddp(chunks, tc, cfg.precision)
     optimizer = build_optimizer(chunks, t, cfg.precision)

@@ -14,6 +14,7 @@ import torch
 
 from xft_megatron import families
 from xft_megatron.config import ModelConfig
+from xft_megatron.model import names
 
 Tensor = torch.Tensor
 Shapes = Dict[str, Tuple[int, ...]]
@@ -41,28 +42,25 @@ def split_qkv(qkv: Tensor, m: ModelConfig) -> Tuple[Tensor, Tensor, Tensor]:
             v.reshape(-1, *rest).contiguous())
 
 
-def layer_to_hf(sd: Dict[str, Tensor], m: ModelConfig, i: int,
-                src: str = "decoder.layers.{i}.") -> Dict[str, Tensor]:
-    """One decoder layer, Megatron names (prefix `src`) -> HF names `model.layers.{i}.`."""
-    s = src.format(i=i)
-    out = attention_to_hf(sd, m, i, src)
-    out.update(ffn_to_hf(sd[s + "mlp.linear_fc1.weight"], sd[s + "mlp.linear_fc2.weight"],
-                         f"model.layers.{i}.mlp."))
+def layer_to_hf(sd: Dict[str, Tensor], m: ModelConfig, i: int) -> Dict[str, Tensor]:
+    """One decoder layer, Megatron names (model/names.py) -> HF names `model.layers.{i}.`."""
+    s = names.layer(i)
+    out = attention_to_hf(sd, m, i)
+    out.update(ffn_to_hf(sd[s + names.FC1], sd[s + names.FC2], f"model.layers.{i}.mlp."))
     return out
 
 
-def attention_to_hf(sd: Dict[str, Tensor], m: ModelConfig, i: int,
-                    src: str = "decoder.layers.{i}.") -> Dict[str, Tensor]:
+def attention_to_hf(sd: Dict[str, Tensor], m: ModelConfig, i: int) -> Dict[str, Tensor]:
     """The norms and attention of one decoder layer (all but the FFN), Megatron -> HF."""
-    s = src.format(i=i)
+    s = names.layer(i)
     o = f"model.layers.{i}."
     out = {o + hf: sd[s + name]
            for name, (hf, _) in families.of(m).attention_tensors(m).items()}
-    q, k, v = split_qkv(sd[s + "self_attention.linear_qkv.weight"], m)
+    q, k, v = split_qkv(sd[s + names.QKV], m)
     out.update({o + "self_attn.q_proj.weight": q, o + "self_attn.k_proj.weight": k,
                 o + "self_attn.v_proj.weight": v})
     if m.qkv_bias:
-        qb, kb, vb = split_qkv(sd[s + "self_attention.linear_qkv.bias"], m)
+        qb, kb, vb = split_qkv(sd[s + names.QKV_BIAS], m)
         out.update({o + "self_attn.q_proj.bias": qb, o + "self_attn.k_proj.bias": kb,
                     o + "self_attn.v_proj.bias": vb})
     return out
@@ -76,44 +74,42 @@ def ffn_to_hf(fc1: Tensor, fc2: Tensor, prefix: str) -> Dict[str, Tensor]:
             prefix + "up_proj.weight": up.contiguous(), prefix + "down_proj.weight": fc2}
 
 
-def layer_from_hf(sd: Dict[str, Tensor], m: ModelConfig, i: int,
-                  dst: str = "decoder.layers.{i}.") -> Dict[str, Tensor]:
-    """One decoder layer, HF names -> Megatron names (prefix `dst`)."""
+def layer_from_hf(sd: Dict[str, Tensor], m: ModelConfig, i: int) -> Dict[str, Tensor]:
+    """One decoder layer, HF names -> Megatron names (model/names.py)."""
     s = f"model.layers.{i}."
-    o = dst.format(i=i)
+    o = names.layer(i)
     out = {o + name: sd[s + hf]
            for name, (hf, _) in families.of(m).attention_tensors(m).items()}
     out.update({
-        o + "self_attention.linear_qkv.weight": fuse_qkv(
+        o + names.QKV: fuse_qkv(
             sd[s + "self_attn.q_proj.weight"], sd[s + "self_attn.k_proj.weight"],
             sd[s + "self_attn.v_proj.weight"], m),
-        o + "mlp.linear_fc1.weight": torch.cat(
+        o + names.FC1: torch.cat(
             [sd[s + "mlp.gate_proj.weight"], sd[s + "mlp.up_proj.weight"]], dim=0),
-        o + "mlp.linear_fc2.weight": sd[s + "mlp.down_proj.weight"],
+        o + names.FC2: sd[s + "mlp.down_proj.weight"],
     })
     if m.qkv_bias:
-        out[o + "self_attention.linear_qkv.bias"] = fuse_qkv(
+        out[o + names.QKV_BIAS] = fuse_qkv(
             sd[s + "self_attn.q_proj.bias"], sd[s + "self_attn.k_proj.bias"],
             sd[s + "self_attn.v_proj.bias"], m)
     return out
 
 
 # Megatron name -> HF name of the tensors outside the decoder layers
-OUTER = {"embedding.word_embeddings.weight": "model.embed_tokens.weight",
-         "decoder.final_layernorm.weight": "model.norm.weight",
-         "output_layer.weight": "lm_head.weight"}
+OUTER = {names.EMBEDDING: "model.embed_tokens.weight", names.FINAL_NORM: "model.norm.weight",
+         names.OUTPUT: "lm_head.weight"}
 
 
 def outer_names(m: ModelConfig) -> Dict[str, str]:
     """OUTER without the output layer when the embeddings are tied."""
-    return {k: v for k, v in OUTER.items() if not (m.tie_embeddings and k == "output_layer.weight")}
+    return {k: v for k, v in OUTER.items() if not (m.tie_embeddings and k == names.OUTPUT)}
 
 
 def to_hf(sd: Dict[str, Tensor], m: ModelConfig) -> Iterator[Tuple[str, Tensor]]:
     """Whole model, Megatron -> HF, tensor by tensor (the conversions call the per-layer
     functions directly)."""
     outer = outer_names(m)
-    yield outer["embedding.word_embeddings.weight"], sd["embedding.word_embeddings.weight"]
+    yield outer[names.EMBEDDING], sd[names.EMBEDDING]
     for i in range(m.num_layers):
         yield from layer_to_hf(sd, m, i).items()
     for name in list(outer)[1:]:
@@ -123,7 +119,7 @@ def to_hf(sd: Dict[str, Tensor], m: ModelConfig) -> Iterator[Tuple[str, Tensor]]
 def from_hf(sd: Dict[str, Tensor], m: ModelConfig) -> Iterator[Tuple[str, Tensor]]:
     """Whole model, HF -> Megatron."""
     outer = outer_names(m)
-    yield "embedding.word_embeddings.weight", sd[outer["embedding.word_embeddings.weight"]]
+    yield names.EMBEDDING, sd[outer[names.EMBEDDING]]
     for i in range(m.num_layers):
         yield from layer_from_hf(sd, m, i).items()
     for name in list(outer)[1:]:

@@ -19,6 +19,7 @@ import torch
 from xft_megatron import families
 from xft_megatron.config import ModelConfig, MoEConfig
 from xft_megatron.hf_remote import MODELING_FILE
+from xft_megatron.model import names
 from xft_megatron.transforms.hf_llama import Shapes, attention_to_hf, ffn_shapes, ffn_to_hf, \
     hf_shapes, layer_to_hf
 
@@ -29,12 +30,12 @@ ROUTER = {"weight": "proj.weight", "weight1": "w1.weight", "weight2": "w2.weight
 
 
 def _experts(sd: Dict[str, Tensor], prefix: str, n: int) -> List[Tuple[Tensor, Tensor]]:
-    """(fc1 [2F, H], fc2 [H, F]) of each of the n experts under `prefix` (`...mlp.experts.`)."""
-    if prefix + "fc1_weight" in sd:
-        fc1, fc2 = sd[prefix + "fc1_weight"], sd[prefix + "fc2_weight"]
+    """(fc1 [2F, H], fc2 [H, F]) of each of the n experts of the layer under `prefix`."""
+    if prefix + names.EXPERT_FC1 in sd:
+        fc1, fc2 = sd[prefix + names.EXPERT_FC1], sd[prefix + names.EXPERT_FC2]
         return [(fc1[j].reshape(-1, fc1.shape[-1]), fc2[j]) for j in range(n)]
-    return [(sd[f"{prefix}local_experts.{j}.linear_fc1.weight"],
-             sd[f"{prefix}local_experts.{j}.linear_fc2.weight"]) for j in range(n)]
+    return [(sd[prefix + names.local_expert(j, names.FC1)],
+             sd[prefix + names.local_expert(j, names.FC2)]) for j in range(n)]
 
 
 def moe_layer_to_hf(sd: Dict[str, Tensor], m: ModelConfig, moe: MoEConfig,
@@ -42,17 +43,17 @@ def moe_layer_to_hf(sd: Dict[str, Tensor], m: ModelConfig, moe: MoEConfig,
     """One decoder layer, Megatron names -> HF names (MoE layers as in the module docstring)."""
     if not moe.is_moe_layer(i):
         return layer_to_hf(sd, m, i)
-    s, o = f"decoder.layers.{i}.mlp.", f"model.layers.{i}.mlp."
+    s, o = names.layer(i), f"model.layers.{i}.mlp."
     out = attention_to_hf(sd, m, i)
-    experts = _experts(sd, s + "experts.", moe.num_experts)
+    experts = _experts(sd, s, moe.num_experts)
     if moe.has_shared_expert:
         out.update(ffn_to_hf(*experts[0], o + "shared_expert."))
         experts = experts[1:]
     for j, (fc1, fc2) in enumerate(experts):
         out.update(ffn_to_hf(fc1, fc2, f"{o}experts.{j}."))
     for name, hf_name in ROUTER.items():
-        if s + "router." + name in sd:
-            out[o + "router." + hf_name] = sd[s + "router." + name]
+        if s + names.ROUTER + name in sd:
+            out[o + "router." + hf_name] = sd[s + names.ROUTER + name]
     return out
 
 

@@ -11,10 +11,7 @@ from typing import Callable, Dict, Iterator, Tuple
 import torch
 
 from xft_megatron.errors import UsageError
-from xft_megatron.model.names import layer_of
-
-_FC1 = ".mlp.experts.fc1_weight"  # [N, 2, F, H]
-_FC2 = ".mlp.experts.fc2_weight"  # [N, H, F]
+from xft_megatron.model import names
 
 
 def merge_coefficients(alpha: torch.Tensor, shared_weight: float = 0.75) -> torch.Tensor:
@@ -87,14 +84,13 @@ def fold(moe: Dict[str, torch.Tensor], coefficients: Callable[[int], torch.Tenso
     """Stream (name, tensor) of the dense state dict: each MoE layer's experts merged with
     `coefficients(layer)` (a [N] tensor), its router dropped; everything else unchanged."""
     for name, value in moe.items():
-        layer = layer_of(name)
-        if ".mlp.router." in name or name.endswith(_FC2):
+        layer = names.layer_of(name)
+        if "." + names.ROUTER in name or name.endswith("." + names.EXPERT_FC2):
             continue
-        if name.endswith(_FC1):
-            prefix = name[: -len(_FC1)] + ".mlp."
-            fc1, fc2 = merge_experts(value, moe[prefix + "experts.fc2_weight"],
-                                     coefficients(layer))
-            yield prefix + "linear_fc1.weight", fc1
-            yield prefix + "linear_fc2.weight", fc2
+        if name.endswith("." + names.EXPERT_FC1):
+            prefix = name[: -len(names.EXPERT_FC1)]  # 'decoder.layers.3.'
+            fc1, fc2 = merge_experts(value, moe[prefix + names.EXPERT_FC2], coefficients(layer))
+            yield prefix + names.FC1, fc1
+            yield prefix + names.FC2, fc2
             continue
         yield name, value

@@ -10,10 +10,7 @@ from typing import Dict, Iterator, Optional, Tuple
 import torch
 
 from xft_megatron.config import MoEConfig
-from xft_megatron.model.names import layer_of
-
-_FC1 = ".mlp.linear_fc1.weight"  # dense [2F, H]: gate rows then up rows
-_FC2 = ".mlp.linear_fc2.weight"  # dense [H, F]
+from xft_megatron.model import names
 
 
 def experts_from_dense(fc1: torch.Tensor, fc2: torch.Tensor, num_experts: int,
@@ -36,7 +33,7 @@ def experts_from_dense(fc1: torch.Tensor, fc2: torch.Tensor, num_experts: int,
 
 def router_weights(moe: MoEConfig, hidden_size: int, seed: int, layer: int,
                    dtype=torch.float32) -> Dict[str, torch.Tensor]:
-    """Fresh router parameters of one layer (names relative to `...mlp.router.`)."""
+    """Fresh router parameters of one layer (names relative to `names.ROUTER`)."""
     g = torch.Generator().manual_seed(seed * 100_003 + layer)
     r = moe.num_routed
     shapes = {"weight": (r, hidden_size)} if moe.router_gate == "linear" else \
@@ -54,21 +51,21 @@ def upcycle(dense: Dict[str, torch.Tensor], moe: MoEConfig, hidden_size: int, se
     if not moe.enabled:
         raise ValueError("upcycling needs moe.num_experts > 0")
     for name, value in dense.items():
-        layer = layer_of(name)
+        layer = names.layer_of(name)
         sparse = layer is not None and moe.is_moe_layer(layer)
-        if sparse and name.endswith(_FC2):
+        if sparse and name.endswith("." + names.FC2):
             continue  # emitted with fc1
-        if not (sparse and name.endswith(_FC1)):
+        if not (sparse and name.endswith("." + names.FC1)):
             yield name, value
             continue
-        prefix = name[: -len(_FC1)] + ".mlp."
+        prefix = name[: -len(names.FC1)]  # 'decoder.layers.3.'
         g = torch.Generator().manual_seed(noise_seed(seed, layer))
-        fc1, fc2 = experts_from_dense(value, dense[prefix + "linear_fc2.weight"],
-                                      moe.num_experts, noise_std, g)
-        yield prefix + "experts.fc1_weight", fc1
-        yield prefix + "experts.fc2_weight", fc2
+        fc1, fc2 = experts_from_dense(value, dense[prefix + names.FC2], moe.num_experts,
+                                      noise_std, g)
+        yield prefix + names.EXPERT_FC1, fc1
+        yield prefix + names.EXPERT_FC2, fc2
         for k, v in router_weights(moe, hidden_size, seed, layer, value.dtype).items():
-            yield prefix + "router." + k, v
+            yield prefix + names.ROUTER + k, v
 
 
 def noise_seed(seed: int, layer: int) -> int:
