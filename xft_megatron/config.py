@@ -246,6 +246,11 @@ class PrecisionConfig:
                  f"precision.dtype={self.dtype!r} must be one of fp32, bf16, fp16")
 
     @property
+    def width(self) -> int:
+        """Bytes per value in this dtype."""
+        return 4 if self.dtype == "fp32" else 2
+
+    @property
     def torch_dtype(self):
         import torch
 

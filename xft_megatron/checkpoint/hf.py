@@ -261,51 +261,47 @@ def write_hf_dir(shapes: Dict[str, Tuple[int, ...]], produce: Callable[[str], to
     with lock.hold(out_dir, beside=True):
         if os.path.exists(out_dir) and os.listdir(out_dir):
             raise FileExistsError(f"'{out_dir}' exists and is not empty; choose a new --out")
-        _write_hf_dir(shapes, produce, config, out_dir, dtype, shard_bytes, extra_files,
-                      json_files, before_commit)
-
-
-def _write_hf_dir(shapes, produce, config, out_dir, dtype, shard_bytes, extra_files,
-                  json_files, before_commit) -> None:
-    rank, world = ranks.world()
-    tmp = ranks.broadcast(f"{out_dir.rstrip('/')}.tmp-{uuid.uuid4().hex[:8]}"
-                          if rank == 0 else None)
-    if rank == 0:
-        os.makedirs(tmp)
-    ranks.barrier()
-    try:
-        shards = _plan_shards(shapes, dtype, shard_bytes)
-        names = [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
-        mine = list(range(rank, len(shards), world))
-        for i in mine:
-            _write_safetensors(os.path.join(tmp, names[i]), shards[i], shapes, produce, dtype)
-        # the weight shards' checksums (checksums.json; `xft convert hf-to-mcore` verifies
-        # them): only the shards, since users edit an HF directory's JSON files by hand
-        hashed = ranks.all_gather(checksums.hash_files(tmp, [names[i] for i in mine]))
-        if before_commit is not None:
-            before_commit()
+        rank, world = ranks.world()
+        tmp = ranks.broadcast(f"{out_dir.rstrip('/')}.tmp-{uuid.uuid4().hex[:8]}"
+                              if rank == 0 else None)
         if rank == 0:
-            weight_map = {n: names[i] for i, shard in enumerate(shards) for n in shard}
-            total = sum(torch.Size(s).numel() for s in shapes.values()) * dtype.itemsize
-            cfg = {**config, "torch_dtype": str(dtype).replace("torch.", "")}
-            for name, path in (extra_files or {}).items():
-                shutil.copy2(path, os.path.join(tmp, name))
-            written = {**(json_files or {}), "config.json": cfg,
-                       "model.safetensors.index.json": {"metadata": {"total_size": total},
-                                                        "weight_map": weight_map}}
-            for fname, content in written.items():
-                with open(os.path.join(tmp, fname), "w") as f:
-                    json.dump(content, f, indent=2)
-            checksums.write_manifest(tmp, {k: v for part in hashed for k, v in part.items()},
-                                     everything=False)
-            if os.path.exists(out_dir):
-                os.rmdir(out_dir)
-            os.rename(tmp, out_dir)
+            os.makedirs(tmp)
         ranks.barrier()
-    except BaseException:
-        if rank == 0:
-            shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        try:
+            shards = _plan_shards(shapes, dtype, shard_bytes)
+            names = [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+                     for i in range(len(shards))]
+            mine = list(range(rank, len(shards), world))
+            for i in mine:
+                _write_safetensors(os.path.join(tmp, names[i]), shards[i], shapes, produce,
+                                   dtype)
+            # the weight shards' checksums (checksums.json; `xft convert hf-to-mcore` verifies
+            # them): only the shards, since users edit an HF directory's JSON files by hand
+            hashed = ranks.all_gather(checksums.hash_files(tmp, [names[i] for i in mine]))
+            if before_commit is not None:
+                before_commit()
+            if rank == 0:
+                weight_map = {n: names[i] for i, shard in enumerate(shards) for n in shard}
+                total = sum(torch.Size(s).numel() for s in shapes.values()) * dtype.itemsize
+                cfg = {**config, "torch_dtype": str(dtype).replace("torch.", "")}
+                for name, path in (extra_files or {}).items():
+                    shutil.copy2(path, os.path.join(tmp, name))
+                written = {**(json_files or {}), "config.json": cfg,
+                           "model.safetensors.index.json": {"metadata": {"total_size": total},
+                                                            "weight_map": weight_map}}
+                for fname, content in written.items():
+                    with open(os.path.join(tmp, fname), "w") as f:
+                        json.dump(content, f, indent=2)
+                checksums.write_manifest(
+                    tmp, {k: v for part in hashed for k, v in part.items()}, everything=False)
+                if os.path.exists(out_dir):
+                    os.rmdir(out_dir)
+                os.rename(tmp, out_dir)
+            ranks.barrier()
+        except BaseException:
+            if rank == 0:
+                shutil.rmtree(tmp, ignore_errors=True)
+            raise
 
 
 def _plan_shards(shapes, dtype, shard_bytes) -> List[List[str]]:

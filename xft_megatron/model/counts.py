@@ -18,8 +18,8 @@ backward products). Attention scores and the weighted sum cost 4 s q per token a
 the full square; causal masking halves it, and x3 for forward + backward gives 6 L q s.
 MoE layers count ACTIVE parameters: the FFN once per expert a token uses (moe.topk, the shared
 expert included) plus the router's matmuls. The merge stage (train.stage=merge: `merge=True`)
-runs one merged FFN per layer and no router: it counts as the dense model (the per-micro-batch weighted sum of
-the expert weights is not per token and is left out).
+runs one merged FFN per layer and no router: it counts as the dense model (the per-micro-batch
+weighted sum of the expert weights is not per token and is left out).
 """
 
 from __future__ import annotations

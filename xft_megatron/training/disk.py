@@ -20,9 +20,8 @@ OPTIMIZER_BYTES = 12  # fp32 main parameter + exp_avg + exp_avg_sq
 def checkpoint_bytes(cfg: Config) -> Dict[str, int]:
     """{'weights', 'optimizer'}: bytes of one training checkpoint of `cfg`, all ranks."""
     total = parameter_counts(cfg.model, cfg.moe)["total"]
-    width = {"fp32": 4, "bf16": 2, "fp16": 2}[cfg.precision.dtype]
     trained = 0 if cfg.stage == "merge" else total
-    return {"weights": total * width, "optimizer": trained * OPTIMIZER_BYTES}
+    return {"weights": total * cfg.precision.width, "optimizer": trained * OPTIMIZER_BYTES}
 
 
 def saves_in_run(cfg: Config) -> int:

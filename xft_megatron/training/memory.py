@@ -59,7 +59,7 @@ def estimate(cfg: Config, world_size: int) -> MemoryEstimate:
         trained_dense, trained_expert = 0.0, 0.0
     else:
         trained_dense, trained_expert = dense_params, expert_params
-    width = {"fp32": 4, "bf16": 2, "fp16": 2}[cfg.precision.dtype]
+    width = cfg.precision.width
     state = 8 + (4 if cfg.precision.dtype != "fp32" else 0)
     weights = (dense_params + expert_params) * width
     grads = (trained_dense + trained_expert) * 4
