@@ -31,7 +31,7 @@ def _quickstart(args):
         router_seed=args.router_seed, pretrain_lr=args.pretrain_lr, tune_lr=args.tune_lr,
         base=args.base, experts=args.experts, topk=args.topk, moe_every=args.moe_every,
         merge_steps=args.merge_steps, humaneval=args.humaneval,
-        humaneval_tokens=args.humaneval_tokens)
+        humaneval_tokens=args.humaneval_tokens, drop_ratio=args.drop_ratio)
     quickstart.run(args.out, settings, overrides=args.overrides)
 
 
@@ -93,7 +93,7 @@ def _upcycle(args):
                     router_gate=args.router_gate, layer_freq=args.layer_freq,
                     router_noise=not args.no_router_noise)
     path = upcycle_checkpoint(args.ckpt, args.out, moe, seed=args.seed, noise_std=args.noise,
-                              hf_dir=hf_dir, layout=_layout(args))
+                              hf_dir=hf_dir, layout=_layout(args), drop_ratio=args.drop_ratio)
     print(f"wrote {path}")
 
 
@@ -256,6 +256,9 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--topk", type=int, default=qs.topk, help="experts per token")
     q.add_argument("--moe-every", type=int, default=qs.moe_every,
                    help="every N-th layer becomes MoE (1 = all)")
+    q.add_argument("--drop-ratio", type=float, default=qs.drop_ratio, metavar="R",
+                   help="Drop-Upcycling at every upcycling: re-initialize a fraction R in "
+                   "[0, 1) of each routed expert's FFN neurons (default 0: exact copies)")
     q.add_argument("--merge-steps", type=int, default=None,
                    help="learnable-merge steps (default a fifth of --sft-steps, at least 10)")
     q.add_argument("--humaneval", type=int, default=qs.humaneval,
@@ -304,7 +307,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="which layers become MoE: all (default) | every-N (layers 0, N, 2N, ..)")
     u.add_argument("--noise", type=float, default=0.0,
                    help="std of noise added to routed expert copies (ablation; default 0)")
-    u.add_argument("--seed", type=int, default=0, help="router initialization seed")
+    u.add_argument("--drop-ratio", type=float, default=0.0, metavar="R",
+                   help="Drop-Upcycling: re-initialize a seeded random fraction R in [0, 1) of "
+                   "each routed expert's FFN neurons from the dense weights' mean/std (the "
+                   "shared expert stays an exact copy; default 0: exact copies)")
+    u.add_argument("--seed", type=int, default=0,
+                   help="router initialization seed (also of --noise and --drop-ratio)")
     _add_layout_flags(u, _STORED, etp=True)
     u.set_defaults(func=_upcycle)
 

@@ -122,6 +122,12 @@ class MoEConfig:
     dispatcher: str = "alltoall"  # alltoall | allgather
     experts_impl: str = "grouped"  # grouped (one grouped GEMM) | sequential (Megatron's)
     router_init_std: float = 0.02
+    # noisy gating's schedule: 0 = constant noise; N > 0 = the noise scale is multiplied by
+    # max(0, 1 - step / N), reaching zero (clean routing) at step N (router_noise=false: none)
+    router_noise_anneal_steps: int = 0
+    # per-layer routing diagnostics every step (clean-logit spread against the noise scale,
+    # routed sets that survive the noise, clean routing entropy): moe.routing.DIAGNOSTICS
+    diagnostics: bool = True
     merge_shared_weight: float = 0.75  # lambda: the shared expert's fixed merge coefficient in
     # the merge stage (train.stage=merge)
 
@@ -144,6 +150,10 @@ class MoEConfig:
         _require(self.z_loss_coeff >= 0, f"moe.z_loss_coeff={self.z_loss_coeff} must be >= 0")
         _require(self.router_init_std > 0,
                  f"moe.router_init_std={self.router_init_std} must be > 0")
+        _require(isinstance(self.router_noise_anneal_steps, int) and
+                 self.router_noise_anneal_steps >= 0,
+                 f"moe.router_noise_anneal_steps={self.router_noise_anneal_steps!r} must be an "
+                 "integer >= 0 (0 = constant noise)")
         _require(isinstance(self.layer_freq, int) and self.layer_freq >= 1,
                  f"moe.layer_freq={self.layer_freq!r} must be an integer >= 1")
         _require(0.0 <= self.merge_shared_weight <= 1.0,
@@ -183,6 +193,14 @@ class MoEConfig:
     def routed_topk(self) -> int:
         """Routed experts selected per token."""
         return self.topk - 1 if self.has_shared_expert else self.topk
+
+    def noise_multiplier(self, step: int) -> float:
+        """The factor on the router's noise scale at (0-based) optimizer step `step`."""
+        if not self.router_noise:
+            return 0.0
+        if not self.router_noise_anneal_steps:
+            return 1.0
+        return max(0.0, 1.0 - step / self.router_noise_anneal_steps)
 
     def is_moe_layer(self, layer_index: int) -> bool:
         """Whether global layer `layer_index` (0-based) is an MoE layer."""

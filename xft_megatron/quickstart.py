@@ -59,6 +59,7 @@ class Settings:
     seq_length: int = 512  # tokens per row (longer instruction records are dropped)
     seed: int = 1234  # training: initialization, data order, noisy gating
     router_seed: int = 0  # router initialization at upcycling
+    drop_ratio: float = 0.0  # Drop-Upcycling: routed experts' FFN neurons re-initialized
     pretrain_lr: float = 3e-3  # peak LR of pretraining (min: a tenth)
     tune_lr: float = 1e-3  # peak LR of every instruction tuning (min: a tenth)
     base: Optional[str] = None  # an HF model directory to start from instead of pretraining
@@ -84,6 +85,10 @@ class Settings:
             raise UsageError("learning rates must be > 0")
         if self.merge_steps is not None and self.merge_steps < 1:
             raise UsageError(f"merge_steps must be >= 1, got {self.merge_steps}")
+        if not 0.0 <= self.drop_ratio < 1.0:
+            raise UsageError(f"--drop-ratio must be in [0, 1) (the fraction of each routed "
+                             f"expert's FFN neurons re-initialized at upcycling; 0 = exact "
+                             f"copies), got {self.drop_ratio}")
         if not 0 <= self.humaneval <= 164:
             raise UsageError(f"humaneval must be in [0, 164], got {self.humaneval}")
         if self.base is not None:
@@ -178,7 +183,8 @@ def pipeline_spec(out_dir: str, s: Settings, overrides: Sequence[str] = (),
         out=out_dir, base=base, moe=s.moe("xft"), common=tuple(common), sft=tune,
         moe_train=tune, merge=TrainSpec(overrides=(sft_data,) + budget(s.merge_budget(),
                                                                        MERGE_LR)),
-        router_seed=s.router_seed, shared_weight=SHARED_WEIGHT, ablations=s.ablations,
+        router_seed=s.router_seed, drop_ratio=s.drop_ratio, shared_weight=SHARED_WEIGHT,
+        ablations=s.ablations,
         branches=("sft", "xft"), fold_hf="hf" if single else None,
         evaluation=EvalSpec(heldout=d("data", "heldout.jsonl"), cache_dir=d("data_cache"),
                             tokenizer=tokenizer, seq_length=s.seq_length, humaneval=he))
@@ -269,7 +275,9 @@ def _settings_section(data: Dict, run_info: Dict) -> str:
         f", {m.num_layers} layers, hidden {m.hidden_size}, FFN "
         f"{m.ffn_hidden_size}, {m.num_attention_heads} heads / {m.num_query_groups} KV groups, "
         f"vocabulary {m.vocab_size}: {m.num_parameters():,} parameters dense; MoE "
-        f"({experts} experts, top-{topk}, every {s['moe_every']} layer(s)) {moe['total']:,} "
+        f"({experts} experts, top-{topk}, every {s['moe_every']} layer(s)"
+        + (f", Drop-Upcycling r={s['drop_ratio']:g}" if s.get("drop_ratio") else "") +
+        f") {moe['total']:,} "
         f"total / {moe['active']:,} active; "
         f"{cfg.precision.dtype}",
         "- budget: " + ("" if s["base"] else f"pretraining {s['steps']} steps; ") + f"{tuned}: {s['sft_steps']} steps each on "
@@ -310,6 +318,11 @@ def _finish(out_dir, data, stages, losses, run_info, seconds) -> Dict:
              report.plot_expert_load(report.read_metrics(d("xft_moe")), d("expert_load.png")),
              report.plot_merge_coefficients(stages["merge"]["result"]["merge_coefficients"],
                                             d("merge_coefficients.png"))]
+    routing, routing_plots = report.routing_section(
+        {"xft moe": d("xft_moe"), "vanilla moe": d("vanilla_moe"), "none moe": d("none_moe")},
+        out_dir)
+    if routing:
+        say("\n" + routing.split("\n\n")[-1])  # the verdicts
     hf_dir = d("xft_merged", "hf")
     completion = _generate(hf_dir, d("data", "heldout.jsonl")) \
         if os.path.isdir(hf_dir) else ("(launched on several processes: export with `xft "
@@ -321,7 +334,9 @@ def _finish(out_dir, data, stages, losses, run_info, seconds) -> Dict:
                                                                   else "")
                                      for k, v in stages.items()) + f"; total {seconds:.0f}s.",
         _settings_section(data, run_info),
-        *[f"![{os.path.basename(p)}]({os.path.basename(p)})" for p in plots if p],
+        *([routing] if routing else []),
+        *[f"![{os.path.basename(p)}]({os.path.basename(p)})" for p in plots + routing_plots
+          if p],
         "A completion by the folded (dense) XFT model, loaded with transformers from "
         f"`xft_merged/hf/`:\n\n```python\n{completion}\n```",
     ]

@@ -1,10 +1,11 @@
 """Reports of a pipeline run (the quickstart's, the recipe's Report step): markdown tables of
-the models' scores and the training stages, PNG plots (loss curves, per-layer expert load,
-learned merge coefficients) from the stages' metrics files."""
+the models' scores and the training stages, the MoE stages' routing (figures, a one-line
+verdict), PNG plots (loss curves, per-layer expert load, routing diagnostics, expert
+divergence, learned merge coefficients) from the stages' metrics files."""
 
 import json
 import os
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Tuple
 
 
 def read_metrics(stage_dir: str) -> List[Dict]:
@@ -89,6 +90,144 @@ def plot_merge_coefficients(coefficients: Dict[str, List[float]], path: str) -> 
     ax.legend(fontsize=7, ncol=2)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def _mean(values) -> Optional[float]:
+    values = list(values)
+    return sum(values) / len(values) if values else None
+
+
+def routing_figures(summary: Dict) -> Optional[Dict[str, float]]:
+    """Means over the MoE layers of an MoE stage's summary.json (its last steps' routing and
+    the final expert divergence), or None without routing diagnostics."""
+    routing = summary.get("routing") or {}
+    if "set_survives" not in routing:
+        return None
+    layers = [i for i, g in enumerate(routing.get("shared_weight", [])) if g] or \
+        [i for i, v in enumerate(routing["clean_entropy"]) if v]
+    fig = {key: _mean(routing[key][i] for i in layers) for key in routing}
+    div = summary.get("expert_divergence") or {}
+    fig["to_shared"] = _mean(x for d in div.values() for x in d.get("to_shared", []))
+    fig["between_routed"] = _mean(d["between_routed"] for d in div.values())
+    return fig
+
+
+def routing_verdict(fig: Dict[str, float]) -> str:
+    """One line on whether the router routes by content or by its noise (`routing_figures`)."""
+    moved = ""
+    if fig.get("to_shared") is not None:
+        moved = (f"; the routed experts moved {fig['to_shared']:.2e} (relative) from the "
+                 f"shared one, {fig['between_routed']:.2e} from each other")
+    elif fig.get("between_routed") is not None:
+        moved = f"; the experts moved {fig['between_routed']:.2e} (relative) from each other"
+    noise, spread = fig.get("noise_scale") or 0.0, fig["clean_spread"]
+    if noise > 0 and fig["set_survives"] < 0.5:
+        return (f"noise-dominated routing: the clean gate logits spread {spread:.2g} against a "
+                f"noise scale of {noise:.2g}, and only {fig['set_survives']:.0%} of the tokens "
+                "keep their routed set under the noise, so each routed expert sees near-random "
+                "tokens" + moved)
+    if fig["clean_entropy"] > 0.99:
+        return (f"near-uniform routing: the clean routing distribution is almost flat (entropy "
+                f"{fig['clean_entropy']:.3f} of the maximum), the router barely prefers an "
+                "expert" + moved)
+    return (f"content-dependent routing: {fig['set_survives']:.0%} of the tokens keep their "
+            f"routed set under the noise, clean routing entropy {fig['clean_entropy']:.3f} of "
+            "the maximum" + moved)
+
+
+def routing_section(stages: Dict[str, str], out_dir: str) -> Tuple[Optional[str], List[str]]:
+    """Markdown on the MoE stages' routing (label -> stage folder): a table of the routing
+    figures and a verdict per stage, and plots of the first stage's diagnostics over the
+    steps and of its expert divergence over its checkpoints. (None, []) without
+    diagnostics."""
+    rows = {}
+    for label, folder in stages.items():
+        path = os.path.join(folder, "summary.json")
+        if os.path.isfile(path):
+            with open(path) as f:
+                fig = routing_figures(json.load(f))
+            if fig:
+                rows[label] = fig
+    if not rows:
+        return None, []
+    fmt = lambda v, f: "-" if v is None else f.format(v)  # noqa: E731
+    lines = ["| stage | g0 | sets kept under noise | clean spread | noise scale | "
+             "clean entropy | to shared | between routed |", "|---" * 8 + "|"]
+    for label, f in rows.items():
+        lines.append(f"| {label} | {fmt(f.get('shared_weight'), '{:.3f}')} | "
+                     f"{f['set_survives']:.2f} | {f['clean_spread']:.3g} | "
+                     f"{f.get('noise_scale', 0):.3g} | {f['clean_entropy']:.3f} | "
+                     f"{fmt(f.get('to_shared'), '{:.2e}')} | "
+                     f"{fmt(f.get('between_routed'), '{:.2e}')} |")
+    text = ("Routing (means over the MoE layers and the last steps; expert distances relative "
+            "to the shared expert's norm, at the end):\n\n" + "\n".join(lines) + "\n\n" +
+            "\n".join(f"- {label}: {routing_verdict(f)}" for label, f in rows.items()))
+    first = next(iter(rows))
+    metrics = read_metrics(stages[first])
+    plots = [plot_routing(metrics, os.path.join(out_dir, "routing.png"), first),
+             plot_divergence(metrics, os.path.join(out_dir, "expert_divergence.png"), first)]
+    return text, [p for p in plots if p]
+
+
+def plot_routing(rows: List[Dict], path: str, label: str = "moe") -> Optional[str]:
+    """Per MoE layer over the steps: sets kept under noise, clean spread vs noise scale,
+    clean entropy, g_0."""
+    rows = [r for r in rows if "set_survives" in r]
+    if not rows:
+        return None
+    layers = [i for i, row in enumerate(rows[-1]["expert_load"]) if any(row)]
+    steps = [r["step"] for r in rows]
+    plt = _pyplot()
+    fig, axes = plt.subplots(2, 2, figsize=(10, 6), sharex=True)
+    panels = (("set_survives", "routed sets kept under the noise"),
+              ("clean_spread", "clean logit spread (dashed: noise scale)"),
+              ("clean_entropy", "clean routing entropy / max"),
+              ("shared_weight", "mean shared-expert weight g0"))
+    for ax, (key, title) in zip(axes.flat, panels):
+        for i in layers:
+            line, = ax.plot(steps, [r[key][i] for r in rows], lw=1, label=f"layer {i}")
+            if key == "clean_spread":
+                ax.plot(steps, [r["noise_scale"][i] for r in rows], lw=1, ls="--",
+                        color=line.get_color())
+        if key == "clean_spread":
+            ax.set_yscale("log")
+        else:
+            ax.set_ylim(0, 1.02)  # fractions, normalized entropy, weights
+        ax.set_title(title, fontsize=9)
+        ax.grid(alpha=0.3)
+    axes[1, 0].set_xlabel("step")
+    axes[1, 1].set_xlabel("step")
+    axes[0, 0].legend(fontsize=7, ncol=2)
+    fig.suptitle(f"routing diagnostics: {label}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def plot_divergence(rows: List[Dict], path: str, label: str = "moe") -> Optional[str]:
+    """Per MoE layer, the mean relative distance of the routed experts to the shared one (or,
+    without a shared expert, between experts) at each checkpoint."""
+    rows = [r for r in rows if r.get("expert_divergence")]
+    if not rows:
+        return None
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for layer in sorted(rows[-1]["expert_divergence"], key=int):
+        pts = [(r["step"], r["expert_divergence"][layer]) for r in rows
+               if layer in r["expert_divergence"]]
+        ys = [_mean(d["to_shared"]) if d.get("to_shared") else d["between_routed"]
+              for _, d in pts]
+        ax.plot([s for s, _ in pts], ys, marker="o", lw=1, label=f"layer {layer}")
+    ax.set_xlabel("step")
+    ax.set_ylabel("relative distance of routed experts\nto the shared expert")
+    ax.set_title(f"expert divergence: {label}")
+    ax.legend(fontsize=7, ncol=2)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
 

@@ -31,14 +31,19 @@ COEFFICIENT_CHOICES = ("uniform", "shared-only", "learned")
 
 def upcycle_checkpoint(src: Optional[str], out: str, moe: MoEConfig, seed: int = 0,
                        noise_std: float = 0.0, hf_dir: Optional[str] = None,
-                       layout: Optional[Dict] = None) -> str:
+                       layout: Optional[Dict] = None, drop_ratio: float = 0.0) -> str:
     """Dense checkpoint (or HF directory) -> XFT MoE checkpoint; returns the written folder.
-    `layout`: the parallel section stored with it (validated against the MoE settings)."""
+    `layout`: the parallel section stored with it (validated against the MoE settings).
+    `noise_std`, `drop_ratio`: routed-copy noise and Drop-Upcycling (transforms/upcycle.py)."""
     directory.require_empty_dir(out)
     if not moe.enabled:
         raise ConfigError("upcycling needs --num-experts > 0")
     if noise_std < 0:
         raise UsageError(f"--noise must be >= 0, got {noise_std}")
+    if not 0.0 <= drop_ratio < 1.0:  # NaN too
+        raise UsageError(f"--drop-ratio must be in [0, 1) (the fraction of each routed "
+                         f"expert's FFN neurons re-initialized; 0 = exact copies), got "
+                         f"{drop_ratio}")
     tmp = None
     if hf_dir:
         tmp = ranks.broadcast(out.rstrip("/") + ".dense-tmp" if ranks.world()[0] == 0 else None)
@@ -56,7 +61,8 @@ def upcycle_checkpoint(src: Optional[str], out: str, moe: MoEConfig, seed: int =
         hidden = dense_cfg.model.hidden_size
 
         def group(g: Hashable) -> Dict[str, torch.Tensor]:
-            return dict(upcycle(reader.read(names[g]), moe, hidden, seed, noise_std))
+            return dict(upcycle(reader.read(names[g]), moe, hidden, seed, noise_std,
+                                drop_ratio))
 
         layout_out = stream.layout_of(cfg)
         def write(folder: str) -> None:

@@ -7,13 +7,14 @@ different tokens; both gather the layers from every pipeline stage. `collect_rou
 called before `collect`, which resets the accumulators.
 """
 
-from typing import List, Tuple
+from typing import Dict, List
 
 import torch
 import torch.distributed as dist
 from megatron.core import parallel_state as ps
 
 from xft_megatron import compat
+from xft_megatron.moe import routing
 from xft_megatron.moe.router import XFTRouter
 
 
@@ -39,13 +40,30 @@ def collect(chunks: List, num_layers: int) -> torch.Tensor:
     return per_layer.cpu()
 
 
+def set_step_settings(chunks: List, noise_multiplier: float = None,
+                      aux_loss_scale: float = None) -> None:
+    """Per-step router settings: the factor on the noise scale (`MoEConfig.noise_multiplier`)
+    and the factor on the router losses' gradient (`training.step.forward_backward`)."""
+    for r in routers(chunks):
+        if noise_multiplier is not None:
+            r.noise_multiplier = float(noise_multiplier)
+        if aux_loss_scale is not None:
+            r.aux_loss_scale = float(aux_loss_scale)
+
+
+def has_routers(chunks: List) -> bool:
+    return next(routers(chunks), None) is not None
+
+
 def collect_routing(chunks: List, num_layers: int, num_experts: int
-                    ) -> Tuple[torch.Tensor, torch.Tensor]:
-    """(load [num_layers, num_experts], g0 [num_layers]) float64 on CPU, identical on every
-    rank: the fraction of the step's tokens sent to each expert (the shared expert: 1) and
-    the mean shared-expert weight g_0 per MoE layer; zeros for dense layers."""
-    stats = torch.zeros(num_layers, num_experts + 2, dtype=torch.float64,
-                        device=compat.device())
+                    ) -> Dict[str, List]:
+    """Per-layer routing of the step's tokens, identical on every rank, zeros for dense
+    layers: `expert_load` [num_layers][num_experts], the fraction of tokens sent to each
+    expert (the shared expert: 1); `shared_weight` [num_layers], the mean shared-expert
+    weight g_0; and, when the routers compute them (`moe.diagnostics`), each of
+    `routing.DIAGNOSTICS` [num_layers] as a mean over tokens."""
+    width = num_experts + 3 + len(routing.DIAGNOSTICS)
+    stats = torch.zeros(num_layers, width, dtype=torch.float64, device=compat.device())
     sequence_parallel = False
     for r in routers(chunks):
         if r.routing_stats is not None:
@@ -56,5 +74,10 @@ def collect_routing(chunks: List, num_layers: int, num_experts: int
     dist.all_reduce(stats, group=ps.get_data_parallel_group())
     dist.all_reduce(stats, group=ps.get_pipeline_model_parallel_group())
     stats = stats.cpu()
-    tokens = stats[:, -1:].clamp(min=1)
-    return stats[:, :num_experts] / tokens, stats[:, num_experts] / tokens[:, 0]
+    tokens = stats[:, num_experts + 1:num_experts + 2].clamp(min=1)  # [layers, 1]
+    out = {"expert_load": (stats[:, :num_experts] / tokens).tolist(),
+           "shared_weight": (stats[:, num_experts] / tokens[:, 0]).tolist()}
+    if stats[:, num_experts + 2].any():  # the routers computed diagnostics (moe.diagnostics)
+        for j, name in enumerate(routing.DIAGNOSTICS):
+            out[name] = (stats[:, num_experts + 3 + j] / tokens[:, 0]).tolist()
+    return out

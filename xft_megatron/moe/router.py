@@ -35,6 +35,7 @@ class RouterSettings:
     z_loss_coeff: float = 0.0
     capacity_factor: Optional[float] = None
     init_std: float = 0.02
+    diagnostics: bool = True  # per-layer routing diagnostics (routing.DIAGNOSTICS) per step
 
     @classmethod
     def from_config(cls, moe) -> "RouterSettings":
@@ -42,7 +43,7 @@ class RouterSettings:
                    gate=moe.router_gate, noise=moe.router_noise, renorm=moe.renorm,
                    balance_loss=moe.balance_loss, balance_coeff=moe.balance_coeff,
                    z_loss_coeff=moe.z_loss_coeff, capacity_factor=moe.capacity_factor,
-                   init_std=moe.router_init_std)
+                   init_std=moe.router_init_std, diagnostics=moe.diagnostics)
 
 
 class _SumOverGroup(torch.autograd.Function):
@@ -96,6 +97,10 @@ class XFTRouter(MegatronModule):
             # with sequence parallelism each TP rank routes different tokens: finalize_model_grads
             # all-reduces parameters carrying this flag over the TP group
             setattr(p, "sequence_parallel", config.sequence_parallel)
+        # set by the training step (`moe.losses.set_step_settings`): the factor on the noise
+        # scale (the annealing schedule) and the factor on the router losses' gradient
+        self.noise_multiplier = 1.0
+        self.aux_loss_scale = 1.0
         self.reset_loss_stats()
 
     # ------------------------------------------------------------------ Megatron interface
@@ -110,16 +115,18 @@ class XFTRouter(MegatronModule):
         x = hidden_states.reshape(-1, hidden_states.shape[-1]).float()  # [T, h]
         logits = self.gate_logits(x)  # [T, R]
         noisy, noise_std = logits, None
-        if s.noise and self.training:
-            noise_std = F.softplus(F.linear(x, self.noise_weight.float())) + _NOISE_FLOOR
+        if s.noise and self.training and self.noise_multiplier > 0:
+            noise_std = (F.softplus(F.linear(x, self.noise_weight.float())) + _NOISE_FLOOR) \
+                * self.noise_multiplier
             noisy = logits + self._standard_normal(logits) * noise_std
         probs = torch.softmax(noisy, dim=-1)  # [T, R] fp32
         weights, selected = routing.expert_weights(probs, s.routed_topk, s.mode, s.renorm)
+        routed = selected[:, self._routed_offset():]  # [T, R], before any capacity drop
         if s.capacity_factor is not None:
             weights, selected = self._drop_over_capacity(weights, selected)
         if self.training and torch.is_grad_enabled():
             weights = self._attach_losses(weights, logits, noisy, noise_std, probs, selected)
-            self._count_routing(weights, selected)
+            self._count_routing(weights, selected, logits, noise_std, routed)
         return weights, selected
 
     # ------------------------------------------------------------------ pieces
@@ -181,20 +188,28 @@ class XFTRouter(MegatronModule):
             value = total.detach().double()
             self.loss_sum = value if self.loss_sum is None else self.loss_sum + value
             self.loss_count += 1
-            # Megatron divides all gradients by the global loss-token count when
-            # calculate_per_token_loss is on; scaling by this micro-batch's token count
-            # makes the loss count once per micro-batch, weighted by its tokens.
-            weights = MoEAuxLossAutoScaler.apply(weights, total * n_total)
+            # The reference adds coefficient x loss once per forward, whatever the loss mask.
+            # Megatron divides every gradient by the global loss-token count, so the training
+            # step sets aux_loss_scale = loss tokens / forwards of the global batch: the
+            # gradient is then that of the mean over forwards of `total`, the value logged.
+            weights = MoEAuxLossAutoScaler.apply(weights, total * self.aux_loss_scale)
         return weights
 
-    def _count_routing(self, weights, selected) -> None:
-        """Tokens per expert and the summed shared-expert weight g_0 (device tensors, no
-        host sync); this rank's tokens only (`moe.losses` sums them over the layout)."""
+    def _count_routing(self, weights, selected, logits, noise_std, routed) -> None:
+        """Tokens per expert, the summed shared-expert weight g_0, the token count and (with
+        `diagnostics`) the sums of `routing.DIAGNOSTICS` (device tensors, no host sync);
+        this rank's tokens only (`moe.losses` sums them over the layout)."""
         with torch.no_grad():
             counts = selected.sum(dim=0, dtype=torch.float64)  # [E]
             g0 = weights[:, 0].detach().double().sum() if self._routed_offset() else \
                 counts.new_zeros(())
-            stats = torch.cat([counts, g0.reshape(1), counts.new_full((1,), selected.shape[0])])
+            if self.settings.diagnostics:  # a leading 1 says they were computed
+                diag = torch.cat([counts.new_ones(1), routing.diagnostic_sums(
+                    logits, noise_std, routed, self.settings.routed_topk)])
+            else:
+                diag = counts.new_zeros(1 + len(routing.DIAGNOSTICS))
+            stats = torch.cat([counts, g0.reshape(1), counts.new_full((1,), selected.shape[0]),
+                               diag])
             self.routing_stats = stats if self.routing_stats is None else \
                 self.routing_stats + stats
 
@@ -204,4 +219,6 @@ class XFTRouter(MegatronModule):
         (`moe.losses`)."""
         self.loss_sum = None  # float64 on the model's device
         self.loss_count = 0
-        self.routing_stats = None  # [E + 2]: tokens per expert, sum of g_0, tokens
+        # [E + 3 + D]: tokens per expert, sum of g_0, tokens, micro-batches with diagnostics,
+        # sums of routing.DIAGNOSTICS
+        self.routing_stats = None

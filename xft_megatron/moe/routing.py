@@ -8,6 +8,7 @@ Layout of the returned weights: one column per expert of the MoE layer. In modes
 in the router's score order; in `vanilla` every column is a routed expert.
 """
 
+import math
 from typing import Tuple
 
 import torch
@@ -100,3 +101,29 @@ def switch_balance_loss(prob_sum: torch.Tensor, counts: torch.Tensor, k: int,
     R / (k * T^2) * sum_e prob_sum_e * count_e, with prob_sum_e = sum_t p_te."""
     r = prob_sum.shape[-1]
     return (prob_sum * counts).sum() * r / (k * num_tokens * num_tokens)
+
+
+# columns of `diagnostic_sums` (each a sum over tokens; divide by the token count)
+DIAGNOSTICS = ("clean_spread", "noise_scale", "set_survives", "clean_entropy")
+
+
+def diagnostic_sums(clean: torch.Tensor, noise_std, noisy_selected: torch.Tensor,
+                    k: int) -> torch.Tensor:
+    """[4] float64 sums over the T tokens of one micro-batch, in `DIAGNOSTICS` order:
+      clean_spread   std over the R experts of the clean gate logits h (population std)
+      noise_scale    mean over the R experts of the noise's standard deviation (0 without)
+      set_survives   1 where the clean top-k set equals the routed (noisy) one, else 0
+      clean_entropy  entropy of softmax(h), divided by log R (1 = uniform routing)
+    clean: [T, R] logits before noise; noise_std: [T, R] or None; noisy_selected: [T, R]
+    bool, the routed experts actually chosen (top-k of the noisy probabilities)."""
+    clean = clean.detach().double()
+    r = clean.shape[-1]
+    spread = clean.std(dim=-1, unbiased=False).sum()
+    noise = noise_std.detach().double().mean(dim=-1).sum() if noise_std is not None \
+        else clean.new_zeros(())
+    _, idx = select_topk(clean, k)
+    clean_sel = torch.zeros_like(noisy_selected).scatter(1, idx, True)
+    survives = (clean_sel == noisy_selected).all(dim=-1).double().sum()
+    logp = torch.log_softmax(clean, dim=-1)
+    entropy = -(logp.exp() * logp).sum(dim=-1).sum() / (math.log(r) if r > 1 else 1.0)
+    return torch.stack([spread, noise, survives, entropy])

@@ -131,28 +131,36 @@ class Train(Step):
 
 @dataclass(frozen=True)
 class Upcycle(Step):
-    """Dense checkpoint -> MoE checkpoint (`moe.mode`: xft or an ablation)."""
+    """Dense checkpoint -> MoE checkpoint (`moe.mode`: xft or an ablation), optionally with
+    Drop-Upcycling (`drop_ratio` > 0)."""
 
     ckpt: str = ""
     moe: MoEConfig = field(default_factory=MoEConfig)
-    seed: int = 0  # router initialization
+    seed: int = 0  # router initialization (and the Drop-Upcycling draws)
+    drop_ratio: float = 0.0  # fraction of each routed expert's FFN neurons re-initialized
     kind = "upcycle"
     partial = True
 
     def inputs(self):
         return (self.ckpt,)
 
+    def settings(self):  # ratio 0 leaves the digest of exact-copy runs as it was
+        return {k: v for k, v in super().settings().items()
+                if k != "drop_ratio" or self.drop_ratio != 0}
+
     def argv(self, dest):
         m = self.moe
         return ["upcycle", "--ckpt", self.ckpt, "--out", dest, "--num-experts",
                 str(m.num_experts), "--topk", str(m.topk), "--mode", m.mode, "--router-gate",
                 m.router_gate, "--layers", str(m.layer_freq), "--seed", str(self.seed)] + \
-            ([] if m.router_noise else ["--no-router-noise"])
+            ([] if m.router_noise else ["--no-router-noise"]) + \
+            (["--drop-ratio", str(self.drop_ratio)] if self.drop_ratio else [])
 
     def run(self, dest):
         from xft_megatron.upcycle_merge import upcycle_checkpoint
 
-        return upcycle_checkpoint(self.ckpt, dest, self.moe, seed=self.seed)
+        return upcycle_checkpoint(self.ckpt, dest, self.moe, seed=self.seed,
+                                  drop_ratio=self.drop_ratio)
 
 
 @dataclass(frozen=True)
@@ -308,8 +316,9 @@ class Report(Step):
     """FOLDER/report.md and results.json over what the other steps wrote (this process): per
     model its held-out loss (the EvalLoss step's result) and HumanEval pass@1 (each HumanEval
     step's humaneval.json), per training stage its steps, final loss, throughput and time
-    (summary.json); plots of the tuning losses, the MoE's per-layer expert load and the
-    learned merge coefficients."""
+    (summary.json); the MoE stage's routing figures and verdict (`report.routing_section`);
+    plots of the tuning losses, the MoE's per-layer expert load, routing diagnostics and
+    expert divergence, and the learned merge coefficients."""
 
     title: str = "XFT report"
     heldout: Optional[str] = None  # the EvalLoss step's folder
@@ -354,10 +363,15 @@ class Report(Step):
                                          here("expert_load.png")) if self.moe_stage else None,
                  report.plot_merge_coefficients((merge or {}).get("merge_coefficients"),
                                                 here("merge_coefficients.png"))]
+        routing, routing_plots = report.routing_section(
+            {label: folder for label, folder in self.stages if folder == self.moe_stage}, dest) \
+            if self.moe_stage else (None, [])
         sections = [("Scores (held-out instruction loss; HumanEval pass@1, greedy):\n\n" +
                      report.results_table(models)) if models else "No model scores yet.",
                     "Training stages:\n\n" + report.stages_table(stages),
-                    *[f"![{os.path.basename(p)}]({os.path.basename(p)})" for p in plots if p]]
+                    *([routing] if routing else []),
+                    *[f"![{os.path.basename(p)}]({os.path.basename(p)})"
+                      for p in plots + routing_plots if p]]
         report.write_markdown(os.path.join(dest, "report.md"), self.title, sections)
         result = {"models": models, "stages": {k: {f: s.get(f) for f in (
             "steps_done", "final_loss", "tokens_per_s", "seconds")} for k, s in stages.items()}}

@@ -96,6 +96,7 @@ class PipelineSpec:
     moe_train: TrainSpec = TrainSpec()  # the MoE (XFT and the ablations)
     merge: TrainSpec = TrainSpec()  # the learnable merge
     router_seed: int = 0
+    drop_ratio: float = 0.0  # Drop-Upcycling at every upcycling (XFT and the ablations)
     shared_weight: float = 0.75  # lambda of the merge and the fold
     ablations: Tuple[str, ...] = ()  # upcycling modes tuned like XFT: vanilla, none
     branches: Tuple[str, ...] = ("sft", "xft")  # which branches, in this order
@@ -109,6 +110,8 @@ class PipelineSpec:
         unknown = set(self.branches) - {"sft", "xft"}
         if unknown or not self.branches:
             raise ValueError(f"branches must be among sft, xft, got {self.branches}")
+        if not 0.0 <= self.drop_ratio < 1.0:  # refused before any step runs
+            raise ValueError(f"drop_ratio must be in [0, 1), got {self.drop_ratio}")
 
     def path(self, role: Role) -> str:
         return os.path.join(self.out, role[1])
@@ -152,6 +155,7 @@ def build(spec: PipelineSpec) -> List[Step]:
     models = [("base", base)]
     stages: List[Role] = []  # (label, training step folder), for the report
     m = spec.moe
+    drop = f", Drop-Upcycling r={spec.drop_ratio:g}" if spec.drop_ratio else ""
     for branch in spec.branches:
         if branch == "sft":
             steps.append(train(n.sft, "sft", base, spec.sft,
@@ -168,8 +172,8 @@ def build(spec: PipelineSpec) -> List[Step]:
                     scores.append(("sft (dense)", p(n.eval_sft)))
             continue
         steps.append(Upcycle(n.upcycle[0], f"dense -> XFT MoE ({m.num_experts} experts, "
-                             f"top-{m.topk})", p(n.upcycle), ckpt=base, moe=m,
-                             seed=spec.router_seed))
+                             f"top-{m.topk}{drop})", p(n.upcycle), ckpt=base, moe=m,
+                             seed=spec.router_seed, drop_ratio=spec.drop_ratio))
         steps.append(train(n.moe, "moe", p(n.upcycle), spec.moe_train,
                            "instruction-tune the MoE"))
         steps.append(train(n.merge, "merge", p(n.moe), spec.merge,
@@ -192,8 +196,8 @@ def build(spec: PipelineSpec) -> List[Step]:
         tuned = (f"{mode}_moe", f"{mode}_moe")
         ablation = replace(m, mode=mode)
         steps.append(Upcycle(upcycled[0], f"dense -> {mode} MoE (ablation, {m.num_experts} "
-                             f"experts, top-{m.topk})", p(upcycled), ckpt=base, moe=ablation,
-                             seed=spec.router_seed))
+                             f"experts, top-{m.topk}{drop})", p(upcycled), ckpt=base,
+                             moe=ablation, seed=spec.router_seed, drop_ratio=spec.drop_ratio))
         steps.append(train(tuned, "moe", p(upcycled), spec.moe_train,
                            f"instruction-tune the {mode} MoE (ablation)"))
         models.append((f"{mode} moe (ablation)", p(tuned)))

@@ -25,6 +25,8 @@ from xft_megatron.config import Config
 from xft_megatron.errors import UserError
 from xft_megatron.model import names
 from xft_megatron.model.builder import build_model, count_parameters, transformer_config
+from xft_megatron.moe import divergence, routing
+from xft_megatron.moe import losses as moe_losses
 from xft_megatron.moe.merge_mlp import gather_coefficients
 from xft_megatron.training import flops, rng
 from xft_megatron.training.metrics import Metrics, peak_memory_gib
@@ -51,7 +53,22 @@ class RunResult:
     stopped_early: bool = False
     moe_losses: List[float] = field(default_factory=list)  # router losses per step (MoE)
     merge_coefficients: Dict[int, List[float]] = field(default_factory=dict)  # merge stage
+    expert_divergence: Dict = field(default_factory=dict)  # MoE stage: at the last save/end
     summary: Dict = field(default_factory=dict)
+
+
+ROUTING_WINDOW = 10  # the summary's routing figures are means over the last steps
+
+
+def routing_means(rows: List[Dict]) -> Dict[str, List[float]]:
+    """Per-layer means over `rows` (step stats) of g_0 and the routing diagnostics."""
+    keys = ("shared_weight",) + routing.DIAGNOSTICS
+    out = {}
+    for key in keys:
+        series = [r[key] for r in rows if key in r]
+        if series:
+            out[key] = [sum(col) / len(series) for col in zip(*series)]
+    return out
 
 
 def _latest_training_checkpoint(root: Optional[str]) -> Optional[str]:
@@ -156,11 +173,15 @@ def _train(cfg, info, data, progress, resume, should_stop, extra_files, loss_hoo
     world = info.world_size
     run_start, tokens_seen = time.perf_counter(), 0
     batches = _Prefetcher(data, t.micro_batch_size, t.train_steps)
+    track_divergence = cfg.stage == "moe" and cfg.moe.diagnostics
+    routing_window: List[Dict] = []  # the last steps' stats, for the summary's routing means
     try:
         for step in range(start, t.train_steps):
             step_start = time.perf_counter()
             mbs = batches.get(step)
             data_seconds = time.perf_counter() - step_start
+            if cfg.moe.enabled:
+                moe_losses.set_step_settings(chunks, cfg.moe.noise_multiplier(step))
             stats = train_step(chunks, optimizer, scheduler, mbs, t.seq_length, t.clip_grad,
                                loss_hook=loss_hook)
             finite = math.isfinite(stats["loss"]) and (
@@ -188,11 +209,19 @@ def _train(cfg, info, data, progress, resume, should_stop, extra_files, loss_hoo
             result.losses.append(stats["loss"])
             result.moe_losses.append(stats["moe_loss"])
             result.steps_done = step + 1
-            metrics.log(step + 1, stats)
+            if cfg.moe.enabled and cfg.moe.router_noise:
+                stats["noise_multiplier"] = cfg.moe.noise_multiplier(step)
+            routing_window = (routing_window + [stats])[-ROUTING_WINDOW:]
             stop = should_stop is not None and _any_rank(should_stop())
             last = step + 1 == t.train_steps
             periodic = c.save_interval and (step + 1) % c.save_interval == 0
-            if c.save and (stop or (last and c.final) or periodic):
+            saving = c.save and (stop or (last and c.final) or periodic)
+            if track_divergence and (saving or last or stop):  # the weights being saved
+                result.expert_divergence = stats["expert_divergence"] = \
+                    divergence.expert_divergence(chunks, cfg.model.num_layers,
+                                                 cfg.moe.num_experts, cfg.moe.has_shared_expert)
+            metrics.log(step + 1, stats)
+            if saving:
                 result.checkpoint = save(step + 1, final=last)
             if stop:
                 result.stopped_early = not last
@@ -214,6 +243,9 @@ def _train(cfg, info, data, progress, resume, should_stop, extra_files, loss_hoo
             "peak_memory_gib": peak_memory_gib(), "seconds": seconds,
             "checkpoint": result.checkpoint, "merge_coefficients": result.merge_coefficients,
         }
+        if cfg.stage == "moe":
+            result.summary["routing"] = routing_means(routing_window)
+            result.summary["expert_divergence"] = result.expert_divergence
         metrics.close(result.summary)
     return result
 

@@ -3,7 +3,9 @@ JSON line per step (`metrics.jsonl`), and a final `summary.json`.
 
 Per step: loss (LM + router), LM loss, router loss, lr, grad norm, tokens/s, MFU (active
 parameters), peak memory; with MoE layers the per-layer expert load and mean shared-expert
-weight g_0; in the merge stage the merge coefficients per layer.
+weight g_0, the routing diagnostics (`moe.routing.DIAGNOSTICS`) and, at every checkpoint and
+at the end, the expert divergence (`moe.divergence`); in the merge stage the merge
+coefficients per layer.
 """
 
 import contextlib
@@ -19,6 +21,7 @@ from tqdm import tqdm
 
 from xft_megatron.checkpoint import space
 from xft_megatron.errors import UserError
+from xft_megatron.moe.routing import DIAGNOSTICS
 
 
 class LogWriteError(UserError, OSError):
@@ -79,6 +82,9 @@ class Metrics:
             g0 = [g for g in stats["shared_weight"] if g > 0]
             if g0:
                 shown["g0"] = f"{sum(g0) / len(g0):.3f}"
+        kept = _mean_over_moe_layers(stats, "set_survives")
+        if kept is not None:
+            shown["kept"] = f"{kept:.2f}"  # routed sets that survive the noise
         if "tokens_per_s" in stats:
             shown["tok/s"] = f"{stats['tokens_per_s']:.0f}"
         self.bar.set_postfix(**shown, refresh=False)
@@ -102,6 +108,16 @@ class Metrics:
             for i, g in enumerate(stats.get("shared_weight", [])):
                 if g:
                     self.writer.add_scalar(f"shared_weight/layer{i:02d}", g, step)
+            moe_layers = [i for i, row in enumerate(stats.get("expert_load", [])) if any(row)]
+            for key in DIAGNOSTICS:
+                for i in moe_layers if key in stats else ():
+                    self.writer.add_scalar(f"routing/{key}/layer{i:02d}", stats[key][i], step)
+            for layer, d in stats.get("expert_divergence", {}).items():
+                tag = f"divergence/layer{int(layer):02d}"
+                self.writer.add_scalar(f"{tag}/between_routed", d["between_routed"], step)
+                if d.get("to_shared"):
+                    self.writer.add_scalar(f"{tag}/to_shared_mean",
+                                           sum(d["to_shared"]) / len(d["to_shared"]), step)
             for layer, coeffs in stats.get("merge_coefficients", {}).items():
                 for e, v in enumerate(coeffs):
                     self.writer.add_scalar(f"merge/layer{int(layer):02d}/expert{e}", v, step)
@@ -174,6 +190,13 @@ def _keep_until(path: str, step: int) -> None:
         with open(path + ".tmp", "w") as f:
             f.writelines(kept)
         os.replace(path + ".tmp", path)
+
+
+def _mean_over_moe_layers(stats: Dict, key: str) -> Optional[float]:
+    moe_layers = [i for i, row in enumerate(stats.get("expert_load", [])) if any(row)]
+    if key not in stats or not moe_layers:
+        return None
+    return sum(stats[key][i] for i in moe_layers) / len(moe_layers)
 
 
 def _jsonable(d):

@@ -86,9 +86,27 @@ def _forward_step(data_iterator, model):
 def forward_backward(chunks: List, microbatches: List[Batch], seq_length: int,
                      forward_only: bool = False) -> float:
     """Run the configured schedule over `microbatches`; returns the per-token mean loss over
-    the global batch, identical on every rank."""
+    the global batch, identical on every rank. With MoE routers, their losses (balance, z)
+    train as the mean over the global batch's forwards, whatever the loss mask
+    (`router_loss_scale`)."""
+    if not forward_only and moe_losses.has_routers(chunks):
+        moe_losses.set_step_settings(chunks, aux_loss_scale=router_loss_scale(microbatches))
     total, count = loss_totals(chunks, microbatches, seq_length, forward_only)
     return total / max(count, 1.0)
+
+
+def router_loss_scale(microbatches: List[Batch]) -> float:
+    """The factor on the router losses' gradient that makes them count as the mean over the
+    forwards (micro-batches of every data-parallel rank) of the global batch, as the
+    reference adds `coefficient x loss` once per forward: Megatron divides every gradient by
+    the global batch's loss-token count N, so the factor is N / forwards. Identical on every
+    rank (every pipeline stage holds the same micro-batches)."""
+    local = torch.stack([mb["loss_mask"].sum().double() for mb in microbatches]).sum()
+    totals = torch.stack([local, local.new_tensor(float(len(microbatches)))]).to(
+        compat.device())
+    dist.all_reduce(totals, group=ps.get_data_parallel_group())
+    tokens, forwards = totals.tolist()
+    return tokens / max(forwards, 1.0)
 
 
 def loss_totals(chunks: List, microbatches: List[Batch], seq_length: int,
@@ -162,8 +180,9 @@ def train_step(chunks: List, optimizer, scheduler, microbatches: List[Batch],
     """Zero grads, forward-backward, clip, optimizer step, LR step. `loss` is the language
     model loss plus the MoE router losses (summed over layers), both also reported apart.
     A non-finite loss or gradient skips the update (`skipped`); the LR schedule advances
-    only on updates. With MoE layers, `expert_load` [layers, experts] and `shared_weight`
-    [layers] (mean g_0) describe the step's routing. `loss_hook(loss) -> loss` may replace
+    only on updates. With MoE layers, `expert_load` [layers, experts], `shared_weight`
+    [layers] (mean g_0) and the routing diagnostics (`moe.routing.DIAGNOSTICS`, [layers]
+    each) describe the step's routing. `loss_hook(loss) -> loss` may replace
     the reduced loss (fault injection in tests)."""
     for c in chunks:
         c.zero_grad_buffer()
@@ -175,8 +194,7 @@ def train_step(chunks: List, optimizer, scheduler, microbatches: List[Batch],
     config = unwrap(chunks[0]).config
     stats = {}
     if config.num_moe_experts:
-        load, g0 = moe_losses.collect_routing(chunks, config.num_layers, config.num_moe_experts)
-        stats = {"expert_load": load.tolist(), "shared_weight": g0.tolist()}
+        stats = moe_losses.collect_routing(chunks, config.num_layers, config.num_moe_experts)
     router = moe_losses.collect(chunks, config.num_layers)
     moe_loss = float(router.sum())
     stepped, grad_norm = optimizer_step(optimizer, clip_grad, lm_loss + moe_loss)
