@@ -53,7 +53,9 @@ def test_quickstart_end_to_end_and_rerun(quickstart_run, tmp_path):
     report = open(out / "report.md").read()
     for name in MODELS:
         assert f"| {name}" in report
-    for png in ("pretrain_loss", "tuning_loss", "expert_load", "merge_coefficients"):
+    assert "- xft moe: " in report and "routing" in report  # the routing verdict
+    for png in ("pretrain_loss", "tuning_loss", "expert_load", "merge_coefficients", "routing",
+                "expert_divergence"):
         assert os.path.getsize(out / f"{png}.png") > 5000, png
         assert f"({png}.png)" in report
     assert "completion by the merged model (transformers)" in r.stdout

@@ -155,9 +155,17 @@ def test_metrics_files(results):
         assert torch.allclose(load.sum(dim=1), torch.full((load.shape[0],), 3.0))  # top-3
         g0 = torch.tensor(x["shared_weight"])
         assert ((g0 > 0) & (g0 < 1)).all()
+        # routing diagnostics of every MoE layer, in their ranges
+        for key, low, high in (("set_survives", 0, 1), ("clean_entropy", 0, 1),
+                               ("clean_spread", 0, math.inf), ("noise_scale", 0, math.inf)):
+            assert len(x[key]) == load.shape[0] and all(low <= v <= high for v in x[key]), key
     assert lines[1]["lr"] > lines[0]["lr"]  # warmup
     summary = json.load(open(os.path.join(root, "full", "summary.json")))
     assert summary["steps_done"] == 6 and summary["final_loss"] == lines[-1]["loss"]
+    # the expert divergence at the final save, in the log and the summary
+    assert "expert_divergence" in lines[-1] and \
+        summary["expert_divergence"] == lines[-1]["expert_divergence"]
+    assert set(summary["routing"]) >= {"shared_weight", "set_survives", "clean_entropy"}
     assert os.listdir(os.path.join(root, "full", "tensorboard"))
 
 
