@@ -3,7 +3,8 @@
 # prepare_gpu_wheels.sh), run the GPU tests and the dense benchmark. Logs and JSON go to
 # ${OUT:-runs/gpu}. Usage: [BENCH=dense|moe|train|all|profile-moe|scaling|study|real-study]
 # scripts/gpu.sh
-# [dense points]. BENCH (default all) picks the benchmarks run after the GPU tests; profile-moe
+# [dense points]. arms: the XFT variants study (benchmarks/xft_arms.py; ARMS, SEEDS).
+# BENCH (default all) picks the benchmarks run after the GPU tests; profile-moe
 # runs only the MoE layer profile (no tests); scaling runs only the scaling study
 # (benchmarks/scaling.py, STUDY=benchmarks/studies/h200.yaml); study runs only the XFT-vs-SFT
 # study (xft quickstart at ~100M parameters); real-study the same from SmolLM2-135M-Instruct
@@ -79,6 +80,32 @@ if [ "$BENCH" = real-study ]; then
   if [ -n "${STUDY_LONG_STEPS:-}" ]; then
     python3 -W ignore benchmarks/real_study.py "$dir-long" --out "$OUT/real_study_long.md"
   fi
+  exit 0
+fi
+if [ "$BENCH" = arms ]; then
+  # The XFT variants study (benchmarks/xft_arms.py): each arm of ARMS and seed of SEEDS is one
+  # `xft quickstart --base` run from SmolLM2-135M-Instruct (dense SFT + XFT chain, same data,
+  # batches and budget), all side by side on this GPU (micro-batch STUDY_MBS, default 4:
+  # ~15 GiB each); no GPU tests. Then the arms' table into $OUT/arms.md; every run's
+  # summary.json and its MoE stage's summary.json are in $STUDY_DIR.
+  base=$(python3 -W ignore -c "from tests.real_model import smollm2_hf_dir as d; print(d())" \
+    2>"$OUT/arms_base.log" | tail -n 1) || exit 1
+  dir="${STUDY_DIR:-runs/arms}"
+  steps="${STUDY_SFT_STEPS:-80}"
+  for arm in ${ARMS:-paper anneal nonoise drop50}; do
+    extra=$(python3 benchmarks/xft_arms.py flags "$arm" --steps "$steps") || exit 1
+    for seed in ${SEEDS:-1}; do
+      python3 -W ignore -m xft_megatron.cli quickstart --out "$dir/${arm}_seed$seed" \
+        --base "$base" --src stdlib --src site-packages --max-files "${STUDY_FILES:-1500}" \
+        --seq-length 1024 --sft-steps "$steps" --no-ablations --tune-lr "${STUDY_LR:-2e-4}" \
+        --seed "$seed" --router-seed "$seed" --humaneval "${STUDY_HUMANEVAL:-0}" $extra \
+        precision.dtype=bf16 train.micro_batch_size="${STUDY_MBS:-4}" \
+        train.global_batch_size="${STUDY_GBS:-32}" train.compile_layers=false \
+        > "$OUT/arms_${arm}_seed$seed.log" 2>&1 &
+    done
+  done
+  wait
+  python3 -W ignore benchmarks/xft_arms.py summarize "$dir" --out "$OUT/arms.md"
   exit 0
 fi
 if [ "$BENCH" = study ]; then

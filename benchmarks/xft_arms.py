@@ -1,0 +1,128 @@
+"""The XFT variants study from a real base (SmolLM2-135M-Instruct): which arm, if any, beats
+dense SFT, and what the routing diagnostics say about each.
+
+Every arm is one `xft quickstart --base` run (dense SFT and the XFT chain from the same base,
+data, batches and step budget) with the arm's own flags and config overrides; `gpu.sh`
+(BENCH=arms ARMS="..." SEEDS="...") runs the given arms side by side on one GPU:
+
+    python3 benchmarks/xft_arms.py flags ARM         # the arm's extra quickstart arguments
+    python3 benchmarks/xft_arms.py summarize DIR [--out FILE.md]
+
+DIR holds `ARM_seedN/` run folders (their summary.json, xft_moe/summary.json). The summary
+is a markdown table per arm and seed: held-out loss of the dense SFT model, the XFT MoE and
+the merged model (and HumanEval pass@1 where run), then per arm the routing figures of the
+MoE stage (means over MoE layers and the last 10 steps) and the verdict of `report.py`.
+"""
+
+import argparse
+import glob
+import json
+import os
+import statistics
+import sys
+from typing import Dict, List
+
+# arm -> extra `xft quickstart` arguments (flags, then key=value overrides of every stage)
+ARMS: Dict[str, List[str]] = {
+    # the paper's XFT (noisy mlp gate, constant noise) next to dense SFT, both AdamW + fp32
+    # master weights
+    "paper": [],
+    # the router's noise scale annealed linearly to zero over the first half of the tuning
+    "anneal": ["moe.router_noise_anneal_steps=HALF"],
+    # noise on the first step only (anneal over 1 step): clean routing from step 1 on
+    "nonoise": ["moe.router_noise_anneal_steps=1"],
+    # Drop-Upcycling: half of every routed expert's FFN neurons re-initialized
+    "drop50": ["--drop-ratio", "0.5"],
+    # the router trained 10x faster than the rest
+    "routerlr10": ["train.router_lr_mult=10"],
+    # the reference's numerics for SFT and XFT alike: Adafactor, pure bf16 (no fp32 master
+    # weights, round-to-nearest)
+    "refnum": ["train.optimizer=adafactor", "train.distributed_optimizer=false",
+               "precision.master_weights=none", "train.clip_grad=0"],
+}
+
+
+def flags(arm: str, steps: int) -> List[str]:
+    if arm not in ARMS:
+        raise SystemExit(f"unknown arm {arm!r}; arms: {', '.join(ARMS)}")
+    return [a.replace("HALF", str(max(1, steps // 2))) for a in ARMS[arm]]
+
+
+def _read(path: str):
+    if not os.path.isfile(path):
+        return None
+    with open(path) as f:
+        return json.load(f)
+
+
+def _mean_sd(values: List[float]) -> str:
+    if not values:
+        return "-"
+    if len(values) == 1:
+        return f"{values[0]:.4f}"
+    return f"{statistics.mean(values):.4f} +- {statistics.stdev(values):.4f}"
+
+
+def summarize(study: str) -> str:
+    from xft_megatron import report
+
+    runs = {}
+    for path in sorted(glob.glob(os.path.join(study, "*_seed*", "summary.json"))):
+        name = os.path.basename(os.path.dirname(path))
+        arm, seed = name.rsplit("_seed", 1)
+        runs.setdefault(arm, {})[seed] = os.path.dirname(path)
+    if not runs:
+        raise SystemExit(f"no ARM_seedN/summary.json under {study}")
+    models = ("sft (dense)", "xft moe", "xft merged (dense)")
+    lines = ["| arm | seeds | " + " | ".join(f"{m} loss" for m in models) +
+             " | merged - sft | HumanEval pass@1 (sft / merged) |", "|---" * 7 + "|"]
+    notes = []
+    for arm, seeds in runs.items():
+        per_model = {m: [] for m in models}
+        deltas, he = [], []
+        for seed, folder in sorted(seeds.items()):
+            s = _read(os.path.join(folder, "summary.json"))
+            loss = s["heldout_loss"]
+            for m in models:
+                if m in loss:
+                    per_model[m].append(loss[m])
+            if "sft (dense)" in loss and "xft merged (dense)" in loss:
+                deltas.append(loss["xft merged (dense)"] - loss["sft (dense)"])
+            p = s.get("humaneval_pass@1") or {}
+            if p:
+                he.append(f"{p.get('sft (dense)', float('nan')):.3f} / "
+                          f"{p.get('xft merged (dense)', float('nan')):.3f}")
+            moe = _read(os.path.join(folder, "xft_moe", "summary.json")) or {}
+            fig = report.routing_figures(moe)
+            if fig:
+                notes.append(f"- {arm} seed {seed}: {report.routing_verdict(fig)} (g0 "
+                             f"{fig.get('shared_weight', float('nan')):.3f})")
+        lines.append(f"| {arm} | {','.join(sorted(seeds))} | " +
+                     " | ".join(_mean_sd(per_model[m]) for m in models) +
+                     f" | {_mean_sd(deltas)} | {'; '.join(he) or '-'} |")
+    return "\n".join(lines) + "\n\nRouting of each XFT MoE stage:\n\n" + "\n".join(notes) + "\n"
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    f = sub.add_parser("flags")
+    f.add_argument("arm")
+    f.add_argument("--steps", type=int, default=80)
+    s = sub.add_parser("summarize")
+    s.add_argument("dir")
+    s.add_argument("--out")
+    args = ap.parse_args(argv)
+    if args.cmd == "flags":
+        print(" ".join(flags(args.arm, args.steps)))
+        return 0
+    text = summarize(args.dir)
+    print(text)
+    if args.out:
+        with open(args.out, "w") as fh:
+            fh.write(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
