@@ -254,14 +254,40 @@ class ParallelConfig:
 
 @dataclass
 class PrecisionConfig:
-    """Numeric formats. bf16/fp16 keep fp32 master weights in the optimizer."""
+    """Numeric formats. bf16/fp16 keep fp32 master weights in the optimizer, unless
+    master_weights=none (pure bf16: the optimizer updates the bf16 weights themselves)."""
 
     dtype: str = "fp32"  # fp32 | bf16 | fp16
     grad_reduce_in_fp32: bool = True
+    # fp32: the optimizer steps an fp32 copy of bf16/fp16 weights (Megatron's mixed precision).
+    # none: no copy; each update is computed in fp32 from the bf16 weight (optimizer state in
+    # fp32) and written back into it (pure bf16, as the XFT reference trains). Needs
+    # dtype=bf16 and train.distributed_optimizer=false
+    master_weights: str = "fp32"  # fp32 | none
+    # how master_weights=none writes an fp32 update result into a bf16 weight: nearest
+    # (round to nearest even) | stochastic (unbiased: rounds up with probability equal to the
+    # remainder's share of a bf16 ulp, random bits reproducible from train.seed)
+    rounding: str = "nearest"  # nearest | stochastic
 
     def __post_init__(self):
         _require(self.dtype in ("fp32", "bf16", "fp16"),
                  f"precision.dtype={self.dtype!r} must be one of fp32, bf16, fp16")
+        _require(self.master_weights in ("fp32", "none"),
+                 f"precision.master_weights={self.master_weights!r} must be fp32 or none")
+        _require(self.rounding in ("nearest", "stochastic"),
+                 f"precision.rounding={self.rounding!r} must be nearest or stochastic")
+        if self.master_weights == "none":
+            _require(self.dtype == "bf16",
+                     f"precision.master_weights=none trains the weights in place and needs "
+                     f"precision.dtype=bf16 (got {self.dtype}); use master_weights=fp32 for "
+                     "fp32 or fp16 weights")
+            _require(self.grad_reduce_in_fp32,
+                     "precision.master_weights=none computes updates from fp32 gradients; set "
+                     "precision.grad_reduce_in_fp32=true")
+        _require(self.rounding == "nearest" or self.master_weights == "none",
+                 "precision.rounding=stochastic applies to precision.master_weights=none only "
+                 "(with fp32 master weights the update is never rounded to bf16); set "
+                 "precision.master_weights=none or precision.rounding=nearest")
 
     @property
     def width(self) -> int:
@@ -307,8 +333,38 @@ class TrainConfig:
     # dataset size (epochs * samples / global_batch_size) and any given value is ignored
     epochs: Optional[float] = None
     on_nan: str = "stop"  # stop | skip: a non-finite loss or gradient stops the run or skips it
+    # adam (AdamW; adam_* keys) | adafactor (Shazeer & Stern 2018 as the XFT reference runs
+    # it: no momentum, factored second moment, update clipping, lr from the schedule)
+    optimizer: str = "adam"
+    # Megatron's distributed optimizer (optimizer state sharded over data parallel). false:
+    # every data-parallel rank holds the whole state; needed by optimizer=adafactor (its
+    # factored statistics need whole matrices) and precision.master_weights=none
+    distributed_optimizer: bool = True
+    # learning-rate multiplier of the MoE router parameters (schedule included)
+    router_lr_mult: float = 1.0
+    adafactor_eps1: float = 1e-30  # added to the squared gradient
+    adafactor_eps2: float = 1e-3  # floor of the parameter scale (adafactor_scale_parameter)
+    adafactor_clip_threshold: float = 1.0  # update RMS clipping, per matrix
+    adafactor_decay_rate: float = -0.8  # second-moment decay 1 - step**decay_rate
+    adafactor_scale_parameter: bool = False  # lr * max(eps2, RMS(weight)); the reference: off
 
     def __post_init__(self):
+        _require(self.optimizer in ("adam", "adafactor"),
+                 f"train.optimizer={self.optimizer!r} must be adam or adafactor")
+        _require(self.optimizer != "adafactor" or not self.distributed_optimizer,
+                 "train.optimizer=adafactor needs whole weight matrices (its factored second "
+                 "moment), which the distributed optimizer shards; set "
+                 "train.distributed_optimizer=false")
+        _require(self.router_lr_mult >= 0,
+                 f"train.router_lr_mult={self.router_lr_mult} must be >= 0")
+        _require(self.adafactor_eps1 > 0 and self.adafactor_eps2 > 0,
+                 f"train.adafactor_eps1={self.adafactor_eps1} and train.adafactor_eps2="
+                 f"{self.adafactor_eps2} must be > 0")
+        _require(self.adafactor_clip_threshold > 0,
+                 f"train.adafactor_clip_threshold={self.adafactor_clip_threshold} must be > 0")
+        _require(self.adafactor_decay_rate < 0,
+                 f"train.adafactor_decay_rate={self.adafactor_decay_rate} must be < 0 (the "
+                 "second-moment decay 1 - step**decay_rate rises towards 1)")
         _require(self.stage is None or self.stage in STAGES, f"train.stage={self.stage!r} must be one of "
                  f"{', '.join(STAGES)}")
         _require(self.on_nan in ("stop", "skip"),
@@ -471,6 +527,7 @@ class Config:
                  f"{m.max_position_embeddings}")
         self._check_moe()
         self._check_stage()
+        self._check_optimizer()
         if p.sequence_parallel:
             _require(t.seq_length % p.tensor == 0,
                      f"train.seq_length={t.seq_length} is not divisible by parallel.tensor="
@@ -493,6 +550,19 @@ class Config:
         _require(p.tensor == 1 or p.sequence_parallel,
                  "MoE with parallel.tensor > 1 needs parallel.sequence_parallel=true "
                  "(Megatron-Core routes tokens per sequence-parallel shard)")
+
+    def _check_optimizer(self):
+        t, p = self.train, self.parallel
+        _require(self.precision.master_weights != "none" or not t.distributed_optimizer,
+                 "precision.master_weights=none updates each replica's bf16 weights in place, "
+                 "which the distributed optimizer (sharded fp32 master weights) does not do; "
+                 "set train.distributed_optimizer=false")
+        _require(t.optimizer != "adafactor" or (p.tensor == 1 and p.expert_tensor == 1),
+                 f"train.optimizer=adafactor with parallel.tensor={p.tensor}, "
+                 f"parallel.expert_tensor={p.expert_tensor}: its row/column statistics would be "
+                 "taken per tensor-parallel shard and differ from one process; use "
+                 "parallel.tensor=1 and parallel.expert_tensor=1 (data, expert and pipeline "
+                 "parallelism are fine)")
 
     @property
     def stage(self) -> str:

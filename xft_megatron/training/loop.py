@@ -131,7 +131,7 @@ def _train(cfg, info, data, progress, resume, should_stop, extra_files, loss_hoo
     if resume_from is None and c.load:
         ckpt.load(chunks, c.load, may_lack=(names.ALPHA,) if cfg.stage == "merge" else ())
     result = RunResult(parameters=count_parameters(chunks))
-    chunks = wrap_ddp(chunks, tc, cfg.precision)
+    chunks = wrap_ddp(chunks, tc, cfg.precision, t.distributed_optimizer)
     optimizer = build_optimizer(chunks, t, cfg.precision)
     scheduler = build_scheduler(optimizer, t)
     start = 0
