@@ -38,13 +38,12 @@ def mined_records(n: int):
 
 
 def transformers_loss(hf_dir: str, records):
-    import transformers
-
+    from xft_megatron.checkpoint.hf import load_hf_model, load_hf_tokenizer
     from xft_megatron.data.templates import MAGICODER
 
     t0 = time.perf_counter()
-    tok = transformers.AutoTokenizer.from_pretrained(hf_dir)
-    model = transformers.AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
+    tok = load_hf_tokenizer(hf_dir)
+    model = load_hf_model(hf_dir, dtype=torch.float32).eval()
     total, count = 0.0, 0
     with torch.inference_mode():
         for r in records:

@@ -152,7 +152,7 @@ def _data(args):
 def _humaneval(args):
     import json
 
-    from xft_megatron.eval.humaneval import evaluate_humaneval
+    from xft_megatron.eval.humaneval import converted_model, evaluate_humaneval
     from xft_megatron.parallel import say
 
     model = args.model or args.ckpt
@@ -166,16 +166,11 @@ def _humaneval(args):
     protocol = args.prompt
     if not os.path.isfile(os.path.join(model, "config.json")):  # a Megatron checkpoint
         from xft_megatron.checkpoint import dist as ckpt
-        from xft_megatron.convert import mcore_to_hf
 
         if protocol == "auto":  # raw completion for a pretrained-only model
             protocol = "raw" if ckpt.load_config(model, parallel={}).train.stage == "pretrain" \
                 else "magicoder"
-        hf_dir = os.path.join(out, "hf_model")
-        if not os.path.isfile(os.path.join(hf_dir, "config.json")):
-            os.makedirs(out, exist_ok=True)
-            mcore_to_hf(model, hf_dir)
-        model = hf_dir
+        model = converted_model(model, os.path.join(out, "hf_model"), report=say)
     protocol = "magicoder" if protocol == "auto" else protocol
     result = evaluate_humaneval(model, os.path.join(out, "humaneval.json"), n=args.n,
                                 limit=args.limit, temperature=args.temperature,

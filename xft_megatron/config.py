@@ -746,10 +746,7 @@ def parse_overrides(items: Sequence[str]) -> Dict[str, Any]:
         parts = key.strip().split(".")
         _require(all(parts) and len(parts) >= 2,
                  f"override '{item}' must name a section and a key, e.g. model.num_layers=8")
-        try:
-            value = yaml.safe_load(raw) if raw.strip() else ""
-        except yaml.YAMLError as e:
-            raise ConfigError(f"override '{item}': value is not valid YAML ({e})") from None
+        value = load_yaml(raw, f"the value of override '{key.strip()}'") if raw.strip() else ""
         if isinstance(value, str) and raw.strip()[:1] not in ("'", '"'):
             value = _as_float(value)  # 1e-3 (YAML 1.1 reads it as text); '1e-3' stays text
         node = out
@@ -779,14 +776,77 @@ def deep_merge(base: Dict[str, Any], update: Dict[str, Any]) -> Dict[str, Any]:
 
 def read_yaml(path: str) -> Dict[str, Any]:
     _require(os.path.isfile(path), f"config file '{path}' does not exist")
+    _require(os.path.getsize(path) <= MAX_CONFIG_BYTES,
+             f"config file '{path}' is {os.path.getsize(path):,} bytes; a config is at most "
+             f"{MAX_CONFIG_BYTES:,} (is this the right file?)")
     try:
         with open(path, encoding="utf-8") as f:
-            data = yaml.load(f, Loader=_UniqueKeyLoader)
-    except (yaml.YAMLError, UnicodeDecodeError) as e:
+            text = f.read()
+    except UnicodeDecodeError as e:
         raise ConfigError(f"config file '{path}' is not valid YAML: {e}") from None
+    data = load_yaml(text, f"config file '{path}'")
     data = {} if data is None else data
     _require(isinstance(data, dict), f"config file '{path}' must hold a mapping at the top")
     return data
+
+
+def load_yaml(text: str, where: str) -> Any:
+    """A YAML document (safe types; a key given twice refused) read without ever expanding
+    more than MAX_CONFIG_NODES values or nesting deeper than MAX_CONFIG_DEPTH: alias bombs
+    and deep nesting stop with a ConfigError naming `where`, before anything is built."""
+    _require(len(text) <= MAX_CONFIG_BYTES, f"{where} is {len(text):,} characters; a config "
+             f"is at most {MAX_CONFIG_BYTES:,}")
+    loader = None
+    try:
+        loader = _UniqueKeyLoader(text)  # its reader refuses control characters already
+        node = loader.get_single_node()
+        if node is None:
+            return None
+        _check_expansion(node, where)
+        return loader.construct_document(node)
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{where} is not valid YAML: {e}") from None
+    except RecursionError:
+        raise ConfigError(f"{where} is nested too deeply to be a config") from None
+    finally:
+        if loader is not None:
+            loader.dispose()
+
+
+MAX_CONFIG_BYTES = 1 << 20  # a config file's size
+MAX_CONFIG_NODES = 100_000  # values in a config with its aliases expanded
+MAX_CONFIG_DEPTH = 32  # nesting of mappings and lists
+
+
+def _check_expansion(root, where: str) -> None:
+    """Refuse a YAML document whose aliases expand to more than MAX_CONFIG_NODES values
+    ("billion laughs": a few lines of anchors that reference each other) or that nests deeper
+    than MAX_CONFIG_DEPTH, before anything is built from it. Sizes are counted once per node
+    (aliases share nodes), so the check itself stays linear in the file."""
+    sizes = {}
+
+    def size(node, depth):
+        if depth > MAX_CONFIG_DEPTH:
+            raise ConfigError(f"{where} nests deeper than {MAX_CONFIG_DEPTH} "
+                              f"levels (line {node.start_mark.line + 1}); a config is a few "
+                              "levels deep")
+        key = id(node)
+        if key not in sizes:
+            sizes[key] = None  # an alias cycle meets this mark
+            children = [c for pair in node.value for c in pair] \
+                if isinstance(node, yaml.MappingNode) else \
+                node.value if isinstance(node, yaml.SequenceNode) else []
+            sizes[key] = 1 + sum(size(c, depth + 1) for c in children)
+        elif sizes[key] is None:
+            raise ConfigError(f"{where} has an alias that contains itself (line "
+                              f"{node.start_mark.line + 1})")
+        if sizes[key] > MAX_CONFIG_NODES:
+            raise ConfigError(f"{where} expands to more than "
+                              f"{MAX_CONFIG_NODES:,} values through its aliases (&anchor / "
+                              "*alias); write the values out or use fewer aliases")
+        return sizes[key]
+
+    size(root, 0)
 
 
 class _UniqueKeyLoader(yaml.SafeLoader):

@@ -352,14 +352,14 @@ def _generate(hf_dir: str, heldout: str, max_new_tokens: int = 64) -> str:
     """Greedy completion of a held-out instruction by the HF export, model and tokenizer both
     loaded with transformers."""
     import torch
-    import transformers
 
+    from xft_megatron.checkpoint.hf import load_hf_model, load_hf_tokenizer
     from xft_megatron.data.templates import render_prompt
 
     with open(heldout) as f:  # the shortest held-out instruction
         record = min((json.loads(line) for line in f), key=lambda r: len(r["instruction"]))
-    tok = transformers.AutoTokenizer.from_pretrained(hf_dir)
-    model = transformers.AutoModelForCausalLM.from_pretrained(hf_dir).eval()
+    tok = load_hf_tokenizer(hf_dir)
+    model = load_hf_model(hf_dir).eval()
     ids = tok(render_prompt("magicoder", record["instruction"]), return_tensors="pt").input_ids
     with torch.no_grad():
         out = model.generate(ids, max_new_tokens=max_new_tokens, do_sample=False,

@@ -11,7 +11,7 @@ import torch
 
 from xft_megatron import parallel
 from xft_megatron.checkpoint import dist as ckpt
-from xft_megatron.checkpoint.hf import own_remote_code
+from xft_megatron.checkpoint.hf import load_hf_model
 from xft_megatron.errors import UserError
 from xft_megatron.model.builder import build_model
 
@@ -24,16 +24,11 @@ class VerificationError(UserError, ValueError):
 
 def compare_logits(hf_dir: str, ckpt_dir: str, batches: int = 2, seq: int = 64,
                    seed: int = 0) -> Dict[str, float]:
-    import transformers
-
     cfg = ckpt.load_config(ckpt_dir, parallel={}, precision={"dtype": "fp32"})
     if cfg.moe.enabled:  # the HF MoE routes every token (no capacity limit)
         cfg = cfg.replace(moe=dataclasses.replace(cfg.moe, capacity_factor=None))
-    remote = own_remote_code(hf_dir)  # an XFT MoE, with the modeling file written by us
-    load = lambda **kw: transformers.AutoModelForCausalLM.from_pretrained(  # noqa: E731
-        hf_dir, trust_remote_code=remote, **kw)
-    hf = load(dtype=torch.float32).eval()
-    written = next(iter(load().parameters())).dtype
+    hf = load_hf_model(hf_dir, dtype=torch.float32).eval()  # our MoE: our modeling file
+    written = next(iter(load_hf_model(hf_dir).parameters())).dtype
     parallel.initialize(cfg.parallel)
     chunks = build_model(cfg)
     ckpt.load(chunks, ckpt_dir)

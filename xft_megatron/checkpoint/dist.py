@@ -28,12 +28,13 @@ from megatron.core import dist_checkpointing
 from torch.distributed.checkpoint.api import CheckpointException
 
 from xft_megatron.checkpoint import checksums, directory, lock, ranks, space, writers
+from xft_megatron.compat.patches import plain_data_loads
 from xft_megatron.checkpoint.directory import (CONFIG_FILE, LATEST_FILE, RANK_STATE_DIR,
                                                TRAIN_STATE_FILE, resolve)
 from xft_megatron.checkpoint.validate import (CheckpointError, check_model_tensors,
                                               load_failure, one_line, raise_damaged,
-                                              read_index, verify)
-from xft_megatron.config import Config, ConfigError
+                                              read_index, unsafe_pickle, verify)
+from xft_megatron.config import Config, ConfigError, load_yaml
 from xft_megatron.errors import UserError
 
 
@@ -177,8 +178,8 @@ def read_config(path: str) -> Dict:
     verify(folder, [CONFIG_FILE], collective=False)
     try:
         with open(file, encoding="utf-8") as f:
-            stored = yaml.safe_load(f)
-    except (yaml.YAMLError, UnicodeDecodeError) as e:
+            stored = load_yaml(f.read(), file)
+    except (ConfigError, UnicodeDecodeError) as e:
         raise CheckpointError(f"{file} is not valid YAML ({one_line(e)}); the checkpoint's "
                               "config is damaged: restore it from a copy or use another "
                               "iter_* folder") from None
@@ -283,7 +284,8 @@ def _load_state(chunks, ckpt, may_lack, optimizer, scheduler):
                 skipped.add(name)
     check_model_tensors(ckpt, request, metadata, problem)
     try:
-        state = dist_checkpointing.load(request, ckpt)
+        with plain_data_loads():  # stored objects are read as data, never as code
+            state = dist_checkpointing.load(request, ckpt)
     except (CheckpointException, Exception) as e:  # torch's is a BaseException
         raise CheckpointError(load_failure(ckpt, metadata, e)) from e
     return state, chunks, skipped, iteration
@@ -310,7 +312,24 @@ def read_rank_state(path: str, rank: Optional[int] = None):
     if not os.path.isfile(os.path.join(folder, name)):
         return None
     verify(folder, [name], collective=False)
-    return torch.load(os.path.join(folder, name), weights_only=False)
+    return read_plain_data(os.path.join(folder, name), folder)
+
+
+def read_plain_data(path: str, ckpt: str):
+    """A file written with `torch.save` read back without running code: tensors and plain
+    values only (`weights_only=True`; NumPy arrays too, as checkpoints written before RNG
+    states were stored as tensors hold them). Anything else is refused, CheckpointError."""
+    import pickle
+
+    import numpy as np
+
+    legacy = [np.ndarray, np.dtype, type(np.dtype(np.uint32)),
+              getattr(np, "_core", getattr(np, "core", None)).multiarray._reconstruct]
+    try:
+        with torch.serialization.safe_globals(legacy):
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise CheckpointError(unsafe_pickle(ckpt, path, e)) from None
 
 
 def saved_world_size(path: str) -> int:

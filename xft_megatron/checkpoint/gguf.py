@@ -37,9 +37,10 @@ def gguf_to_hf(gguf_file: str, out: str, dtype: str = "fp32") -> str:
 
     torch_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[dtype]
     folder, name = os.path.split(os.path.abspath(gguf_file))
-    tokenizer = transformers.AutoTokenizer.from_pretrained(folder, gguf_file=name)
+    tokenizer = transformers.AutoTokenizer.from_pretrained(folder, gguf_file=name,
+                                                           trust_remote_code=False)
     quantized = transformers.AutoModelForCausalLM.from_pretrained(
-        folder, gguf_file=name, dtype=torch.float32)
+        folder, gguf_file=name, dtype=torch.float32, trust_remote_code=False)
     config = quantized.config
     if hasattr(config, "quantization_config"):
         del config.quantization_config

@@ -7,7 +7,9 @@ attention, rope types other than default/linear, other activations, MLP or outpu
 biases, unknown model types) is refused with a message, never approximated.
 """
 
+import hashlib
 import json
+import math
 import os
 import shutil
 import struct
@@ -20,6 +22,7 @@ from xft_megatron import families
 from xft_megatron.checkpoint import checksums, lock, ranks
 from xft_megatron.config import ModelConfig
 from xft_megatron.errors import HFFormatError  # noqa: F401  (also imported from here)
+from xft_megatron.errors import UserError
 
 
 def read_hf_config(hf_dir: str) -> Dict:
@@ -39,22 +42,129 @@ def read_hf_config(hf_dir: str) -> Dict:
     return cfg
 
 
-def own_remote_code(hf_dir: str) -> bool:
-    """Whether `hf_dir` is an XFT MoE written by this project: its config names remote code
-    and that code is this package's modeling file, unchanged (so loading it with
-    `trust_remote_code=True` runs nothing else). False for plain HF directories."""
+class RemoteCodeError(UserError, ValueError):
+    """An HF directory names Python code for transformers to import other than this project's
+    own, unchanged modeling file; none of it is loaded."""
+
+
+# keys of transformers' *config.json files (config, tokenizer, processor, preprocessor,
+# generation, ...) that name Python classes or files for it to import from the model folder
+_CODE_KEYS = ("auto_map", "custom_pipelines")
+
+
+def _code_references(hf_dir: str) -> Dict[str, Dict[str, List[str]]]:
+    """{file: {key: [what it names]}} for every top-level *config.json of `hf_dir` that names
+    code to import (`_CODE_KEYS`). A file that is not a JSON object names nothing
+    (transformers cannot read it either)."""
+    found: Dict[str, Dict[str, List[str]]] = {}
+    for name in sorted(os.listdir(hf_dir)):
+        path = os.path.join(hf_dir, name)
+        if not name.endswith("config.json") or not os.path.isfile(path):
+            continue
+        data = read_hf_config(hf_dir) if name == "config.json" else _json_object(path)
+        for key in _CODE_KEYS:
+            if data.get(key):
+                found.setdefault(name, {})[key] = _names(data[key])
+    return found
+
+
+def _json_object(path: str) -> Dict:
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+    except (ValueError, UnicodeDecodeError, OSError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def _names(value) -> List[str]:
+    """Every string inside an auto_map-like value (strings, lists, nested mappings)."""
+    if isinstance(value, str):
+        return [value]
+    if isinstance(value, dict):
+        return [n for v in value.values() for n in _names(v)]
+    if isinstance(value, (list, tuple)):
+        return [n for v in value for n in _names(v)]
+    return [] if value is None else [repr(value)]
+
+
+def _sha256(path: str) -> str:
+    with open(path, "rb") as f:
+        return hashlib.sha256(f.read()).hexdigest()
+
+
+def remote_code_trusted(hf_dir: str) -> bool:
+    """Whether `hf_dir` is to be loaded with `trust_remote_code=True`: True only for an XFT
+    MoE exported by this project (config.json's auto_map names this project's modeling file
+    and nothing else, and the folder's copy of that file equals `hf_remote/`'s byte for
+    byte); False when no file of the folder names code (a plain HF model). Any other code
+    named (a tokenizer, processor or generation config's auto_map, another module, an edited
+    or missing modeling file) raises RemoteCodeError: nothing else is ever imported.
+    Tokenizers are loaded with `trust_remote_code=False` regardless (`load_hf_tokenizer`)."""
     from xft_megatron.hf_remote import MODELING_FILE
 
-    auto_map = read_hf_config(hf_dir).get("auto_map")
-    if not auto_map:
+    refs = _code_references(hf_dir)
+    if not refs:
         return False
-    name = os.path.basename(MODELING_FILE)
-    modules = {v.split(".")[0] for v in auto_map.values() if isinstance(v, str)}
-    path = os.path.join(hf_dir, name)
-    if modules != {os.path.splitext(name)[0]} or not os.path.isfile(path):
+    own_name = os.path.basename(MODELING_FILE)
+    own = os.path.splitext(own_name)[0]
+    for name, keys in refs.items():
+        for key, targets in keys.items():
+            foreign = [t for t in targets if name != "config.json" or key != "auto_map"
+                       or t.rsplit(".", 1)[0] != own]
+            if foreign:
+                raise RemoteCodeError(
+                    f"{os.path.join(hf_dir, name)} names Python code for transformers to run "
+                    f"('{key}': {', '.join(foreign[:3])}); this project runs no code from a "
+                    f"model folder except its own XFT MoE modeling file ({own_name}), so the "
+                    f"folder is not loaded. Remove the '{key}' entry from that file if the "
+                    "standard transformers classes fit the model, or use a model folder "
+                    "without custom code")
+    path = os.path.join(hf_dir, own_name)
+    export = ("export the checkpoint again (xft convert mcore-to-hf --ckpt CHECKPOINT --out "
+              "DIR)")
+    if not os.path.isfile(path):
+        raise RemoteCodeError(f"{os.path.join(hf_dir, 'config.json')} names {own_name}, which "
+                              f"is not in '{hf_dir}'; the export is incomplete: {export}")
+    got, want = _sha256(path), _sha256(MODELING_FILE)
+    if got != want:
+        raise RemoteCodeError(
+            f"{path} differs from the modeling file this version of xft-megatron writes "
+            f"(sha256 {got[:12]}, expected {want[:12]}): it was edited or comes from another "
+            f"version, and an unknown modeling file is never run. To use the model, {export}, "
+            f"or replace the file with {MODELING_FILE}")
+    return True
+
+
+def own_remote_code(hf_dir: str) -> bool:
+    """Whether `hf_dir` is an XFT MoE written by this project with its modeling file
+    unchanged (`remote_code_trusted` without raising). False for plain HF directories."""
+    try:
+        return remote_code_trusted(hf_dir)
+    except RemoteCodeError:
         return False
-    with open(path, "rb") as a, open(MODELING_FILE, "rb") as b:
-        return a.read() == b.read()
+
+
+def load_hf_model(hf_dir: str, **kwargs):
+    """transformers' `AutoModelForCausalLM` of a local HF directory; remote code only for
+    this project's own XFT MoE export (`remote_code_trusted`), RemoteCodeError for any other
+    code the folder names."""
+    import transformers
+
+    return transformers.AutoModelForCausalLM.from_pretrained(
+        hf_dir, trust_remote_code=remote_code_trusted(hf_dir), **kwargs)
+
+
+def load_hf_tokenizer(hf_dir: str, **kwargs):
+    """transformers' `AutoTokenizer` of a local HF directory, never with remote code (a
+    folder whose tokenizer config names code is refused, RemoteCodeError)."""
+    import transformers
+
+    config = None
+    if remote_code_trusted(hf_dir):  # our export: its config class is our modeling file's
+        config = transformers.AutoConfig.from_pretrained(hf_dir, trust_remote_code=True)
+    return transformers.AutoTokenizer.from_pretrained(
+        hf_dir, trust_remote_code=False, **({"config": config} if config else {}), **kwargs)
 
 
 def model_config_from_hf(hf_dir: str) -> Tuple[ModelConfig, str]:
@@ -134,17 +244,42 @@ class _SafetensorsFile:
                     raise ValueError(f"header length {n} exceeds the file size {size}")
                 header = json.loads(f.read(n))
             header.pop("__metadata__", None)
-            end = 0
-            for name, e in header.items():
-                if e["dtype"] not in self.DTYPES:
-                    raise ValueError(f"tensor '{name}' has unsupported dtype {e['dtype']}")
-                end = max(end, e["data_offsets"][1])
-            if 8 + n + end > size:
-                raise ValueError(f"the header needs {8 + n + end} bytes, the file has {size}")
+            self._check_layout(header, size - 8 - n)
         except Exception as e:  # noqa: BLE001 - struct/JSON/key errors: a damaged file
             raise HFFormatError(f"cannot read safetensors file {path}: {e}; the file is "
                                 "damaged or incomplete (download it again)") from None
         self.header, self.base = header, 8 + n
+
+    @classmethod
+    def _check_layout(cls, header: Dict, data_bytes: int) -> None:
+        """The safetensors format's own rules: every tensor's byte range holds exactly its
+        shape times its dtype's width, and the ranges tile the data section one after the
+        other, without overlap or gap, to its end. (Overlapping ranges would give several
+        tensors the same bytes: wrong weights, read without a word.)"""
+        spans = []
+        for name, e in header.items():
+            if e["dtype"] not in cls.DTYPES:
+                raise ValueError(f"tensor '{name}' has unsupported dtype {e['dtype']}")
+            start, end = (int(x) for x in e["data_offsets"])
+            shape = [int(d) for d in e["shape"]]
+            if any(d < 0 for d in shape):
+                raise ValueError(f"tensor '{name}' has a negative dimension in {shape}")
+            width = torch.empty((), dtype=cls.DTYPES[e["dtype"]]).element_size()
+            need = math.prod(shape) * width
+            if not 0 <= start <= end or end - start != need:
+                raise ValueError(f"tensor '{name}' ({e['dtype']} {shape}, {need} bytes) has "
+                                 f"the byte range [{start}, {end})")
+            spans.append((start, end, name))
+        at = 0
+        for start, end, name in sorted(spans):
+            if start != at:
+                what = "overlaps the tensor before it" if start < at else "leaves a gap"
+                raise ValueError(f"tensor '{name}' at bytes [{start}, {end}) {what} (the "
+                                 f"previous one ends at {at})")
+            at = end
+        if at != data_bytes:
+            raise ValueError(f"the tensors end at byte {at} of the data section, which has "
+                             f"{data_bytes} bytes")
 
     def keys(self):
         return self.header.keys()

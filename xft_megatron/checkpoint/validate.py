@@ -7,6 +7,8 @@ which file holds the bytes that do not deserialize.
 
 import io
 import os
+import pickle
+import re
 from typing import Dict, List, Optional, Sequence
 
 import torch
@@ -121,11 +123,25 @@ def check_model_tensors(ckpt: str, request: Dict, metadata, problem: Optional[st
     raise CheckpointError("\n".join(lines))
 
 
+def unsafe_pickle(ckpt: str, what: str, error: BaseException) -> str:
+    """The message for stored bytes that `torch.load(weights_only=True)` refuses: a pickled
+    object other than tensors and plain values, which would run code when read."""
+    found = re.search(r"GLOBAL ([\w.]+)", str(error))
+    found = f" (it names {found.group(1)})" if found else ""
+    return (f"checkpoint '{ckpt}' is refused: {what} holds a pickled object other than "
+            f"tensors and plain values{found}; reading it could run code, so it was not "
+            "read. xft-megatron never writes such objects: the checkpoint was altered. "
+            "Restore it from a copy you trust, or use another iter_* folder")
+
+
 def load_failure(ckpt: str, metadata, error: BaseException) -> str:
-    """A message for a failed dist_checkpointing.load: the file holding an unreadable tensor
-    when one is found, else the underlying error."""
+    """A message for a failed dist_checkpointing.load: a stored object that is not plain
+    data, the file holding an unreadable tensor when one is found, else the underlying
+    error."""
     if isinstance(error, CheckpointException) and error.failures:
         error = next(iter(error.failures.values()))[0]
+    if isinstance(error, pickle.UnpicklingError):
+        return unsafe_pickle(ckpt, getattr(error, "where", "a stored object"), error)
     if isinstance(error, CheckpointingException) and "mismatch" in str(error):
         return f"checkpoint '{ckpt}' does not fit the model: {one_line(error)}"
     bad = unreadable_file(ckpt, metadata) if metadata is not None else None

@@ -50,12 +50,21 @@ if the installed version differs, so each item gets re-checked when the pin move
      `distributed` namespace pads unequal blocks for the gather and implements the list
      reduce-scatter as an all-reduce of the concatenation followed by taking this rank's
      block. Results are exactly what NCCL computes (sum order aside).
+
+Apart from that list, on every machine: `plain_data_loads()`, a context manager around
+`dist_checkpointing.load`. Megatron's common strategy reads `common.pt` (and object shards)
+with `torch.load` under torch's default, and torch's `DefaultLoadPlanner.load_bytes` (which
+Megatron's load planner inherits) unpickles every stored object of a torch_dist checkpoint
+with `weights_only=False`: a planted pickle would run code. Those two modules see
+`PlainDataTorch`, a proxy of `torch` whose `load` always passes `weights_only=True`.
 """
 
 from __future__ import annotations
 
 import contextlib
 import importlib
+import os
+import pickle
 import threading
 from typing import Any, Iterable, List, Optional, Tuple
 
@@ -213,3 +222,33 @@ def optimizer_calls():
         replacement = cpu.type_as_cuda(original, threading.get_ident())
         with Patches([(torch.Tensor, "type", replacement)]):
             yield
+
+
+# the modules whose `torch.load` unpickles a checkpoint's stored objects (`plain_data_loads`)
+UNPICKLING_MODULES = ("megatron.core.dist_checkpointing.strategies.common",
+                      "torch.distributed.checkpoint.default_planner")
+
+
+class PlainDataTorch:
+    """`torch` for `UNPICKLING_MODULES`: everything as in torch, but `load` reads tensors and
+    plain values only (`weights_only=True`, whatever the caller asked). A refused object's
+    pickle.UnpicklingError carries `where`: the file, or "a stored object"."""
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(torch, name)
+
+    @staticmethod
+    def load(f, *args, **kwargs):
+        kwargs["weights_only"] = True
+        try:
+            return torch.load(f, *args, **kwargs)
+        except pickle.UnpicklingError as e:
+            e.where = os.fspath(f) if isinstance(f, (str, os.PathLike)) else "a stored object"
+            raise
+
+
+def plain_data_loads() -> Patches:
+    """Patches (a context manager) under which Megatron's checkpoint load runs no pickled
+    code (see the module docstring)."""
+    proxy = PlainDataTorch()
+    return Patches([(importlib.import_module(m), "torch", proxy) for m in UNPICKLING_MODULES])

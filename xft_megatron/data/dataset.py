@@ -206,6 +206,7 @@ def _samples(records: Iterator[Tuple[str, Any]], data_cfg: DataConfig, tok: Toke
         for ids, mask in pieces:
             report.samples += 1
             report.tokens += len(ids)
+            report.targets += int(sum(mask[1:]))  # a sample's first token is never predicted
             yield ids, mask
 
 

@@ -20,6 +20,10 @@ response is dropped: nothing leaks.
 Several source roots mine as one tree: files unique by content across roots, module names
 relative to their own root, one split over all top-level names.
 
+Only regular files of at most `max_bytes` are read (`code_corpus.read_regular`): a device or a
+named pipe called `*.py` (or a symlink to one), a symlink leading out of its source root and an
+oversized file are skipped, counted in the stats under `skipped_<reason>` and named by the CLI.
+
 CLI: `xft data mine-code --src DIR|stdlib|site-packages [...] --out FILE.jsonl
 [--heldout-out FILE.jsonl]`.
 """
@@ -38,7 +42,8 @@ import time
 import tokenize
 from typing import Dict, Iterable, Iterator, List, NamedTuple, Optional, Sequence, Tuple, Union
 
-from xft_megatron.data.code_corpus import python_files, source_dirs
+from xft_megatron.data.code_corpus import (MAX_SOURCE_BYTES, SKIP_REASONS, SkippedFile,
+                                           python_files, read_regular, source_dirs)
 
 LEAD = "Complete the following Python function.\n\n"
 Record = Dict[str, object]
@@ -138,11 +143,12 @@ def _dedent(lines: Sequence[str], indent: str) -> Optional[str]:
     return text if text.endswith("\n") else text + "\n"
 
 
-def read_source(path: str) -> str:
+def read_source(path: str, max_bytes: int = MAX_SOURCE_BYTES, root: Optional[str] = None
+                ) -> str:
     """Text of a Python file in its declared encoding (PEP 263; UTF-8 by default).
-    Raises UnicodeDecodeError / SyntaxError (bad cookie) when it cannot be decoded."""
-    with open(path, "rb") as f:
-        data = f.read()
+    Raises UnicodeDecodeError / SyntaxError (bad cookie) when it cannot be decoded, and
+    SkippedFile when it is not a regular file of at most `max_bytes` (`read_regular`)."""
+    data = read_regular(path, max_bytes, root)
     encoding, _ = tokenize.detect_encoding(io.BytesIO(data).readline)
     return data.decode(encoding)
 
@@ -171,35 +177,43 @@ def heldout_modules(names: Iterable[str], heldout_every: int = 10) -> List[str]:
 Roots = Union[str, Sequence[str]]
 
 
-def _files_by_root(src_dirs: Roots, max_files: Optional[int]) -> List[Tuple[str, str]]:
+def _files_by_root(src_dirs: Roots, max_files: Optional[int], skipped: Dict[str, List[str]],
+                   max_bytes: int = MAX_SOURCE_BYTES) -> List[Tuple[str, str]]:
     """(root, file) pairs: `python_files` of each root in turn (at most `max_files` each),
-    unique by content across all roots."""
+    unique by content across all roots; files not read are added to `skipped`."""
+    if max_bytes < 1:
+        raise ValueError(f"the per-file limit must be >= 1 byte, got {max_bytes}")
     roots = [src_dirs] if isinstance(src_dirs, str) else list(src_dirs)
     seen: set = set()
     pairs = []
     for root in roots:
         if not os.path.isdir(root):
             raise FileNotFoundError(f"source directory '{root}' does not exist")
-        pairs += [(root, f) for f in python_files(root, max_files, seen)]
+        pairs += [(root, f) for f in python_files(root, max_files, seen, skipped, max_bytes)]
     return pairs
 
 
 class Split(NamedTuple):
     """Files of one source root or several, split by top-level module name (a name is on one
-    side whichever root holds it): (root, file) pairs per side, top-level name per file."""
+    side whichever root holds it): (root, file) pairs per side, top-level name per file,
+    files not read ({SKIP_REASONS key: paths}) and the per-file byte limit."""
     train: List[Tuple[str, str]]
     heldout: List[Tuple[str, str]]
     tops: Dict[str, str]
+    skipped: Dict[str, List[str]] = {}
+    max_bytes: int = MAX_SOURCE_BYTES
 
 
-def split_tree(src_dirs: Roots, heldout_every: int = 10, max_files: Optional[int] = None
-               ) -> Split:
-    """`python_files` of each root (at most `max_files` per root), split by module."""
-    pairs = _files_by_root(src_dirs, max_files)
+def split_tree(src_dirs: Roots, heldout_every: int = 10, max_files: Optional[int] = None,
+               max_bytes: int = MAX_SOURCE_BYTES) -> Split:
+    """`python_files` of each root (at most `max_files` per root), split by module; only
+    regular files of at most `max_bytes` are read (the others are in `Split.skipped`)."""
+    skipped: Dict[str, List[str]] = {}
+    pairs = _files_by_root(src_dirs, max_files, skipped, max_bytes)
     tops = {f: top_level(module_name(root, f)) for root, f in pairs}
     held = set(heldout_modules(tops.values(), heldout_every))
     return Split([p for p in pairs if tops[p[1]] not in held],
-                 [p for p in pairs if tops[p[1]] in held], tops)
+                 [p for p in pairs if tops[p[1]] in held], tops, skipped, max_bytes)
 
 
 def split_files(src_dirs: Roots, heldout_every: int = 10, max_files: Optional[int] = None
@@ -210,33 +224,36 @@ def split_files(src_dirs: Roots, heldout_every: int = 10, max_files: Optional[in
 
 
 def corpus_text(files: Iterable[str]) -> Iterator[str]:
-    """Decoded texts of `files` (pass the train side of `split_files`); undecodable files
-    are skipped."""
+    """Decoded texts of `files` (pass the train side of `split_files`); undecodable files,
+    and files that are no longer regular files within the size limit, are skipped."""
     for path in files:
         try:
             yield read_source(path)
-        except (UnicodeDecodeError, SyntaxError, LookupError):
+        except (UnicodeDecodeError, SyntaxError, LookupError, SkippedFile):
             continue
 
 
-def mine_tree(src_dirs: Roots, heldout_every: int = 10, max_files: Optional[int] = None
+def mine_tree(src_dirs: Roots, heldout_every: int = 10, max_files: Optional[int] = None,
+              max_bytes: int = MAX_SOURCE_BYTES
               ) -> Tuple[List[Record], List[Record], Dict[str, int]]:
     """(train records, held-out records, stats) mined from every file of one source root or
-    several (at most `max_files` per root)."""
-    return mine_split(split_tree(src_dirs, heldout_every, max_files))
+    several (at most `max_files` per root; regular files of at most `max_bytes` only)."""
+    return mine_split(split_tree(src_dirs, heldout_every, max_files, max_bytes))
 
 
 def mine_split(split: Split) -> Tuple[List[Record], List[Record], Dict[str, int]]:
     """`mine_tree` of files already split (`split_tree`)."""
-    train_pairs, held_pairs, tops = split
+    train_pairs, held_pairs, tops = split.train, split.heldout, split.tops
     stats = {"files": len(train_pairs) + len(held_pairs), "decode_failures": 0,
              "parse_failures": 0, "duplicates": 0, "heldout_leaks_dropped": 0}
+    for reason in SKIP_REASONS:
+        stats[f"skipped_{reason}"] = len(split.skipped.get(reason, ()))
     seen = set()
     sides = []
     for pairs in (train_pairs, held_pairs):
         records = []
         for root, path in pairs:
-            for r in _mine_file(root, path, stats):
+            for r in _mine_file(root, path, stats, split.max_bytes):
                 key = (r["instruction"], r["response"])
                 if key in seen:
                     stats["duplicates"] += 1
@@ -254,9 +271,13 @@ def mine_split(split: Split) -> Tuple[List[Record], List[Record], Dict[str, int]
     return train, kept, stats
 
 
-def _mine_file(root: str, path: str, stats: Dict[str, int]) -> List[Record]:
+def _mine_file(root: str, path: str, stats: Dict[str, int],
+               max_bytes: int = MAX_SOURCE_BYTES) -> List[Record]:
     try:
-        source = read_source(path)
+        source = read_source(path, max_bytes, root)
+    except SkippedFile as e:  # replaced since it was listed
+        stats[f"skipped_{e.reason}"] += 1
+        return []
     except (UnicodeDecodeError, SyntaxError, LookupError):  # bad bytes or coding cookie
         stats["decode_failures"] += 1
         return []
@@ -297,7 +318,27 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                         help="about one in N top-level modules is held out")
     parser.add_argument("--max-files", type=int, default=None,
                         help="mine only the first N files (sorted order) of each source")
+    parser.add_argument("--max-file-bytes", type=int, default=MAX_SOURCE_BYTES,
+                        help="skip (and report) source files larger than this many bytes "
+                        f"(default {MAX_SOURCE_BYTES})")
     return parser
+
+
+SHOWN_SKIPS = 5  # skipped files named per reason; the rest are counted
+
+
+def skip_report(split: Split) -> List[str]:
+    """Lines naming the files a mining run skipped, by reason (empty when none was)."""
+    lines = []
+    for reason, paths in sorted(split.skipped.items()):
+        what, fix = SKIP_REASONS[reason]
+        if reason == "too_large":
+            what += f" of {split.max_bytes} bytes"
+        lines.append(f"skipped {len(paths)} file(s), {what}; {fix}:")
+        lines += [f"  {p}" for p in paths[:SHOWN_SKIPS]]
+        if len(paths) > SHOWN_SKIPS:
+            lines.append(f"  ... and {len(paths) - SHOWN_SKIPS} more")
+    return lines
 
 
 def run(args: argparse.Namespace) -> int:
@@ -305,18 +346,27 @@ def run(args: argparse.Namespace) -> int:
     if args.max_files is not None and args.max_files < 1:
         print(f"error: --max-files must be >= 1, got {args.max_files}", file=sys.stderr)
         return 2
+    if args.max_file_bytes < 1:
+        print(f"error: --max-file-bytes must be >= 1, got {args.max_file_bytes}",
+              file=sys.stderr)
+        return 2
     start = time.perf_counter()
     try:
-        train, held, stats = mine_tree(source_dirs(args.src), args.heldout_every,
-                                       args.max_files)
+        split = split_tree(source_dirs(args.src), args.heldout_every, args.max_files,
+                           args.max_file_bytes)
+        train, held, stats = mine_split(split)
     except (FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    for line in skip_report(split):
+        print(line, file=sys.stderr)
     write_jsonl(args.out, train)
     if args.heldout_out:
         write_jsonl(args.heldout_out, held)
+    skipped = sum(stats[f"skipped_{reason}"] for reason in SKIP_REASONS)
     print(f"files {stats['files']} (decode failures {stats['decode_failures']}, parse "
-          f"failures {stats['parse_failures']}) in {time.perf_counter() - start:.1f} s")
+          f"failures {stats['parse_failures']}, skipped {skipped}) in "
+          f"{time.perf_counter() - start:.1f} s")
     print(f"records: train {stats['records_train']} -> {args.out}, held-out "
           f"{stats['records_heldout']} -> {args.heldout_out or '(not written)'}")
     print(f"top-level modules: train {stats['modules_train']}, held-out "

@@ -310,6 +310,9 @@ class DataReport:
     kept: int = 0  # records that became samples
     samples: int = 0  # samples (a long text record gives several)
     tokens: int = 0
+    # loss (target) tokens: mask 1 past each sample's first token; None in a cache written
+    # before they were counted
+    targets: Optional[int] = 0
     errors: Dict[str, int] = field(default_factory=dict)
     examples: Dict[str, List[str]] = field(default_factory=dict)
     max_examples: int = 3
@@ -328,8 +331,9 @@ class DataReport:
 
     def summary(self) -> str:
         src = " (from cache)" if self.from_cache else ""
+        targets = "" if self.targets is None else f" ({self.targets} targets)"
         return (f"{self.read} records read, {self.kept} kept, {self.dropped} dropped -> "
-                f"{self.samples} samples, {self.tokens} tokens{src}")
+                f"{self.samples} samples, {self.tokens} tokens{targets}{src}")
 
     def table(self) -> str:
         """A short printable table: the summary line, then one row per error reason."""
@@ -359,9 +363,10 @@ class DataReport:
 
     def to_dict(self) -> Dict[str, Any]:
         return {"read": self.read, "kept": self.kept, "samples": self.samples,
-                "tokens": self.tokens, "errors": self.errors, "examples": self.examples,
+                "tokens": self.tokens, "targets": self.targets, "errors": self.errors,
+                "examples": self.examples,
                 "max_examples": self.max_examples}
 
     @classmethod
     def from_dict(cls, d: Dict[str, Any], from_cache: bool = False) -> "DataReport":
-        return cls(**d, from_cache=from_cache)
+        return cls(**{"targets": None, **d}, from_cache=from_cache)

@@ -161,7 +161,8 @@ class HFTokenizer(Tokenizer):
     def __init__(self, directory: str):
         from transformers import AutoTokenizer
 
-        self._tok = AutoTokenizer.from_pretrained(directory, local_files_only=True)
+        self._tok = AutoTokenizer.from_pretrained(directory, local_files_only=True,
+                                                  trust_remote_code=False)
         self.vocab_size = len(self._tok)
         self.eos_id = self._tok.eos_token_id
         self.bos_id = self._tok.bos_token_id

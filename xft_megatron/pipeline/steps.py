@@ -14,7 +14,7 @@ import os
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
-from xft_megatron.config import MoEConfig
+from xft_megatron.config import MoEConfig, load_yaml
 
 ONE, DIST = "ONE", "DIST"  # one process | every rank (torchrun, srun + torchrun)
 READS = ("checkpoint.load", "data.path", "data.tokenizer")  # the overrides naming inputs
@@ -26,16 +26,14 @@ def _is_file(*path: str) -> bool:
 
 def training_finished(root: str) -> bool:
     """Whether the newest checkpoint under `root` is at its run's final step."""
-    import yaml
-
     try:
         with open(os.path.join(root, "latest")) as f:
             ckpt = os.path.join(root, f.read().strip())
         with open(os.path.join(ckpt, "xft_config.yaml")) as f:
-            steps = yaml.safe_load(f)["train"]["train_steps"]
+            steps = load_yaml(f.read(), "xft_config.yaml")["train"]["train_steps"]
         with open(os.path.join(ckpt, "train_state.json")) as f:
             step = json.load(f)["step"]
-    except (OSError, KeyError, TypeError, ValueError, yaml.YAMLError):
+    except (OSError, KeyError, TypeError, ValueError):  # ConfigError is a ValueError
         return False
     return step >= steps
 

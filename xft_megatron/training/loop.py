@@ -32,7 +32,8 @@ from xft_megatron.training import flops, rng
 from xft_megatron.training.metrics import Metrics, peak_memory_gib
 from xft_megatron.training.optimizer import build_optimizer, build_scheduler, \
     init_optimizer_state, set_step_counters, wrap_ddp
-from xft_megatron.training.step import make_batch, split_global_batch, train_step
+from xft_megatron.training.step import EmptyBatch, make_batch, split_global_batch, \
+    train_step
 
 
 class NonFiniteLoss(UserError, RuntimeError):
@@ -69,6 +70,16 @@ def routing_means(rows: List[Dict]) -> Dict[str, List[float]]:
         if series:
             out[key] = [sum(col) / len(series) for col in zip(*series)]
     return out
+
+
+SCHEDULE_KEYS = ("lr", "min_lr", "lr_warmup_steps", "lr_decay_style", "train_steps")
+
+
+def schedule_changes(stored: Dict, train) -> List[str]:
+    """'train.KEY OLD -> NEW' for each LR-schedule setting that differs from a checkpoint's
+    stored train section."""
+    return [f"train.{k} {stored[k]} -> {getattr(train, k)}" for k in SCHEDULE_KEYS
+            if k in stored and stored[k] != getattr(train, k)]
 
 
 def _latest_training_checkpoint(root: Optional[str]) -> Optional[str]:
@@ -158,6 +169,14 @@ def _train(cfg, info, data, progress, resume, should_stop, extra_files, loss_hoo
             "optimizer moments and RNG streams start afresh" if not same_layout else
             ": it holds no optimizer state (a final save with checkpoint.final_optimizer="
             "false), so the optimizer moments start afresh" if not with_optimizer else ""))
+        changed = schedule_changes(ckpt.read_config(resume_from).get("train") or {}, t)
+        if changed:
+            metrics.message("the LR schedule follows this run's settings, not the "
+                            f"checkpoint's: {', '.join(changed)}")
+        if start >= t.train_steps:
+            metrics.message(f"the checkpoint is at step {start}, train.train_steps="
+                            f"{t.train_steps}: nothing to train (raise train.train_steps to "
+                            "train further)")
 
     def save(step: int, final: bool) -> str:
         with_state = not final or c.final_optimizer
@@ -182,8 +201,11 @@ def _train(cfg, info, data, progress, resume, should_stop, extra_files, loss_hoo
             data_seconds = time.perf_counter() - step_start
             if cfg.moe.enabled:
                 moe_losses.set_step_settings(chunks, cfg.moe.noise_multiplier(step))
-            stats = train_step(chunks, optimizer, scheduler, mbs, t.seq_length, t.clip_grad,
-                               loss_hook=loss_hook)
+            try:
+                stats = train_step(chunks, optimizer, scheduler, mbs, t.seq_length,
+                                   t.clip_grad, loss_hook=loss_hook)
+            except EmptyBatch as e:
+                raise EmptyBatch(f"step {step + 1}: {e}; nothing was updated") from None
             finite = math.isfinite(stats["loss"]) and (
                 math.isfinite(stats["grad_norm"]) or cfg.precision.dtype == "fp16")
             if not finite:

@@ -282,6 +282,10 @@ def build_scheduler(optimizer, train: TrainConfig) -> OptimizerParamScheduler:
         end_wd=train.weight_decay,
         wd_incr_steps=train.train_steps,
         wd_incr_style="constant",
+        # on resume the schedule follows this run's settings (a run extended with a larger
+        # train.train_steps decays over the new length); only the step count is restored
+        use_checkpoint_opt_param_scheduler=False,
+        override_opt_param_scheduler=True,
     )
 
 

@@ -23,6 +23,7 @@ from xft_megatron.checkpoint import lock, space
 from xft_megatron.config import Config, ConfigError, deep_merge, parse_overrides, read_yaml
 from xft_megatron.data.dataset import build_dataset, check_sources
 from xft_megatron.data.packing import PackedBatches
+from xft_megatron.data.records import DataError
 from xft_megatron.data.tokenizer import Tokenizer, tokenizer_for_model
 from xft_megatron.hub import HubSettings
 from xft_megatron.training import disk, memory
@@ -207,6 +208,11 @@ def _prepare_and_train(cfg: Config, info, resume: bool, progress: bool, stop,
 
     tok, source = tokenizer_for(cfg)
     batches, report = build_batches(cfg, tok, info.rank, hub)
+    if report.targets == 0:
+        raise DataError(f"data.path={cfg.data.path}: {report.summary()}, but no target tokens: "
+                        "every loss mask is 0, so there is nothing to learn from. Instruction "
+                        "records need a non-empty response (check data.columns and "
+                        "data.format), chat records an assistant turn")
     if cfg.train.epochs:
         steps = max(1, math.ceil(cfg.train.epochs * len(batches)))
         cfg.train.check_warmup(steps)  # before any model is built

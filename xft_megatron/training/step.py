@@ -17,6 +17,7 @@ from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_regi
 from xft_megatron import compat
 from xft_megatron.checkpoint.dist import unwrap
 from xft_megatron.data import packing
+from xft_megatron.data.records import DataError
 from xft_megatron.moe import losses as moe_losses
 from xft_megatron.training.optimizer import optimizer_step
 
@@ -92,7 +93,15 @@ def forward_backward(chunks: List, microbatches: List[Batch], seq_length: int,
     if not forward_only and moe_losses.has_routers(chunks):
         moe_losses.set_step_settings(chunks, aux_loss_scale=router_loss_scale(microbatches))
     total, count = loss_totals(chunks, microbatches, seq_length, forward_only)
+    if count == 0 and not forward_only:
+        raise EmptyBatch("the global batch has no target tokens (every loss mask is 0): "
+                         "there is nothing to learn from it; check the data (responses, "
+                         "data.columns, data.format)")
     return total / max(count, 1.0)
+
+
+class EmptyBatch(DataError):
+    """A training batch without a single target token."""
 
 
 def router_loss_scale(microbatches: List[Batch]) -> float:
