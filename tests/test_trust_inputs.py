@@ -174,3 +174,32 @@ def test_wellformed_safetensors_read_exactly(tmp_path):
     assert set(f.keys()) == set(tensors)
     for k, v in tensors.items():
         assert torch.equal(f.get_tensor(k), v), k
+
+
+# ---------------------------------------------------------------- one writer per pipeline
+def test_a_second_quickstart_into_the_same_folder_is_refused(tmp_path):
+    """While a quickstart holds --out (here: a process holding its lock, as a running one
+    does), a second one into the same folder is refused before it touches anything."""
+    import subprocess
+    import sys
+
+    out = tmp_path / "qs"
+    (out / "data").mkdir(parents=True)
+    (out / "data" / "train.jsonl").write_text("kept\n")
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time; sys.path.insert(0, sys.argv[2]); "
+         "from xft_megatron.checkpoint import lock; "
+         "lock.acquire(sys.argv[1], 'xft quickstart'); print('held', flush=True); "
+         "time.sleep(120)", str(out), common.REPO],
+        stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        r = common.xft_process("quickstart", "--out", out, "--steps", "3", "--sft-steps", "3",
+                               "--max-files", "20", timeout=300)
+        assert r.returncode == 2, r.stderr[-2000:]
+        assert "xft quickstart" in r.stderr and str(holder.pid) in r.stderr, r.stderr
+        assert (out / "data" / "train.jsonl").read_text() == "kept\n"
+        assert sorted(p.name for p in out.iterdir()) == [".xft-lock", "data"]
+    finally:
+        holder.kill()
+        holder.wait()

@@ -219,7 +219,10 @@ def run(out_dir: str, settings: Optional[Settings] = None, overrides: Sequence[s
     if not single:  # rank 0 writes the step markers, every step ends in a barrier: from
         init_process_group()  # the first step on, before any training stage starts the group
     steps = [data_step(out_dir, roots, s)] + build(spec)
-    records = run_steps(steps, say=say)
+    from xft_megatron.checkpoint import lock
+
+    with lock.hold(out_dir, command="xft quickstart"):  # one pipeline writes --out at a time
+        records = run_steps(steps, say=say)
     data = records["data"]["result"]
     stages = {k: v for k, v in records.items() if k not in ("data", "eval", "humaneval")
               and not k.startswith("upcycle")}

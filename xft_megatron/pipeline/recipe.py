@@ -17,6 +17,7 @@ import sys
 import tempfile
 from typing import Dict, List, Optional, Sequence
 
+from xft_megatron.checkpoint import lock
 from xft_megatron.config import MoEConfig
 from xft_megatron.pipeline.completion import DONE, digests, run_step, state
 from xft_megatron.pipeline.steps import DIST, Step, Train
@@ -212,8 +213,9 @@ def main(args: argparse.Namespace) -> int:
             else:
                 print_plan(rows, args.commands)
         else:
-            return run(steps, one, dist, os.path.join(args.out, "logs"))
-    except RecipeError as e:
+            with lock.hold(args.out, command="run.sh run"):  # one recipe writes --out at a time
+                return run(steps, one, dist, os.path.join(args.out, "logs"))
+    except (RecipeError, lock.DirectoryInUse) as e:
         print(f"run.sh: error: {e}", file=sys.stderr)
         return 2
     return 0
