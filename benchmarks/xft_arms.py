@@ -95,8 +95,9 @@ def summarize(study: str) -> str:
             moe = _read(os.path.join(folder, "xft_moe", "summary.json")) or {}
             fig = report.routing_figures(moe)
             if fig:
-                notes.append(f"- {arm} seed {seed}: {report.routing_verdict(fig)} (g0 "
-                             f"{fig.get('shared_weight', float('nan')):.3f})")
+                g0 = fig.get("shared_weight")
+                notes.append(f"- {arm} seed {seed}: {report.routing_verdict(fig)}" +
+                             (f" (g0 {g0:.3f})" if g0 is not None else ""))
         lines.append(f"| {arm} | {','.join(sorted(seeds))} | " +
                      " | ".join(_mean_sd(per_model[m]) for m in models) +
                      f" | {_mean_sd(deltas)} | {'; '.join(he) or '-'} |")

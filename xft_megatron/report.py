@@ -108,6 +108,8 @@ def routing_figures(summary: Dict) -> Optional[Dict[str, float]]:
     layers = [i for i, g in enumerate(routing.get("shared_weight", [])) if g] or \
         [i for i, v in enumerate(routing["clean_entropy"]) if v]
     fig = {key: _mean(routing[key][i] for i in layers) for key in routing}
+    if not any(routing.get("shared_weight", [])):
+        fig["shared_weight"] = None  # no shared expert (mode vanilla)
     div = summary.get("expert_divergence") or {}
     fig["to_shared"] = _mean(x for d in div.values() for x in d.get("to_shared", []))
     fig["between_routed"] = _mean(d["between_routed"] for d in div.values())
