@@ -5,10 +5,10 @@ setup(
     version="0.1.0",
     description="XFT (upcycled shared-expert MoE, learned merge back to dense) on Megatron-Core",
     packages=find_packages(include=["xft_megatron", "xft_megatron.*"]),
-    python_requires=">=3.11",
+    python_requires=">=3.12",
     install_requires=[
         "torch>=2.6",
-        "megatron-core==0.16.1",
+        "megatron-core==0.19.2",
         "numpy",
         "sentencepiece",
         "datasets",

@@ -19,7 +19,6 @@ import time
 
 import torch
 from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler
-from megatron.core.transformer.spec_utils import build_module
 
 from benchmarks.dense_step import matmul_ceiling, run_point
 from xft_megatron import parallel
@@ -41,7 +40,7 @@ def layer_point(variant, tokens, reps, warmup):
                              "moe.balance_loss=cv"] + MOE + VARIANTS[variant])
     parallel.initialize(cfg.parallel, seed=1)
     tc = transformer_config(cfg)
-    layer = build_module(moe_mlp_spec(cfg.moe), config=tc, layer_number=1).cuda().bfloat16()
+    layer = moe_mlp_spec(cfg.moe)(config=tc, layer_number=1).cuda().bfloat16()
     layer.train()
     # what the training schedules do before each backward (router losses count once)
     MoEAuxLossAutoScaler.set_loss_scale(torch.ones(1, device="cuda"))

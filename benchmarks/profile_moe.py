@@ -11,7 +11,6 @@ import time
 
 import torch
 from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler
-from megatron.core.transformer.spec_utils import build_module
 from torch.profiler import ProfilerActivity, profile
 
 from benchmarks.moe_step import MOE, VARIANTS
@@ -31,7 +30,7 @@ def main():
     cfg = load_config(None, ["model.preset=deepseek-coder-1.3b", "precision.dtype=bf16"]
                       + MOE + VARIANTS[args.variant] + args.overrides)
     parallel.initialize(cfg.parallel, seed=1)
-    layer = build_module(moe_mlp_spec(cfg.moe), config=transformer_config(cfg), layer_number=1)
+    layer = moe_mlp_spec(cfg.moe)(config=transformer_config(cfg), layer_number=1)
     layer.train()
     MoEAuxLossAutoScaler.set_loss_scale(torch.ones(1, device="cuda"))
     x = torch.randn(args.tokens, 1, cfg.model.hidden_size, device="cuda",

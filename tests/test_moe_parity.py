@@ -7,8 +7,11 @@ alltoall and allgather dispatchers; mlp gate with noise on (train mode) and line
 noise off (eval). The checkpoint is written single-process and resharded by every layout.
 
 P5: a model with distinct experts (noise off: noise draws depend on the layout) gives the
-single-process LM loss, router losses (cv balance + z-loss), gradients and 3-step loss curve
-in the layouts above: loss relative 1e-6, gradient relative (per tensor) 1e-5, curve 1e-5.
+single-process LM loss, router losses (cv balance + z-loss), gradients, and 3-step loss curve
+and gradient norms with clipping active (the norm is above train.clip_grad at every step), in
+the layouts above and EP=2+TP=2+SP with ETP=1: loss relative 1e-6, gradient relative (per
+tensor) 1e-5, curve and norms 1e-5. The norm counts each expert shard once whatever its
+replication: over tensor-parallel ranks (ETP < TP) and expert-data-parallel ranks.
 Also: router and expert weights receive gradients, the shared expert always does; and P2
 through the model: folding the upcycled weights back (random merge coefficients) gives the
 dense logits.
@@ -45,9 +48,12 @@ LAYOUTS = {
     "pp2_ep2": ["parallel.pipeline=2", "parallel.expert=2"],
 }
 DISPATCHERS = ("alltoall", "allgather")
-P5_MOE = MOE + ["moe.router_noise=false", "moe.z_loss_coeff=1e-3", "moe.balance_coeff=0.1"]
+CLIP = 0.5  # the gradient norm of the P5 model is 1.0-1.4 over its first steps: always clipped
+P5_MOE = MOE + ["moe.router_noise=false", "moe.z_loss_coeff=1e-3", "moe.balance_coeff=0.1",
+                f"train.clip_grad={CLIP}"]
 P5_LAYOUTS = {name: LAYOUTS[name] for name in ("ep2", "ep4", "tp2_sp_etp1", "ep2_tp2_sp",
                                                "pp2_ep2")}
+P5_LAYOUTS["ep2_tp2_sp_etp1"] = LAYOUTS["ep2_tp2_sp"] + ["parallel.expert_tensor=1"]
 STEPS = 3
 
 
@@ -72,10 +78,10 @@ def _p5_run(cfg, weights, workdir, name):
     ckpt.save(chunks, os.path.join(workdir, f"grads_{name}"), 0, cfg)
     chunks, _ = common.setup(cfg, weights)
     opt, sched = common.optimizer_for(chunks, cfg)
-    curve = [train_step(chunks, opt, sched, common.microbatches(cfg), cfg.train.seq_length,
-                          cfg.train.clip_grad)
-             ["loss"] for _ in range(STEPS)]
-    return {"loss": loss, "router": router.tolist(), "curve": curve}
+    steps = [train_step(chunks, opt, sched, common.microbatches(cfg), cfg.train.seq_length,
+                        cfg.train.clip_grad) for _ in range(STEPS)]
+    return {"loss": loss, "router": router.tolist(), "curve": [s["loss"] for s in steps],
+            "norms": [s["grad_norm"] for s in steps]}
 
 
 def _reference(rank, world, workdir):
@@ -118,7 +124,8 @@ def _reference(rank, world, workdir):
     out["grad_sums"] = {n: g.abs().sum().item() for n, g in grads.items()}
     out["shared_grad"] = [grads[n][0].abs().sum().item() for n in grads
                           if n.endswith("experts.fc1_weight")]
-    out["p5"]["curve"] = _p5_run(cfg, weights, workdir, "single")["curve"]
+    single = _p5_run(cfg, weights, workdir, "single")
+    out["p5"]["curve"], out["p5"]["norms"] = single["curve"], single["norms"]
     return out
 
 
@@ -166,6 +173,7 @@ def test_moe_p1_and_p5_across_layouts(tmp_path):
     assert ref["shared_grad"] and all(s > 0 for s in ref["shared_grad"])
     assert all(v > 0 for v in ref["p5"]["router"]), ref["p5"]["router"]
     assert ref["p5"]["curve"][0] > ref["p5"]["curve"][-1], "MoE training did not reduce loss"
+    assert all(n > CLIP for n in ref["p5"]["norms"]), ref["p5"]["norms"]  # clipping is active
 
     results = run_ranks(4, _layouts, workdir)
     for r in results:
@@ -179,3 +187,5 @@ def test_moe_p1_and_p5_across_layouts(tmp_path):
             assert got["grad_err"] <= 1e-5, (layout, got["grad_err"], got["worst"])
             for a, b in zip(got["curve"], exp["curve"]):
                 assert abs(a - b) <= 1e-5 * abs(b), (layout, got["curve"], exp["curve"])
+            for a, b in zip(got["norms"], exp["norms"]):
+                assert abs(a - b) <= 1e-5 * b, (layout, got["norms"], exp["norms"])

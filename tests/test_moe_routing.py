@@ -151,9 +151,9 @@ def _router(gate, noise, balance="cv", z=0.0):
     tc = TransformerConfig(num_layers=1, hidden_size=16, num_attention_heads=2,
                            use_cpu_initialization=True)
     torch.manual_seed(0)
-    return XFTRouter(tc, None, RouterSettings(num_routed=7, routed_topk=5, gate=gate,
-                                              noise=noise, balance_loss=balance,
-                                              balance_coeff=0.01, z_loss_coeff=z))
+    return XFTRouter(tc, settings=RouterSettings(num_routed=7, routed_topk=5, gate=gate,
+                                                  noise=noise, balance_loss=balance,
+                                                  balance_coeff=0.01, z_loss_coeff=z))
 
 
 @pytest.mark.parametrize("gate,noise", [("mlp", True), ("linear", False)])

@@ -78,7 +78,8 @@ def _refusal(fn):
 CKPT_CASES = {  # name -> (what is damaged, text the message must hold)
     "truncated_distcp": ("iter_0000001/__0_0.distcp", "truncated"),
     "random_distcp": ("iter_0000001/__0_0.distcp", "does not match the checksum"),
-    "missing_data_file": ("iter_0000001/__0_1.distcp", "missing"),
+    # (megatron-core 0.19 writes one data file per rank: the only one goes)
+    "missing_data_file": ("iter_0000001/__0_0.distcp", "missing"),
     "missing_metadata": ("iter_0000001/.metadata", "missing"),
     "latest_to_missing_folder": ("latest", "points to 'iter_0000002'"),
     "broken_config_yaml": ("iter_0000001/xft_config.yaml", "not valid YAML"),
@@ -129,7 +130,7 @@ def _damage_checkpoint(src, root):
             noise = bytes(rng.randrange(256) for _ in range(os.path.getsize(f)))  # same size
             open(f, "wb").write(noise)
         elif name == "missing_data_file":
-            os.remove(os.path.join(it, "__0_1.distcp"))
+            os.remove(os.path.join(it, "__0_0.distcp"))
         elif name == "missing_metadata":
             os.remove(os.path.join(it, ".metadata"))
         elif name == "latest_to_missing_folder":  # the only checkpoint was deleted

@@ -241,7 +241,7 @@ def test_noise_schedule_and_router_noise_multiplier():
     tc = TransformerConfig(num_layers=1, hidden_size=16, num_attention_heads=2,
                            use_cpu_initialization=True)
     torch.manual_seed(0)
-    router = XFTRouter(tc, None, RouterSettings(num_routed=7, routed_topk=5)).train()
+    router = XFTRouter(tc, settings=RouterSettings(num_routed=7, routed_topk=5)).train()
     x = torch.randn(8, 4, 16, generator=torch.Generator().manual_seed(1))
     figures = {}
     for mult in (1.0, 0.5, 0.0):

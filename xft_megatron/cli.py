@@ -428,7 +428,7 @@ def main(argv=None) -> int:
         return 2
     try:
         args.func(args)
-    except KeyboardInterrupt:  # Ctrl-C / SIGINT: the writers are already ended (writers.py)
+    except KeyboardInterrupt:  # Ctrl-C / SIGINT: a checkpoint write ends with the exception
         print(_INTERRUPTED, file=sys.stderr, flush=True)
         return 130
     except ConfigError as e:

@@ -115,7 +115,7 @@ def _save(write_tensors, root, iteration, cfg, extra_files, train_state, rank_st
             os.makedirs(tmp)
         ranks.barrier()
         try:
-            with writers.guarded():  # Megatron's writer processes: ended on Ctrl-C or our death
+            with writers.guarded():  # no helper process of Megatron's writer
                 _write(write_tensors, tmp, iteration, cfg, extra_files, train_state,
                        rank_state)
                 if rank == 0:

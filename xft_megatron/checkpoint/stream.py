@@ -25,7 +25,6 @@ import torch.distributed.checkpoint as dcp
 from megatron.core.dist_checkpointing.core import CheckpointingConfig, save_config
 from megatron.core.dist_checkpointing.mapping import (ShardedObject, ShardedTensor,
                                                       ShardedTensorFactory)
-from megatron.core.dist_checkpointing.strategies.common import COMMON_STATE_FNAME
 from torch.distributed.checkpoint import FileSystemReader, FileSystemWriter
 from torch.distributed.checkpoint.default_planner import create_default_global_save_plan
 from torch.distributed.checkpoint.metadata import (ChunkStorageMetadata, MetadataIndex,
@@ -36,8 +35,8 @@ from torch.distributed.checkpoint.planner_helpers import create_read_items_for_c
 
 from xft_megatron.checkpoint import checksums, ranks
 from xft_megatron.checkpoint.directory import resolve
-from xft_megatron.checkpoint.validate import (CheckpointError, load_failure, raise_damaged,
-                                              read_index)
+from xft_megatron.checkpoint.validate import (COMMON_STATE_KEY, CheckpointError, load_failure,
+                                              raise_damaged, read_index)
 from xft_megatron.config import Config, ParallelConfig
 from xft_megatron.model.names import layer_of
 
@@ -115,6 +114,8 @@ def layout_of(cfg: Config) -> Layout:
         value = own[name]
         params[name] = Param(tuple(value.shape), value.dtype,
                              tuple(_part(t, value) for t in tensors))
+    # Megatron's non-tensor state, stored as one more object: empty for a model's own entries
+    objects[COMMON_STATE_KEY] = {}
     return Layout(params, objects)
 
 
@@ -217,8 +218,7 @@ def write(folder: str, layout: Layout, produce: Callable[[str], Tensor]) -> None
         dcp.save({}, storage_writer=writer, planner=planner, no_dist=size == 1)
 
     if rank == 0:
-        save_config(CheckpointingConfig("torch_dist", 1, "torch", 1), folder)
-        torch.save({}, os.path.join(folder, COMMON_STATE_FNAME))
+        save_config(CheckpointingConfig("torch_dist", 1), folder)
 
 
 @contextlib.contextmanager

@@ -15,7 +15,8 @@ import torch
 import torch.distributed as dist
 from megatron.core.dist_checkpointing.core import CheckpointingException
 from megatron.core.dist_checkpointing.dict_utils import nested_values
-from megatron.core.dist_checkpointing.mapping import ShardedTensor, ShardedTensorFactory
+from megatron.core.dist_checkpointing.mapping import (ShardedObject, ShardedTensor,
+                                                      ShardedTensorFactory)
 from torch.distributed.checkpoint import FileSystemReader
 from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
@@ -31,6 +32,10 @@ class CheckpointError(UserError, ValueError):
 
 
 DAMAGED = "restore the checkpoint from a copy, or use another iter_* folder"
+# Megatron's non-tensor state: one stored object in the torch_dist files (megatron-core 0.19),
+# or, in checkpoints of earlier releases, the file common.pt (which Megatron still reads)
+COMMON_STATE_KEY = ShardedObject("common_state", None, (1,), (0,)).unique_key
+LEGACY_COMMON_FILE = "common.pt"
 
 
 def raise_damaged(folder: str, found: Optional[str]) -> None:
@@ -55,11 +60,10 @@ def read_index(ckpt: str):
     if not os.path.isfile(os.path.join(ckpt, "metadata.json")):
         return None, (f"checkpoint '{ckpt}' is incomplete: {os.path.join(ckpt, 'metadata.json')} "
                       f"is missing, so this is not a torch_dist checkpoint; {DAMAGED}")
-    index, common = os.path.join(ckpt, ".metadata"), os.path.join(ckpt, "common.pt")
-    for file, what in ((index, "tensor index"), (common, "non-tensor state")):
-        if not os.path.isfile(file):
-            return None, (f"checkpoint '{ckpt}' is incomplete: its {what} {file} is "
-                          f"missing; {DAMAGED}")
+    index, common = os.path.join(ckpt, ".metadata"), os.path.join(ckpt, LEGACY_COMMON_FILE)
+    if not os.path.isfile(index):
+        return None, (f"checkpoint '{ckpt}' is incomplete: its tensor index {index} is "
+                      f"missing; {DAMAGED}")
     try:
         metadata = FileSystemReader(ckpt).read_metadata()
         sizes = {}
@@ -69,6 +73,10 @@ def read_index(ckpt: str):
     except Exception as e:  # noqa: BLE001 - any unpickling failure means a damaged index
         return None, (f"checkpoint '{ckpt}' is damaged: its tensor index {index} cannot be "
                       f"read ({one_line(e, 120)}); {DAMAGED}")
+    if COMMON_STATE_KEY not in metadata.state_dict_metadata and not os.path.isfile(common):
+        return None, (f"checkpoint '{ckpt}' is incomplete: its non-tensor state (the object "
+                      f"'{COMMON_STATE_KEY}' in its tensor index {index}) is missing; "
+                      f"{DAMAGED}")
     for name, need in sorted(sizes.items()):
         file = os.path.join(ckpt, name)
         if not os.path.isfile(file):
@@ -151,11 +159,12 @@ def load_failure(ckpt: str, metadata, error: BaseException) -> str:
 
 
 def unreadable_file(ckpt: str, metadata) -> Optional[str]:
-    """Where the first stored tensor whose bytes do not deserialize is, or that common.pt does
-    not (None if all do). Only run after a failed load: a healthy load reads the data once."""
+    """Where the first stored tensor (or the non-tensor state) whose bytes do not deserialize
+    is (None if all do). Only run after a failed load: a healthy load reads the data once."""
     per_file: Dict[str, List] = {}
     for index, item in metadata.storage_data.items():
-        if isinstance(metadata.state_dict_metadata.get(index.fqn), TensorStorageMetadata):
+        if isinstance(metadata.state_dict_metadata.get(index.fqn), TensorStorageMetadata) or \
+                index.fqn == COMMON_STATE_KEY:
             per_file.setdefault(item.relative_path, []).append((item, index.fqn))
     for name, items in sorted(per_file.items()):
         file = os.path.join(ckpt, name)
@@ -166,9 +175,12 @@ def unreadable_file(ckpt: str, metadata) -> Optional[str]:
                     torch.load(io.BytesIO(f.read(item.length)), map_location="cpu",
                                weights_only=True)
                 except Exception as e:  # noqa: BLE001 - reported with its location
+                    what = "object" if fqn == COMMON_STATE_KEY else "tensor"
                     return (f"data file {file} holds unreadable bytes at offset {item.offset} "
-                            f"(tensor '{fqn}' does not deserialize: {type(e).__name__})")
-    common = os.path.join(ckpt, "common.pt")
+                            f"({what} '{fqn}' does not deserialize: {type(e).__name__})")
+    common = os.path.join(ckpt, LEGACY_COMMON_FILE)
+    if not os.path.isfile(common):
+        return None
     try:
         torch.load(common, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - reported with its location

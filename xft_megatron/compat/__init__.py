@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import torch
 
-PINNED_MEGATRON_VERSION = "0.16.1"
+PINNED_MEGATRON_VERSION = "0.19.2"
 
 
 def has_cuda() -> bool:
@@ -37,7 +37,9 @@ def check_megatron_version() -> None:
     """Refuse to run against a megatron-core other than the pinned one."""
     from megatron.core import package_info
 
-    found = package_info.__version__
+    # megatron-core appends `+<git commit>` when its files lie inside a git checkout (a .venv
+    # in this repository's folder, say): the release is the part before it
+    found = package_info.__version__.split("+")[0]
     if found != PINNED_MEGATRON_VERSION:
         raise RuntimeError(
             f"xft-megatron is pinned to megatron-core=={PINNED_MEGATRON_VERSION} but found "

@@ -1,4 +1,4 @@
-"""The CPU stand-ins for what Megatron-Core 0.16.1 takes from CUDA. Nothing here is installed
+"""The CPU stand-ins for what Megatron-Core 0.19.2 takes from CUDA. Nothing here is installed
 by importing it: `compat.patches` lists where each one goes and why, and installs them."""
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """The CPU/gloo support for Megatron-Core: ONE list of patches, applied and reverted together.
 
-On a machine without CUDA, Megatron-Core 0.16.1 still reaches for CUDA in a few places.
+On a machine without CUDA, Megatron-Core 0.19.2 still reaches for CUDA in a few places.
 `cpu_patches()` lists every replacement as (object, attribute, replacement);
 `activate_cpu_support()` (called by `parallel.initialize` when `torch.cuda.is_available()` is
 False) records each original and applies the list, `deactivate_cpu_support()` (called by
@@ -30,7 +30,9 @@ if the installed version differs, so each item gets re-checked when the pin move
      `MODULES_WITH_CUDA_FACTORIES` (loss-token counters in the schedules, optimizer
      found-inf/scale flags, grad-norm buffers, masks): those modules see `TorchOnCpu`, a
      proxy of `torch` whose tensor factories place such tensors on the CPU. Only these
-     modules are affected; everything else sees the real torch.
+     modules are affected; everything else sees the real torch. (The MoE layer-wise loss
+     tracker, which needed it up to 0.16, moved to `moe_logging` in 0.19 and places its
+     tensors on the CPU itself when CUDA is absent.)
   5. `torch.Tensor.cuda()` (used e.g. to sync tied embeddings across pipeline stages)
      returns the tensor itself, as the CPU is the only device.
   6. Megatron's optimizer (constructor, and grad clipping in `step`) accepts only tensors
@@ -52,11 +54,13 @@ if the installed version differs, so each item gets re-checked when the pin move
      block. Results are exactly what NCCL computes (sum order aside).
 
 Apart from that list, on every machine: `plain_data_loads()`, a context manager around
-`dist_checkpointing.load`. Megatron's common strategy reads `common.pt` (and object shards)
-with `torch.load` under torch's default, and torch's `DefaultLoadPlanner.load_bytes` (which
-Megatron's load planner inherits) unpickles every stored object of a torch_dist checkpoint
-with `weights_only=False`: a planted pickle would run code. Those two modules see
-`PlainDataTorch`, a proxy of `torch` whose `load` always passes `weights_only=True`.
+`dist_checkpointing.load`. torch's `DefaultLoadPlanner.load_bytes` (which Megatron's load
+planner inherits) unpickles every stored object of a torch_dist checkpoint with
+`weights_only=False`, Megatron's non-tensor state among them (one stored object since 0.19),
+and Megatron's common strategy still reads the `common.pt` of earlier checkpoints (present
+in a folder, it is read instead) with `torch.load` under torch's default: a planted pickle
+would run code. Those two modules see `PlainDataTorch`, a proxy of `torch` whose `load`
+always passes `weights_only=True`.
 """
 
 from __future__ import annotations
@@ -138,7 +142,6 @@ MODULES_WITH_CUDA_FACTORIES = (
     "megatron.core.optimizer.grad_scaler",
     "megatron.core.distributed.param_and_grad_buffer",
     "megatron.core.transformer.utils",
-    "megatron.core.transformer.moe.moe_utils",
     "megatron.core.tensor_parallel.data",
     "megatron.core.utils",
     "megatron.core.rerun_state_machine",

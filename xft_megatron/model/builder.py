@@ -5,7 +5,6 @@ returns the model chunks this rank owns (one, or one per virtual pipeline stage)
 """
 
 import contextlib
-import logging
 import dataclasses
 from typing import List, Optional
 
@@ -71,7 +70,9 @@ def transformer_config(cfg: Config) -> TransformerConfig:
         persist_layer_norm=False,
         use_cpu_initialization=not on_gpu,
         perform_initialization=True,
-        cuda_graph_scope=[],  # no CUDA graphs; Megatron's default ("full") warns it is deprecated
+        # no CUDA graphs (cuda_graph_impl "none"); the default modules ("full") warn that
+        # they are deprecated
+        cuda_graph_modules=[],
     )
 
 
@@ -114,7 +115,7 @@ def build_model(cfg: Config, tconfig: Optional[TransformerConfig] = None,
         post = ps.is_pipeline_last_stage(ignore_virtual=False, vp_stage=stage)
         n_here = get_num_layers_to_build(tconfig, vp_stage=stage)
         first = get_transformer_layer_offset(tconfig, vp_stage=stage)
-        with torch.device("meta") if meta else contextlib.nullcontext(), _own_ffn_is_known():
+        with torch.device("meta") if meta else contextlib.nullcontext():
             model = _gpt_model(cfg, tconfig, first, n_here, pre, post, stage)
         model.to(device="meta" if meta else compat.device(), dtype=cfg.precision.torch_dtype)
         _mark_expert_params(model)
@@ -126,23 +127,6 @@ def build_model(cfg: Config, tconfig: Optional[TransformerConfig] = None,
             compile_layers(model)
         chunks.append(model)
     return chunks
-
-
-@contextlib.contextmanager
-def _own_ffn_is_known():
-    """Megatron's TransformerLayer logs "Unknown MLP type ... Using default kwargs" for every
-    layer whose FFN spec is not one of its own classes; the merge stage's MergeMLP is ours and
-    takes its arguments from the spec. That one message is dropped while the model is built."""
-    log = logging.getLogger("megatron.core.transformer.transformer_layer")
-
-    def keep(record):
-        return not record.getMessage().startswith("Unknown MLP type")
-
-    log.addFilter(keep)
-    try:
-        yield
-    finally:
-        log.removeFilter(keep)
 
 
 def _gpt_model(cfg: Config, tconfig: TransformerConfig, first: int, n_here: int, pre: bool,

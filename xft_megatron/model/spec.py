@@ -16,7 +16,11 @@ from megatron.core.transformer.moe.experts import SequentialMLP
 from megatron.core.transformer.moe.moe_layer import MoELayer, MoESubmodules
 from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.transformer_block import TransformerBlockSubmodules
-from megatron.core.transformer.transformer_layer import TransformerLayer, TransformerLayerSubmodules
+from megatron.core.transformer.transformer_layer import (
+    MlpBuilder,
+    TransformerLayer,
+    TransformerLayerSubmodules,
+)
 
 from xft_megatron.config import ModelConfig, MoEConfig
 from xft_megatron.model.attention import SDPAttention
@@ -43,33 +47,33 @@ def attention_spec(m: ModelConfig) -> ModuleSpec:
     )
 
 
-def dense_mlp_spec() -> ModuleSpec:
-    """SwiGLU FFN: fc1 holds [gate; up] (column parallel), fc2 is down (row parallel)."""
-    return ModuleSpec(
-        module=MLP,
-        submodules=MLPSubmodules(linear_fc1=ColumnParallelLinear, linear_fc2=RowParallelLinear),
-    )
+def _swiglu_linears() -> MLPSubmodules:
+    """fc1 holds [gate; up] (column parallel), fc2 is down (row parallel)."""
+    return MLPSubmodules(linear_fc1=ColumnParallelLinear, linear_fc2=RowParallelLinear)
 
 
-def moe_mlp_spec(moe: MoEConfig, merge: bool = False) -> ModuleSpec:
+def dense_mlp_spec() -> MlpBuilder:
+    """SwiGLU FFN, built as Megatron's TransformerLayer builds its FFN (`MlpBuilder`)."""
+    return partial(MLP.as_mlp_submodule, submodules=_swiglu_linears())
+
+
+def moe_mlp_spec(moe: MoEConfig, merge: bool = False) -> MlpBuilder:
     """Megatron's MoELayer (dispatch, combine, EP/ETP) with the XFT router; experts are our
     grouped GEMM module or Megatron's SequentialMLP (one MLP per expert, for comparison).
     With `merge` (the merge stage, train.stage=merge), the learnable merge of the same
     (frozen) experts instead."""
-    if moe.experts_impl == "grouped":
-        experts = ModuleSpec(module=GroupedExperts)
-    else:
-        experts = ModuleSpec(module=SequentialMLP, submodules=MLPSubmodules(
-            linear_fc1=ColumnParallelLinear, linear_fc2=RowParallelLinear))
     if merge:
-        return ModuleSpec(module=MergeMLP, params={
-            "num_experts": moe.num_experts, "shared_weight": moe.merge_shared_weight})
+        return partial(MergeMLP, num_experts=moe.num_experts,
+                       shared_weight=moe.merge_shared_weight)
+    if moe.experts_impl == "grouped":
+        experts = GroupedExperts
+    else:
+        experts = partial(SequentialMLP, submodules=_swiglu_linears())
     router = partial(XFTRouter, settings=RouterSettings.from_config(moe))
-    return ModuleSpec(module=MoELayer,
-                      submodules=MoESubmodules(experts=experts, router=router))
+    return partial(MoELayer, submodules=MoESubmodules(experts=experts, router=router))
 
 
-def layer_spec(m: ModelConfig, mlp: ModuleSpec) -> ModuleSpec:
+def layer_spec(m: ModelConfig, mlp: MlpBuilder) -> ModuleSpec:
     """A pre-norm decoder layer of model `m` around the given FFN spec."""
     return ModuleSpec(
         module=TransformerLayer,

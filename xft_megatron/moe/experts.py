@@ -109,9 +109,11 @@ def swiglu_experts(x, tokens_per_expert, probs, fc1, fc2, use_grouped: bool):
 
 
 class GroupedExperts(MegatronModule):
-    """Megatron-Core experts module (`forward(tokens, tokens_per_expert, probs)`)."""
+    """Megatron-Core experts module (`forward(tokens, tokens_per_expert, probs)`), built the
+    way Megatron's MoELayer builds its experts (`moe_layer.ExpertsBuilder`): `name` is the
+    module's path in the model, which Megatron passes along and nothing here needs."""
 
-    def __init__(self, num_local_experts, config, pg_collection=None):
+    def __init__(self, num_local_experts, config, /, *, pg_collection, name=None):
         super().__init__(config)
         self.num_local_experts = e = num_local_experts
         self.ep_group = pg_collection.ep

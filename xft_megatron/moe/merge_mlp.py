@@ -46,9 +46,14 @@ class _SumOverExperts(torch.autograd.Function):
 class MergeMLP(MegatronModule):
     """Drop-in for an MoE layer's FFN in the merge stage (`train.stage=merge`)."""
 
-    def __init__(self, config, num_experts: int, shared_weight: float, submodules=None,
-                 pg_collection=None, **_):
+    def __init__(self, *, config, pg_collection, is_mtp_layer: bool = False, name=None,
+                 num_experts: int, shared_weight: float):
+        """Built the way Megatron's TransformerLayer builds its FFN (`MlpBuilder`: `config`,
+        `pg_collection`, `is_mtp_layer`, `name`); the layer spec binds `num_experts` and
+        `shared_weight`."""
         super().__init__(config)
+        if is_mtp_layer:
+            raise UsageError("the merge stage does not merge multi-token-prediction layers")
         pg = pg_collection or get_default_pg_collection()
         self.ep_group, self.tp_group = pg.ep, pg.tp
         if pg.expt_tp.size() != pg.tp.size():
@@ -57,7 +62,8 @@ class MergeMLP(MegatronModule):
         self.shared_weight = shared_weight
         local = num_experts // self.ep_group.size()
         self.local_offset = self.ep_group.rank() * local
-        self.experts = GroupedExperts(local, config, pg)
+        self.experts = GroupedExperts(local, config, pg_collection=pg,
+                                      name=None if name is None else name + ".experts")
         for p in self.experts.parameters():
             p.requires_grad_(False)  # frozen: only alpha trains
         # uniform alpha: c_i = (1 - lambda) / (N - 1); replicated on every rank

@@ -69,10 +69,13 @@ class XFTRouter(MegatronModule):
       noise (optional): noise_weight [R, H]
     """
 
-    def __init__(self, config, pg_collection=None, settings: RouterSettings = None):
+    def __init__(self, config, pg_collection=None, is_mtp_layer: bool = False, *,
+                 settings: RouterSettings):
+        """Megatron's MoELayer passes `config`, `pg_collection` and `is_mtp_layer`; the layer
+        spec binds `settings`. Multi-token-prediction layers are not built here."""
         super().__init__(config)
-        if settings is None:
-            raise ValueError("XFTRouter needs RouterSettings (bind them in the layer spec)")
+        if is_mtp_layer:
+            raise ValueError("the XFT router does not route multi-token-prediction layers")
         self.settings = s = settings
         self.layer_number = None
         self.sequence_parallel = config.sequence_parallel

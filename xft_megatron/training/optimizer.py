@@ -12,7 +12,7 @@ Two ways to build the optimizer (`build_optimizer`):
     Adafactor's factored statistics do not have the parameter's shape; `_FactoredStateMixin`
     saves each as a tensor sharded like the parameter with the reduced axis of size 1.
 
-train.router_lr_mult scales the router parameters' max_lr/min_lr (Megatron 0.16's scheduler
+train.router_lr_mult scales the router parameters' max_lr/min_lr (Megatron's scheduler
 reads those per group; warmup starts at 0 or at lr): the router's lr is lr_mult times the
 others' at every step.
 """
@@ -27,9 +27,10 @@ from megatron.core.dist_checkpointing.mapping import ShardedTensorFactory
 from megatron.core.dist_checkpointing.optimizer import get_param_id_to_sharded_param_map
 from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
 from megatron.core.distributed.finalize_model_grads import finalize_model_grads
-from megatron.core.optimizer import (ChainedOptimizer, Float16OptimizerWithFloat16Params,
-                                     FP32Optimizer, OptimizerConfig, _get_param_groups,
-                                     get_megatron_optimizer, get_standard_config_overrides)
+from megatron.core.optimizer import (ChainedOptimizer, DistributedOptimizer,
+                                     Float16OptimizerWithFloat16Params, FP32Optimizer,
+                                     OptimizerConfig, _get_param_groups, get_megatron_optimizer,
+                                     get_standard_config_overrides)
 from megatron.core.optimizer.clip_grads import clip_grad_by_total_norm_fp32
 from megatron.core.optimizer.grad_scaler import DynamicGradScaler
 from megatron.core.optimizer.optimizer_config import ParamKey
@@ -57,7 +58,8 @@ def wrap_ddp(chunks: List, tconfig: TransformerConfig, precision: PrecisionConfi
     )
     wrapped = [
         DistributedDataParallel(config=tconfig, ddp_config=ddp_config, module=chunk,
-                                disable_bucketing=i > 0)
+                                disable_bucketing=i > 0,
+                                full_param_layout=_param_layout(chunk, ddp_config))
         for i, chunk in enumerate(chunks)
     ]
     tconfig.no_sync_func = [m.no_sync for m in wrapped]
@@ -65,6 +67,19 @@ def wrap_ddp(chunks: List, tconfig: TransformerConfig, precision: PrecisionConfi
         tconfig.no_sync_func = tconfig.no_sync_func[0]
     tconfig.finalize_model_grads_func = finalize_model_grads
     return wrapped
+
+
+def _param_layout(chunk, ddp_config: DistributedDataParallelConfig):
+    """With the distributed optimizer, how DDP's buffers place the parameters (shard
+    boundaries), computed as Megatron asks its callers to: `overlap_grad_reduce` is off, so
+    one bucket per buffer. None without the distributed optimizer (DDP needs none)."""
+    if not ddp_config.use_distributed_optimizer:
+        return None
+    params = [p for _, p in chunk.named_parameters() if p.requires_grad]
+    return DistributedOptimizer.compute_full_param_layout(
+        params, None, parallel_state.get_data_parallel_world_size(with_context_parallel=True),
+        ddp_config,
+        expert_data_parallel_world_size=parallel_state.get_expert_data_parallel_world_size())
 
 
 def build_optimizer(chunks: List, train: TrainConfig, precision: PrecisionConfig):
@@ -135,8 +150,11 @@ def _local_optimizer(cfg: OptimizerConfig, overrides, chunks: List, train: Train
             opt = _Float16Optimizer(inner, cfg, scaler, _init_state)
         else:
             opt = _FP32Optimizer(inner, cfg, _init_state)
+        # as get_megatron_optimizer sets them: the norm counts a parameter replicated over
+        # tensor-parallel ranks once, over the expert-TP group for expert (allreduce=False) ones
         opt.grad_stats_parallel_group = stats_group
         opt.tp_group = ps.get_tensor_model_parallel_group()
+        opt.expert_tp_group = ps.get_expert_tensor_parallel_group()
         optimizers.append(opt)
     if train.optimizer == "adafactor":
         _factor_fc1_by_halves(chunks, optimizers)
@@ -329,7 +347,7 @@ def init_optimizer_state(optimizer) -> None:
 
 def set_step_counters(optimizer, updates: int) -> None:
     """After loading a checkpoint into the distributed optimizer, set Adam's update counter
-    (its bias correction) to `updates`, one tensor per parameter. Megatron 0.16's loader,
+    (its bias correction) to `updates`, one tensor per parameter. Megatron's loader (0.19.2),
     without TE/apex, leaves every parameter sharing ONE `step` tensor (which torch's Adam then
     increments once per parameter) holding a value that is not the saved one; the trainer
     knows the true count: its step minus the skipped steps."""
