@@ -136,6 +136,17 @@ def perturb_norms(chunks, seed=3):
                     p.copy_(1.0 + 0.2 * torch.randn(p.shape, generator=g))
 
 
+def hf_tensors(folder):
+    """Every tensor of the safetensors files in an HF folder, by name."""
+    from safetensors.torch import load_file
+
+    out = {}
+    for f in sorted(os.listdir(folder)):
+        if f.endswith(".safetensors"):
+            out.update(load_file(os.path.join(folder, f)))
+    return out
+
+
 def rel_err(a, b):
     a, b = a.double(), b.double()
     return ((a - b).norm() / b.norm().clamp(min=1e-30)).item()

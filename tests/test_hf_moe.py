@@ -11,6 +11,7 @@ import shutil
 
 import torch
 
+from tests import common
 from tests.harness import run_ranks
 from tests.tiny_tokenizer import byte_bpe_tokenizer
 
@@ -54,7 +55,6 @@ def _selections(model):
 def _export_body(rank, world, root):
     import transformers
 
-    from tests import common
     from xft_megatron import convert
     from xft_megatron.checkpoint import dist as ckpt
     from xft_megatron.hf_remote.modeling_xft_moe import routing_weights
@@ -105,23 +105,14 @@ def _parallel_export_body(rank, world, root):
                             dtype="fp32", shard_bytes=200_000)
 
 
-def _tensors(folder):
-    from safetensors.torch import load_file
-
-    out = {}
-    for f in sorted(os.listdir(folder)):
-        if f.endswith(".safetensors"):
-            out.update(load_file(os.path.join(folder, f)))
-    return out
-
-
 def test_exported_moe_matches_megatron_in_transformers(tmp_path):
     """Also: 4 torchrun-style ranks (layers and shards spread over them) write the tensors one
     process writes, bitwise."""
     results = run_ranks(1, _export_body, str(tmp_path))[0]
     run_ranks(4, _parallel_export_body, str(tmp_path))
     for name in CASES:
-        one, par = _tensors(tmp_path / f"{name}_hf"), _tensors(tmp_path / f"{name}_par")
+        one = common.hf_tensors(tmp_path / f"{name}_hf")
+        par = common.hf_tensors(tmp_path / f"{name}_par")
         shards = [f for f in os.listdir(tmp_path / f"{name}_par") if f.endswith(".safetensors")]
         assert len(shards) >= 4 and set(one) == set(par), (name, shards)
         assert all(torch.equal(one[k], par[k]) for k in one), name
@@ -180,7 +171,6 @@ def _upcycled_body(rank, world, root):
         f.write("\nimport os  # anything else\n")
     trusted = [own_remote_code(d) for d in (os.path.join(root, "moe_hf"), dense_dir, tampered)]
     # the merge stage (experts + alphas) is refused: it folds to a dense model instead
-    from tests import common
     from xft_megatron.checkpoint import dist as ckpt
 
     stage_cfg = common.tiny_config("moe.num_experts=4", "moe.topk=2", "train.stage=merge")

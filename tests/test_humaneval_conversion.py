@@ -9,16 +9,6 @@ import os
 from tests.harness import run_ranks
 
 
-def _tensors(folder):
-    from safetensors.torch import load_file
-
-    out = {}
-    for f in sorted(os.listdir(folder)):
-        if f.endswith(".safetensors"):
-            out.update(load_file(os.path.join(folder, f)))
-    return out
-
-
 def _body(rank, world, root):
     from tests import common
     from xft_megatron.checkpoint import dist as ckpt
@@ -34,7 +24,7 @@ def _body(rank, world, root):
         converted_model(run, hf_dir, report=said.append)
         with open(hf_dir + ".source.json") as f:
             out[name] = {"said": list(said), "source": json.load(f)["checkpoint"],
-                         "tensors": _tensors(hf_dir),
+                         "tensors": common.hf_tensors(hf_dir),
                          "config_mtime": os.stat(os.path.join(hf_dir, "config.json")).st_mtime_ns}
 
     cfg = common.tiny_config("train.train_steps=2", f"checkpoint.save={run}")

@@ -109,6 +109,16 @@ def test_balance_loss_weighs_its_coefficient_whatever_the_loss_mask():
         assert abs(got - want) <= 1e-6 * abs(want) and want > 0
 
 
+def _shift(params, delta: torch.Tensor) -> None:
+    """Add the flat vector `delta` to the parameters, in their order."""
+    with torch.no_grad():
+        offset = 0
+        for p in params:
+            n = p.numel()
+            p.add_(delta[offset:offset + n].reshape(p.shape).to(p.dtype))
+            offset += n
+
+
 def _planted_body(rank, world):
     from xft_megatron.checkpoint.dist import local_state_dict
     from xft_megatron.moe.router import XFTRouter
@@ -153,22 +163,10 @@ def _planted_body(rank, world):
                 step = 2e-3
                 values = []
                 for sign in (1, -1):
-                    with torch.no_grad():
-                        offset = 0
-                        for p in params:
-                            n = p.numel()
-                            p.add_(sign * step * direction[offset:offset + n]
-                                   .reshape(p.shape).to(p.dtype))
-                            offset += n
+                    _shift(params, sign * step * direction)
                     values.append(forward_backward(chunks, mbs, cfg.train.seq_length,
                                                    forward_only=True))
-                    with torch.no_grad():  # back to the original parameters
-                        offset = 0
-                        for p in params:
-                            n = p.numel()
-                            p.sub_(sign * step * direction[offset:offset + n]
-                                   .reshape(p.shape).to(p.dtype))
-                            offset += n
+                    _shift(params, -sign * step * direction)  # back to the original
                 fd = (values[0] - values[1]) / (2 * step)
                 checks.append((fd, torch.dot(grad, direction).item()))
             row["checks"] = checks

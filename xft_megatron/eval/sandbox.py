@@ -695,11 +695,8 @@ def _install_guards():
 
 '''
 
-# the program as __main__, then the end mark (run_program)
-_PRELUDE = _GUARDS + r"""
-_end_fd = int(sys.argv[1])
-_install_guards()
-del _install_guards
+# main.py run as __main__ (the program's code), in the guarded interpreter
+_RUN_MAIN = r"""
 with open("main.py", "rb") as _f:
     _code = compile(_f.read(), "main.py", "exec")
 _main = types.ModuleType("__main__")
@@ -708,6 +705,14 @@ _main.__builtins__ = builtins
 sys.modules["__main__"] = _main
 sys.argv = ["main.py"]
 exec(_code, _main.__dict__)
+"""
+
+# the program as __main__, then the end mark (run_program)
+_PRELUDE = _GUARDS + r"""
+_end_fd = int(sys.argv[1])
+_install_guards()
+del _install_guards
+""" + _RUN_MAIN + r"""
 os.write(_end_fd, b"end")
 """
 
@@ -790,14 +795,7 @@ def _send(message):
         data = data[os.write(_answers, data):]
 
 
-with open("main.py", "rb") as _f:
-    _code = compile(_f.read(), "main.py", "exec")
-_main = types.ModuleType("__main__")
-_main.__file__ = "main.py"
-_main.__builtins__ = builtins
-sys.modules["__main__"] = _main
-sys.argv = ["main.py"]
-exec(_code, _main.__dict__)
+""" + _RUN_MAIN + r"""
 _function = _main.__dict__.get(_entry)
 if not callable(_function):
     raise SystemExit(f"the program defines no function {_entry}")
