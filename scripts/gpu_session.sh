@@ -42,8 +42,10 @@ case "${1:-}" in
     for log in "$RUN"/*.log; do  # progress bars redraw with \r: their last state
       echo "== $log"; tr '\r' '\n' < "$log" | grep -v '^$' | tail -n 3 | cut -c1-300
     done
-    # summaries and reports of every run so far, next to the logs
-    (cd /tmp && find study* -maxdepth 2 \( -name '*.json' -o -name '*.md' \) 2>/dev/null |
+    # summaries, reports and each stage's metrics (the routing diagnostics of every step) of
+    # every run so far, next to the logs
+    (cd /tmp && find study* -maxdepth 3 \( -name '*.json' -o -name '*.md' \
+      -o -name metrics.jsonl \) -not -path '*/data*' 2>/dev/null |
       tar czf "$RUN/study_files.tgz" -T - 2>/dev/null)
     tar czf "${OUT:-/tmp}/gpu_out.tgz" -C "$RUN" . && ls -la "${OUT:-/tmp}/gpu_out.tgz"
     ;;
