@@ -5,6 +5,12 @@
 `body` must be a module-level function. Each rank gets RANK/WORLD_SIZE/MASTER_* in its
 environment, one intra-op thread, and a hard timeout; a failure on any rank raises in the
 test with that rank's traceback.
+
+Ranks are forked from a forkserver that imported torch and Megatron once (importing them
+costs several seconds per process on a small machine, and the suite starts about a hundred
+ranks). The server itself never runs an operator or joins a process group, so what is forked
+holds no threads or communicators; each rank gets the test process's environment as it is
+when the ranks start, not the server's.
 """
 
 import io
@@ -15,6 +21,18 @@ import socket
 import traceback
 
 PORT_CLASH = ("EADDRINUSE", "Address already in use", "address already in use")
+# imported once by the forkserver (an import that fails there is only skipped)
+PRELOAD = ["torch", "megatron.core", "megatron.core.dist_checkpointing",
+           "megatron.core.models.gpt", "transformers", "xft_megatron.training.loop"]
+_CTX = None
+
+
+def _context():
+    global _CTX
+    if _CTX is None:
+        _CTX = mp.get_context("forkserver")
+        _CTX.set_forkserver_preload(PRELOAD)
+    return _CTX
 
 
 def _free_port() -> int:
@@ -35,8 +53,10 @@ def _die_with_parent():
         pass
 
 
-def _worker(rank, world_size, port, body, args, out):
+def _worker(rank, world_size, port, body, args, out, environ):
     _die_with_parent()
+    os.environ.clear()  # the test process's, not the forkserver's
+    os.environ.update(environ)
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank),
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
                       OMP_NUM_THREADS="1")
@@ -68,10 +88,11 @@ class RankFailure(AssertionError):
 def run_ranks(world_size, body, *args, timeout=600, retries=3):
     """Run `body(rank, world_size, *args)` on `world_size` processes; list of results."""
     for attempt in range(retries):
-        ctx = mp.get_context("spawn")
+        ctx = _context()
         out = ctx.Queue()
         port = _free_port()
-        procs = [ctx.Process(target=_worker, args=(r, world_size, port, body, args, out))
+        procs = [ctx.Process(target=_worker, args=(r, world_size, port, body, args, out,
+                                                   dict(os.environ)))
                  for r in range(world_size)]
         for p in procs:
             p.start()
