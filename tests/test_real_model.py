@@ -28,8 +28,10 @@ from tests.real_model import smollm2_hf_dir
 CHATS = [[{"role": "user", "content": "What is the capital of France? Answer in one word."}],
          [{"role": "user", "content": "Say hello."}]]
 MAX_NEW = 40
+# 40 files: 594 training and 15 held-out records (30 files would leave no held-out module)
+# (each held-out record is scored by four 135M models on two cores)
 QUICKSTART = ["--sft-steps", "2", "--merge-steps", "2", "--experts", "4", "--topk", "2",
-              "--moe-every", "15", "--no-ablations", "--max-files", "60", "--seq-length", "256",
+              "--moe-every", "15", "--no-ablations", "--max-files", "40", "--seq-length", "256",
               "--humaneval", "1", "--humaneval-tokens", "40", "--tune-lr", "1e-4",
               "train.micro_batch_size=2", "train.global_batch_size=4"]
 
