@@ -2,9 +2,9 @@
 
 import pytest
 
+from xft_megatron.arch.families import PRESETS
 from xft_megatron.config import (Config, ConfigError, config_keys, load_config,
                                  model_config_from_dict, parse_overrides)
-from xft_megatron.families import PRESETS
 
 
 def test_yaml_and_overrides(tmp_path):

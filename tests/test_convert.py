@@ -108,7 +108,7 @@ def test_hf_round_trip_is_bitwise_and_forward_matches(tmp_path):
 
 
 def transformers_class(family):
-    from xft_megatron import families
+    from xft_megatron.arch import families
 
     return families.get(family).hf_architecture
 

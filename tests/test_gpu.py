@@ -15,9 +15,9 @@ def test_gpu_forward_and_training_match_reference(compiled):
     import transformers
 
     from tests import common
+    from xft_megatron.arch import families
     from xft_megatron.checkpoint.dist import local_state_dict
     from xft_megatron.training.step import train_step
-    from xft_megatron import families
     from xft_megatron.transforms import hf_llama
 
     cfg = common.tiny_config("model.rope_scaling_factor=4.0", "model.init_std=0.2",

@@ -225,7 +225,7 @@ def _families_body(rank, world, root):
     import transformers
 
     from tests.test_convert import HF_CASES, _safetensors
-    from xft_megatron import families
+    from xft_megatron.arch import families
     from xft_megatron.config import MoEConfig
     from xft_megatron.convert import mcore_to_hf
     from xft_megatron.upcycle_merge import merge_checkpoint, upcycle_checkpoint
@@ -273,7 +273,7 @@ def test_every_family_upcycles_and_folds_back_to_its_hf_model(tmp_path):
     1e-5 x max |logit|), and the merge (uniform alphas, lambda 0.3) of that untrained MoE,
     exported to HF, is the original model's tensors (max |diff| <= 1e-6 * max |W|)."""
     r = run_ranks(1, _families_body, str(tmp_path))[0]
-    from xft_megatron import families
+    from xft_megatron.arch import families
 
     assert set(r) == set(families.FAMILIES)
     for name, x in r.items():

@@ -36,8 +36,8 @@ def _quickstart(args):
 
 
 def _presets(args):
+    from xft_megatron.arch.families import PRESETS
     from xft_megatron.config import model_config_from_dict
-    from xft_megatron.families import PRESETS
 
     for name in PRESETS:
         m = model_config_from_dict({"preset": name})

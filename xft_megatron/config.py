@@ -21,7 +21,7 @@ import yaml
 
 from xft_megatron.data.records import FIELDS
 from xft_megatron.errors import ConfigError  # noqa: F401  (also imported from here)
-from xft_megatron.model import counts
+from xft_megatron.arch import counts
 
 
 def _require(cond: bool, msg: str) -> None:
@@ -34,7 +34,7 @@ MAX_LAYERS = 10_000  # far above any real model; beyond it a value is a typo, no
 
 @dataclass
 class ModelConfig:
-    """Decoder architecture of one of the model families (`xft_megatron/families/`).
+    """Decoder architecture of one of the model families (`xft_megatron/arch/families/`).
     `preset` fills the fields not given explicitly; so does `family` for the attention
     features it fixes (qkv_bias, qk_norm)."""
 
@@ -86,7 +86,7 @@ class ModelConfig:
                  "(1 disables linear RoPE scaling)")
         _require(0 < self.norm_eps < 1, f"model.norm_eps={self.norm_eps} must be in (0, 1)")
         _require(self.init_std > 0, f"model.init_std={self.init_std} must be > 0")
-        from xft_megatron import families  # the family table imports this module
+        from xft_megatron.arch import families  # the family table imports this module
 
         family = families.get(self.family) if self.family is not None else \
             families.for_features(self.qkv_bias, self.qk_norm)
@@ -725,7 +725,7 @@ def _check_types(cls, values: Dict[str, Any], section: str) -> None:
 def model_config_from_dict(values: Dict[str, Any]) -> ModelConfig:
     """A ModelConfig from a mapping; a `preset` key fills the fields not given, and a `family`
     key the attention features that family fixes."""
-    from xft_megatron import families
+    from xft_megatron.arch import families
 
     values = _numbers_for_float_fields(ModelConfig, values)
     _check_types(ModelConfig, values, "model")  # names must be strings to look them up

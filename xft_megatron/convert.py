@@ -1,5 +1,5 @@
 """`xft convert`: HF directory <-> Megatron distributed checkpoint (the model families of
-`xft_megatron/families/`; an XFT MoE checkpoint converts to HF as a remote-code model).
+`xft_megatron/arch/families/`; an XFT MoE checkpoint converts to HF as a remote-code model).
 
 Both directions stream: tensors are read, transformed and written one decoder layer at a
 time (`checkpoint/stream.py`, `checkpoint/hf.py`), so memory stays near one layer whatever
@@ -13,7 +13,7 @@ from typing import Dict, Hashable, Optional, Tuple
 
 import torch
 
-from xft_megatron import families
+from xft_megatron.arch import families
 from xft_megatron.checkpoint import dist as ckpt
 from xft_megatron.checkpoint import directory, stream
 from xft_megatron.checkpoint.hf import LazyTensors, check_tensors, model_config_from_hf, \

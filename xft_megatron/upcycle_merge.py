@@ -17,12 +17,12 @@ from typing import Callable, Dict, Hashable, Optional
 
 import torch
 
+from xft_megatron.arch import names as tensors
 from xft_megatron.checkpoint import dist as ckpt
 from xft_megatron.checkpoint import directory, ranks, stream
 from xft_megatron.config import ConfigError, MoEConfig, ParallelConfig
 from xft_megatron.convert import hf_to_mcore, tokenizer_files
 from xft_megatron.errors import UsageError
-from xft_megatron.model import names as tensors
 from xft_megatron.transforms.merge import fold, merge_coefficients
 from xft_megatron.transforms.upcycle import upcycle
 

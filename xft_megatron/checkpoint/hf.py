@@ -1,6 +1,6 @@
 """Hugging Face model directories: architecture from config.json, tensors from safetensors.
 
-config.json is read by the model family its `model_type` names (`xft_megatron/families/`),
+config.json is read by the model family its `model_type` names (`xft_megatron/arch/families/`),
 as transformers 4.x writes it (`rope_scaling`, `rope_theta`) and as 5.x does
 (`rope_parameters`). Anything this project does not implement exactly (sliding window
 attention, rope types other than default/linear, other activations, MLP or output-projection
@@ -18,11 +18,11 @@ from typing import Callable, Dict, Iterator, List, Optional, Tuple
 
 import torch
 
-from xft_megatron import families
+from xft_megatron.arch import families
 from xft_megatron.checkpoint import checksums, lock, ranks
 from xft_megatron.config import ModelConfig
 from xft_megatron.errors import HFFormatError  # noqa: F401  (also imported from here)
-from xft_megatron.errors import UserError
+from xft_megatron.errors import ConfigError, UserError
 
 
 def read_hf_config(hf_dir: str) -> Dict:
@@ -172,7 +172,11 @@ def model_config_from_hf(hf_dir: str) -> Tuple[ModelConfig, str]:
     cfg = read_hf_config(hf_dir)
     path = os.path.join(hf_dir, "config.json")
     family = families.for_model_type(cfg.get("model_type"), path)
-    return family.model_config(cfg, path), family.hf_architecture
+    fields = family.model_fields(cfg, path)
+    try:
+        return ModelConfig(**fields), family.hf_architecture
+    except ConfigError as e:  # a value the config refuses: the file's problem
+        raise HFFormatError(f"{path}: {e}") from None
 
 
 _INDEXES = (("model.safetensors.index.json", "model.safetensors"),

@@ -33,12 +33,12 @@ from torch.distributed.checkpoint.planner import (LoadPlan, LoadPlanner, SavePla
                                                   TensorWriteData, WriteItem, WriteItemType)
 from torch.distributed.checkpoint.planner_helpers import create_read_items_for_chunk_list
 
+from xft_megatron.arch.names import layer_of
 from xft_megatron.checkpoint import checksums, ranks
 from xft_megatron.checkpoint.directory import resolve
 from xft_megatron.checkpoint.validate import (COMMON_STATE_KEY, CheckpointError, load_failure,
                                               raise_damaged, read_index)
 from xft_megatron.config import Config, ParallelConfig
-from xft_megatron.model.names import layer_of
 
 Tensor = torch.Tensor
 

@@ -1,4 +1,4 @@
-"""Build the GPT of any of the model families (`xft_megatron/families/`) on Megatron-Core.
+"""Build the GPT of any of the model families (`xft_megatron/arch/families/`) on Megatron-Core.
 
 `transformer_config` maps our dataclasses onto Megatron's TransformerConfig; `build_model`
 returns the model chunks this rank owns (one, or one per virtual pipeline stage).
@@ -17,8 +17,8 @@ from megatron.core.transformer.transformer_layer import get_transformer_layer_of
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 from xft_megatron import compat
+from xft_megatron.arch import names
 from xft_megatron.config import Config, ConfigError
-from xft_megatron.model import names
 from xft_megatron.model.spec import block_spec
 
 

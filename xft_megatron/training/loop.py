@@ -19,11 +19,11 @@ import torch
 import torch.distributed as dist
 
 from xft_megatron import compat, parallel
+from xft_megatron.arch import names
 from xft_megatron.checkpoint import dist as ckpt
 from xft_megatron.checkpoint import lock
 from xft_megatron.config import Config
 from xft_megatron.errors import UserError
-from xft_megatron.model import names
 from xft_megatron.model.builder import build_model, count_parameters, transformer_config
 from xft_megatron.moe import divergence, routing
 from xft_megatron.moe import losses as moe_losses

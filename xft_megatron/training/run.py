@@ -80,7 +80,7 @@ ADJUSTABLE_MODEL_KEYS = ("max_position_embeddings", "rope_scaling_factor", "rope
 def _check_stored_model(load: str, given: dict, stored: dict) -> None:
     """Refuse model keys (a preset's values included) that disagree with the architecture
     stored in checkpoint.load, which would otherwise be trained instead without a word."""
-    from xft_megatron.families import preset_values
+    from xft_megatron.arch.families import preset_values
 
     wanted = preset_values(given["preset"]) if given.get("preset") else {}
     wanted.update({k: v for k, v in given.items() if k != "preset"})

@@ -1,5 +1,5 @@
 """Pure name/layout maps between Megatron-Core GPT state dicts and HF ones of the Llama-like
-families (`xft_megatron/families/`).
+families (`xft_megatron/arch/families/`).
 
 Both directions work on full (unsharded) tensors, one layer at a time if the caller wishes,
 and never touch process groups. The tensors a family copies as they are come from its
@@ -12,9 +12,9 @@ from typing import Callable, Dict, Iterator, Optional, Tuple
 
 import torch
 
-from xft_megatron import families
+from xft_megatron.arch import families
+from xft_megatron.arch import names
 from xft_megatron.config import ModelConfig
-from xft_megatron.model import names
 
 Tensor = torch.Tensor
 Shapes = Dict[str, Tuple[int, ...]]
@@ -43,7 +43,7 @@ def split_qkv(qkv: Tensor, m: ModelConfig) -> Tuple[Tensor, Tensor, Tensor]:
 
 
 def layer_to_hf(sd: Dict[str, Tensor], m: ModelConfig, i: int) -> Dict[str, Tensor]:
-    """One decoder layer, Megatron names (model/names.py) -> HF names `model.layers.{i}.`."""
+    """One decoder layer, Megatron names (arch/names.py) -> HF names `model.layers.{i}.`."""
     s = names.layer(i)
     out = attention_to_hf(sd, m, i)
     out.update(ffn_to_hf(sd[s + names.FC1], sd[s + names.FC2], f"model.layers.{i}.mlp."))
@@ -75,7 +75,7 @@ def ffn_to_hf(fc1: Tensor, fc2: Tensor, prefix: str) -> Dict[str, Tensor]:
 
 
 def layer_from_hf(sd: Dict[str, Tensor], m: ModelConfig, i: int) -> Dict[str, Tensor]:
-    """One decoder layer, HF names -> Megatron names (model/names.py)."""
+    """One decoder layer, HF names -> Megatron names (arch/names.py)."""
     s = f"model.layers.{i}."
     o = names.layer(i)
     out = {o + name: sd[s + hf]

@@ -16,10 +16,10 @@ from typing import Dict, List, Tuple
 
 import torch
 
-from xft_megatron import families
+from xft_megatron.arch import families
+from xft_megatron.arch import names
 from xft_megatron.config import ModelConfig, MoEConfig
 from xft_megatron.hf_remote import MODELING_FILE
-from xft_megatron.model import names
 from xft_megatron.transforms.hf_llama import Shapes, attention_to_hf, ffn_shapes, ffn_to_hf, \
     hf_shapes, layer_to_hf
 

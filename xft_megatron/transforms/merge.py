@@ -10,8 +10,8 @@ from typing import Callable, Dict, Iterator, Tuple
 
 import torch
 
+from xft_megatron.arch import names
 from xft_megatron.errors import UsageError
-from xft_megatron.model import names
 
 
 def merge_coefficients(alpha: torch.Tensor, shared_weight: float = 0.75) -> torch.Tensor:

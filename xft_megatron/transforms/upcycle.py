@@ -24,8 +24,8 @@ from typing import Callable, Dict, Iterator, Optional, Tuple
 
 import torch
 
+from xft_megatron.arch import names
 from xft_megatron.config import MoEConfig
-from xft_megatron.model import names
 
 Stats = Tuple[Tuple[torch.Tensor, torch.Tensor], ...]  # ((mean, std) of W_gate, W_up, W_down)
 

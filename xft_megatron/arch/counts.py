@@ -20,64 +20,64 @@ MoE layers count ACTIVE parameters: the FFN once per expert a token uses (moe.to
 expert included) plus the router's matmuls. The merge stage (train.stage=merge: `merge=True`)
 runs one merged FFN per layer and no router: it counts as the dense model (the per-micro-batch
 weighted sum of the expert weights is not per token and is left out).
+
+`m` is a ModelConfig and `moe` a MoEConfig (None: dense), read by their fields only: the config
+layer sits above this one and validates with these counts, so it is never imported here.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Dict, Optional
-
-if TYPE_CHECKING:  # config.py reads this module
-    from xft_megatron.config import ModelConfig, MoEConfig
+from typing import Dict
 
 
 # ------------------------------------------------------------------ one layer
-def attention_matmul_parameters(m: ModelConfig) -> int:
+def attention_matmul_parameters(m) -> int:
     """q, k, v and o projections."""
     h, q, kv = m.hidden_size, m.num_attention_heads * m.head_dim, m.num_query_groups * m.head_dim
     return h * q + 2 * h * kv + q * h
 
 
-def attention_parameters(m: ModelConfig) -> int:
+def attention_parameters(m) -> int:
     """The attention block: projections, QKV biases, q/k norms."""
     q, kv = m.num_attention_heads * m.head_dim, m.num_query_groups * m.head_dim
     return (attention_matmul_parameters(m) + (q + 2 * kv if m.qkv_bias else 0)
             + (2 * m.head_dim if m.qk_norm else 0))
 
 
-def ffn_parameters(m: ModelConfig) -> int:
+def ffn_parameters(m) -> int:
     """One SwiGLU FFN (the dense one, or one expert)."""
     return 3 * m.hidden_size * m.ffn_hidden_size
 
 
-def router_parameters(m: ModelConfig, moe: MoEConfig) -> int:
+def router_parameters(m, moe) -> int:
     """The XFT router of one MoE layer (all of it in matrix products)."""
     r, h = moe.num_routed, m.hidden_size
     return r * h + (r * r if moe.router_gate == "mlp" else 0) + (r * h if moe.router_noise else 0)
 
 
-def dense_layer_parameters(m: ModelConfig) -> int:
+def dense_layer_parameters(m) -> int:
     return attention_parameters(m) + ffn_parameters(m) + 2 * m.hidden_size
 
 
 # ------------------------------------------------------------------ the model
-def embedding_parameters(m: ModelConfig) -> int:
+def embedding_parameters(m) -> int:
     """The input embedding and the output layer (one matrix when tied)."""
     return m.vocab_size * m.hidden_size * (1 if m.tie_embeddings else 2)
 
 
-def dense_parameters(m: ModelConfig) -> int:
+def dense_parameters(m) -> int:
     """Exact parameter count of the dense model (embeddings and the final norm included)."""
     return m.num_layers * dense_layer_parameters(m) + embedding_parameters(m) + m.hidden_size
 
 
-def moe_layers(m: ModelConfig, moe: Optional[MoEConfig]) -> int:
+def moe_layers(m, moe) -> int:
     """How many of the layers are MoE layers."""
     if moe is None or not moe.enabled:
         return 0
     return sum(moe.is_moe_layer(i) for i in range(m.num_layers))
 
 
-def parameter_counts(m: ModelConfig, moe: MoEConfig) -> Dict[str, int]:
+def parameter_counts(m, moe) -> Dict[str, int]:
     """total: every parameter; active: those one token uses; expert: the expert FFN weights.
     An MoE layer holds every expert plus the router in place of the dense FFN."""
     dense, n_moe = dense_parameters(m), moe_layers(m, moe)
@@ -89,8 +89,7 @@ def parameter_counts(m: ModelConfig, moe: MoEConfig) -> Dict[str, int]:
             "expert": n_moe * moe.num_experts * ffn}
 
 
-def matmul_parameters(m: ModelConfig, moe: Optional[MoEConfig] = None,
-                      merge: bool = False) -> int:
+def matmul_parameters(m, moe=None, merge: bool = False) -> int:
     """Parameters in matrix products per token (active ones for MoE layers; `merge`: the
     merge stage of that MoE)."""
     total = (m.num_layers * (attention_matmul_parameters(m) + ffn_parameters(m))
@@ -101,7 +100,6 @@ def matmul_parameters(m: ModelConfig, moe: Optional[MoEConfig] = None,
     return total
 
 
-def flops_per_token(m: ModelConfig, seq_length: int, moe: Optional[MoEConfig] = None,
-                    merge: bool = False) -> float:
+def flops_per_token(m, seq_length: int, moe=None, merge: bool = False) -> float:
     q = m.num_attention_heads * m.head_dim
     return 6.0 * matmul_parameters(m, moe, merge) + 6.0 * m.num_layers * q * seq_length

@@ -3,8 +3,8 @@ causal, so only checkpoints without a window are converted)."""
 
 from typing import Any, Dict
 
+from xft_megatron.arch.families.base import LlamaLike, register
 from xft_megatron.errors import HFFormatError
-from xft_megatron.families.base import LlamaLike, register
 
 
 @register

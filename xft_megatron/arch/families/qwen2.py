@@ -2,8 +2,8 @@
 
 from typing import Any, Dict
 
+from xft_megatron.arch.families.base import LlamaLike, register
 from xft_megatron.errors import HFFormatError
-from xft_megatron.families.base import LlamaLike, register
 
 
 @register

@@ -4,9 +4,9 @@ hidden_size / num_attention_heads)."""
 
 from typing import Any, Dict, Optional
 
+from xft_megatron.arch import names
+from xft_megatron.arch.families.base import LlamaLike, TensorNames, register
 from xft_megatron.errors import HFFormatError
-from xft_megatron.families.base import LlamaLike, TensorNames, register
-from xft_megatron.model import names
 
 
 @register

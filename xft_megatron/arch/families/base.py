@@ -3,7 +3,9 @@
 A family is a subclass of `LlamaLike` decorated with `@register`. Its class attributes name it
 (the HF architecture and config.json `model_type`) and state its attention features; the
 methods it overrides are where it differs from Llama. Plain data and arithmetic, no torch:
-configs are read and validated without loading any model code.
+configs are read and validated without loading any model code. A ModelConfig (`m` below) is
+read by its fields and never built or imported here: the config layer is above this one and
+validates its models with these families.
 
 The tensors of one decoder layer are of two kinds. `attention_tensors` lists those copied as
 they are (the norms, the output projection, a family's extras such as q/k norms), per family.
@@ -13,9 +15,8 @@ The fused ones are laid out alike in every Llama-like family (q/k/v <-> Megatron
 
 from typing import Any, Dict, Optional, Tuple
 
-from xft_megatron.config import ConfigError, ModelConfig
-from xft_megatron.errors import HFFormatError
-from xft_megatron.model import names
+from xft_megatron.arch import names
+from xft_megatron.errors import ConfigError, HFFormatError
 
 Shape = Tuple[int, ...]
 TensorNames = Dict[str, Tuple[str, Shape]]  # Megatron name -> (HF name, shape), in a layer
@@ -43,7 +44,7 @@ def get(name: str) -> "LlamaLike":
     return FAMILIES[name]
 
 
-def of(m: ModelConfig) -> "LlamaLike":
+def of(m) -> "LlamaLike":
     """The family of a model config (validated when the config was made)."""
     return get(m.family)
 
@@ -114,7 +115,7 @@ class LlamaLike:
         have = [k for k, v in self.features().items() if v]
         return ", ".join(have) if have else "neither"
 
-    def check(self, m: ModelConfig) -> None:
+    def check(self, m) -> None:
         """ConfigError unless `m` has this family's features."""
         for key, want in self.features().items():
             got = getattr(m, key)
@@ -134,9 +135,11 @@ class LlamaLike:
         """config.json's head width; None: hidden_size / num_attention_heads."""
         return hf.get("head_dim")
 
-    def model_config(self, hf: Dict[str, Any], path: str) -> ModelConfig:
-        """The ModelConfig of config.json content `hf` (read from `path`); HFFormatError for
-        anything not implemented exactly (never approximated)."""
+    def model_fields(self, hf: Dict[str, Any], path: str) -> Dict[str, Any]:
+        """The ModelConfig fields of config.json content `hf` (read from `path`), checked as
+        far as the family goes; HFFormatError for anything not implemented exactly (never
+        approximated). The caller builds the ModelConfig (hf/files.py: `model_config_from_hf`)
+        and reports its ConfigError against `path`."""
         self.check_hf(hf, path)
         if hf.get("hidden_act", "silu") != "silu":
             raise HFFormatError(f"{path}: hidden_act '{hf['hidden_act']}' is not supported "
@@ -155,24 +158,21 @@ class LlamaLike:
             raise HFFormatError(f"{path}: num_attention_heads={heads} must be positive; restore "
                                 "the model's config.json")
         theta, factor = rope(hf, path)
-        try:
-            return ModelConfig(
-                family=self.name,
-                num_layers=hf["num_hidden_layers"], hidden_size=hf["hidden_size"],
-                ffn_hidden_size=hf["intermediate_size"], num_attention_heads=heads,
-                num_query_groups=hf.get("num_key_value_heads", heads),
-                head_dim=self.hf_head_dim(hf), vocab_size=hf["vocab_size"],
-                max_position_embeddings=hf.get("max_position_embeddings", 4096),
-                rope_theta=theta, rope_scaling_factor=factor,
-                norm_eps=hf.get("rms_norm_eps", 1e-6), qkv_bias=self.qkv_bias,
-                qk_norm=self.qk_norm, tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
-                init_std=hf.get("initializer_range", 0.02),
-            )
-        except ConfigError as e:
-            raise HFFormatError(f"{path}: {e}") from None
+        return dict(
+            family=self.name,
+            num_layers=hf["num_hidden_layers"], hidden_size=hf["hidden_size"],
+            ffn_hidden_size=hf["intermediate_size"], num_attention_heads=heads,
+            num_query_groups=hf.get("num_key_value_heads", heads),
+            head_dim=self.hf_head_dim(hf), vocab_size=hf["vocab_size"],
+            max_position_embeddings=hf.get("max_position_embeddings", 4096),
+            rope_theta=theta, rope_scaling_factor=factor,
+            norm_eps=hf.get("rms_norm_eps", 1e-6), qkv_bias=self.qkv_bias,
+            qk_norm=self.qk_norm, tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
+            init_std=hf.get("initializer_range", 0.02),
+        )
 
     # ------------------------------------------------------------ ModelConfig -> config.json
-    def hf_config(self, m: ModelConfig) -> Dict[str, Any]:
+    def hf_config(self, m) -> Dict[str, Any]:
         """config.json content of the HF twin of `m` (subclasses add their own fields)."""
         cfg = {
             "architectures": [self.hf_architecture],
@@ -197,7 +197,7 @@ class LlamaLike:
         return cfg
 
     # ------------------------------------------------------------ tensors
-    def attention_tensors(self, m: ModelConfig) -> TensorNames:
+    def attention_tensors(self, m) -> TensorNames:
         """The tensors of one decoder layer copied as they are, Megatron name -> (HF name, HF
         shape), both relative to the layer (`names.layer(i)`, `model.layers.{i}.`)."""
         h, q = m.hidden_size, m.num_attention_heads * m.head_dim

@@ -11,15 +11,15 @@ Adding a family: a module here with a `LlamaLike` subclass under `@register`, im
 below; its two MoE classes in `hf_remote/modeling_xft_moe.py` (`moe_classes` names them); a
 case in the HF parity tests (tests/test_convert.py). A new attention feature (a field of
 ModelConfig) also needs its Megatron submodule in `model/spec.py` and its parameters in
-`model/counts.py`.
+`arch/counts.py`.
 """
 
 from typing import Any, Dict
 
 from xft_megatron.errors import ConfigError
-from xft_megatron.families.base import FAMILIES, LlamaLike, for_features, for_model_type, get, \
-    of, register
-from xft_megatron.families import llama, mistral, qwen2, qwen3  # noqa: F401,E402  (registers)
+from xft_megatron.arch.families.base import (FAMILIES, LlamaLike, for_features, for_model_type,
+                                             get, of, register)
+from xft_megatron.arch.families import llama, mistral, qwen2, qwen3  # noqa: F401,E402 (registers)
 
 __all__ = ["FAMILIES", "PRESETS", "LlamaLike", "for_features", "for_model_type", "get", "of",
            "preset_values", "register"]
