@@ -30,10 +30,10 @@ import torch
 import torch.distributed as dist
 
 from benchmarks.step_timers import StepTimers, synchronize
-from xft_megatron import compat, parallel
 from xft_megatron.config import Config
 from xft_megatron.data.code_corpus import WindowBatches, byte_tokens, python_files, stdlib_dir
 from xft_megatron.model.builder import build_model, transformer_config
+from xft_megatron.runtime import compat, parallel
 from xft_megatron.training.optimizer import build_optimizer, build_scheduler, wrap_ddp
 from xft_megatron.training.step import make_batch, split_global_batch, train_step
 

@@ -69,7 +69,7 @@ def _body(rank, world, root):
         bitwise = set(orig) == set(new) and all(torch.equal(orig[k], new[k]) for k in orig)
 
         cfg = ckpt.load_config(mc)
-        from xft_megatron import parallel
+        from xft_megatron.runtime import parallel
 
         parallel.initialize(cfg.parallel)
         chunks = build_model(cfg)
@@ -120,10 +120,10 @@ LAYOUTS = {"llama": ["parallel.tensor=2"],  # 3 layers: no PP
 
 
 def _layout_body(rank, world, root):
-    from xft_megatron import parallel
     from xft_megatron.checkpoint import dist as ckpt
     from xft_megatron.config import parse_overrides
     from xft_megatron.model.builder import build_model
+    from xft_megatron.runtime import parallel
     from xft_megatron.training.step import forward_logits
 
     out = {}

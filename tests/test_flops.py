@@ -49,9 +49,9 @@ def _config(name):
 def _built(rank, world):
     """Per case: (all parameters, expert parameters, parameters in matrix products) of the
     one-rank model built on the meta device (no memory, no initialization)."""
-    from xft_megatron import parallel
     from xft_megatron.config import ParallelConfig
     from xft_megatron.model.builder import build_model
+    from xft_megatron.runtime import parallel
 
     parallel.initialize(ParallelConfig())
     out = {}

@@ -144,9 +144,10 @@ def _same_tensors(a_dir, b_dir):
 
 def _pipeline(rank, world, hf, root):
     torch.set_num_threads(2)
-    from xft_megatron import cli, convert, parallel
+    from xft_megatron import cli, convert
     from xft_megatron.config import MoEConfig
     from xft_megatron.eval.loss import evaluate_loss
+    from xft_megatron.runtime import parallel
     from xft_megatron.upcycle_merge import merge_checkpoint, upcycle_checkpoint
     from xft_megatron.verify import compare_logits
 

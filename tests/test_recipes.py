@@ -373,9 +373,9 @@ def test_parameter_counts(dry_runs):
 def _meta_model_counts(rank, world, cfgs):
     """(all, trained, expert) parameter counts of each config's one-rank model built on the
     meta device (in a child process: it initializes a process group)."""
-    from xft_megatron import parallel
     from xft_megatron.config import ParallelConfig
     from xft_megatron.model.builder import build_model
+    from xft_megatron.runtime import parallel
 
     parallel.initialize(ParallelConfig())
     out = []

@@ -10,10 +10,10 @@ from xft_megatron.errors import ConfigError, UsageError, UserError
 
 def _model_dir(ref, flag: str):
     """A local HF directory as given, else a Hub id `org/name[@revision]` through the Hugging
-    Face cache (xft_megatron/hub.py; HF_HOME, HF_HUB_OFFLINE read here, at the entry point)."""
+    Face cache (xft_megatron/runtime/hub.py; HF_HOME, HF_HUB_OFFLINE read here, at the entry point)."""
     if ref is None:
         return None
-    from xft_megatron.hub import HubSettings, resolve_model_dir
+    from xft_megatron.runtime.hub import HubSettings, resolve_model_dir
 
     return resolve_model_dir(ref, HubSettings.from_env(), flag)
 
@@ -55,7 +55,7 @@ def _config(args):
 
 def _convert(args):
     from xft_megatron import convert
-    from xft_megatron.allocator import release_freed_memory
+    from xft_megatron.runtime.allocator import release_freed_memory
 
     release_freed_memory()
     if args.direction == "gguf-to-hf":
@@ -83,8 +83,8 @@ def _convert(args):
 
 
 def _upcycle(args):
-    from xft_megatron.allocator import reuse_freed_memory
     from xft_megatron.config import MoEConfig
+    from xft_megatron.runtime.allocator import reuse_freed_memory
     from xft_megatron.upcycle_merge import upcycle_checkpoint
 
     reuse_freed_memory()
@@ -98,7 +98,7 @@ def _upcycle(args):
 
 
 def _merge(args):
-    from xft_megatron.allocator import reuse_freed_memory
+    from xft_megatron.runtime.allocator import reuse_freed_memory
     from xft_megatron.upcycle_merge import merge_checkpoint
 
     reuse_freed_memory()
@@ -116,7 +116,7 @@ def _train(args):
     result = run.main(args.config, args.overrides, resume=args.resume, dry=args.dry_run,
                       world_size=args.world_size, stop=stop)
     if result is not None and result.checkpoint:
-        from xft_megatron.parallel import say
+        from xft_megatron.runtime.parallel import say
 
         say(f"wrote {result.checkpoint}")
 
@@ -130,7 +130,7 @@ def _eval(args):
         raise UsageError("xft eval loss needs --ckpt CHECKPOINT and --data FILE")
 
     from xft_megatron.eval.loss import evaluate_loss
-    from xft_megatron.parallel import say
+    from xft_megatron.runtime.parallel import say
 
     cache = args.cache_dir or os.path.join(os.path.expanduser("~"), ".cache", "xft-megatron",
                                            "eval")
@@ -153,7 +153,7 @@ def _humaneval(args):
     import json
 
     from xft_megatron.eval.humaneval import converted_model, evaluate_humaneval
-    from xft_megatron.parallel import say
+    from xft_megatron.runtime.parallel import say
 
     model = args.model or args.ckpt
     if not model:

@@ -214,7 +214,7 @@ def run(out_dir: str, settings: Optional[Settings] = None, overrides: Sequence[s
     single = int(os.environ.get("WORLD_SIZE", "1")) == 1  # the HF export runs in one process
     spec = pipeline_spec(out_dir, s, overrides, single)
     _check_config(spec.common, s.base)
-    from xft_megatron.parallel import init_process_group, say
+    from xft_megatron.runtime.parallel import init_process_group, say
 
     if not single:  # rank 0 writes the step markers, every step ends in a barrier: from
         init_process_group()  # the first step on, before any training stage starts the group
@@ -298,7 +298,7 @@ def _finish(out_dir, data, stages, losses, run_info, seconds) -> Dict:
     import torch.distributed as dist
 
     from xft_megatron import report
-    from xft_megatron.parallel import say
+    from xft_megatron.runtime.parallel import say
 
     summary = {"heldout_loss": {k: v["loss"] for k, v in losses.items()},
                "humaneval_pass@1": {k: v["humaneval_pass@1"] for k, v in losses.items()

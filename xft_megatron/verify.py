@@ -9,11 +9,11 @@ from typing import Dict
 
 import torch
 
-from xft_megatron import parallel
 from xft_megatron.checkpoint import dist as ckpt
 from xft_megatron.checkpoint.hf import load_hf_model
 from xft_megatron.errors import UserError
 from xft_megatron.model.builder import build_model
+from xft_megatron.runtime import parallel
 
 TOLERANCE = 1e-4  # max |diff| relative to max(1, max |logit|), fp32
 

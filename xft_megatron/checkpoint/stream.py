@@ -131,7 +131,7 @@ def _part(t: ShardedTensor, param: Tensor) -> Part:
 def initialize_single_rank_layout() -> None:
     """Process group (torchrun's, or one process) + Megatron state with TP=PP=EP=1: every rank
     holds the whole (meta) model, which is what `layout_of` needs."""
-    from xft_megatron import parallel
+    from xft_megatron.runtime import parallel
 
     parallel.initialize(ParallelConfig())
 

@@ -19,8 +19,8 @@ import torch
 import torch.distributed as dist
 from megatron.core import parallel_state as ps
 
-from xft_megatron import compat
 from xft_megatron.moe.router import XFTRouter
+from xft_megatron.runtime import compat
 
 
 def _moe_layers(chunks: List):

@@ -182,7 +182,7 @@ class Fold(Step):
             (["--hf-out", os.path.join(dest, self.hf)] if self.hf else [])
 
     def run(self, dest):
-        from xft_megatron.parallel import say
+        from xft_megatron.runtime.parallel import say
         from xft_megatron.upcycle_merge import merge_checkpoint
 
         return merge_checkpoint(self.ckpt, dest, self.coefficients, self.shared_weight,
@@ -294,7 +294,7 @@ class HumanEvalTable(Step):
     def run(self, dest):
         from xft_megatron.convert import mcore_to_hf
         from xft_megatron.eval.humaneval import evaluate_humaneval
-        from xft_megatron.parallel import say
+        from xft_megatron.runtime.parallel import say
 
         scores = {}
         for i, (label, path) in enumerate(self.models):

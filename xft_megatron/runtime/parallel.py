@@ -13,9 +13,9 @@ import torch
 import torch.distributed as dist
 from megatron.core import parallel_state as ps
 
-from xft_megatron import compat
-from xft_megatron.compat import patches
 from xft_megatron.config import ParallelConfig
+from xft_megatron.runtime import compat
+from xft_megatron.runtime.compat import patches
 
 
 @dataclass(frozen=True)

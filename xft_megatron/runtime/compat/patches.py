@@ -74,7 +74,7 @@ from typing import Any, Iterable, List, Optional, Tuple
 
 import torch
 
-from xft_megatron.compat import check_megatron_version, cpu, has_cuda
+from xft_megatron.runtime.compat import check_megatron_version, cpu, has_cuda
 
 Patch = Tuple[Any, str, Any]  # (object, attribute, replacement)
 _INHERITED = object()  # the attribute came from a base class: revert deletes the override

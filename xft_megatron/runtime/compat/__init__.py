@@ -58,7 +58,7 @@ def seed_model_parallel_rng(seed: int) -> None:
     from megatron.core import parallel_state as ps
     from megatron.core.tensor_parallel import random as mrandom
 
-    from xft_megatron.compat.cpu import cpu_rng_tracker_class
+    from xft_megatron.runtime.compat.cpu import cpu_rng_tracker_class
 
     if has_cuda():
         mrandom.model_parallel_cuda_manual_seed(seed, force_reset_rng=True)
