@@ -15,7 +15,8 @@ import torch
 
 from tests.test_pipeline import _quickstart, hf  # noqa: F401 - hf: a fixture used below
 from xft_megatron.config import MoEConfig
-from xft_megatron.transforms.merge import fold, merge_coefficients
+from xft_megatron.model.moe.merge_mlp import merge_coefficients
+from xft_megatron.transforms.merge import fold
 from xft_megatron.transforms.upcycle import upcycle
 
 H, F, LAYERS, N = 64, 512, 2, 8

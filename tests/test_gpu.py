@@ -50,7 +50,7 @@ def test_gpu_forward_and_training_match_reference(compiled):
 def test_gpu_grouped_gemm_matches_loop():
     """F.grouped_mm (bf16, Hopper) against the per-expert loop on the same bf16 operands,
     forward and gradients, including an expert that receives no tokens."""
-    from xft_megatron.moe.experts import grouped_gemm_supported, swiglu_experts
+    from xft_megatron.model.moe.experts import grouped_gemm_supported, swiglu_experts
 
     g = torch.Generator(device="cuda").manual_seed(0)
     e, f, h = 4, 256, 128

@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from xft_megatron.moe import routing
+from xft_megatron.model.moe import routing
 
 
 # ----------------------------------------------------------------- float64 reference (spec)
@@ -146,7 +146,7 @@ def test_switch_loss_matches_megatron_formula():
 def _router(gate, noise, balance="cv", z=0.0):
     from megatron.core.transformer.transformer_config import TransformerConfig
 
-    from xft_megatron.moe.router import RouterSettings, XFTRouter
+    from xft_megatron.model.moe.router import RouterSettings, XFTRouter
 
     tc = TransformerConfig(num_layers=1, hidden_size=16, num_attention_heads=2,
                            use_cpu_initialization=True)

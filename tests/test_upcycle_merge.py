@@ -117,7 +117,8 @@ def _p3_reference(rank, world, root):
     from tests import common
     from xft_megatron.checkpoint import dist as ckpt
     from xft_megatron.config import MoEConfig
-    from xft_megatron.transforms.merge import fold, merge_coefficients
+    from xft_megatron.model.moe.merge_mlp import merge_coefficients
+    from xft_megatron.transforms.merge import fold
     from xft_megatron.transforms.upcycle import upcycle
     from xft_megatron.upcycle_merge import merge_checkpoint
 

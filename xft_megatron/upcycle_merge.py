@@ -23,7 +23,8 @@ from xft_megatron.checkpoint import directory, ranks, stream
 from xft_megatron.config import ConfigError, MoEConfig, ParallelConfig
 from xft_megatron.convert import hf_to_mcore, tokenizer_files
 from xft_megatron.errors import UsageError
-from xft_megatron.transforms.merge import fold, merge_coefficients
+from xft_megatron.model.moe.merge_mlp import merge_coefficients
+from xft_megatron.transforms.merge import fold
 from xft_megatron.transforms.upcycle import upcycle
 
 COEFFICIENT_CHOICES = ("uniform", "shared-only", "learned")

@@ -17,7 +17,7 @@ from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_regi
 from xft_megatron.checkpoint.dist import unwrap
 from xft_megatron.data import packing
 from xft_megatron.data.records import DataError
-from xft_megatron.moe import losses as moe_losses
+from xft_megatron.model.moe import losses as moe_losses
 from xft_megatron.runtime import compat
 from xft_megatron.training.optimizer import optimizer_step
 

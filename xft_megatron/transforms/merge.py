@@ -1,7 +1,8 @@
 """XFT MoE -> dense weights (../XFT_SPEC.md section 4), as pure functions over tensors.
 
 Per MoE layer, coefficients c_0 = lambda (shared expert) and c_i = (1 - lambda) softmax(alpha)_i
-over the routed experts; the dense FFN is W = sum_j c_j W_j for gate, up and down separately.
+over the routed experts (`merge_coefficients`, in model/moe/merge_mlp.py: the learnable merge
+layer owns its rule); the dense FFN is W = sum_j c_j W_j for gate, up and down separately.
 Names are those of an unsharded (TP=PP=EP=1) model state dict, as `upcycle.py` writes them.
 """
 
@@ -12,15 +13,6 @@ import torch
 
 from xft_megatron.arch import names
 from xft_megatron.errors import UsageError
-
-
-def merge_coefficients(alpha: torch.Tensor, shared_weight: float = 0.75) -> torch.Tensor:
-    """alpha [N-1] (logits over the routed experts) -> c [N]: c_0 = lambda,
-    c_i = (1 - lambda) * softmax(alpha)_i. Computed in float64."""
-    if not 0.0 <= shared_weight <= 1.0:
-        raise UsageError(f"shared weight (lambda) must be in [0, 1], got {shared_weight}")
-    routed = (1.0 - shared_weight) * torch.softmax(alpha.double(), dim=-1)
-    return torch.cat([routed.new_tensor([shared_weight]), routed])
 
 
 def merge_experts(fc1: torch.Tensor, fc2: torch.Tensor, coeffs: torch.Tensor

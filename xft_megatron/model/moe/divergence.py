@@ -19,7 +19,7 @@ import torch
 import torch.distributed as dist
 from megatron.core import parallel_state as ps
 
-from xft_megatron.moe.router import XFTRouter
+from xft_megatron.model.moe.router import XFTRouter
 from xft_megatron.runtime import compat
 
 

@@ -13,8 +13,8 @@ import torch
 import torch.distributed as dist
 from megatron.core import parallel_state as ps
 
-from xft_megatron.moe import routing
-from xft_megatron.moe.router import XFTRouter
+from xft_megatron.model.moe import routing
+from xft_megatron.model.moe.router import XFTRouter
 from xft_megatron.runtime import compat
 
 

@@ -21,8 +21,16 @@ from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.moe.moe_utils import get_default_pg_collection
 
 from xft_megatron.errors import UsageError
-from xft_megatron.moe.experts import GroupedExperts
-from xft_megatron.transforms.merge import merge_coefficients
+from xft_megatron.model.moe.experts import GroupedExperts
+
+
+def merge_coefficients(alpha: torch.Tensor, shared_weight: float = 0.75) -> torch.Tensor:
+    """alpha [N-1] (logits over the routed experts) -> c [N]: c_0 = lambda,
+    c_i = (1 - lambda) * softmax(alpha)_i. Computed in float64."""
+    if not 0.0 <= shared_weight <= 1.0:
+        raise UsageError(f"shared weight (lambda) must be in [0, 1], got {shared_weight}")
+    routed = (1.0 - shared_weight) * torch.softmax(alpha.double(), dim=-1)
+    return torch.cat([routed.new_tensor([shared_weight]), routed])
 
 
 class _SumOverExperts(torch.autograd.Function):

@@ -17,7 +17,7 @@ from megatron.core.transformer.moe.moe_utils import (
     apply_router_token_dropping,
 )
 
-from xft_megatron.moe import routing
+from xft_megatron.model.moe import routing
 
 _NOISE_FLOOR = 0.01  # the reference's minimum noise scale
 
