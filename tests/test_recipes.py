@@ -193,9 +193,9 @@ def dry_runs(recipe):
     """{layout: {step: (cfg, world size, dry-run text, parsed CLI args)}}: every planned
     training command dry-run in this process against stand-in input checkpoints at the
     planned paths."""
-    from xft_megatron.checkpoint.hf import model_config_from_hf
     from xft_megatron.cli import build_parser
     from xft_megatron.config import Config, MoEConfig, ParallelConfig, PrecisionConfig
+    from xft_megatron.hf.files import model_config_from_hf
     from xft_megatron.training.run import assemble_config, dry_run
 
     parser = build_parser()

@@ -147,8 +147,8 @@ def test_eval_loss_any_layout(stages):
 def _hf_eval(rank, world, root):
     import transformers
 
-    from xft_megatron import convert
     from xft_megatron.eval.loss import evaluate_loss
+    from xft_megatron.hf import convert
 
     torch.manual_seed(0)
     cfg = transformers.AutoConfig.for_model(

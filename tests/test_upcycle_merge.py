@@ -228,7 +228,7 @@ def _families_body(rank, world, root):
     from tests.test_convert import HF_CASES, _safetensors
     from xft_megatron.arch import families
     from xft_megatron.config import MoEConfig
-    from xft_megatron.convert import mcore_to_hf
+    from xft_megatron.hf.convert import mcore_to_hf
     from xft_megatron.upcycle_merge import merge_checkpoint, upcycle_checkpoint
 
     out = {}

@@ -54,12 +54,12 @@ def _config(args):
 
 
 def _convert(args):
-    from xft_megatron import convert
+    from xft_megatron.hf import convert
     from xft_megatron.runtime.allocator import release_freed_memory
 
     release_freed_memory()
     if args.direction == "gguf-to-hf":
-        from xft_megatron.checkpoint.gguf import gguf_to_hf
+        from xft_megatron.hf.gguf import gguf_to_hf
 
         print(f"wrote {gguf_to_hf(args.gguf, args.out, dtype=args.dtype or 'fp32')}")
         return
@@ -69,7 +69,7 @@ def _convert(args):
         print(f"wrote {path}")
         hf_dir, ckpt_dir = args.hf, path
     else:
-        from xft_megatron.checkpoint.hf import own_remote_code
+        from xft_megatron.hf.files import own_remote_code
 
         convert.mcore_to_hf(args.ckpt, args.out, dtype=args.dtype)
         moe = own_remote_code(args.out)
@@ -77,7 +77,7 @@ def _convert(args):
                                      "`xft merge` folds it into a dense model)" if moe else ""))
         hf_dir, ckpt_dir = args.out, args.ckpt
     if args.verify:
-        from xft_megatron.verify import verify
+        from xft_megatron.hf.verify import verify
 
         verify(hf_dir, ckpt_dir)
 

@@ -92,7 +92,7 @@ class Settings:
         if not 0 <= self.humaneval <= 164:
             raise UsageError(f"humaneval must be in [0, 164], got {self.humaneval}")
         if self.base is not None:
-            from xft_megatron.checkpoint.hf import model_config_from_hf
+            from xft_megatron.hf.files import model_config_from_hf
 
             model_config_from_hf(self.base)  # a directory this project cannot read stops here
 
@@ -246,7 +246,7 @@ def _check_config(overrides: Sequence[str], base: Optional[str]) -> None:
     if not base:
         load_config(None, overrides)
         return
-    from xft_megatron.checkpoint.hf import model_config_from_hf
+    from xft_megatron.hf.files import model_config_from_hf
 
     model = asdict(model_config_from_hf(base)[0])
     Config.from_dict(deep_merge({"model": model}, parse_overrides(overrides)))
@@ -356,8 +356,8 @@ def _generate(hf_dir: str, heldout: str, max_new_tokens: int = 64) -> str:
     loaded with transformers."""
     import torch
 
-    from xft_megatron.checkpoint.hf import load_hf_model, load_hf_tokenizer
     from xft_megatron.data.templates import render_prompt
+    from xft_megatron.hf.files import load_hf_model, load_hf_tokenizer
 
     with open(heldout) as f:  # the shortest held-out instruction
         record = min((json.loads(line) for line in f), key=lambda r: len(r["instruction"]))

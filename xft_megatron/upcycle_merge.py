@@ -21,8 +21,8 @@ from xft_megatron.arch import names as tensors
 from xft_megatron.checkpoint import dist as ckpt
 from xft_megatron.checkpoint import directory, ranks, stream
 from xft_megatron.config import ConfigError, MoEConfig, ParallelConfig
-from xft_megatron.convert import hf_to_mcore, tokenizer_files
 from xft_megatron.errors import UsageError
+from xft_megatron.hf.convert import hf_to_mcore, tokenizer_files
 from xft_megatron.model.moe.merge_mlp import merge_coefficients
 from xft_megatron.transforms.merge import fold
 from xft_megatron.transforms.upcycle import upcycle
@@ -159,7 +159,7 @@ def merge_checkpoint(src: str, out: str, coefficients: str = "uniform",
     path = ckpt.save_streamed(write, out, 0, dense_cfg,
                               extra_files=tokenizer_files(ckpt.resolve(src)))
     if hf_out:
-        from xft_megatron.convert import mcore_to_hf
+        from xft_megatron.hf.convert import mcore_to_hf
 
         mcore_to_hf(path, hf_out)  # in the checkpoint's dtype, as mcore-to-hf
     return path

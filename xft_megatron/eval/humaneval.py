@@ -120,7 +120,7 @@ def converted_model(ckpt: str, hf_dir: str, report=print) -> str:
     same content (`checkpoint_identity`, recorded in HF_DIR.source.json once the conversion
     is complete); otherwise `hf_dir` is replaced by a fresh conversion. `report` is told
     which checkpoint the scored model comes from."""
-    from xft_megatron.convert import mcore_to_hf
+    from xft_megatron.hf.convert import mcore_to_hf
 
     identity = checkpoint_identity(ckpt)
     stamp = hf_dir.rstrip(os.sep) + ".source.json"
@@ -166,7 +166,7 @@ def generate_completions(model_dir: str, problems: Problems, n: int = 1,
         raise UsageError(f"temperature must be >= 0, got {temperature}")
     import torch
 
-    from xft_megatron.checkpoint.hf import load_hf_model, load_hf_tokenizer
+    from xft_megatron.hf.files import load_hf_model, load_hf_tokenizer
 
     problems = _as_list(problems)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")

@@ -85,7 +85,7 @@ class Convert(Step):
         return ["convert", "hf-to-mcore", "--hf", self.hf, "--out", dest, "--dtype", self.dtype]
 
     def run(self, dest):
-        from xft_megatron.convert import hf_to_mcore
+        from xft_megatron.hf.convert import hf_to_mcore
 
         hf_to_mcore(self.hf, dest, dtype=self.dtype)
         return {"checkpoint": self.folder}
@@ -210,7 +210,7 @@ class ExportHF(Step):
             (["--dtype", self.dtype] if self.dtype else [])
 
     def run(self, dest):
-        from xft_megatron.convert import mcore_to_hf
+        from xft_megatron.hf.convert import mcore_to_hf
 
         mcore_to_hf(self.ckpt, dest, dtype=self.dtype)
         return {"hf": self.folder}
@@ -292,8 +292,8 @@ class HumanEvalTable(Step):
         return None
 
     def run(self, dest):
-        from xft_megatron.convert import mcore_to_hf
         from xft_megatron.eval.humaneval import evaluate_humaneval
+        from xft_megatron.hf.convert import mcore_to_hf
         from xft_megatron.runtime.parallel import say
 
         scores = {}

@@ -17,7 +17,6 @@ from typing import Optional, Sequence, Tuple
 
 import torch.distributed as dist
 
-from xft_megatron import convert
 from xft_megatron.checkpoint import dist as ckpt
 from xft_megatron.checkpoint import lock, space
 from xft_megatron.config import Config, ConfigError, deep_merge, parse_overrides, read_yaml
@@ -25,6 +24,7 @@ from xft_megatron.data.dataset import build_dataset, check_sources
 from xft_megatron.data.packing import PackedBatches
 from xft_megatron.data.records import DataError
 from xft_megatron.data.tokenizer import Tokenizer, tokenizer_for_model
+from xft_megatron.hf import convert
 from xft_megatron.runtime import parallel
 from xft_megatron.runtime.hub import HubSettings
 from xft_megatron.training import disk, memory

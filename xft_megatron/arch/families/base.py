@@ -10,7 +10,7 @@ validates its models with these families.
 The tensors of one decoder layer are of two kinds. `attention_tensors` lists those copied as
 they are (the norms, the output projection, a family's extras such as q/k norms), per family.
 The fused ones are laid out alike in every Llama-like family (q/k/v <-> Megatron's
-`linear_qkv`, gate/up <-> `linear_fc1`) and handled by `transforms/hf_llama.py`.
+`linear_qkv`, gate/up <-> `linear_fc1`) and handled by `hf/llama.py`.
 """
 
 from typing import Any, Dict, Optional, Tuple
@@ -208,6 +208,6 @@ class LlamaLike:
     # ------------------------------------------------------------ MoE export (remote code)
     def moe_classes(self) -> Tuple[str, str, str]:
         """(architecture, config class, model_type) of this family's XFT MoE, the classes
-        `hf_remote/modeling_xft_moe.py` defines for it."""
+        `hf/remote/modeling_xft_moe.py` defines for it."""
         stem = self.hf_architecture[:-len("ForCausalLM")]
         return f"XFT{stem}MoeForCausalLM", f"XFT{stem}MoeConfig", f"xft_moe_{self.name}"

@@ -1,5 +1,5 @@
 """Pure name/layout maps from an XFT MoE Megatron state dict to the HF MoE model defined by
-`hf_remote/modeling_xft_moe.py` (export only).
+`hf/remote/modeling_xft_moe.py` (export only).
 
 HF names of an MoE layer `i` (dense layers keep the Llama names):
   model.layers.{i}.mlp.shared_expert.{gate,up,down}_proj.weight   (modes xft and none)
@@ -19,9 +19,9 @@ import torch
 from xft_megatron.arch import families
 from xft_megatron.arch import names
 from xft_megatron.config import ModelConfig, MoEConfig
-from xft_megatron.hf_remote import MODELING_FILE
-from xft_megatron.transforms.hf_llama import Shapes, attention_to_hf, ffn_shapes, ffn_to_hf, \
-    hf_shapes, layer_to_hf
+from xft_megatron.hf.llama import (Shapes, attention_to_hf, ffn_shapes, ffn_to_hf, hf_shapes,
+                                   layer_to_hf)
+from xft_megatron.hf.remote import MODELING_FILE
 
 Tensor = torch.Tensor
 

@@ -16,13 +16,13 @@ import torch
 from xft_megatron.arch import families
 from xft_megatron.checkpoint import dist as ckpt
 from xft_megatron.checkpoint import directory, stream
-from xft_megatron.checkpoint.hf import LazyTensors, check_tensors, model_config_from_hf, \
-    verify_weights, weights_index, write_hf_dir
-from xft_megatron.checkpoint.special_tokens import GENERATION_CONFIG, export_settings
 from xft_megatron.config import Config, PrecisionConfig
 from xft_megatron.errors import UsageError
-from xft_megatron.hf_remote import MODELING_FILE
-from xft_megatron.transforms import hf_llama, hf_moe
+from xft_megatron.hf import llama as hf_llama, moe as hf_moe
+from xft_megatron.hf.files import (LazyTensors, check_tensors, model_config_from_hf, verify_weights,
+                                   weights_index, write_hf_dir)
+from xft_megatron.hf.remote import MODELING_FILE
+from xft_megatron.hf.special_tokens import GENERATION_CONFIG, export_settings
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 

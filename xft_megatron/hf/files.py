@@ -96,12 +96,12 @@ def _sha256(path: str) -> str:
 def remote_code_trusted(hf_dir: str) -> bool:
     """Whether `hf_dir` is to be loaded with `trust_remote_code=True`: True only for an XFT
     MoE exported by this project (config.json's auto_map names this project's modeling file
-    and nothing else, and the folder's copy of that file equals `hf_remote/`'s byte for
+    and nothing else, and the folder's copy of that file equals `hf/remote/`'s byte for
     byte); False when no file of the folder names code (a plain HF model). Any other code
     named (a tokenizer, processor or generation config's auto_map, another module, an edited
     or missing modeling file) raises RemoteCodeError: nothing else is ever imported.
     Tokenizers are loaded with `trust_remote_code=False` regardless (`load_hf_tokenizer`)."""
-    from xft_megatron.hf_remote import MODELING_FILE
+    from xft_megatron.hf.remote import MODELING_FILE
 
     refs = _code_references(hf_dir)
     if not refs:

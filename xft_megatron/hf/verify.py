@@ -10,8 +10,8 @@ from typing import Dict
 import torch
 
 from xft_megatron.checkpoint import dist as ckpt
-from xft_megatron.checkpoint.hf import load_hf_model
 from xft_megatron.errors import UserError
+from xft_megatron.hf.files import load_hf_model
 from xft_megatron.model.builder import build_model
 from xft_megatron.runtime import parallel
 
