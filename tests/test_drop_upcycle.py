@@ -1,4 +1,4 @@
-"""Drop-Upcycling (`drop_ratio`, transforms/upcycle.py): in every routed expert a seeded
+"""Drop-Upcycling (`drop_ratio`, xft/upcycle.py): in every routed expert a seeded
 random subset of round(r * F) FFN neurons is re-initialized (the same neurons in W_gate rows,
 W_up rows and W_down columns) from N(mean, std) of the dense matrix, every other entry and the
 shared expert stay the dense ones bitwise; r = 0 is bitwise the upcycling without the option.
@@ -16,8 +16,8 @@ import torch
 from tests.test_pipeline import _quickstart, hf  # noqa: F401 - hf: a fixture used below
 from xft_megatron.config import MoEConfig
 from xft_megatron.model.moe.merge_mlp import merge_coefficients
-from xft_megatron.transforms.merge import fold
-from xft_megatron.transforms.upcycle import upcycle
+from xft_megatron.xft.merge import fold
+from xft_megatron.xft.upcycle import upcycle
 
 H, F, LAYERS, N = 64, 512, 2, 8
 FC1, FC2 = "mlp.experts.fc1_weight", "mlp.experts.fc2_weight"
@@ -233,7 +233,7 @@ def _tool_layout(rank, world, root):
     """Two ranks: the dense checkpoint stored as TP=2 shards, upcycled into an EP=2 layout
     (layers spread over the ranks), read back single-layout."""
     from tests.test_upcycle_merge import _compare, _resave, ckpt_layout
-    from xft_megatron.upcycle_merge import upcycle_checkpoint
+    from xft_megatron.xft.checkpoints import upcycle_checkpoint
 
     d = lambda name: os.path.join(root, name)  # noqa: E731
     _resave(d("dense"), d("dense_tp2"), {"tensor": 2, "sequence_parallel": True})

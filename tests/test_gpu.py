@@ -81,7 +81,7 @@ def test_gpu_upcycled_moe_equals_dense():
     from tests import common
     from xft_megatron.checkpoint.dist import local_state_dict
     from xft_megatron.training.step import train_step
-    from xft_megatron.transforms.upcycle import upcycle
+    from xft_megatron.xft.upcycle import upcycle
 
     dense_cfg = common.tiny_config("precision.dtype=bf16", "model.init_std=0.2")
     chunks, _ = common.setup(dense_cfg, ddp=False)

@@ -135,7 +135,7 @@ def _upcycled_body(rank, world, root):
 
     from tests.common import run_cli
     from xft_megatron.config import MoEConfig
-    from xft_megatron.upcycle_merge import upcycle_checkpoint
+    from xft_megatron.xft.checkpoints import upcycle_checkpoint
 
     torch.manual_seed(0)
     hf_cfg = transformers.AutoConfig.for_model(

@@ -203,7 +203,7 @@ def test_router_eval_has_no_noise_and_no_loss():
 def _modes_body(rank, world):
     from tests import common
     from xft_megatron.checkpoint.dist import local_state_dict
-    from xft_megatron.transforms.upcycle import upcycle
+    from xft_megatron.xft.upcycle import upcycle
 
     dense_cfg = common.tiny_config("model.init_std=0.1")
     chunks, _ = common.setup(dense_cfg, ddp=False)

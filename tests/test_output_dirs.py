@@ -12,7 +12,7 @@ from xft_megatron.checkpoint import directory, lock
 from xft_megatron.config import ConfigError, MoEConfig, load_config
 from xft_megatron.hf import convert
 from xft_megatron.training.run import check_save_dir
-from xft_megatron.upcycle_merge import merge_checkpoint, upcycle_checkpoint
+from xft_megatron.xft.checkpoints import merge_checkpoint, upcycle_checkpoint
 
 
 @pytest.fixture

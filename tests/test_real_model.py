@@ -150,7 +150,7 @@ def _pipeline(rank, world, hf, root):
     from xft_megatron.hf import convert
     from xft_megatron.hf.verify import compare_logits
     from xft_megatron.runtime import parallel
-    from xft_megatron.upcycle_merge import merge_checkpoint, upcycle_checkpoint
+    from xft_megatron.xft.checkpoints import merge_checkpoint, upcycle_checkpoint
 
     import time
 

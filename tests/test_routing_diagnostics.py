@@ -123,7 +123,7 @@ def _planted_body(rank, world):
     from xft_megatron.checkpoint.dist import local_state_dict
     from xft_megatron.model.moe.router import XFTRouter
     from xft_megatron.training.step import forward_backward
-    from xft_megatron.transforms.upcycle import upcycle
+    from xft_megatron.xft.upcycle import upcycle
 
     dense_cfg = common.tiny_config("model.init_std=0.05")
     dense, _ = common.setup(dense_cfg, ddp=False)

@@ -118,9 +118,9 @@ def _p3_reference(rank, world, root):
     from xft_megatron.checkpoint import dist as ckpt
     from xft_megatron.config import MoEConfig
     from xft_megatron.model.moe.merge_mlp import merge_coefficients
-    from xft_megatron.transforms.merge import fold
-    from xft_megatron.transforms.upcycle import upcycle
-    from xft_megatron.upcycle_merge import merge_checkpoint
+    from xft_megatron.xft.checkpoints import merge_checkpoint
+    from xft_megatron.xft.merge import fold
+    from xft_megatron.xft.upcycle import upcycle
 
     # upcycling reference (pure transform, noisy copies so that slicing errors show)
     dense_cfg = common.tiny_config()
@@ -170,7 +170,7 @@ def _resave(src, dst, layout, *overrides):
 
 def _p3_layouts(rank, world, root):
     from xft_megatron.config import MoEConfig
-    from xft_megatron.upcycle_merge import merge_checkpoint, upcycle_checkpoint
+    from xft_megatron.xft.checkpoints import merge_checkpoint, upcycle_checkpoint
 
     d = lambda name: os.path.join(root, name)  # noqa: E731
     expected = torch.load(d("expected.pt"))
@@ -229,7 +229,7 @@ def _families_body(rank, world, root):
     from xft_megatron.arch import families
     from xft_megatron.config import MoEConfig
     from xft_megatron.hf.convert import mcore_to_hf
-    from xft_megatron.upcycle_merge import merge_checkpoint, upcycle_checkpoint
+    from xft_megatron.xft.checkpoints import merge_checkpoint, upcycle_checkpoint
 
     out = {}
     for i, name in enumerate(families.FAMILIES):

@@ -85,7 +85,7 @@ def _convert(args):
 def _upcycle(args):
     from xft_megatron.config import MoEConfig
     from xft_megatron.runtime.allocator import reuse_freed_memory
-    from xft_megatron.upcycle_merge import upcycle_checkpoint
+    from xft_megatron.xft.checkpoints import upcycle_checkpoint
 
     reuse_freed_memory()
     hf_dir = _model_dir(args.hf, "--hf")
@@ -99,7 +99,7 @@ def _upcycle(args):
 
 def _merge(args):
     from xft_megatron.runtime.allocator import reuse_freed_memory
-    from xft_megatron.upcycle_merge import merge_checkpoint
+    from xft_megatron.xft.checkpoints import merge_checkpoint
 
     reuse_freed_memory()
     path = merge_checkpoint(args.ckpt, args.out, args.coefficients, args.shared_weight,

@@ -155,7 +155,7 @@ class Upcycle(Step):
             (["--drop-ratio", str(self.drop_ratio)] if self.drop_ratio else [])
 
     def run(self, dest):
-        from xft_megatron.upcycle_merge import upcycle_checkpoint
+        from xft_megatron.xft.checkpoints import upcycle_checkpoint
 
         return upcycle_checkpoint(self.ckpt, dest, self.moe, seed=self.seed,
                                   drop_ratio=self.drop_ratio)
@@ -183,7 +183,7 @@ class Fold(Step):
 
     def run(self, dest):
         from xft_megatron.runtime.parallel import say
-        from xft_megatron.upcycle_merge import merge_checkpoint
+        from xft_megatron.xft.checkpoints import merge_checkpoint
 
         return merge_checkpoint(self.ckpt, dest, self.coefficients, self.shared_weight,
                                 hf_out=os.path.join(dest, self.hf) if self.hf else None,

@@ -2,8 +2,8 @@
 
 Both stream (`checkpoint/stream.py`): a decoder layer is read from the source checkpoint
 (whatever layout saved it: expert, tensor and pipeline shards are gathered by the reader),
-transformed by the pure functions of `transforms/upcycle.py` / `transforms/merge.py`, written
-and dropped, so memory stays near one layer of the larger model. One process on a CPU
+transformed by the pure functions of `upcycle.py` / `merge.py`, written and dropped, so
+memory stays near one layer of the larger model. One process on a CPU
 machine, or torchrun with the layers spread over the ranks; every way writes bitwise the
 tensors of the pure transforms, and the result loads under any layout (the parallel section
 given is stored as the checkpoint's default). Inputs are validated before anything is
@@ -24,8 +24,8 @@ from xft_megatron.config import ConfigError, MoEConfig, ParallelConfig
 from xft_megatron.errors import UsageError
 from xft_megatron.hf.convert import hf_to_mcore, tokenizer_files
 from xft_megatron.model.moe.merge_mlp import merge_coefficients
-from xft_megatron.transforms.merge import fold
-from xft_megatron.transforms.upcycle import upcycle
+from xft_megatron.xft.merge import fold
+from xft_megatron.xft.upcycle import upcycle
 
 COEFFICIENT_CHOICES = ("uniform", "shared-only", "learned")
 
@@ -35,7 +35,7 @@ def upcycle_checkpoint(src: Optional[str], out: str, moe: MoEConfig, seed: int =
                        layout: Optional[Dict] = None, drop_ratio: float = 0.0) -> str:
     """Dense checkpoint (or HF directory) -> XFT MoE checkpoint; returns the written folder.
     `layout`: the parallel section stored with it (validated against the MoE settings).
-    `noise_std`, `drop_ratio`: routed-copy noise and Drop-Upcycling (transforms/upcycle.py)."""
+    `noise_std`, `drop_ratio`: routed-copy noise and Drop-Upcycling (xft/upcycle.py)."""
     directory.require_empty_dir(out)
     if not moe.enabled:
         raise ConfigError("upcycling needs --num-experts > 0")
