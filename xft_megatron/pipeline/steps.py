@@ -239,13 +239,14 @@ class HumanEval(Step):
                 "--workers", str(self.workers), "--prompt", self.prompt, "--max-new-tokens",
                 str(self.max_new_tokens)] + (["--limit", str(self.limit)] if self.limit else [])
 
-    def run(self, dest):
-        from xft_megatron import cli
+    def run(self, dest):  # what `xft eval humaneval` with argv(dest) does
+        from xft_megatron.eval.humaneval import run_humaneval
+        from xft_megatron.runtime.parallel import say
 
-        if cli.main(self.argv(dest)):
-            raise RuntimeError(f"step {self.name}: `xft {' '.join(self.argv(dest))}` failed")
-        with open(os.path.join(dest, "humaneval.json")) as f:
-            return json.load(f)["pass@1"]
+        result, _ = run_humaneval(self.model, dest, n=self.n, limit=self.limit or None,
+                                  max_new_tokens=self.max_new_tokens, workers=self.workers,
+                                  prompt=self.prompt, report=say)
+        return result["pass@1"]
 
 
 @dataclass(frozen=True)
