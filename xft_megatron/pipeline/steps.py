@@ -17,11 +17,23 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 from xft_megatron.config import MoEConfig, load_yaml
 
 ONE, DIST = "ONE", "DIST"  # one process | every rank (torchrun, srun + torchrun)
+MARKER = "DONE.json"  # a step folder's marker (completion.py writes it)
 READS = ("checkpoint.load", "data.path", "data.tokenizer")  # the overrides naming inputs
 
 
 def _is_file(*path: str) -> bool:
     return os.path.isfile(os.path.join(*path))
+
+
+def read_marker(folder: str) -> Optional[Dict[str, Any]]:
+    """The marker of a step folder (its settings digest, and once finished its result); None
+    when there is none or it cannot be read."""
+    try:
+        with open(os.path.join(folder, MARKER)) as f:
+            record = json.load(f)
+        return record if isinstance(record, dict) else None
+    except (OSError, ValueError):
+        return None
 
 
 def training_finished(root: str) -> bool:
@@ -337,7 +349,6 @@ class Report(Step):
 
     def run(self, dest):
         from xft_megatron import report
-        from xft_megatron.pipeline.completion import read_marker
 
         os.makedirs(dest, exist_ok=True)
         models: Dict[str, Dict[str, float]] = {}
