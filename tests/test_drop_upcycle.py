@@ -273,9 +273,9 @@ def test_drop_upcycle_command_is_the_pure_transform_in_any_layout(tmp_path):
 # --- the pipeline ----------------------------------------------------------------------------
 
 def test_quickstart_drop_ratio_reaches_every_upcycle_step(tmp_path, hf):  # noqa: F811
-    from xft_megatron import quickstart
     from xft_megatron.cli import build_parser
     from xft_megatron.errors import UsageError
+    from xft_megatron.pipeline import quickstart
     from xft_megatron.pipeline import completion as c
     from xft_megatron.pipeline.steps import Upcycle
 

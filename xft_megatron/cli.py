@@ -19,7 +19,7 @@ def _model_dir(ref, flag: str):
 
 
 def _quickstart(args):
-    from xft_megatron import quickstart
+    from xft_megatron.pipeline import quickstart
 
     args.base = _model_dir(args.base, "--base")
     ablations = () if args.no_ablations else tuple(a for a in args.ablations.split(",") if a)
@@ -205,7 +205,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="xft", description="XFT on Megatron-Core")
     sub = p.add_subparsers(dest="command", required=True)
 
-    from xft_megatron.quickstart import Settings
+    from xft_megatron.pipeline.quickstart import Settings
 
     qs = Settings()
     q = sub.add_parser("quickstart", help="run the built-in end-to-end example on this machine")

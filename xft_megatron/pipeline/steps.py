@@ -348,7 +348,7 @@ class Report(Step):
         return _is_file(folder, "report.md")
 
     def run(self, dest):
-        from xft_megatron import report
+        from xft_megatron.pipeline import report
 
         os.makedirs(dest, exist_ok=True)
         models: Dict[str, Dict[str, float]] = {}

@@ -297,7 +297,7 @@ def _finish(out_dir, data, stages, losses, run_info, seconds) -> Dict:
     """Print the table, write report.md with plots, show a generated completion (rank 0)."""
     import torch.distributed as dist
 
-    from xft_megatron import report
+    from xft_megatron.pipeline import report
     from xft_megatron.runtime.parallel import say
 
     summary = {"heldout_loss": {k: v["loss"] for k, v in losses.items()},
