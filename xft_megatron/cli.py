@@ -10,7 +10,8 @@ from xft_megatron.errors import ConfigError, UsageError, UserError
 
 def _model_dir(ref, flag: str):
     """A local HF directory as given, else a Hub id `org/name[@revision]` through the Hugging
-    Face cache (xft_megatron/runtime/hub.py; HF_HOME, HF_HUB_OFFLINE read here, at the entry point)."""
+    Face cache (xft_megatron/runtime/hub.py; HF_HOME, HF_HUB_OFFLINE read here, at the entry
+    point)."""
     if ref is None:
         return None
     from xft_megatron.runtime.hub import HubSettings, resolve_model_dir
@@ -18,21 +19,32 @@ def _model_dir(ref, flag: str):
     return resolve_model_dir(ref, HubSettings.from_env(), flag)
 
 
+# the quickstart flags that are Settings fields of the same name; a flag not given is None and
+# leaves the field's default (the parser imports nothing of the pipeline, Settings included)
+_QUICKSTART_FIELDS = ("steps", "sft_steps", "max_files", "vocab", "preset", "seq_length", "seed",
+                      "router_seed", "drop_ratio", "pretrain_lr", "tune_lr", "base", "experts",
+                      "topk", "moe_every", "merge_steps", "humaneval", "humaneval_tokens")
+
+
+def _quickstart_settings(args):
+    """The quickstart's Settings of the parsed flags."""
+    from xft_megatron.pipeline import quickstart
+
+    given = {k: getattr(args, k) for k in _QUICKSTART_FIELDS if getattr(args, k) is not None}
+    if args.no_ablations:
+        given["ablations"] = ()
+    elif args.ablations is not None:
+        given["ablations"] = tuple(a for a in args.ablations.split(",") if a)
+    if args.src:
+        given["sources"] = tuple(args.src)
+    return quickstart.Settings(**given)
+
+
 def _quickstart(args):
     from xft_megatron.pipeline import quickstart
 
     args.base = _model_dir(args.base, "--base")
-    ablations = () if args.no_ablations else tuple(a for a in args.ablations.split(",") if a)
-    settings = quickstart.Settings(
-        steps=args.steps, sft_steps=args.sft_steps, ablations=ablations,
-        sources=tuple(args.src or quickstart.Settings.sources), max_files=args.max_files,
-        vocab=args.vocab,
-        preset=args.preset, seq_length=args.seq_length, seed=args.seed,
-        router_seed=args.router_seed, pretrain_lr=args.pretrain_lr, tune_lr=args.tune_lr,
-        base=args.base, experts=args.experts, topk=args.topk, moe_every=args.moe_every,
-        merge_steps=args.merge_steps, humaneval=args.humaneval,
-        humaneval_tokens=args.humaneval_tokens, drop_ratio=args.drop_ratio)
-    quickstart.run(args.out, settings, overrides=args.overrides)
+    quickstart.run(args.out, _quickstart_settings(args), overrides=args.overrides)
 
 
 def _presets(args):
@@ -205,49 +217,46 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="xft", description="XFT on Megatron-Core")
     sub = p.add_subparsers(dest="command", required=True)
 
-    from xft_megatron.pipeline.quickstart import Settings
-
-    qs = Settings()
     q = sub.add_parser("quickstart", help="run the built-in end-to-end example on this machine")
     q.add_argument("--out", default="runs/quickstart", help="output directory")
-    q.add_argument("--steps", type=int, default=qs.steps, help="pretraining steps")
-    q.add_argument("--sft-steps", type=int, default=qs.sft_steps,
+    q.add_argument("--steps", type=int, default=None, help="pretraining steps")
+    q.add_argument("--sft-steps", type=int, default=None,
                    help="instruction-tuning steps of every tuned model (merge: a fifth)")
-    q.add_argument("--ablations", default=",".join(qs.ablations),
+    q.add_argument("--ablations", default=None,
                    help="upcycling ablations tuned like XFT: vanilla, none (comma-separated)")
     q.add_argument("--no-ablations", action="store_true", help="run no ablation")
     q.add_argument("--src", action="append", default=None,
                    help="Python source to mine: stdlib (default), site-packages (this "
                    "interpreter's) or a directory; repeat for several")
-    q.add_argument("--max-files", type=int, default=qs.max_files, help="files mined per source")
-    q.add_argument("--vocab", type=int, default=qs.vocab, help="tokenizer/model vocabulary")
-    q.add_argument("--preset", default=qs.preset,
+    q.add_argument("--max-files", type=int, default=None, help="files mined per source")
+    q.add_argument("--vocab", type=int, default=None, help="tokenizer/model vocabulary")
+    q.add_argument("--preset", default=None,
                    help="model preset (`xft presets`); model.* overrides change its fields")
-    q.add_argument("--seq-length", type=int, default=qs.seq_length, help="tokens per row")
-    q.add_argument("--seed", type=int, default=qs.seed,
+    q.add_argument("--seq-length", type=int, default=None, help="tokens per row")
+    q.add_argument("--seed", type=int, default=None,
                    help="training seed: initialization, data order, noisy gating")
-    q.add_argument("--router-seed", type=int, default=qs.router_seed,
+    q.add_argument("--router-seed", type=int, default=None,
                    help="router initialization seed at upcycling")
-    q.add_argument("--pretrain-lr", type=float, default=qs.pretrain_lr,
+    q.add_argument("--pretrain-lr", type=float, default=None,
                    help="peak pretraining LR")
-    q.add_argument("--tune-lr", type=float, default=qs.tune_lr,
+    q.add_argument("--tune-lr", type=float, default=None,
                    help="peak instruction-tuning LR")
     q.add_argument("--base", default=None,
                    help="start from this HF model directory or Hub id org/name[@revision] "
                    "(converted; its tokenizer) instead of pretraining the preset")
-    q.add_argument("--experts", type=int, default=qs.experts, help="experts per MoE layer")
-    q.add_argument("--topk", type=int, default=qs.topk, help="experts per token")
-    q.add_argument("--moe-every", type=int, default=qs.moe_every,
+    q.add_argument("--experts", type=int, default=None, help="experts per MoE layer")
+    q.add_argument("--topk", type=int, default=None, help="experts per token")
+    q.add_argument("--moe-every", type=int, default=None,
                    help="every N-th layer becomes MoE (1 = all)")
-    q.add_argument("--drop-ratio", type=float, default=qs.drop_ratio, metavar="R",
+    q.add_argument("--drop-ratio", type=float, default=None, metavar="R",
                    help="Drop-Upcycling at every upcycling: re-initialize a fraction R in "
                    "[0, 1) of each routed expert's FFN neurons (default 0: exact copies)")
     q.add_argument("--merge-steps", type=int, default=None,
                    help="learnable-merge steps (default a fifth of --sft-steps, at least 10)")
-    q.add_argument("--humaneval", type=int, default=qs.humaneval,
+    q.add_argument("--humaneval", type=int, default=None,
                    help="HumanEval problems scored per model (greedy, magicoder protocol; "
                    "0 = none, 164 = all)")
-    q.add_argument("--humaneval-tokens", type=int, default=qs.humaneval_tokens,
+    q.add_argument("--humaneval-tokens", type=int, default=None,
                    help="most new tokens per HumanEval answer")
     q.add_argument("overrides", nargs="*", help="config overrides, e.g. precision.dtype=bf16")
     q.set_defaults(func=_quickstart)
