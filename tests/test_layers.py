@@ -3,7 +3,8 @@
 `xft_megatron.LAYERS` is the one list of layers, bottom first. Every import in `xft_megatron/`,
 `benchmarks/` and `tools/` is read from the source (ast, nothing is imported): module-level and
 inside functions, under `if TYPE_CHECKING:` too, relative ones resolved, `from pkg import mod`
-taken as an import of the submodule `pkg.mod`. Two rules:
+taken as an import of the submodule `pkg.mod`, `__import__("m")` and
+`importlib.import_module("m")` with a literal name as imports of `m`. Two rules:
 
   * a module of one layer imports only from its own layer or lower ones; the package root
     (`xft_megatron/__init__.py`) imports nothing of the package, and the package imports nothing
@@ -62,15 +63,9 @@ def find_modules(root: str, folders: Sequence[str]) -> Dict[str, str]:
     return modules
 
 
-def _resolve(name: str, modules: Dict[str, str]) -> str:
-    """The longest prefix of `name` that is a known module (an attribute of a module is not one
-    itself); `name` when none is, so that an import of a missing module is seen."""
-    parts = name.split(".")
-    for n in range(len(parts), 0, -1):
-        prefix = ".".join(parts[:n])
-        if prefix in modules:
-            return prefix
-    return name
+def _is_dynamic_import(func: ast.expr) -> bool:
+    return (isinstance(func, ast.Name) and func.id in ("__import__", "import_module")) or \
+        (isinstance(func, ast.Attribute) and func.attr == "import_module")
 
 
 def imports_of(module: str, path: str, root: str, modules: Dict[str, str],
@@ -85,10 +80,13 @@ def imports_of(module: str, path: str, root: str, modules: Dict[str, str],
 
     def add(target: str, line: int) -> None:
         if target.split(".")[0] in internal:
-            edges.append(Edge(module, _resolve(target, modules), path, line))
+            edges.append(Edge(module, target, path, line))
 
     for node in ast.walk(tree):
-        if isinstance(node, ast.Import):
+        if isinstance(node, ast.Call) and node.args and isinstance(node.args[0], ast.Constant) \
+                and isinstance(node.args[0].value, str) and _is_dynamic_import(node.func):
+            add(node.args[0].value, node.lineno)  # __import__("m"), importlib.import_module("m")
+        elif isinstance(node, ast.Import):
             for alias in node.names:
                 add(alias.name, node.lineno)
         elif isinstance(node, ast.ImportFrom):
@@ -126,16 +124,16 @@ def rank(module: str, layers: Sequence[str], package: str = PACKAGE) -> Optional
 
 
 def layer_violations(modules: Dict[str, str], edges: Sequence[Edge], layers: Sequence[str],
-                     package: str = PACKAGE) -> List[str]:
+                     package: str = PACKAGE, above: Sequence[str] = ABOVE) -> List[str]:
     """`file:line: a -> b (why)` for each import of a higher layer, of a module in no layer,
-    or of a module that does not exist."""
+    or of a module that does not exist (among those read)."""
     problems = []
     for module in sorted(modules):
         if module.split(".")[0] == package and rank(module, layers, package) is None:
             problems.append(f"{modules[module]}: {module} is in no layer of "
                             f"{package}.LAYERS")
     for e in edges:
-        if e.imported not in modules and e.imported.split(".")[0] in (package,) + ABOVE:
+        if e.imported not in modules and e.imported.split(".")[0] in (package, *above):
             problems.append(f"{e} (no such module)")
             continue
         low, high = rank(e.importer, layers, package), rank(e.imported, layers, package)
@@ -235,10 +233,10 @@ def check(root: str, package: str = PACKAGE, above: Sequence[str] = ABOVE,
     """Every violation of the two rules, as lines to print."""
     layers = read_layers(root, package)
     modules, edges = collect(root, package, above, outside)
-    problems = layer_violations(modules, edges, layers, package)
+    problems = layer_violations(modules, edges, layers, package, above)
     for group, cycle in cycles(edges):
-        problems.append("cycle: " + " -> ".join([e.importer for e in cycle] +
-                                                 [cycle[0].importer]))
+        names = [e.importer for e in cycle] + [cycle[0].importer]
+        problems.append("cycle: " + " -> ".join(names))
         problems.extend(f"  {e}" for e in cycle)
         if len(group) > len(cycle):
             problems.append(f"  (one of the cycles among {len(group)} modules: "
@@ -254,7 +252,8 @@ def test_imports_go_only_downward_and_never_in_a_cycle():
 
 def test_the_checker_reports_an_upward_import_and_a_cycle(tmp_path):
     """The checker on a small package of its own: one upward import, one cycle (through a
-    function-level import and one under TYPE_CHECKING), each reported with file and line."""
+    function-level import and one under TYPE_CHECKING), each reported with file and line; and
+    an import of a module that does not exist."""
     files = {
         "pkg/__init__.py": 'LAYERS = ("low", "high")\n',
         "pkg/low/__init__.py": "",
@@ -264,7 +263,7 @@ def test_the_checker_reports_an_upward_import_and_a_cycle(tmp_path):
         "pkg/low/d.py": "\n\ndef g():\n    from pkg.low.c import x\n",
         "pkg/high/__init__.py": "",
         "pkg/high/b.py": "from ..low import a  # fine: downward\n",
-        "tools/t.py": "import pkg.high.b\n",
+        "tools/t.py": "import pkg.high.b\nimport pkg.gone\n",
     }
     for name, text in files.items():
         path = tmp_path / name
@@ -281,6 +280,8 @@ def test_the_checker_reports_an_upward_import_and_a_cycle(tmp_path):
     b_to_a = os.path.join("pkg", "high", "b.py") + ":1: pkg.high.b -> pkg.low.a"
     assert any(p.strip() == b_to_a for p in problems), problems
     assert sum(p.startswith("cycle:") for p in problems) == 2, problems
+    gone = os.path.join("tools", "t.py") + ":2: tools.t -> pkg.gone (no such module)"
+    assert gone in problems, problems
 
 
 if __name__ == "__main__":
