@@ -20,7 +20,7 @@ def _run_stage(args):
         import torch
         import transformers
 
-        from xft_megatron import families
+        from xft_megatron.arch import families
         from xft_megatron.config import load_config
 
         m = load_config(None, [f"model.preset={args.preset}"]).model

@@ -15,9 +15,9 @@ import time
 
 import torch
 
-from xft_megatron import parallel
 from xft_megatron.config import load_config
 from xft_megatron.model.builder import build_model, count_parameters, transformer_config
+from xft_megatron.runtime import parallel
 from xft_megatron.training.flops import H200_BF16_DENSE_PEAK, flops_per_token
 from xft_megatron.training.optimizer import build_optimizer, build_scheduler, wrap_ddp
 from xft_megatron.training.step import make_batch, split_global_batch, train_step

@@ -38,8 +38,8 @@ def mined_records(n: int):
 
 
 def transformers_loss(hf_dir: str, records):
-    from xft_megatron.checkpoint.hf import load_hf_model, load_hf_tokenizer
     from xft_megatron.data.templates import MAGICODER
+    from xft_megatron.hf.files import load_hf_model, load_hf_tokenizer
 
     t0 = time.perf_counter()
     tok = load_hf_tokenizer(hf_dir)
@@ -78,7 +78,7 @@ def main():
     ap.add_argument("--micro-batch-size", type=int, default=4)
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
-    from xft_megatron import convert
+    from xft_megatron.hf import convert
 
     if args.hf is None:
         from tests.real_model import smollm2_hf_dir

@@ -21,10 +21,10 @@ import torch
 from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler
 
 from benchmarks.dense_step import matmul_ceiling, run_point
-from xft_megatron import parallel
 from xft_megatron.config import load_config
 from xft_megatron.model.builder import transformer_config
 from xft_megatron.model.spec import moe_mlp_spec
+from xft_megatron.runtime import parallel
 
 MOE = ["moe.num_experts=8", "moe.topk=6"]
 VARIANTS = {

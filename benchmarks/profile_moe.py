@@ -14,10 +14,10 @@ from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler
 from torch.profiler import ProfilerActivity, profile
 
 from benchmarks.moe_step import MOE, VARIANTS
-from xft_megatron import parallel
 from xft_megatron.config import load_config
 from xft_megatron.model.builder import transformer_config
 from xft_megatron.model.spec import moe_mlp_spec
+from xft_megatron.runtime import parallel
 
 
 def main():

@@ -17,10 +17,10 @@ import time
 
 import torch
 
-from xft_megatron import parallel
 from xft_megatron.config import load_config
 from xft_megatron.model.builder import build_model, transformer_config
-from xft_megatron.moe.divergence import expert_divergence
+from xft_megatron.model.moe.divergence import expert_divergence
+from xft_megatron.runtime import parallel
 from xft_megatron.training.loop import train
 
 

@@ -44,13 +44,11 @@ from typing import Any, Dict, List, Optional, Tuple
 
 import yaml
 
+from benchmarks.scaling_plots import label, write_plots
 from xft_megatron.config import Config, ConfigError, deep_merge
 from xft_megatron.training import flops, memory
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-LAYOUT_KEYS = ("gpus", "parallel.tensor", "parallel.pipeline", "parallel.virtual_pipeline",
-               "parallel.expert", "parallel.expert_tensor", "parallel.sequence_parallel",
-               "moe.dispatcher")
 COLUMNS = {
     "point": "point id (index and label)",
     "label": "what distinguishes the point from the study's others",
@@ -223,10 +221,6 @@ def _label(points: List[Point]) -> None:
         if len({p.label_parts.get(key) for p in points}) == 1 and len(points) > 1:
             for p in points:
                 p.label_parts.pop(key, None)
-
-
-def label(parts: Dict[str, str], without: Tuple[str, ...] = ()) -> str:
-    return " ".join(v for k, v in parts.items() if v and k not in without) or "base"
 
 
 # ------------------------------------------------------------------------------ running
@@ -411,7 +405,6 @@ def main(argv=None) -> int:
         rows.append(run_point(i, point, study, devices, args.out, args.dry_run))
         _print_row(rows[-1])
     write_csv(rows, os.path.join(args.out, "scaling.csv"))
-    from benchmarks.scaling_plots import write_plots
 
     plots = [] if args.dry_run else write_plots(rows, points, varies, args.out)
     text = "\n".join(summary_lines(study, rows, plots)) + "\n"

@@ -13,10 +13,17 @@ import os
 from collections import defaultdict
 from typing import Dict, List, Optional, Sequence, Tuple
 
-from benchmarks.scaling import LAYOUT_KEYS, Point, label
-
 Row = Dict
 Plot = Tuple[str, Optional[str], str]  # (file name, path written or None, why skipped)
+# the study keys that make up a parallel layout (what mfu_vs_layout.png compares)
+LAYOUT_KEYS = ("gpus", "parallel.tensor", "parallel.pipeline", "parallel.virtual_pipeline",
+               "parallel.expert", "parallel.expert_tensor", "parallel.sequence_parallel",
+               "moe.dispatcher")
+
+
+def label(parts: Dict[str, str], without: Tuple[str, ...] = ()) -> str:
+    """A point's label from its label parts (scaling.py sets them), leaving out `without`."""
+    return " ".join(v for k, v in parts.items() if v and k not in without) or "base"
 
 
 def _pyplot():
@@ -108,9 +115,10 @@ PLOTS = (
 )
 
 
-def write_plots(rows: List[Row], points: Sequence[Point], varies: Dict[str, List[str]],
+def write_plots(rows: List[Row], points: Sequence, varies: Dict[str, List[str]],
                 out_dir: str) -> List[Plot]:
-    """Every plot of PLOTS written into `out_dir`, or skipped with the reason."""
+    """Every plot of PLOTS written into `out_dir`, or skipped with the reason; `points` are
+    scaling.py's Points of the rows (their `label_parts`)."""
     parts = {r["point"]: p.label_parts for r, p in zip(rows, points)}
     done = []
     for name, keys, plot, axis in PLOTS:

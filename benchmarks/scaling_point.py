@@ -6,8 +6,7 @@ POINT.json holds `config` (a config in the `xft train` schema, already validated
 driver) and `warmup`, `steps`, `breakdown_steps`, `data_files`. The model is built and trained
 exactly as `xft train` does it (Megatron DDP, distributed optimizer, the same `train_step`),
 on real text: the UTF-8 bytes of the first `data_files` standard-library files, cut into
-windows (`code_corpus.WindowBatches`; the batch of each step is prepared before its timer
-starts). Three phases:
+windows (`WindowBatches`; the batch of each step is prepared before its timer starts). Three phases:
   warm-up      `warmup` steps, not timed (compilation, allocator, communicator set-up)
   timed        `steps` steps, each between two device synchronizations, nothing else
                instrumented: the step times, tokens/s and MFU come from these
@@ -25,17 +24,52 @@ import resource
 import statistics
 import sys
 import time
+from typing import Iterator, List
 
 import torch
 import torch.distributed as dist
 
 from benchmarks.step_timers import StepTimers, synchronize
-from xft_megatron import compat, parallel
 from xft_megatron.config import Config
-from xft_megatron.data.code_corpus import WindowBatches, byte_tokens, python_files, stdlib_dir
+from xft_megatron.data.code_corpus import python_files, read_regular, stdlib_dir
+from xft_megatron.errors import UsageError
 from xft_megatron.model.builder import build_model, transformer_config
+from xft_megatron.runtime import compat, parallel
 from xft_megatron.training.optimizer import build_optimizer, build_scheduler, wrap_ddp
 from xft_megatron.training.step import make_batch, split_global_batch, train_step
+
+
+def byte_tokens(files: List[str]) -> torch.Tensor:
+    """Concatenated UTF-8 bytes of `files` as int64 token ids (files joined by a newline;
+    ids 0..255, which any vocabulary of >= 256 entries covers)."""
+    chunks = []
+    for path in files:
+        chunks.append(read_regular(path) + b"\n")
+    data = b"".join(chunks)
+    return torch.frombuffer(bytearray(data), dtype=torch.uint8).to(torch.int64)
+
+
+class WindowBatches:
+    """Global batches of `batch` windows of `seq + 1` tokens from a token stream, in an order
+    fixed by `seed`; step `i` always yields the same batch (resumable, layout-independent)."""
+
+    def __init__(self, tokens: torch.Tensor, seq: int, batch: int, seed: int):
+        if tokens.numel() < seq + 2:
+            raise UsageError(f"corpus has {tokens.numel()} tokens, fewer than one window of "
+                             f"{seq + 1}")
+        self.tokens, self.seq, self.batch, self.seed = tokens, seq, batch, seed
+        self.num_windows = (tokens.numel() - 1) // seq
+
+    def __getitem__(self, step: int) -> torch.Tensor:
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + step)
+        starts = torch.randint(0, self.num_windows, (self.batch,), generator=g) * self.seq
+        return torch.stack([self.tokens[s:s + self.seq + 1] for s in starts.tolist()])
+
+    def __iter__(self) -> Iterator[torch.Tensor]:
+        step = 0
+        while True:
+            yield self[step]
+            step += 1
 
 
 def build(cfg: Config):

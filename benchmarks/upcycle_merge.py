@@ -17,10 +17,10 @@ from benchmarks import stages
 
 def _run_stage(args):
     if args.stage == "dense":
-        from xft_megatron import parallel
         from xft_megatron.checkpoint import dist as ckpt
         from xft_megatron.config import load_config
         from xft_megatron.model.builder import build_model
+        from xft_megatron.runtime import parallel
 
         cfg = load_config(None, [f"model.preset={args.preset}", "precision.dtype=bf16"])
         parallel.initialize(cfg.parallel)

@@ -11,7 +11,7 @@ data, batches and step budget) with the arm's own flags and config overrides; `g
 DIR holds `ARM_seedN/` run folders (their summary.json, xft_moe/summary.json). The summary
 is a markdown table per arm and seed: held-out loss of the dense SFT model, the XFT MoE and
 the merged model (and HumanEval pass@1 where run), then per arm the routing figures of the
-MoE stage (means over MoE layers and the last 10 steps) and the verdict of `report.py`.
+MoE stage (means over MoE layers and the last 10 steps) and the verdict of `pipeline/report.py`.
 """
 
 import argparse
@@ -64,7 +64,7 @@ def _mean_sd(values: List[float]) -> str:
 
 
 def summarize(study: str) -> str:
-    from xft_megatron import report
+    from xft_megatron.pipeline import report
 
     runs = {}
     for path in sorted(glob.glob(os.path.join(study, "*_seed*", "summary.json"))):

@@ -96,9 +96,9 @@ def microbatches(cfg, step=0):
 def setup(cfg, weights=None, seed=7, ddp=True, distributed_optimizer=True):
     """Initialize the layout of `cfg`, build the model, load `weights` (a checkpoint) and
     wrap it in DDP. Returns (chunks, transformer_config)."""
-    from xft_megatron import parallel
     from xft_megatron.checkpoint import dist as ckpt
     from xft_megatron.model.builder import build_model, transformer_config
+    from xft_megatron.runtime import parallel
     from xft_megatron.training.optimizer import wrap_ddp
 
     parallel.initialize(cfg.parallel, seed=seed)

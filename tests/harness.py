@@ -73,7 +73,7 @@ def _worker(rank, world_size, port, body, args, out, environ):
     except BaseException:  # report everything, including assertion failures
         out.put((rank, False, traceback.format_exc()))
     finally:
-        from xft_megatron import parallel
+        from xft_megatron.runtime import parallel
 
         try:
             parallel.shutdown()

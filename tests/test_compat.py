@@ -9,9 +9,9 @@ import types
 import pytest
 import torch
 
-from xft_megatron import compat, parallel
-from xft_megatron.compat import patches
 from xft_megatron.config import ParallelConfig
+from xft_megatron.runtime import compat, parallel
+from xft_megatron.runtime.compat import patches
 
 ON_GPU = torch.cuda.is_available()
 
@@ -25,7 +25,7 @@ def inactive():
 
 
 def test_megatron_version_is_the_pinned_one():
-    # every CPU stand-in in compat/ was checked against this exact release: if this fails,
+    # every CPU stand-in in runtime/compat/ was checked against this exact release: if this fails,
     # re-check each item listed in the compat.patches docstring before moving the pin
     from megatron.core import package_info
 

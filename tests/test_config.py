@@ -2,9 +2,9 @@
 
 import pytest
 
+from xft_megatron.arch.families import PRESETS
 from xft_megatron.config import (Config, ConfigError, config_keys, load_config,
                                  model_config_from_dict, parse_overrides)
-from xft_megatron.families import PRESETS
 
 
 def test_yaml_and_overrides(tmp_path):
@@ -209,7 +209,7 @@ def test_type_checks_follow_the_annotations():
     import dataclasses
     from typing import Dict, Optional, Union
 
-    from xft_megatron import config
+    from xft_megatron.config import schema
 
     @dataclasses.dataclass
     class New:
@@ -220,7 +220,7 @@ def test_type_checks_follow_the_annotations():
         table: Dict[str, str] = dataclasses.field(default_factory=dict)
         either: Union[int, str] = 0
 
-    config._check_types(New, {"count": 3, "ratio": 1, "name": "x", "flag": True,
+    schema._check_types(New, {"count": 3, "ratio": 1, "name": "x", "flag": True,
                               "table": {"a": "b"}, "either": "y"}, "new")
     for values, message in [({"count": "3"}, "new.count='3' has type str, expected int"),
                             ({"count": True}, "new.count=True has type bool, expected int"),
@@ -229,9 +229,9 @@ def test_type_checks_follow_the_annotations():
                             ({"flag": 1}, "new.flag=1 has type int, expected bool"),
                             ({"name": 7}, "quote it for a text value: new.name='7'")]:
         with pytest.raises(ConfigError) as e:
-            config._check_types(New, values, "new")
+            schema._check_types(New, values, "new")
         assert message in str(e.value), (values, str(e.value))
-    assert config._numbers_for_float_fields(New, {"ratio": "1e-3", "name": "1e-3"}) == \
+    assert schema._numbers_for_float_fields(New, {"ratio": "1e-3", "name": "1e-3"}) == \
         {"ratio": 1e-3, "name": "1e-3"}
 
 

@@ -36,8 +36,8 @@ def _body(rank, world, root):
     import transformers
     from safetensors.torch import load_file
 
-    from xft_megatron import convert
     from xft_megatron.checkpoint import dist as ckpt
+    from xft_megatron.hf import convert
     from xft_megatron.model.builder import build_model
 
     out = {}
@@ -69,7 +69,7 @@ def _body(rank, world, root):
         bitwise = set(orig) == set(new) and all(torch.equal(orig[k], new[k]) for k in orig)
 
         cfg = ckpt.load_config(mc)
-        from xft_megatron import parallel
+        from xft_megatron.runtime import parallel
 
         parallel.initialize(cfg.parallel)
         chunks = build_model(cfg)
@@ -108,7 +108,7 @@ def test_hf_round_trip_is_bitwise_and_forward_matches(tmp_path):
 
 
 def transformers_class(family):
-    from xft_megatron import families
+    from xft_megatron.arch import families
 
     return families.get(family).hf_architecture
 
@@ -120,10 +120,10 @@ LAYOUTS = {"llama": ["parallel.tensor=2"],  # 3 layers: no PP
 
 
 def _layout_body(rank, world, root):
-    from xft_megatron import parallel
     from xft_megatron.checkpoint import dist as ckpt
     from xft_megatron.config import parse_overrides
     from xft_megatron.model.builder import build_model
+    from xft_megatron.runtime import parallel
     from xft_megatron.training.step import forward_logits
 
     out = {}
@@ -152,9 +152,9 @@ def _convert_on_all_ranks(root):
     """Both conversions run by every rank (layers spread over them) write what one process
     writes: the same Megatron tensors, the same HF tensors (HF shards kept small so that
     every rank writes some)."""
-    from xft_megatron import convert
     from xft_megatron.checkpoint import dist as ckpt
     from xft_megatron.checkpoint import stream
+    from xft_megatron.hf import convert
 
     name = "llama"
     mc, mc_all = os.path.join(root, f"{name}_mcore"), os.path.join(root, f"{name}_mcore_all")
@@ -212,8 +212,7 @@ def _write_cfg(d, **kw):
 
 
 def test_config_dialects_and_refusals(tmp_path):
-    from xft_megatron.checkpoint.hf import HFFormatError, model_config_from_hf, \
-        weights_index
+    from xft_megatron.hf.files import HFFormatError, model_config_from_hf, weights_index
 
     d5 = _write_cfg(str(tmp_path / "v5"), rope_parameters={"rope_type": "linear",
                                                             "factor": 4.0,
@@ -250,7 +249,7 @@ def _verify_body(rank, world, root):
     import transformers
 
     from tests.common import run_cli
-    from xft_megatron.verify import VerificationError, verify
+    from xft_megatron.hf.verify import VerificationError, verify
 
     codes = {}
     for seed in (0, 1):

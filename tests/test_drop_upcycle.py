@@ -1,4 +1,4 @@
-"""Drop-Upcycling (`drop_ratio`, transforms/upcycle.py): in every routed expert a seeded
+"""Drop-Upcycling (`drop_ratio`, xft/upcycle.py): in every routed expert a seeded
 random subset of round(r * F) FFN neurons is re-initialized (the same neurons in W_gate rows,
 W_up rows and W_down columns) from N(mean, std) of the dense matrix, every other entry and the
 shared expert stay the dense ones bitwise; r = 0 is bitwise the upcycling without the option.
@@ -15,8 +15,9 @@ import torch
 
 from tests.test_pipeline import _quickstart, hf  # noqa: F401 - hf: a fixture used below
 from xft_megatron.config import MoEConfig
-from xft_megatron.transforms.merge import fold, merge_coefficients
-from xft_megatron.transforms.upcycle import upcycle
+from xft_megatron.model.moe.merge_mlp import merge_coefficients
+from xft_megatron.xft.merge import fold
+from xft_megatron.xft.upcycle import upcycle
 
 H, F, LAYERS, N = 64, 512, 2, 8
 FC1, FC2 = "mlp.experts.fc1_weight", "mlp.experts.fc2_weight"
@@ -232,7 +233,7 @@ def _tool_layout(rank, world, root):
     """Two ranks: the dense checkpoint stored as TP=2 shards, upcycled into an EP=2 layout
     (layers spread over the ranks), read back single-layout."""
     from tests.test_upcycle_merge import _compare, _resave, ckpt_layout
-    from xft_megatron.upcycle_merge import upcycle_checkpoint
+    from xft_megatron.xft.checkpoints import upcycle_checkpoint
 
     d = lambda name: os.path.join(root, name)  # noqa: E731
     _resave(d("dense"), d("dense_tp2"), {"tensor": 2, "sequence_parallel": True})
@@ -272,9 +273,9 @@ def test_drop_upcycle_command_is_the_pure_transform_in_any_layout(tmp_path):
 # --- the pipeline ----------------------------------------------------------------------------
 
 def test_quickstart_drop_ratio_reaches_every_upcycle_step(tmp_path, hf):  # noqa: F811
-    from xft_megatron import quickstart
-    from xft_megatron.cli import build_parser
+    from xft_megatron.cli import _quickstart_settings, build_parser
     from xft_megatron.errors import UsageError
+    from xft_megatron.pipeline import quickstart
     from xft_megatron.pipeline import completion as c
     from xft_megatron.pipeline.steps import Upcycle
 
@@ -294,6 +295,7 @@ def test_quickstart_drop_ratio_reaches_every_upcycle_step(tmp_path, hf):  # noqa
         "upcycle_none", "none_moe", "eval"}
     s = quickstart.Settings(drop_ratio=0.25)
     args = parser.parse_args(s.command(out, ()).split()[1:])
-    assert args.drop_ratio == 0.25 and parser.parse_args(["quickstart"]).drop_ratio == 0.0
+    assert args.drop_ratio == 0.25
+    assert _quickstart_settings(parser.parse_args(["quickstart"])).drop_ratio == 0.0
     with pytest.raises(UsageError, match=r"--drop-ratio must be in \[0, 1\)"):
         quickstart.Settings(drop_ratio=1.0)

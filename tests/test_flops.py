@@ -1,11 +1,11 @@
-"""Parameter and FLOP counts (`model/counts.py`): against arithmetic written out for the
+"""Parameter and FLOP counts (`arch/counts.py`): against arithmetic written out for the
 deepseek-coder-1.3b shape, against the parameters of the models Megatron builds (every
 family's attention, MoE layers), and read alike by its three consumers (`ModelConfig`,
 the memory estimate, MFU)."""
 
 from tests.harness import run_ranks
+from xft_megatron.arch import counts
 from xft_megatron.config import load_config
-from xft_megatron.model import counts
 from xft_megatron.training import flops, memory
 from xft_megatron.training.flops import flops_per_token, matmul_params
 
@@ -49,9 +49,9 @@ def _config(name):
 def _built(rank, world):
     """Per case: (all parameters, expert parameters, parameters in matrix products) of the
     one-rank model built on the meta device (no memory, no initialization)."""
-    from xft_megatron import parallel
     from xft_megatron.config import ParallelConfig
     from xft_megatron.model.builder import build_model
+    from xft_megatron.runtime import parallel
 
     parallel.initialize(ParallelConfig())
     out = {}
@@ -105,11 +105,11 @@ def _checkpoint_names(rank, world):
 
 
 def test_every_checkpoint_tensor_is_named_in_model_names():
-    """model/names.py names every tensor the checkpoints hold, for every family, MoE layer
+    """arch/names.py names every tensor the checkpoints hold, for every family, MoE layer
     and the merge stage: the HF maps, upcycling and the merge read names only from there.
     Single-rank names are `layer(i) + ROLE`; Megatron stores them under that key, or the
     layers stacked under `LAYERS + ROLE` (blocks whose layers are all alike)."""
-    from xft_megatron.model import names
+    from xft_megatron.arch import names
 
     in_layer = [names.ATTN_NORM, names.QKV, names.QKV_BIAS, names.Q_NORM, names.K_NORM,
                 names.PROJ, names.MLP_NORM, names.FC1, names.FC2, names.EXPERT_FC1,

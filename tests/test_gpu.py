@@ -15,10 +15,10 @@ def test_gpu_forward_and_training_match_reference(compiled):
     import transformers
 
     from tests import common
+    from xft_megatron.arch import families
     from xft_megatron.checkpoint.dist import local_state_dict
+    from xft_megatron.hf import llama as hf_llama
     from xft_megatron.training.step import train_step
-    from xft_megatron import families
-    from xft_megatron.transforms import hf_llama
 
     cfg = common.tiny_config("model.rope_scaling_factor=4.0", "model.init_std=0.2",
                              "precision.dtype=bf16", f"train.compile_layers={compiled}")
@@ -50,7 +50,7 @@ def test_gpu_forward_and_training_match_reference(compiled):
 def test_gpu_grouped_gemm_matches_loop():
     """F.grouped_mm (bf16, Hopper) against the per-expert loop on the same bf16 operands,
     forward and gradients, including an expert that receives no tokens."""
-    from xft_megatron.moe.experts import grouped_gemm_supported, swiglu_experts
+    from xft_megatron.model.moe.experts import grouped_gemm_supported, swiglu_experts
 
     g = torch.Generator(device="cuda").manual_seed(0)
     e, f, h = 4, 256, 128
@@ -81,7 +81,7 @@ def test_gpu_upcycled_moe_equals_dense():
     from tests import common
     from xft_megatron.checkpoint.dist import local_state_dict
     from xft_megatron.training.step import train_step
-    from xft_megatron.transforms.upcycle import upcycle
+    from xft_megatron.xft.upcycle import upcycle
 
     dense_cfg = common.tiny_config("precision.dtype=bf16", "model.init_std=0.2")
     chunks, _ = common.setup(dense_cfg, ddp=False)
@@ -111,8 +111,8 @@ def test_gpu_machine_convert_verify(tmp_path):
     the GPU and transformers on the CPU, and the logits still agree (fp32 tolerance)."""
     import transformers
 
-    from xft_megatron import convert
-    from xft_megatron.verify import TOLERANCE, verify
+    from xft_megatron.hf import convert
+    from xft_megatron.hf.verify import TOLERANCE, verify
 
     hf_cfg = transformers.LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=128,
                                       num_hidden_layers=2, num_attention_heads=4,

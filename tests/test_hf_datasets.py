@@ -14,7 +14,7 @@ from xft_megatron.config import ConfigError, DataConfig, load_config
 from xft_megatron.data.dataset import build_dataset
 from xft_megatron.data.records import DataError
 from xft_megatron.data.tokenizer import ByteTokenizer
-from xft_megatron.hub import HubError, HubSettings, parse_hub_id, resolve_model_dir
+from xft_megatron.runtime.hub import HubError, HubSettings, parse_hub_id, resolve_model_dir
 
 PAIRS = [{"problem": f"Write a function add_{i} that adds {i}.",
           "solution": f"def add_{i}(x):\n    return x + {i}\n"} for i in range(12)]

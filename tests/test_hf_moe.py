@@ -55,9 +55,9 @@ def _selections(model):
 def _export_body(rank, world, root):
     import transformers
 
-    from xft_megatron import convert
     from xft_megatron.checkpoint import dist as ckpt
-    from xft_megatron.hf_remote.modeling_xft_moe import routing_weights
+    from xft_megatron.hf import convert
+    from xft_megatron.hf.remote.modeling_xft_moe import routing_weights
 
     results = {}
     for i, (name, overrides) in enumerate(CASES.items()):
@@ -98,7 +98,7 @@ def _export_body(rank, world, root):
 
 
 def _parallel_export_body(rank, world, root):
-    from xft_megatron import convert
+    from xft_megatron.hf import convert
 
     for name in CASES:  # small shards, so that every rank writes some
         convert.mcore_to_hf(os.path.join(root, f"{name}_moe"), os.path.join(root, f"{name}_par"),
@@ -135,7 +135,7 @@ def _upcycled_body(rank, world, root):
 
     from tests.common import run_cli
     from xft_megatron.config import MoEConfig
-    from xft_megatron.upcycle_merge import upcycle_checkpoint
+    from xft_megatron.xft.checkpoints import upcycle_checkpoint
 
     torch.manual_seed(0)
     hf_cfg = transformers.AutoConfig.for_model(
@@ -159,8 +159,8 @@ def _upcycled_body(rank, world, root):
         ref, got = dense(ids).logits, moe(ids).logits
     # HumanEval loads the export (our own modeling file: trusted) and decodes with a KV cache
     # through the MoE block: greedy completions equal the dense model's
-    from xft_megatron.checkpoint.hf import own_remote_code
     from xft_megatron.eval.humaneval import generate_completions, load_problems
+    from xft_megatron.hf.files import own_remote_code
 
     problems = load_problems(limit=2)
     completions = [generate_completions(d, problems, max_new_tokens=8, batch_size=2)

@@ -22,9 +22,10 @@ def _alpha_grads(chunks):
 
 def _reference(rank, world, root):
     from xft_megatron.checkpoint import dist as ckpt
+    from xft_megatron.model.moe.merge_mlp import merge_coefficients
     from xft_megatron.training.step import forward_backward, forward_logits
-    from xft_megatron.transforms.merge import fold, merge_coefficients
-    from xft_megatron.upcycle_merge import merge_checkpoint
+    from xft_megatron.xft.checkpoints import merge_checkpoint
+    from xft_megatron.xft.merge import fold
 
     moe_cfg = common.tiny_config(*MOE)
     chunks, _ = common.setup(moe_cfg, ddp=False)  # random init: distinct experts

@@ -27,9 +27,9 @@ def _body(rank, world):
     import transformers
 
     from tests import common
-    from xft_megatron import families
+    from xft_megatron.arch import families
     from xft_megatron.checkpoint.dist import local_state_dict
-    from xft_megatron.transforms import hf_llama
+    from xft_megatron.hf import llama as hf_llama
 
     out = {}
     for name, (arch, overrides) in CASES.items():

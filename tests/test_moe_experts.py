@@ -5,7 +5,7 @@ per-expert SwiGLU written here (including an expert with no tokens)."""
 import torch
 import torch.nn.functional as F
 
-from xft_megatron.moe.experts import swiglu_experts, weighted_swiglu
+from xft_megatron.model.moe.experts import swiglu_experts, weighted_swiglu
 
 
 def test_weighted_swiglu_gradients():

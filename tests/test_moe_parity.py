@@ -26,10 +26,11 @@ import torch
 from tests import common
 from tests.harness import run_ranks
 from xft_megatron.checkpoint import dist as ckpt
-from xft_megatron.moe import losses as moe_losses
+from xft_megatron.model.moe import losses as moe_losses
+from xft_megatron.model.moe.merge_mlp import merge_coefficients
 from xft_megatron.training.step import forward_backward, forward_logits, train_step
-from xft_megatron.transforms.merge import fold, merge_coefficients
-from xft_megatron.transforms.upcycle import upcycle
+from xft_megatron.xft.merge import fold
+from xft_megatron.xft.upcycle import upcycle
 
 MOE = ["moe.num_experts=8", "moe.topk=4"]
 VARIANTS = {  # P1 router variants: (overrides, forward in train mode)

@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from xft_megatron.moe import routing
+from xft_megatron.model.moe import routing
 
 
 # ----------------------------------------------------------------- float64 reference (spec)
@@ -146,7 +146,7 @@ def test_switch_loss_matches_megatron_formula():
 def _router(gate, noise, balance="cv", z=0.0):
     from megatron.core.transformer.transformer_config import TransformerConfig
 
-    from xft_megatron.moe.router import RouterSettings, XFTRouter
+    from xft_megatron.model.moe.router import RouterSettings, XFTRouter
 
     tc = TransformerConfig(num_layers=1, hidden_size=16, num_attention_heads=2,
                            use_cpu_initialization=True)
@@ -203,7 +203,7 @@ def test_router_eval_has_no_noise_and_no_loss():
 def _modes_body(rank, world):
     from tests import common
     from xft_megatron.checkpoint.dist import local_state_dict
-    from xft_megatron.transforms.upcycle import upcycle
+    from xft_megatron.xft.upcycle import upcycle
 
     dense_cfg = common.tiny_config("model.init_std=0.1")
     chunks, _ = common.setup(dense_cfg, ddp=False)

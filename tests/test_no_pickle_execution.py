@@ -86,7 +86,7 @@ def test_stored_objects_of_a_torch_dist_checkpoint_are_read_as_data(tmp_path):
     plain_data_loads the same call refuses the payload."""
     from torch.distributed.checkpoint import default_planner
 
-    from xft_megatron.compat.patches import plain_data_loads
+    from xft_megatron.runtime.compat.patches import plain_data_loads
 
     marker = tmp_path / "ran"
     buf = io.BytesIO()

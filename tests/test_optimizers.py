@@ -213,8 +213,8 @@ def _interrupted(cfg, data):
 def _body(rank, world, root):
     from megatron.core.dist_checkpointing import load_tensors_metadata
 
+    from xft_megatron.arch import names
     from xft_megatron.checkpoint import dist as ckpt
-    from xft_megatron.model import names
     from xft_megatron.training.step import train_step
 
     out = {}
@@ -290,7 +290,7 @@ def test_adam_distributed_or_not_gives_the_same_curve(results):
 
 
 def test_router_lr_mult(results):
-    from xft_megatron.model import names
+    from xft_megatron.arch import names
 
     for r in results:
         for local in (True, False):

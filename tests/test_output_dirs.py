@@ -7,12 +7,12 @@ import os
 
 import pytest
 
-from xft_megatron import convert
 from xft_megatron.checkpoint import dist as ckpt
 from xft_megatron.checkpoint import directory, lock
 from xft_megatron.config import ConfigError, MoEConfig, load_config
+from xft_megatron.hf import convert
 from xft_megatron.training.run import check_save_dir
-from xft_megatron.upcycle_merge import merge_checkpoint, upcycle_checkpoint
+from xft_megatron.xft.checkpoints import merge_checkpoint, upcycle_checkpoint
 
 
 @pytest.fixture
@@ -155,7 +155,7 @@ def _hf_export_body(rank, world, root):
     import torch
     import transformers
 
-    from xft_megatron.checkpoint.hf import HFFormatError
+    from xft_megatron.hf.files import HFFormatError
 
     torch.manual_seed(0)
     hf = transformers.AutoModelForCausalLM.from_config(transformers.AutoConfig.for_model(

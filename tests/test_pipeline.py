@@ -27,7 +27,7 @@ def hf(tmp_path):
 
 
 def _quickstart(out, hf, **settings):
-    from xft_megatron import quickstart
+    from xft_megatron.pipeline import quickstart
 
     s = quickstart.Settings(base=hf, **settings)
     return build(quickstart.pipeline_spec(out, s))

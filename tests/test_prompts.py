@@ -8,7 +8,7 @@ import pytest
 
 from xft_megatron.eval import prompts
 from xft_megatron.eval.humaneval import build_program, load_problems
-from xft_megatron.eval.sandbox import run_program
+from xft_megatron.sandbox.runner import run_program
 
 P0 = load_problems(limit=1)[0]
 MAGICODER_HEAD = ("You are an exceptionally intelligent coding assistant that consistently "

@@ -101,7 +101,7 @@ def _greedy_chats(hf_dir):
     (generation_config.json decides where to stop)."""
     import transformers
 
-    from xft_megatron.checkpoint.hf import own_remote_code
+    from xft_megatron.hf.files import own_remote_code
 
     remote = own_remote_code(hf_dir)
     tok = transformers.AutoTokenizer.from_pretrained(hf_dir)
@@ -146,11 +146,13 @@ def _same_tensors(a_dir, b_dir):
 
 def _pipeline(rank, world, hf, root):
     torch.set_num_threads(2)
-    from xft_megatron import cli, convert, parallel
+    from xft_megatron import cli
     from xft_megatron.config import MoEConfig
     from xft_megatron.eval.loss import evaluate_loss
-    from xft_megatron.upcycle_merge import merge_checkpoint, upcycle_checkpoint
-    from xft_megatron.verify import compare_logits
+    from xft_megatron.hf import convert
+    from xft_megatron.hf.verify import compare_logits
+    from xft_megatron.runtime import parallel
+    from xft_megatron.xft.checkpoints import merge_checkpoint, upcycle_checkpoint
 
     import time
 

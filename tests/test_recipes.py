@@ -193,9 +193,9 @@ def dry_runs(recipe):
     """{layout: {step: (cfg, world size, dry-run text, parsed CLI args)}}: every planned
     training command dry-run in this process against stand-in input checkpoints at the
     planned paths."""
-    from xft_megatron.checkpoint.hf import model_config_from_hf
     from xft_megatron.cli import build_parser
     from xft_megatron.config import Config, MoEConfig, ParallelConfig, PrecisionConfig
+    from xft_megatron.hf.files import model_config_from_hf
     from xft_megatron.training.run import assemble_config, dry_run
 
     parser = build_parser()
@@ -373,9 +373,9 @@ def test_parameter_counts(dry_runs):
 def _meta_model_counts(rank, world, cfgs):
     """(all, trained, expert) parameter counts of each config's one-rank model built on the
     meta device (in a child process: it initializes a process group)."""
-    from xft_megatron import parallel
     from xft_megatron.config import ParallelConfig
     from xft_megatron.model.builder import build_model
+    from xft_megatron.runtime import parallel
 
     parallel.initialize(ParallelConfig())
     out = []

@@ -1,5 +1,5 @@
 """No foreign code runs when a model folder is loaded: only this project's own, unchanged XFT
-MoE modeling file is ever trusted (`checkpoint/hf.py` `remote_code_trusted`), tokenizers never
+MoE modeling file is ever trusted (`hf/files.py` `remote_code_trusted`), tokenizers never
 load code. An XFT MoE export plus a tokenizer `auto_map` naming a Python file, or with its
 modeling file edited, is refused with a message by `xft eval humaneval` and the shared loaders,
 and the planted code never runs; the unmodified export loads and computes Megatron's logits."""
@@ -22,8 +22,8 @@ def _export_body(rank, world, root):
     Megatron's logits on fixed tokens."""
     from tests import common
     from tests.test_hf_moe import _randomize
-    from xft_megatron import convert
     from xft_megatron.checkpoint import dist as ckpt
+    from xft_megatron.hf import convert
 
     cfg = common.tiny_config(*MOE)
     chunks, _ = common.setup(cfg, ddp=False)
@@ -66,8 +66,8 @@ def _humaneval(model_dir, tmp_path):
 
 
 def test_a_tokenizer_auto_map_is_refused_and_its_code_never_runs(export, tmp_path):
-    from xft_megatron.checkpoint.hf import (RemoteCodeError, load_hf_model, load_hf_tokenizer,
-                                            own_remote_code)
+    from xft_megatron.hf.files import (RemoteCodeError, load_hf_model, load_hf_tokenizer,
+                                       own_remote_code)
 
     folder, marker = _copy(export[0], tmp_path, "evil_tok"), tmp_path / "ran"
     _evil(folder, marker)
@@ -90,7 +90,7 @@ def test_a_tokenizer_auto_map_is_refused_and_its_code_never_runs(export, tmp_pat
 @pytest.mark.parametrize("name", ["generation_config.json", "processor_config.json",
                                   "preprocessor_config.json"])
 def test_any_other_config_naming_code_is_refused(export, tmp_path, name):
-    from xft_megatron.checkpoint.hf import RemoteCodeError, remote_code_trusted
+    from xft_megatron.hf.files import RemoteCodeError, remote_code_trusted
 
     folder = _copy(export[0], tmp_path, "evil_cfg")
     with open(os.path.join(folder, name), "w") as f:
@@ -100,7 +100,7 @@ def test_any_other_config_naming_code_is_refused(export, tmp_path, name):
 
 
 def test_a_config_naming_another_module_is_refused(export, tmp_path):
-    from xft_megatron.checkpoint.hf import RemoteCodeError, remote_code_trusted
+    from xft_megatron.hf.files import RemoteCodeError, remote_code_trusted
 
     folder = _copy(export[0], tmp_path, "other_module")
     path = os.path.join(folder, "config.json")
@@ -114,7 +114,7 @@ def test_a_config_naming_another_module_is_refused(export, tmp_path):
 
 
 def test_an_edited_modeling_file_is_refused_with_a_message(export, tmp_path):
-    from xft_megatron.checkpoint.hf import RemoteCodeError, load_hf_model
+    from xft_megatron.hf.files import RemoteCodeError, load_hf_model
 
     folder, marker = _copy(export[0], tmp_path, "edited"), tmp_path / "ran"
     with open(os.path.join(folder, "modeling_xft_moe.py"), "a") as f:
@@ -132,8 +132,8 @@ def test_an_edited_modeling_file_is_refused_with_a_message(export, tmp_path):
 
 
 def test_the_unmodified_export_loads_with_megatron_logits(export):
-    from xft_megatron.checkpoint.hf import load_hf_model, load_hf_tokenizer, remote_code_trusted
     from xft_megatron.eval.humaneval import generate_completions, load_problems
+    from xft_megatron.hf.files import load_hf_model, load_hf_tokenizer, remote_code_trusted
 
     folder, r = export
     assert remote_code_trusted(folder)
@@ -148,7 +148,7 @@ def test_the_unmodified_export_loads_with_megatron_logits(export):
 
 
 def test_a_plain_folder_needs_no_remote_code(tmp_path):
-    from xft_megatron.checkpoint.hf import remote_code_trusted
+    from xft_megatron.hf.files import remote_code_trusted
 
     with open(tmp_path / "config.json", "w") as f:
         json.dump({"model_type": "llama"}, f)

@@ -55,8 +55,8 @@ def _masked_microbatches(cfg):
 
 
 def _balance_body(rank, world):
-    from xft_megatron.moe import losses as moe_losses
-    from xft_megatron.moe.router import XFTRouter
+    from xft_megatron.model.moe import losses as moe_losses
+    from xft_megatron.model.moe.router import XFTRouter
     from xft_megatron.training.step import forward_backward
 
     coeff = 0.5
@@ -121,9 +121,9 @@ def _shift(params, delta: torch.Tensor) -> None:
 
 def _planted_body(rank, world):
     from xft_megatron.checkpoint.dist import local_state_dict
-    from xft_megatron.moe.router import XFTRouter
+    from xft_megatron.model.moe.router import XFTRouter
     from xft_megatron.training.step import forward_backward
-    from xft_megatron.transforms.upcycle import upcycle
+    from xft_megatron.xft.upcycle import upcycle
 
     dense_cfg = common.tiny_config("model.init_std=0.05")
     dense, _ = common.setup(dense_cfg, ddp=False)
@@ -188,7 +188,7 @@ def test_lm_loss_reaches_the_router_once_experts_differ():
 
 # ---------------------------------------------------------------- diagnostics, noise schedule
 def test_diagnostic_sums_match_a_direct_computation():
-    from xft_megatron.moe import routing
+    from xft_megatron.model.moe import routing
 
     g = torch.Generator().manual_seed(0)
     clean = torch.randn(40, 7, generator=g) * 0.5
@@ -226,8 +226,8 @@ def test_noise_schedule_and_router_noise_multiplier():
     from megatron.core.transformer.transformer_config import TransformerConfig
 
     from xft_megatron.config import ConfigError, MoEConfig
-    from xft_megatron.moe import routing
-    from xft_megatron.moe.router import RouterSettings, XFTRouter
+    from xft_megatron.model.moe import routing
+    from xft_megatron.model.moe.router import RouterSettings, XFTRouter
 
     m = MoEConfig(num_experts=8, topk=6, router_noise_anneal_steps=10)
     assert [m.noise_multiplier(s) for s in (0, 5, 10, 20)] == [1.0, 0.5, 0.0, 0.0]
@@ -270,7 +270,7 @@ DIV_LAYOUTS = {
 
 def _divergence_single(rank, world, workdir):
     from xft_megatron.checkpoint import dist as ckpt
-    from xft_megatron.moe.divergence import expert_divergence
+    from xft_megatron.model.moe.divergence import expert_divergence
 
     cfg = common.tiny_config(*MOE)
     chunks, _ = common.setup(cfg, ddp=False)  # random init: every expert differs
@@ -289,7 +289,7 @@ def _divergence_single(rank, world, workdir):
 
 
 def _divergence_layouts(rank, world, workdir):
-    from xft_megatron.moe.divergence import expert_divergence
+    from xft_megatron.model.moe.divergence import expert_divergence
 
     out = {}
     for name, layout in DIV_LAYOUTS.items():

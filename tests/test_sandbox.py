@@ -24,7 +24,7 @@ import pytest
 from xft_megatron.eval.humaneval import (build_program, evaluate_humaneval,
                                          generate_completions, load_problems, pass_at_k,
                                          truncate_completion)
-from xft_megatron.eval.sandbox import SandboxLimits, run_program
+from xft_megatron.sandbox.runner import SandboxLimits, run_program
 
 STATUSES = {"passed", "failed", "timeout", "error"}
 UNGUARDED = SandboxLimits(python_guards=False)
@@ -539,7 +539,7 @@ print("attacks", len(results))
 _DRIVER = r'''
 import json, sys
 sys.path.insert(0, sys.argv[1])
-from xft_megatron.eval.sandbox import SandboxLimits, run_program
+from xft_megatron.sandbox.runner import SandboxLimits, run_program
 source, guards = sys.stdin.read(), sys.argv[2] == "guards"
 r = run_program(source.replace("{parent}", str(__import__("os").getpid())), timeout_s=20,
                 limits=SandboxLimits(python_guards=guards, output_bytes=1 << 16))
@@ -566,12 +566,12 @@ def _package_copy(tmp_path) -> str:
     read (the checkout may be private)."""
     import shutil
     root = tmp_path / "pkg"
-    (root / "xft_megatron" / "eval").mkdir(parents=True)
-    for init in ("xft_megatron/__init__.py", "xft_megatron/eval/__init__.py"):
+    (root / "xft_megatron" / "sandbox").mkdir(parents=True)
+    for init in ("xft_megatron/__init__.py", "xft_megatron/sandbox/__init__.py"):
         (root / init).write_text("")
     here = os.path.dirname(os.path.abspath(run_program.__code__.co_filename))
-    for name in ("sandbox.py", "sandbox_launcher.py"):
-        shutil.copy(os.path.join(here, name), root / "xft_megatron" / "eval" / name)
+    for name in ("runner.py", "launcher.py", "guards.py"):
+        shutil.copy(os.path.join(here, name), root / "xft_megatron" / "sandbox" / name)
     shutil.copy(os.path.join(os.path.dirname(here), "errors.py"), root / "xft_megatron")
     return str(root)
 
@@ -654,7 +654,7 @@ def test_root_refuses_rather_than_runs_a_program_with_privileges(public_tmp):
         r = run_program(program, limits=limits)
         assert r.status == "error" and r.returncode is None, r
         assert "refused" in r.stderr_tail and "non-zero uid" in r.stderr_tail, r
-    from xft_megatron.eval.sandbox_launcher import private_top
+    from xft_megatron.sandbox.launcher import private_top
     if private_top(sys.executable):  # no mount namespace: no way to expose the interpreter
         r = run_program(program, limits=SandboxLimits(namespaces=False))
         assert r.status == "error" and "cannot execute" in r.stderr_tail, r
@@ -662,7 +662,7 @@ def test_root_refuses_rather_than_runs_a_program_with_privileges(public_tmp):
 
 
 def test_the_launcher_isolates_itself_without_a_preexec_fn(monkeypatch):
-    from xft_megatron.eval import sandbox
+    from xft_megatron.sandbox import runner
     seen = []
     real_popen = subprocess.Popen
 
@@ -670,7 +670,7 @@ def test_the_launcher_isolates_itself_without_a_preexec_fn(monkeypatch):
         seen.append(kwargs)
         return real_popen(*args, **kwargs)
 
-    monkeypatch.setattr(sandbox.subprocess, "Popen", recording_popen)
+    monkeypatch.setattr(runner.subprocess, "Popen", recording_popen)
     r = run_program("pass")
     assert r.status == "passed" and len(seen) == 1, r
     assert seen[0].get("preexec_fn") is None
@@ -678,7 +678,7 @@ def test_the_launcher_isolates_itself_without_a_preexec_fn(monkeypatch):
 
 
 def test_seccomp_syscall_numbers_match_the_kernel_headers():
-    from xft_megatron.eval.sandbox_launcher import ARCHES, seccomp_program
+    from xft_megatron.sandbox.launcher import ARCHES, seccomp_program
     headers = {"x86_64": ["/usr/include/x86_64-linux-gnu/asm/unistd_64.h",
                           "/usr/include/asm/unistd_64.h"],
                "aarch64": ["/usr/include/asm-generic/unistd.h"]}

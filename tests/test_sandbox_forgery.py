@@ -169,7 +169,7 @@ def test_values_cross_the_boundary_with_their_types():
 
 
 def test_a_test_the_split_cannot_run_is_an_error_and_a_busy_program_a_timeout():
-    from xft_megatron.eval.sandbox import SandboxLimits, run_tests
+    from xft_megatron.sandbox.runner import SandboxLimits, run_tests
     code = "def f(x):\n    return x\n"
     passes_a_function = run_tests(code, "def check(f):\n    assert f(len) is len\n", "f")
     assert passes_a_function.status == "error", passes_a_function
@@ -186,7 +186,7 @@ def test_a_test_the_split_cannot_run_is_an_error_and_a_busy_program_a_timeout():
 def test_both_processes_and_directories_are_gone_afterwards():
     """The program prints its working directory to stdout, the test its own to stderr."""
     import os
-    from xft_megatron.eval.sandbox import TESTS_HEADER, run_tests
+    from xft_megatron.sandbox.runner import TESTS_HEADER, run_tests
     code = "import os\nprint(os.getcwd(), flush=True)\ndef f():\n    return 1\n"
     where = "    import os, sys\n    print(os.getcwd(), file=sys.stderr, flush=True)\n"
     for test in ("def check(f):\n" + where + "    assert f() == 1\n",

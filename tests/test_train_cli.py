@@ -45,7 +45,7 @@ def _four_stages(rank, world, root):
     from xft_megatron.data.records import DataError
     from xft_megatron.eval.loss import evaluate_loss
     from xft_megatron.training import run
-    from xft_megatron.upcycle_merge import upcycle_checkpoint
+    from xft_megatron.xft.checkpoints import upcycle_checkpoint
 
     if rank == 0:
         _make_data(root)
@@ -147,8 +147,8 @@ def test_eval_loss_any_layout(stages):
 def _hf_eval(rank, world, root):
     import transformers
 
-    from xft_megatron import convert
     from xft_megatron.eval.loss import evaluate_loss
+    from xft_megatron.hf import convert
 
     torch.manual_seed(0)
     cfg = transformers.AutoConfig.for_model(

@@ -145,8 +145,8 @@ def _safetensors(path, entries, data: bytes):
 def test_malformed_safetensors_refused_like_the_library(tmp_path, entries, nbytes, expected):
     from safetensors import safe_open
 
-    from xft_megatron.checkpoint.hf import _open_weights
     from xft_megatron.errors import HFFormatError
+    from xft_megatron.hf.files import _open_weights
 
     path = str(tmp_path / "model.safetensors")
     _safetensors(path, entries, bytes(range(nbytes)))
@@ -161,7 +161,7 @@ def test_malformed_safetensors_refused_like_the_library(tmp_path, entries, nbyte
 def test_wellformed_safetensors_read_exactly(tmp_path):
     from safetensors.torch import save_file
 
-    from xft_megatron.checkpoint.hf import _open_weights
+    from xft_megatron.hf.files import _open_weights
 
     tensors = {"w": torch.randn(3, 5), "b": torch.arange(7, dtype=torch.int64),
                "h": torch.randn(4).to(torch.bfloat16), "e": torch.zeros(0, 3)}

@@ -117,9 +117,10 @@ def _p3_reference(rank, world, root):
     from tests import common
     from xft_megatron.checkpoint import dist as ckpt
     from xft_megatron.config import MoEConfig
-    from xft_megatron.transforms.merge import fold, merge_coefficients
-    from xft_megatron.transforms.upcycle import upcycle
-    from xft_megatron.upcycle_merge import merge_checkpoint
+    from xft_megatron.model.moe.merge_mlp import merge_coefficients
+    from xft_megatron.xft.checkpoints import merge_checkpoint
+    from xft_megatron.xft.merge import fold
+    from xft_megatron.xft.upcycle import upcycle
 
     # upcycling reference (pure transform, noisy copies so that slicing errors show)
     dense_cfg = common.tiny_config()
@@ -169,7 +170,7 @@ def _resave(src, dst, layout, *overrides):
 
 def _p3_layouts(rank, world, root):
     from xft_megatron.config import MoEConfig
-    from xft_megatron.upcycle_merge import merge_checkpoint, upcycle_checkpoint
+    from xft_megatron.xft.checkpoints import merge_checkpoint, upcycle_checkpoint
 
     d = lambda name: os.path.join(root, name)  # noqa: E731
     expected = torch.load(d("expected.pt"))
@@ -225,10 +226,10 @@ def _families_body(rank, world, root):
     import transformers
 
     from tests.test_convert import HF_CASES, _safetensors
-    from xft_megatron import families
+    from xft_megatron.arch import families
     from xft_megatron.config import MoEConfig
-    from xft_megatron.convert import mcore_to_hf
-    from xft_megatron.upcycle_merge import merge_checkpoint, upcycle_checkpoint
+    from xft_megatron.hf.convert import mcore_to_hf
+    from xft_megatron.xft.checkpoints import merge_checkpoint, upcycle_checkpoint
 
     out = {}
     for i, name in enumerate(families.FAMILIES):
@@ -273,7 +274,7 @@ def test_every_family_upcycles_and_folds_back_to_its_hf_model(tmp_path):
     1e-5 x max |logit|), and the merge (uniform alphas, lambda 0.3) of that untrained MoE,
     exported to HF, is the original model's tensors (max |diff| <= 1e-6 * max |W|)."""
     r = run_ranks(1, _families_body, str(tmp_path))[0]
-    from xft_megatron import families
+    from xft_megatron.arch import families
 
     assert set(r) == set(families.FAMILIES)
     for name, x in r.items():

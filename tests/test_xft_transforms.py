@@ -8,8 +8,9 @@ import pytest
 import torch
 
 from xft_megatron.config import MoEConfig
-from xft_megatron.transforms.merge import fold, merge_coefficients, merge_experts
-from xft_megatron.transforms.upcycle import experts_from_dense, router_weights, upcycle
+from xft_megatron.model.moe.merge_mlp import merge_coefficients
+from xft_megatron.xft.merge import fold, merge_experts
+from xft_megatron.xft.upcycle import experts_from_dense, router_weights, upcycle
 
 H, F, LAYERS = 16, 24, 4
 

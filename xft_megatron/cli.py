@@ -10,34 +10,46 @@ from xft_megatron.errors import ConfigError, UsageError, UserError
 
 def _model_dir(ref, flag: str):
     """A local HF directory as given, else a Hub id `org/name[@revision]` through the Hugging
-    Face cache (xft_megatron/hub.py; HF_HOME, HF_HUB_OFFLINE read here, at the entry point)."""
+    Face cache (xft_megatron/runtime/hub.py; HF_HOME, HF_HUB_OFFLINE read here, at the entry
+    point)."""
     if ref is None:
         return None
-    from xft_megatron.hub import HubSettings, resolve_model_dir
+    from xft_megatron.runtime.hub import HubSettings, resolve_model_dir
 
     return resolve_model_dir(ref, HubSettings.from_env(), flag)
 
 
+# the quickstart flags that are Settings fields of the same name; a flag not given is None and
+# leaves the field's default (the parser imports nothing of the pipeline, Settings included)
+_QUICKSTART_FIELDS = ("steps", "sft_steps", "max_files", "vocab", "preset", "seq_length", "seed",
+                      "router_seed", "drop_ratio", "pretrain_lr", "tune_lr", "base", "experts",
+                      "topk", "moe_every", "merge_steps", "humaneval", "humaneval_tokens")
+
+
+def _quickstart_settings(args):
+    """The quickstart's Settings of the parsed flags."""
+    from xft_megatron.pipeline import quickstart
+
+    given = {k: getattr(args, k) for k in _QUICKSTART_FIELDS if getattr(args, k) is not None}
+    if args.no_ablations:
+        given["ablations"] = ()
+    elif args.ablations is not None:
+        given["ablations"] = tuple(a for a in args.ablations.split(",") if a)
+    if args.src:
+        given["sources"] = tuple(args.src)
+    return quickstart.Settings(**given)
+
+
 def _quickstart(args):
-    from xft_megatron import quickstart
+    from xft_megatron.pipeline import quickstart
 
     args.base = _model_dir(args.base, "--base")
-    ablations = () if args.no_ablations else tuple(a for a in args.ablations.split(",") if a)
-    settings = quickstart.Settings(
-        steps=args.steps, sft_steps=args.sft_steps, ablations=ablations,
-        sources=tuple(args.src or quickstart.Settings.sources), max_files=args.max_files,
-        vocab=args.vocab,
-        preset=args.preset, seq_length=args.seq_length, seed=args.seed,
-        router_seed=args.router_seed, pretrain_lr=args.pretrain_lr, tune_lr=args.tune_lr,
-        base=args.base, experts=args.experts, topk=args.topk, moe_every=args.moe_every,
-        merge_steps=args.merge_steps, humaneval=args.humaneval,
-        humaneval_tokens=args.humaneval_tokens, drop_ratio=args.drop_ratio)
-    quickstart.run(args.out, settings, overrides=args.overrides)
+    quickstart.run(args.out, _quickstart_settings(args), overrides=args.overrides)
 
 
 def _presets(args):
+    from xft_megatron.arch.families import PRESETS
     from xft_megatron.config import model_config_from_dict
-    from xft_megatron.families import PRESETS
 
     for name in PRESETS:
         m = model_config_from_dict({"preset": name})
@@ -54,12 +66,12 @@ def _config(args):
 
 
 def _convert(args):
-    from xft_megatron import convert
-    from xft_megatron.allocator import release_freed_memory
+    from xft_megatron.hf import convert
+    from xft_megatron.runtime.allocator import release_freed_memory
 
     release_freed_memory()
     if args.direction == "gguf-to-hf":
-        from xft_megatron.checkpoint.gguf import gguf_to_hf
+        from xft_megatron.hf.gguf import gguf_to_hf
 
         print(f"wrote {gguf_to_hf(args.gguf, args.out, dtype=args.dtype or 'fp32')}")
         return
@@ -69,7 +81,7 @@ def _convert(args):
         print(f"wrote {path}")
         hf_dir, ckpt_dir = args.hf, path
     else:
-        from xft_megatron.checkpoint.hf import own_remote_code
+        from xft_megatron.hf.files import own_remote_code
 
         convert.mcore_to_hf(args.ckpt, args.out, dtype=args.dtype)
         moe = own_remote_code(args.out)
@@ -77,15 +89,15 @@ def _convert(args):
                                      "`xft merge` folds it into a dense model)" if moe else ""))
         hf_dir, ckpt_dir = args.out, args.ckpt
     if args.verify:
-        from xft_megatron.verify import verify
+        from xft_megatron.hf.verify import verify
 
         verify(hf_dir, ckpt_dir)
 
 
 def _upcycle(args):
-    from xft_megatron.allocator import reuse_freed_memory
     from xft_megatron.config import MoEConfig
-    from xft_megatron.upcycle_merge import upcycle_checkpoint
+    from xft_megatron.runtime.allocator import reuse_freed_memory
+    from xft_megatron.xft.checkpoints import upcycle_checkpoint
 
     reuse_freed_memory()
     hf_dir = _model_dir(args.hf, "--hf")
@@ -98,8 +110,8 @@ def _upcycle(args):
 
 
 def _merge(args):
-    from xft_megatron.allocator import reuse_freed_memory
-    from xft_megatron.upcycle_merge import merge_checkpoint
+    from xft_megatron.runtime.allocator import reuse_freed_memory
+    from xft_megatron.xft.checkpoints import merge_checkpoint
 
     reuse_freed_memory()
     path = merge_checkpoint(args.ckpt, args.out, args.coefficients, args.shared_weight,
@@ -116,7 +128,7 @@ def _train(args):
     result = run.main(args.config, args.overrides, resume=args.resume, dry=args.dry_run,
                       world_size=args.world_size, stop=stop)
     if result is not None and result.checkpoint:
-        from xft_megatron.parallel import say
+        from xft_megatron.runtime.parallel import say
 
         say(f"wrote {result.checkpoint}")
 
@@ -130,7 +142,7 @@ def _eval(args):
         raise UsageError("xft eval loss needs --ckpt CHECKPOINT and --data FILE")
 
     from xft_megatron.eval.loss import evaluate_loss
-    from xft_megatron.parallel import say
+    from xft_megatron.runtime.parallel import say
 
     cache = args.cache_dir or os.path.join(os.path.expanduser("~"), ".cache", "xft-megatron",
                                            "eval")
@@ -152,33 +164,21 @@ def _data(args):
 def _humaneval(args):
     import json
 
-    from xft_megatron.eval.humaneval import converted_model, evaluate_humaneval
-    from xft_megatron.parallel import say
+    from xft_megatron.eval.humaneval import run_humaneval
+    from xft_megatron.runtime.hub import HubSettings
+    from xft_megatron.runtime.parallel import say
 
     model = args.model or args.ckpt
     if not model:
         raise UsageError("xft eval humaneval needs --model HF_DIR_OR_CHECKPOINT")
-    out = args.out
-    if out is None and not os.path.isdir(model):  # a Hub id: outputs not inside the cache
-        out = model.replace("/", "--").replace("@", "--") + "_humaneval"
-    out = out or model.rstrip("/") + "_humaneval"
-    model = _model_dir(model, "--model")
-    protocol = args.prompt
-    if not os.path.isfile(os.path.join(model, "config.json")):  # a Megatron checkpoint
-        from xft_megatron.checkpoint import dist as ckpt
-
-        if protocol == "auto":  # raw completion for a pretrained-only model
-            protocol = "raw" if ckpt.load_config(model, parallel={}).train.stage == "pretrain" \
-                else "magicoder"
-        model = converted_model(model, os.path.join(out, "hf_model"), report=say)
-    protocol = "magicoder" if protocol == "auto" else protocol
-    result = evaluate_humaneval(model, os.path.join(out, "humaneval.json"), n=args.n,
-                                limit=args.limit, temperature=args.temperature,
-                                max_new_tokens=args.max_new_tokens, workers=args.workers,
-                                protocol=protocol, problems_file=args.problems)
+    result, path = run_humaneval(model, args.out, n=args.n, limit=args.limit,
+                                 temperature=args.temperature,
+                                 max_new_tokens=args.max_new_tokens, workers=args.workers,
+                                 prompt=args.prompt, problems_file=args.problems,
+                                 hub=HubSettings.from_env(), report=say)
     say(json.dumps({k: result[k] for k in ("pass@1", "pass@k", "n", "limit", "protocol")
                     if k in result}))
-    say(f"per-task results: {os.path.join(out, 'humaneval.json')}")
+    say(f"per-task results: {path}")
 
 
 def _moe_layers(text: str) -> int:
@@ -217,49 +217,46 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="xft", description="XFT on Megatron-Core")
     sub = p.add_subparsers(dest="command", required=True)
 
-    from xft_megatron.quickstart import Settings
-
-    qs = Settings()
     q = sub.add_parser("quickstart", help="run the built-in end-to-end example on this machine")
     q.add_argument("--out", default="runs/quickstart", help="output directory")
-    q.add_argument("--steps", type=int, default=qs.steps, help="pretraining steps")
-    q.add_argument("--sft-steps", type=int, default=qs.sft_steps,
+    q.add_argument("--steps", type=int, default=None, help="pretraining steps")
+    q.add_argument("--sft-steps", type=int, default=None,
                    help="instruction-tuning steps of every tuned model (merge: a fifth)")
-    q.add_argument("--ablations", default=",".join(qs.ablations),
+    q.add_argument("--ablations", default=None,
                    help="upcycling ablations tuned like XFT: vanilla, none (comma-separated)")
     q.add_argument("--no-ablations", action="store_true", help="run no ablation")
     q.add_argument("--src", action="append", default=None,
                    help="Python source to mine: stdlib (default), site-packages (this "
                    "interpreter's) or a directory; repeat for several")
-    q.add_argument("--max-files", type=int, default=qs.max_files, help="files mined per source")
-    q.add_argument("--vocab", type=int, default=qs.vocab, help="tokenizer/model vocabulary")
-    q.add_argument("--preset", default=qs.preset,
+    q.add_argument("--max-files", type=int, default=None, help="files mined per source")
+    q.add_argument("--vocab", type=int, default=None, help="tokenizer/model vocabulary")
+    q.add_argument("--preset", default=None,
                    help="model preset (`xft presets`); model.* overrides change its fields")
-    q.add_argument("--seq-length", type=int, default=qs.seq_length, help="tokens per row")
-    q.add_argument("--seed", type=int, default=qs.seed,
+    q.add_argument("--seq-length", type=int, default=None, help="tokens per row")
+    q.add_argument("--seed", type=int, default=None,
                    help="training seed: initialization, data order, noisy gating")
-    q.add_argument("--router-seed", type=int, default=qs.router_seed,
+    q.add_argument("--router-seed", type=int, default=None,
                    help="router initialization seed at upcycling")
-    q.add_argument("--pretrain-lr", type=float, default=qs.pretrain_lr,
+    q.add_argument("--pretrain-lr", type=float, default=None,
                    help="peak pretraining LR")
-    q.add_argument("--tune-lr", type=float, default=qs.tune_lr,
+    q.add_argument("--tune-lr", type=float, default=None,
                    help="peak instruction-tuning LR")
     q.add_argument("--base", default=None,
                    help="start from this HF model directory or Hub id org/name[@revision] "
                    "(converted; its tokenizer) instead of pretraining the preset")
-    q.add_argument("--experts", type=int, default=qs.experts, help="experts per MoE layer")
-    q.add_argument("--topk", type=int, default=qs.topk, help="experts per token")
-    q.add_argument("--moe-every", type=int, default=qs.moe_every,
+    q.add_argument("--experts", type=int, default=None, help="experts per MoE layer")
+    q.add_argument("--topk", type=int, default=None, help="experts per token")
+    q.add_argument("--moe-every", type=int, default=None,
                    help="every N-th layer becomes MoE (1 = all)")
-    q.add_argument("--drop-ratio", type=float, default=qs.drop_ratio, metavar="R",
+    q.add_argument("--drop-ratio", type=float, default=None, metavar="R",
                    help="Drop-Upcycling at every upcycling: re-initialize a fraction R in "
                    "[0, 1) of each routed expert's FFN neurons (default 0: exact copies)")
     q.add_argument("--merge-steps", type=int, default=None,
                    help="learnable-merge steps (default a fifth of --sft-steps, at least 10)")
-    q.add_argument("--humaneval", type=int, default=qs.humaneval,
+    q.add_argument("--humaneval", type=int, default=None,
                    help="HumanEval problems scored per model (greedy, magicoder protocol; "
                    "0 = none, 164 = all)")
-    q.add_argument("--humaneval-tokens", type=int, default=qs.humaneval_tokens,
+    q.add_argument("--humaneval-tokens", type=int, default=None,
                    help="most new tokens per HumanEval answer")
     q.add_argument("overrides", nargs="*", help="config overrides, e.g. precision.dtype=bf16")
     q.set_defaults(func=_quickstart)

@@ -98,7 +98,7 @@ if [[ ! -d "$HF_ARG" && "$HF_ARG" =~ ^[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9_.-]+
 then
   HF_DIR="$("$PYTHON" - "$HF_ARG" <<'EOF'
 import sys
-from xft_megatron.hub import HubError, resolve_model_dir
+from xft_megatron.runtime.hub import HubError, resolve_model_dir
 try:
     print(resolve_model_dir(sys.argv[1], flag="HF_MODEL"))
 except HubError as e:
@@ -150,7 +150,7 @@ if [[ "$DATA" == hf:* || -d "$DATA" ]]; then  # a Hugging Face dataset: cached o
 import sys
 from xft_megatron.config import DataConfig
 from xft_megatron.data.dataset import check_sources
-from xft_megatron.hub import HubSettings
+from xft_megatron.runtime.hub import HubSettings
 try:
     check_sources(DataConfig(path=sys.argv[1]), HubSettings.from_env())
 except (OSError, ValueError) as e:

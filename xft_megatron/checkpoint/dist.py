@@ -28,7 +28,6 @@ from megatron.core import dist_checkpointing
 from torch.distributed.checkpoint.api import CheckpointException
 
 from xft_megatron.checkpoint import checksums, directory, lock, ranks, space, writers
-from xft_megatron.compat.patches import plain_data_loads
 from xft_megatron.checkpoint.directory import (CONFIG_FILE, LATEST_FILE, RANK_STATE_DIR,
                                                TRAIN_STATE_FILE, resolve)
 from xft_megatron.checkpoint.validate import (CheckpointError, check_model_tensors,
@@ -36,6 +35,7 @@ from xft_megatron.checkpoint.validate import (CheckpointError, check_model_tenso
                                               read_index, unsafe_pickle, verify)
 from xft_megatron.config import Config, ConfigError, load_yaml
 from xft_megatron.errors import UserError
+from xft_megatron.runtime.compat.patches import plain_data_loads
 
 
 class CheckpointWriteError(UserError, OSError):

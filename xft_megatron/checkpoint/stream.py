@@ -33,12 +33,12 @@ from torch.distributed.checkpoint.planner import (LoadPlan, LoadPlanner, SavePla
                                                   TensorWriteData, WriteItem, WriteItemType)
 from torch.distributed.checkpoint.planner_helpers import create_read_items_for_chunk_list
 
+from xft_megatron.arch.names import layer_of
 from xft_megatron.checkpoint import checksums, ranks
 from xft_megatron.checkpoint.directory import resolve
 from xft_megatron.checkpoint.validate import (COMMON_STATE_KEY, CheckpointError, load_failure,
                                               raise_damaged, read_index)
 from xft_megatron.config import Config, ParallelConfig
-from xft_megatron.model.names import layer_of
 
 Tensor = torch.Tensor
 
@@ -131,7 +131,7 @@ def _part(t: ShardedTensor, param: Tensor) -> Part:
 def initialize_single_rank_layout() -> None:
     """Process group (torchrun's, or one process) + Megatron state with TP=PP=EP=1: every rank
     holds the whole (meta) model, which is what `layout_of` needs."""
-    from xft_megatron import parallel
+    from xft_megatron.runtime import parallel
 
     parallel.initialize(ParallelConfig())
 

@@ -2,9 +2,8 @@
 and optionally the installed packages (site-packages) or any other source tree.
 
 Files are taken in sorted path order and deduplicated by content, so every machine with the
-same Python version (and the same installed packages) builds the same corpus. Until a
-trained tokenizer is in place, text is tokenized as UTF-8 bytes (ids 0..255), which any
-vocabulary of >= 256 entries covers.
+same Python version (and the same installed packages) builds the same corpus. Standard library
+only (no torch): `xft`'s parser reads mine_code.py's arguments, and mine_code.py imports this.
 
 Only regular files are read (`read_regular`), at most MAX_SOURCE_BYTES each: a `*.py` that is
 a device (a symlink to /dev/zero), a named pipe or a socket is never opened, a larger file is
@@ -20,11 +19,7 @@ import os
 import site
 import stat
 import sysconfig
-from typing import Dict, Iterator, List, Optional, Sequence, Set, Tuple
-
-import torch
-
-from xft_megatron.errors import UsageError
+from typing import Dict, List, Optional, Sequence, Set, Tuple
 
 SOURCES = ("stdlib", "site-packages")  # names `source_dirs` resolves; anything else is a path
 _SKIPPED_DIRS = ("site-packages", "dist-packages", "test", "tests", "__pycache__", "idlelib",
@@ -167,35 +162,3 @@ def split_by_file(files: List[str], heldout_every: int = 10) -> Tuple[List[str],
     held = [f for i, f in enumerate(files) if i % heldout_every == heldout_every - 1]
     held_set = set(held)
     return [f for f in files if f not in held_set], held
-
-
-def byte_tokens(files: List[str]) -> torch.Tensor:
-    """Concatenated UTF-8 bytes of `files` as int64 token ids (files joined by a newline)."""
-    chunks = []
-    for path in files:
-        chunks.append(read_regular(path) + b"\n")
-    data = b"".join(chunks)
-    return torch.frombuffer(bytearray(data), dtype=torch.uint8).to(torch.int64)
-
-
-class WindowBatches:
-    """Global batches of `batch` windows of `seq + 1` tokens from a token stream, in an order
-    fixed by `seed`; step `i` always yields the same batch (resumable, layout-independent)."""
-
-    def __init__(self, tokens: torch.Tensor, seq: int, batch: int, seed: int):
-        if tokens.numel() < seq + 2:
-            raise UsageError(f"corpus has {tokens.numel()} tokens, fewer than one window of "
-                             f"{seq + 1}")
-        self.tokens, self.seq, self.batch, self.seed = tokens, seq, batch, seed
-        self.num_windows = (tokens.numel() - 1) // seq
-
-    def __getitem__(self, step: int) -> torch.Tensor:
-        g = torch.Generator().manual_seed(self.seed * 1_000_003 + step)
-        starts = torch.randint(0, self.num_windows, (self.batch,), generator=g) * self.seq
-        return torch.stack([self.tokens[s:s + self.seq + 1] for s in starts.tolist()])
-
-    def __iter__(self) -> Iterator[torch.Tensor]:
-        step = 0
-        while True:
-            yield self[step]
-            step += 1

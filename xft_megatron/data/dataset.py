@@ -12,7 +12,7 @@ concurrent builds of the same key are safe; the first rename wins.
 
 Hugging Face datasets in data.path (`hf:NAME`, save_to_disk and Hub-layout folders;
 hf_source.py) key the cache on their fingerprint, resolved commit or files instead of the
-file stats; `hub` (xft_megatron/hub.py HubSettings, from the environment at the entry point)
+file stats; `hub` (xft_megatron/runtime/hub.py HubSettings, from the environment at the entry point)
 says where their caches are and whether the network may be used. data.columns renames
 columns to record fields for every source. `check_sources` resolves every entry (a Hub
 dataset: cached or downloaded) without reading records: the entry points call it before any
@@ -41,7 +41,7 @@ from xft_megatron.data.samples import example_samples
 from xft_megatron.data.templates import PROMPTS
 from xft_megatron.data.tokenizer import Tokenizer
 from xft_megatron.errors import UsageError
-from xft_megatron.hub import HubSettings
+from xft_megatron.runtime.hub import HubSettings
 
 BUILTIN_STDLIB = "builtin:stdlib"
 CACHE_VERSION = 3  # bump when the sample layout or the tokenization rules change

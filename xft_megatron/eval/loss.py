@@ -15,7 +15,6 @@ from typing import Dict, Iterable, Iterator, Optional
 import numpy as np
 import torch
 
-from xft_megatron import parallel
 from xft_megatron.checkpoint import dist as ckpt
 from xft_megatron.config import Config
 from xft_megatron.data.dataset import build_dataset
@@ -23,6 +22,7 @@ from xft_megatron.data.records import DataError
 from xft_megatron.data.tokenizer import tokenizer_for_model
 from xft_megatron.errors import UsageError
 from xft_megatron.model.builder import build_model
+from xft_megatron.runtime import parallel
 from xft_megatron.training.step import loss_totals, make_batch, split_global_batch
 
 

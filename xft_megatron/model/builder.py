@@ -1,4 +1,4 @@
-"""Build the GPT of any of the model families (`xft_megatron/families/`) on Megatron-Core.
+"""Build the GPT of any of the model families (`xft_megatron/arch/families/`) on Megatron-Core.
 
 `transformer_config` maps our dataclasses onto Megatron's TransformerConfig; `build_model`
 returns the model chunks this rank owns (one, or one per virtual pipeline stage).
@@ -16,10 +16,10 @@ from megatron.core.transformer.transformer_block import get_num_layers_to_build
 from megatron.core.transformer.transformer_layer import get_transformer_layer_offset
 from megatron.core.transformer.transformer_config import TransformerConfig
 
-from xft_megatron import compat
+from xft_megatron.arch import names
 from xft_megatron.config import Config, ConfigError
-from xft_megatron.model import names
 from xft_megatron.model.spec import block_spec
+from xft_megatron.runtime import compat
 
 
 def transformer_config(cfg: Config) -> TransformerConfig:
@@ -102,7 +102,8 @@ def build_model(cfg: Config, tconfig: Optional[TransformerConfig] = None,
                 meta: bool = False) -> List[GPTModel]:
     """The GPTModel chunks this rank owns, on this rank's device, in the configured dtype.
     `meta`: parameters without storage (names, shapes and the checkpoint layout only; used by
-    the streaming checkpoint tools). Needs parallel state (see `xft_megatron.parallel.initialize`)."""
+    the streaming checkpoint tools). Needs parallel state (see
+    `xft_megatron.runtime.parallel.initialize`)."""
     tconfig = tconfig or transformer_config(cfg)
     if meta:
         tconfig = dataclasses.replace(tconfig, perform_initialization=False,

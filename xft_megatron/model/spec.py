@@ -24,10 +24,10 @@ from megatron.core.transformer.transformer_layer import (
 
 from xft_megatron.config import ModelConfig, MoEConfig
 from xft_megatron.model.attention import SDPAttention
+from xft_megatron.model.moe.experts import GroupedExperts
+from xft_megatron.model.moe.merge_mlp import MergeMLP
+from xft_megatron.model.moe.router import RouterSettings, XFTRouter
 from xft_megatron.model.norm import RMSNorm
-from xft_megatron.moe.experts import GroupedExperts
-from xft_megatron.moe.merge_mlp import MergeMLP
-from xft_megatron.moe.router import RouterSettings, XFTRouter
 
 
 def attention_spec(m: ModelConfig) -> ModuleSpec:

@@ -23,13 +23,12 @@ import json
 import os
 import shutil
 import time
-from typing import Any, Callable, Dict, Optional, Sequence
+from typing import Any, Callable, Dict, Sequence
 
 import torch.distributed as dist
 
-from xft_megatron.pipeline.steps import Step
+from xft_megatron.pipeline.steps import MARKER, Step, read_marker
 
-MARKER = "DONE.json"
 DONE, RESUME, TODO = "done", "resume", "todo"
 Execute = Callable[[Step, str], Any]  # (step, destination folder) -> result
 
@@ -60,15 +59,6 @@ def digests(steps: Sequence[Step]) -> Dict[str, str]:
 def _inside(path: str, folder: str) -> bool:
     path, folder = os.path.normpath(path), os.path.normpath(folder)
     return path == folder or path.startswith(folder + os.sep)
-
-
-def read_marker(folder: str) -> Optional[Dict[str, Any]]:
-    try:
-        with open(os.path.join(folder, MARKER)) as f:
-            record = json.load(f)
-        return record if isinstance(record, dict) else None
-    except (OSError, ValueError):
-        return None
 
 
 def _write_marker(folder: str, record: Dict[str, Any]) -> None:

@@ -92,8 +92,8 @@ def preflight(spec: PipelineSpec, steps: List[Step], world: int) -> None:
     import yaml
 
     from xft_megatron.checkpoint import dist as ckpt
-    from xft_megatron.checkpoint.hf import HFFormatError, model_config_from_hf
     from xft_megatron.config import Config, ConfigError, PrecisionConfig
+    from xft_megatron.hf.files import HFFormatError, model_config_from_hf
     from xft_megatron.training.run import assemble_config, dry_run
 
     try:

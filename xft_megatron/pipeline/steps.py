@@ -17,11 +17,23 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 from xft_megatron.config import MoEConfig, load_yaml
 
 ONE, DIST = "ONE", "DIST"  # one process | every rank (torchrun, srun + torchrun)
+MARKER = "DONE.json"  # a step folder's marker (completion.py writes it)
 READS = ("checkpoint.load", "data.path", "data.tokenizer")  # the overrides naming inputs
 
 
 def _is_file(*path: str) -> bool:
     return os.path.isfile(os.path.join(*path))
+
+
+def read_marker(folder: str) -> Optional[Dict[str, Any]]:
+    """The marker of a step folder (its settings digest, and once finished its result); None
+    when there is none or it cannot be read."""
+    try:
+        with open(os.path.join(folder, MARKER)) as f:
+            record = json.load(f)
+        return record if isinstance(record, dict) else None
+    except (OSError, ValueError):
+        return None
 
 
 def training_finished(root: str) -> bool:
@@ -85,7 +97,7 @@ class Convert(Step):
         return ["convert", "hf-to-mcore", "--hf", self.hf, "--out", dest, "--dtype", self.dtype]
 
     def run(self, dest):
-        from xft_megatron.convert import hf_to_mcore
+        from xft_megatron.hf.convert import hf_to_mcore
 
         hf_to_mcore(self.hf, dest, dtype=self.dtype)
         return {"checkpoint": self.folder}
@@ -155,7 +167,7 @@ class Upcycle(Step):
             (["--drop-ratio", str(self.drop_ratio)] if self.drop_ratio else [])
 
     def run(self, dest):
-        from xft_megatron.upcycle_merge import upcycle_checkpoint
+        from xft_megatron.xft.checkpoints import upcycle_checkpoint
 
         return upcycle_checkpoint(self.ckpt, dest, self.moe, seed=self.seed,
                                   drop_ratio=self.drop_ratio)
@@ -182,8 +194,8 @@ class Fold(Step):
             (["--hf-out", os.path.join(dest, self.hf)] if self.hf else [])
 
     def run(self, dest):
-        from xft_megatron.parallel import say
-        from xft_megatron.upcycle_merge import merge_checkpoint
+        from xft_megatron.runtime.parallel import say
+        from xft_megatron.xft.checkpoints import merge_checkpoint
 
         return merge_checkpoint(self.ckpt, dest, self.coefficients, self.shared_weight,
                                 hf_out=os.path.join(dest, self.hf) if self.hf else None,
@@ -210,7 +222,7 @@ class ExportHF(Step):
             (["--dtype", self.dtype] if self.dtype else [])
 
     def run(self, dest):
-        from xft_megatron.convert import mcore_to_hf
+        from xft_megatron.hf.convert import mcore_to_hf
 
         mcore_to_hf(self.ckpt, dest, dtype=self.dtype)
         return {"hf": self.folder}
@@ -239,13 +251,14 @@ class HumanEval(Step):
                 "--workers", str(self.workers), "--prompt", self.prompt, "--max-new-tokens",
                 str(self.max_new_tokens)] + (["--limit", str(self.limit)] if self.limit else [])
 
-    def run(self, dest):
-        from xft_megatron import cli
+    def run(self, dest):  # what `xft eval humaneval` with argv(dest) does
+        from xft_megatron.eval.humaneval import run_humaneval
+        from xft_megatron.runtime.parallel import say
 
-        if cli.main(self.argv(dest)):
-            raise RuntimeError(f"step {self.name}: `xft {' '.join(self.argv(dest))}` failed")
-        with open(os.path.join(dest, "humaneval.json")) as f:
-            return json.load(f)["pass@1"]
+        result, _ = run_humaneval(self.model, dest, n=self.n, limit=self.limit or None,
+                                  max_new_tokens=self.max_new_tokens, workers=self.workers,
+                                  prompt=self.prompt, report=say)
+        return result["pass@1"]
 
 
 @dataclass(frozen=True)
@@ -292,9 +305,9 @@ class HumanEvalTable(Step):
         return None
 
     def run(self, dest):
-        from xft_megatron.convert import mcore_to_hf
         from xft_megatron.eval.humaneval import evaluate_humaneval
-        from xft_megatron.parallel import say
+        from xft_megatron.hf.convert import mcore_to_hf
+        from xft_megatron.runtime.parallel import say
 
         scores = {}
         for i, (label, path) in enumerate(self.models):
@@ -335,8 +348,7 @@ class Report(Step):
         return _is_file(folder, "report.md")
 
     def run(self, dest):
-        from xft_megatron import report
-        from xft_megatron.pipeline.completion import read_marker
+        from xft_megatron.pipeline import report
 
         os.makedirs(dest, exist_ok=True)
         models: Dict[str, Dict[str, float]] = {}

@@ -1,11 +1,11 @@
-"""Model FLOPs utilization (MFU): FLOPs per token from `model/counts.py` (its docstring says
+"""Model FLOPs utilization (MFU): FLOPs per token from `arch/counts.py` (its docstring says
 what is counted), against the GPU's peak.
 """
 
 from typing import Optional
 
+from xft_megatron.arch.counts import flops_per_token, matmul_parameters
 from xft_megatron.config import ModelConfig, MoEConfig
-from xft_megatron.model.counts import flops_per_token, matmul_parameters
 
 H200_BF16_DENSE_PEAK = 989e12  # FLOP/s, NVIDIA datasheet (dense, no sparsity)
 

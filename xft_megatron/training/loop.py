@@ -18,16 +18,16 @@ from typing import Callable, Dict, List, Optional
 import torch
 import torch.distributed as dist
 
-from xft_megatron import compat, parallel
+from xft_megatron.arch import names
 from xft_megatron.checkpoint import dist as ckpt
 from xft_megatron.checkpoint import lock
 from xft_megatron.config import Config
 from xft_megatron.errors import UserError
-from xft_megatron.model import names
 from xft_megatron.model.builder import build_model, count_parameters, transformer_config
-from xft_megatron.moe import divergence, routing
-from xft_megatron.moe import losses as moe_losses
-from xft_megatron.moe.merge_mlp import gather_coefficients
+from xft_megatron.model.moe import divergence, routing
+from xft_megatron.model.moe import losses as moe_losses
+from xft_megatron.model.moe.merge_mlp import gather_coefficients
+from xft_megatron.runtime import compat, parallel
 from xft_megatron.training import flops, rng
 from xft_megatron.training.metrics import Metrics, peak_memory_gib
 from xft_megatron.training.optimizer import build_optimizer, build_scheduler, \

@@ -1,6 +1,6 @@
 """Parameter counts and a per-rank memory estimate for `xft train --dry-run`.
 
-Parameter counts are `model/counts.py`'s (exact for the architecture: embeddings included;
+Parameter counts are `arch/counts.py`'s (exact for the architecture: embeddings included;
 MoE layers: every expert plus the router). The memory estimate is a planning figure, per GPU,
 for the most loaded pipeline stage, without activation recomputation:
   weights        params_on_rank * bytes(dtype)
@@ -16,9 +16,9 @@ for the most loaded pipeline stage, without activation recomputation:
 """
 
 from dataclasses import dataclass
+from xft_megatron.arch.counts import parameter_counts
 from xft_megatron.config import Config
 from xft_megatron.errors import ConfigError
-from xft_megatron.model.counts import parameter_counts
 
 
 @dataclass

@@ -21,7 +21,7 @@ from tqdm import tqdm
 
 from xft_megatron.checkpoint import space
 from xft_megatron.errors import UserError
-from xft_megatron.moe.routing import DIAGNOSTICS
+from xft_megatron.model.moe.routing import DIAGNOSTICS
 
 
 class LogWriteError(UserError, OSError):

@@ -38,9 +38,9 @@ from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 from megatron.core.process_groups_config import ProcessGroupCollection
 from megatron.core.transformer.transformer_config import TransformerConfig
 
-from xft_megatron.compat.patches import optimizer_calls
+from xft_megatron.arch import names
 from xft_megatron.config import PrecisionConfig, TrainConfig
-from xft_megatron.model import names
+from xft_megatron.runtime.compat.patches import optimizer_calls
 from xft_megatron.training.adafactor import Adafactor
 from xft_megatron.training.rounding import AdamW, mix_seed
 

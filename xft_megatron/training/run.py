@@ -17,7 +17,6 @@ from typing import Optional, Sequence, Tuple
 
 import torch.distributed as dist
 
-from xft_megatron import convert, parallel
 from xft_megatron.checkpoint import dist as ckpt
 from xft_megatron.checkpoint import lock, space
 from xft_megatron.config import Config, ConfigError, deep_merge, parse_overrides, read_yaml
@@ -25,7 +24,9 @@ from xft_megatron.data.dataset import build_dataset, check_sources
 from xft_megatron.data.packing import PackedBatches
 from xft_megatron.data.records import DataError
 from xft_megatron.data.tokenizer import Tokenizer, tokenizer_for_model
-from xft_megatron.hub import HubSettings
+from xft_megatron.hf import convert
+from xft_megatron.runtime import parallel
+from xft_megatron.runtime.hub import HubSettings
 from xft_megatron.training import disk, memory
 from xft_megatron.training.signals import StopOnSignal
 
@@ -80,7 +81,7 @@ ADJUSTABLE_MODEL_KEYS = ("max_position_embeddings", "rope_scaling_factor", "rope
 def _check_stored_model(load: str, given: dict, stored: dict) -> None:
     """Refuse model keys (a preset's values included) that disagree with the architecture
     stored in checkpoint.load, which would otherwise be trained instead without a word."""
-    from xft_megatron.families import preset_values
+    from xft_megatron.arch.families import preset_values
 
     wanted = preset_values(given["preset"]) if given.get("preset") else {}
     wanted.update({k: v for k, v in given.items() if k != "preset"})

@@ -14,11 +14,11 @@ from megatron.core import parallel_state as ps
 from megatron.core.pipeline_parallel import get_forward_backward_func
 from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_region
 
-from xft_megatron import compat
 from xft_megatron.checkpoint.dist import unwrap
 from xft_megatron.data import packing
 from xft_megatron.data.records import DataError
-from xft_megatron.moe import losses as moe_losses
+from xft_megatron.model.moe import losses as moe_losses
+from xft_megatron.runtime import compat
 from xft_megatron.training.optimizer import optimizer_step
 
 Batch = Dict[str, torch.Tensor]

@@ -1,0 +1,142 @@
+"""Reading a configuration: YAML files and text (safe types, a key given twice refused, alias
+bombs and deep nesting stopped before anything is built), `section.key=value` overrides, and
+`load_config`, which merges both and validates them through the schema (schema.py).
+"""
+
+import os
+from typing import Any, Dict, Optional, Sequence
+
+import yaml
+
+from xft_megatron.config.schema import Config, _as_float, _require
+from xft_megatron.errors import ConfigError
+
+
+def parse_overrides(items: Sequence[str]) -> Dict[str, Any]:
+    """['model.hidden_size=128', 'train.lr=1e-4'] -> nested dict; values parsed as YAML."""
+    out: Dict[str, Any] = {}
+    for item in items:
+        _require("=" in item, f"override '{item}' must look like section.key=value")
+        key, raw = item.split("=", 1)
+        parts = key.strip().split(".")
+        _require(all(parts) and len(parts) >= 2,
+                 f"override '{item}' must name a section and a key, e.g. model.num_layers=8")
+        value = load_yaml(raw, f"the value of override '{key.strip()}'") if raw.strip() else ""
+        if isinstance(value, str) and raw.strip()[:1] not in ("'", '"'):
+            value = _as_float(value)  # 1e-3 (YAML 1.1 reads it as text); '1e-3' stays text
+        node = out
+        for p in parts[:-1]:
+            node = node.setdefault(p, {})
+            _require(isinstance(node, dict), f"override '{item}' conflicts with another one")
+        node[parts[-1]] = value
+    return out
+
+
+def deep_merge(base: Dict[str, Any], update: Dict[str, Any]) -> Dict[str, Any]:
+    out = dict(base)
+    for k, v in update.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = deep_merge(out[k], v)
+        else:
+            out[k] = v
+    return out
+
+
+def read_yaml(path: str) -> Dict[str, Any]:
+    _require(os.path.isfile(path), f"config file '{path}' does not exist")
+    _require(os.path.getsize(path) <= MAX_CONFIG_BYTES,
+             f"config file '{path}' is {os.path.getsize(path):,} bytes; a config is at most "
+             f"{MAX_CONFIG_BYTES:,} (is this the right file?)")
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"config file '{path}' is not valid YAML: {e}") from None
+    data = load_yaml(text, f"config file '{path}'")
+    data = {} if data is None else data
+    _require(isinstance(data, dict), f"config file '{path}' must hold a mapping at the top")
+    return data
+
+
+def load_yaml(text: str, where: str) -> Any:
+    """A YAML document (safe types; a key given twice refused) read without ever expanding
+    more than MAX_CONFIG_NODES values or nesting deeper than MAX_CONFIG_DEPTH: alias bombs
+    and deep nesting stop with a ConfigError naming `where`, before anything is built."""
+    _require(len(text) <= MAX_CONFIG_BYTES, f"{where} is {len(text):,} characters; a config "
+             f"is at most {MAX_CONFIG_BYTES:,}")
+    loader = None
+    try:
+        loader = _UniqueKeyLoader(text)  # its reader refuses control characters already
+        node = loader.get_single_node()
+        if node is None:
+            return None
+        _check_expansion(node, where)
+        return loader.construct_document(node)
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{where} is not valid YAML: {e}") from None
+    except RecursionError:
+        raise ConfigError(f"{where} is nested too deeply to be a config") from None
+    finally:
+        if loader is not None:
+            loader.dispose()
+
+
+MAX_CONFIG_BYTES = 1 << 20  # a config file's size
+MAX_CONFIG_NODES = 100_000  # values in a config with its aliases expanded
+MAX_CONFIG_DEPTH = 32  # nesting of mappings and lists
+
+
+def _check_expansion(root, where: str) -> None:
+    """Refuse a YAML document whose aliases expand to more than MAX_CONFIG_NODES values
+    ("billion laughs": a few lines of anchors that reference each other) or that nests deeper
+    than MAX_CONFIG_DEPTH, before anything is built from it. Sizes are counted once per node
+    (aliases share nodes), so the check itself stays linear in the file."""
+    sizes = {}
+
+    def size(node, depth):
+        if depth > MAX_CONFIG_DEPTH:
+            raise ConfigError(f"{where} nests deeper than {MAX_CONFIG_DEPTH} "
+                              f"levels (line {node.start_mark.line + 1}); a config is a few "
+                              "levels deep")
+        key = id(node)
+        if key not in sizes:
+            sizes[key] = None  # an alias cycle meets this mark
+            children = [c for pair in node.value for c in pair] \
+                if isinstance(node, yaml.MappingNode) else \
+                node.value if isinstance(node, yaml.SequenceNode) else []
+            sizes[key] = 1 + sum(size(c, depth + 1) for c in children)
+        elif sizes[key] is None:
+            raise ConfigError(f"{where} has an alias that contains itself (line "
+                              f"{node.start_mark.line + 1})")
+        if sizes[key] > MAX_CONFIG_NODES:
+            raise ConfigError(f"{where} expands to more than "
+                              f"{MAX_CONFIG_NODES:,} values through its aliases (&anchor / "
+                              "*alias); write the values out or use fewer aliases")
+        return sizes[key]
+
+    size(root, 0)
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """SafeLoader that refuses a key given twice in one mapping (plain YAML keeps the last)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"key '{key}' is given twice", key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
+def load_config(path: Optional[str] = None, overrides: Sequence[str] = ()) -> Config:
+    """Read YAML (optional), apply key=value overrides, validate. Raises ConfigError."""
+    data = read_yaml(path) if path else {}
+    data = deep_merge(data, parse_overrides(overrides))
+    return Config.from_dict(data)
+
+
+def dump_config(cfg: Config) -> str:
+    return yaml.safe_dump(cfg.to_dict(), sort_keys=False)
