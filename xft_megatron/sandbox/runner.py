@@ -305,6 +305,11 @@ def _run_tests_in(program_dir: str, tests_dir: str, code: str, test: str, entry_
                 program.refusal and _wait_exit(tester.proc.pid,
                                                max(0.0, deadline - time.monotonic()))
             if program is not None and program.proc is not None:
+                if exited:  # the tester is done: the program reads the end of its calls and
+                    # exits, writing out what it buffered (its output is part of the result);
+                    # one that does not exit within the grace is killed with its group
+                    _wait_exit(program.proc.pid, min(PROGRAM_EXIT_GRACE_S,
+                                                     max(0.0, deadline - time.monotonic())))
                 program_code, program_cpu = _reap(program.proc)
             tester_code, tester_cpu = _reap(tester.proc)
             seconds = time.monotonic() - start
@@ -396,6 +401,10 @@ def _launch(limits: SandboxLimits, workdir: str, tail: List[str], fds: Tuple[int
     if not refusal and "rlimits" not in applied.split():
         refusal = "the launcher failed:\n" + _tail(err, limits.output_bytes)
     return _Child(proc, tuple(applied.split()), refusal)
+
+
+# seconds a program gets to exit on its own once the tester has finished (run_tests)
+PROGRAM_EXIT_GRACE_S = 2.0
 
 
 def _reap(proc: subprocess.Popen) -> Tuple[int, float]:
