@@ -35,6 +35,9 @@ ARMS: Dict[str, List[str]] = {
     "drop50": ["--drop-ratio", "0.5"],
     # the router trained 10x faster than the rest
     "routerlr10": ["train.router_lr_mult=10"],
+    # both: a router that learns, without noise drowning what it learned (unit A1 showed the
+    # router's clean logits barely move at the common learning rate, noise or not)
+    "routerlr10_nonoise": ["train.router_lr_mult=10", "moe.router_noise_anneal_steps=1"],
     # the reference's numerics for SFT and XFT alike: Adafactor, pure bf16 (no fp32 master
     # weights, round-to-nearest)
     "refnum": ["train.optimizer=adafactor", "train.distributed_optimizer=false",

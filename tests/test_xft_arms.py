@@ -1,0 +1,43 @@
+"""The XFT variants study's arms (benchmarks/xft_arms.py): every arm is a valid quickstart
+command line, and the summary reports per-arm means, spread and the merged - SFT gap."""
+
+import json
+import os
+
+import pytest
+
+from benchmarks import xft_arms
+from xft_megatron import cli
+from xft_megatron.config import ConfigError, load_config
+
+
+def test_every_arm_is_a_valid_quickstart_command_line():
+    assert "paper" in xft_arms.ARMS and xft_arms.flags("paper", 80) == []
+    assert xft_arms.flags("anneal", 80) == ["moe.router_noise_anneal_steps=40"]
+    for arm in xft_arms.ARMS:
+        extra = xft_arms.flags(arm, 80)
+        args = cli.build_parser().parse_args(["quickstart", "--out", "x"] + extra)
+        overrides = [a for a in extra if "=" in a]
+        assert list(args.overrides) == overrides, arm
+        # the study's own settings plus the arm's: every key exists and every value is valid
+        load_config(None, ["model.preset=tiny", "precision.dtype=bf16"] + overrides)
+    with pytest.raises(ConfigError):  # the check above can fail: a misspelled key
+        load_config(None, ["model.preset=tiny", "train.router_lr_mul=10"])
+    with pytest.raises(SystemExit, match="unknown arm"):
+        xft_arms.flags("nosuch", 80)
+
+
+def test_summary_has_mean_spread_and_the_gap_to_sft(tmp_path):
+    losses = {"1": (1.70, 1.71), "2": (1.72, 1.71)}  # seed: (sft, merged)
+    for seed, (sft, merged) in losses.items():
+        run = tmp_path / f"paper_seed{seed}"
+        os.makedirs(run)
+        (run / "summary.json").write_text(json.dumps({"heldout_loss": {
+            "sft (dense)": sft, "xft moe": merged + 0.001, "xft merged (dense)": merged}}))
+    text = xft_arms.summarize(str(tmp_path))
+    row = next(line for line in text.splitlines() if line.startswith("| paper"))
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    assert cells[1] == "1,2"
+    assert cells[2] == "1.7100 +- 0.0141"  # sft: mean and sample sd of 1.70, 1.72
+    assert cells[4] == "1.7100 +- 0.0000"  # merged
+    assert cells[5] == "0.0000 +- 0.0141"  # merged - sft per seed: +0.01, -0.01
