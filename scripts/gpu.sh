@@ -126,7 +126,7 @@ if [ "$BENCH" = study ]; then
   exit 0
 fi
 [ "${SKIP_TESTS:-0}" = 1 ] || \
-  python3 -m pytest -q -m gpu tests/test_gpu.py -p no:cacheprovider 2>&1 | tee "$OUT/gpu_tests.log"
+  python3 -m pytest -q -m gpu tests/gpu/test_gpu.py -p no:cacheprovider 2>&1 | tee "$OUT/gpu_tests.log"
 if [ "$BENCH" = train ]; then
   NGPU=$(nvidia-smi -L | wc -l)
   e2e() {  # name, nproc, args...

@@ -6,7 +6,7 @@ Resumes the tiny run in ROOT (which holds iter_0000002) for one more step, whose
 it writes. Every file-system operation made while `checkpoint.dist.save` runs is counted;
 the K-th one (K >= 1) is replaced by SIGKILL. K = 0: no kill, and the number of operations
 is printed (the count of kill points). DELAY_S instead kills at a wall-clock delay after the
-save started (points inside Megatron's writer). Used by tests/test_reliability_faults.py.
+save started (points inside Megatron's writer). Used by tests/e2e/test_reliability_faults.py.
 """
 
 import os

@@ -2,7 +2,7 @@
 
     torchrun --nproc-per-node 4 tests/rank_fault_child.py DIE_RANK [xft train args...]
 
-Used by tests/test_reliability_faults.py (rank failure)."""
+Used by tests/e2e/test_reliability_faults.py (rank failure)."""
 
 import os
 import sys

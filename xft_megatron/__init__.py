@@ -3,7 +3,7 @@
 The package is built in layers, one folder per concept, listed bottom first in LAYERS. A module
 may import only from its own folder or from folders of lower layers (function-level imports
 and imports under TYPE_CHECKING included), and no modules import each other in a cycle;
-tests/test_layers.py reads this list and enforces both. benchmarks/ and tools/ sit above `cli`.
+tests/unit/test_layers.py reads this list and enforces both. benchmarks/ and tools/ sit above `cli`.
 """
 
 __version__ = "0.1.0"

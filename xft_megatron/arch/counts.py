@@ -1,6 +1,6 @@
 """Parameter and FLOP counts of the model, per layer and in total: the one place this
 arithmetic lives. `ModelConfig.num_parameters`, the memory estimate (`training/memory.py`) and
-MFU (`training/flops.py`) read it; tests/test_flops.py checks it against built models.
+MFU (`training/flops.py`) read it; tests/multiprocess/test_flops.py checks it against built models.
 
 Per decoder layer, with h = hidden_size, q = heads * head_dim, kv = query groups * head_dim,
 F = ffn_hidden_size and R = routed experts:

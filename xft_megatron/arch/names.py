@@ -6,7 +6,7 @@ in model/spec.py (Megatron-Core's local modules), which writes them as they are.
 whose modules are named otherwise (Transformer Engine's, with the norms fused into
 `linear_qkv` and `linear_fc1` as `layer_norm_weight`) keeps checkpoints in these names by
 passing Megatron's `sharded_state_dict_keys_map` (module key prefix -> checkpoint key prefix);
-nothing else changes. tests/test_flops.py checks that every tensor the checkpoints of every
+nothing else changes. tests/multiprocess/test_flops.py checks that every tensor the checkpoints of every
 family, MoE layer and the merge stage hold is named here.
 
 Inside decoder layer i (prefix `layer(i)`):

@@ -9,7 +9,7 @@ Llama-like families share and the table, FAMILIES, everything else looks them up
 
 Adding a family: a module here with a `LlamaLike` subclass under `@register`, imported
 below; its two MoE classes in `hf/remote/modeling_xft_moe.py` (`moe_classes` names them); a
-case in the HF parity tests (tests/test_convert.py). A new attention feature (a field of
+case in the HF parity tests (tests/multiprocess/test_convert.py). A new attention feature (a field of
 ModelConfig) also needs its Megatron submodule in `model/spec.py` and its parameters in
 `arch/counts.py`.
 """

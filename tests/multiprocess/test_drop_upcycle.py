@@ -13,7 +13,7 @@ import os
 import pytest
 import torch
 
-from tests.test_pipeline import _quickstart, hf  # noqa: F401 - hf: a fixture used below
+from tests.unit.test_pipeline import _quickstart, hf  # noqa: F401 - hf: a fixture used below
 from xft_megatron.config import MoEConfig
 from xft_megatron.model.moe.merge_mlp import merge_coefficients
 from xft_megatron.xft.merge import fold
@@ -197,8 +197,8 @@ MOE_OVERRIDES = ("moe.num_experts=8", "moe.topk=4")
 def _tool_single(rank, world, root):
     """`xft upcycle --drop-ratio 0.25` and without it, in one process; refusals; P1."""
     from tests import common
-    from tests.test_moe_parity import _logits
-    from tests.test_upcycle_merge import _compare
+    from tests.multiprocess.test_moe_parity import _logits
+    from tests.multiprocess.test_upcycle_merge import _compare
     from xft_megatron.checkpoint import dist as ckpt
 
     d = lambda name: os.path.join(root, name)  # noqa: E731
@@ -232,7 +232,7 @@ def _tool_single(rank, world, root):
 def _tool_layout(rank, world, root):
     """Two ranks: the dense checkpoint stored as TP=2 shards, upcycled into an EP=2 layout
     (layers spread over the ranks), read back single-layout."""
-    from tests.test_upcycle_merge import _compare, _resave, ckpt_layout
+    from tests.multiprocess.test_upcycle_merge import _compare, _resave, ckpt_layout
     from xft_megatron.xft.checkpoints import upcycle_checkpoint
 
     d = lambda name: os.path.join(root, name)  # noqa: E731

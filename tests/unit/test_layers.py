@@ -18,7 +18,7 @@ import ast
 import os
 from typing import Dict, List, NamedTuple, Optional, Sequence, Set, Tuple
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 PACKAGE = "xft_megatron"
 ABOVE = ("benchmarks", "tools")  # folders of modules above the package: read, checked for cycles
 OUTSIDE = ("tests",)  # imported by nothing of the package; its files are not read

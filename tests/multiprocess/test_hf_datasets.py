@@ -256,7 +256,7 @@ def _convert_and_train(rank, world, root):
     import transformers
 
     from tests.common import run_cli
-    from tests.test_convert import HF_CASES
+    from tests.multiprocess.test_convert import HF_CASES
 
     home = os.path.join(root, "hf_home")
     os.environ.update(HF_HOME=home, HF_HUB_OFFLINE="1")

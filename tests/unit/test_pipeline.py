@@ -11,7 +11,7 @@ import sys
 import pytest
 import yaml
 
-from tests.test_recipes import HF_CONFIG, RECIPE
+from tests.e2e.test_recipes import HF_CONFIG, RECIPE
 from xft_megatron.pipeline import completion as c
 from xft_megatron.pipeline.steps import (Convert, ExportHF, Fold, Function, HumanEval, Train,
                                          Upcycle)

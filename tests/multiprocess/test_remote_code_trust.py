@@ -21,7 +21,7 @@ def _export_body(rank, world, root):
     """A tiny XFT MoE exported to HF the way test_hf_moe does, with an HF tokenizer, and
     Megatron's logits on fixed tokens."""
     from tests import common
-    from tests.test_hf_moe import _randomize
+    from tests.multiprocess.test_hf_moe import _randomize
     from xft_megatron.checkpoint import dist as ckpt
     from xft_megatron.hf import convert
 

@@ -225,7 +225,7 @@ def _families_body(rank, world, root):
     from its HF directory, exported as the remote-code MoE, merged back to HF."""
     import transformers
 
-    from tests.test_convert import HF_CASES, _safetensors
+    from tests.multiprocess.test_convert import HF_CASES, _safetensors
     from xft_megatron.arch import families
     from xft_megatron.config import MoEConfig
     from xft_megatron.hf.convert import mcore_to_hf

@@ -9,6 +9,7 @@ import textwrap
 
 import pytest
 
+from tests import common
 from xft_megatron.data import code_corpus
 
 DOCUMENTED = textwrap.dedent('''
@@ -56,7 +57,7 @@ def test_the_miner_skips_devices_pipes_oversized_and_outside_files(tmp_path):
         [sys.executable, "-c", program, "--src", str(root), "--out", str(out),
          "--heldout-out", str(tmp_path / "heldout.jsonl"), "--heldout-every", "1000"],
         capture_output=True, text=True, timeout=120,
-        cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+        cwd=common.REPO)
     assert run.returncode == 0, run.stderr
     mined = out.read_text() + (tmp_path / "heldout.jsonl").read_text()
     for name in ("good", "in_pkg", "linked_inside"):

@@ -16,7 +16,7 @@ import pytest
 from tests import common, fault_child
 from tests.harness import run_ranks
 
-HERE = os.path.dirname(os.path.abspath(__file__))
+HERE = os.path.join(common.REPO, "tests")  # the child scripts
 CHILD = [sys.executable, os.path.join(HERE, "fault_child.py")]
 
 

@@ -9,7 +9,7 @@ builtins the test uses, by jumping over the test's asserts. All go through the s
 
 import pytest
 
-from tests.test_sandbox import _assert_cleaned_up, _processes_of
+from tests.unit.test_sandbox import _assert_cleaned_up, _processes_of
 from xft_megatron.eval.humaneval import execute_completions, load_problems
 
 PROBLEMS = {p["task_id"]: p for p in load_problems()}

@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from hypothesis import HealthCheck, given, settings, strategies as st
 
+from tests import common
 from xft_megatron.config import DataConfig
 from xft_megatron.data import code_corpus, dataset as dataset_mod
 from xft_megatron.data.dataset import build_dataset
@@ -351,8 +352,7 @@ def test_preprocess_tool(tmp_path, capsys):
     import importlib.util
 
     spec = importlib.util.spec_from_file_location(
-        "preprocess_data", os.path.join(os.path.dirname(__file__), "..", "tools",
-                                        "preprocess_data.py"))
+        "preprocess_data", os.path.join(common.REPO, "tools", "preprocess_data.py"))
     tool = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(tool)
     path = write_jsonl(tmp_path / "d.jsonl", GOOD + [{"foo": 1}])
@@ -508,8 +508,6 @@ def test_make_batch_packed_and_plain():
 
 
 def _packed_model_body(rank, world):
-    from tests import common
-
     cfg = common.tiny_config("model.init_std=0.2")
     chunks, _ = common.setup(cfg, ddp=False)
     model = chunks[0].eval()
