@@ -33,6 +33,7 @@ from xft_megatron.errors import UserError
 
 
 REASONS = {
+    "too_large": "a .jsonl line longer than MAX_RECORD_BYTES (skipped without being read whole)",
     "not_utf8": "bytes that are not UTF-8 (or a lone surrogate escape)",
     "bad_json": "not valid JSON",
     "missing_fields": "no fields of a known record kind (or of data.format)",
@@ -239,14 +240,41 @@ def file_kind(path: str) -> str:
                     "or .parquet")
 
 
+# the longest .jsonl line read as a record: parsing a line takes many times its size in memory
+# (a 200 MB line needed 5.9 GB), so a longer one is skipped in bounded pieces, never held whole
+MAX_RECORD_BYTES = 64 * 1024 * 1024
+
+
 def _jsonl_records(path: str) -> Iterator[Record]:
+    limit = MAX_RECORD_BYTES
     with open(path, "rb") as f:
-        for lineno, raw in enumerate(f, start=1):
+        lineno = 0
+        while True:
+            raw = f.readline(limit + 1)  # at most the limit and its newline
+            if not raw:
+                return
+            lineno += 1
+            if len(raw) > limit and not raw.endswith(b"\n"):
+                size = len(raw) + _skip_line(f)
+                yield f"{path}:{lineno}", RecordError(
+                    "too_large", f"line of {size:,} bytes, over the {limit:,}-byte limit for "
+                    "one record (split it, or shorten what it holds)")
+                continue
             if lineno == 1 and raw.startswith(b"\xef\xbb\xbf"):
                 raw = raw[3:]
             if not raw.strip():
                 continue
             yield f"{path}:{lineno}", parse_line(raw)
+
+
+def _skip_line(f) -> int:
+    """Read past the rest of the current line in 1 MiB pieces; the bytes skipped."""
+    skipped = 0
+    while True:
+        piece = f.readline(1 << 20)
+        skipped += len(piece)
+        if not piece or piece.endswith(b"\n"):
+            return skipped
 
 
 def parse_line(raw: bytes) -> Any:
