@@ -59,10 +59,24 @@ def _presets(args):
               f"params={m.num_parameters() / 1e9:.3f}B")
 
 
-def _config(args):
-    from xft_megatron.config import dump_config, load_config
+def _stored_config(path: str):
+    """The config stored with checkpoint `path` (Megatron is imported only when one is read)."""
+    from xft_megatron.checkpoint.dist import read_config
 
-    print(dump_config(load_config(args.config, args.overrides)), end="")
+    return read_config(path)
+
+
+def _config(args):
+    """The config `xft train` would run with the same arguments (built the same way, refused
+    for the same reasons); what a run needs beyond it is named on stderr."""
+    from xft_megatron.config import ConfigError, dump_config, load_config, require_runnable
+
+    cfg = load_config(args.config, args.overrides, read_stored=_stored_config)
+    print(dump_config(cfg), end="")
+    try:
+        require_runnable(cfg)
+    except ConfigError as e:
+        print(f"# xft train needs more: {e}", file=sys.stderr)
 
 
 def _convert(args):

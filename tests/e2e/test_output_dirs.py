@@ -9,7 +9,7 @@ import pytest
 
 from xft_megatron.checkpoint import dist as ckpt
 from xft_megatron.checkpoint import directory, lock
-from xft_megatron.config import ConfigError, MoEConfig, load_config
+from xft_megatron.config import ConfigError, MoEConfig, load_config, require_runnable
 from xft_megatron.hf import convert
 from xft_megatron.training.run import check_save_dir
 from xft_megatron.xft.checkpoints import merge_checkpoint, upcycle_checkpoint
@@ -121,7 +121,8 @@ def test_model_keys_that_disagree_with_the_loaded_checkpoint_are_refused(tmp_pat
     architecture without a word: refused, naming each key and the stored value."""
     import yaml
 
-    from xft_megatron.training.run import assemble_config
+    def assemble_config(path, overrides):  # as `xft train` builds its config
+        return require_runnable(load_config(path, overrides, read_stored=ckpt.read_config))
 
     big = load_config(None, ["model.preset=tiny", "model.num_layers=6", "model.hidden_size=128",
                              "model.num_attention_heads=8"])

@@ -196,7 +196,9 @@ def dry_runs(recipe):
     from xft_megatron.cli import build_parser
     from xft_megatron.config import Config, MoEConfig, ParallelConfig, PrecisionConfig
     from xft_megatron.hf.files import model_config_from_hf
-    from xft_megatron.training.run import assemble_config, dry_run
+    from xft_megatron.checkpoint.dist import read_config
+    from xft_megatron.config import load_config, require_runnable
+    from xft_megatron.training.run import dry_run
 
     parser = build_parser()
     results = {}
@@ -217,7 +219,8 @@ def dry_runs(recipe):
             _, world, cli_args = _split_launcher(steps[name][2])
             args = parser.parse_args(cli_args)
             assert args.command == "train" and args.resume, cli_args
-            cfg = assemble_config(args.config, args.overrides)
+            cfg = require_runnable(load_config(args.config, args.overrides,
+                                               read_stored=read_config))
             results[layout][name] = (cfg, world, dry_run(cfg, world), args)
             if name == "moe":  # the tuned MoE's stored config: the MoE stage's own
                 _write_ckpt_config(cfg.checkpoint.save, cfg, {"step": cfg.train.train_steps})
@@ -427,8 +430,8 @@ def test_memory_estimates_fit_an_h200(dry_runs):
 
 
 def test_plan_dry_runs_equal_the_real_stage_inputs(recipe, dry_runs):
-    """run.sh's preflight (stand-ins before the inputs exist) prints the same dry-run as the
-    commands give against the configs the producing steps store."""
+    """run.sh's preflight (the planned configs before the inputs exist) prints the same
+    dry-run as the commands give against the configs the producing steps store."""
     for layout, plan in recipe["plans"].items():
         assert set(plan["dry"]) == {"sft", "moe", "merge"}
         for stage, step in (("sft", "sft"), ("moe", "moe"), ("merge", "merge_stage")):
@@ -455,9 +458,9 @@ def test_steps_already_done_are_skipped(recipe, dry_runs, tmp_path):
     state = {name: s for name, (s, _, _) in steps.items()}
     assert state == {"base": "done", "upcycle": "todo", "moe": "done", "merge_stage": "todo",
                      "fold": "todo", "xft_hf": "todo", "eval_xft": "done", "report": "todo"}
-    # inputs that exist are dry-run as they are, missing ones through stand-ins
+    # inputs that exist are dry-run as they are, missing ones with the config they will hold
     assert f"--- merge: merge.yaml, checkpoint.load = {out}/moe" in r.stdout
-    assert "--- moe: moe.yaml, checkpoint.load not written yet (stand-in)" in r.stdout
+    assert "--- moe: moe.yaml, checkpoint.load not written yet (its planned config)" in r.stdout
     assert set(dry) == {"moe", "merge"}  # --only xft: the SFT baseline is left out
     assert dry["merge"] == runs["merge_stage"][2]
 

@@ -281,7 +281,7 @@ def test_the_former_moe_stage_key_is_read_as_train_stage(tmp_path):
 
     from xft_megatron.checkpoint import dist as ckpt
     from xft_megatron.config import dump_config
-    from xft_megatron.training.run import assemble_config
+    from xft_megatron.config import require_runnable
 
     moe = ["moe.num_experts=4", "moe.topk=2"]
     with pytest.warns(FutureWarning, match="moe.stage=merge read as train.stage=merge"):
@@ -302,8 +302,9 @@ def test_the_former_moe_stage_key_is_read_as_train_stage(tmp_path):
         return str(tmp_path / name)
 
     def train(load, *overrides):
-        return assemble_config(None, [f"checkpoint.load={load}", "checkpoint.save=out",
-                                      "data.path=d.jsonl", *overrides])
+        return require_runnable(load_config(
+            None, [f"checkpoint.load={load}", "checkpoint.save=out", "data.path=d.jsonl",
+                   *overrides], read_stored=ckpt.read_config))
 
     merge_stage = load_config(None, moe + ["train.stage=merge"])
     before = merge_stage.to_dict()  # a merge-stage checkpoint's config as it was saved before

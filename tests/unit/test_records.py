@@ -8,8 +8,8 @@ from xft_megatron.data import records
 from xft_megatron.data.records import RecordError, read_records
 
 
-def test_an_oversized_line_is_refused_with_its_number_and_the_rest_is_read(tmp_path,
-                                                                             monkeypatch):
+def test_an_oversized_line_is_refused_with_its_number_and_the_rest_is_read(
+        tmp_path, monkeypatch):
     monkeypatch.setattr(records, "MAX_RECORD_BYTES", 1000)
     ok = json.dumps({"text": "a"})
     at_limit = json.dumps({"text": "b" * (1000 - 12)})  # 1000 bytes, then its newline

@@ -4,10 +4,11 @@ bombs and deep nesting stopped before anything is built), `section.key=value` ov
 """
 
 import os
-from typing import Any, Dict, Optional, Sequence
+from typing import Any, Callable, Dict, Optional, Sequence
 
 import yaml
 
+from xft_megatron.arch.families import preset_values
 from xft_megatron.config.schema import Config, _as_float, _require
 from xft_megatron.errors import ConfigError
 
@@ -131,11 +132,95 @@ class _UniqueKeyLoader(yaml.SafeLoader):
         return super().construct_mapping(node, deep=deep)
 
 
-def load_config(path: Optional[str] = None, overrides: Sequence[str] = ()) -> Config:
-    """Read YAML (optional), apply key=value overrides, validate. Raises ConfigError."""
+# the config stored with a checkpoint, by its path (checkpoint/dist.py read_config)
+StoredConfig = Callable[[str], Dict[str, Any]]
+
+
+def load_config(path: Optional[str] = None, overrides: Sequence[str] = (),
+                read_stored: Optional[StoredConfig] = None) -> Config:
+    """The one way a config is built: YAML (optional), then key=value overrides; with
+    `checkpoint.load`, the model and moe sections stored with that checkpoint are the defaults
+    (values given win; architecture keys that disagree with it are refused), so a stage never
+    repeats the architecture; then validation. `read_stored` reads a checkpoint's stored
+    config (every caller with a checkpoint to load passes the checkpoint reader, or, before
+    the checkpoint exists, the config it will hold). Raises ConfigError.
+
+    `xft config`, `xft train` (and --dry-run), the quickstart, the recipe's preflight and the
+    benchmarks all build their configs here; `require_runnable` adds what a run needs."""
     data = read_yaml(path) if path else {}
     data = deep_merge(data, parse_overrides(overrides))
+    load = (data.get("checkpoint") or {}).get("load")
+    if load:
+        if read_stored is None:
+            raise TypeError("checkpoint.load is set: pass read_stored, the reader of the "
+                            "checkpoint's stored config")
+        try:
+            stored = read_stored(load)
+        except FileNotFoundError as e:
+            raise ConfigError(f"checkpoint.load: {e}") from None
+        _check_stored_model(load, data.get("model") or {}, stored.get("model") or {})
+        for section in ("model", "moe"):
+            data[section] = deep_merge(stored.get(section) or {}, data.get(section) or {})
+        _continue_merge_stage(data, stored)
     return Config.from_dict(data)
+
+
+def require_runnable(cfg: Config) -> Config:
+    """What a training run needs beyond a valid config: where it writes, what it reads, and
+    for the merge stage the MoE it starts from."""
+    if cfg.stage == "merge" and not cfg.checkpoint.load:
+        raise ConfigError("train.stage=merge starts from a trained XFT MoE: set "
+                          "checkpoint.load to its checkpoint")
+    if not cfg.checkpoint.save:
+        raise ConfigError("checkpoint.save is not set: give the directory this run writes "
+                          "its checkpoints, metrics and data cache to")
+    if not cfg.data.path:
+        raise ConfigError("data.path is not set: give .jsonl/.json/.parquet files, hf:NAME "
+                          "(a Hugging Face dataset) or dataset folders (comma-separated), or "
+                          "builtin:stdlib")
+    return cfg
+
+
+def _continue_merge_stage(data: dict, stored: dict) -> None:
+    """A merge-stage checkpoint holds that stage's layers (frozen experts and their alphas),
+    not the MoE layers: loading one without train.stage continues the merge stage, as long as
+    the model stays an MoE. (A stored config of the former layout says so in moe.stage, which
+    the MoE section carries over and `Config.from_dict` reads the same way.)"""
+    train = data.get("train")
+    train = {} if train is None else train
+    if not isinstance(train, dict) or train.get("stage") is not None:
+        return
+    if (stored.get("train") or {}).get("stage") == "merge" and \
+            data["moe"].get("num_experts", 0) != 0:
+        data["train"] = {**train, "stage": "merge"}
+
+
+# model keys a run may change on a loaded checkpoint: positions and RoPE (context extension)
+# and the init scale (nothing is initialized from it); any other architecture key is stored
+ADJUSTABLE_MODEL_KEYS = ("max_position_embeddings", "rope_scaling_factor", "rope_theta",
+                         "init_std")
+
+
+def _check_stored_model(load: str, given: dict, stored: dict) -> None:
+    """Refuse model keys (a preset's values included) that disagree with the architecture
+    stored in checkpoint.load, which would otherwise be trained instead without a word."""
+    wanted = preset_values(given["preset"]) if given.get("preset") else {}
+    wanted.update({k: v for k, v in given.items() if k != "preset"})
+
+    def same(a, b):
+        try:
+            return float(a) == float(b)
+        except (TypeError, ValueError):
+            return a == b
+
+    clash = [f"model.{k}={v!r} (stored: {stored[k]!r})" for k, v in wanted.items()
+             if k in stored and k not in ADJUSTABLE_MODEL_KEYS and not same(v, stored[k])]
+    if clash:
+        via = f" (model.preset={given['preset']})" if given.get("preset") else ""
+        raise ConfigError(f"checkpoint.load={load} holds another architecture than the model "
+                          f"keys given{via}: {', '.join(clash)}. Drop those model keys (the "
+                          "stored architecture is used) or load a checkpoint of that "
+                          "architecture")
 
 
 def dump_config(cfg: Config) -> str:

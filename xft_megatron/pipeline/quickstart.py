@@ -240,16 +240,19 @@ def run(out_dir: str, settings: Optional[Settings] = None, overrides: Sequence[s
 
 
 def _check_config(overrides: Sequence[str], base: Optional[str]) -> None:
-    """Validate the shared overrides up front, against the base's architecture if given."""
-    from xft_megatron.config import Config, deep_merge, load_config, parse_overrides
+    """Validate the shared overrides up front, as `xft train` will: against the base's
+    architecture if given, as the stored config of the base's conversion, which every stage
+    loads from first."""
+    from xft_megatron.config import load_config
 
     if not base:
         load_config(None, overrides)
         return
     from xft_megatron.hf.files import model_config_from_hf
 
-    model = asdict(model_config_from_hf(base)[0])
-    Config.from_dict(deep_merge({"model": model}, parse_overrides(overrides)))
+    stored = {"model": asdict(model_config_from_hf(base)[0])}
+    load_config(None, list(overrides) + [f"checkpoint.load={base}"],
+                read_stored=lambda _path: stored)
 
 
 def _settings_section(data: Dict, run_info: Dict) -> str:

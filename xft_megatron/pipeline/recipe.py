@@ -14,7 +14,6 @@ import os
 import shlex
 import subprocess
 import sys
-import tempfile
 from typing import Dict, List, Optional, Sequence
 
 from xft_megatron.checkpoint import lock
@@ -82,19 +81,18 @@ def print_plan(rows: List[Dict], commands: bool) -> None:
 
 
 def preflight(spec: PipelineSpec, steps: List[Step], world: int) -> None:
-    """Every training step through `xft train --dry-run` at `world` ranks. An input checkpoint
-    not written yet is a stand-in holding only the config it will have: the model section
-    read from the HF config.json (as the conversion reads it), the moe section of the
-    upcycling (as `xft upcycle` writes it)."""
+    """Every training step through `xft train --dry-run` at `world` ranks, its config built
+    as `xft train` builds it. For an input checkpoint not written yet, the config it will
+    hold stands in for the stored one: the model section read from the HF config.json (as the
+    conversion reads it), the moe section of the upcycling (as `xft upcycle` writes it)."""
     import warnings
 
     warnings.filterwarnings("ignore")
-    import yaml
-
     from xft_megatron.checkpoint import dist as ckpt
-    from xft_megatron.config import Config, ConfigError, PrecisionConfig
+    from xft_megatron.config import (Config, ConfigError, PrecisionConfig, load_config,
+                                     require_runnable)
     from xft_megatron.hf.files import HFFormatError, model_config_from_hf
-    from xft_megatron.training.run import assemble_config, dry_run
+    from xft_megatron.training.run import dry_run
 
     try:
         model, _ = model_config_from_hf(spec.base.path)
@@ -109,31 +107,27 @@ def preflight(spec: PipelineSpec, steps: List[Step], world: int) -> None:
         upcycled = dense.replace(moe=spec.moe)
     except ConfigError as e:
         raise RecipeError(f"the upcycling settings do not fit {spec.base.path}: {e}") from e
-    tmp = tempfile.mkdtemp(prefix="xft-preflight-")
     for step in (s for s in steps if isinstance(s, Train)):
         values = dict(o.split("=", 1) for o in step.overrides)
         stage, load = values["train.stage"], values["checkpoint.load"]
         try:
             ckpt.resolve(load)
-            source = load
-        except FileNotFoundError:  # not written yet: a stand-in with the config it will hold
-            source = os.path.join(tmp, stage)
-            os.makedirs(os.path.join(source, "iter_0000000"))
-            with open(os.path.join(source, "iter_0000000", ckpt.CONFIG_FILE), "w") as f:
-                yaml.safe_dump({"iteration": 0, **(dense if stage == "sft" else upcycled)
-                                .to_dict()}, f, sort_keys=False)
-            with open(os.path.join(source, ckpt.LATEST_FILE), "w") as f:
-                f.write("iter_0000000")
-        args = [o for o in step.overrides if not o.startswith(("checkpoint.load=", "data.path="))]
-        args += list(step.layout) + [f"checkpoint.load={source}", "data.path=dry-run.jsonl"]
+            written = True
+        except FileNotFoundError:  # not written yet: the config it will hold
+            written = False
+        planned = (dense if stage == "sft" else upcycled).to_dict()
+        read = ckpt.read_config if written else (lambda _path, planned=planned: planned)
+        args = [o for o in step.overrides if not o.startswith("data.path=")]
+        args += list(step.layout) + ["data.path=dry-run.jsonl"]
         name = os.path.basename(step.config or "")
         try:
-            text = dry_run(assemble_config(step.config, args), world)
+            cfg = require_runnable(load_config(step.config, args, read_stored=read))
+            text = dry_run(cfg, world)
         except (ConfigError, OSError, ValueError) as e:  # CheckpointError: a damaged input
             raise RecipeError(f"stage {stage} ({name} + layout "
                               f"{' '.join(step.layout)}): {e}") from e
         print(f"--- {stage}: {name}, checkpoint.load "
-              f"{'= ' + load if source == load else 'not written yet (stand-in)'}")
+              f"{'= ' + load if written else 'not written yet (its planned config)'}")
         print(text)
 
 

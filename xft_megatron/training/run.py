@@ -1,9 +1,10 @@
 """`xft train CONFIG.yaml [key=value ...] [--resume] [--dry-run]`: one entry for every stage.
 
-Config assembly: YAML, then overrides; with `checkpoint.load`, the model and moe sections
-stored with that checkpoint are the defaults (values given in YAML/overrides win), so a stage
-never repeats the architecture. `train.stage=merge` turns the loaded MoE into the learnable
-merge (a merge-stage checkpoint loaded without train.stage continues as one). Then the data:
+The config is built by `config.load_config` with the checkpoint reader (as `xft config`
+builds it): with `checkpoint.load`, the stored model and moe sections are the defaults, so a
+stage never repeats the architecture; `train.stage=merge` turns the loaded MoE into the
+learnable merge (a merge-stage checkpoint loaded without train.stage continues as one). Then
+the data:
 tokenizer (data.tokenizer, else the one stored with checkpoint.load, else bytes), the cached
 tokenized dataset (built once, by rank 0), packed batches; `train.epochs` sets the step count
 from the dataset size.
@@ -19,7 +20,7 @@ import torch.distributed as dist
 
 from xft_megatron.checkpoint import dist as ckpt
 from xft_megatron.checkpoint import lock, space
-from xft_megatron.config import Config, ConfigError, deep_merge, parse_overrides, read_yaml
+from xft_megatron.config import Config, ConfigError, load_config, require_runnable
 from xft_megatron.data.dataset import build_dataset, check_sources
 from xft_megatron.data.packing import PackedBatches
 from xft_megatron.data.records import DataError
@@ -29,77 +30,6 @@ from xft_megatron.runtime import parallel
 from xft_megatron.runtime.hub import HubSettings
 from xft_megatron.training import disk, memory
 from xft_megatron.training.signals import StopOnSignal
-
-
-def assemble_config(path: Optional[str], overrides: Sequence[str]) -> Config:
-    data = read_yaml(path) if path else {}
-    data = deep_merge(data, parse_overrides(overrides))
-    load = (data.get("checkpoint") or {}).get("load")
-    if load:
-        try:
-            stored = ckpt.read_config(load)
-        except FileNotFoundError as e:
-            raise ConfigError(f"checkpoint.load: {e}") from None
-        _check_stored_model(load, data.get("model") or {}, stored.get("model") or {})
-        for section in ("model", "moe"):
-            data[section] = deep_merge(stored.get(section) or {}, data.get(section) or {})
-        _continue_merge_stage(data, stored)
-    cfg = Config.from_dict(data)
-    if cfg.stage == "merge" and not cfg.checkpoint.load:
-        raise ConfigError("train.stage=merge starts from a trained XFT MoE: set "
-                          "checkpoint.load to its checkpoint")
-    if not cfg.checkpoint.save:
-        raise ConfigError("checkpoint.save is not set: give the directory this run writes "
-                          "its checkpoints, metrics and data cache to")
-    if not cfg.data.path:
-        raise ConfigError("data.path is not set: give .jsonl/.json/.parquet files, hf:NAME "
-                          "(a Hugging Face dataset) or dataset folders (comma-separated), or "
-                          "builtin:stdlib")
-    return cfg
-
-
-def _continue_merge_stage(data: dict, stored: dict) -> None:
-    """A merge-stage checkpoint holds that stage's layers (frozen experts and their alphas),
-    not the MoE layers: loading one without train.stage continues the merge stage, as long as
-    the model stays an MoE. (A stored config of the former layout says so in moe.stage, which
-    the MoE section carries over and `Config.from_dict` reads the same way.)"""
-    train = data.get("train")
-    train = {} if train is None else train
-    if not isinstance(train, dict) or train.get("stage") is not None:
-        return
-    if (stored.get("train") or {}).get("stage") == "merge" and \
-            data["moe"].get("num_experts", 0) != 0:
-        data["train"] = {**train, "stage": "merge"}
-
-
-# model keys a run may change on a loaded checkpoint: positions and RoPE (context extension)
-# and the init scale (nothing is initialized from it); any other architecture key is stored
-ADJUSTABLE_MODEL_KEYS = ("max_position_embeddings", "rope_scaling_factor", "rope_theta",
-                         "init_std")
-
-
-def _check_stored_model(load: str, given: dict, stored: dict) -> None:
-    """Refuse model keys (a preset's values included) that disagree with the architecture
-    stored in checkpoint.load, which would otherwise be trained instead without a word."""
-    from xft_megatron.arch.families import preset_values
-
-    wanted = preset_values(given["preset"]) if given.get("preset") else {}
-    wanted.update({k: v for k, v in given.items() if k != "preset"})
-
-    def same(a, b):
-        try:
-            return float(a) == float(b)
-        except (TypeError, ValueError):
-            return a == b
-
-    clash = [f"model.{k}={v!r} (stored: {stored[k]!r})" for k, v in wanted.items()
-             if k in stored and k not in ADJUSTABLE_MODEL_KEYS and not same(v, stored[k])]
-    if clash:
-        via = f" (model.preset={given['preset']})" if given.get("preset") else ""
-        raise ConfigError(f"checkpoint.load={load} holds another architecture than the model "
-                          f"keys given{via}: {', '.join(clash)}. Drop those model keys (the "
-                          "stored architecture is used) or load a checkpoint of that "
-                          "architecture")
 
 
 def tokenizer_for(cfg: Config) -> Tuple[Tokenizer, Optional[str]]:
@@ -183,7 +113,7 @@ def check_save_dir(cfg: Config, resume: bool) -> None:
 def main(config_path: Optional[str], overrides: Sequence[str], resume: bool = False,
          dry: bool = False, world_size: Optional[int] = None, progress: bool = True,
          stop: Optional[StopOnSignal] = None):
-    cfg = assemble_config(config_path, overrides)
+    cfg = require_runnable(load_config(config_path, overrides, read_stored=ckpt.read_config))
     if dry:
         world = world_size or int(os.environ.get("WORLD_SIZE", "1"))
         print(dry_run(cfg, world))
