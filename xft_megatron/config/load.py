@@ -142,18 +142,16 @@ def load_config(path: Optional[str] = None, overrides: Sequence[str] = (),
     `checkpoint.load`, the model and moe sections stored with that checkpoint are the defaults
     (values given win; architecture keys that disagree with it are refused), so a stage never
     repeats the architecture; then validation. `read_stored` reads a checkpoint's stored
-    config (every caller with a checkpoint to load passes the checkpoint reader, or, before
-    the checkpoint exists, the config it will hold). Raises ConfigError.
+    config (every command passes the checkpoint reader, or, before the checkpoint exists, the
+    config it will hold); without it the config is the one given, as when a config is rebuilt
+    from what a checkpoint stored. Raises ConfigError.
 
     `xft config`, `xft train` (and --dry-run), the quickstart, the recipe's preflight and the
     benchmarks all build their configs here; `require_runnable` adds what a run needs."""
     data = read_yaml(path) if path else {}
     data = deep_merge(data, parse_overrides(overrides))
     load = (data.get("checkpoint") or {}).get("load")
-    if load:
-        if read_stored is None:
-            raise TypeError("checkpoint.load is set: pass read_stored, the reader of the "
-                            "checkpoint's stored config")
+    if load and read_stored is not None:
         try:
             stored = read_stored(load)
         except FileNotFoundError as e:
