@@ -2,6 +2,7 @@
 
 import argparse
 import os
+import signal
 import sys
 import warnings
 
@@ -413,9 +414,29 @@ def _early_stop_signal(argv):
     return None
 
 
-_INTERRUPTED = ("xft: interrupted. Checkpoints written before are complete and `latest` names "
+class Terminated(KeyboardInterrupt):
+    """SIGTERM outside `xft train` (which checkpoints and stops instead): unwinds like
+    Ctrl-C, so partial outputs are removed on the way out."""
+
+
+def _terminate(signum, frame):
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # once: the cleanup is not interrupted
+    raise Terminated()
+
+
+def _interrupted(command: str) -> str:
+    """What a Ctrl-C left behind and how to go on, for the command that was stopped."""
+    if command == "train":
+        return ("xft: interrupted. Checkpoints written before are complete and `latest` names "
                 "the newest of them; a save in progress was discarded (its partial folder "
-                "removed). Continue with --resume")
+                "removed). Continue with the same command and --resume")
+    if command == "quickstart":
+        return ("xft: interrupted. Finished stages are kept; run the same command again: it "
+                "reuses them and resumes a training stage from its newest checkpoint")
+    if command in ("convert", "upcycle", "merge"):
+        return ("xft: interrupted. The output in progress was discarded (nothing partial "
+                "is left); run the same command again")
+    return "xft: interrupted"
 
 
 def main(argv=None) -> int:
@@ -437,11 +458,15 @@ def main(argv=None) -> int:
     if getattr(args, "direction", None) == "mcore-to-hf" and not args.ckpt:
         print("xft: convert mcore-to-hf needs --ckpt DIR", file=sys.stderr)
         return 2
+    if stop is None:  # SIGTERM ends every other command as Ctrl-C does: cleaned up, said
+        signal.signal(signal.SIGTERM, _terminate)
     try:
         args.func(args)
-    except KeyboardInterrupt:  # Ctrl-C / SIGINT: a checkpoint write ends with the exception
-        print(_INTERRUPTED, file=sys.stderr, flush=True)
-        return 130
+    except KeyboardInterrupt as e:  # Ctrl-C / SIGINT: a checkpoint write ends with it
+        print(_interrupted(args.command).replace(
+            "interrupted", "terminated (SIGTERM)" if isinstance(e, Terminated) else
+            "interrupted", 1), file=sys.stderr, flush=True)
+        return 143 if isinstance(e, Terminated) else 130
     except ConfigError as e:
         print(f"xft: config error: {e}", file=sys.stderr)
         return e.exit_code

@@ -18,7 +18,7 @@ import os
 import shutil
 import sys
 import uuid
-from typing import Optional
+from typing import List, Optional
 
 from xft_megatron.checkpoint import lock, ranks
 
@@ -52,6 +52,33 @@ def tmp_writer(n: str):
     if len(prefix) < 3 or not pid.isdigit() or len(token) != 8:
         return None
     return prefix[2], int(pid)
+
+
+def sibling_tmp(path: str) -> str:
+    """'PATH.tmp-HOST-PID-1a2b3c4d': a folder written next to PATH (then renamed to it, or
+    used and removed) whose writer is known, so `remove_dead_siblings` can clear it."""
+    return f"{path.rstrip('/')}.tmp-{lock.HOST}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+
+
+def remove_dead_siblings(path: str) -> List[str]:
+    """Remove the `sibling_tmp(path)` folders of killed writers of this host (a live
+    writer's, or another host's, are left alone); returns what was removed."""
+    parent, base = os.path.split(os.path.abspath(path.rstrip("/")))
+    prefix, removed = base + ".tmp-", []
+    for n in os.listdir(parent) if os.path.isdir(parent) else ():
+        parts = n[len(prefix):].rsplit("-", 2) if n.startswith(prefix) else []
+        if len(parts) == 3 and parts[0] == lock.HOST and parts[1].isdigit() and \
+                len(parts[2]) == 8 and not lock.pid_alive(int(parts[1])):
+            shutil.rmtree(os.path.join(parent, n), ignore_errors=True)
+            removed.append(os.path.join(parent, n))
+    return removed
+
+
+def _dead_writers_leftover(root: str, n: str) -> bool:
+    """A partial checkpoint folder in ROOT whose writer (this host) is gone."""
+    writer = tmp_writer(n) if n.startswith(".tmp-iter_") else None
+    return writer is not None and writer[0] == lock.HOST and writer[1] != os.getpid() and \
+        not lock.pid_alive(writer[1]) and os.path.isdir(os.path.join(root, n))
 
 
 def commit(tmp: str, root: str, name: str, keep: int = 0) -> str:
@@ -127,8 +154,9 @@ def fsync_dir(path: str) -> None:
 def require_empty_dir(out: str, flag: str = "--out") -> None:
     """Refuse an output directory that exists and holds anything (e.g. another run's
     checkpoints, which a new `latest` would silently replace)."""
-    if os.path.exists(out) and (not os.path.isdir(out) or
-                                set(os.listdir(out)) - {lock.LOCK_FILE}):
+    if os.path.exists(out) and (not os.path.isdir(out) or any(
+            n != lock.LOCK_FILE and not _dead_writers_leftover(out, n)
+            for n in os.listdir(out))):  # a killed run of this command may be rerun
         raise FileExistsError(f"'{out}' exists and is not empty; choose a new {flag} (a "
                               "checkpoint tool never writes into another run's directory)")
     parent = os.path.dirname(os.path.abspath(out))

@@ -126,15 +126,54 @@ def _save(write_tensors, root, iteration, cfg, extra_files, train_state, rank_st
                 shutil.rmtree(tmp, ignore_errors=True)
             if isinstance(e, (KeyboardInterrupt, SystemExit, CheckpointError)):
                 raise  # CheckpointError: the source of a streaming tool is damaged
+            stop = _interruption(e)  # Ctrl-C inside torch's writer comes wrapped in its error
+            if stop is not None:
+                raise type(stop)() from e
             # OSError from our writes; torch's CheckpointException (a BaseException) wrapping
             # a failed write in the dist_checkpointing writer: its last line names the cause
             cause = (str(e).strip().splitlines() or [type(e).__name__])[-1]
+            unchanged = (f"Nothing was replaced: the previous checkpoint and "
+                         f"'{os.path.join(root, LATEST_FILE)}' are unchanged")
+            if not isinstance(e, OSError) and not _wraps_os_error(e):
+                raise CheckpointWriteError(  # not the disk: don't send the user to look at it
+                    f"could not write checkpoint {name} in '{root}': the writer failed with "
+                    f"{type(e).__name__} ({cause}), not a file-system error. {unchanged}"
+                ) from e
             raise CheckpointWriteError(
                 f"could not write checkpoint {name} in '{root}' ({cause}; its disk has "
                 f"{space.human(space.free_bytes(root))} free: is it full, or a file-size "
-                f"limit set?). Nothing was replaced: the previous checkpoint and "
-                f"'{os.path.join(root, LATEST_FILE)}' are unchanged") from e
+                f"limit set?). {unchanged}") from e
         return os.path.join(root, name)
+
+
+def _causes(e: BaseException):
+    """`e` and every exception it wraps: its cause/context chain and, for torch's
+    CheckpointException, the per-rank failures it collected."""
+    seen, todo = set(), [e]
+    while todo:
+        x = todo.pop()
+        if x is None or id(x) in seen:
+            continue
+        seen.add(id(x))
+        yield x
+        todo += [x.__cause__, x.__context__]
+        failures = getattr(x, "failures", None)
+        if isinstance(failures, dict):
+            todo += [f[0] if isinstance(f, tuple) else f for f in failures.values()
+                     if isinstance(f, BaseException) or
+                     (isinstance(f, tuple) and f and isinstance(f[0], BaseException))]
+
+
+def _interruption(e: BaseException) -> Optional[KeyboardInterrupt]:
+    return next((x for x in _causes(e) if isinstance(x, KeyboardInterrupt)), None)
+
+
+def _wraps_os_error(e: BaseException) -> bool:
+    """An error of the writer that comes from the file system (torch's CheckpointException
+    around an OSError, or its text when only the text survived)."""
+    return any(isinstance(x, OSError) for x in _causes(e)) or (
+        type(e).__name__ == "CheckpointException" and
+        any(w in str(e) for w in ("OSError", "No space left", "Errno", "File too large")))
 
 
 def _save_chunks(chunks, optimizer, scheduler, folder: str) -> None:

@@ -13,13 +13,12 @@ import math
 import os
 import shutil
 import struct
-import uuid
 from typing import Callable, Dict, Iterator, List, Optional, Tuple
 
 import torch
 
 from xft_megatron.arch import families
-from xft_megatron.checkpoint import checksums, lock, ranks
+from xft_megatron.checkpoint import checksums, directory, lock, ranks
 from xft_megatron.config import ModelConfig
 from xft_megatron.errors import HFFormatError  # noqa: F401  (also imported from here)
 from xft_megatron.errors import ConfigError, UserError
@@ -401,9 +400,9 @@ def write_hf_dir(shapes: Dict[str, Tuple[int, ...]], produce: Callable[[str], to
         if os.path.exists(out_dir) and os.listdir(out_dir):
             raise FileExistsError(f"'{out_dir}' exists and is not empty; choose a new --out")
         rank, world = ranks.world()
-        tmp = ranks.broadcast(f"{out_dir.rstrip('/')}.tmp-{uuid.uuid4().hex[:8]}"
-                              if rank == 0 else None)
+        tmp = ranks.broadcast(directory.sibling_tmp(out_dir) if rank == 0 else None)
         if rank == 0:
+            directory.remove_dead_siblings(out_dir)  # what a killed export left
             os.makedirs(tmp)
         ranks.barrier()
         try:

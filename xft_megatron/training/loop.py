@@ -119,6 +119,15 @@ class _Prefetcher:
         self.pool.shutdown(wait=True, cancel_futures=True)
 
 
+def _last_good(checkpoint: Optional[str], load: Optional[str]) -> str:
+    """Where a stopped run's last good weights are, for its error message."""
+    if checkpoint:
+        return f"The last good checkpoint is '{checkpoint}' (continue with --resume)"
+    start = f"the weights it loaded ('{load}')" if load else "freshly initialized weights"
+    return (f"No checkpoint of this run was written yet: it started from {start}, which "
+            "are unchanged")
+
+
 def train(cfg: Config, data, progress: bool = True, resume: bool = False,
           should_stop: Optional[Callable[[], bool]] = None, extra_files=None,
           loss_hook=None, log_dir: Optional[str] = None) -> RunResult:
@@ -213,9 +222,9 @@ def _train(cfg, info, data, progress, resume, should_stop, extra_files, loss_hoo
                 if t.on_nan == "stop":
                     raise NonFiniteLoss(
                         f"step {step + 1}: loss {stats['loss']} / grad norm {stats['grad_norm']}"
-                        " is not finite; stopped without updating the weights. The last good "
-                        f"checkpoint is in '{c.save}' (resume with --resume); lower train.lr, "
-                        "check the data, or set train.on_nan=skip to skip such steps")
+                        " is not finite; stopped without updating the weights. "
+                        f"{_last_good(result.checkpoint or resume_from, c.load)}; lower "
+                        "train.lr, check the data, or set train.on_nan=skip to skip such steps")
                 metrics.message(f"step {step + 1}: non-finite loss/gradient, update skipped")
             elapsed = time.perf_counter() - step_start
             tokens_seen += tokens_per_step
@@ -243,6 +252,12 @@ def _train(cfg, info, data, progress, resume, should_stop, extra_files, loss_hoo
                     divergence.expert_divergence(chunks, cfg.model.num_layers,
                                                  cfg.moe.num_experts, cfg.moe.has_shared_expert)
             metrics.log(step + 1, stats)
+            if saving and step + 1 == len(result.skipped_steps):
+                raise NonFiniteLoss(  # nothing trained: no checkpoint that looks like one
+                    f"every step so far (1-{step + 1}) had a non-finite loss or gradient and "
+                    f"was skipped (train.on_nan=skip): the weights are those the run started "
+                    f"from and no checkpoint is written; {_last_good(None, c.load)}. "
+                    "Lower train.lr or check the data")
             if saving:
                 result.checkpoint = save(step + 1, final=last)
             if stop:

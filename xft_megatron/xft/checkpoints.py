@@ -21,7 +21,7 @@ from xft_megatron.arch import names as tensors
 from xft_megatron.checkpoint import dist as ckpt
 from xft_megatron.checkpoint import directory, ranks, stream
 from xft_megatron.config import ConfigError, MoEConfig, ParallelConfig
-from xft_megatron.errors import UsageError
+from xft_megatron.errors import UsageError, UserError
 from xft_megatron.hf.convert import hf_to_mcore, tokenizer_files
 from xft_megatron.model.moe.merge_mlp import merge_coefficients
 from xft_megatron.xft.merge import fold
@@ -47,7 +47,10 @@ def upcycle_checkpoint(src: Optional[str], out: str, moe: MoEConfig, seed: int =
                          f"{drop_ratio}")
     tmp = None
     if hf_dir:
-        tmp = ranks.broadcast(out.rstrip("/") + ".dense-tmp" if ranks.world()[0] == 0 else None)
+        dense = out.rstrip("/") + ".dense"  # the converted copy, next to --out
+        if ranks.world()[0] == 0:
+            directory.remove_dead_siblings(dense)  # what a killed upcycle left
+        tmp = ranks.broadcast(directory.sibling_tmp(dense) if ranks.world()[0] == 0 else None)
         src = hf_to_mcore(hf_dir, tmp)
     try:
         dense_cfg = ckpt.load_config(src, parallel={})
@@ -119,6 +122,7 @@ def merge_checkpoint(src: str, out: str, coefficients: str = "uniform",
     `layout`: the parallel section stored with it. `hf_out`: also write the dense model as an
     HF directory."""
     directory.require_empty_dir(out)
+    existed = os.path.isdir(out)
     if hf_out:
         directory.require_empty_dir(hf_out, "--hf-out")
     cfg = ckpt.load_config(src, parallel={})
@@ -161,5 +165,16 @@ def merge_checkpoint(src: str, out: str, coefficients: str = "uniform",
     if hf_out:
         from xft_megatron.hf.convert import mcore_to_hf
 
-        mcore_to_hf(path, hf_out)  # in the checkpoint's dtype, as mcore-to-hf
+        try:
+            mcore_to_hf(path, hf_out)  # in the checkpoint's dtype, as mcore-to-hf
+        except BaseException as e:  # all or nothing: the same command must work again
+            if ranks.world()[0] == 0:
+                shutil.rmtree(out, ignore_errors=True)
+                if existed:
+                    os.makedirs(out, exist_ok=True)
+            if isinstance(e, (KeyboardInterrupt, SystemExit)):
+                raise
+            raise UserError(f"the Hugging Face export to '{hf_out}' failed ({e}); the dense "
+                            f"checkpoint just written to '{out}' was removed with it, so "
+                            "the same command can be run again") from e
     return path
