@@ -4,6 +4,7 @@ import argparse
 import os
 import signal
 import sys
+import threading
 import warnings
 
 from xft_megatron.errors import ConfigError, UsageError, UserError
@@ -458,8 +459,10 @@ def main(argv=None) -> int:
     if getattr(args, "direction", None) == "mcore-to-hf" and not args.ckpt:
         print("xft: convert mcore-to-hf needs --ckpt DIR", file=sys.stderr)
         return 2
-    if stop is None:  # SIGTERM ends every other command as Ctrl-C does: cleaned up, said
-        signal.signal(signal.SIGTERM, _terminate)
+    # SIGTERM ends every other command as Ctrl-C does: cleaned up, and said (main thread only;
+    # the previous handler is back afterwards, for callers that run commands in-process)
+    previous = signal.signal(signal.SIGTERM, _terminate) if stop is None and \
+        threading.current_thread() is threading.main_thread() else None
     try:
         args.func(args)
     except KeyboardInterrupt as e:  # Ctrl-C / SIGINT: a checkpoint write ends with it
@@ -476,6 +479,9 @@ def main(argv=None) -> int:
     except OSError as e:  # the machine's side: a missing or unwritable path, a full disk
         print(f"xft: {e}", file=sys.stderr)
         return 2
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
     return 0
 
 

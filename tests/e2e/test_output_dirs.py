@@ -219,3 +219,89 @@ def test_hf_exports_carry_shard_checksums_and_one_writer(tmp_path):
     assert r["in_use"] and "xft convert mcore-to-hf first" in r["in_use"], r["in_use"]
     assert not r["second_exists"]
     assert not [n for n in r["after"] if "lock" in n or ".tmp-" in n], r["after"]
+
+
+def _dead_pid():
+    import subprocess
+    import sys
+
+    return int(subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                              capture_output=True, text=True).stdout.strip())
+
+
+def test_a_killed_writers_leftovers_do_not_block_or_litter_its_rerun(tmp_path):
+    """A partial checkpoint folder (or a temporary sibling: mcore-to-hf's folder, upcycle
+    --hf's converted copy) of a dead writer of this host lets the same --out be used again
+    and is cleared; a live writer's, or another host's, is left and still refuses."""
+    import subprocess
+    import sys
+
+    dead = _dead_pid()
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / lock.LOCK_FILE).write_text("{}")
+    (out / f".tmp-iter_0000000-{lock.HOST}-{dead}-1a2b3c4d").mkdir()
+    directory.require_empty_dir(str(out))  # the rerun may write here
+    (out / ".tmp-iter_0000000-node-7-123-1a2b3c4d").mkdir()
+    with pytest.raises(FileExistsError, match="not empty"):
+        directory.require_empty_dir(str(out))
+    live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        names = {"dead": f"hf.tmp-{lock.HOST}-{dead}-1a2b3c4d",
+                 "live": f"hf.tmp-{lock.HOST}-{live.pid}-1a2b3c4d",
+                 "other host": f"hf.tmp-node-7-{dead}-1a2b3c4d",
+                 "another folder's": f"hf2.tmp-{lock.HOST}-{dead}-1a2b3c4d"}
+        for n in names.values():
+            (tmp_path / n).mkdir()
+        removed = directory.remove_dead_siblings(str(tmp_path / "hf"))
+        left = {k for k, n in names.items() if (tmp_path / n).exists()}
+        assert left == {"live", "other host", "another folder's"}
+        assert removed == [str(tmp_path / names["dead"])]
+        fresh = directory.sibling_tmp(str(tmp_path / "hf"))
+        assert os.path.basename(fresh).startswith(f"hf.tmp-{lock.HOST}-{os.getpid()}-")
+    finally:
+        live.kill()
+        live.wait()
+
+
+def test_a_failed_write_is_named_for_what_failed(tmp_path):
+    """torch's writer wraps what went wrong in a CheckpointException: Ctrl-C inside it is an
+    interruption (not a disk error), a full disk says so, anything else is not called a full
+    disk. Each time nothing partial is left and `latest` is unchanged."""
+    import errno
+    import traceback
+
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    cfg = load_config(None, [])
+    stack = traceback.StackSummary()
+
+    def failing(exc):
+        def write(folder):
+            with open(os.path.join(folder, "part"), "w") as f:
+                f.write("x")
+            raise exc
+        return write
+
+    root = str(tmp_path / "c")
+    cases = {
+        "interrupted": CheckpointException("save", {0: (KeyboardInterrupt(), stack)}),
+        "disk": CheckpointException("save", {0: (OSError(errno.ENOSPC, "No space left on "
+                                                         "device"), stack)}),
+        "plain disk": OSError(errno.EFBIG, "File too large"),
+        "bug": AssertionError("optimizer state is empty"),
+    }
+    seen = {}
+    for name, exc in cases.items():
+        try:
+            ckpt.save_streamed(failing(exc), root, 3, cfg)
+        except BaseException as e:  # noqa: BLE001 - the kind is what is tested
+            seen[name] = e
+        assert not os.path.exists(root) or os.listdir(root) == [], os.listdir(root)
+    assert type(seen["interrupted"]) is KeyboardInterrupt
+    for name in ("disk", "plain disk"):
+        assert isinstance(seen[name], ckpt.CheckpointWriteError)
+        assert "is it full" in str(seen[name]), seen[name]
+    assert isinstance(seen["bug"], ckpt.CheckpointWriteError)
+    assert "AssertionError" in str(seen["bug"]) and "full" not in str(seen["bug"])
+    assert "not a file-system error" in str(seen["bug"])

@@ -87,6 +87,19 @@ def _body(rank, world, root):
     except NonFiniteLoss as e:
         out["stop_error"] = str(e)
     out["stop_latest"] = open(f"{root}/nan_stop/latest").read().strip()
+    # a NaN at step 1 names no checkpoint (none exists); a run whose every step was skipped
+    # writes none and says why (it used to end in an optimizer assertion called a full disk)
+    for name, policy in (("nan_first", "stop"), ("nan_all", "skip")):
+        cfg = common.tiny_config(*MOE, f"checkpoint.save={root}/{name}", "train.train_steps=2",
+                                 "train.lr_warmup_steps=1",
+                                 f"train.on_nan={policy}")
+        try:
+            train(cfg, data, progress=False, loss_hook=lambda loss: float("nan"))
+            out[name] = None
+        except NonFiniteLoss as e:
+            out[name] = str(e)
+        out[name + "_listing"] = sorted(os.listdir(f"{root}/{name}")) \
+            if os.path.isdir(f"{root}/{name}") else []
     # skip: step 3 changes nothing (weights equal a 2-step run's), the run goes on
     skip = common.tiny_config(*MOE, f"checkpoint.save={root}/nan_skip", "train.on_nan=skip",
                               "train.train_steps=3")
@@ -139,6 +152,12 @@ def test_nan_policy(results):
     r = results[0][0]
     assert r["stop_error"] and "step 3" in r["stop_error"] and "on_nan=skip" in r["stop_error"]
     assert r["stop_latest"] == "iter_0000002"
+    assert "iter_0000002" in r["stop_error"]  # the last good checkpoint itself is named
+    assert "No checkpoint of this run was written yet" in r["nan_first"], r["nan_first"]
+    assert "step 1" in r["nan_first"] and "iter_" not in r["nan_first"]
+    assert "every step so far (1-2)" in r["nan_all"] and "no checkpoint is written" in \
+        r["nan_all"], r["nan_all"]
+    assert not [n for n in r["nan_first_listing"] + r["nan_all_listing"] if "iter_" in n]
     assert r["skipped"] == [3] and r["skip_same_weights"]
 
 
