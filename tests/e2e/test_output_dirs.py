@@ -305,3 +305,88 @@ def test_a_failed_write_is_named_for_what_failed(tmp_path):
     assert isinstance(seen["bug"], ckpt.CheckpointWriteError)
     assert "AssertionError" in str(seen["bug"]) and "full" not in str(seen["bug"])
     assert "not a file-system error" in str(seen["bug"])
+
+
+_STOPPED_CHILD = """
+import errno, os, signal, sys
+from xft_megatron import cli
+from xft_megatron.checkpoint import stream
+from xft_megatron.hf import convert, files
+how, at, argv = sys.argv[1], int(sys.argv[2]), sys.argv[3:]
+calls = []
+def stop(real):
+    def wrapper(*a, **kw):
+        calls.append(1)
+        if len(calls) == at:
+            if how == "enospc":
+                raise OSError(errno.ENOSPC, "No space left on device")
+            os.kill(os.getpid(), getattr(signal, how))
+        return real(*a, **kw)
+    return wrapper
+stream.write = stop(stream.write)  # dense copy (upcycle --hf) / the checkpoint
+files._write_safetensors = stop(files._write_safetensors)  # an HF export's shards
+sys.exit(cli.main(argv))
+"""
+
+
+def test_a_stopped_tool_leaves_nothing_and_its_rerun_works(tmp_path):
+    """SIGKILL, SIGTERM, Ctrl-C or a full disk in the middle of `upcycle --hf`,
+    `convert mcore-to-hf` and `merge --hf-out`: the same command run again succeeds and no
+    temporary folder is left; SIGTERM and Ctrl-C are reported as such (143, 130), not as a
+    disk error; a failed export of merge --hf-out takes its dense checkpoint with it."""
+    import subprocess
+    import sys
+
+    import torch
+    import transformers
+
+    from tests.common import run_cli
+
+    torch.manual_seed(0)
+    hf = transformers.AutoModelForCausalLM.from_config(transformers.AutoConfig.for_model(
+        model_type="llama", hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, vocab_size=256, tie_word_embeddings=False))
+    d = lambda n: str(tmp_path / n)  # noqa: E731
+    hf.save_pretrained(d("hf"), safe_serialization=True)
+    up = ["upcycle", "--hf", d("hf"), "--out", d("moe"), "--num-experts", "4", "--topk", "2"]
+    export = ["convert", "mcore-to-hf", "--ckpt", d("moe"), "--out", d("moe_hf")]
+    merge = ["merge", "--ckpt", d("moe"), "--out", d("dense"), "--hf-out", d("dense_hf")]
+
+    def child(how, at, argv):
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(
+            [os.path.dirname(os.path.dirname(os.path.dirname(__file__))),
+             os.environ.get("PYTHONPATH", "")])}
+        return subprocess.run([sys.executable, "-c", _STOPPED_CHILD, how, str(at), *argv],
+                              capture_output=True, text=True, timeout=300, env=env)
+
+    def temporaries():
+        return sorted(n for n in os.listdir(tmp_path) if ".tmp-" in n) + sorted(
+            f"{n}/{m}" for n in os.listdir(tmp_path) if os.path.isdir(d(n))
+            for m in os.listdir(d(n)) if m.startswith(".tmp-"))
+
+    killed = child("SIGKILL", 2, up)  # killed while writing the MoE, after the dense copy
+    assert killed.returncode == -9, killed.stderr[-2000:]
+    assert temporaries(), "the kill left no partial folder: the test hit no write"
+    rerun = run_cli(*up)
+    assert rerun.code == 0, rerun.text
+    assert temporaries() == []
+
+    termed = child("SIGTERM", 1, export)
+    assert termed.returncode == 143, termed.stderr[-2000:]
+    assert "terminated (SIGTERM)" in termed.stderr and "disk" not in termed.stderr
+    assert temporaries() == [] and not os.path.exists(d("moe_hf"))
+    killed = child("SIGKILL", 1, export)
+    assert killed.returncode == -9 and temporaries()
+    rerun = run_cli(*export)
+    assert rerun.code == 0, rerun.text
+    assert temporaries() == []
+
+    ctrl_c = child("SIGINT", 1, merge)  # inside the dense checkpoint's write
+    assert ctrl_c.returncode == 130, ctrl_c.stderr[-2000:]
+    assert "interrupted" in ctrl_c.stderr and "disk" not in ctrl_c.stderr, ctrl_c.stderr
+    full = child("enospc", 2, merge)  # at the HF export's first shard, after the checkpoint
+    assert full.returncode != 0 and "removed with it" in full.stderr, full.stderr[-2000:]
+    assert not os.path.exists(d("dense")) or os.listdir(d("dense")) == []
+    rerun = run_cli(*merge)
+    assert rerun.code == 0, rerun.text
+    assert temporaries() == [] and os.path.isfile(d("dense_hf") + "/config.json")
