@@ -11,9 +11,8 @@ renamed: never half a directory.
 
 import os
 import shutil
-import uuid
 
-from xft_megatron.errors import UsageError
+from xft_megatron.errors import HFFormatError, UsageError, UserError
 
 DTYPES = ("fp32", "bf16", "fp16")
 
@@ -25,9 +24,15 @@ def gguf_to_hf(gguf_file: str, out: str, dtype: str = "fp32") -> str:
                                 ".gguf file")
     if dtype not in DTYPES:
         raise UsageError(f"dtype={dtype!r} must be one of {', '.join(DTYPES)}")
-    from xft_megatron.checkpoint.directory import require_empty_dir
+    from xft_megatron.checkpoint.directory import (remove_dead_siblings, require_empty_dir,
+                                                   sibling_tmp)
+    from xft_megatron.checkpoint.space import free_bytes, human
 
     require_empty_dir(out)
+    with open(gguf_file, "rb") as f:
+        if f.read(4) != b"GGUF":
+            raise HFFormatError(f"'{gguf_file}' is not a GGUF file (it does not start with "
+                                "the bytes 'GGUF'); give the path of a .gguf model file")
     try:
         import gguf  # noqa: F401  (transformers' GGUF reader needs it)
     except ImportError:
@@ -37,10 +42,19 @@ def gguf_to_hf(gguf_file: str, out: str, dtype: str = "fp32") -> str:
 
     torch_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[dtype]
     folder, name = os.path.split(os.path.abspath(gguf_file))
-    tokenizer = transformers.AutoTokenizer.from_pretrained(folder, gguf_file=name,
-                                                           trust_remote_code=False)
-    quantized = transformers.AutoModelForCausalLM.from_pretrained(
-        folder, gguf_file=name, dtype=torch.float32, trust_remote_code=False)
+    try:
+        tokenizer = transformers.AutoTokenizer.from_pretrained(folder, gguf_file=name,
+                                                               trust_remote_code=False)
+        quantized = transformers.AutoModelForCausalLM.from_pretrained(
+            folder, gguf_file=name, dtype=torch.float32, trust_remote_code=False)
+    except (MemoryError, OSError, ImportError):
+        raise  # the machine's side, reported as such
+    except Exception as e:  # noqa: BLE001 - any parse failure of the reader is the file's
+        raise HFFormatError(
+            f"'{gguf_file}' could not be read as a GGUF model ({type(e).__name__}: "
+            f"{str(e)[:300]}); it may be truncated (compare its size with the source's) or "
+            "of an architecture transformers cannot dequantize; download it again or "
+            "convert it with llama.cpp's tools") from e
     config = quantized.config
     if hasattr(config, "quantization_config"):
         del config.quantization_config
@@ -59,14 +73,24 @@ def gguf_to_hf(gguf_file: str, out: str, dtype: str = "fp32") -> str:
         pad_token_id=tokenizer.pad_token_id, do_sample=False)
     for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
         setattr(plain.config, key, getattr(tokenizer, key))
-    tmp = f"{out.rstrip('/')}.tmp-{uuid.uuid4().hex[:8]}"
+    remove_dead_siblings(out)  # what a killed conversion left
+    tmp = sibling_tmp(out)
     try:
         plain.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
         if os.path.exists(out):
             os.rmdir(out)
         os.rename(tmp, out)
-    except BaseException:
+    except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        if isinstance(e, (KeyboardInterrupt, SystemExit)):
+            raise
+        raise HFWriteError(f"could not write '{out}' ({type(e).__name__}: {str(e)[:300]}; "
+                           f"its disk has {human(free_bytes(os.path.dirname(tmp)))} free: is "
+                           "it full, or a file-size limit set?). Nothing was left behind; "
+                           "free space and run the same command again") from e
     return out
+
+
+class HFWriteError(UserError, OSError):
+    """An HF directory could not be written; its temporary folder was removed."""
