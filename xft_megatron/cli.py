@@ -7,7 +7,7 @@ import sys
 import threading
 import warnings
 
-from xft_megatron.errors import ConfigError, UsageError, UserError
+from xft_megatron.errors import ConfigError, Terminated, UsageError, UserError
 
 
 def _model_dir(ref, flag: str):
@@ -415,11 +415,6 @@ def _early_stop_signal(argv):
     return None
 
 
-class Terminated(KeyboardInterrupt):
-    """SIGTERM outside `xft train` (which checkpoints and stops instead): unwinds like
-    Ctrl-C, so partial outputs are removed on the way out."""
-
-
 def _terminate(signum, frame):
     signal.signal(signal.SIGTERM, signal.SIG_IGN)  # once: the cleanup is not interrupted
     raise Terminated()
@@ -466,9 +461,11 @@ def main(argv=None) -> int:
     try:
         args.func(args)
     except KeyboardInterrupt as e:  # Ctrl-C / SIGINT: a checkpoint write ends with it
-        print(_interrupted(args.command).replace(
-            "interrupted", "terminated (SIGTERM)" if isinstance(e, Terminated) else
-            "interrupted", 1), file=sys.stderr, flush=True)
+        said = _interrupted(args.command)
+        if isinstance(e, Terminated):
+            said = said.replace("interrupted", "terminated (SIGTERM)" + (
+                f": {e}" if str(e) else ""), 1)
+        print(said, file=sys.stderr, flush=True)
         return 143 if isinstance(e, Terminated) else 130
     except ConfigError as e:
         print(f"xft: config error: {e}", file=sys.stderr)

@@ -25,3 +25,9 @@ class ConfigError(UserError, ValueError):
 
 class HFFormatError(UserError, ValueError):
     """An HF directory this project cannot read exactly; the message names file and problem."""
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM: unwinds like Ctrl-C (partial outputs removed on the way out) and is reported
+    as such by `xft` (exit 143). `xft train` and the training stages of a pipeline instead
+    checkpoint and stop after the current step, then raise this."""

@@ -122,3 +122,32 @@ def test_error_policy_user_errors_exit_with_a_message_bugs_keep_their_traceback(
     monkeypatch.setattr(cli, "build_parser", lambda: parser_raising(ValueError("a bug")))
     with pytest.raises(ValueError, match="a bug"):
         run_cli()
+
+
+def test_sigterm_stops_a_quickstart_with_a_checkpoint_and_a_message(tmp_path):
+    """SIGTERM (preemption, `kill`) during a quickstart's training stage: the stage
+    checkpoints and stops, the quickstart exits 143 saying where it stopped and how to go on
+    (no traceback), and the stage's newest checkpoint is the step it names."""
+    import signal
+    import time
+
+    out = tmp_path / "qs"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "xft_megatron.cli", "quickstart", "--out", str(out),
+         "--steps", "2000", "--sft-steps", "10", "--max-files", "150", "--no-ablations"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    metrics = out / "base" / "metrics.jsonl"
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None and not (
+            metrics.exists() and metrics.read_text().count("\n") >= 3):
+        time.sleep(0.5)
+    proc.send_signal(signal.SIGTERM)
+    stdout, stderr = proc.communicate(timeout=300)
+    assert proc.returncode == 143, stderr[-3000:]
+    assert "Traceback" not in stderr, stderr[-3000:]
+    said = [line for line in stderr.splitlines() if line.startswith("xft: terminated")]
+    assert said and "stage base stopped at step" in said[0] and "run the same command" in \
+        said[0], stderr[-3000:]
+    step = int(said[0].split("stopped at step ")[1].split()[0])
+    assert 3 <= step < 2000
+    assert (out / "base" / "latest").read_text().strip() == f"iter_{step:07d}"

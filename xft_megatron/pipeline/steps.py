@@ -15,6 +15,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
 from xft_megatron.config import MoEConfig, load_yaml
+from xft_megatron.errors import Terminated
 
 ONE, DIST = "ONE", "DIST"  # one process | every rank (torchrun, srun + torchrun)
 MARKER = "DONE.json"  # a step folder's marker (completion.py writes it)
@@ -134,6 +135,9 @@ class Train(Step):
 
         result = run.main(self.config, list(self.overrides + self.layout), resume=True)
         _release_device_memory()
+        if result.stopped_early:  # SIGTERM: checkpointed; the pipeline stops, said as such
+            raise Terminated(f"stage {self.name} stopped at step {result.steps_done} "
+                             f"(checkpoint {result.checkpoint})")
         return {"losses": result.losses, "checkpoint": result.checkpoint,
                 "tokens_per_s": result.tokens_per_s,
                 "merge_coefficients": result.merge_coefficients}

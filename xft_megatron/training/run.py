@@ -126,11 +126,16 @@ def main(config_path: Optional[str], overrides: Sequence[str], resume: bool = Fa
         print(notice, file=sys.stderr)
     hub = HubSettings.from_env()
     check_sources(cfg.data, hub)  # a missing file or dataset stops here, before any model
+    own_stop = stop is None
     stop = stop or StopOnSignal()
-    info = parallel.initialize(cfg.parallel, seed=cfg.train.seed)
-    with lock.hold(cfg.checkpoint.save):  # a second run into checkpoint.save is refused here
-        check_save_dir(cfg, resume)
-        return _prepare_and_train(cfg, info, resume, progress, stop, hub)
+    try:
+        info = parallel.initialize(cfg.parallel, seed=cfg.train.seed)
+        with lock.hold(cfg.checkpoint.save):  # a second run into checkpoint.save is refused
+            check_save_dir(cfg, resume)
+            return _prepare_and_train(cfg, info, resume, progress, stop, hub)
+    finally:
+        if own_stop:
+            stop.release()
 
 
 def _prepare_and_train(cfg: Config, info, resume: bool, progress: bool, stop,

@@ -11,7 +11,14 @@ class StopOnSignal:
 
     def __init__(self):
         self.requested = False
-        signal.signal(signal.SIGTERM, self._handle)
+        self._previous = signal.signal(signal.SIGTERM, self._handle)
+
+    def release(self) -> None:
+        """The handler from before, back (a run inside a longer process, e.g. a pipeline's
+        training stage, hands SIGTERM back to its caller)."""
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)
+            self._previous = None
 
     def _handle(self, signum, frame):
         self.requested = True
