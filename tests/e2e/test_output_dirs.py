@@ -390,3 +390,35 @@ def test_a_stopped_tool_leaves_nothing_and_its_rerun_works(tmp_path):
     rerun = run_cli(*merge)
     assert rerun.code == 0, rerun.text
     assert temporaries() == [] and os.path.isfile(d("dense_hf") + "/config.json")
+
+
+def test_tokenizer_links_out_of_the_model_folder_are_refused(tmp_path):
+    """A `tokenizer*` link to a file outside the model folder is never copied into a
+    checkpoint or export (it could carry any file of the machine along); links inside the
+    folder and a Hugging Face cache snapshot's links into its repository's blobs are fine."""
+    from xft_megatron.hf.files import HFFormatError
+
+    secret = tmp_path / "secret.txt"
+    secret.write_text("not a tokenizer")
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "tokenizer.json").write_text("{}")
+    (model / "vocab.json").symlink_to(model / "tokenizer.json")  # inside: fine
+    assert sorted(convert.tokenizer_files(str(model))) == ["tokenizer.json", "vocab.json"]
+    (model / "tokenizer_config.json").symlink_to(secret)
+    with pytest.raises(HFFormatError, match="tokenizer_config.json is a link to .*secret.txt"):
+        convert.tokenizer_files(str(model))
+    os.remove(model / "tokenizer_config.json")
+    os.mkfifo(model / "tokenizer.model")  # not a regular file: never read (it would block)
+    with pytest.raises(HFFormatError, match="tokenizer.model is not a regular file"):
+        convert.tokenizer_files(str(model))
+    repo = tmp_path / "hub" / "models--org--tiny"
+    (repo / "blobs").mkdir(parents=True)
+    (repo / "blobs" / "abc123").write_text("{}")
+    snap = repo / "snapshots" / "0123abcd"
+    snap.mkdir(parents=True)
+    (snap / "tokenizer.json").symlink_to("../../blobs/abc123")
+    assert list(convert.tokenizer_files(str(snap))) == ["tokenizer.json"]
+    (snap / "tokenizer_config.json").symlink_to(secret)
+    with pytest.raises(HFFormatError, match="outside the model folder"):
+        convert.tokenizer_files(str(snap))

@@ -9,7 +9,7 @@ under any parallel layout.
 """
 
 import os
-from typing import Dict, Hashable, Optional, Tuple
+from typing import Dict, Hashable, List, Optional, Tuple
 
 import torch
 
@@ -17,7 +17,7 @@ from xft_megatron.arch import families
 from xft_megatron.checkpoint import dist as ckpt
 from xft_megatron.checkpoint import directory, stream
 from xft_megatron.config import Config, PrecisionConfig
-from xft_megatron.errors import UsageError
+from xft_megatron.errors import HFFormatError, UsageError
 from xft_megatron.hf import llama as hf_llama, moe as hf_moe
 from xft_megatron.hf.files import (LazyTensors, check_tensors, model_config_from_hf, verify_weights,
                                    weights_index, write_hf_dir)
@@ -60,8 +60,33 @@ def tokenizer_files(directory: str) -> Dict[str, str]:
     (name -> path): what every checkpoint carries along from its source."""
     extra = ("special_tokens_map.json", "added_tokens.json", "vocab.json", "merges.txt",
              "chat_template.jinja", "chat_template.json", GENERATION_CONFIG)
-    return {f: os.path.join(directory, f) for f in os.listdir(directory)
-            if f.startswith("tokenizer") or f in extra}
+    files = {f: os.path.join(directory, f) for f in sorted(os.listdir(directory))
+             if f.startswith("tokenizer") or f in extra}
+    roots = _link_roots(directory)
+    for name, path in files.items():
+        real = os.path.realpath(path)
+        if not any(real.startswith(root + os.sep) for root in roots):
+            raise HFFormatError(
+                f"{path} is a link to '{real}', outside the model folder; the files copied "
+                "into checkpoints and exports come from the model folder only. Replace the "
+                "link with a copy of the file (cp --remove-destination TARGET LINK) if it "
+                "belongs to the model")
+        if not os.path.isfile(real):
+            raise HFFormatError(f"{path} is not a regular file; a tokenizer file must be one")
+    return files
+
+
+def _link_roots(directory: str) -> List[str]:
+    """Where a model folder's files may lead: the folder itself, and for a Hugging Face
+    cache snapshot (.../models--ORG--NAME/snapshots/REV, whose files link to ../../blobs)
+    that repository's blobs."""
+    folder = os.path.realpath(directory)
+    roots = [folder]
+    parent = os.path.dirname(folder)
+    if os.path.basename(parent) == "snapshots" and \
+            os.path.basename(os.path.dirname(parent)).startswith(("models--", "datasets--")):
+        roots.append(os.path.join(os.path.dirname(parent), "blobs"))
+    return roots
 
 
 def hf_dtype(cfg: Config, dtype: Optional[str]) -> str:
