@@ -87,6 +87,19 @@ def _body(rank, world, root):
     except NonFiniteLoss as e:
         out["stop_error"] = str(e)
     out["stop_latest"] = open(f"{root}/nan_stop/latest").read().strip()
+    # a finished merge stage resumed (a pipeline killed right after its last save): the
+    # finished run's summary and coefficients, not those of a run of no steps
+    merge = common.tiny_config(*MOE, f"checkpoint.save={root}/merge", "train.stage=merge",
+                               "train.train_steps=2", "train.lr_warmup_steps=1")
+    done = train(merge, data, progress=False)
+    again = train(merge, data, progress=False, resume=True)
+    out["merge_resumed"] = {
+        "coefficients": again.merge_coefficients == done.merge_coefficients and
+        bool(done.merge_coefficients),
+        "summary": {k: tuple(json.loads(json.dumps(x.summary.get(k))) for x in (again, done))
+                    for k in
+                    ("steps_done", "final_loss", "start_step", "merge_coefficients")},
+        "checkpoint": (again.checkpoint, done.checkpoint)}
     # a NaN at step 1 names no checkpoint (none exists); a run whose every step was skipped
     # writes none and says why (it used to end in an optimizer assertion called a full disk)
     for name, policy in (("nan_first", "stop"), ("nan_all", "skip")):
@@ -159,6 +172,14 @@ def test_nan_policy(results):
         r["nan_all"], r["nan_all"]
     assert not [n for n in r["nan_first_listing"] + r["nan_all_listing"] if "iter_" in n]
     assert r["skipped"] == [3] and r["skip_same_weights"]
+
+
+def test_a_finished_run_resumed_keeps_its_result(results):
+    r = results[0][0]["merge_resumed"]
+    assert r["coefficients"], r
+    for key, (again, done) in r["summary"].items():
+        assert again == done, (key, again, done)
+    assert r["checkpoint"][0] == r["checkpoint"][1] and r["checkpoint"][0], r
 
 
 def test_metrics_files(results):

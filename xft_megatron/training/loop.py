@@ -9,7 +9,9 @@ optimizer state (stored in model space) and schedule carry over; the RNG streams
 the seed (they are per rank), which only matters for noisy gating and dropout.
 """
 
+import json
 import math
+import os
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
@@ -119,6 +121,18 @@ class _Prefetcher:
         self.pool.shutdown(wait=True, cancel_futures=True)
 
 
+def _finished_summary(folder: Optional[str], train_steps: int) -> Optional[Dict]:
+    """summary.json of the run in `folder` if it finished at `train_steps`, else None."""
+    path = os.path.join(folder or "", "summary.json")
+    try:
+        with open(path) as f:
+            summary = json.load(f)
+    except (OSError, ValueError):
+        return None
+    done = isinstance(summary, dict) and summary.get("steps_done") == train_steps
+    return summary if done else None
+
+
 def _last_good(checkpoint: Optional[str], load: Optional[str]) -> str:
     """Where a stopped run's last good weights are, for its error message."""
     if checkpoint:
@@ -186,6 +200,15 @@ def _train(cfg, info, data, progress, resume, should_stop, extra_files, loss_hoo
             metrics.message(f"the checkpoint is at step {start}, train.train_steps="
                             f"{t.train_steps}: nothing to train (raise train.train_steps to "
                             "train further)")
+    # a finished run resumed (e.g. a pipeline killed right after the stage's last save): its
+    # result is the finished run's, not that of a run of no steps
+    finished_before = _finished_summary(log_dir or c.save, t.train_steps) \
+        if resume_from and start >= t.train_steps else None
+    if resume_from and start >= t.train_steps:
+        result.checkpoint = resume_from
+        if cfg.stage == "merge":
+            result.merge_coefficients = {
+                layer: co.tolist() for layer, co in gather_coefficients(chunks).items()}
 
     def save(step: int, final: bool) -> str:
         with_state = not final or c.final_optimizer
@@ -283,6 +306,9 @@ def _train(cfg, info, data, progress, resume, should_stop, extra_files, loss_hoo
         if cfg.stage == "moe":
             result.summary["routing"] = routing_means(routing_window)
             result.summary["expert_divergence"] = result.expert_divergence
+        if finished_before is not None and result.steps_done == start:
+            result.summary = finished_before
+            result.expert_divergence = finished_before.get("expert_divergence")
         metrics.close(result.summary)
     return result
 
