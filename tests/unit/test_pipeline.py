@@ -307,3 +307,45 @@ def test_recipe_runs_every_step_once_through_its_launchers(tmp_path, hf, capsys)
     assert main(args) == 0
     again = capsys.readouterr().out
     assert "ran " not in again and again.count("reusing") == 12
+
+
+def test_outside_inputs_are_keyed_on_their_content(tmp_path, hf):
+    """A base model replaced, a source file edited or a recipe's data file rewritten at the
+    same path reruns what reads it; touching a file (same bytes) or a file the step does not
+    read changes nothing."""
+    out = str(tmp_path / "qs")
+    src = tmp_path / "src"
+    (src / "pkg").mkdir(parents=True)
+    (src / "pkg" / "a.py").write_text('def f():\n    """Say one."""\n    return 1\n')
+    (src / "notes.txt").write_text("not read")
+
+    def quick():
+        from xft_megatron.pipeline import quickstart
+
+        s = quickstart.Settings(base=hf, sources=(str(src),))
+        return c.digests([quickstart.data_step(out, [str(src)], s)] +
+                         build(quickstart.pipeline_spec(out, s)))
+
+    base = quick()
+    os.utime(src / "pkg" / "a.py", (1, 1))  # same bytes, another time
+    (src / "notes.txt").write_text("still not read")
+    assert quick() == base
+    (src / "pkg" / "a.py").write_text('def f():\n    """Say two."""\n    return 2\n')
+    edited = quick()
+    assert edited["data"] != base["data"] and edited["sft"] != base["sft"]
+    assert edited["upcycle"] == base["upcycle"]  # reads the converted base, not the data
+    with open(os.path.join(hf, "model.safetensors"), "wb") as f:  # the base's weights replaced
+        f.write(b"other weights")
+    replaced = quick()
+    assert replaced["base"] != edited["base"] and replaced["upcycle"] != edited["upcycle"]
+    assert replaced["data"] == edited["data"]
+    from xft_megatron.pipeline.recipe import recipe_spec
+
+    data = tmp_path / "data.jsonl"
+    data.write_text('{"instruction": "a", "response": "b"}\n')
+    recipe = lambda: c.digests(build(recipe_spec(hf, str(data), out, RECIPE, "all", {})))  # noqa
+    first = recipe()
+    data.write_text('{"instruction": "a", "response": "c"}\n')
+    rewritten = recipe()
+    assert rewritten["sft"] != first["sft"] and rewritten["moe"] != first["moe"]
+    assert rewritten["base"] == first["base"]

@@ -193,6 +193,11 @@ def _files_by_root(src_dirs: Roots, max_files: Optional[int], skipped: Dict[str,
     return pairs
 
 
+def source_files(src_dirs: Roots, max_files: Optional[int]) -> List[str]:
+    """The files `split_tree(src_dirs, max_files)` reads, in its order."""
+    return [f for _, f in _files_by_root(src_dirs, max_files, {})]
+
+
 class Split(NamedTuple):
     """Files of one source root or several, split by top-level module name (a name is on one
     side whichever root holds it): (root, file) pairs per side, top-level name per file,

@@ -198,11 +198,14 @@ def tokenizer_path(data_dir: str) -> str:
 
 
 def data_step(out_dir: str, roots: Sequence[str], s: Settings) -> Function:
+    from xft_megatron.data.mine_code import source_files
+
     return Function("data", "mine the Python source" + ("" if s.base else
                                                         ", train the tokenizer"),
                     os.path.join(out_dir, "data"), fn=lambda dest: _data_stage(dest, roots, s),
                     params=(("sources", list(roots)), ("max_files", s.max_files),
-                            ("vocab", s.vocab), ("spm_seed", SPM_SEED), ("base", bool(s.base))))
+                            ("vocab", s.vocab), ("spm_seed", SPM_SEED), ("base", bool(s.base))),
+                    read=tuple((f, None) for f in source_files(roots, s.max_files)))
 
 
 def run(out_dir: str, settings: Optional[Settings] = None, overrides: Sequence[str] = ()
