@@ -546,3 +546,43 @@ def test_packed_rows_through_the_model_equal_separate_samples():
 
     errs = run_ranks(1, _packed_model_body)[0]
     assert len(errs) >= 2 and max(errs) < 1e-5, errs
+
+
+def test_a_damaged_cache_entry_is_found_and_rebuilt(tmp_path, capfd):
+    """The tokenized cache's files carry their sizes and crc32: a truncated file, a flipped
+    byte or a missing file is reported and the entry tokenized again (the same samples); an
+    intact entry loads from the cache."""
+    write_jsonl(tmp_path / "d.jsonl", GOOD)
+    tok, cache = ByteTokenizer(), str(tmp_path / "c")
+
+    def build():
+        ds, report = build_dataset(data_cfg(tmp_path / "d.jsonl"), tok, 256, cache)
+        return [(tuple(ds[i][0]), tuple(ds[i][1])) for i in range(len(ds))], report.from_cache
+
+    first, cached = build()
+    assert not cached and build() == (first, True)
+    (entry,) = [os.path.join(cache, n) for n in os.listdir(cache)]
+
+    def damage_ids_tail():
+        with open(os.path.join(entry, "ids.bin"), "r+b") as f:
+            f.truncate(os.path.getsize(os.path.join(entry, "ids.bin")) - 4)
+
+    def flip_a_mask_byte():
+        with open(os.path.join(entry, "mask.bin"), "r+b") as f:
+            f.seek(3)
+            byte = f.read(1)
+            f.seek(3)
+            f.write(bytes([byte[0] ^ 1]))
+
+    def lose_offsets():
+        os.remove(os.path.join(entry, "offsets.npy"))
+
+    for damage, said in ((damage_ids_tail, "ids.bin has"), (flip_a_mask_byte, "mask.bin differs"),
+                         (lose_offsets, "offsets.npy")):
+        capfd.readouterr()
+        damage()
+        assert build() == (first, False), damage.__name__  # tokenized again, same samples
+        err = capfd.readouterr().err
+        assert "are damaged" in err and said in err, (damage.__name__, err)
+        assert build() == (first, True)
+    assert os.listdir(cache) == [os.path.basename(entry)]  # nothing left aside

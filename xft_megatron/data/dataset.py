@@ -28,7 +28,9 @@ import hashlib
 import json
 import os
 import shutil
+import sys
 import uuid
+import zlib
 from typing import Any, Dict, Iterator, List, Optional, Tuple
 
 import numpy as np
@@ -101,7 +103,17 @@ def build_dataset(data_cfg: DataConfig, tokenizer: Tokenizer, seq_length: int,
     key = hashlib.sha256(json.dumps(key_inputs, sort_keys=True).encode()).hexdigest()[:20]
     directory = os.path.join(cache_dir, key)
     if os.path.isfile(os.path.join(directory, _REPORT_FILE)):
-        return _load(directory, tokenizer, from_cache=True)
+        damage = cache_damage(directory)
+        if damage is None:
+            return _load(directory, tokenizer, from_cache=True)
+        print(f"data: the cached samples in '{directory}' are damaged ({damage}); they are "
+              "tokenized again from the data", file=sys.stderr, flush=True)
+        aside = f"{directory}.damaged-{uuid.uuid4().hex[:8]}"
+        try:
+            os.rename(directory, aside)  # one process moves it; the others find it gone
+        except OSError:
+            pass
+        shutil.rmtree(aside, ignore_errors=True)
 
     os.makedirs(cache_dir, exist_ok=True)
     tmp = f"{directory}.tmp-{uuid.uuid4().hex[:8]}"
@@ -113,7 +125,8 @@ def build_dataset(data_cfg: DataConfig, tokenizer: Tokenizer, seq_length: int,
         _write_samples(tmp, stream)
         report.check(data_cfg.on_error)
         _write_json(os.path.join(tmp, _META_FILE), {"key": key, "inputs": key_inputs,
-                                                    "pad_id": tokenizer.pad_id})
+                                                    "pad_id": tokenizer.pad_id,
+                                                    "files": _file_sums(tmp)})
         _write_json(os.path.join(tmp, _REPORT_FILE), report.to_dict())
         try:
             os.rename(tmp, directory)
@@ -232,6 +245,43 @@ def _write_samples(directory: str, samples: Iterator[Tuple[List[int], List[int]]
                 flush()
         flush()
     np.save(os.path.join(directory, _OFFSETS_FILE), np.asarray(offsets, dtype=np.int64))
+
+
+def _file_sums(directory: str) -> Dict[str, List[int]]:
+    """{file: [size, crc32]} of a cache entry's sample files (crc32: gigabytes per second,
+    enough to catch truncation and flipped bits)."""
+    out = {}
+    for name in (_IDS_FILE, _MASK_FILE, _OFFSETS_FILE):
+        path, crc = os.path.join(directory, name), 0
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(16 << 20), b""):
+                crc = zlib.crc32(block, crc)
+        out[name] = [os.path.getsize(path), crc]
+    return out
+
+
+def cache_damage(directory: str) -> Optional[str]:
+    """What is wrong with a finished cache entry (a missing, truncated or changed file), or
+    None. Entries written before checksums were recorded get the size checks only."""
+    try:
+        with open(os.path.join(directory, _META_FILE)) as f:
+            recorded = json.load(f).get("files")
+        offsets = np.load(os.path.join(directory, _OFFSETS_FILE))
+        total = int(offsets[-1]) if len(offsets) else -1
+        sizes = {_IDS_FILE: total * 4, _MASK_FILE: total}
+        for name, size in sizes.items():
+            got = os.path.getsize(os.path.join(directory, name)) if total else 0
+            if total and got != size:
+                return f"{name} has {got} bytes where its offsets need {size}"
+        if recorded:
+            for name, (size, crc) in _file_sums(directory).items():
+                if [size, crc] != recorded.get(name):
+                    return f"{name} differs from what was written (size {size}, crc32 {crc})"
+        if total < 0 or (len(offsets) > 1 and np.any(np.diff(offsets) < 0)):
+            return f"{_OFFSETS_FILE} is not a list of offsets"
+    except (OSError, ValueError, EOFError, KeyError, TypeError, AttributeError) as e:
+        return f"{type(e).__name__}: {e}"
+    return None
 
 
 def _load(directory: str, tokenizer: Tokenizer,
