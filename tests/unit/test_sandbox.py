@@ -8,6 +8,8 @@ The attack batch (ATTACKS) runs as root and, from a root test process, under an 
 it bypasses the guards itself, so guarded and unguarded runs test the OS layer alike.
 """
 
+import dataclasses
+import errno
 import glob
 import itertools
 import json
@@ -699,3 +701,32 @@ def test_seccomp_syscall_numbers_match_the_kernel_headers():
             checked += 1
     if not checked:
         pytest.skip("no kernel headers to compare with")
+
+
+def test_the_working_directory_has_a_total_bound():
+    """Files under the per-file limit still cannot fill the disk or its inodes: the working
+    directory is a tmpfs of SandboxLimits.workdir_bytes / workdir_files where a mount
+    namespace is made (isolation "workdir-quota"); the program's writes beyond fail."""
+    limits = SandboxLimits(workdir_bytes=8 * 1024 ** 2, workdir_files=64)
+    program = textwrap.dedent("""
+        n = 0
+        try:
+            while n < 10_000:
+                with open(f"f{n}", "wb") as f:
+                    f.write(b"x" * SIZE)
+                n += 1
+            print("unbounded", n)
+        except OSError as e:
+            print("stopped", n, e.errno)
+    """)
+    for guarded in (limits, dataclasses.replace(limits, python_guards=False)):
+        got = {}
+        for kind, size in (("bytes", 1_000_000), ("inodes", 0)):
+            r = run_program(f"SIZE = {size}\n" + program, timeout_s=30, limits=guarded)
+            if "workdir-quota" not in r.isolation:
+                assert "readonly-fs" not in r.isolation, r  # a mount namespace gets the quota
+                pytest.skip(f"no mount namespace here (isolation: {r.isolation})")
+            got[kind] = r.stdout_tail.split()
+        assert got["bytes"][0] == "stopped" and int(got["bytes"][1]) <= 8, got
+        assert got["inodes"][0] == "stopped" and int(got["inodes"][1]) < 64, got
+        assert got["bytes"][2] == got["inodes"][2] == str(errno.ENOSPC), got

@@ -11,7 +11,10 @@ waiter closes all of them, so a pipe's write end dies with the interpreter that 
 
 PLAN is a dict, marshalled and hex-encoded (built by `runner._launch_plan`; marshal needs no
 import, json costs a few milliseconds):
-  workdir   the program's working directory (bind-mounted writable, everything else read-only)
+  workdir   the program's working directory (everything else read-only): a tmpfs of
+            workdir_bytes bytes and workdir_files inodes holding a copy of its files, or
+            where tmpfs cannot be mounted, the directory bind-mounted writable
+  workdir_bytes, workdir_files
   argv      the interpreter command that runs the program (exec'd at the end)
   rlimits   [[resource, soft, hard], ...]
   namespaces  try user, network, PID and mount namespaces
@@ -316,13 +319,43 @@ def private_mounts(libc, plan: dict, root: bool):
         applied.append("private-dirs-hidden")
     if mount_setattr(libc, b"/", AT_RECURSIVE, set_flags=MOUNT_ATTR_RDONLY) != 0:
         return applied, proc_fd
-    if (libc.mount(workdir, workdir, None, MS_BIND, None) != 0
+    if quota_workdir(libc, plan, root):
+        applied.append("workdir-quota")
+    elif (libc.mount(workdir, workdir, None, MS_BIND, None) != 0
             or mount_setattr(libc, workdir, 0, clear_flags=MOUNT_ATTR_RDONLY) != 0):
         raise Refused("the filesystem was made read-only but the working directory could not "
                       "be made writable again")
-    os.chdir(workdir)  # the old cwd is the read-only mount under the new bind mount
+    os.chdir(workdir)  # the old cwd is the read-only mount under the new one
     applied.append("readonly-fs")
     return applied, proc_fd
+
+
+def quota_workdir(libc, plan: dict, root: bool) -> bool:
+    """The working directory becomes a tmpfs of at most plan["workdir_bytes"] bytes and
+    plan["workdir_files"] inodes holding a copy of its files (the program's own): the program
+    cannot fill the file system under it. False (nothing changed) where tmpfs cannot be
+    mounted."""
+    workdir = plan["workdir"]
+    files = {}
+    for name in os.listdir(workdir):
+        path = os.path.join(workdir, name)
+        if os.path.isfile(path) and not os.path.islink(path):
+            with open(path, "rb") as f:
+                files[name] = (f.read(), os.stat(path).st_mode & 0o777)
+    owner = f",uid={plan['uid']},gid={plan['uid']}" if root and plan["uid"] else ""
+    options = (f"size={plan['workdir_bytes']},nr_inodes={plan['workdir_files']},"
+               f"mode=0700{owner}").encode()
+    if libc.mount(b"tmpfs", workdir.encode(), b"tmpfs", MS_NOSUID | MS_NODEV, options) != 0:
+        return False
+    for name, (data, mode) in files.items():
+        fd = os.open(os.path.join(workdir, name), os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
+        try:
+            os.write(fd, data)
+            if owner:
+                os.fchown(fd, plan["uid"], plan["uid"])
+        finally:
+            os.close(fd)
+    return True
 
 
 # --- the process tree ---------------------------------------------------------------------------

@@ -156,6 +156,11 @@ class SandboxLimits:
     """RLIMIT_NPROC; counts every process of the program's user, and binds only non-root."""
     open_files: int = 128
     """RLIMIT_NOFILE."""
+    workdir_bytes: int = 64 * 1024 ** 2
+    """The most the working directory may hold in all (a tmpfs of this size, where a mount
+    namespace is made: isolation "workdir-quota"); the program's writes beyond it fail."""
+    workdir_files: int = 1024
+    """The most files and directories the working directory may hold (its inode limit)."""
     output_bytes: int = 4096
     """How much of the end of stdout and stderr is kept in the result."""
     namespaces: bool = True
@@ -171,7 +176,8 @@ class SandboxLimits:
     """Interpreter that runs the program (started with -I -S -B: no site-packages)."""
 
     def __post_init__(self):
-        for name in ("memory_bytes", "file_bytes", "processes", "open_files", "output_bytes"):
+        for name in ("memory_bytes", "file_bytes", "processes", "open_files", "output_bytes",
+                     "workdir_bytes", "workdir_files"):
             if getattr(self, name) < 1:
                 raise UsageError(f"SandboxLimits.{name} must be >= 1, got {getattr(self, name)}")
         if self.cpu_seconds is not None and self.cpu_seconds < 1:
@@ -425,7 +431,9 @@ def _launch_plan(limits: SandboxLimits, workdir: str, cpu: int, report_fd: int,
                  tail: List[str], root: bool) -> dict:
     """What the launcher applies to itself before it execs `argv` (launcher.py)."""
     argv = [limits.python, "-I", "-S", "-B"] + list(tail)
-    return {"workdir": workdir, "argv": argv, "rlimits": list(_rlimits(limits, cpu)),
+    return {"workdir": workdir, "workdir_bytes": limits.workdir_bytes,
+            "workdir_files": limits.workdir_files, "argv": argv,
+            "rlimits": list(_rlimits(limits, cpu)),
             "namespaces": limits.namespaces, "uid": limits.drop_to_uid if root else None,
             "expose": _interpreter_dirs(limits.python) if root else [],
             "report_fd": report_fd, "max_fd": _descriptor_bound(),
