@@ -1,6 +1,7 @@
 """`xft <command>`: a thin dispatcher; each command is a function in the library."""
 
 import argparse
+import logging
 import os
 import signal
 import sys
@@ -403,6 +404,19 @@ def _quiet_dependency_warnings():
     for module in (r"megatron\..*", r"torch\.distributed\..*"):
         warnings.filterwarnings("ignore", module=module)
     warnings.filterwarnings("ignore", message=".*\\.grad attribute of a Tensor that is not a leaf")
+    # logged once per run by Megatron itself: GPTModel's deprecation in favour of HybridModel
+    # (GPTModel is the model this project builds), and its own synchronous save going through
+    # its deprecated async writer (not a setting of ours)
+    for name in ("megatron.core.models.gpt.gpt_model",
+                 "megatron.core.dist_checkpointing.strategies.torch"):
+        logging.getLogger(name).addFilter(_MegatronNotices())  # a logger's own filter
+
+
+class _MegatronNotices(logging.Filter):
+    QUIET = ("GPTModel IS DEPRECATED", "MCore's async save is deprecated")
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith(self.QUIET)
 
 
 def _early_stop_signal(argv):
