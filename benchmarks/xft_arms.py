@@ -66,16 +66,28 @@ def _mean_sd(values: List[float]) -> str:
     return f"{statistics.mean(values):.4f} +- {statistics.stdev(values):.4f}"
 
 
+def _heldout(folder: str):
+    """{model: held-out loss} of a run: its summary.json, or for a run stopped after its
+    evaluation step (before the report) that step's marker, eval/DONE.json."""
+    s = _read(os.path.join(folder, "summary.json"))
+    if s:
+        return s["heldout_loss"]
+    marker = _read(os.path.join(folder, "eval", "DONE.json")) or {}
+    result = marker.get("result")
+    return {k: v["loss"] for k, v in result.items()} if isinstance(result, dict) else None
+
+
 def summarize(study: str) -> str:
     from xft_megatron.pipeline import report
 
     runs = {}
-    for path in sorted(glob.glob(os.path.join(study, "*_seed*", "summary.json"))):
-        name = os.path.basename(os.path.dirname(path))
-        arm, seed = name.rsplit("_seed", 1)
-        runs.setdefault(arm, {})[seed] = os.path.dirname(path)
+    for folder in sorted(glob.glob(os.path.join(study, "*_seed*"))):
+        if _heldout(folder) is None:
+            continue
+        arm, seed = os.path.basename(folder).rsplit("_seed", 1)
+        runs.setdefault(arm, {})[seed] = folder
     if not runs:
-        raise SystemExit(f"no ARM_seedN/summary.json under {study}")
+        raise SystemExit(f"no ARM_seedN/summary.json (or eval/DONE.json) under {study}")
     models = ("sft (dense)", "xft moe", "xft merged (dense)")
     lines = ["| arm | seeds | " + " | ".join(f"{m} loss" for m in models) +
              " | merged - sft | HumanEval pass@1 (sft / merged) |", "|---" * 7 + "|"]
@@ -84,8 +96,8 @@ def summarize(study: str) -> str:
         per_model = {m: [] for m in models}
         deltas, he = [], []
         for seed, folder in sorted(seeds.items()):
-            s = _read(os.path.join(folder, "summary.json"))
-            loss = s["heldout_loss"]
+            s = _read(os.path.join(folder, "summary.json")) or {}
+            loss = _heldout(folder)
             for m in models:
                 if m in loss:
                     per_model[m].append(loss[m])

@@ -41,3 +41,19 @@ def test_summary_has_mean_spread_and_the_gap_to_sft(tmp_path):
     assert cells[2] == "1.7100 +- 0.0141"  # sft: mean and sample sd of 1.70, 1.72
     assert cells[4] == "1.7100 +- 0.0000"  # merged
     assert cells[5] == "0.0000 +- 0.0141"  # merged - sft per seed: +0.01, -0.01
+
+
+def test_a_run_stopped_after_its_evaluation_is_summarized_from_the_eval_marker(tmp_path):
+    """A unit cut off after the held-out evaluation (before the report and summary.json):
+    its losses come from eval/DONE.json; a run without either is left out."""
+    run = tmp_path / "drop50_seed1" / "eval"
+    os.makedirs(run)
+    (run / "DONE.json").write_text(json.dumps({"result": {
+        "sft (dense)": {"loss": 1.68}, "xft moe": {"loss": 1.70},
+        "xft merged (dense)": {"loss": 1.97}}}))
+    os.makedirs(tmp_path / "refnum_seed1" / "eval")  # started, never evaluated
+    text = xft_arms.summarize(str(tmp_path))
+    rows = [line for line in text.splitlines() if line.startswith("| drop50")]
+    assert len(rows) == 1 and "refnum" not in text
+    cells = [c.strip() for c in rows[0].strip("|").split("|")]
+    assert cells[2:6] == ["1.6800", "1.7000", "1.9700", "0.2900"], cells
