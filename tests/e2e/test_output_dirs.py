@@ -290,6 +290,8 @@ def test_a_failed_write_is_named_for_what_failed(tmp_path):
                                                          "device"), stack)}),
         "plain disk": OSError(errno.EFBIG, "File too large"),
         "bug": AssertionError("optimizer state is empty"),
+        "short write": CheckpointException("save", {0: (RuntimeError(
+            "[enforce fail at inline_container.cc:672] . unexpected pos 704 vs 598"), stack)}),
     }
     seen = {}
     for name, exc in cases.items():
@@ -299,7 +301,7 @@ def test_a_failed_write_is_named_for_what_failed(tmp_path):
             seen[name] = e
         assert not os.path.exists(root) or os.listdir(root) == [], os.listdir(root)
     assert type(seen["interrupted"]) is KeyboardInterrupt
-    for name in ("disk", "plain disk"):
+    for name in ("disk", "plain disk", "short write"):  # torch's zip writer at a size limit
         assert isinstance(seen[name], ckpt.CheckpointWriteError)
         assert "is it full" in str(seen[name]), seen[name]
     assert isinstance(seen["bug"], ckpt.CheckpointWriteError)

@@ -134,7 +134,7 @@ def _save(write_tensors, root, iteration, cfg, extra_files, train_state, rank_st
             cause = (str(e).strip().splitlines() or [type(e).__name__])[-1]
             unchanged = (f"Nothing was replaced: the previous checkpoint and "
                          f"'{os.path.join(root, LATEST_FILE)}' are unchanged")
-            if not isinstance(e, OSError) and not _wraps_os_error(e):
+            if _not_the_disk(e):
                 raise CheckpointWriteError(  # not the disk: don't send the user to look at it
                     f"could not write checkpoint {name} in '{root}': the writer failed with "
                     f"{type(e).__name__} ({cause}), not a file-system error. {unchanged}"
@@ -168,12 +168,17 @@ def _interruption(e: BaseException) -> Optional[KeyboardInterrupt]:
     return next((x for x in _causes(e) if isinstance(x, KeyboardInterrupt)), None)
 
 
-def _wraps_os_error(e: BaseException) -> bool:
-    """An error of the writer that comes from the file system (torch's CheckpointException
-    around an OSError, or its text when only the text survived)."""
-    return any(isinstance(x, OSError) for x in _causes(e)) or (
-        type(e).__name__ == "CheckpointException" and
-        any(w in str(e) for w in ("OSError", "No space left", "Errno", "File too large")))
+_STATE_ERRORS = (AssertionError, TypeError, AttributeError, KeyError, NameError)
+
+
+def _not_the_disk(e: BaseException) -> bool:
+    """A failed save whose cause is a program or state error (e.g. an optimizer assertion),
+    with no OSError anywhere in it: reported as such, not as a full disk. Everything else
+    (OSError, torch's zip writer failing on a short write with a RuntimeError, ...) may be
+    the disk."""
+    causes = list(_causes(e))
+    return not any(isinstance(x, OSError) for x in causes) and \
+        any(isinstance(x, _STATE_ERRORS) for x in causes)
 
 
 def _save_chunks(chunks, optimizer, scheduler, folder: str) -> None:
