@@ -105,6 +105,30 @@ def test_recipe_plan_is_the_pipeline(tmp_path, hf, capsys):
         assert r["state"] == (c.RESUME if isinstance(s, Train) else c.TODO)  # nothing written
 
 
+def test_recipe_errors_are_user_errors_reported_with_their_exit_code(tmp_path, hf, capsys,
+                                                                    monkeypatch):
+    """The one error policy (errors.py) covers the recipe: a RecipeError is a UsageError, and
+    the runner reports any UserError as `run.sh: error: ...` with its exit code."""
+    from xft_megatron.errors import UsageError, UserError
+    from xft_megatron.pipeline import recipe
+    from xft_megatron.pipeline.__main__ import main
+    from xft_megatron.training.loop import NonFiniteLoss
+
+    assert issubclass(recipe.RecipeError, UsageError) and issubclass(recipe.RecipeError,
+                                                                     ValueError)
+    argv = ["recipe", "preflight", "--hf", str(tmp_path / "missing"), "--data", "d.jsonl",
+            "--out", str(tmp_path / "rc"), "--configs", RECIPE]
+    assert main(argv) == 2  # the base cannot be read: a RecipeError
+    assert capsys.readouterr().err.startswith("run.sh: error: ")
+    for exc in (UsageError("--world must be >= 1"), NonFiniteLoss("NaN at step 3")):
+        def fail(*args, exc=exc):
+            raise exc
+
+        monkeypatch.setattr(recipe, "preflight", fail)
+        assert isinstance(exc, UserError) and main(argv) == exc.exit_code
+        assert capsys.readouterr().err == f"run.sh: error: {exc}\n"
+
+
 def test_every_command_says_what_the_step_runs(tmp_path, hf):
     """Each step's argv, parsed by the real CLI, carries the step's own fields."""
     from xft_megatron.cli import build_parser
