@@ -21,32 +21,11 @@ def _model_dir(ref, flag: str):
     return resolve_model_dir(ref, HubSettings.from_env(), flag)
 
 
-# the quickstart flags that are Settings fields of the same name; a flag not given is None and
-# leaves the field's default (the parser imports nothing of the pipeline, Settings included)
-_QUICKSTART_FIELDS = ("steps", "sft_steps", "max_files", "vocab", "preset", "seq_length", "seed",
-                      "router_seed", "drop_ratio", "pretrain_lr", "tune_lr", "base", "experts",
-                      "topk", "moe_every", "merge_steps", "humaneval", "humaneval_tokens")
-
-
-def _quickstart_settings(args):
-    """The quickstart's Settings of the parsed flags."""
-    from xft_megatron.pipeline import quickstart
-
-    given = {k: getattr(args, k) for k in _QUICKSTART_FIELDS if getattr(args, k) is not None}
-    if args.no_ablations:
-        given["ablations"] = ()
-    elif args.ablations is not None:
-        given["ablations"] = tuple(a for a in args.ablations.split(",") if a)
-    if args.src:
-        given["sources"] = tuple(args.src)
-    return quickstart.Settings(**given)
-
-
 def _quickstart(args):
     from xft_megatron.pipeline import quickstart
 
     args.base = _model_dir(args.base, "--base")
-    quickstart.run(args.out, _quickstart_settings(args), overrides=args.overrides)
+    quickstart.run(args.out, quickstart.settings_from_args(args), overrides=args.overrides)
 
 
 def _presets(args):
@@ -232,50 +211,14 @@ def _add_layout_flags(parser, what: str, etp: bool = False) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from xft_megatron.pipeline import quickstart  # its Settings, as flags (imports no torch)
+
     p = argparse.ArgumentParser(prog="xft", description="XFT on Megatron-Core")
     sub = p.add_subparsers(dest="command", required=True)
 
     q = sub.add_parser("quickstart", help="run the built-in end-to-end example on this machine")
     q.add_argument("--out", default="runs/quickstart", help="output directory")
-    q.add_argument("--steps", type=int, default=None, help="pretraining steps")
-    q.add_argument("--sft-steps", type=int, default=None,
-                   help="instruction-tuning steps of every tuned model (merge: a fifth)")
-    q.add_argument("--ablations", default=None,
-                   help="upcycling ablations tuned like XFT: vanilla, none (comma-separated)")
-    q.add_argument("--no-ablations", action="store_true", help="run no ablation")
-    q.add_argument("--src", action="append", default=None,
-                   help="Python source to mine: stdlib (default), site-packages (this "
-                   "interpreter's) or a directory; repeat for several")
-    q.add_argument("--max-files", type=int, default=None, help="files mined per source")
-    q.add_argument("--vocab", type=int, default=None, help="tokenizer/model vocabulary")
-    q.add_argument("--preset", default=None,
-                   help="model preset (`xft presets`); model.* overrides change its fields")
-    q.add_argument("--seq-length", type=int, default=None, help="tokens per row")
-    q.add_argument("--seed", type=int, default=None,
-                   help="training seed: initialization, data order, noisy gating")
-    q.add_argument("--router-seed", type=int, default=None,
-                   help="router initialization seed at upcycling")
-    q.add_argument("--pretrain-lr", type=float, default=None,
-                   help="peak pretraining LR")
-    q.add_argument("--tune-lr", type=float, default=None,
-                   help="peak instruction-tuning LR")
-    q.add_argument("--base", default=None,
-                   help="start from this HF model directory or Hub id org/name[@revision] "
-                   "(converted; its tokenizer) instead of pretraining the preset")
-    q.add_argument("--experts", type=int, default=None, help="experts per MoE layer")
-    q.add_argument("--topk", type=int, default=None, help="experts per token")
-    q.add_argument("--moe-every", type=int, default=None,
-                   help="every N-th layer becomes MoE (1 = all)")
-    q.add_argument("--drop-ratio", type=float, default=None, metavar="R",
-                   help="Drop-Upcycling at every upcycling: re-initialize a fraction R in "
-                   "[0, 1) of each routed expert's FFN neurons (default 0: exact copies)")
-    q.add_argument("--merge-steps", type=int, default=None,
-                   help="learnable-merge steps (default a fifth of --sft-steps, at least 10)")
-    q.add_argument("--humaneval", type=int, default=None,
-                   help="HumanEval problems scored per model (greedy, magicoder protocol; "
-                   "0 = none, 164 = all)")
-    q.add_argument("--humaneval-tokens", type=int, default=None,
-                   help="most new tokens per HumanEval answer")
+    quickstart.add_arguments(q)  # one flag per quickstart.Settings field
     q.add_argument("overrides", nargs="*", help="config overrides, e.g. precision.dtype=bf16")
     q.set_defaults(func=_quickstart)
 

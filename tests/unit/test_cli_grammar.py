@@ -1,6 +1,9 @@
 """The `xft` parser: each subcommand of `eval` and `convert` has only its own flags and its
 own required ones, refused by argparse (exit 2, the flag named) before any work."""
 
+import subprocess
+import sys
+
 import pytest
 
 from xft_megatron import cli
@@ -51,3 +54,15 @@ def test_eval_and_convert_parse_as_before():
         a = p.parse_args(["convert", direction, *source, "--out", "O", "--dtype", "bf16"])
         assert (a.command, a.direction, a.out, a.dtype, a.func) == (
             "convert", direction, "O", "bf16", func)
+
+
+def test_the_parser_and_presets_import_no_torch():
+    """`xft --help`, `xft presets` and building the parser (quickstart flags included) stay
+    quick: neither torch nor Megatron is imported."""
+    code = ("import sys; from xft_megatron import cli; cli.build_parser(); "
+            "assert cli.main(['presets']) == 0; "
+            "print(sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'megatron')))")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                       timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.splitlines()[-1] == "[]", r.stdout[-2000:]

@@ -105,6 +105,32 @@ def test_recipe_plan_is_the_pipeline(tmp_path, hf, capsys):
         assert r["state"] == (c.RESUME if isinstance(s, Train) else c.TODO)  # nothing written
 
 
+def test_quickstart_command_parses_back_to_its_settings(tmp_path, hf):
+    """`xft quickstart`'s flags are the Settings fields (quickstart.add_arguments): the command
+    line Settings.command() writes parses back to the same Settings, every field changed."""
+    from dataclasses import fields
+
+    from xft_megatron.cli import build_parser
+    from xft_megatron.pipeline import quickstart
+
+    changed = dict(steps=7, sft_steps=5, ablations=("none",), sources=("site-packages", "a b"),
+                   max_files=9, vocab=1000, preset="qwen2-0.5b", seq_length=64, seed=3,
+                   router_seed=4, drop_ratio=0.25, pretrain_lr=2e-3, tune_lr=5e-4, base=hf,
+                   experts=4, topk=2, moe_every=2, merge_steps=11, humaneval=3,
+                   humaneval_tokens=32)
+    assert set(changed) == {f.name for f in fields(quickstart.Settings)}
+    parser = build_parser()
+    for s in (quickstart.Settings(**changed), quickstart.Settings(ablations=()),
+              quickstart.Settings()):
+        argv = shlex.split(s.command("OUT", ["train.lr=1"]))
+        assert argv[:2] == ["xft", "quickstart"]
+        args = parser.parse_args(argv[1:])
+        assert (args.out, args.overrides) == ("OUT", ["train.lr=1"])
+        assert quickstart.settings_from_args(args) == s
+    assert all(getattr(quickstart.Settings(**changed), k) != f.default
+               for k, f in quickstart.Settings.__dataclass_fields__.items())
+
+
 def test_recipe_errors_are_user_errors_reported_with_their_exit_code(tmp_path, hf, capsys,
                                                                     monkeypatch):
     """The one error policy (errors.py) covers the recipe: a RecipeError is a UsageError, and
