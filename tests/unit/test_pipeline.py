@@ -359,6 +359,42 @@ def test_recipe_runs_every_step_once_through_its_launchers(tmp_path, hf, capsys)
     assert "ran " not in again and again.count("reusing") == 12
 
 
+def test_one_report_writer_for_the_recipe_and_the_quickstart(tmp_path, monkeypatch):
+    """Both report.md writers (the recipe's Report step, the quickstart's) get their routing
+    section and plots from report.figures: a loss plot per curve set with rows, the first MoE
+    stage's expert load, the merge coefficients, as image links after the tables (the
+    quickstart's report: tests/e2e/test_cli.py)."""
+    from xft_megatron.pipeline import report
+    from xft_megatron.pipeline.steps import Report
+
+    def stage(name, moe=False, **summary):
+        folder = tmp_path / name
+        folder.mkdir()
+        rows = [{"step": s, "lm_loss": 5.0 - s, **({"expert_load": [[1.0, 0.5, 0.5]]} if moe
+                                                     else {})} for s in (1, 2, 3)]
+        (folder / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+        (folder / "summary.json").write_text(json.dumps({"steps_done": 3, **summary}))
+        return str(folder)
+
+    stages = (("sft (dense)", stage("sft")), ("xft moe", stage("moe", moe=True)),
+              ("merge", stage("merge", merge_coefficients={"0": [0.75, 0.125, 0.125]})))
+    calls = []
+    figures = report.figures
+    monkeypatch.setattr(report, "figures", lambda *a: calls.append(a) or figures(*a))
+    dest = str(tmp_path / "report")
+    Report("report", "", dest, stages=stages, moe_stage=stages[1][1],
+           merge_stage=stages[2][1]).run(dest)
+    text = open(os.path.join(dest, "report.md")).read()
+    images = [f"![{n}.png]({n}.png)" for n in ("tuning_loss", "expert_load",
+                                                "merge_coefficients")]
+    assert text.endswith("\n\n".join(images) + "\n") and len(calls) == 1
+    assert all(os.path.getsize(os.path.join(dest, f"{n}.png")) > 1000
+               for n in ("tuning_loss", "expert_load", "merge_coefficients"))
+    # a curve set without rows (the quickstart's pretraining, from a converted base) is left out
+    routing, links = figures(str(tmp_path), {"pretrain_loss": {"base": []}}, {}, None)
+    assert (routing, links) == (None, [])
+
+
 def test_outside_inputs_are_keyed_on_their_content(tmp_path, hf):
     """A base model replaced, a source file edited or a recipe's data file rewritten at the
     same path reruns what reads it; touching a file (same bytes) or a file the step does not

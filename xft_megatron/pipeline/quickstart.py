@@ -372,16 +372,11 @@ def _finish(out_dir, data, stages, losses, run_info, seconds) -> Dict:
     curves = {name: report.read_metrics(d(stage)) for name, stage in
               (("sft (dense)", "sft"), ("xft moe", "xft_moe"), ("vanilla moe", "vanilla_moe"),
                ("none moe", "none_moe"))}
-    pretrain = report.read_metrics(d("base"))  # none when the base was converted
-    plots = [report.plot_losses({"base (pretrain)": pretrain}, d("pretrain_loss.png"))
-             if pretrain else None,
-             report.plot_losses(curves, d("tuning_loss.png")),
-             report.plot_expert_load(report.read_metrics(d("xft_moe")), d("expert_load.png")),
-             report.plot_merge_coefficients(stages["merge"]["result"]["merge_coefficients"],
-                                            d("merge_coefficients.png"))]
-    routing, routing_plots = report.routing_section(
+    routing, images = report.figures(
+        out_dir, {"pretrain_loss": {"base (pretrain)": report.read_metrics(d("base"))},
+                  "tuning_loss": curves},  # no pretraining curve when the base was converted
         {"xft moe": d("xft_moe"), "vanilla moe": d("vanilla_moe"), "none moe": d("none_moe")},
-        out_dir)
+        stages["merge"]["result"]["merge_coefficients"])
     if routing:
         say("\n" + routing.split("\n\n")[-1])  # the verdicts
     hf_dir = d("xft_merged", "hf")
@@ -396,8 +391,7 @@ def _finish(out_dir, data, stages, losses, run_info, seconds) -> Dict:
                                      for k, v in stages.items()) + f"; total {seconds:.0f}s.",
         _settings_section(data, run_info),
         *([routing] if routing else []),
-        *[f"![{os.path.basename(p)}]({os.path.basename(p)})" for p in plots + routing_plots
-          if p],
+        *images,
         "A completion by the folded (dense) XFT model, loaded with transformers from "
         f"`xft_merged/hf/`:\n\n```python\n{completion}\n```",
     ]
