@@ -8,7 +8,7 @@ import sys
 import threading
 import warnings
 
-from xft_megatron.errors import ConfigError, Terminated, UsageError, UserError
+from xft_megatron.errors import ConfigError, Terminated, UserError
 
 
 def _model_dir(ref, flag: str):
@@ -22,32 +22,11 @@ def _model_dir(ref, flag: str):
     return resolve_model_dir(ref, HubSettings.from_env(), flag)
 
 
-# the quickstart flags that are Settings fields of the same name; a flag not given is None and
-# leaves the field's default (the parser imports nothing of the pipeline, Settings included)
-_QUICKSTART_FIELDS = ("steps", "sft_steps", "max_files", "vocab", "preset", "seq_length", "seed",
-                      "router_seed", "drop_ratio", "pretrain_lr", "tune_lr", "base", "experts",
-                      "topk", "moe_every", "merge_steps", "humaneval", "humaneval_tokens")
-
-
-def _quickstart_settings(args):
-    """The quickstart's Settings of the parsed flags."""
-    from xft_megatron.pipeline import quickstart
-
-    given = {k: getattr(args, k) for k in _QUICKSTART_FIELDS if getattr(args, k) is not None}
-    if args.no_ablations:
-        given["ablations"] = ()
-    elif args.ablations is not None:
-        given["ablations"] = tuple(a for a in args.ablations.split(",") if a)
-    if args.src:
-        given["sources"] = tuple(args.src)
-    return quickstart.Settings(**given)
-
-
 def _quickstart(args):
     from xft_megatron.pipeline import quickstart
 
     args.base = _model_dir(args.base, "--base")
-    quickstart.run(args.out, _quickstart_settings(args), overrides=args.overrides)
+    quickstart.run(args.out, quickstart.settings_from_args(args), overrides=args.overrides)
 
 
 def _presets(args):
@@ -82,33 +61,43 @@ def _config(args):
         print(f"# xft train needs more: {e}", file=sys.stderr)
 
 
-def _convert(args):
-    from xft_megatron.hf import convert
-    from xft_megatron.runtime.allocator import release_freed_memory
-
-    release_freed_memory()
-    if args.direction == "gguf-to-hf":
-        from xft_megatron.hf.gguf import gguf_to_hf
-
-        print(f"wrote {gguf_to_hf(args.gguf, args.out, dtype=args.dtype or 'fp32')}")
-        return
-    if args.direction == "hf-to-mcore":
-        args.hf = _model_dir(args.hf, "--hf")
-        path = convert.hf_to_mcore(args.hf, args.out, dtype=args.dtype or "fp32")
-        print(f"wrote {path}")
-        hf_dir, ckpt_dir = args.hf, path
-    else:
-        from xft_megatron.hf.files import own_remote_code
-
-        convert.mcore_to_hf(args.ckpt, args.out, dtype=args.dtype)
-        moe = own_remote_code(args.out)
-        print(f"wrote {args.out}" + (" (an XFT MoE: load it with trust_remote_code=True; "
-                                     "`xft merge` folds it into a dense model)" if moe else ""))
-        hf_dir, ckpt_dir = args.out, args.ckpt
+def _verify(args, hf_dir: str, ckpt_dir: str) -> None:
     if args.verify:
         from xft_megatron.hf.verify import verify
 
         verify(hf_dir, ckpt_dir)
+
+
+def _hf_to_mcore(args):
+    from xft_megatron.hf.convert import hf_to_mcore
+    from xft_megatron.runtime.allocator import release_freed_memory
+
+    release_freed_memory()
+    args.hf = _model_dir(args.hf, "--hf")
+    path = hf_to_mcore(args.hf, args.out, dtype=args.dtype or "fp32")
+    print(f"wrote {path}")
+    _verify(args, args.hf, path)
+
+
+def _mcore_to_hf(args):
+    from xft_megatron.hf.convert import mcore_to_hf
+    from xft_megatron.hf.files import own_remote_code
+    from xft_megatron.runtime.allocator import release_freed_memory
+
+    release_freed_memory()
+    mcore_to_hf(args.ckpt, args.out, dtype=args.dtype)
+    moe = own_remote_code(args.out)
+    print(f"wrote {args.out}" + (" (an XFT MoE: load it with trust_remote_code=True; "
+                                 "`xft merge` folds it into a dense model)" if moe else ""))
+    _verify(args, args.out, args.ckpt)
+
+
+def _gguf_to_hf(args):
+    from xft_megatron.hf.gguf import gguf_to_hf
+    from xft_megatron.runtime.allocator import release_freed_memory
+
+    release_freed_memory()
+    print(f"wrote {gguf_to_hf(args.gguf, args.out, dtype=args.dtype or 'fp32')}")
 
 
 def _upcycle(args):
@@ -150,13 +139,8 @@ def _train(args):
         say(f"wrote {result.checkpoint}")
 
 
-def _eval(args):
+def _eval_loss(args):
     import json
-
-    if args.what == "humaneval":
-        return _humaneval(args)
-    if not args.ckpt or not args.data:
-        raise UsageError("xft eval loss needs --ckpt CHECKPOINT and --data FILE")
 
     from xft_megatron.eval.loss import evaluate_loss
     from xft_megatron.runtime.parallel import say
@@ -185,10 +169,7 @@ def _humaneval(args):
     from xft_megatron.runtime.hub import HubSettings
     from xft_megatron.runtime.parallel import say
 
-    model = args.model or args.ckpt
-    if not model:
-        raise UsageError("xft eval humaneval needs --model HF_DIR_OR_CHECKPOINT")
-    result, path = run_humaneval(model, args.out, n=args.n, limit=args.limit,
+    result, path = run_humaneval(args.model, args.out, n=args.n, limit=args.limit,
                                  temperature=args.temperature,
                                  max_new_tokens=args.max_new_tokens, workers=args.workers,
                                  prompt=args.prompt, problems_file=args.problems,
@@ -231,50 +212,14 @@ def _add_layout_flags(parser, what: str, etp: bool = False) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from xft_megatron.pipeline import quickstart  # its Settings, as flags (imports no torch)
+
     p = argparse.ArgumentParser(prog="xft", description="XFT on Megatron-Core")
     sub = p.add_subparsers(dest="command", required=True)
 
     q = sub.add_parser("quickstart", help="run the built-in end-to-end example on this machine")
     q.add_argument("--out", default="runs/quickstart", help="output directory")
-    q.add_argument("--steps", type=int, default=None, help="pretraining steps")
-    q.add_argument("--sft-steps", type=int, default=None,
-                   help="instruction-tuning steps of every tuned model (merge: a fifth)")
-    q.add_argument("--ablations", default=None,
-                   help="upcycling ablations tuned like XFT: vanilla, none (comma-separated)")
-    q.add_argument("--no-ablations", action="store_true", help="run no ablation")
-    q.add_argument("--src", action="append", default=None,
-                   help="Python source to mine: stdlib (default), site-packages (this "
-                   "interpreter's) or a directory; repeat for several")
-    q.add_argument("--max-files", type=int, default=None, help="files mined per source")
-    q.add_argument("--vocab", type=int, default=None, help="tokenizer/model vocabulary")
-    q.add_argument("--preset", default=None,
-                   help="model preset (`xft presets`); model.* overrides change its fields")
-    q.add_argument("--seq-length", type=int, default=None, help="tokens per row")
-    q.add_argument("--seed", type=int, default=None,
-                   help="training seed: initialization, data order, noisy gating")
-    q.add_argument("--router-seed", type=int, default=None,
-                   help="router initialization seed at upcycling")
-    q.add_argument("--pretrain-lr", type=float, default=None,
-                   help="peak pretraining LR")
-    q.add_argument("--tune-lr", type=float, default=None,
-                   help="peak instruction-tuning LR")
-    q.add_argument("--base", default=None,
-                   help="start from this HF model directory or Hub id org/name[@revision] "
-                   "(converted; its tokenizer) instead of pretraining the preset")
-    q.add_argument("--experts", type=int, default=None, help="experts per MoE layer")
-    q.add_argument("--topk", type=int, default=None, help="experts per token")
-    q.add_argument("--moe-every", type=int, default=None,
-                   help="every N-th layer becomes MoE (1 = all)")
-    q.add_argument("--drop-ratio", type=float, default=None, metavar="R",
-                   help="Drop-Upcycling at every upcycling: re-initialize a fraction R in "
-                   "[0, 1) of each routed expert's FFN neurons (default 0: exact copies)")
-    q.add_argument("--merge-steps", type=int, default=None,
-                   help="learnable-merge steps (default a fifth of --sft-steps, at least 10)")
-    q.add_argument("--humaneval", type=int, default=None,
-                   help="HumanEval problems scored per model (greedy, magicoder protocol; "
-                   "0 = none, 164 = all)")
-    q.add_argument("--humaneval-tokens", type=int, default=None,
-                   help="most new tokens per HumanEval answer")
+    quickstart.add_arguments(q)  # one flag per quickstart.Settings field
     q.add_argument("overrides", nargs="*", help="config overrides, e.g. precision.dtype=bf16")
     q.set_defaults(func=_quickstart)
 
@@ -283,20 +228,27 @@ def build_parser() -> argparse.ArgumentParser:
 
     v = sub.add_parser("convert", help="HF directory <-> Megatron distributed checkpoint; "
                        "GGUF file -> HF directory")
-    v.add_argument("direction", choices=["hf-to-mcore", "mcore-to-hf", "gguf-to-hf"])
-    v.add_argument("--gguf", help="GGUF file (gguf-to-hf; dequantized by transformers, needs "
-                   "the gguf package)")
-    v.add_argument("--hf", help="HF model directory or Hub id org/name[@revision] "
-                   "(hf-to-mcore)")
-    v.add_argument("--ckpt", help="Megatron checkpoint root or iter_* folder (mcore-to-hf); "
-                   "an XFT MoE is written with its modeling file (trust_remote_code)")
-    v.add_argument("--out", required=True, help="output directory (must be new or empty)")
-    v.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default=None,
-                   help="dtype written (default: fp32 for Megatron and from GGUF; for HF from a "
-                   "checkpoint its own precision.dtype, as every HF-writing command)")
-    v.add_argument("--verify", action="store_true",
-                   help="compare both sides' logits on random tokens; exit 2 if they differ")
-    v.set_defaults(func=_convert)
+    vsub = v.add_subparsers(dest="direction", required=True)
+    h2m = vsub.add_parser("hf-to-mcore", help="HF directory -> Megatron checkpoint")
+    h2m.add_argument("--hf", required=True,
+                     help="HF model directory or Hub id org/name[@revision]")
+    h2m.set_defaults(func=_hf_to_mcore)
+    m2h = vsub.add_parser("mcore-to-hf", help="Megatron checkpoint -> HF directory")
+    m2h.add_argument("--ckpt", required=True, help="Megatron checkpoint root or iter_* folder; "
+                     "an XFT MoE is written with its modeling file (trust_remote_code)")
+    m2h.set_defaults(func=_mcore_to_hf)
+    g2h = vsub.add_parser("gguf-to-hf", help="GGUF file -> HF directory")
+    g2h.add_argument("--gguf", required=True,
+                     help="GGUF file (dequantized by transformers, needs the gguf package)")
+    g2h.set_defaults(func=_gguf_to_hf)
+    for d, default in ((h2m, "fp32"), (m2h, "the checkpoint's own precision.dtype, as every "
+                                       "HF-writing command"), (g2h, "fp32")):
+        d.add_argument("--out", required=True, help="output directory (must be new or empty)")
+        d.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default=None,
+                       help=f"dtype written (default: {default})")
+    for d in (h2m, m2h):
+        d.add_argument("--verify", action="store_true",
+                       help="compare both sides' logits on random tokens; exit 2 if they differ")
 
     u = sub.add_parser("upcycle", help="dense checkpoint -> XFT MoE checkpoint")
     src = u.add_mutually_exclusive_group(required=True)
@@ -347,40 +299,44 @@ def build_parser() -> argparse.ArgumentParser:
     t.set_defaults(func=_train)
 
     e = sub.add_parser("eval", help="evaluate a checkpoint")
-    e.add_argument("what", choices=["loss", "humaneval"])
-    e.add_argument("--ckpt", help="loss: checkpoint (dense, MoE or merge stage)")
-    e.add_argument("--data", help="loss: JSON/JSONL/Parquet file(s), hf:NAME (a Hugging Face "
-                   "dataset) or dataset folders, comma-separated")
-    e.add_argument("--split", default="train", help="loss: split of Hugging Face datasets")
-    e.add_argument("--model", help="humaneval: HF directory, Hub id org/name[@revision] or "
-                   "dense Megatron checkpoint")
-    e.add_argument("--n", type=int, default=1, help="humaneval: samples per task (1 = greedy)")
-    e.add_argument("--limit", type=int, default=None, help="humaneval: first K tasks only")
-    e.add_argument("--temperature", type=float, default=0.2, help="humaneval: when --n > 1")
-    e.add_argument("--max-new-tokens", type=int, default=512)
-    e.add_argument("--workers", type=int, default=2, help="humaneval: sandboxed runs at once")
-    e.add_argument("--prompt", default="auto", choices=["auto", "raw", "magicoder", "chat"],
-                   help="humaneval: prompting protocol (eval/prompts.py): magicoder = the "
-                   "paper's, for instruction-tuned models; raw = code completion, for base "
-                   "models; chat = the tokenizer's chat template. auto: raw for a Megatron "
-                   "checkpoint of the pretrain stage, else magicoder")
-    e.add_argument("--problems", default=None,
-                   help="humaneval: HumanEval-format .jsonl[.gz] (default: the bundled 164)")
-    e.add_argument("--out", default=None, help="humaneval: output folder")
-    e.add_argument("--tokenizer", default=None,
-                   help="HF tokenizer dir or sentencepiece model (default: the checkpoint's)")
-    e.add_argument("--seq-length", type=int, default=None,
-                   help="tokens per row (default: the checkpoint's train.seq_length)")
-    e.add_argument("--micro-batch-size", type=int, default=4)
-    e.add_argument("--template", default="magicoder", choices=["magicoder", "chat", "plain"])
-    e.add_argument("--format", default="auto",
-                   choices=["auto", "instruction", "chat", "text", "tokens"])
-    e.add_argument("--on-error", default="fail", choices=["fail", "skip"],
-                   help="records that cannot be scored: fail, or skip and count them")
-    e.add_argument("--cache-dir", default=None,
-                   help="tokenized-data cache (default ~/.cache/xft-megatron/eval)")
-    _add_layout_flags(e, "to run the loss evaluation with (torchrun)")
-    e.set_defaults(func=_eval)
+    esub = e.add_subparsers(dest="what", required=True)
+    lo = esub.add_parser("loss", help="mean per-token loss and perplexity on a dataset")
+    lo.add_argument("--ckpt", required=True, help="checkpoint (dense, MoE or merge stage)")
+    lo.add_argument("--data", required=True, help="JSON/JSONL/Parquet file(s), hf:NAME (a "
+                    "Hugging Face dataset) or dataset folders, comma-separated")
+    lo.add_argument("--split", default="train", help="split of Hugging Face datasets")
+    lo.add_argument("--tokenizer", default=None,
+                    help="HF tokenizer dir or sentencepiece model (default: the checkpoint's)")
+    lo.add_argument("--seq-length", type=int, default=None,
+                    help="tokens per row (default: the checkpoint's train.seq_length)")
+    lo.add_argument("--micro-batch-size", type=int, default=4)
+    lo.add_argument("--template", default="magicoder", choices=["magicoder", "chat", "plain"])
+    lo.add_argument("--format", default="auto",
+                    choices=["auto", "instruction", "chat", "text", "tokens"])
+    lo.add_argument("--on-error", default="fail", choices=["fail", "skip"],
+                    help="records that cannot be scored: fail, or skip and count them")
+    lo.add_argument("--cache-dir", default=None,
+                    help="tokenized-data cache (default ~/.cache/xft-megatron/eval)")
+    _add_layout_flags(lo, "to run the loss evaluation with (torchrun)")
+    lo.set_defaults(func=_eval_loss)
+
+    he = esub.add_parser("humaneval", help="HumanEval pass@k, every sample run in the sandbox")
+    he.add_argument("--model", "--ckpt", dest="model", required=True,
+                    help="HF directory, Hub id org/name[@revision] or dense Megatron checkpoint")
+    he.add_argument("--n", type=int, default=1, help="samples per task (1 = greedy)")
+    he.add_argument("--limit", type=int, default=None, help="first K tasks only")
+    he.add_argument("--temperature", type=float, default=0.2, help="when --n > 1")
+    he.add_argument("--max-new-tokens", type=int, default=512)
+    he.add_argument("--workers", type=int, default=2, help="sandboxed runs at once")
+    he.add_argument("--prompt", default="auto", choices=["auto", "raw", "magicoder", "chat"],
+                    help="prompting protocol (eval/prompts.py): magicoder = the paper's, for "
+                    "instruction-tuned models; raw = code completion, for base models; chat = "
+                    "the tokenizer's chat template. auto: raw for a Megatron checkpoint of the "
+                    "pretrain stage, else magicoder")
+    he.add_argument("--problems", default=None,
+                    help="HumanEval-format .jsonl[.gz] (default: the bundled 164)")
+    he.add_argument("--out", default=None, help="output folder")
+    he.set_defaults(func=_humaneval)
 
     dp = sub.add_parser("data", help="data tools")
     dsub = dp.add_subparsers(dest="data_command", required=True)
@@ -459,15 +415,6 @@ def main(argv=None) -> int:
             and not args.config.endswith((".yaml", ".yml")):  # overrides without a file
         args.overrides = [args.config] + args.overrides
         args.config = None
-    if getattr(args, "direction", None) == "hf-to-mcore" and not args.hf:
-        print("xft: convert hf-to-mcore needs --hf DIR", file=sys.stderr)
-        return 2
-    if getattr(args, "direction", None) == "gguf-to-hf" and not args.gguf:
-        print("xft: convert gguf-to-hf needs --gguf FILE", file=sys.stderr)
-        return 2
-    if getattr(args, "direction", None) == "mcore-to-hf" and not args.ckpt:
-        print("xft: convert mcore-to-hf needs --ckpt DIR", file=sys.stderr)
-        return 2
     # SIGTERM ends every other command as Ctrl-C does: cleaned up, and said (main thread only;
     # the previous handler is back afterwards, for callers that run commands in-process)
     previous = signal.signal(signal.SIGTERM, _terminate) if stop is None and \

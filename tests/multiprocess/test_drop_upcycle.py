@@ -273,7 +273,7 @@ def test_drop_upcycle_command_is_the_pure_transform_in_any_layout(tmp_path):
 # --- the pipeline ----------------------------------------------------------------------------
 
 def test_quickstart_drop_ratio_reaches_every_upcycle_step(tmp_path, hf):  # noqa: F811
-    from xft_megatron.cli import _quickstart_settings, build_parser
+    from xft_megatron.cli import build_parser
     from xft_megatron.errors import UsageError
     from xft_megatron.pipeline import quickstart
     from xft_megatron.pipeline import completion as c
@@ -296,6 +296,6 @@ def test_quickstart_drop_ratio_reaches_every_upcycle_step(tmp_path, hf):  # noqa
     s = quickstart.Settings(drop_ratio=0.25)
     args = parser.parse_args(s.command(out, ()).split()[1:])
     assert args.drop_ratio == 0.25
-    assert _quickstart_settings(parser.parse_args(["quickstart"])).drop_ratio == 0.0
+    assert quickstart.settings_from_args(parser.parse_args(["quickstart"])).drop_ratio == 0.0
     with pytest.raises(UsageError, match=r"--drop-ratio must be in \[0, 1\)"):
         quickstart.Settings(drop_ratio=1.0)

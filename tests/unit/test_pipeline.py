@@ -105,6 +105,56 @@ def test_recipe_plan_is_the_pipeline(tmp_path, hf, capsys):
         assert r["state"] == (c.RESUME if isinstance(s, Train) else c.TODO)  # nothing written
 
 
+def test_quickstart_command_parses_back_to_its_settings(tmp_path, hf):
+    """`xft quickstart`'s flags are the Settings fields (quickstart.add_arguments): the command
+    line Settings.command() writes parses back to the same Settings, every field changed."""
+    from dataclasses import fields
+
+    from xft_megatron.cli import build_parser
+    from xft_megatron.pipeline import quickstart
+
+    changed = dict(steps=7, sft_steps=5, ablations=("none",), sources=("site-packages", "a b"),
+                   max_files=9, vocab=1000, preset="qwen2-0.5b", seq_length=64, seed=3,
+                   router_seed=4, drop_ratio=0.25, pretrain_lr=2e-3, tune_lr=5e-4, base=hf,
+                   experts=4, topk=2, moe_every=2, merge_steps=11, humaneval=3,
+                   humaneval_tokens=32)
+    assert set(changed) == {f.name for f in fields(quickstart.Settings)}
+    parser = build_parser()
+    for s in (quickstart.Settings(**changed), quickstart.Settings(ablations=()),
+              quickstart.Settings()):
+        argv = shlex.split(s.command("OUT", ["train.lr=1"]))
+        assert argv[:2] == ["xft", "quickstart"]
+        args = parser.parse_args(argv[1:])
+        assert (args.out, args.overrides) == ("OUT", ["train.lr=1"])
+        assert quickstart.settings_from_args(args) == s
+    assert all(getattr(quickstart.Settings(**changed), k) != f.default
+               for k, f in quickstart.Settings.__dataclass_fields__.items())
+
+
+def test_recipe_errors_are_user_errors_reported_with_their_exit_code(tmp_path, hf, capsys,
+                                                                    monkeypatch):
+    """The one error policy (errors.py) covers the recipe: a RecipeError is a UsageError, and
+    the runner reports any UserError as `run.sh: error: ...` with its exit code."""
+    from xft_megatron.errors import UsageError, UserError
+    from xft_megatron.pipeline import recipe
+    from xft_megatron.pipeline.__main__ import main
+    from xft_megatron.training.loop import NonFiniteLoss
+
+    assert issubclass(recipe.RecipeError, UsageError) and issubclass(recipe.RecipeError,
+                                                                     ValueError)
+    argv = ["recipe", "preflight", "--hf", str(tmp_path / "missing"), "--data", "d.jsonl",
+            "--out", str(tmp_path / "rc"), "--configs", RECIPE]
+    assert main(argv) == 2  # the base cannot be read: a RecipeError
+    assert capsys.readouterr().err.startswith("run.sh: error: ")
+    for exc in (UsageError("--world must be >= 1"), NonFiniteLoss("NaN at step 3")):
+        def fail(*args, exc=exc):
+            raise exc
+
+        monkeypatch.setattr(recipe, "preflight", fail)
+        assert isinstance(exc, UserError) and main(argv) == exc.exit_code
+        assert capsys.readouterr().err == f"run.sh: error: {exc}\n"
+
+
 def test_every_command_says_what_the_step_runs(tmp_path, hf):
     """Each step's argv, parsed by the real CLI, carries the step's own fields."""
     from xft_megatron.cli import build_parser
@@ -307,6 +357,42 @@ def test_recipe_runs_every_step_once_through_its_launchers(tmp_path, hf, capsys)
     assert main(args) == 0
     again = capsys.readouterr().out
     assert "ran " not in again and again.count("reusing") == 12
+
+
+def test_one_report_writer_for_the_recipe_and_the_quickstart(tmp_path, monkeypatch):
+    """Both report.md writers (the recipe's Report step, the quickstart's) get their routing
+    section and plots from report.figures: a loss plot per curve set with rows, the first MoE
+    stage's expert load, the merge coefficients, as image links after the tables (the
+    quickstart's report: tests/e2e/test_cli.py)."""
+    from xft_megatron.pipeline import report
+    from xft_megatron.pipeline.steps import Report
+
+    def stage(name, moe=False, **summary):
+        folder = tmp_path / name
+        folder.mkdir()
+        rows = [{"step": s, "lm_loss": 5.0 - s, **({"expert_load": [[1.0, 0.5, 0.5]]} if moe
+                                                     else {})} for s in (1, 2, 3)]
+        (folder / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+        (folder / "summary.json").write_text(json.dumps({"steps_done": 3, **summary}))
+        return str(folder)
+
+    stages = (("sft (dense)", stage("sft")), ("xft moe", stage("moe", moe=True)),
+              ("merge", stage("merge", merge_coefficients={"0": [0.75, 0.125, 0.125]})))
+    calls = []
+    figures = report.figures
+    monkeypatch.setattr(report, "figures", lambda *a: calls.append(a) or figures(*a))
+    dest = str(tmp_path / "report")
+    Report("report", "", dest, stages=stages, moe_stage=stages[1][1],
+           merge_stage=stages[2][1]).run(dest)
+    text = open(os.path.join(dest, "report.md")).read()
+    images = [f"![{n}.png]({n}.png)" for n in ("tuning_loss", "expert_load",
+                                                "merge_coefficients")]
+    assert text.endswith("\n\n".join(images) + "\n") and len(calls) == 1
+    assert all(os.path.getsize(os.path.join(dest, f"{n}.png")) > 1000
+               for n in ("tuning_loss", "expert_load", "merge_coefficients"))
+    # a curve set without rows (the quickstart's pretraining, from a converted base) is left out
+    routing, links = figures(str(tmp_path), {"pretrain_loss": {"base": []}}, {}, None)
+    assert (routing, links) == (None, [])
 
 
 def test_outside_inputs_are_keyed_on_their_content(tmp_path, hf):

@@ -30,11 +30,10 @@ import json
 import os
 import shlex
 import time
-from dataclasses import asdict, dataclass, fields
-from typing import Dict, List, Optional, Sequence, Tuple
+from dataclasses import asdict, dataclass, field, fields
+from typing import Dict, List, Optional, Sequence, Tuple, Union, get_args, get_origin
 
 from xft_megatron.errors import UsageError
-from xft_megatron.pipeline.completion import run_steps
 from xft_megatron.pipeline.steps import Function
 from xft_megatron.pipeline.xft import (EvalSpec, HFBase, HumanEvalSpec, PipelineSpec,
                                        PretrainBase, TrainSpec, build)
@@ -45,30 +44,48 @@ ABLATIONS = ("vanilla", "none")
 SPM_SEED = 0  # the tokenizer's; fixed, so runs with other training seeds see the same data
 
 
+def _setting(default, help: str, **flag):
+    """A Settings field: its default, and the help (and any other argparse keyword) of its
+    `xft quickstart` flag (`add_arguments`)."""
+    return field(default=default, metadata={"help": help, **flag})
+
+
 @dataclass
 class Settings:
-    """What a quickstart run trains. The defaults are the CPU quickstart."""
+    """What a quickstart run trains. The defaults are the CPU quickstart. Every field is a flag
+    of `xft quickstart` (`add_arguments`; `command` writes them back)."""
 
-    steps: int = 300  # pretraining steps
-    sft_steps: int = 150  # tuning steps of every tuned model (the merge: a fifth, >= 10)
-    ablations: Tuple[str, ...] = ABLATIONS  # upcycling ablations tuned like XFT
-    sources: Tuple[str, ...] = ("stdlib",)  # stdlib | site-packages | a directory
-    max_files: int = 600  # files mined per source (the first, in sorted path order)
-    vocab: int = 2048  # sentencepiece vocabulary = model.vocab_size
-    preset: str = "tiny"  # model preset; `overrides` may change its fields
-    seq_length: int = 512  # tokens per row (longer instruction records are dropped)
-    seed: int = 1234  # training: initialization, data order, noisy gating
-    router_seed: int = 0  # router initialization at upcycling
-    drop_ratio: float = 0.0  # Drop-Upcycling: routed experts' FFN neurons re-initialized
-    pretrain_lr: float = 3e-3  # peak LR of pretraining (min: a tenth)
-    tune_lr: float = 1e-3  # peak LR of every instruction tuning (min: a tenth)
-    base: Optional[str] = None  # an HF model directory to start from instead of pretraining
-    experts: int = 8  # experts per MoE layer, shared included
-    topk: int = 6  # experts per token, shared included
-    moe_every: int = 1  # every moe_every-th layer becomes MoE (1 = all)
-    merge_steps: Optional[int] = None  # learnable-merge steps (default a fifth of sft_steps, >= 10)
-    humaneval: int = 0  # HumanEval problems scored per model (0 = none, 164 = all)
-    humaneval_tokens: int = 512  # most new tokens per HumanEval answer
+    steps: int = _setting(300, "pretraining steps")
+    sft_steps: int = _setting(150, "instruction-tuning steps of every tuned model (merge: a "
+                              "fifth)")
+    ablations: Tuple[str, ...] = _setting(ABLATIONS, "upcycling ablations tuned like XFT: "
+                                          "vanilla, none (comma-separated)")
+    sources: Tuple[str, ...] = _setting(("stdlib",), "Python source to mine: stdlib "
+                                        "(default), site-packages (this interpreter's) or a "
+                                        "directory; repeat for several")
+    max_files: int = _setting(600, "files mined per source (the first, in sorted path order)")
+    vocab: int = _setting(2048, "tokenizer/model vocabulary (sentencepiece BPE)")
+    preset: str = _setting("tiny", "model preset (`xft presets`); model.* overrides change "
+                           "its fields")
+    seq_length: int = _setting(512, "tokens per row (longer instruction records are dropped)")
+    seed: int = _setting(1234, "training seed: initialization, data order, noisy gating")
+    router_seed: int = _setting(0, "router initialization seed at upcycling")
+    drop_ratio: float = _setting(0.0, "Drop-Upcycling at every upcycling: re-initialize a "
+                                 "fraction R in [0, 1) of each routed expert's FFN neurons "
+                                 "(default 0: exact copies)", metavar="R")
+    pretrain_lr: float = _setting(3e-3, "peak pretraining LR (min: a tenth)")
+    tune_lr: float = _setting(1e-3, "peak instruction-tuning LR (min: a tenth)")
+    base: Optional[str] = _setting(None, "start from this HF model directory or Hub id "
+                                   "org/name[@revision] (converted; its tokenizer) instead of "
+                                   "pretraining the preset")
+    experts: int = _setting(8, "experts per MoE layer, shared included")
+    topk: int = _setting(6, "experts per token, shared included")
+    moe_every: int = _setting(1, "every N-th layer becomes MoE (1 = all)")
+    merge_steps: Optional[int] = _setting(None, "learnable-merge steps (default a fifth of "
+                                          "--sft-steps, at least 10)")
+    humaneval: int = _setting(0, "HumanEval problems scored per model (greedy, magicoder "
+                              "protocol; 0 = none, 164 = all)")
+    humaneval_tokens: int = _setting(512, "most new tokens per HumanEval answer")
 
     def __post_init__(self):
         self.ablations, self.sources = tuple(self.ablations), tuple(self.sources)
@@ -116,20 +133,54 @@ class Settings:
                          layer_freq=self.moe_every)
 
     def command(self, out_dir: str, overrides: Sequence[str]) -> str:
-        """The `xft quickstart` command line that runs these settings."""
+        """The `xft quickstart` command line that runs these settings (`add_arguments`'
+        flags: what `settings_from_args` reads back as these settings)."""
         args = ["xft", "quickstart", "--out", out_dir]
         for f in fields(self):
             value = getattr(self, f.name)
             if value == f.default:
                 continue
-            flag = "--" + f.name.replace("_", "-")
             if f.name == "sources":
                 args += [a for v in value for a in ("--src", v)]
             elif f.name == "ablations":
                 args += ["--ablations", ",".join(value)] if value else ["--no-ablations"]
             else:
-                args += [flag, str(value)]
+                args += [_flag(f.name), str(value)]
         return shlex.join(args + list(overrides))
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def add_arguments(parser) -> None:
+    """One `xft quickstart` flag per Settings field: --field-name of the field's type, with its
+    help; default None, so a flag not given leaves the field's default (`settings_from_args`).
+    `sources` is the repeatable --src, `ablations` --ablations a,b or --no-ablations."""
+    for f in fields(Settings):
+        if f.name == "sources":
+            parser.add_argument("--src", action="append", default=None, **f.metadata)
+        elif f.name == "ablations":
+            parser.add_argument("--ablations", default=None, **f.metadata)
+            parser.add_argument("--no-ablations", action="store_true", help="run no ablation")
+        else:
+            kind = f.type
+            if get_origin(kind) is Union:  # Optional[X]
+                kind = next(a for a in get_args(kind) if a is not type(None))
+            parser.add_argument(_flag(f.name), type=kind, default=None, **f.metadata)
+
+
+def settings_from_args(args) -> Settings:
+    """The Settings of flags parsed with `add_arguments`."""
+    given = {f.name: getattr(args, f.name) for f in fields(Settings)
+             if f.name not in ("sources", "ablations") and getattr(args, f.name) is not None}
+    if args.no_ablations:
+        given["ablations"] = ()
+    elif args.ablations is not None:
+        given["ablations"] = tuple(a for a in args.ablations.split(",") if a)
+    if args.src:
+        given["sources"] = tuple(args.src)
+    return Settings(**given)
 
 
 def _data_stage(out: str, roots: Sequence[str], s: Settings) -> Dict:
@@ -223,6 +274,7 @@ def run(out_dir: str, settings: Optional[Settings] = None, overrides: Sequence[s
         init_process_group()  # the first step on, before any training stage starts the group
     steps = [data_step(out_dir, roots, s)] + build(spec)
     from xft_megatron.checkpoint import lock
+    from xft_megatron.pipeline.completion import run_steps
 
     with lock.hold(out_dir, command="xft quickstart"):  # one pipeline writes --out at a time
         records = run_steps(steps, say=say)
@@ -320,16 +372,11 @@ def _finish(out_dir, data, stages, losses, run_info, seconds) -> Dict:
     curves = {name: report.read_metrics(d(stage)) for name, stage in
               (("sft (dense)", "sft"), ("xft moe", "xft_moe"), ("vanilla moe", "vanilla_moe"),
                ("none moe", "none_moe"))}
-    pretrain = report.read_metrics(d("base"))  # none when the base was converted
-    plots = [report.plot_losses({"base (pretrain)": pretrain}, d("pretrain_loss.png"))
-             if pretrain else None,
-             report.plot_losses(curves, d("tuning_loss.png")),
-             report.plot_expert_load(report.read_metrics(d("xft_moe")), d("expert_load.png")),
-             report.plot_merge_coefficients(stages["merge"]["result"]["merge_coefficients"],
-                                            d("merge_coefficients.png"))]
-    routing, routing_plots = report.routing_section(
+    routing, images = report.figures(
+        out_dir, {"pretrain_loss": {"base (pretrain)": report.read_metrics(d("base"))},
+                  "tuning_loss": curves},  # no pretraining curve when the base was converted
         {"xft moe": d("xft_moe"), "vanilla moe": d("vanilla_moe"), "none moe": d("none_moe")},
-        out_dir)
+        stages["merge"]["result"]["merge_coefficients"])
     if routing:
         say("\n" + routing.split("\n\n")[-1])  # the verdicts
     hf_dir = d("xft_merged", "hf")
@@ -344,8 +391,7 @@ def _finish(out_dir, data, stages, losses, run_info, seconds) -> Dict:
                                      for k, v in stages.items()) + f"; total {seconds:.0f}s.",
         _settings_section(data, run_info),
         *([routing] if routing else []),
-        *[f"![{os.path.basename(p)}]({os.path.basename(p)})" for p in plots + routing_plots
-          if p],
+        *images,
         "A completion by the folded (dense) XFT model, loaded with transformers from "
         f"`xft_merged/hf/`:\n\n```python\n{completion}\n```",
     ]

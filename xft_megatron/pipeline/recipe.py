@@ -18,6 +18,7 @@ from typing import Dict, List, Optional, Sequence
 
 from xft_megatron.checkpoint import lock
 from xft_megatron.config import MoEConfig
+from xft_megatron.errors import UsageError, UserError
 from xft_megatron.pipeline.completion import DONE, digests, run_step, state
 from xft_megatron.pipeline.steps import DIST, Step, Train
 from xft_megatron.pipeline.xft import (EvalSpec, HFBase, HumanEvalSpec, Names, PipelineSpec,
@@ -31,8 +32,9 @@ NAMES = Names(upcycle=("upcycle", "upcycled"), moe=("moe", "moe"),
 BRANCHES = {"all": ("xft", "sft"), "xft": ("xft",), "sft": ("sft",)}
 
 
-class RecipeError(Exception):
-    """A problem run.sh reports as `run.sh: error: ...` (exit 2)."""
+class RecipeError(UsageError):
+    """What run.sh was given does not make a runnable recipe (the base, the held-out data, a
+    stage's config); reported as every UserError: `run.sh: error: ...`, exit 2."""
 
 
 def recipe_spec(hf: str, data: str, out: str, configs: str, only: str = "all",
@@ -209,7 +211,7 @@ def main(args: argparse.Namespace) -> int:
         else:
             with lock.hold(args.out, command="run.sh run"):  # one recipe writes --out at a time
                 return run(steps, one, dist, os.path.join(args.out, "logs"))
-    except (RecipeError, lock.DirectoryInUse) as e:
+    except UserError as e:  # a recipe that cannot run, a held --out, a bad input file, ...
         print(f"run.sh: error: {e}", file=sys.stderr)
-        return 2
+        return e.exit_code
     return 0

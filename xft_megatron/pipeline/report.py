@@ -173,6 +173,27 @@ def routing_section(stages: Dict[str, str], out_dir: str) -> Tuple[Optional[str]
     return text, [p for p in plots if p]
 
 
+def figures(out_dir: str, losses: Dict[str, Dict[str, List[Dict]]], moe: Dict[str, str],
+            merge_coefficients: Optional[Dict[str, List[float]]]
+            ) -> Tuple[Optional[str], List[str]]:
+    """What follows a run's tables in its report.md (the quickstart's and the recipe's): the
+    MoE stages' routing section (`routing_section` of `moe`, label -> stage folder; None
+    without diagnostics) and a markdown image link per plot written into `out_dir`: a loss
+    plot per entry of `losses` (file name -> label -> metrics rows; one without rows is left
+    out), the first MoE stage's expert load, the learned merge coefficients, the routing
+    plots."""
+    here = lambda name: os.path.join(out_dir, name)  # noqa: E731
+    plots = [plot_losses(curves, here(f"{name}.png")) for name, curves in losses.items()
+             if any(curves.values())]
+    if moe:
+        plots.append(plot_expert_load(read_metrics(next(iter(moe.values()))),
+                                      here("expert_load.png")))
+    plots.append(plot_merge_coefficients(merge_coefficients, here("merge_coefficients.png")))
+    routing, routing_plots = routing_section(moe, out_dir) if moe else (None, [])
+    return routing, [f"![{os.path.basename(p)}]({os.path.basename(p)})"
+                     for p in plots + routing_plots if p]
+
+
 def plot_routing(rows: List[Dict], path: str, label: str = "moe") -> Optional[str]:
     """Per MoE layer over the steps: sets kept under noise, clean spread vs noise scale,
     clean entropy, g_0."""

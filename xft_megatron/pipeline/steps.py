@@ -382,22 +382,14 @@ class Report(Step):
                     stages[label] = json.load(f)
         curves = {label: report.read_metrics(folder) for label, folder in self.stages}
         merge = next((stages.get(lb) for lb, f in self.stages if f == self.merge_stage), None)
-        here = lambda name: os.path.join(dest, name)  # noqa: E731
-        plots = [report.plot_losses(curves, here("tuning_loss.png"))
-                 if any(curves.values()) else None,
-                 report.plot_expert_load(report.read_metrics(self.moe_stage),
-                                         here("expert_load.png")) if self.moe_stage else None,
-                 report.plot_merge_coefficients((merge or {}).get("merge_coefficients"),
-                                                here("merge_coefficients.png"))]
-        routing, routing_plots = report.routing_section(
-            {label: folder for label, folder in self.stages if folder == self.moe_stage}, dest) \
-            if self.moe_stage else (None, [])
+        routing, images = report.figures(
+            dest, {"tuning_loss": curves},
+            {label: folder for label, folder in self.stages if folder == self.moe_stage}
+            if self.moe_stage else {}, (merge or {}).get("merge_coefficients"))
         sections = [("Scores (held-out instruction loss; HumanEval pass@1, greedy):\n\n" +
                      report.results_table(models)) if models else "No model scores yet.",
                     "Training stages:\n\n" + report.stages_table(stages),
-                    *([routing] if routing else []),
-                    *[f"![{os.path.basename(p)}]({os.path.basename(p)})"
-                      for p in plots + routing_plots if p]]
+                    *([routing] if routing else []), *images]
         report.write_markdown(os.path.join(dest, "report.md"), self.title, sections)
         result = {"models": models, "stages": {k: {f: s.get(f) for f in (
             "steps_done", "final_loss", "tokens_per_s", "seconds")} for k, s in stages.items()}}
