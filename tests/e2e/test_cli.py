@@ -30,6 +30,7 @@ def test_presets_listed():
 
 
 QUICK = ["--steps", "10", "--sft-steps", "10", "--max-files", "150"]
+ABLATE = ["--ablations", "vanilla,none"]  # off by default
 MODELS = ("base", "sft (dense)", "xft moe", "xft merged (dense)", "vanilla moe (ablation)",
           "none moe (ablation)")
 
@@ -38,7 +39,7 @@ MODELS = ("base", "sft (dense)", "xft moe", "xft merged (dense)", "vanilla moe (
 def quickstart_run(tmp_path_factory):
     """One single-process quickstart (with the ablations), shared by the tests below."""
     out = tmp_path_factory.mktemp("quickstart") / "qs"
-    return out, xft_process("quickstart", "--out", str(out), *QUICK)
+    return out, xft_process("quickstart", "--out", str(out), *QUICK, *ABLATE)
 
 
 def test_quickstart_end_to_end_and_rerun(quickstart_run, tmp_path):
@@ -69,7 +70,7 @@ def test_quickstart_end_to_end_and_rerun(quickstart_run, tmp_path):
     assert all(s in ("passed", "failed", "timeout", "error")
                for t in result["per_task"] for s in t["results"])
     # a rerun reuses every finished stage and reports the same numbers
-    again = xft_process("quickstart", "--out", str(out), *QUICK)
+    again = xft_process("quickstart", "--out", str(out), *QUICK, *ABLATE)
     assert again.returncode == 0, again.stderr[-3000:]
     assert again.stdout.count("reusing") == 12, again.stdout  # every stage
     assert json.load(open(out / "summary.json"))["heldout_loss"] == losses

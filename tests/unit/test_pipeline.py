@@ -29,6 +29,7 @@ def hf(tmp_path):
 def _quickstart(out, hf, **settings):
     from xft_megatron.pipeline import quickstart
 
+    settings.setdefault("ablations", quickstart.ABLATIONS)  # every kind of step
     s = quickstart.Settings(base=hf, **settings)
     return build(quickstart.pipeline_spec(out, s))
 
