@@ -19,6 +19,15 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the reposi
 XFT = [sys.executable, "-m", "xft_megatron.cli"]  # the `xft` command, for a child process
 
 
+def sigint_as_usual() -> None:
+    """`preexec_fn` for a child that a test interrupts with SIGINT: a shell's background job
+    (and so everything it starts) inherits SIGINT ignored, and Python then installs no
+    KeyboardInterrupt handler; the child gets the default disposition back, as in a terminal."""
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def xft_process(*argv, timeout: float = 600, **kwargs) -> subprocess.CompletedProcess:
     """`xft ARGV` in a child process, output captured as text (`subprocess.run` kwargs pass
     through)."""

@@ -358,8 +358,11 @@ def test_a_stopped_tool_leaves_nothing_and_its_rerun_works(tmp_path):
         env = {**os.environ, "PYTHONPATH": os.pathsep.join(
             [os.path.dirname(os.path.dirname(os.path.dirname(__file__))),
              os.environ.get("PYTHONPATH", "")])}
+        from tests.common import sigint_as_usual
+
         return subprocess.run([sys.executable, "-c", _STOPPED_CHILD, how, str(at), *argv],
-                              capture_output=True, text=True, timeout=300, env=env)
+                              capture_output=True, text=True, timeout=300, env=env,
+                              preexec_fn=sigint_as_usual)
 
     def temporaries():
         return sorted(n for n in os.listdir(tmp_path) if ".tmp-" in n) + sorted(

@@ -333,7 +333,8 @@ def test_concurrent_run_refused_and_ctrl_c_or_kill_during_a_save(tmp_path):
         code = (f"import tests.fault_child as f; f.hold_writer({str(marker)!r}); "
                 if marker else "import tests.fault_child as f; ") + f"f.xft(*{a!r})"
         return subprocess.Popen([sys.executable, "-c", code], cwd=common.REPO, env=env,
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                preexec_fn=common.sigint_as_usual)
 
     x, y = tmp_path / "x", tmp_path / "y"
     mx, my = tmp_path / "held-x", tmp_path / "held-y"
