@@ -70,6 +70,24 @@ BASE = ["model.preset=tiny", "train.seq_length=32", "train.micro_batch_size=1",
         "train.clip_grad=0.0"]
 
 
+TINY_LLAMA = dict(model_type="llama", hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                 num_attention_heads=4, num_key_value_heads=2, vocab_size=256,
+                 tie_word_embeddings=False)
+
+
+def tiny_hf_llama(folder: str, seed: int = 0, save: Optional[dict] = None, **config):
+    """A tiny randomly initialized transformers Llama (TINY_LLAMA with `config` on top, seeded)
+    saved as safetensors into `folder` (`save`: extra save_pretrained arguments, e.g.
+    max_shard_size); returns the model (fp32, eval mode)."""
+    import transformers
+
+    torch.manual_seed(seed)
+    model = transformers.AutoModelForCausalLM.from_config(
+        transformers.AutoConfig.for_model(**{**TINY_LLAMA, **config})).float().eval()
+    model.save_pretrained(folder, safe_serialization=True, **(save or {}))
+    return model
+
+
 def tiny_config(*overrides):
     return load_config(None, BASE + list(overrides))
 

@@ -153,17 +153,12 @@ def _hf_export_body(rank, world, root):
     import subprocess
     import sys
 
-    import torch
-    import transformers
-
     from xft_megatron.hf.files import HFFormatError
 
-    torch.manual_seed(0)
-    hf = transformers.AutoModelForCausalLM.from_config(transformers.AutoConfig.for_model(
-        model_type="llama", hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, vocab_size=256, tie_word_embeddings=False))
+    from tests.common import tiny_hf_llama
+
     src, mc, out = (os.path.join(root, n) for n in ("src", "mc", "export"))
-    hf.save_pretrained(src, safe_serialization=True)
+    tiny_hf_llama(src)
     convert.hf_to_mcore(src, mc)  # transformers' own directory: no manifest, no notice
     convert.mcore_to_hf(mc, out, dtype="fp32", shard_bytes=200_000)
     r = {"listed": sorted(json.load(open(os.path.join(out, "checksums.json")))["files"]),
@@ -331,7 +326,7 @@ sys.exit(cli.main(argv))
 """
 
 
-def test_a_stopped_tool_leaves_nothing_and_its_rerun_works(tmp_path):
+def test_a_stopped_tool_leaves_nothing_and_its_rerun_works(tmp_path, tiny_hf):
     """SIGKILL, SIGTERM, Ctrl-C or a full disk in the middle of `upcycle --hf`,
     `convert mcore-to-hf` and `merge --hf-out`: the same command run again succeeds and no
     temporary folder is left; SIGTERM and Ctrl-C are reported as such (143, 130), not as a
@@ -339,17 +334,10 @@ def test_a_stopped_tool_leaves_nothing_and_its_rerun_works(tmp_path):
     import subprocess
     import sys
 
-    import torch
-    import transformers
-
     from tests.common import run_cli
 
-    torch.manual_seed(0)
-    hf = transformers.AutoModelForCausalLM.from_config(transformers.AutoConfig.for_model(
-        model_type="llama", hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, vocab_size=256, tie_word_embeddings=False))
     d = lambda n: str(tmp_path / n)  # noqa: E731
-    hf.save_pretrained(d("hf"), safe_serialization=True)
+    tiny_hf("hf")
     up = ["upcycle", "--hf", d("hf"), "--out", d("moe"), "--num-experts", "4", "--topk", "2"]
     export = ["convert", "mcore-to-hf", "--ckpt", d("moe"), "--out", d("moe_hf")]
     merge = ["merge", "--ckpt", d("moe"), "--out", d("dense"), "--hf-out", d("dense_hf")]

@@ -151,16 +151,11 @@ def _damage_checkpoint(src, root):
 
 def _hf_dirs(root):
     """A tiny HF Llama (three safetensors shards) and one damaged copy per HF_CASES entry."""
-    import torch
-    import transformers
+    from tests.common import tiny_hf_llama
 
-    torch.manual_seed(0)
-    kw = dict(model_type="llama", hidden_size=64, intermediate_size=176, num_hidden_layers=2,
-              num_attention_heads=4, num_key_value_heads=2, vocab_size=384,
-              max_position_embeddings=256, tie_word_embeddings=False)
     good = os.path.join(root, "good")
-    hf = transformers.AutoModelForCausalLM.from_config(transformers.AutoConfig.for_model(**kw))
-    hf.save_pretrained(good, safe_serialization=True, max_shard_size="200KB")
+    tiny_hf_llama(good, save={"max_shard_size": "200KB"}, intermediate_size=176,
+                  vocab_size=384, max_position_embeddings=256)
     index_file = "model.safetensors.index.json"
     shard = "model-00001-of-00003.safetensors"
     weight_map = json.load(open(os.path.join(good, index_file)))["weight_map"]

@@ -145,18 +145,12 @@ def test_eval_loss_any_layout(stages):
 
 
 def _hf_eval(rank, world, root):
-    import transformers
-
+    from tests.common import tiny_hf_llama
     from xft_megatron.eval.loss import evaluate_loss
     from xft_megatron.hf import convert
 
-    torch.manual_seed(0)
-    cfg = transformers.AutoConfig.for_model(
-        model_type="llama", hidden_size=64, intermediate_size=176, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, vocab_size=384,
-        max_position_embeddings=256, rope_theta=10000.0, initializer_range=0.1)
-    hf = transformers.AutoModelForCausalLM.from_config(cfg).float().eval()
-    hf.save_pretrained(f"{root}/hf")
+    hf = tiny_hf_llama(f"{root}/hf", intermediate_size=176, vocab_size=384,
+                       max_position_embeddings=256, rope_theta=10000.0, initializer_range=0.1)
     convert.hf_to_mcore(f"{root}/hf", f"{root}/mc")
     g = torch.Generator().manual_seed(1)
     seqs = [torch.randint(0, 384, (n,), generator=g).tolist() for n in (17, 40, 9, 63, 25)]
