@@ -363,16 +363,23 @@ def _quiet_dependency_warnings():
     # logged once per run by Megatron itself: GPTModel's deprecation in favour of HybridModel
     # (GPTModel is the model this project builds), and its own synchronous save going through
     # its deprecated async writer (not a setting of ours)
-    for name in ("megatron.core.models.gpt.gpt_model",
-                 "megatron.core.dist_checkpointing.strategies.torch"):
-        logging.getLogger(name).addFilter(_MegatronNotices())  # a logger's own filter
+    # and torch's note, on a machine with CUDA_HOME set but no GPU, that it has no CUDA runtime
+    for name, quiet in (("megatron.core.models.gpt.gpt_model", "GPTModel IS DEPRECATED"),
+                        ("megatron.core.dist_checkpointing.strategies.torch",
+                         "MCore's async save is deprecated"),
+                        ("torch.utils.cpp_extension", "No CUDA runtime is found")):
+        logging.getLogger(name).addFilter(_Quiet(quiet))  # a logger's own filter
 
 
-class _MegatronNotices(logging.Filter):
-    QUIET = ("GPTModel IS DEPRECATED", "MCore's async save is deprecated")
+class _Quiet(logging.Filter):
+    """Drops the records whose message starts with `prefix`."""
+
+    def __init__(self, prefix: str):
+        super().__init__()
+        self.prefix = prefix
 
     def filter(self, record: logging.LogRecord) -> bool:
-        return not str(record.msg).startswith(self.QUIET)
+        return not str(record.msg).startswith(self.prefix)
 
 
 def _early_stop_signal(argv):
