@@ -153,7 +153,7 @@ def _hf_export_body(rank, world, root):
     import subprocess
     import sys
 
-    from xft_megatron.hf.files import HFFormatError
+    from xft_megatron.errors import HFFormatError
 
     from tests.common import tiny_hf_llama
 
@@ -389,7 +389,7 @@ def test_tokenizer_links_out_of_the_model_folder_are_refused(tmp_path):
     """A `tokenizer*` link to a file outside the model folder is never copied into a
     checkpoint or export (it could carry any file of the machine along); links inside the
     folder and a Hugging Face cache snapshot's links into its repository's blobs are fine."""
-    from xft_megatron.hf.files import HFFormatError
+    from xft_megatron.errors import HFFormatError
 
     secret = tmp_path / "secret.txt"
     secret.write_text("not a tokenizer")

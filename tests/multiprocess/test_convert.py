@@ -212,7 +212,8 @@ def _write_cfg(d, **kw):
 
 
 def test_config_dialects_and_refusals(tmp_path):
-    from xft_megatron.hf.files import HFFormatError, model_config_from_hf, weights_index
+    from xft_megatron.errors import HFFormatError
+    from xft_megatron.hf.files import model_config_from_hf, weights_index
 
     d5 = _write_cfg(str(tmp_path / "v5"), rope_parameters={"rope_type": "linear",
                                                             "factor": 4.0,

@@ -20,8 +20,7 @@ import torch
 from xft_megatron.arch import families
 from xft_megatron.checkpoint import checksums, directory, lock, ranks
 from xft_megatron.config import ModelConfig
-from xft_megatron.errors import HFFormatError  # noqa: F401  (also imported from here)
-from xft_megatron.errors import ConfigError, UserError
+from xft_megatron.errors import ConfigError, HFFormatError, UserError
 
 
 def read_hf_config(hf_dir: str) -> Dict:

@@ -93,7 +93,8 @@ def preflight(spec: PipelineSpec, steps: List[Step], world: int) -> None:
     from xft_megatron.checkpoint import dist as ckpt
     from xft_megatron.config import (Config, ConfigError, PrecisionConfig, load_config,
                                      require_runnable)
-    from xft_megatron.hf.files import HFFormatError, model_config_from_hf
+    from xft_megatron.errors import HFFormatError
+    from xft_megatron.hf.files import model_config_from_hf
     from xft_megatron.training.run import dry_run
 
     try:
