@@ -397,19 +397,22 @@ def _terminate(signum, frame):
     raise Terminated()
 
 
-def _interrupted(command: str) -> str:
-    """What a Ctrl-C left behind and how to go on, for the command that was stopped."""
+def _interrupted(command: str, e: KeyboardInterrupt) -> str:
+    """What a Ctrl-C (or SIGTERM: `Terminated`) left behind and how to go on, for the command
+    that was stopped."""
+    head = "xft: " + (f"terminated (SIGTERM){f': {e}' if str(e) else ''}"
+                      if isinstance(e, Terminated) else "interrupted")
     if command == "train":
-        return ("xft: interrupted. Checkpoints written before are complete and `latest` names "
-                "the newest of them; a save in progress was discarded (its partial folder "
+        return (f"{head}. Checkpoints written before are complete and `latest` names the "
+                "newest of them; a save in progress was discarded (its partial folder "
                 "removed). Continue with the same command and --resume")
     if command == "quickstart":
-        return ("xft: interrupted. Finished stages are kept; run the same command again: it "
-                "reuses them and resumes a training stage from its newest checkpoint")
+        return (f"{head}. Finished stages are kept; run the same command again: it reuses "
+                "them and resumes a training stage from its newest checkpoint")
     if command in ("convert", "upcycle", "merge"):
-        return ("xft: interrupted. The output in progress was discarded (nothing partial "
-                "is left); run the same command again")
-    return "xft: interrupted"
+        return (f"{head}. The output in progress was discarded (nothing partial is left); "
+                "run the same command again")
+    return head
 
 
 def main(argv=None) -> int:
@@ -429,11 +432,7 @@ def main(argv=None) -> int:
     try:
         args.func(args)
     except KeyboardInterrupt as e:  # Ctrl-C / SIGINT: a checkpoint write ends with it
-        said = _interrupted(args.command)
-        if isinstance(e, Terminated):
-            said = said.replace("interrupted", "terminated (SIGTERM)" + (
-                f": {e}" if str(e) else ""), 1)
-        print(said, file=sys.stderr, flush=True)
+        print(_interrupted(args.command, e), file=sys.stderr, flush=True)
         return 143 if isinstance(e, Terminated) else 130
     except ConfigError as e:
         print(f"xft: config error: {e}", file=sys.stderr)

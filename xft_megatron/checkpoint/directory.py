@@ -44,14 +44,24 @@ def tmp_name(name: str) -> str:
 
 def tmp_writer(n: str):
     """(host, pid) of a '.tmp-iter_*' folder named by `tmp_name`, else None (older names)."""
-    parts = n.rsplit("-", 2)
-    if len(parts) != 3:
+    prefix = n.split("-", 2)  # ['.tmp', 'iter_0000003', 'HOST-PID-TOKEN']
+    return _host_pid(prefix[2]) if len(prefix) == 3 else None
+
+
+def _host_pid(tail: str):
+    """(host, pid) of 'HOST-PID-TOKEN' (a writer-named folder's tail), else None."""
+    parts = tail.rsplit("-", 2)
+    if len(parts) != 3 or not parts[0] or not parts[1].isdigit() or len(parts[2]) != 8:
         return None
-    head, pid, token = parts
-    prefix = head.split("-", 2)  # ['.tmp', 'iter_0000003', HOST]
-    if len(prefix) < 3 or not pid.isdigit() or len(token) != 8:
-        return None
-    return prefix[2], int(pid)
+    return parts[0], int(parts[1])
+
+
+def _gone(writer, own_ok: bool = False) -> bool:
+    """Whether the writer (host, pid) of a folder is provably dead: a process of this host
+    that is not running (`own_ok`: this process counts as done with it too)."""
+    return writer is not None and writer[0] == lock.HOST and (
+        (own_ok and writer[1] == os.getpid()) or
+        (writer[1] != os.getpid() and not lock.pid_alive(writer[1])))
 
 
 def sibling_tmp(path: str) -> str:
@@ -64,21 +74,19 @@ def remove_dead_siblings(path: str) -> List[str]:
     """Remove the `sibling_tmp(path)` folders of killed writers of this host (a live
     writer's, or another host's, are left alone); returns what was removed."""
     parent, base = os.path.split(os.path.abspath(path.rstrip("/")))
-    prefix, removed = base + ".tmp-", []
-    for n in os.listdir(parent) if os.path.isdir(parent) else ():
-        parts = n[len(prefix):].rsplit("-", 2) if n.startswith(prefix) else []
-        if len(parts) == 3 and parts[0] == lock.HOST and parts[1].isdigit() and \
-                len(parts[2]) == 8 and not lock.pid_alive(int(parts[1])):
-            shutil.rmtree(os.path.join(parent, n), ignore_errors=True)
-            removed.append(os.path.join(parent, n))
+    prefix = base + ".tmp-"
+    removed = [os.path.join(parent, n) for n in (os.listdir(parent) if os.path.isdir(parent)
+                                                 else ()) if n.startswith(prefix) and
+               _gone(_host_pid(n[len(prefix):]))]
+    for folder in removed:
+        shutil.rmtree(folder, ignore_errors=True)
     return removed
 
 
 def _dead_writers_leftover(root: str, n: str) -> bool:
     """A partial checkpoint folder in ROOT whose writer (this host) is gone."""
-    writer = tmp_writer(n) if n.startswith(".tmp-iter_") else None
-    return writer is not None and writer[0] == lock.HOST and writer[1] != os.getpid() and \
-        not lock.pid_alive(writer[1]) and os.path.isdir(os.path.join(root, n))
+    return n.startswith(".tmp-iter_") and _gone(tmp_writer(n)) and \
+        os.path.isdir(os.path.join(root, n))
 
 
 def commit(tmp: str, root: str, name: str, keep: int = 0) -> str:
@@ -108,9 +116,7 @@ def remove_stale(root: str) -> None:
     for n in os.listdir(root):
         stale = False
         if n.startswith(".tmp-iter_"):
-            writer = tmp_writer(n)
-            stale = writer is not None and writer[0] == lock.HOST and (
-                writer[1] == os.getpid() or not lock.pid_alive(writer[1]))
+            stale = _gone(tmp_writer(n), own_ok=True)
         elif n.startswith(".old-iter_"):
             replaced = os.path.join(root, moved_aside_name(n))
             stale = os.path.isfile(os.path.join(replaced, CONFIG_FILE))

@@ -152,16 +152,14 @@ def _causes(e: BaseException):
     seen, todo = set(), [e]
     while todo:
         x = todo.pop()
-        if x is None or id(x) in seen:
+        if not isinstance(x, BaseException) or id(x) in seen:
             continue
         seen.add(id(x))
         yield x
         todo += [x.__cause__, x.__context__]
-        failures = getattr(x, "failures", None)
+        failures = getattr(x, "failures", None)  # {rank: (exception, stack summary)}
         if isinstance(failures, dict):
-            todo += [f[0] if isinstance(f, tuple) else f for f in failures.values()
-                     if isinstance(f, BaseException) or
-                     (isinstance(f, tuple) and f and isinstance(f[0], BaseException))]
+            todo += [f[0] if isinstance(f, tuple) and f else f for f in failures.values()]
 
 
 def _interruption(e: BaseException) -> Optional[KeyboardInterrupt]:

@@ -52,36 +52,26 @@ def digests(steps: Sequence[Step]) -> Dict[str, str]:
     for i, s in enumerate(steps):
         upstream = [out[u.name] for u in steps[:i] if any(_inside(p, u.folder)
                                                           for p in s.inputs())]
-        content = {path: content_digest(path, suffixes) for path, suffixes in s.sources()
+        content = {path: content_digest(path) for path in s.sources()
                    if not any(_inside(path, u.folder) for u in steps)}  # outside inputs only
         out[s.name] = _hash({"settings": s.settings(), "inputs": upstream,
                              **({"content": content} if content else {})})
     return out
 
 
-def content_digest(path: str, suffixes=None) -> str:
-    """sha256 over the relative names and bytes of the regular files under `path` (a file:
-    its bytes) whose names end in one of `suffixes` (None: all), in sorted order; a
-    missing path digests as such. What a pipeline's outside inputs are keyed on: replacing
-    a model's weights or editing a source file at the same path changes it."""
-    h = hashlib.sha256()
+def content_digest(path: str) -> str:
+    """Digest of the names and bytes of `path` (a file) or of the regular files under it, in
+    sorted order (data.tokenizer.files_digest). What a pipeline's outside inputs are keyed
+    on: replacing a model's weights or editing a source file at the same path changes it."""
+    from xft_megatron.data.tokenizer import files_digest
+
     if os.path.isfile(path):
-        files = [("", path)]
-    else:
-        files = []
-        for root, dirs, names in os.walk(path):
-            dirs.sort()
-            files += [(os.path.relpath(os.path.join(root, n), path), os.path.join(root, n))
-                      for n in sorted(names) if suffixes is None or n.endswith(suffixes)]
-    for rel, full in files:
-        if not os.path.isfile(full):  # links to nothing, pipes: not read by any step
-            continue
-        h.update(rel.encode("utf-8", "surrogateescape") + b"\0")
-        with open(full, "rb") as f:
-            for block in iter(lambda: f.read(1 << 20), b""):
-                h.update(block)
-        h.update(b"\0")
-    return h.hexdigest()
+        return files_digest([path])
+    files = []
+    for root, dirs, names in os.walk(path):
+        dirs.sort()
+        files += [os.path.join(root, n) for n in sorted(names)]
+    return files_digest([f for f in files if os.path.isfile(f)])  # not dangling links, pipes
 
 
 def _inside(path: str, folder: str) -> bool:

@@ -257,7 +257,7 @@ def data_step(out_dir: str, roots: Sequence[str], s: Settings) -> Function:
                     os.path.join(out_dir, "data"), fn=lambda dest: _data_stage(dest, roots, s),
                     params=(("sources", list(roots)), ("max_files", s.max_files),
                             ("vocab", s.vocab), ("spm_seed", SPM_SEED), ("base", bool(s.base))),
-                    read=tuple((f, None) for f in source_files(roots, s.max_files)))
+                    read=tuple(source_files(roots, s.max_files)))
 
 
 def run(out_dir: str, settings: Optional[Settings] = None, overrides: Sequence[str] = ()

@@ -68,10 +68,10 @@ class Step:
         """Paths (folders, files) this step reads; the steps writing them come first."""
         return ()
 
-    def sources(self) -> Tuple[Tuple[str, Optional[Tuple[str, ...]]], ...]:
-        """What this step reads from outside the pipeline, as (path, file suffixes or None
-        for every file): their content is part of the step's digest, so a file replaced or
-        edited at the same path reruns the step (completion.digests)."""
+    def sources(self) -> Tuple[str, ...]:
+        """Files and folders this step reads from outside the pipeline: their content is part
+        of the step's digest, so a file replaced or edited at the same path reruns the step
+        (completion.digests)."""
         return ()
 
     def complete(self, folder: str) -> Optional[bool]:
@@ -101,7 +101,7 @@ class Convert(Step):
     partial = True
 
     def sources(self):  # a local model folder (a Hub id is pinned by its own revision)
-        return ((self.hf, None),) if os.path.isdir(self.hf) else ()
+        return (self.hf,) if os.path.isdir(self.hf) else ()
 
     def argv(self, dest):
         return ["convert", "hf-to-mcore", "--hf", self.hf, "--out", dest, "--dtype", self.dtype]
@@ -130,7 +130,7 @@ class Train(Step):
                      if o.split("=", 1)[0] in READS)
 
     def sources(self):  # local data files and tokenizers (the pipeline's own are skipped)
-        return tuple((path, None) for path in self.inputs() if os.path.exists(path))
+        return tuple(path for path in self.inputs() if os.path.exists(path))
 
     def complete(self, folder):
         return training_finished(folder)
@@ -405,7 +405,7 @@ class Function(Step):
 
     fn: Optional[Callable[[str], Any]] = field(default=None, compare=False)
     params: Tuple[Tuple[str, Any], ...] = ()
-    read: Tuple[Tuple[str, Optional[Tuple[str, ...]]], ...] = ()  # what sources() gives
+    read: Tuple[str, ...] = ()  # what sources() gives
     kind = "function"
     launcher = None
 

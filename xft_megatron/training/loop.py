@@ -185,6 +185,7 @@ def _train(cfg, info, data, progress, resume, should_stop, extra_files, loss_hoo
         if same_layout:
             rng.restore(ckpt.read_rank_state(resume_from)["rng"])
     result.start_step = result.steps_done = start
+    finished_before = None  # the summary of a finished run resumed (below)
     metrics = Metrics(log_dir or c.save, info.rank == 0, start, t.train_steps, progress)
     if resume_from:
         metrics.message(f"resumed from {resume_from} at step {start}" + (
@@ -200,15 +201,13 @@ def _train(cfg, info, data, progress, resume, should_stop, extra_files, loss_hoo
             metrics.message(f"the checkpoint is at step {start}, train.train_steps="
                             f"{t.train_steps}: nothing to train (raise train.train_steps to "
                             "train further)")
-    # a finished run resumed (e.g. a pipeline killed right after the stage's last save): its
-    # result is the finished run's, not that of a run of no steps
-    finished_before = _finished_summary(log_dir or c.save, t.train_steps) \
-        if resume_from and start >= t.train_steps else None
-    if resume_from and start >= t.train_steps:
-        result.checkpoint = resume_from
-        if cfg.stage == "merge":
-            result.merge_coefficients = {
-                layer: co.tolist() for layer, co in gather_coefficients(chunks).items()}
+            # a finished run resumed (e.g. a pipeline killed right after the stage's last
+            # save): its result is the finished run's, not that of a run of no steps
+            finished_before = _finished_summary(log_dir or c.save, t.train_steps)
+            result.checkpoint = resume_from
+            if cfg.stage == "merge":
+                result.merge_coefficients = {
+                    layer: co.tolist() for layer, co in gather_coefficients(chunks).items()}
 
     def save(step: int, final: bool) -> str:
         with_state = not final or c.final_optimizer
@@ -306,7 +305,7 @@ def _train(cfg, info, data, progress, resume, should_stop, extra_files, loss_hoo
         if cfg.stage == "moe":
             result.summary["routing"] = routing_means(routing_window)
             result.summary["expert_divergence"] = result.expert_divergence
-        if finished_before is not None and result.steps_done == start:
+        if finished_before is not None:
             result.summary = finished_before
             result.expert_divergence = finished_before.get("expert_divergence")
         metrics.close(result.summary)
