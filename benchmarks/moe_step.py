@@ -74,6 +74,7 @@ def main():
     ap.add_argument("--reps", type=int, default=20)
     ap.add_argument("--tokens", type=int, default=8192)
     ap.add_argument("--json", default=None)
+    ap.add_argument("overrides", nargs="*", help="config overrides for the training steps")
     args = ap.parse_args()
     env = dict(torch=torch.__version__, cuda=torch.version.cuda,
                device=torch.cuda.get_device_name(), matmul_tflops=matmul_ceiling() / 1e12,
@@ -90,7 +91,7 @@ def main():
         seq, mbs = (int(x) for x in point.split(":"))
         # a 5th run does not fit: memory of earlier runs is not all released (RESULTS.md)
         for v in ("xft/grouped", "vanilla/grouped", "xft/sequential", "xft/grouped"):
-            extra = MOE + VARIANTS[v] + [f"model.num_layers={args.layers}"]
+            extra = MOE + VARIANTS[v] + [f"model.num_layers={args.layers}"] + args.overrides
             r = run_point("deepseek-coder-1.3b", seq, mbs, args.accum, args.steps,
                           args.warmup, extra)
             r["variant"] = v

@@ -4,6 +4,7 @@
 # ${OUT:-runs/gpu}. Usage: [BENCH=dense|moe|train|all|profile-moe|scaling|study|real-study]
 # scripts/gpu.sh
 # [dense points]. arms: the XFT variants study (benchmarks/xft_arms.py; ARMS, SEEDS).
+# train-path: the GPU tests, then benchmarks/train_path.py (MoE and dense; MBS).
 # BENCH (default all) picks the benchmarks run after the GPU tests; profile-moe
 # runs only the MoE layer profile (no tests); scaling runs only the scaling study
 # (benchmarks/scaling.py, STUDY=benchmarks/studies/h200.yaml); study runs only the XFT-vs-SFT
@@ -127,6 +128,19 @@ if [ "$BENCH" = study ]; then
 fi
 [ "${SKIP_TESTS:-0}" = 1 ] || \
   python3 -m pytest -q -m gpu tests/gpu/test_gpu.py -p no:cacheprovider 2>&1 | tee "$OUT/gpu_tests.log"
+if [ "$BENCH" = train-path ]; then
+  # forward + backward of the training path against the model alone and the HF reference
+  # (benchmarks/train_path.py): the MoE at the paper shape (MBS, default 4), then the dense
+  # 1.3B; MOE_LAYERS / DENSE_LAYERS shrink them where a card is small
+  for kind in moe dense; do
+    flag=""; layers="${MOE_LAYERS:-24}"
+    [ "$kind" = dense ] && flag="--dense" && layers="${DENSE_LAYERS:-24}"
+    python3 -W ignore benchmarks/train_path.py $flag --layers "$layers" \
+      --mbs ${MBS:-4} --json "$OUT/train_path_$kind.json" 2>&1 | grep -v Warning \
+      | tee "$OUT/train_path_$kind.log"
+  done
+  exit 0
+fi
 if [ "$BENCH" = train ]; then
   NGPU=$(nvidia-smi -L | wc -l)
   e2e() {  # name, nproc, args...

@@ -75,6 +75,42 @@ def test_gpu_grouped_gemm_matches_loop():
         assert rel(u, v) < 2e-2
 
 
+@pytest.mark.parametrize("compiled", [False, True])
+def test_gpu_fused_weight_gradients_match_unfused(compiled):
+    """precision.grad_accum_fusion on the GPU (bf16 weights, fp32 gradient buffer): Megatron's
+    linear layers (apex stand-in, also inside compiled layers) and the grouped experts
+    accumulate their weight gradients into DDP's buffer with `addmm(out_dtype=fp32)`. The
+    second of two steps (DDP resets its marks in between, so a side effect that ran only while
+    tracing would show) marks every weight but the router's and the embedding's, and gives
+    the unfused gradients to bf16 tolerance (relative norm 1e-2 per tensor)."""
+    from tests import common
+    from xft_megatron.training.step import forward_backward
+
+    results = {}
+    for fuse in (False, True):
+        cfg = common.tiny_config("precision.dtype=bf16", "model.init_std=0.2",
+                                 "moe.num_experts=8", "moe.topk=6", "moe.router_noise=false",
+                                 "moe.experts_impl=grouped", f"train.compile_layers={compiled}",
+                                 f"precision.grad_accum_fusion={str(fuse).lower()}")
+        chunks, _ = common.setup(cfg, distributed_optimizer=False)
+        for _ in range(2):
+            for c in chunks:
+                c.zero_grad_buffer()
+            forward_backward(chunks, common.microbatches(cfg), cfg.train.seq_length)
+        module = chunks[0].module
+        results[fuse] = (
+            {n: p.main_grad.float().clone() for n, p in module.named_parameters()},
+            {n: bool(p.grad_added_to_main_grad) for n, p in module.named_parameters()
+             if p.dim() >= 2})
+    (plain, plain_marks), (fused, marks) = results[False], results[True]
+    assert not any(plain_marks.values())
+    for n, marked in marks.items():  # the (untied) input embedding has no GEMM
+        assert marked == (".router." not in n and "embedding" not in n), (n, marks)
+    for n, ref in plain.items():
+        assert ref.norm() > 0, n
+        assert ((fused[n] - ref).norm() / ref.norm()).item() < 1e-2, n
+
+
 def test_gpu_upcycled_moe_equals_dense():
     """P1 on the GPU in bf16: the upcycled XFT model's logits match the dense model's (bf16
     tolerance), with the grouped GEMM path in use; and MoE training reduces the loss."""

@@ -268,6 +268,12 @@ class PrecisionConfig:
     # (round to nearest even) | stochastic (unbiased: rounds up with probability equal to the
     # remainder's share of a bf16 ulp, random bits reproducible from train.seed)
     rounding: str = "nearest"  # nearest | stochastic
+    # the weight gradients of the linear layers and experts go straight into DDP's gradient
+    # buffer, one GEMM per weight accumulating in the buffer's dtype (fp32 with
+    # grad_reduce_in_fp32), instead of a bf16 gradient added to it by a second kernel
+    # (Megatron's gradient_accumulation_fusion; apex's kernel when installed, else ours).
+    # Off by default: on an H100 it was slower through the compiled layers (RESULTS.md)
+    grad_accum_fusion: bool = False
 
     def __post_init__(self):
         _require(self.dtype in ("fp32", "bf16", "fp16"),

@@ -64,11 +64,13 @@ def initialize(parallel: ParallelConfig, seed: int = 1234, timeout_s: float = 60
     """Process group + Megatron parallel state + seeded RNG streams. Validates the layout
     against the world size first (ConfigError before any group is built). Called again with
     the same layout, it keeps the existing groups and only reseeds. Without CUDA it applies
-    the CPU support for Megatron-Core (compat.patches), which `shutdown` reverts."""
+    the CPU support for Megatron-Core (compat.patches), and everywhere the kernel stand-ins
+    for apex's where apex is missing; `shutdown` reverts both."""
     info = rank_info_from_env() if not dist.is_initialized() else \
         RankInfo(dist.get_rank(), dist.get_world_size(), 0)
     parallel.data_parallel_size(info.world_size)  # raises ConfigError on a bad fit
     patches.activate_cpu_support()  # reverted by shutdown()
+    patches.activate_kernels()  # likewise
     info = init_process_group(timeout_s)
     if _current_layout() == _layout(parallel):  # the groups exist already: only reseed
         compat.seed_model_parallel_rng(seed)
@@ -140,4 +142,5 @@ def shutdown() -> None:
         if dist.is_initialized():
             dist.destroy_process_group()
     finally:
+        patches.deactivate_kernels()
         patches.deactivate_cpu_support()

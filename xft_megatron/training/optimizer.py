@@ -66,7 +66,29 @@ def wrap_ddp(chunks: List, tconfig: TransformerConfig, precision: PrecisionConfi
     if len(wrapped) == 1:
         tconfig.no_sync_func = tconfig.no_sync_func[0]
     tconfig.finalize_model_grads_func = finalize_model_grads
+    if precision.grad_accum_fusion:
+        fuse_weight_gradients(wrapped)
     return wrapped
+
+
+def fuse_weight_gradients(chunks: List) -> int:
+    """Switch on `gradient_accumulation_fusion` in every Megatron linear layer and experts
+    module whose weight DDP gave a `main_grad` (trainable weights; a frozen one takes
+    Megatron's frozen-weight path anyway), so their weight gradients are accumulated into
+    DDP's buffer by the GEMM itself. Only here, after DDP: outside DDP there is no buffer.
+    Returns the number of modules switched."""
+    switched = 0
+    for chunk in chunks:
+        for module in chunk.modules():
+            if not hasattr(module, "gradient_accumulation_fusion"):
+                continue
+            weights = [p for p in module.parameters(recurse=False)
+                       if p.dim() >= 2 and p.requires_grad]
+            shared = getattr(module, "weight", False) is None  # tied output layer
+            if (weights and all(hasattr(p, "main_grad") for p in weights)) or shared:
+                module.gradient_accumulation_fusion = True
+                switched += 1
+    return switched
 
 
 def _param_layout(chunk, ddp_config: DistributedDataParallelConfig):

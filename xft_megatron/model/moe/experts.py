@@ -17,6 +17,8 @@ from megatron.core.dist_checkpointing.mapping import ShardedTensor
 from megatron.core.tensor_parallel import get_cuda_rng_tracker, get_expert_parallel_rng_tracker_name
 from megatron.core.transformer.module import MegatronModule
 
+from xft_megatron.runtime.compat import kernels
+
 _ALIGN_BYTES = 16  # grouped GEMM kernels need 16-byte aligned strides
 
 
@@ -41,8 +43,22 @@ def _math_dtype(t: torch.Tensor) -> torch.dtype:
 
 
 def _swiglu_backward(h: torch.Tensor, probs: torch.Tensor, grad: torch.Tensor):
-    """Gradients of `_swiglu_forward` w.r.t. h ([n, 2F], h's dtype) and probs ([n]). Written
-    for few passes over memory (the eager CPU path; on CUDA torch.compile fuses it): shared
+    """Gradients of `_swiglu_forward` w.r.t. h ([n, 2F], h's dtype) and probs ([n]), written
+    functionally for torch.compile (CUDA), which fuses it into one kernel: out-of-place ops
+    and a cat, no views written into (`_swiglu_backward_eager` computes the same in place)."""
+    gate, up = h.to(_math_dtype(h)).chunk(2, dim=-1)
+    grad = grad.to(gate.dtype)
+    sig = torch.sigmoid(gate)
+    silu = gate * sig
+    p = probs.to(gate.dtype).unsqueeze(-1)
+    d_gate = grad * up * p * sig * (1.0 + gate * (1.0 - sig))
+    d_up = grad * silu * p
+    d_probs = (grad * silu * up).sum(dim=-1)
+    return torch.cat([d_gate, d_up], dim=-1).to(h.dtype), d_probs.to(probs.dtype)
+
+
+def _swiglu_backward_eager(h: torch.Tensor, probs: torch.Tensor, grad: torch.Tensor):
+    """`_swiglu_backward` for eager execution (the CPU), in few passes over memory: shared
     products, in-place updates, the two halves written straight into the output."""
     gate, up = h.to(_math_dtype(h)).chunk(2, dim=-1)
     grad = grad.to(gate.dtype)
@@ -91,7 +107,9 @@ class _WeightedSwiGLU(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         h, probs = ctx.saved_tensors
-        return _kernel(_swiglu_backward, h.is_cuda)(h, probs, grad.contiguous())
+        if h.is_cuda:
+            return _kernel(_swiglu_backward, True)(h, probs, grad.contiguous())
+        return _swiglu_backward_eager(h, probs, grad.contiguous())
 
 
 def weighted_swiglu(h: torch.Tensor, probs: torch.Tensor) -> torch.Tensor:
@@ -113,6 +131,54 @@ def swiglu_experts(x, tokens_per_expert, probs, fc1, fc2, use_grouped: bool):
         act = weighted_swiglu(F.linear(xe, fc1[e]), pe)
         outs.append(F.linear(act, fc2[e]))
     return torch.cat(outs, dim=0) if outs else x.new_zeros(0, fc2.shape[1])
+
+
+def _expert_mm(x, w, counts, offs):
+    """x [n, in] grouped by expert (counts), w [E, out, in] -> [n, out]: x_e @ w[e]^T.
+    `offs` (cumulative counts on x's device) selects the grouped GEMM, None the loop."""
+    if offs is not None:
+        return F.grouped_mm(x, w.transpose(-2, -1), offs=offs)
+    outs = [F.linear(xe, w[e]) for e, xe in enumerate(x.split(counts))]
+    return torch.cat(outs, dim=0) if outs else x.new_zeros(0, w.shape[1])
+
+
+class _ExpertLinearIntoMainGrad(torch.autograd.Function):
+    """`_expert_mm` with the weight gradient accumulated straight into the parameter's
+    `main_grad` (Megatron DDP's buffer), one GEMM per expert accumulating in the buffer's
+    dtype (`compat.kernels.accumulate_wgrad`), as Megatron's linear layers do under
+    `gradient_accumulation_fusion`: the parameter is marked `grad_added_to_main_grad` and
+    autograd gets a placeholder gradient, which DDP's hook then drops."""
+
+    @staticmethod
+    def forward(ctx, x, param, counts, offs):
+        ctx.save_for_backward(x, param)
+        ctx.counts, ctx.offs = counts, offs
+        return _expert_mm(x, param.view(param.shape[0], -1, param.shape[-1]), counts, offs)
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, param = ctx.saved_tensors
+        w = param.view(param.shape[0], -1, param.shape[-1])  # [E, out, in]
+        grad = grad.contiguous()
+        dx = _expert_mm(grad, w.transpose(-2, -1), ctx.counts, ctx.offs)
+        main = param.main_grad.view(w.shape)
+        for e, (xe, ge) in enumerate(zip(x.split(ctx.counts), grad.split(ctx.counts))):
+            if xe.shape[0]:
+                kernels.accumulate_wgrad(main[e], ge, xe)
+        param.grad_added_to_main_grad = True
+        placeholder = torch.empty(param.shape, dtype=param.dtype, device=param.device)
+        return dx, placeholder, None, None
+
+
+def swiglu_experts_into_main_grad(x, tokens_per_expert, probs, fc1, fc2, use_grouped: bool):
+    """`swiglu_experts` for parameters under Megatron DDP: fc1 [E, 2, F, H] and fc2
+    [E, H, F] are the parameters themselves, whose weight gradients go into `main_grad`."""
+    counts = tokens_per_expert.tolist()
+    offs = (torch.cumsum(tokens_per_expert.to(x.device), 0, dtype=torch.int32)
+            if use_grouped else None)
+    h = _ExpertLinearIntoMainGrad.apply(x, fc1, counts, offs)  # [n, 2F]
+    act = weighted_swiglu(h, probs)  # [n, F]
+    return _ExpertLinearIntoMainGrad.apply(act, fc2, counts, offs)  # [n, H]
 
 
 class GroupedExperts(MegatronModule):
@@ -140,6 +206,9 @@ class GroupedExperts(MegatronModule):
             with get_cuda_rng_tracker().fork(get_expert_parallel_rng_tracker_name()):
                 config.init_method(self.fc1_weight)
                 config.output_layer_init_method(self.fc2_weight)
+        # weight gradients straight into DDP's main_grad (training.optimizer.wrap_ddp sets
+        # it, as for Megatron's linear layers)
+        self.gradient_accumulation_fusion = False
         for p in (self.fc1_weight, self.fc2_weight):
             # gradients reduce over the expert-data-parallel group (ranks holding this shard)
             p.allreduce = False
@@ -152,8 +221,13 @@ class GroupedExperts(MegatronModule):
         e, _, f, h = self.fc1_weight.shape
         fc1 = self.fc1_weight.view(e, 2 * f, h)
         use_grouped = grouped_gemm_supported(tokens, fc1, self.fc2_weight)
-        out = swiglu_experts(tokens, tokens_per_expert, probs, fc1, self.fc2_weight,
-                             use_grouped)
+        if self.gradient_accumulation_fusion and torch.is_grad_enabled() \
+                and self.fc1_weight.requires_grad:
+            out = swiglu_experts_into_main_grad(tokens, tokens_per_expert, probs,
+                                                self.fc1_weight, self.fc2_weight, use_grouped)
+        else:
+            out = swiglu_experts(tokens, tokens_per_expert, probs, fc1, self.fc2_weight,
+                                 use_grouped)
         return out, None
 
     def backward_dw(self):

@@ -5,9 +5,11 @@
                       replacement), applied by `parallel.initialize` and reverted by
                       `parallel.shutdown` (its docstring says what each patch does and why)
     compat.cpu        the stand-ins those patches install
+    compat.kernels    kernels Megatron-Core takes from apex when installed (the fused
+                      weight-gradient accumulation), ours otherwise
 
-On a GPU machine nothing here changes anything: NCCL is the backend and Megatron-Core runs
-unmodified.
+On a GPU machine NCCL is the backend and Megatron-Core runs unmodified, apart from the
+weight-gradient kernel it finds where apex's would be when apex is missing.
 """
 
 from __future__ import annotations

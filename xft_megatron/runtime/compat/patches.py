@@ -53,7 +53,14 @@ if the installed version differs, so each item gets re-checked when the pin move
      reduce-scatter as an all-reduce of the concatenation followed by taking this rank's
      block. Results are exactly what NCCL computes (sum order aside).
 
-Apart from that list, on every machine: `plain_data_loads()`, a context manager around
+Apart from that list, on every machine:
+  - `kernel_patches()`, applied by `parallel.initialize` and reverted by `parallel.shutdown`
+    (`activate_kernels`/`deactivate_kernels`), only where apex is missing: Megatron's linear
+    layers take their fused weight-gradient accumulation kernel from apex's
+    `fused_weight_gradient_mlp_cuda`; `compat.kernels.ApexWgradStandIn` goes in its place
+    (one GEMM accumulating in the fp32 gradient buffer), so `gradient_accumulation_fusion`
+    (precision.grad_accum_fusion) runs without apex.
+  - `plain_data_loads()`, a context manager around
 `dist_checkpointing.load`. torch's `DefaultLoadPlanner.load_bytes` (which Megatron's load
 planner inherits) unpickles every stored object of a torch_dist checkpoint with
 `weights_only=False`, Megatron's non-tensor state among them (one stored object since 0.19),
@@ -74,7 +81,7 @@ from typing import Any, Iterable, List, Optional, Tuple
 
 import torch
 
-from xft_megatron.runtime.compat import check_megatron_version, cpu, has_cuda
+from xft_megatron.runtime.compat import check_megatron_version, cpu, has_cuda, kernels
 
 Patch = Tuple[Any, str, Any]  # (object, attribute, replacement)
 _INHERITED = object()  # the attribute came from a base class: revert deletes the override
@@ -83,11 +90,13 @@ _INHERITED = object()  # the attribute came from a base class: revert deletes th
 class Patches:
     """Replacements applied together and reverted together. `apply` records each original
     and sets the replacement; `revert` restores the originals in reverse order. Also a
-    context manager (apply on enter, revert on exit). Every attribute must exist: a patch
-    naming one that does not means the pinned release changed, and nothing is applied."""
+    context manager (apply on enter, revert on exit). Every attribute must exist, except the
+    names in `added` (set where absent, deleted again by `revert`): a patch naming one that
+    does not means the pinned release changed, and nothing is applied."""
 
-    def __init__(self, patches: Iterable[Patch]):
+    def __init__(self, patches: Iterable[Patch], added: Iterable[str] = ()):
         self.patches: List[Patch] = list(patches)
+        self.added = frozenset(added)
         self._originals: Optional[List[Patch]] = None
 
     @property
@@ -98,7 +107,7 @@ class Patches:
         if self.applied:
             raise RuntimeError("these patches are applied already")
         for obj, name, _ in self.patches:
-            if not hasattr(obj, name):
+            if not hasattr(obj, name) and name not in self.added:
                 raise AttributeError(f"{obj!r} has no attribute {name!r} to patch")
         done: List[Patch] = []
         try:
@@ -150,6 +159,7 @@ MODULES_WITH_CUDA_FACTORIES = (
     "megatron.core.dist_checkpointing.exchange_utils",
 )
 DISPATCHER_MODULE = "megatron.core.transformer.moe.token_dispatcher"
+LAYERS_MODULE = "megatron.core.tensor_parallel.layers"
 MAPPINGS_MODULE = "megatron.core.tensor_parallel.mappings"
 RANDOM_MODULE = "megatron.core.tensor_parallel.random"
 
@@ -179,7 +189,35 @@ def cpu_patches() -> List[Patch]:
     ]
 
 
+def kernel_patches() -> Patches:
+    """On every machine without apex: Megatron's linear layers find `kernels.ApexWgradStandIn`
+    where they look for apex's `fused_weight_gradient_mlp_cuda` (a name their module defines
+    only when apex imports), so `gradient_accumulation_fusion` works without apex. Nothing
+    when apex is installed: its kernel is used."""
+    layers = importlib.import_module(LAYERS_MODULE)
+    if hasattr(layers, "fused_weight_gradient_mlp_cuda"):
+        return Patches([])
+    return Patches([(layers, "fused_weight_gradient_mlp_cuda", kernels.ApexWgradStandIn),
+                    (layers, "_grad_accum_fusion_available", True)],
+                   added=("fused_weight_gradient_mlp_cuda",))
+
+
 _active: Optional[Patches] = None  # the applied CPU support, between activate and deactivate
+_kernels: Optional[Patches] = None  # the applied kernel stand-ins (every machine)
+
+
+def activate_kernels() -> None:
+    """Apply `kernel_patches()` (on every machine); a no-op when already active."""
+    global _kernels
+    if _kernels is None:
+        _kernels = kernel_patches().apply()
+
+
+def deactivate_kernels() -> None:
+    global _kernels
+    if _kernels is not None:
+        patches, _kernels = _kernels, None
+        patches.revert()
 
 
 def activate_cpu_support() -> None:

@@ -1,0 +1,209 @@
+"""Forward + backward throughput of the training path against the model alone and an HF
+reference, side by side in one process on one GPU (bf16).
+
+    python benchmarks/train_path.py --json out.json                  # MoE, paper shape
+    python benchmarks/train_path.py --dense --json out.json          # dense 1.3B
+
+Shape: deepseek-coder-1.3b (24 layers), upcycled to 8 experts / top-6 (`--dense`: as is),
+seq `--seq`, micro-batches `--mbs`. One forward + backward of the LM loss (and the router's
+balance loss) per repetition, no optimizer step; median of `--reps` after `--warmup`, CUDA
+synchronized wall time. Variants, alternated per point so ratios compare like with like:
+
+    model        the Megatron model called directly, bf16 parameter gradients (no DDP)
+    path         what training runs: Megatron DDP (fp32 main_grad buffer) and the schedule,
+                 precision.grad_accum_fusion=false (the bf16 weight gradient is added to the
+                 buffer by DDP's hook)
+    path_fused   the same with precision.grad_accum_fusion=true (the GEMM accumulates into the
+                 buffer)
+    reference    transformers with fp32 weights under torch.autocast(bf16), SDPA attention;
+                 the MoE is this project's HF export model (xft_megatron/hf/remote), whose
+                 experts run as the XFT reference's do: a loop over experts gathering their
+                 tokens and scattering back with index_add (no balance loss)
+
+MFU counts active parameters and full-square attention (xft_megatron/training/flops.py)
+against the H200 bf16 dense peak (989 TFLOP/s; the H100 SXM's is the same).
+"""
+
+import argparse
+import gc
+import json
+import statistics
+import sys
+import time
+
+import torch
+
+from xft_megatron.config import load_config
+from xft_megatron.runtime import parallel
+from xft_megatron.training.flops import H200_BF16_DENSE_PEAK, flops_per_token
+
+MOE = ["moe.num_experts=8", "moe.topk=6"]
+VARIANTS = ("model", "path", "path_fused", "reference")
+
+
+def _config(args, mbs, fuse=None):
+    extra = [] if args.dense else MOE
+    if fuse is not None:
+        extra.append(f"precision.grad_accum_fusion={str(fuse).lower()}")
+    return load_config(None, [f"model.preset={args.preset}", "precision.dtype=bf16",
+                              f"model.num_layers={args.layers}", f"train.seq_length={args.seq}",
+                              f"train.micro_batch_size={mbs}", f"train.global_batch_size={mbs}",
+                              "train.train_steps=100"] + extra + args.overrides)
+
+
+def _timed(fn, warmup, reps):
+    times = []
+    for i in range(warmup + reps):
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        fn()
+        torch.cuda.synchronize()
+        if i >= warmup:
+            times.append(time.perf_counter() - t0)
+    return times
+
+
+def _megatron(cfg, variant, batch):
+    """A closure running one forward + backward of `variant` (model | path | path_fused)."""
+    from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler
+
+    from xft_megatron.model.builder import build_model, transformer_config
+    from xft_megatron.training.optimizer import wrap_ddp
+    from xft_megatron.training.step import forward_backward
+
+    parallel.initialize(cfg.parallel, seed=1)
+    tc = transformer_config(cfg)
+    chunks = build_model(cfg, tc)
+    if variant == "model":
+        model = chunks[0]
+        MoEAuxLossAutoScaler.set_loss_scale(torch.ones(1, device="cuda"))
+        dev = {k: v.cuda() for k, v in batch.items()}
+
+        def step():
+            model.zero_grad(set_to_none=True)
+            loss = model(dev["tokens"], dev["position_ids"], None, labels=dev["labels"])
+            loss.float().mean().backward()
+        return chunks, step
+    chunks = wrap_ddp(chunks, tc, cfg.precision, distributed_optimizer=False)
+
+    def step():
+        for c in chunks:
+            c.zero_grad_buffer()
+        forward_backward(chunks, [batch], cfg.train.seq_length)
+    return chunks, step
+
+
+def _reference(cfg, batch, device="cuda"):
+    import transformers
+
+    from xft_megatron.arch import families
+    from xft_megatron.hf import moe as hf_moe
+
+    m = cfg.model
+    if cfg.moe.enabled:
+        import importlib.util
+
+        from xft_megatron.hf.remote import MODELING_FILE
+
+        spec = importlib.util.spec_from_file_location("modeling_xft_moe", MODELING_FILE)
+        modeling = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(modeling)
+        d = hf_moe.moe_hf_config_dict(m, cfg.moe)
+        arch = d["architectures"][0]
+        config = getattr(modeling, d["auto_map"]["AutoConfig"].split(".")[1])(**d)
+        model_class = getattr(modeling, arch)
+    else:
+        config = transformers.AutoConfig.for_model(**families.of(m).hf_config(m))
+        model_class = transformers.AutoModelForCausalLM
+    config._attn_implementation = "sdpa"
+    with torch.device(device):
+        model = (model_class(config) if cfg.moe.enabled
+                 else model_class.from_config(config)).float().train()
+    ids, labels = batch["tokens"].to(device), batch["labels"].to(device)
+
+    def step():
+        model.zero_grad(set_to_none=True)
+        with torch.autocast(device, dtype=torch.bfloat16):
+            logits = model(ids).logits
+        loss = torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), labels.flatten())
+        loss.backward()
+    return [model], step
+
+
+def run(args, mbs, variant):
+    fuse = {"path": False, "path_fused": True}.get(variant)
+    cfg = _config(args, mbs, fuse)
+    g = torch.Generator().manual_seed(0)
+    from xft_megatron.training.step import make_batch
+
+    batch = make_batch(torch.randint(0, cfg.model.vocab_size, (mbs, args.seq + 1), generator=g))
+    torch.cuda.reset_peak_memory_stats()
+    row = dict(variant=variant, micro_batch=mbs, seq=args.seq)
+    try:
+        holder, step = _reference(cfg, batch) if variant == "reference" else \
+            _megatron(cfg, variant, batch)
+        times = _timed(step, args.warmup, args.reps)
+    except torch.OutOfMemoryError:
+        row["error"] = "out of memory"
+        holder = step = None
+    else:
+        t = statistics.median(times)
+        tps = mbs * args.seq / t
+        achieved = flops_per_token(cfg.model, args.seq, cfg.moe) * tps
+        row.update(ms=t * 1e3, spread_ms=(min(times) * 1e3, max(times) * 1e3),
+                   tokens_per_s=tps, mfu=achieved / H200_BF16_DENSE_PEAK,
+                   peak_mem_gib=torch.cuda.max_memory_allocated() / 2 ** 30)
+    del holder, step
+    torch._dynamo.reset()  # compiled regions keep references to the model's modules
+    gc.collect()
+    torch.cuda.empty_cache()
+    return row
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--preset", default="deepseek-coder-1.3b")
+    ap.add_argument("--layers", type=int, default=24)
+    ap.add_argument("--dense", action="store_true", help="the dense model (no upcycling)")
+    ap.add_argument("--seq", type=int, default=1024)
+    ap.add_argument("--mbs", type=int, nargs="+", default=[4])
+    ap.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
+    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--reps", type=int, default=10)
+    ap.add_argument("--json", default=None)
+    ap.add_argument("overrides", nargs="*", help="config overrides for the Megatron variants")
+    args = ap.parse_args()
+    env = dict(torch=torch.__version__, cuda=torch.version.cuda,
+               device=torch.cuda.get_device_name(), date=time.strftime("%Y-%m-%d"),
+               command=" ".join(sys.argv), kind="dense" if args.dense else "moe")
+    rows = []
+    for mbs in args.mbs:
+        for variant in args.variants:
+            rows.append(run(args, mbs, variant))
+            r = rows[-1]
+            print(f"[{env['kind']} mbs={mbs}] {variant:11s} " + (
+                r["error"] if "error" in r else
+                f"{r['ms']:.0f} ms, {r['tokens_per_s']:,.0f} tok/s, MFU {r['mfu']:.1%}, "
+                f"peak {r['peak_mem_gib']:.1f} GiB"), flush=True)
+    by = {(r["micro_batch"], r["variant"]): r for r in rows if "error" not in r}
+    for mbs in args.mbs:
+        ref = by.get((mbs, "reference"))
+        for v in ("model", "path", "path_fused"):
+            r = by.get((mbs, v))
+            if r and ref:
+                r["vs_reference"] = r["tokens_per_s"] / ref["tokens_per_s"]
+            if r and (mbs, "model") in by:
+                r["vs_model"] = r["tokens_per_s"] / by[(mbs, "model")]["tokens_per_s"]
+    for r in rows:
+        if "vs_reference" in r or "vs_model" in r:
+            print(f"[{env['kind']} mbs={r['micro_batch']}] {r['variant']:11s} "
+                  f"x{r.get('vs_reference', float('nan')):.2f} the reference, "
+                  f"x{r.get('vs_model', float('nan')):.3f} the model alone")
+    print(f"env: {env}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"env": env, "rows": rows}, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
