@@ -28,6 +28,7 @@ import argparse
 import gc
 import json
 import statistics
+import subprocess
 import sys
 import time
 
@@ -160,6 +161,22 @@ def run(args, mbs, variant):
     return row
 
 
+def _child(args, mbs, variant):
+    """`run` in a fresh process (memory of one 7B-parameter variant is not all released in
+    process, so the next would not fit)."""
+    argv = ["--preset", args.preset, "--layers", str(args.layers), "--seq", str(args.seq),
+            "--warmup", str(args.warmup), "--reps", str(args.reps), "--mbs", str(mbs),
+            "--one", variant] + (["--dense"] if args.dense else []) + args.overrides
+    proc = subprocess.run([sys.executable, "-W", "ignore", __file__, *argv],
+                          capture_output=True, text=True)
+    for line in proc.stdout.splitlines():
+        if line.startswith("ROW "):
+            return json.loads(line[4:])
+    tail = (proc.stdout + proc.stderr).strip().splitlines()[-5:]
+    return dict(variant=variant, micro_batch=mbs,
+                error=f"exit {proc.returncode}: " + " | ".join(tail))
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--preset", default="deepseek-coder-1.3b")
@@ -171,15 +188,19 @@ def main():
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--reps", type=int, default=10)
     ap.add_argument("--json", default=None)
+    ap.add_argument("--one", default=None, help=argparse.SUPPRESS)  # a child: one variant
     ap.add_argument("overrides", nargs="*", help="config overrides for the Megatron variants")
     args = ap.parse_args()
+    if args.one:  # run in a child process of its own: nothing of a variant outlives it
+        print("ROW " + json.dumps(run(args, args.mbs[0], args.one)), flush=True)
+        return
     env = dict(torch=torch.__version__, cuda=torch.version.cuda,
                device=torch.cuda.get_device_name(), date=time.strftime("%Y-%m-%d"),
                command=" ".join(sys.argv), kind="dense" if args.dense else "moe")
     rows = []
     for mbs in args.mbs:
         for variant in args.variants:
-            rows.append(run(args, mbs, variant))
+            rows.append(_child(args, mbs, variant))
             r = rows[-1]
             print(f"[{env['kind']} mbs={mbs}] {variant:11s} " + (
                 r["error"] if "error" in r else

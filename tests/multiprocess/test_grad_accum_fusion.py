@@ -10,6 +10,8 @@ their own backward) equal the unfused gradients, and the fused path is the one t
   switched, each trainable weight is marked `grad_added_to_main_grad` after backward, and the
   main_grad buffers equal the unfused ones (1e-6 relative per tensor); two microbatches,
   so the accumulation across microbatches is covered. In bf16: to bf16 tolerance.
+- Modules inside torch.compile'd regions are left unfused (the fused backward would split the
+  compiled graph at every linear layer).
 - The stand-in sits in Megatron's layers module while the parallel state is up, and is gone
   after shutdown. The same kernel under every parallel layout is P5 (test_moe_parity).
 """
@@ -44,6 +46,26 @@ def _grads(dtype, fuse):
     return dict(loss=loss, switched=switched, marked=marked, grads=grads, standin=standin)
 
 
+def _switched_with_compiled_attention():
+    """Names of the modules switched when each layer's attention is torch.compile'd (the
+    MoE layers' `train.compile_layers` regions; the eager backend needs no compiler)."""
+    from xft_megatron.model.builder import build_model, transformer_config
+    from xft_megatron.runtime import parallel
+    from xft_megatron.training.optimizer import wrap_ddp
+
+    cfg = common.tiny_config(*MOE, "precision.grad_accum_fusion=true")
+    parallel.initialize(cfg.parallel, seed=7)
+    tc = transformer_config(cfg)
+    chunks = build_model(cfg, tc)
+    for layer in chunks[0].decoder.layers:
+        layer.self_attention.compile(backend="eager")
+    chunks = wrap_ddp(chunks, tc, cfg.precision, distributed_optimizer=False)
+    names = [n for n, m in chunks[0].module.named_modules()
+             if getattr(m, "gradient_accumulation_fusion", False)]
+    parallel.shutdown()
+    return names
+
+
 def _body(rank, world):
     from megatron.core.tensor_parallel import layers
 
@@ -64,6 +86,7 @@ def _body(rank, world):
                      (rounded.double() - exact).abs().max().item() / scale)
     for dtype in ("fp32", "bf16"):
         out[dtype] = {"plain": _grads(dtype, False), "fused": _grads(dtype, True)}
+    out["compiled"] = _switched_with_compiled_attention()
     out["after_shutdown"] = hasattr(layers, "fused_weight_gradient_mlp_cuda")
     return out
 
@@ -89,4 +112,9 @@ def test_fused_weight_gradients_equal_unfused():
             err = (got - ref).abs().max().item() / max(ref.abs().max().item(), 1e-30)
             assert ref.abs().max() > 0, n
             assert err <= tol, (dtype, n, err)
+    # compiled regions keep the unfused backward (it would split their graph): only the
+    # experts and the output layer are switched
+    names = out["compiled"]
+    assert not any("self_attention" in n for n in names), names
+    assert "output_layer" in names and sum(n.endswith("mlp.experts") for n in names) >= 2, names
     assert not out["after_shutdown"], "the apex stand-in outlived parallel.shutdown"

@@ -76,11 +76,16 @@ def fuse_weight_gradients(chunks: List) -> int:
     module whose weight DDP gave a `main_grad` (trainable weights; a frozen one takes
     Megatron's frozen-weight path anyway), so their weight gradients are accumulated into
     DDP's buffer by the GEMM itself. Only here, after DDP: outside DDP there is no buffer.
-    Returns the number of modules switched."""
+    Modules inside a torch.compile'd region (train.compile_layers) stay as they are: the
+    fused backward writes into a buffer from outside the graph, which splits the compiled
+    graph at every linear layer (slower than the separate addition it saves). Returns the
+    number of modules switched."""
+    compiled = {id(sub) for chunk in chunks for m in chunk.modules()
+                if getattr(m, "_compiled_call_impl", None) is not None for sub in m.modules()}
     switched = 0
     for chunk in chunks:
         for module in chunk.modules():
-            if not hasattr(module, "gradient_accumulation_fusion"):
+            if not hasattr(module, "gradient_accumulation_fusion") or id(module) in compiled:
                 continue
             weights = [p for p in module.parameters(recurse=False)
                        if p.dim() >= 2 and p.requires_grad]
