@@ -46,8 +46,11 @@ def table(folder: str) -> str:
                      f"{'' if higher_is_better else ' (lower is better)'} |")
 
     steps = {s: _median_by(moe[s].get("step", []), "variant", "tokens_per_s") for s in moe}
+    command = (moe["new"] or moe["old"]).get("env", {}).get("command", "").split()
+    n_layers = command[command.index("--layers") + 1] if "--layers" in command[:-1] else "8"
     for variant in sorted(set(steps["old"]) | set(steps["new"])):
-        row(f"MoE step {variant} (8 layers, seq 2048, mbs 4), tok/s", steps["old"].get(variant),
+        row(f"MoE step {variant} ({n_layers} layers, seq 2048, mbs 4), tok/s",
+            steps["old"].get(variant),
             steps["new"].get(variant), "")
     layers = {s: _median_by(moe[s].get("layer", []), "variant", "ms") for s in moe}
     for variant in sorted(set(layers["old"]) | set(layers["new"])):
