@@ -185,7 +185,7 @@ def main():
     ap.add_argument("--seq", type=int, default=1024)
     ap.add_argument("--mbs", type=int, nargs="+", default=[4])
     ap.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
-    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--warmup", type=int, default=5)
     ap.add_argument("--reps", type=int, default=10)
     ap.add_argument("--json", default=None)
     ap.add_argument("--one", default=None, help=argparse.SUPPRESS)  # a child: one variant
