@@ -131,12 +131,14 @@ fi
 if [ "$BENCH" = train-path ]; then
   # forward + backward of the training path against the model alone and the HF reference
   # (benchmarks/train_path.py): the MoE at the paper shape (MBS, default 4), then the dense
-  # 1.3B; MOE_LAYERS / DENSE_LAYERS shrink them where a card is small
-  for kind in moe dense; do
+  # 1.3B; MOE_LAYERS / DENSE_LAYERS shrink them where a card is small; KINDS (moe dense)
+  # and VARIANTS (all four) choose
+  for kind in ${KINDS:-moe dense}; do
     flag=""; layers="${MOE_LAYERS:-24}"
     [ "$kind" = dense ] && flag="--dense" && layers="${DENSE_LAYERS:-24}"
     python3 -W ignore benchmarks/train_path.py $flag --layers "$layers" \
-      --mbs ${MBS:-4} --json "$OUT/train_path_$kind.json" 2>&1 | grep -v Warning \
+      --mbs ${MBS:-4} ${VARIANTS:+--variants $VARIANTS} --json "$OUT/train_path_$kind.json" \
+      2>&1 | grep -v Warning \
       | tee "$OUT/train_path_$kind.log"
   done
   exit 0
