@@ -224,3 +224,12 @@ class MappingsTorch(types.ModuleType):
 
     def __getattr__(self, name):
         return getattr(torch, name)
+
+
+# --------------------------------------------------------------------------------------------
+# 10. Transformer Engine installed: its placeholder weight gradient
+# --------------------------------------------------------------------------------------------
+def dummy_wgrad(shape, dtype, zero=False):
+    """TE's `get_dummy_wgrad` (the placeholder gradient of a weight whose gradient went into
+    `main_grad`), on the CPU: TE's allocates it on the current CUDA device."""
+    return (torch.zeros if zero else torch.empty)(shape, dtype=dtype)

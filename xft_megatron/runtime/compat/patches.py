@@ -53,6 +53,20 @@ if the installed version differs, so each item gets re-checked when the pin move
      reduce-scatter as an all-reduce of the concatenation followed by taking this rank's
      block. Results are exactly what NCCL computes (sum order aside).
 
+  9. With Transformer Engine or apex installed, Megatron's optimizer takes their fused Adam
+     (`USING_PYTORCH_OPTIMIZER` false), a CUDA kernel whose constructor initializes CUDA, and
+     the distributed optimizer follows that choice (`USING_TE_OPTIMIZER`,
+     `USING_APEX_OPTIMIZER`, `HAVE_APEX_OR_TE`): on the CPU both take torch's AdamW, as
+     without them.
+ 10. With Transformer Engine installed, Megatron's linear layers take the placeholder weight
+     gradient of `gradient_accumulation_fusion` from TE's `get_dummy_wgrad`, which allocates
+     on CUDA: `cpu.dummy_wgrad` allocates it on the CPU.
+ 11. With Transformer Engine or apex installed, gradient clipping and the optimizer's
+     gradient scaling take their multi-tensor kernels (CUDA): on the CPU, Megatron's own
+     local implementations, which it uses without them.
+     Items 9-11 are listed only where TE or apex is installed (tested with TE 2.20.2 on the
+     CPU: the suite passes as without it).
+
 Apart from that list, on every machine:
   - `kernel_patches()`, applied by `parallel.initialize` and reverted by `parallel.shutdown`
     (`activate_kernels`/`deactivate_kernels`), only where apex is missing: Megatron's linear
@@ -160,12 +174,13 @@ MODULES_WITH_CUDA_FACTORIES = (
 )
 DISPATCHER_MODULE = "megatron.core.transformer.moe.token_dispatcher"
 LAYERS_MODULE = "megatron.core.tensor_parallel.layers"
+OPTIMIZER_MODULE = "megatron.core.optimizer"
 MAPPINGS_MODULE = "megatron.core.tensor_parallel.mappings"
 RANDOM_MODULE = "megatron.core.tensor_parallel.random"
 
 
 def cpu_patches() -> List[Patch]:
-    """Every CPU replacement (items 1-5, 7, 8 of the module docstring), built fresh."""
+    """Every CPU replacement (items 1-5, 7-11 of the module docstring), built fresh."""
     cuda = torch.cuda
     mrandom = importlib.import_module(RANDOM_MODULE)
     dispatcher = importlib.import_module(DISPATCHER_MODULE)
@@ -186,7 +201,35 @@ def cpu_patches() -> List[Patch]:
         (dispatcher, "maybe_move_tensor_to_cpu",                                   # 7
          cpu.host_copy(dispatcher.maybe_move_tensor_to_cpu)),
         (importlib.import_module(MAPPINGS_MODULE), "torch", cpu.MappingsTorch()),  # 8
+        *_te_or_apex_patches(),                                                    # 9-11
     ]
+
+
+def _te_or_apex_patches() -> List[Patch]:
+    """Items 9-11: only where Transformer Engine or apex is installed."""
+    from megatron.core import utils
+
+    optimizer = importlib.import_module(OPTIMIZER_MODULE)
+    distrib = importlib.import_module(OPTIMIZER_MODULE + ".distrib_optimizer")
+    clip = importlib.import_module(OPTIMIZER_MODULE + ".clip_grads")
+    scaling = importlib.import_module(OPTIMIZER_MODULE + ".optimizer")
+    layers = importlib.import_module(LAYERS_MODULE)
+    out = []
+    if not optimizer.USING_PYTORCH_OPTIMIZER:                                      # 9
+        out += [(optimizer, "USING_PYTORCH_OPTIMIZER", True),
+                (distrib, "USING_TE_OPTIMIZER", False),
+                (distrib, "USING_APEX_OPTIMIZER", False),
+                (distrib, "HAVE_APEX_OR_TE", False)]
+    if layers.HAVE_TE:                                                             # 10
+        out.append((layers, "get_dummy_wgrad", cpu.dummy_wgrad))
+    if clip.multi_tensor_applier is not utils.local_multi_tensor_applier:          # 11
+        out += [(clip, "multi_tensor_applier", utils.local_multi_tensor_applier),
+                (clip, "l2_norm_impl", utils.local_multi_tensor_l2_norm),
+                (clip, "multi_tensor_scale_impl", utils.local_multi_tensor_scale),
+                (clip, "multi_tensor_scale_tensor_impl", None),
+                (scaling, "multi_tensor_applier", utils.local_multi_tensor_applier),
+                (scaling, "multi_tensor_scale_impl", utils.local_multi_tensor_scale)]
+    return out
 
 
 def kernel_patches() -> Patches:
