@@ -27,6 +27,11 @@ class HFFormatError(UserError, ValueError):
     """An HF directory this project cannot read exactly; the message names file and problem."""
 
 
+class MissingPackage(UserError, ImportError):
+    """An optional package a command needs is not installed; the message names it and how to
+    install it."""
+
+
 class Terminated(KeyboardInterrupt):
     """SIGTERM: unwinds like Ctrl-C (partial outputs removed on the way out) and is reported
     as such by `xft` (exit 143). `xft train` and the training stages of a pipeline instead

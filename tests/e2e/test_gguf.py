@@ -1,5 +1,6 @@
-"""`xft convert gguf-to-hf` on damaged input and a failing disk: a message that names the file
-and the fix, never a traceback, and nothing left behind (the real SmolLM2 GGUF file)."""
+"""`xft convert gguf-to-hf` on damaged input, a failing disk and without the optional `gguf`
+package: a message that names the file (or package) and the fix, never a traceback, and
+nothing left behind (the real SmolLM2 GGUF file)."""
 
 import os
 import resource
@@ -45,3 +46,12 @@ def test_damaged_gguf_files_and_a_full_disk_are_messages(tmp_path):
         ["src", "garbage.gguf", "header_only.gguf", "half.gguf"]), os.listdir(tmp_path)
     ok = common.xft_process("convert", "gguf-to-hf", "--gguf", real, "--out", tmp_path / "full")
     assert ok.returncode == 0 and os.path.isfile(tmp_path / "full" / "config.json"), ok.stderr
+    # without the optional `gguf` package: a message that says how to install it
+    blocked = "import sys; sys.modules['gguf'] = None; from xft_megatron import cli; " \
+        "sys.exit(cli.main(sys.argv[1:]))"
+    missing = subprocess.run([sys.executable, "-c", blocked, "convert", "gguf-to-hf", "--gguf",
+                              real, "--out", str(tmp_path / "no_gguf")], capture_output=True,
+                             text=True, timeout=600)
+    assert missing.returncode == 2 and "Traceback" not in missing.stderr, missing.stderr[-3000:]
+    assert "pip install gguf" in missing.stderr, missing.stderr[-3000:]
+    assert not os.path.exists(tmp_path / "no_gguf")

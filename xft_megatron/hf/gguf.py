@@ -12,7 +12,7 @@ renamed: never half a directory.
 import os
 import shutil
 
-from xft_megatron.errors import HFFormatError, UsageError, UserError
+from xft_megatron.errors import HFFormatError, MissingPackage, UsageError, UserError
 
 DTYPES = ("fp32", "bf16", "fp16")
 
@@ -36,7 +36,9 @@ def gguf_to_hf(gguf_file: str, out: str, dtype: str = "fp32") -> str:
     try:
         import gguf  # noqa: F401  (transformers' GGUF reader needs it)
     except ImportError:
-        raise ImportError("reading GGUF needs the `gguf` package: pip install gguf") from None
+        raise MissingPackage("reading GGUF needs the `gguf` package (and transformers' GGUF "
+                             "reader needs `accelerate`): pip install gguf accelerate, or "
+                             "pip install 'xft-megatron[gguf]'") from None
     import torch
     import transformers
 
