@@ -21,8 +21,11 @@ libs() {  # the CUDA libraries of the pip packages (TE's core library loads NCCL
 case "${1:-}" in
   build)
     [ -f .carry/te/CORE ] || { echo "run scripts/prepare_te.sh first"; exit 1; }
-    py=$(command -v python3.12 || ls -d "$HOME"/.pyenv/versions/3.12*/bin/python3.12 2>/dev/null \
-      | head -n 1)
+    py=""  # a working python3.12 on PATH (a pyenv shim may not be one), else pyenv's
+    if python3.12 -c "" 2>/dev/null; then py=python3.12; else
+      py=$(ls -d "${PYENV_ROOT:-$HOME/.pyenv}"/versions/3.12*/bin/python3.12 2>/dev/null \
+        | tail -n 1)
+    fi
     [ -n "$py" ] || { echo "Python 3.12 is needed (python3.12 on PATH or pyenv's)"; exit 1; }
     [ -x "$VENV/bin/python" ] || "$py" -m venv "$VENV"
     echo "$TORCH" > "$VENV/constraints.txt"

@@ -9,10 +9,11 @@ noise off (eval). The checkpoint is written single-process and resharded by ever
 P5: a model with distinct experts (noise off: noise draws depend on the layout) gives the
 single-process LM loss, router losses (cv balance + z-loss), gradients, and 3-step loss curve
 and gradient norms with clipping active (the norm is above train.clip_grad at every step), in
-the layouts above, EP=2+TP=2+SP with ETP=1, and EP=2+TP=2+SP with the weight gradients
-accumulated into DDP's buffer by the GEMM (precision.grad_accum_fusion): loss relative
-1e-6, gradient relative (per tensor) 1e-5, curve and norms 1e-5. The norm counts each expert shard once whatever its
-replication: over tensor-parallel ranks (ETP < TP) and expert-data-parallel ranks.
+the layouts above, EP=2+TP=2+SP with ETP=1, and EP=2+TP=2+SP and PP=2+EP=2 with the weight
+gradients accumulated into DDP's buffer by the GEMM (precision.grad_accum_fusion): loss
+relative 1e-6, gradient relative (per tensor) 1e-5, curve and norms 1e-5. The norm counts
+each expert shard once whatever its replication: over tensor-parallel ranks (ETP < TP) and
+expert-data-parallel ranks.
 Also: router and expert weights receive gradients, the shared expert always does; and P2
 through the model: folding the upcycled weights back (random merge coefficients) gives the
 dense logits.
@@ -58,6 +59,7 @@ P5_LAYOUTS = {name: LAYOUTS[name] for name in ("ep2", "ep4", "tp2_sp_etp1", "ep2
 P5_LAYOUTS["ep2_tp2_sp_etp1"] = LAYOUTS["ep2_tp2_sp"] + ["parallel.expert_tensor=1"]
 # weight gradients accumulated into DDP's buffer by the GEMM (the default on a GPU)
 P5_LAYOUTS["ep2_tp2_sp_fused"] = LAYOUTS["ep2_tp2_sp"] + ["precision.grad_accum_fusion=true"]
+P5_LAYOUTS["pp2_ep2_fused"] = LAYOUTS["pp2_ep2"] + ["precision.grad_accum_fusion=true"]
 STEPS = 3
 
 
