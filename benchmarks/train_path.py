@@ -37,6 +37,7 @@ import torch
 from xft_megatron.config import load_config
 from xft_megatron.runtime import parallel
 from xft_megatron.training.flops import H200_BF16_DENSE_PEAK, flops_per_token
+from xft_megatron.training.step import make_batch
 
 MOE = ["moe.num_experts=8", "moe.topk=6"]
 VARIANTS = ("model", "path", "path_fused", "reference")
@@ -99,27 +100,19 @@ def _reference(cfg, batch, device="cuda"):
 
     from xft_megatron.arch import families
     from xft_megatron.hf import moe as hf_moe
+    from xft_megatron.hf.remote import modeling_xft_moe
 
     m = cfg.model
     if cfg.moe.enabled:
-        import importlib.util
-
-        from xft_megatron.hf.remote import MODELING_FILE
-
-        spec = importlib.util.spec_from_file_location("modeling_xft_moe", MODELING_FILE)
-        modeling = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(modeling)
-        d = hf_moe.moe_hf_config_dict(m, cfg.moe)
-        arch = d["architectures"][0]
-        config = getattr(modeling, d["auto_map"]["AutoConfig"].split(".")[1])(**d)
-        model_class = getattr(modeling, arch)
+        arch, config_class, _ = families.of(m).moe_classes()
+        config = getattr(modeling_xft_moe, config_class)(**hf_moe.moe_hf_config_dict(m, cfg.moe))
+        build = getattr(modeling_xft_moe, arch)
     else:
         config = transformers.AutoConfig.for_model(**families.of(m).hf_config(m))
-        model_class = transformers.AutoModelForCausalLM
+        build = transformers.AutoModelForCausalLM.from_config
     config._attn_implementation = "sdpa"
     with torch.device(device):
-        model = (model_class(config) if cfg.moe.enabled
-                 else model_class.from_config(config)).float().train()
+        model = build(config).float().train()
     ids, labels = batch["tokens"].to(device), batch["labels"].to(device)
 
     def step():
@@ -135,8 +128,6 @@ def run(args, mbs, variant):
     fuse = {"path": False, "path_fused": True}.get(variant)
     cfg = _config(args, mbs, fuse)
     g = torch.Generator().manual_seed(0)
-    from xft_megatron.training.step import make_batch
-
     batch = make_batch(torch.randint(0, cfg.model.vocab_size, (mbs, args.seq + 1), generator=g))
     torch.cuda.reset_peak_memory_stats()
     row = dict(variant=variant, micro_batch=mbs, seq=args.seq)

@@ -71,18 +71,16 @@ def wrap_ddp(chunks: List, tconfig: TransformerConfig, precision: PrecisionConfi
     return wrapped
 
 
-def fuse_weight_gradients(chunks: List) -> int:
+def fuse_weight_gradients(chunks: List) -> None:
     """Switch on `gradient_accumulation_fusion` in every Megatron linear layer and experts
     module whose weight DDP gave a `main_grad` (trainable weights; a frozen one takes
     Megatron's frozen-weight path anyway), so their weight gradients are accumulated into
     DDP's buffer by the GEMM itself. Only here, after DDP: outside DDP there is no buffer.
     Modules inside a torch.compile'd region (train.compile_layers) stay as they are: the
     fused backward writes into a buffer from outside the graph, which splits the compiled
-    graph at every linear layer (slower than the separate addition it saves). Returns the
-    number of modules switched."""
+    graph at every linear layer (slower than the separate addition it saves)."""
     compiled = {id(sub) for chunk in chunks for m in chunk.modules()
                 if getattr(m, "_compiled_call_impl", None) is not None for sub in m.modules()}
-    switched = 0
     for chunk in chunks:
         for module in chunk.modules():
             if not hasattr(module, "gradient_accumulation_fusion") or id(module) in compiled:
@@ -92,8 +90,6 @@ def fuse_weight_gradients(chunks: List) -> int:
             shared = getattr(module, "weight", False) is None  # tied output layer
             if (weights and all(hasattr(p, "main_grad") for p in weights)) or shared:
                 module.gradient_accumulation_fusion = True
-                switched += 1
-    return switched
 
 
 def _param_layout(chunk, ddp_config: DistributedDataParallelConfig):

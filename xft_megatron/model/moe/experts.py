@@ -117,25 +117,26 @@ def weighted_swiglu(h: torch.Tensor, probs: torch.Tensor) -> torch.Tensor:
     return _WeightedSwiGLU.apply(h, probs)
 
 
-def swiglu_experts(x, tokens_per_expert, probs, fc1, fc2, use_grouped: bool):
+def swiglu_experts(x, tokens_per_expert, probs, fc1, fc2, use_grouped: bool,
+                   into_main_grad: bool = False):
     """x [n, H] grouped by expert (counts in tokens_per_expert [E]); probs [n] weights.
-    fc1 [E, 2F, H], fc2 [E, H, F]. Returns [n, H] = sum-weighted expert outputs per token."""
-    if use_grouped:
-        offs = torch.cumsum(tokens_per_expert.to(x.device), 0, dtype=torch.int32)
-        h = F.grouped_mm(x, fc1.transpose(-2, -1), offs=offs)  # [n, 2F]
-        act = weighted_swiglu(h, probs)  # [n, F]
-        return F.grouped_mm(act, fc2.transpose(-2, -1), offs=offs)  # [n, H]
-    counts = tokens_per_expert.tolist()
-    outs = []
-    for e, (xe, pe) in enumerate(zip(x.split(counts), probs.split(counts))):
-        act = weighted_swiglu(F.linear(xe, fc1[e]), pe)
-        outs.append(F.linear(act, fc2[e]))
-    return torch.cat(outs, dim=0) if outs else x.new_zeros(0, fc2.shape[1])
+    fc1 [E, 2F, H] (or the experts' [E, 2, F, H] parameter), fc2 [E, H, F]. Returns [n, H] =
+    sum-weighted expert outputs per token. `into_main_grad`: fc1 and fc2 are parameters under
+    Megatron DDP, whose weight gradients go straight into `main_grad`."""
+    # the grouped GEMM needs no counts on the host; the loop and the weight gradients do
+    counts = tokens_per_expert.tolist() if into_main_grad or not use_grouped else None
+    offs = (torch.cumsum(tokens_per_expert.to(x.device), 0, dtype=torch.int32)
+            if use_grouped else None)
+    mm = _ExpertLinearIntoMainGrad.apply if into_main_grad else _expert_mm
+    act = weighted_swiglu(mm(x, fc1, counts, offs), probs)  # [n, 2F] -> [n, F]
+    return mm(act, fc2, counts, offs)  # [n, H]
 
 
 def _expert_mm(x, w, counts, offs):
-    """x [n, in] grouped by expert (counts), w [E, out, in] -> [n, out]: x_e @ w[e]^T.
-    `offs` (cumulative counts on x's device) selects the grouped GEMM, None the loop."""
+    """x [n, in] grouped by expert, w [E, out, in] (or [E, ..., in]) -> [n, out]: x_e @ w[e]^T.
+    `offs` (cumulative counts on x's device) selects the grouped GEMM, else a loop over the
+    host `counts`."""
+    w = w.view(w.shape[0], -1, w.shape[-1])
     if offs is not None:
         return F.grouped_mm(x, w.transpose(-2, -1), offs=offs)
     outs = [F.linear(xe, w[e]) for e, xe in enumerate(x.split(counts))]
@@ -153,7 +154,7 @@ class _ExpertLinearIntoMainGrad(torch.autograd.Function):
     def forward(ctx, x, param, counts, offs):
         ctx.save_for_backward(x, param)
         ctx.counts, ctx.offs = counts, offs
-        return _expert_mm(x, param.view(param.shape[0], -1, param.shape[-1]), counts, offs)
+        return _expert_mm(x, param, counts, offs)
 
     @staticmethod
     def backward(ctx, grad):
@@ -168,17 +169,6 @@ class _ExpertLinearIntoMainGrad(torch.autograd.Function):
         param.grad_added_to_main_grad = True
         placeholder = torch.empty(param.shape, dtype=param.dtype, device=param.device)
         return dx, placeholder, None, None
-
-
-def swiglu_experts_into_main_grad(x, tokens_per_expert, probs, fc1, fc2, use_grouped: bool):
-    """`swiglu_experts` for parameters under Megatron DDP: fc1 [E, 2, F, H] and fc2
-    [E, H, F] are the parameters themselves, whose weight gradients go into `main_grad`."""
-    counts = tokens_per_expert.tolist()
-    offs = (torch.cumsum(tokens_per_expert.to(x.device), 0, dtype=torch.int32)
-            if use_grouped else None)
-    h = _ExpertLinearIntoMainGrad.apply(x, fc1, counts, offs)  # [n, 2F]
-    act = weighted_swiglu(h, probs)  # [n, F]
-    return _ExpertLinearIntoMainGrad.apply(act, fc2, counts, offs)  # [n, H]
 
 
 class GroupedExperts(MegatronModule):
@@ -221,13 +211,10 @@ class GroupedExperts(MegatronModule):
         e, _, f, h = self.fc1_weight.shape
         fc1 = self.fc1_weight.view(e, 2 * f, h)
         use_grouped = grouped_gemm_supported(tokens, fc1, self.fc2_weight)
-        if self.gradient_accumulation_fusion and torch.is_grad_enabled() \
-                and self.fc1_weight.requires_grad:
-            out = swiglu_experts_into_main_grad(tokens, tokens_per_expert, probs,
-                                                self.fc1_weight, self.fc2_weight, use_grouped)
-        else:
-            out = swiglu_experts(tokens, tokens_per_expert, probs, fc1, self.fc2_weight,
-                                 use_grouped)
+        fuse = self.gradient_accumulation_fusion and torch.is_grad_enabled() and \
+            self.fc1_weight.requires_grad
+        out = swiglu_experts(tokens, tokens_per_expert, probs, self.fc1_weight, self.fc2_weight,
+                             use_grouped, into_main_grad=fuse)
         return out, None
 
     def backward_dw(self):
