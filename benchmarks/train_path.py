@@ -15,6 +15,9 @@ synchronized wall time. Variants, alternated per point so ratios compare like wi
                  buffer by DDP's hook)
     path_fused   the same with precision.grad_accum_fusion=true (the GEMM accumulates into the
                  buffer)
+    path_dense, path_fused_dense
+                 path and path_fused with moe.shared_expert_impl=dense: the shared expert
+                 a dense FFN on every token, off the dispatch path (MoE only)
     reference    transformers with fp32 weights under torch.autocast(bf16), SDPA attention;
                  the MoE is this project's HF export model (xft_megatron/hf/remote), whose
                  experts run as the XFT reference's do: a loop over experts gathering their
@@ -40,13 +43,19 @@ from xft_megatron.training.flops import H200_BF16_DENSE_PEAK, flops_per_token
 from xft_megatron.training.step import make_batch
 
 MOE = ["moe.num_experts=8", "moe.topk=6"]
-VARIANTS = ("model", "path", "path_fused", "reference")
+VARIANTS = ("model", "path", "path_fused", "path_dense", "path_fused_dense", "reference")
+# the settings of the training-path variants: (grad_accum_fusion, shared_expert_impl)
+PATHS = {"path": (False, "pool"), "path_fused": (True, "pool"),
+         "path_dense": (False, "dense"), "path_fused_dense": (True, "dense")}
 
 
-def _config(args, mbs, fuse=None):
-    extra = [] if args.dense else MOE
-    if fuse is not None:
+def _config(args, mbs, variant):
+    extra = [] if args.dense else list(MOE)
+    if variant in PATHS:
+        fuse, shared = PATHS[variant]
         extra.append(f"precision.grad_accum_fusion={str(fuse).lower()}")
+        if not args.dense:
+            extra.append(f"moe.shared_expert_impl={shared}")
     return load_config(None, [f"model.preset={args.preset}", "precision.dtype=bf16",
                               f"model.num_layers={args.layers}", f"train.seq_length={args.seq}",
                               f"train.micro_batch_size={mbs}", f"train.global_batch_size={mbs}",
@@ -66,7 +75,7 @@ def _timed(fn, warmup, reps):
 
 
 def _megatron(cfg, variant, batch):
-    """A closure running one forward + backward of `variant` (model | path | path_fused)."""
+    """A closure running one forward + backward of `variant` (model or one of PATHS)."""
     from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler
 
     from xft_megatron.model.builder import build_model, transformer_config
@@ -125,8 +134,7 @@ def _reference(cfg, batch, device="cuda"):
 
 
 def run(args, mbs, variant):
-    fuse = {"path": False, "path_fused": True}.get(variant)
-    cfg = _config(args, mbs, fuse)
+    cfg = _config(args, mbs, variant)
     g = torch.Generator().manual_seed(0)
     batch = make_batch(torch.randint(0, cfg.model.vocab_size, (mbs, args.seq + 1), generator=g))
     torch.cuda.reset_peak_memory_stats()
@@ -193,14 +201,14 @@ def main():
         for variant in args.variants:
             rows.append(_child(args, mbs, variant))
             r = rows[-1]
-            print(f"[{env['kind']} mbs={mbs}] {variant:11s} " + (
+            print(f"[{env['kind']} mbs={mbs}] {variant:16s} " + (
                 r["error"] if "error" in r else
                 f"{r['ms']:.0f} ms, {r['tokens_per_s']:,.0f} tok/s, MFU {r['mfu']:.1%}, "
                 f"peak {r['peak_mem_gib']:.1f} GiB"), flush=True)
     by = {(r["micro_batch"], r["variant"]): r for r in rows if "error" not in r}
     for mbs in args.mbs:
         ref = by.get((mbs, "reference"))
-        for v in ("model", "path", "path_fused"):
+        for v in ("model", *PATHS):
             r = by.get((mbs, v))
             if r and ref:
                 r["vs_reference"] = r["tokens_per_s"] / ref["tokens_per_s"]
@@ -208,7 +216,7 @@ def main():
                 r["vs_model"] = r["tokens_per_s"] / by[(mbs, "model")]["tokens_per_s"]
     for r in rows:
         if "vs_reference" in r or "vs_model" in r:
-            print(f"[{env['kind']} mbs={r['micro_batch']}] {r['variant']:11s} "
+            print(f"[{env['kind']} mbs={r['micro_batch']}] {r['variant']:16s} "
                   f"x{r.get('vs_reference', float('nan')):.2f} the reference, "
                   f"x{r.get('vs_model', float('nan')):.3f} the model alone")
     print(f"env: {env}")

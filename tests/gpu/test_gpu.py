@@ -111,6 +111,40 @@ def test_gpu_fused_weight_gradients_match_unfused(compiled):
         assert ((fused[n] - ref).norm() / ref.norm()).item() < 1e-2, n
 
 
+@pytest.mark.parametrize("fuse", [False, True])
+def test_gpu_shared_expert_dense_matches_pool(tmp_path, fuse):
+    """moe.shared_expert_impl=dense on the GPU (bf16, grouped GEMM for the routed experts):
+    the pool layout's loss and gradients from the same checkpoint (bf16 tolerance: loss
+    relative 1e-2, relative norm 1e-2 per tensor; the shared expert's weights are expert 0)."""
+    from tests import common
+    from xft_megatron.checkpoint import dist as ckpt
+    from xft_megatron.training.step import forward_backward
+
+    base = ["precision.dtype=bf16", "model.init_std=0.2", "moe.num_experts=8", "moe.topk=6",
+            "moe.router_noise=false", f"precision.grad_accum_fusion={str(fuse).lower()}"]
+    cfg = common.tiny_config(*base)
+    chunks, _ = common.setup(cfg, ddp=False)
+    weights = str(tmp_path / "weights")
+    ckpt.save(chunks, weights, 0, cfg)
+    results = {}
+    for impl in ("pool", "dense"):
+        cfg = common.tiny_config(*base, f"moe.shared_expert_impl={impl}")
+        chunks, _ = common.setup(cfg, weights, distributed_optimizer=False)
+        loss = forward_backward(chunks, common.microbatches(cfg), cfg.train.seq_length)
+        grads = {n: p.main_grad.float().clone()
+                 for n, p in chunks[0].module.named_parameters()}
+        for n in [n for n in grads if ".mlp.shared_expert." in n]:  # as expert 0
+            routed = n.replace(".mlp.shared_expert.", ".mlp.experts.")
+            grads[routed] = torch.cat([grads.pop(n), grads[routed]])
+        results[impl] = loss, grads
+    (loss, ref), (got_loss, got) = results["pool"], results["dense"]
+    assert abs(got_loss - loss) <= 1e-2 * loss
+    assert set(got) == set(ref)
+    for n, r in ref.items():
+        assert r.norm() > 0, n
+        assert ((got[n] - r).norm() / r.norm()).item() < 1e-2, n
+
+
 def test_gpu_upcycled_moe_equals_dense():
     """P1 on the GPU in bf16: the upcycled XFT model's logits match the dense model's (bf16
     tolerance), with the grouped GEMM path in use; and MoE training reduces the loss."""

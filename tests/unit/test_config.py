@@ -72,6 +72,19 @@ def test_override_parsing():
     (["moe.num_experts=4", "moe.router_gate=conv"], "moe.router_gate='conv' must be mlp or"),
     (["moe.num_experts=4", "moe.renorm=softmax"], "moe.renorm='softmax' must be probs or"),
     (["moe.num_experts=4", "moe.capacity_factor=0"], "moe.capacity_factor=0 must be > 0"),
+    (["moe.num_experts=4", "moe.shared_expert_impl=side"],
+     "moe.shared_expert_impl='side' must be pool or dense"),
+    (["moe.num_experts=4", "moe.topk=2", "moe.mode=vanilla", "moe.shared_expert_impl=dense"],
+     "moe.shared_expert_impl=dense needs a shared expert"),
+    (["moe.num_experts=4", "moe.topk=2", "moe.experts_impl=sequential",
+      "moe.shared_expert_impl=dense"],
+     "moe.shared_expert_impl=dense needs moe.experts_impl=grouped"),
+    (["moe.num_experts=8", "moe.shared_expert_impl=dense", "parallel.expert=2"],
+     "the 7 routed experts are not divisible by parallel.expert=2; each expert-parallel rank "
+     "must hold the same number of routed experts (e.g. moe.num_experts=9"),
+    (["model.preset=tiny", "moe.num_experts=5", "moe.topk=3", "moe.shared_expert_impl=dense",
+      "parallel.tensor=2", "parallel.sequence_parallel=true", "parallel.expert_tensor=1"],
+     "moe.shared_expert_impl=dense needs parallel.expert_tensor = parallel.tensor (got 1 and 2)"),
 ])
 def test_validation_messages(overrides, message):
     pattern = message
@@ -321,3 +334,19 @@ def test_the_former_moe_stage_key_is_read_as_train_stage(tmp_path):
         assert ckpt.load_config(new, parallel={}).stage == "merge"
         assert train(new).stage == "merge" and train(new, "train.stage=moe").stage == "moe"
         assert train(new, "moe.num_experts=0").stage == "pretrain"
+
+
+def test_shared_expert_dense_settings_and_memory():
+    """Dense: Megatron dispatches the routed experts only (EP divides N-1, not N), and no rank
+    does the shared expert's work for its whole expert-parallel group."""
+    from xft_megatron.training import memory
+
+    pool = load_config(None, ["moe.num_experts=9", "moe.topk=6", "parallel.expert=1"])
+    dense = load_config(None, ["moe.num_experts=9", "moe.topk=6", "parallel.expert=8",
+                               "moe.shared_expert_impl=dense"])
+    assert (pool.moe.dispatched_experts, pool.moe.dispatched_topk) == (9, 6)
+    assert (dense.moe.dispatched_experts, dense.moe.dispatched_topk) == (8, 5)
+    ep8_pool = load_config(None, ["moe.num_experts=8", "moe.topk=6", "parallel.expert=8"])
+    assert memory._expert_copies_per_token(ep8_pool.moe, 8, "moe") > 6
+    assert memory._expert_copies_per_token(dense.moe, 8, "moe") == 6
+

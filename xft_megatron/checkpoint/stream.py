@@ -93,7 +93,10 @@ def layout_of(cfg: Config) -> Layout:
     Needs Megatron's parallel state with TP=PP=EP=1 (see `initialize_single_rank_layout`)."""
     from xft_megatron.model.builder import build_model
 
-    (model,) = build_model(cfg.replace(parallel=ParallelConfig()), meta=True)
+    # one rank, and the shared expert in the routed pool: every layout stores the same tensors
+    one_rank = cfg.replace(parallel=ParallelConfig(),
+                           moe=dataclasses.replace(cfg.moe, shared_expert_impl="pool"))
+    (model,) = build_model(one_rank, meta=True)
     params: Dict[str, Param] = {}
     objects: Dict[str, object] = {}
     own = dict(model.named_parameters())

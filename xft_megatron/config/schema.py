@@ -121,6 +121,11 @@ class MoEConfig:
     layer_freq: int = 1  # every layer_freq-th layer (0, f, 2f, ...) is MoE, others dense
     dispatcher: str = "alltoall"  # alltoall | allgather
     experts_impl: str = "grouped"  # grouped (one grouped GEMM) | sequential (Megatron's)
+    # where the shared expert runs: pool = expert 0 of the routed pool, every token dispatched
+    # to it | dense = a tensor-parallel FFN on each rank's own tokens, off the dispatch path
+    # (EP must divide the routed experts; needs expert_tensor = tensor). Checkpoints are the
+    # same either way (the shared expert is stored as expert 0).
+    shared_expert_impl: str = "pool"
     router_init_std: float = 0.02
     # noisy gating's schedule: 0 = constant noise; N > 0 = the noise scale is multiplied by
     # max(0, 1 - step / N), reaching zero (clean routing) at step N (router_noise=false: none)
@@ -146,6 +151,8 @@ class MoEConfig:
                  f"moe.dispatcher={self.dispatcher!r} must be alltoall or allgather")
         _require(self.experts_impl in ("grouped", "sequential"),
                  f"moe.experts_impl={self.experts_impl!r} must be grouped or sequential")
+        _require(self.shared_expert_impl in ("pool", "dense"),
+                 f"moe.shared_expert_impl={self.shared_expert_impl!r} must be pool or dense")
         _require(self.balance_coeff >= 0, f"moe.balance_coeff={self.balance_coeff} must be >= 0")
         _require(self.z_loss_coeff >= 0, f"moe.z_loss_coeff={self.z_loss_coeff} must be >= 0")
         _require(self.router_init_std > 0,
@@ -173,6 +180,13 @@ class MoEConfig:
             _require(self.topk >= 2,
                      f"moe.mode={self.mode} needs moe.topk >= 2 (the shared expert plus at least "
                      f"one routed expert); got {self.topk}")
+        if self.shared_expert_impl == "dense":
+            _require(self.has_shared_expert,
+                     f"moe.shared_expert_impl=dense needs a shared expert (moe.mode xft or none); "
+                     f"moe.mode={self.mode} has none: leave moe.shared_expert_impl=pool")
+            _require(self.experts_impl == "grouped",
+                     "moe.shared_expert_impl=dense needs moe.experts_impl=grouped (the routed "
+                     "experts stored after the shared one)")
         _require(self.topk >= 2, f"moe.topk={self.topk} is not supported: Megatron-Core's MoE "
                  "layer refuses top-1 routing over softmax scores; use moe.topk >= 2")
 
@@ -193,6 +207,17 @@ class MoEConfig:
     def routed_topk(self) -> int:
         """Routed experts selected per token."""
         return self.topk - 1 if self.has_shared_expert else self.topk
+
+    @property
+    def dispatched_experts(self) -> int:
+        """Experts Megatron's dispatcher sends tokens to: all of them, or the routed ones when
+        the shared expert runs off the dispatch path (shared_expert_impl=dense)."""
+        return self.num_routed if self.shared_expert_impl == "dense" else self.num_experts
+
+    @property
+    def dispatched_topk(self) -> int:
+        """Experts each token is dispatched to (see `dispatched_experts`)."""
+        return self.routed_topk if self.shared_expert_impl == "dense" else self.topk
 
     def noise_multiplier(self, step: int) -> float:
         """The factor on the router's noise scale at (0-based) optimizer step `step`."""
@@ -547,9 +572,24 @@ class Config:
                      "set moe.num_experts (or leave parallel.expert=1 and "
                      "parallel.expert_tensor unset)")
             return
-        _require(e.num_experts % p.expert == 0,
-                 f"moe.num_experts={e.num_experts} is not divisible by parallel.expert="
-                 f"{p.expert}; each expert-parallel rank must hold the same number of experts")
+        if e.shared_expert_impl == "dense":
+            _require(e.num_routed % p.expert == 0,
+                     f"moe.shared_expert_impl=dense: the {e.num_routed} routed experts are not "
+                     f"divisible by parallel.expert={p.expert}; each expert-parallel rank must "
+                     f"hold the same number of routed experts (e.g. moe.num_experts="
+                     f"{1 + p.expert * -(-e.num_routed // p.expert)}, or "
+                     "moe.shared_expert_impl=pool)")
+            _require(p.expert_tensor == p.tensor,
+                     f"moe.shared_expert_impl=dense needs parallel.expert_tensor = "
+                     f"parallel.tensor (got {p.expert_tensor} and {p.tensor}): the shared "
+                     "expert is split like the dense FFN and stored with the routed experts, "
+                     "whose stored chunks must all be the same shape; or use "
+                     "moe.shared_expert_impl=pool")
+        else:
+            _require(e.num_experts % p.expert == 0,
+                     f"moe.num_experts={e.num_experts} is not divisible by parallel.expert="
+                     f"{p.expert}; each expert-parallel rank must hold the same number of "
+                     "experts")
         _require(self.model.ffn_hidden_size % p.expert_tensor == 0,
                  f"model.ffn_hidden_size={self.model.ffn_hidden_size} is not divisible by "
                  f"parallel.expert_tensor={p.expert_tensor}")

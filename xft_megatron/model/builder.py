@@ -83,8 +83,8 @@ def _moe_fields(cfg: Config) -> dict:
     if not e.enabled:
         return {}
     return dict(
-        num_moe_experts=e.num_experts,
-        moe_router_topk=e.topk,
+        num_moe_experts=e.dispatched_experts,
+        moe_router_topk=e.dispatched_topk,
         moe_ffn_hidden_size=cfg.model.ffn_hidden_size,
         moe_token_dispatcher_type=e.dispatcher,
         moe_router_load_balancing_type="none",

@@ -25,6 +25,7 @@ from megatron.core.transformer.transformer_layer import (
 from xft_megatron.config import ModelConfig, MoEConfig
 from xft_megatron.model.attention import SDPAttention
 from xft_megatron.model.moe.experts import GroupedExperts
+from xft_megatron.model.moe.layer import SharedExpertMoELayer
 from xft_megatron.model.moe.merge_mlp import MergeMLP
 from xft_megatron.model.moe.router import RouterSettings, XFTRouter
 from xft_megatron.model.norm import RMSNorm
@@ -60,16 +61,22 @@ def dense_mlp_spec() -> MlpBuilder:
 def moe_mlp_spec(moe: MoEConfig, merge: bool = False) -> MlpBuilder:
     """Megatron's MoELayer (dispatch, combine, EP/ETP) with the XFT router; experts are our
     grouped GEMM module or Megatron's SequentialMLP (one MLP per expert, for comparison).
+    With `moe.shared_expert_impl=dense`, the layer that runs the shared expert off the
+    dispatch path (`moe/layer.py`).
     With `merge` (the merge stage, train.stage=merge), the learnable merge of the same
     (frozen) experts instead."""
     if merge:
         return partial(MergeMLP, num_experts=moe.num_experts,
                        shared_weight=moe.merge_shared_weight)
+    router = partial(XFTRouter, settings=RouterSettings.from_config(moe))
+    if moe.shared_expert_impl == "dense":  # the shared expert off the dispatch path
+        experts = partial(GroupedExperts, shared_slots=1)
+        return partial(SharedExpertMoELayer, num_experts=moe.num_experts,
+                       submodules=MoESubmodules(experts=experts, router=router))
     if moe.experts_impl == "grouped":
         experts = GroupedExperts
     else:
         experts = partial(SequentialMLP, submodules=_swiglu_linears())
-    router = partial(XFTRouter, settings=RouterSettings.from_config(moe))
     return partial(MoELayer, submodules=MoESubmodules(experts=experts, router=router))
 
 

@@ -170,8 +170,12 @@ def _train(cfg, info, data, progress, resume, should_stop, extra_files, loss_hoo
     scheduler = build_scheduler(optimizer, t)
     start = 0
     if resume_from:
-        same_layout = ckpt.read_config(resume_from)["parallel"] == asdict(cfg.parallel) and \
-            ckpt.saved_world_size(resume_from) == info.world_size
+        saved_cfg = ckpt.read_config(resume_from)
+        # the shared expert's place changes which parameters each rank holds, like a layout
+        same_layout = saved_cfg["parallel"] == asdict(cfg.parallel) and \
+            ckpt.saved_world_size(resume_from) == info.world_size and \
+            (saved_cfg.get("moe") or {}).get("shared_expert_impl", "pool") == \
+            cfg.moe.shared_expert_impl
         saved = ckpt.read_train_state(resume_from)
         with_optimizer = same_layout and saved.get("optimizer", True)
         if with_optimizer:

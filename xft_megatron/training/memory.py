@@ -40,8 +40,8 @@ def _expert_copies_per_token(moe, ep: int, stage: str) -> float:
     once for it, plus its share of routed copies."""
     if not moe.enabled or stage == "merge":
         return 1.0
-    if not moe.has_shared_expert or ep == 1:
-        return float(moe.topk)
+    if not moe.has_shared_expert or ep == 1 or moe.shared_expert_impl == "dense":
+        return float(moe.topk)  # dense: the shared FFN on each rank's own tokens
     routed_here = moe.num_experts // ep - 1  # the shared expert's rank holds fewer routed
     shared_rank = ep * (1 + routed_here * (moe.topk - 1) / (moe.num_experts - 1))
     return max(float(moe.topk), shared_rank)

@@ -203,7 +203,7 @@ def train_step(chunks: List, optimizer, scheduler, microbatches: List[Batch],
     config = unwrap(chunks[0]).config
     stats = {}
     if config.num_moe_experts:
-        stats = moe_losses.collect_routing(chunks, config.num_layers, config.num_moe_experts)
+        stats = moe_losses.collect_routing(chunks, config.num_layers)
     router = moe_losses.collect(chunks, config.num_layers)
     moe_loss = float(router.sum())
     stepped, grad_norm = optimizer_step(optimizer, clip_grad, lm_loss + moe_loss)

@@ -10,7 +10,8 @@ distances below the bf16 resolution, ~4e-3 per element, are coarse there).
 Under expert parallelism each rank holds some experts, under expert tensor parallelism a
 shard of each: the local vectors are gathered over the expert-parallel group and the squared
 distances summed over the expert-tensor-parallel group; pipeline stages contribute their
-own layers. Every rank must call `expert_divergence` (it runs collectives).
+own layers. A shared expert off the dispatch path (`moe/layer.py`) is on every rank, split
+over the tensor-parallel group, which is then the expert-tensor-parallel one. Every rank must call `expert_divergence` (it runs collectives).
 """
 
 from typing import Dict, List
@@ -24,12 +25,12 @@ from xft_megatron.runtime import compat
 
 
 def _moe_layers(chunks: List):
-    """(layer number, experts module, router) of every MoE layer held by this rank."""
+    """(layer number, MoE layer) of every MoE layer held by this rank."""
     for c in chunks:
         for m in c.modules():
             router = getattr(m, "router", None)
             if isinstance(router, XFTRouter) and hasattr(m, "experts"):
-                yield router.layer_number, m.experts, router
+                yield router.layer_number, m
 
 
 def local_expert_vectors(experts) -> torch.Tensor:
@@ -67,10 +68,13 @@ def expert_divergence(chunks: List, num_layers: int, num_experts: int,
     held = torch.zeros(num_layers, dtype=torch.float64, device=compat.device())
     ep_group = ps.get_expert_model_parallel_group()
     ep = dist.get_world_size(ep_group)
-    for layer, experts, _ in _moe_layers(chunks):
-        local = local_expert_vectors(experts).to(compat.device())
+    for layer, mlp in _moe_layers(chunks):
+        local = local_expert_vectors(mlp.experts).to(compat.device())
         parts = [torch.empty_like(local) for _ in range(ep)]
         dist.all_gather(parts, local.contiguous(), group=ep_group)
+        off_pool = getattr(mlp, "shared_expert", None)  # off the dispatch path: on every
+        if off_pool is not None:  # rank, split like the routed experts (ETP = TP)
+            parts.insert(0, local_expert_vectors(off_pool).to(compat.device()))
         d2[layer - 1], n2[layer - 1] = pairwise_squared(torch.cat(parts))  # experts in order
         held[layer - 1] = 1
     # shards of each expert: their squared distances add up

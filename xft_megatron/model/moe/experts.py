@@ -11,9 +11,12 @@ the same thing. Outputs are partial sums under expert tensor parallelism; Megatr
 dispatcher reduces them, as for its own expert modules.
 """
 
+from functools import partial
+
 import torch
 import torch.nn.functional as F
-from megatron.core.dist_checkpointing.mapping import ShardedTensor
+from megatron.core import tensor_parallel
+from megatron.core.dist_checkpointing.mapping import ShardedTensor, ShardedTensorFactory
 from megatron.core.tensor_parallel import get_cuda_rng_tracker, get_expert_parallel_rng_tracker_name
 from megatron.core.transformer.module import MegatronModule
 
@@ -171,21 +174,28 @@ class _ExpertLinearIntoMainGrad(torch.autograd.Function):
         return dx, placeholder, None, None
 
 
-class GroupedExperts(MegatronModule):
-    """Megatron-Core experts module (`forward(tokens, tokens_per_expert, probs)`), built the
-    way Megatron's MoELayer builds its experts (`moe_layer.ExpertsBuilder`): `name` is the
-    module's path in the model, which Megatron passes along and nothing here needs."""
+class _ExpertWeights(MegatronModule):
+    """fc1/fc2 of `num_local` SwiGLU experts, each a shard of the FFN width over `ffn_group`,
+    stored as experts `first` .. `first + num_local - 1` of the layer's [num_experts, ...]
+    tensors (arch.names.EXPERT_FC1 / EXPERT_FC2) and replicated as `replica_id` says.
 
-    def __init__(self, num_local_experts, config, /, *, pg_collection, name=None):
+    `per_expert_chunks`: each expert is a chunk of its own in checkpoints (as Megatron's
+    SequentialMLP writes them) instead of one chunk for all local experts. A layer whose
+    shared expert is a separate module (`SharedExpert`) needs it: torch_dist wants every chunk
+    of a tensor the same shape, and the shared expert is one expert."""
+
+    def __init__(self, num_local, config, *, ffn_group, first, num_experts, replica_id,
+                 per_expert_chunks, rng_name=None):
         super().__init__(config)
-        self.num_local_experts = e = num_local_experts
-        self.ep_group = pg_collection.ep
-        self.tp_group = pg_collection.expt_tp
-        self.dp_group = pg_collection.expt_dp
-        tp = self.tp_group.size()
+        self.num_local_experts = e = num_local
+        self.ffn_group = ffn_group
+        self.first_expert, self.num_experts = first, num_experts
+        self.replica_id = replica_id
+        self.per_expert_chunks = per_expert_chunks
+        tp = ffn_group.size()
         ffn = config.moe_ffn_hidden_size
         if ffn % tp:
-            raise ValueError(f"FFN width {ffn} is not divisible by expert tensor parallel {tp}")
+            raise ValueError(f"FFN width {ffn} is not divisible by the {tp} ranks that split it")
         f, h = ffn // tp, config.hidden_size
         device = "cpu" if config.use_cpu_initialization else torch.cuda.current_device()
         self.fc1_weight = torch.nn.Parameter(
@@ -193,45 +203,155 @@ class GroupedExperts(MegatronModule):
         self.fc2_weight = torch.nn.Parameter(
             torch.empty(e, h, f, dtype=config.params_dtype, device=device))
         if config.perform_initialization:
-            with get_cuda_rng_tracker().fork(get_expert_parallel_rng_tracker_name()):
+            tracker = get_cuda_rng_tracker()
+            with tracker.fork() if rng_name is None else tracker.fork(rng_name):
                 config.init_method(self.fc1_weight)
                 config.output_layer_init_method(self.fc2_weight)
         # weight gradients straight into DDP's main_grad (training.optimizer.wrap_ddp sets
         # it, as for Megatron's linear layers)
         self.gradient_accumulation_fusion = False
         for p in (self.fc1_weight, self.fc2_weight):
-            # gradients reduce over the expert-data-parallel group (ranks holding this shard)
-            p.allreduce = False
             p.tensor_model_parallel = True
             p.partition_dim = p.dim() - 2 if p is self.fc1_weight else p.dim() - 1
             p.partition_stride = 1
+
+    def _fuse_wgrad(self) -> bool:
+        return self.gradient_accumulation_fusion and torch.is_grad_enabled() and \
+            self.fc1_weight.requires_grad
+
+    def _storage_prefix(self, prefix: str) -> str:
+        """The checkpoint key prefix of these weights, given the module's own prefix."""
+        return prefix
+
+    def sharded_state_dict(self, prefix="", sharded_offsets=(), metadata=None):
+        """Global tensors [num_experts, ...] split over experts (axis 0) and over the FFN
+        axis (`ffn_group`), replicated as `replica_id` says."""
+        out = {}
+        for name in ("fc1_weight", "fc2_weight"):
+            key = self._storage_prefix(prefix) + name
+            param = getattr(self, name)
+            if self.per_expert_chunks:
+                out[prefix + name] = ShardedTensorFactory(
+                    key, param, partial(self._expert_chunks, sharded_offsets),
+                    _stack_expert_chunks, self.replica_id)
+            else:
+                out[prefix + name] = self._chunk(key, param, sharded_offsets, self.first_expert,
+                                                 self.replica_id)
+        return out
+
+    def _chunk(self, key, data, sharded_offsets, first, replica_id) -> ShardedTensor:
+        """`data` [n, 2, F, H] or [n, H, F] (or the same with axes reduced to 1: optimizer
+        statistics) as experts first .. first + n - 1 of the global tensor."""
+        pre = len(sharded_offsets)
+        n = data.shape[0]
+        if first % n or self.num_experts % n:
+            raise ValueError(f"experts {first}..{first + n - 1} of {self.num_experts} are not "
+                             "one chunk of equal ones; use per-expert chunks")
+        return ShardedTensor.from_rank_offsets(
+            key, data, *sharded_offsets, (pre + 0, first // n, self.num_experts // n),
+            (pre + 2, self.ffn_group.rank(), self.ffn_group.size()),
+            replica_id=replica_id, prepend_axis_num=pre)
+
+    def _expert_chunks(self, sharded_offsets, key, data, replica_id, flattened_range):
+        if flattened_range is not None:
+            raise ValueError("per-expert checkpoint chunks do not support flattened optimizer "
+                             "state; the checkpoints here store it dp_reshardable")
+        return {str(e): self._chunk(key, data[e:e + 1], sharded_offsets, self.first_expert + e,
+                                    replica_id)
+                for e in range(data.shape[0])}
+
+
+def _stack_expert_chunks(parts: dict) -> torch.Tensor:
+    return torch.cat([parts[str(e)] for e in range(len(parts))], dim=0)
+
+
+class GroupedExperts(_ExpertWeights):
+    """Megatron-Core experts module (`forward(tokens, tokens_per_expert, probs)`), built the
+    way Megatron's MoELayer builds its experts (`moe_layer.ExpertsBuilder`): `name` is the
+    module's path in the model, which Megatron passes along and nothing here needs.
+    `shared_slots`: stored experts before the routed ones that this module does not hold
+    (1 when the shared expert is a separate module, `SharedExpert`; 0 when it is expert 0 of
+    the routed pool)."""
+
+    def __init__(self, num_local_experts, config, /, *, pg_collection, name=None,
+                 shared_slots: int = 0):
+        self.ep_group = pg_collection.ep
+        self.dp_group = pg_collection.expt_dp
+        ep_rank, ep_size = self.ep_group.rank(), self.ep_group.size()
+        super().__init__(
+            num_local_experts, config, ffn_group=pg_collection.expt_tp,
+            first=shared_slots + ep_rank * num_local_experts,
+            num_experts=shared_slots + ep_size * num_local_experts,
+            replica_id=(0, 0, self.dp_group.rank()), per_expert_chunks=shared_slots > 0,
+            rng_name=get_expert_parallel_rng_tracker_name())
+        self.tp_group = self.ffn_group
+        for p in (self.fc1_weight, self.fc2_weight):
+            # gradients reduce over the expert-data-parallel group (ranks holding this shard)
+            p.allreduce = False
 
     def forward(self, tokens, tokens_per_expert, probs):
         """tokens [n, H] sorted by local expert -> ([n, H] partial under ETP, None)."""
         e, _, f, h = self.fc1_weight.shape
         fc1 = self.fc1_weight.view(e, 2 * f, h)
         use_grouped = grouped_gemm_supported(tokens, fc1, self.fc2_weight)
-        fuse = self.gradient_accumulation_fusion and torch.is_grad_enabled() and \
-            self.fc1_weight.requires_grad
         out = swiglu_experts(tokens, tokens_per_expert, probs, self.fc1_weight, self.fc2_weight,
-                             use_grouped, into_main_grad=fuse)
+                             use_grouped, into_main_grad=self._fuse_wgrad())
         return out, None
 
     def backward_dw(self):
         """Weight gradients are not deferred here (Megatron calls this in overlap modes)."""
 
-    def sharded_state_dict(self, prefix="", sharded_offsets=(), metadata=None):
-        """Global tensors [num_experts, ...] split over expert ranks (axis 0) and expert
-        tensor ranks (the FFN axis), replicated over expert data parallel ranks."""
-        pre = len(sharded_offsets)
-        ep_rank, ep_size = self.ep_group.rank(), self.ep_group.size()
-        tp_rank, tp_size = self.tp_group.rank(), self.tp_group.size()
-        replica = (0, 0, self.dp_group.rank())
-        out = {}
-        for name, ffn_axis in (("fc1_weight", 2), ("fc2_weight", 2)):
-            key = f"{prefix}{name}"
-            out[key] = ShardedTensor.from_rank_offsets(
-                key, getattr(self, name), *sharded_offsets,
-                (pre + 0, ep_rank, ep_size), (pre + ffn_axis, tp_rank, tp_size),
-                replica_id=replica, prepend_axis_num=pre)
-        return out
+
+class SharedExpert(_ExpertWeights):
+    """The shared expert as a dense FFN on every token of this rank, off the dispatch path
+    (`moe.shared_expert_impl=dense`): `forward(hidden_states, weight)` -> weight * FFN(x).
+
+    Split over the tensor-parallel group like the dense FFN (the input gathered over the
+    sequence-parallel shards, the output reduce-scattered back), replicated over the expert
+    and expert-data-parallel ranks, whose gradients it reduces with the dense weights. Stored
+    as expert 0 of the layer's experts tensors, so checkpoints are those of the layout with
+    the shared expert in the routed pool. Needs expert tensor parallel = tensor parallel
+    (every chunk of a stored tensor must have the same shape)."""
+
+    _SUFFIX = "shared_expert."
+
+    def __init__(self, config, *, pg_collection, num_experts: int):
+        if pg_collection.expt_tp.size() != pg_collection.tp.size():
+            raise ValueError("the shared expert off the dispatch path needs expert tensor "
+                             "parallel = tensor parallel")
+        super().__init__(
+            1, config, ffn_group=pg_collection.tp, first=0, num_experts=num_experts,
+            # replicas: the ranks of one data-parallel group, i.e. every (EP rank, expert
+            # DP rank) pair when ETP = TP
+            replica_id=(0, pg_collection.ep.rank(), pg_collection.expt_dp.rank()),
+            per_expert_chunks=True, rng_name=None)  # the tensor-parallel stream
+        self.sequence_parallel = config.sequence_parallel
+
+    def _storage_prefix(self, prefix: str) -> str:
+        if not prefix.endswith(self._SUFFIX):
+            raise ValueError(f"the shared expert must be the module `{self._SUFFIX[:-1]}` of its "
+                             f"MoE layer; got the prefix {prefix!r}")
+        return prefix[:-len(self._SUFFIX)] + "experts."
+
+    def forward(self, hidden_states: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        """hidden_states [s, b, H] (this rank's sequence shard under sequence parallelism),
+        weight [s*b] (g_0 per token, fp32) -> weight * SwiGLU FFN [s, b, H]."""
+        shape = hidden_states.shape
+        x = hidden_states.reshape(-1, shape[-1])
+        w = weight.reshape(-1)
+        group = self.ffn_group
+        split = group.size() > 1
+        if split and self.sequence_parallel:  # backward: reduce-scatter of the partial grads
+            x = tensor_parallel.gather_from_sequence_parallel_region(x, group=group)
+            w = tensor_parallel.gather_from_sequence_parallel_region(w, group=group)
+        elif split:  # backward: all-reduce of the partial grads
+            x = tensor_parallel.copy_to_tensor_model_parallel_region(x, group=group)
+            w = tensor_parallel.copy_to_tensor_model_parallel_region(w, group=group)
+        counts = torch.tensor([x.shape[0]])
+        out = swiglu_experts(x, counts, w, self.fc1_weight, self.fc2_weight, False,
+                             into_main_grad=self._fuse_wgrad())  # [n, H] partial sums
+        if split and self.sequence_parallel:
+            out = tensor_parallel.reduce_scatter_to_sequence_parallel_region(out, group=group)
+        elif split:
+            out = tensor_parallel.reduce_from_tensor_model_parallel_region(out, group=group)
+        return out.view(shape)

@@ -55,13 +55,23 @@ def has_routers(chunks: List) -> bool:
     return next(routers(chunks), None) is not None
 
 
-def collect_routing(chunks: List, num_layers: int, num_experts: int
-                    ) -> Dict[str, List]:
+def _experts_per_layer(chunks: List) -> int:
+    """N, the experts an MoE layer's router weighs (the shared one included), agreed over
+    the pipeline stages (a stage may hold no MoE layer)."""
+    n = torch.tensor([max((r.num_experts for r in routers(chunks)), default=0)],
+                     device=compat.device())
+    if ps.get_pipeline_model_parallel_world_size() > 1:
+        dist.all_reduce(n, op=dist.ReduceOp.MAX, group=ps.get_pipeline_model_parallel_group())
+    return int(n.item())
+
+
+def collect_routing(chunks: List, num_layers: int) -> Dict[str, List]:
     """Per-layer routing of the step's tokens, identical on every rank, zeros for dense
-    layers: `expert_load` [num_layers][num_experts], the fraction of tokens sent to each
-    expert (the shared expert: 1); `shared_weight` [num_layers], the mean shared-expert
-    weight g_0; and, when the routers compute them (`moe.diagnostics`), each of
+    layers: `expert_load` [num_layers][N], the fraction of tokens sent to each of the N
+    experts of an MoE layer (the shared expert: 1); `shared_weight` [num_layers], the mean
+    shared-expert weight g_0; and, when the routers compute them (`moe.diagnostics`), each of
     `routing.DIAGNOSTICS` [num_layers] as a mean over tokens."""
+    num_experts = _experts_per_layer(chunks)
     width = num_experts + 3 + len(routing.DIAGNOSTICS)
     stats = torch.zeros(num_layers, width, dtype=torch.float64, device=compat.device())
     sequence_parallel = False

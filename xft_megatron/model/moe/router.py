@@ -145,6 +145,11 @@ class XFTRouter(MegatronModule):
                 return torch.randn_like(like)
         return torch.randn_like(like)  # same tokens on every TP rank: identical noise
 
+    @property
+    def num_experts(self) -> int:
+        """N, the experts of the layer this router weighs (the shared one included)."""
+        return self.settings.num_routed + self._routed_offset()
+
     def _routed_offset(self) -> int:
         return 1 if self.settings.mode in ("xft", "none") else 0
 
