@@ -349,4 +349,8 @@ def test_shared_expert_dense_settings_and_memory():
     ep8_pool = load_config(None, ["moe.num_experts=8", "moe.topk=6", "parallel.expert=8"])
     assert memory._expert_copies_per_token(ep8_pool.moe, 8, "moe") > 6
     assert memory._expert_copies_per_token(dense.moe, 8, "moe") == 6
+    # the merge stage runs its merged FFN over all N experts: EP divides N there
+    with pytest.raises(ConfigError, match="moe.num_experts=9 is not divisible by parallel.expert=8"):
+        load_config(None, ["moe.num_experts=9", "moe.topk=6", "parallel.expert=8",
+                           "moe.shared_expert_impl=dense", "train.stage=merge"])
 

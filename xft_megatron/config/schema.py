@@ -572,7 +572,8 @@ class Config:
                      "set moe.num_experts (or leave parallel.expert=1 and "
                      "parallel.expert_tensor unset)")
             return
-        if e.shared_expert_impl == "dense":
+        if e.shared_expert_impl == "dense" and self.stage != "merge":  # (the merge stage
+            # runs its merged FFN, whatever the MoE stage did)
             _require(e.num_routed % p.expert == 0,
                      f"moe.shared_expert_impl=dense: the {e.num_routed} routed experts are not "
                      f"divisible by parallel.expert={p.expert}; each expert-parallel rank must "
