@@ -113,36 +113,48 @@ def test_gpu_fused_weight_gradients_match_unfused(compiled):
 
 @pytest.mark.parametrize("fuse", [False, True])
 def test_gpu_shared_expert_dense_matches_pool(tmp_path, fuse):
-    """moe.shared_expert_impl=dense on the GPU (bf16, grouped GEMM for the routed experts):
-    the pool layout's loss and gradients from the same checkpoint (bf16 tolerance: loss
-    relative 1e-2, relative norm 1e-2 per tensor; the shared expert's weights are expert 0)."""
+    """moe.shared_expert_impl=dense on the GPU against the pool layout, from one checkpoint
+    (the shared expert's weights are expert 0): in fp32 the same loss and gradients (relative
+    1e-4 per tensor); in bf16 (grouped GEMM for the routed experts) gradients as close to the
+    fp32 pool's as the bf16 pool's are (per tensor, within 1.5x its relative error + 1e-3;
+    bf16 alone is 5-14% off fp32 at this init scale, so a fixed tolerance would say little)."""
     from tests import common
     from xft_megatron.checkpoint import dist as ckpt
     from xft_megatron.training.step import forward_backward
 
-    base = ["precision.dtype=bf16", "model.init_std=0.2", "moe.num_experts=8", "moe.topk=6",
-            "moe.router_noise=false", f"precision.grad_accum_fusion={str(fuse).lower()}"]
+    base = ["model.init_std=0.2", "moe.num_experts=8", "moe.topk=6", "moe.router_noise=false",
+            f"precision.grad_accum_fusion={str(fuse).lower()}"]
     cfg = common.tiny_config(*base)
     chunks, _ = common.setup(cfg, ddp=False)
     weights = str(tmp_path / "weights")
     ckpt.save(chunks, weights, 0, cfg)
-    results = {}
-    for impl in ("pool", "dense"):
-        cfg = common.tiny_config(*base, f"moe.shared_expert_impl={impl}")
-        chunks, _ = common.setup(cfg, weights, distributed_optimizer=False)
-        loss = forward_backward(chunks, common.microbatches(cfg), cfg.train.seq_length)
-        grads = {n: p.main_grad.float().clone()
-                 for n, p in chunks[0].module.named_parameters()}
-        for n in [n for n in grads if ".mlp.shared_expert." in n]:  # as expert 0
-            routed = n.replace(".mlp.shared_expert.", ".mlp.experts.")
-            grads[routed] = torch.cat([grads.pop(n), grads[routed]])
-        results[impl] = loss, grads
-    (loss, ref), (got_loss, got) = results["pool"], results["dense"]
-    assert abs(got_loss - loss) <= 1e-2 * loss
-    assert set(got) == set(ref)
+    runs = {}
+    for dtype in ("fp32", "bf16"):
+        for impl in ("pool", "dense"):
+            cfg = common.tiny_config(*base, f"precision.dtype={dtype}",
+                                     f"moe.shared_expert_impl={impl}")
+            chunks, _ = common.setup(cfg, weights, distributed_optimizer=False)
+            loss = forward_backward(chunks, common.microbatches(cfg), cfg.train.seq_length)
+            grads = {n: p.main_grad.float().clone()
+                     for n, p in chunks[0].module.named_parameters()}
+            for n in [n for n in grads if ".mlp.shared_expert." in n]:  # as expert 0
+                routed = n.replace(".mlp.shared_expert.", ".mlp.experts.")
+                grads[routed] = torch.cat([grads.pop(n), grads[routed]])
+            runs[dtype, impl] = loss, grads
+
+    def err(a, b):
+        return ((a - b).norm() / b.norm()).item()
+
+    (loss, ref), (dense_loss, dense) = runs["fp32", "pool"], runs["fp32", "dense"]
+    assert abs(dense_loss - loss) <= 1e-5 * loss
+    assert set(dense) == set(ref)
     for n, r in ref.items():
         assert r.norm() > 0, n
-        assert ((got[n] - r).norm() / r.norm()).item() < 1e-2, n
+        assert err(dense[n], r) <= 1e-4, n
+    pool16, dense16 = runs["bf16", "pool"][1], runs["bf16", "dense"][1]
+    for n, r in ref.items():
+        assert err(dense16[n], r) <= 1.5 * err(pool16[n], r) + 1e-3, \
+            (n, err(dense16[n], r), err(pool16[n], r))
 
 
 def test_gpu_upcycled_moe_equals_dense():
