@@ -60,6 +60,22 @@ def test_config_and_train_accept_and_refuse_the_same_arguments(tmp_path):
     assert (stored["model"]["num_layers"], stored["model"]["hidden_size"]) == (6, 128)
 
 
+def test_dry_run_says_where_the_shared_expert_runs(tmp_path):
+    run = [f"checkpoint.save={tmp_path / 'out'}", "data.path=d.jsonl"]
+    pool = run_cli("train", "--dry-run", "--world-size", "2", *run, "model.preset=tiny",
+                   "moe.num_experts=4", "moe.topk=3", "parallel.expert=2")
+    assert pool.code == 0, pool
+    assert ("experts      1 shared + 3 routed, top-3 (2 routed per token); 2 dispatched per EP "
+            "rank; shared expert expert 0 of the dispatched pool (moe.shared_expert_impl=pool): "
+            "its EP rank also runs it for every token of its EP group") in pool.out, pool.out
+    dense = run_cli("train", "--dry-run", "--world-size", "2", *run, "model.preset=tiny",
+                    "moe.num_experts=5", "moe.topk=3", "parallel.expert=2",
+                    "moe.shared_expert_impl=dense")
+    assert dense.code == 0, dense
+    assert ("1 shared + 4 routed, top-3 (2 routed per token); 2 dispatched per EP rank; shared "
+            "expert off the dispatch path") in dense.out, dense.out
+
+
 def test_config_names_what_a_run_still_needs(tmp_path):
     shown = run_cli("config", "model.preset=tiny", "train.stage=merge", "moe.num_experts=4",
                     "moe.topk=2")

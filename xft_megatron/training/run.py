@@ -89,11 +89,28 @@ def dry_run(cfg: Config, world_size: int) -> str:
         f" x DP {dp} x {cfg.train.num_microbatches(dp)} micro-batches; seq {cfg.train.seq_length}",
         f"parameters   total {counts['total']:,}  active {counts['active']:,}"
         + (f"  (experts {counts['expert']:,})" if counts["expert"] else ""),
+        *([_experts_line(cfg)] if cfg.moe.enabled and cfg.stage != "merge" else []),
         f"memory/rank  ~{est.total / gib:.1f} GiB: weights {est.weights / gib:.1f}, "
         f"grads {est.gradients / gib:.1f}, optimizer {est.optimizer / gib:.1f}, "
         f"activations {est.activations / gib:.1f} (estimate, no recomputation)",
     ]
     return "\n".join(lines)
+
+
+def _experts_line(cfg: Config) -> str:
+    """How an MoE layer's experts are laid out: the shared expert's place and what each
+    expert-parallel rank holds."""
+    e, ep = cfg.moe, cfg.parallel.expert
+    if not e.has_shared_expert:
+        return (f"experts      {e.num_experts} routed, top-{e.topk}; {e.num_experts // ep} per "
+                f"EP rank")
+    where = ("off the dispatch path (moe.shared_expert_impl=dense): a tensor-parallel FFN "
+             "on every rank's own tokens" if e.shared_expert_impl == "dense" else
+             "expert 0 of the dispatched pool (moe.shared_expert_impl=pool)" +
+             (": its EP rank also runs it for every token of its EP group" if ep > 1 else ""))
+    per_rank = e.dispatched_experts // ep
+    return (f"experts      1 shared + {e.num_routed} routed, top-{e.topk} ({e.routed_topk} "
+            f"routed per token); {per_rank} dispatched per EP rank; shared expert {where}")
 
 
 def check_save_dir(cfg: Config, resume: bool) -> None:
