@@ -15,7 +15,12 @@ off, balance and z-loss on, clipping active:
   to its two routed experts (from both ranks of its EP group), and the shared expert runs on
   each rank's own tokens only; in the pool layout the rank holding expert 0 receives every
   token of its EP group for it, on top of its routed share (1 shared + 3 routed there: the
-  pool needs EP to divide N).
+  pool needs EP to divide N);
+- P6: runs stopped and resumed repeat the uninterrupted ones exactly (EP=2; Adam with the
+  distributed optimizer, and Adafactor in pure bf16 with stochastic rounding, whose factored
+  state is stored in the per-expert chunks); a pool run resumed as dense (same parallel
+  section) restarts the optimizer and carries the weights: the first resumed step's loss is
+  the uninterrupted pool run's (1e-5).
 """
 
 import os
@@ -134,9 +139,51 @@ def _tokens_per_rank(cfg, weights):
     return {**count, "routed": routed.tolist(), "ep_rank": ep_rank}
 
 
+def _interrupted(cfg, stop_after=3, resume_cfg=None):
+    """(losses of an uninterrupted run, losses of the same run stopped after `stop_after`
+    steps and resumed, under `resume_cfg` when given)."""
+    import dataclasses
+
+    from xft_megatron.training.loop import train
+
+    data = common.RandomBatches(cfg)
+    full = train(cfg, data, progress=False).losses
+    cut = dataclasses.replace(cfg, checkpoint=dataclasses.replace(
+        cfg.checkpoint, save=cfg.checkpoint.save + "_split", save_interval=1))
+    polls = []
+    first = train(cut, data, progress=False,
+                  should_stop=lambda: polls.append(1) or len(polls) == stop_after)
+    then = cut if resume_cfg is None else dataclasses.replace(
+        resume_cfg, checkpoint=cut.checkpoint)
+    second = train(then, data, progress=False, resume=True)
+    return full, first.losses + second.losses
+
+
+def _resumes(workdir):
+    """Exact resume with the shared expert off the dispatch path (EP=2, DP=4): Adam with the
+    distributed optimizer, and Adafactor in pure bf16 (its factored state in the per-expert
+    chunks); and a pool run resumed as dense (the optimizer restarts, the weights carry)."""
+    run = ["train.train_steps=5", "train.lr_warmup_steps=2", "train.clip_grad=1.0",
+           "checkpoint.keep=0", "parallel.expert=2", "moe.router_noise=true"]
+    adafactor = ["train.optimizer=adafactor", "train.distributed_optimizer=false",
+                 "precision.dtype=bf16", "precision.master_weights=none",
+                 "precision.rounding=stochastic"]
+    out = {}
+    for name, extra in (("adam", []), ("adafactor", adafactor)):
+        cfg = common.tiny_config(*MOE, *run, *extra, DENSE,
+                                 f"checkpoint.save={workdir}/resume_{name}")
+        out[name] = _interrupted(cfg)
+    # noise off: a resume under another layout restarts the RNG streams
+    same = [*MOE, *run, "parallel.expert=1", "moe.router_noise=false",
+            f"checkpoint.save={workdir}/resume_pool"]
+    out["pool_to_dense"] = _interrupted(common.tiny_config(*same),
+                                        resume_cfg=common.tiny_config(*same, DENSE))
+    return out
+
+
 def _layouts(rank, world, workdir):
     weights = os.path.join(workdir, "weights")
-    out = {}
+    out = {"resume": _resumes(workdir)}
     for name, lo in LAYOUTS.items():
         out[name] = _run(common.tiny_config(*P5, DENSE, *lo), weights, workdir, name)
     ref = torch.load(os.path.join(workdir, "ref_grads.pt"))
@@ -197,6 +244,13 @@ def test_shared_expert_off_the_dispatch_path(tmp_path):
             for layer, row in pool["divergence"].items():
                 for a, b in zip(got["divergence"][layer]["to_shared"], row["to_shared"]):
                     assert abs(a - b) <= 1e-5 * b, (name, layer)
+    for r in results:
+        for name in ("adam", "adafactor"):
+            full, resumed = r["resume"][name]
+            assert len(full) == 5 and resumed == full, (name, full, resumed)
+        full, resumed = r["resume"]["pool_to_dense"]  # the step after the cut: same weights
+        assert len(resumed) == 5 and resumed[:3] == full[:3]
+        assert abs(resumed[3] - full[3]) <= 1e-5 * full[3], (full, resumed)
     # tokens per expert-parallel rank (EP=2: experts 1, 2 on EP rank 0, 3, 4 on EP rank 1)
     # the global batch (4 x 32 tokens) over 4 data-parallel ranks, through every MoE layer
     own_tokens = 4 * 32 // 4 * len(pool["routing"]["expert_load"])

@@ -60,9 +60,12 @@ def _model_sharded_state_dict(chunks: List) -> Dict:
 def _training_sharded_state_dict(chunks: List, optimizer, scheduler, is_loading: bool) -> Dict:
     state = _model_sharded_state_dict(chunks)
     if optimizer is not None:
+        # the optimizer's state of a parameter is stored like the parameter, or as the
+        # entry's `optimizer_entry` where it names one (model/moe/experts: a layer whose
+        # shared expert is a module of its own)
         model_state = {}
         for sub in state.values():
-            model_state.update(sub)
+            model_state.update({k: getattr(v, "optimizer_entry", v) for k, v in sub.items()})
         # each rank writes its own shard of the optimizer state, in parallel: resharding is
         # possible over data parallel only, so a resume under another TP/PP/EP layout
         # restarts the optimizer state (see training/loop.py)

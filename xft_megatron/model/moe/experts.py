@@ -179,19 +179,24 @@ class _ExpertWeights(MegatronModule):
     stored as experts `first` .. `first + num_local - 1` of the layer's [num_experts, ...]
     tensors (arch.names.EXPERT_FC1 / EXPERT_FC2) and replicated as `replica_id` says.
 
-    `per_expert_chunks`: each expert is a chunk of its own in checkpoints (as Megatron's
-    SequentialMLP writes them) instead of one chunk for all local experts. A layer whose
-    shared expert is a separate module (`SharedExpert`) needs it: torch_dist wants every chunk
-    of a tensor the same shape, and the shared expert is one expert."""
+    `state_of`: None, or (first, count) for a layer whose shared expert is a separate module
+    (`SharedExpert`). Then each expert is a chunk of its own in checkpoints (as Megatron's
+    SequentialMLP writes them): torch_dist wants every chunk of a tensor the same shape, and
+    the shared expert is one expert. And the optimizer state is stored apart: Megatron chains
+    one optimizer for dense and one for expert-parallel parameters, each storing its state
+    under keys of its own, and the shared expert's parameters are dense ones (their gradients
+    reduce over the whole data-parallel group). Each entry names, as `optimizer_entry`, the
+    tensor its state is stored as: these experts as experts first .. first + n - 1 of `count`
+    (the routed experts, or the shared one alone), under this module's own name."""
 
     def __init__(self, num_local, config, *, ffn_group, first, num_experts, replica_id,
-                 per_expert_chunks, rng_name=None):
+                 state_of=None, rng_name=None):
         super().__init__(config)
         self.num_local_experts = e = num_local
         self.ffn_group = ffn_group
         self.first_expert, self.num_experts = first, num_experts
         self.replica_id = replica_id
-        self.per_expert_chunks = per_expert_chunks
+        self.state_of = state_of
         tp = ffn_group.size()
         ffn = config.moe_ffn_hidden_size
         if ffn % tp:
@@ -230,25 +235,27 @@ class _ExpertWeights(MegatronModule):
         for name in ("fc1_weight", "fc2_weight"):
             key = self._storage_prefix(prefix) + name
             param = getattr(self, name)
-            if self.per_expert_chunks:
-                out[prefix + name] = ShardedTensorFactory(
-                    key, param, partial(self._expert_chunks, sharded_offsets),
-                    _stack_expert_chunks, self.replica_id)
-            else:
+            if self.state_of is None:
                 out[prefix + name] = self._chunk(key, param, sharded_offsets, self.first_expert,
-                                                 self.replica_id)
+                                                 self.num_experts, self.replica_id)
+                continue
+            entry = ShardedTensorFactory(key, param, partial(self._expert_chunks, sharded_offsets),
+                                         _stack_expert_chunks, self.replica_id)
+            entry.optimizer_entry = self._chunk(prefix + name, param, sharded_offsets,
+                                                *self.state_of, self.replica_id)
+            out[prefix + name] = entry
         return out
 
-    def _chunk(self, key, data, sharded_offsets, first, replica_id) -> ShardedTensor:
+    def _chunk(self, key, data, sharded_offsets, first, count, replica_id) -> ShardedTensor:
         """`data` [n, 2, F, H] or [n, H, F] (or the same with axes reduced to 1: optimizer
-        statistics) as experts first .. first + n - 1 of the global tensor."""
+        statistics) as experts first .. first + n - 1 of a tensor of `count` experts."""
         pre = len(sharded_offsets)
         n = data.shape[0]
-        if first % n or self.num_experts % n:
-            raise ValueError(f"experts {first}..{first + n - 1} of {self.num_experts} are not "
-                             "one chunk of equal ones; use per-expert chunks")
+        if first % n or count % n:
+            raise ValueError(f"experts {first}..{first + n - 1} of {count} are not one chunk "
+                             "of equal ones; use per-expert chunks")
         return ShardedTensor.from_rank_offsets(
-            key, data, *sharded_offsets, (pre + 0, first // n, self.num_experts // n),
+            key, data, *sharded_offsets, (pre + 0, first // n, count // n),
             (pre + 2, self.ffn_group.rank(), self.ffn_group.size()),
             replica_id=replica_id, prepend_axis_num=pre)
 
@@ -257,7 +264,7 @@ class _ExpertWeights(MegatronModule):
             raise ValueError("per-expert checkpoint chunks do not support flattened optimizer "
                              "state; the checkpoints here store it dp_reshardable")
         return {str(e): self._chunk(key, data[e:e + 1], sharded_offsets, self.first_expert + e,
-                                    replica_id)
+                                    self.num_experts, replica_id)
                 for e in range(data.shape[0])}
 
 
@@ -282,7 +289,9 @@ class GroupedExperts(_ExpertWeights):
             num_local_experts, config, ffn_group=pg_collection.expt_tp,
             first=shared_slots + ep_rank * num_local_experts,
             num_experts=shared_slots + ep_size * num_local_experts,
-            replica_id=(0, 0, self.dp_group.rank()), per_expert_chunks=shared_slots > 0,
+            replica_id=(0, 0, self.dp_group.rank()),
+            state_of=(ep_rank * num_local_experts, ep_size * num_local_experts)
+            if shared_slots else None,
             rng_name=get_expert_parallel_rng_tracker_name())
         self.tp_group = self.ffn_group
         for p in (self.fc1_weight, self.fc2_weight):
@@ -324,7 +333,7 @@ class SharedExpert(_ExpertWeights):
             # replicas: the ranks of one data-parallel group, i.e. every (EP rank, expert
             # DP rank) pair when ETP = TP
             replica_id=(0, pg_collection.ep.rank(), pg_collection.expt_dp.rank()),
-            per_expert_chunks=True, rng_name=None)  # the tensor-parallel stream
+            state_of=(0, 1), rng_name=None)  # the tensor-parallel stream
         self.sequence_parallel = config.sequence_parallel
 
     def _storage_prefix(self, prefix: str) -> str:
