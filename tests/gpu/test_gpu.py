@@ -76,39 +76,54 @@ def test_gpu_grouped_gemm_matches_loop():
 
 
 @pytest.mark.parametrize("compiled", [False, True])
-def test_gpu_fused_weight_gradients_match_unfused(compiled):
+def test_gpu_fused_weight_gradients_match_unfused(tmp_path, compiled):
     """precision.grad_accum_fusion on the GPU (bf16 weights, fp32 gradient buffer): Megatron's
-    linear layers (apex stand-in, also inside compiled layers) and the grouped experts
-    accumulate their weight gradients into DDP's buffer with `addmm(out_dtype=fp32)`. The
-    second of two steps (DDP resets its marks in between, so a side effect that ran only while
-    tracing would show) marks every weight but the router's and the embedding's, and gives
-    the unfused gradients to bf16 tolerance (relative norm 1e-2 per tensor)."""
+    linear layers (apex stand-in) and the grouped experts accumulate their weight gradients
+    into DDP's buffer with `addmm(out_dtype=fp32)`. The second of two steps (DDP resets its
+    marks in between, so a side effect that ran only while tracing would show) marks every
+    weight but the router's and the embedding's, and, with compiled layers, those inside
+    the compiled regions (the attention of MoE layers: left unfused by design). Its gradients
+    are as close to the fp32 model's as the unfused bf16 ones are (per tensor, within 1.5x
+    their relative error + 1e-3: bf16 alone is several % off fp32 at this init scale, so a
+    fixed tolerance says little)."""
     from tests import common
+    from xft_megatron.checkpoint import dist as ckpt
     from xft_megatron.training.step import forward_backward
 
+    base = ["model.init_std=0.2", "moe.num_experts=8", "moe.topk=6", "moe.router_noise=false",
+            "moe.experts_impl=grouped", f"train.compile_layers={compiled}"]
+    chunks, _ = common.setup(common.tiny_config(*base), ddp=False)
+    weights = str(tmp_path / "weights")
+    ckpt.save(chunks, weights, 0, common.tiny_config(*base))
     results = {}
-    for fuse in (False, True):
-        cfg = common.tiny_config("precision.dtype=bf16", "model.init_std=0.2",
-                                 "moe.num_experts=8", "moe.topk=6", "moe.router_noise=false",
-                                 "moe.experts_impl=grouped", f"train.compile_layers={compiled}",
+    for dtype, fuse in (("fp32", False), ("bf16", False), ("bf16", True)):
+        cfg = common.tiny_config(*base, f"precision.dtype={dtype}",
                                  f"precision.grad_accum_fusion={str(fuse).lower()}")
-        chunks, _ = common.setup(cfg, distributed_optimizer=False)
+        chunks, _ = common.setup(cfg, weights, distributed_optimizer=False)
         for _ in range(2):
             for c in chunks:
                 c.zero_grad_buffer()
             forward_backward(chunks, common.microbatches(cfg), cfg.train.seq_length)
         module = chunks[0].module
-        results[fuse] = (
+        results[dtype, fuse] = (
             {n: p.main_grad.float().clone() for n, p in module.named_parameters()},
             {n: bool(p.grad_added_to_main_grad) for n, p in module.named_parameters()
              if p.dim() >= 2})
-    (plain, plain_marks), (fused, marks) = results[False], results[True]
+    ref = results["fp32", False][0]
+    (plain, plain_marks), (fused, marks) = results["bf16", False], results["bf16", True]
     assert not any(plain_marks.values())
     for n, marked in marks.items():  # the (untied) input embedding has no GEMM
-        assert marked == (".router." not in n and "embedding" not in n), (n, marks)
-    for n, ref in plain.items():
-        assert ref.norm() > 0, n
-        assert ((fused[n] - ref).norm() / ref.norm()).item() < 1e-2, n
+        expected = ".router." not in n and "embedding" not in n and \
+            not (compiled and ".self_attention." in n)
+        assert marked == expected, (n, marks)
+
+    def err(a, b):
+        return ((a - b).norm() / b.norm()).item()
+
+    for n, r in ref.items():
+        assert r.norm() > 0, n
+        assert err(fused[n], r) <= 1.5 * err(plain[n], r) + 1e-3, \
+            (n, err(fused[n], r), err(plain[n], r))
 
 
 @pytest.mark.parametrize("fuse", [False, True])
