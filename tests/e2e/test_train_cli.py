@@ -42,7 +42,7 @@ def _make_data(root):
 
 def _four_stages(rank, world, root):
     from xft_megatron.config import MoEConfig
-    from xft_megatron.data.records import DataError
+    from xft_megatron.errors import UserError
     from xft_megatron.eval.loss import evaluate_loss
     from xft_megatron.training import run
     from xft_megatron.xft.checkpoints import upcycle_checkpoint
@@ -61,7 +61,7 @@ def _four_stages(rank, world, root):
     try:
         run.main(None, sft_args + [f"data.path={root}/sft_bad.jsonl"], progress=False)
         out["bad_error"] = None
-    except (DataError, RuntimeError) as e:
+    except UserError as e:  # every rank: rank 0's message, the others' pointer to it
         out["bad_error"] = str(e)
     skip = run.main(None, sft_args + [f"data.path={root}/sft_bad.jsonl", "data.on_error=skip"],
                     progress=False)

@@ -25,6 +25,7 @@ from xft_megatron.data.dataset import build_dataset, check_sources
 from xft_megatron.data.packing import PackedBatches
 from xft_megatron.data.records import DataError
 from xft_megatron.data.tokenizer import Tokenizer, tokenizer_for_model
+from xft_megatron.errors import UserError
 from xft_megatron.hf import convert
 from xft_megatron.runtime import parallel
 from xft_megatron.runtime.hub import HubSettings
@@ -59,10 +60,13 @@ def build_batches(cfg: Config, tok: Tokenizer, rank: int, hub: Optional[HubSetti
         except Exception as e:  # reported below, after telling the other ranks
             error = e
     if dist.is_initialized() and dist.get_world_size() > 1:
-        ok = [error is None]
-        dist.broadcast_object_list(ok, src=0)  # rank 0 failing stops everyone cleanly
-        if not ok[0] and rank != 0:
-            raise RuntimeError("rank 0 could not build the dataset (its error is above)")
+        # rank 0 failing stops everyone cleanly: a user error (bad records, a missing file)
+        # as one, with rank 0's message above, anything else as the bug it is
+        failure = [None if error is None else isinstance(error, UserError)]
+        dist.broadcast_object_list(failure, src=0)
+        if failure[0] is not None and rank != 0:
+            said = "rank 0 could not build the dataset; its message is above"
+            raise UserError(said) if failure[0] else RuntimeError(said)
     if error is not None:
         raise error
     if built is None:
