@@ -143,6 +143,8 @@ def _expert_mm(x, w, counts, offs):
     if offs is not None:
         return F.grouped_mm(x, w.transpose(-2, -1), offs=offs)
     outs = [F.linear(xe, w[e]) for e, xe in enumerate(x.split(counts))]
+    if len(outs) == 1:  # one expert (the shared one off the dispatch path): no copy
+        return outs[0]
     return torch.cat(outs, dim=0) if outs else x.new_zeros(0, w.shape[1])
 
 
