@@ -284,18 +284,17 @@ class GroupedExperts(_ExpertWeights):
 
     def __init__(self, num_local_experts, config, /, *, pg_collection, name=None,
                  shared_slots: int = 0):
-        self.ep_group = pg_collection.ep
-        self.dp_group = pg_collection.expt_dp
-        ep_rank, ep_size = self.ep_group.rank(), self.ep_group.size()
+        ep_rank, ep_size = pg_collection.ep.rank(), pg_collection.ep.size()
         super().__init__(
             num_local_experts, config, ffn_group=pg_collection.expt_tp,
             first=shared_slots + ep_rank * num_local_experts,
             num_experts=shared_slots + ep_size * num_local_experts,
-            replica_id=(0, 0, self.dp_group.rank()),
+            replica_id=(0, 0, pg_collection.expt_dp.rank()),
             state_of=(ep_rank * num_local_experts, ep_size * num_local_experts)
             if shared_slots else None,
             rng_name=get_expert_parallel_rng_tracker_name())
-        self.tp_group = self.ffn_group
+        self.ep_group, self.dp_group, self.tp_group = \
+            pg_collection.ep, pg_collection.expt_dp, pg_collection.expt_tp
         for p in (self.fc1_weight, self.fc2_weight):
             # gradients reduce over the expert-data-parallel group (ranks holding this shard)
             p.allreduce = False
