@@ -100,6 +100,17 @@ def _reference(rank, world, workdir):
                                                seed=1)), strict=False)
         ckpt.save(chunks, os.path.join(workdir, "upcycled"), 0, up_cfg)
     torch.save(dense_logits, os.path.join(workdir, "dense_logits.pt"))
+    # a layer built alone, as the benchmarks build one (Megatron's default process groups)
+    from xft_megatron.model.builder import transformer_config
+    from xft_megatron.model.spec import moe_mlp_spec
+
+    dense_cfg = common.tiny_config(*P5, DENSE)
+    layer = moe_mlp_spec(dense_cfg.moe)(config=transformer_config(dense_cfg), layer_number=1)
+    layer.eval()
+    with torch.no_grad():
+        y, _ = layer(torch.randn(8, 1, dense_cfg.model.hidden_size))
+    out["alone"] = (type(layer.shared_expert).__name__, tuple(y.shape),
+                    bool(torch.isfinite(y).all()))
     # the conversion tools' storage layout is the same for both settings
     stream.initialize_single_rank_layout()
     out["same_layout"] = stream.layout_of(cfg).params == \
@@ -210,6 +221,7 @@ def test_shared_expert_off_the_dispatch_path(tmp_path):
     ref = run_ranks(1, _reference, workdir)[0]
     pool, dense = ref["pool"], ref["dense"]
     assert ref["same_layout"]
+    assert ref["alone"] == ("SharedExpert", (8, 1, 64), True), ref["alone"]
     assert all(n > CLIP for n in pool["norms"]), pool["norms"]  # clipping is active
     assert pool["curve"][0] > pool["curve"][-1]
     # one process: dense equals pool

@@ -16,6 +16,7 @@ same sum.
 
 import torch
 from megatron.core.transformer.moe.moe_layer import MoELayer
+from megatron.core.transformer.moe.moe_utils import get_default_pg_collection
 
 from xft_megatron.model.moe.experts import GroupedExperts, SharedExpert
 
@@ -29,6 +30,8 @@ class SharedExpertMoELayer(MoELayer):
         """Built as Megatron's TransformerLayer builds its MLP; the spec binds `submodules`
         (experts: `GroupedExperts` with `shared_slots=1`) and `num_experts` (N, the shared
         expert included)."""
+        if pg_collection is None:  # as Megatron's MoELayer does (e.g. a layer built alone)
+            pg_collection = get_default_pg_collection()
         super().__init__(config, submodules, layer_number, pg_collection, is_mtp_layer, name)
         if not isinstance(self.experts, GroupedExperts) or self.experts.first_expert < 1:
             raise ValueError("the shared expert off the dispatch path needs the grouped "
