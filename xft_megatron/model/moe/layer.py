@@ -5,9 +5,10 @@ The XFT router weighs every expert of the layer, the shared one (column 0, g_0 =
 in mode xft) included. Here Megatron's dispatcher sees the routed experts only (columns
 1..N-1, `num_moe_experts` = N-1, `moe_router_topk` = K-1) and the shared expert runs as a
 dense FFN on this rank's tokens, weighted by g_0, through Megatron's shared-expert hooks:
-`shared_experts_compute` (before routing) runs the FFN, `route` keeps g_0 aside, and
-`postprocess` adds g_0 * FFN to the combined routed output. No rank receives every token
-for the shared expert, and no token is permuted for it.
+`shared_experts_compute` (before routing) hands the layer's input on, `route` keeps g_0
+aside, and `postprocess` runs the FFN weighted by g_0 and adds it to the combined routed
+output. No rank receives every token for the shared expert, and no token is permuted for
+it.
 
 The numbers are those of the layout with the shared expert in the routed pool (expert 0):
 the same router, the same weights on disk (the shared expert is stored as expert 0), the
