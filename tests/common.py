@@ -163,6 +163,33 @@ def perturb_norms(chunks, seed=3):
                     p.copy_(1.0 + 0.2 * torch.randn(p.shape, generator=g))
 
 
+def p5_run(cfg, weights, workdir, name, steps=3, measure=None):
+    """P5 quantities of `cfg`'s layout from the checkpoint `weights`: the LM loss of one
+    forward-backward (without DDP's distributed optimizer), the per-layer router losses, and
+    the reduced gradients saved as the checkpoint `workdir/grads_<name>` (read back unsharded
+    by `gradient_errors`); then a `steps`-step loss curve with its gradient norms from the same
+    weights. `measure(chunks) -> dict` adds what it returns, taken right after the
+    forward-backward (routing statistics must be collected before the router losses)."""
+    import os
+
+    from xft_megatron.checkpoint import dist as ckpt
+    from xft_megatron.model.moe import losses as moe_losses
+    from xft_megatron.training.step import forward_backward, train_step
+
+    chunks, _ = setup(cfg, weights, distributed_optimizer=False)
+    loss = forward_backward(chunks, microbatches(cfg), cfg.train.seq_length)
+    extra = measure(chunks) if measure else {}
+    router = moe_losses.collect(chunks, cfg.model.num_layers)
+    grads_into_params(chunks)
+    ckpt.save(chunks, os.path.join(workdir, f"grads_{name}"), 0, cfg)
+    chunks, _ = setup(cfg, weights)
+    opt, sched = optimizer_for(chunks, cfg)
+    run = [train_step(chunks, opt, sched, microbatches(cfg), cfg.train.seq_length,
+                      cfg.train.clip_grad) for _ in range(steps)]
+    return {"loss": loss, "router": router.tolist(), "curve": [s["loss"] for s in run],
+            "norms": [s["grad_norm"] for s in run], **extra}
+
+
 def hf_tensors(folder):
     """Every tensor of the safetensors files in an HF folder, by name."""
     from safetensors.torch import load_file

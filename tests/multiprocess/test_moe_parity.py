@@ -30,7 +30,7 @@ from tests.harness import run_ranks
 from xft_megatron.checkpoint import dist as ckpt
 from xft_megatron.model.moe import losses as moe_losses
 from xft_megatron.model.moe.merge_mlp import merge_coefficients
-from xft_megatron.training.step import forward_backward, forward_logits, train_step
+from xft_megatron.training.step import forward_backward, forward_logits
 from xft_megatron.xft.merge import fold
 from xft_megatron.xft.upcycle import upcycle
 
@@ -77,17 +77,7 @@ def _logits(chunks, cfg, train_mode):
 
 
 def _p5_run(cfg, weights, workdir, name):
-    chunks, _ = common.setup(cfg, weights, distributed_optimizer=False)
-    loss = forward_backward(chunks, common.microbatches(cfg), cfg.train.seq_length)
-    router = moe_losses.collect(chunks, cfg.model.num_layers)
-    common.grads_into_params(chunks)
-    ckpt.save(chunks, os.path.join(workdir, f"grads_{name}"), 0, cfg)
-    chunks, _ = common.setup(cfg, weights)
-    opt, sched = common.optimizer_for(chunks, cfg)
-    steps = [train_step(chunks, opt, sched, common.microbatches(cfg), cfg.train.seq_length,
-                        cfg.train.clip_grad) for _ in range(STEPS)]
-    return {"loss": loss, "router": router.tolist(), "curve": [s["loss"] for s in steps],
-            "norms": [s["grad_norm"] for s in steps]}
+    return common.p5_run(cfg, weights, workdir, name, STEPS)
 
 
 def _reference(rank, world, workdir):

@@ -33,7 +33,7 @@ from xft_megatron.checkpoint import dist as ckpt
 from xft_megatron.checkpoint import stream
 from xft_megatron.model.moe import divergence
 from xft_megatron.model.moe import losses as moe_losses
-from xft_megatron.training.step import forward_backward, forward_logits, train_step
+from xft_megatron.training.step import forward_logits
 from xft_megatron.xft.upcycle import upcycle
 
 MOE = ["moe.num_experts=5", "moe.topk=3", "moe.router_noise=false", "moe.z_loss_coeff=1e-3",
@@ -55,21 +55,12 @@ STEPS = 3
 
 
 def _run(cfg, weights, workdir, name):
-    """Loss, router losses, routing statistics and divergence of one forward-backward (the
-    gradients saved as a checkpoint), then a 3-step curve with its gradient norms."""
-    chunks, _ = common.setup(cfg, weights, distributed_optimizer=False)
-    loss = forward_backward(chunks, common.microbatches(cfg), cfg.train.seq_length)
-    routing = moe_losses.collect_routing(chunks, cfg.model.num_layers)
-    router = moe_losses.collect(chunks, cfg.model.num_layers)
-    div = divergence.expert_divergence(chunks, cfg.model.num_layers, cfg.moe.num_experts)
-    common.grads_into_params(chunks)
-    ckpt.save(chunks, os.path.join(workdir, f"grads_{name}"), 0, cfg)
-    chunks, _ = common.setup(cfg, weights)
-    opt, sched = common.optimizer_for(chunks, cfg)
-    steps = [train_step(chunks, opt, sched, common.microbatches(cfg), cfg.train.seq_length,
-                        cfg.train.clip_grad) for _ in range(STEPS)]
-    return {"loss": loss, "router": router.tolist(), "routing": routing, "divergence": div,
-            "curve": [s["loss"] for s in steps], "norms": [s["grad_norm"] for s in steps]}
+    """`common.p5_run`, with the step's routing statistics and the expert divergence."""
+    def measure(chunks):
+        return {"routing": moe_losses.collect_routing(chunks, cfg.model.num_layers),
+                "divergence": divergence.expert_divergence(chunks, cfg.model.num_layers,
+                                                           cfg.moe.num_experts)}
+    return common.p5_run(cfg, weights, workdir, name, STEPS, measure)
 
 
 def _reference(rank, world, workdir):

@@ -11,7 +11,8 @@ Under expert parallelism each rank holds some experts, under expert tensor paral
 shard of each: the local vectors are gathered over the expert-parallel group and the squared
 distances summed over the expert-tensor-parallel group; pipeline stages contribute their
 own layers. A shared expert off the dispatch path (`moe/layer.py`) is on every rank, split
-over the tensor-parallel group, which is then the expert-tensor-parallel one. Every rank must call `expert_divergence` (it runs collectives).
+over the tensor-parallel group, which is then the expert-tensor-parallel one. Every rank
+must call `expert_divergence` (it runs collectives).
 """
 
 from typing import Dict, List

@@ -176,6 +176,28 @@ class _ExpertLinearIntoMainGrad(torch.autograd.Function):
         return dx, placeholder, None, None
 
 
+def into_ffn_region(x: torch.Tensor, group, sequence_parallel: bool) -> torch.Tensor:
+    """Tokens [n, ...] of this rank -> the tokens an FFN split over `group` (by its width)
+    computes on: gathered over the sequence-parallel shards, else the same tokens. Backward:
+    the partial input gradients of the width shards are summed (reduce-scattered or
+    all-reduced)."""
+    if group.size() == 1:
+        return x
+    if sequence_parallel:
+        return tensor_parallel.gather_from_sequence_parallel_region(x, group=group)
+    return tensor_parallel.copy_to_tensor_model_parallel_region(x, group=group)
+
+
+def out_of_ffn_region(y: torch.Tensor, group, sequence_parallel: bool) -> torch.Tensor:
+    """The FFN's partial sums over its width shards -> this rank's tokens' output: summed and
+    scattered back over the sequence-parallel shards, else summed."""
+    if group.size() == 1:
+        return y
+    if sequence_parallel:
+        return tensor_parallel.reduce_scatter_to_sequence_parallel_region(y, group=group)
+    return tensor_parallel.reduce_from_tensor_model_parallel_region(y, group=group)
+
+
 class _ExpertWeights(MegatronModule):
     """fc1/fc2 of `num_local` SwiGLU experts, each a shard of the FFN width over `ffn_group`,
     stored as experts `first` .. `first + num_local - 1` of the layer's [num_experts, ...]
@@ -293,8 +315,6 @@ class GroupedExperts(_ExpertWeights):
             state_of=(ep_rank * num_local_experts, ep_size * num_local_experts)
             if shared_slots else None,
             rng_name=get_expert_parallel_rng_tracker_name())
-        self.ep_group, self.dp_group, self.tp_group = \
-            pg_collection.ep, pg_collection.expt_dp, pg_collection.expt_tp
         for p in (self.fc1_weight, self.fc2_weight):
             # gradients reduce over the expert-data-parallel group (ranks holding this shard)
             p.allreduce = False
@@ -347,21 +367,10 @@ class SharedExpert(_ExpertWeights):
         """hidden_states [s, b, H] (this rank's sequence shard under sequence parallelism),
         weight [s*b] (g_0 per token, fp32) -> weight * SwiGLU FFN [s, b, H]."""
         shape = hidden_states.shape
-        x = hidden_states.reshape(-1, shape[-1])
-        w = weight.reshape(-1)
-        group = self.ffn_group
-        split = group.size() > 1
-        if split and self.sequence_parallel:  # backward: reduce-scatter of the partial grads
-            x = tensor_parallel.gather_from_sequence_parallel_region(x, group=group)
-            w = tensor_parallel.gather_from_sequence_parallel_region(w, group=group)
-        elif split:  # backward: all-reduce of the partial grads
-            x = tensor_parallel.copy_to_tensor_model_parallel_region(x, group=group)
-            w = tensor_parallel.copy_to_tensor_model_parallel_region(w, group=group)
+        region = self.ffn_group, self.sequence_parallel
+        x = into_ffn_region(hidden_states.reshape(-1, shape[-1]), *region)
+        w = into_ffn_region(weight.reshape(-1), *region)
         counts = torch.tensor([x.shape[0]])
         out = swiglu_experts(x, counts, w, self.fc1_weight, self.fc2_weight, False,
                              into_main_grad=self._fuse_wgrad())  # [n, H] partial sums
-        if split and self.sequence_parallel:
-            out = tensor_parallel.reduce_scatter_to_sequence_parallel_region(out, group=group)
-        elif split:
-            out = tensor_parallel.reduce_from_tensor_model_parallel_region(out, group=group)
-        return out.view(shape)
+        return out_of_ffn_region(out, *region).view(shape)

@@ -11,17 +11,11 @@ sums its local experts; the sum is completed over the expert-parallel group.
 
 import torch
 import torch.nn.functional as F
-from megatron.core.tensor_parallel import (
-    copy_to_tensor_model_parallel_region,
-    gather_from_sequence_parallel_region,
-    reduce_from_tensor_model_parallel_region,
-    reduce_scatter_to_sequence_parallel_region,
-)
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.moe.moe_utils import get_default_pg_collection
 
 from xft_megatron.errors import UsageError
-from xft_megatron.model.moe.experts import GroupedExperts
+from xft_megatron.model.moe.experts import GroupedExperts, into_ffn_region, out_of_ffn_region
 
 
 def merge_coefficients(alpha: torch.Tensor, shared_weight: float = 0.75) -> torch.Tensor:
@@ -105,20 +99,10 @@ class MergeMLP(MegatronModule):
     def forward(self, hidden_states, padding_mask=None):
         """[s(/tp), b, h] -> ([s(/tp), b, h], None), the dense FFN with merged weights."""
         w1, w2 = self.merged_weights()
-        tp = self.tp_group.size() > 1
-        if tp and self.sequence_parallel:
-            x = gather_from_sequence_parallel_region(hidden_states, group=self.tp_group)
-        elif tp:
-            x = copy_to_tensor_model_parallel_region(hidden_states, group=self.tp_group)
-        else:
-            x = hidden_states
+        x = into_ffn_region(hidden_states, self.tp_group, self.sequence_parallel)
         gate, up = F.linear(x, w1).chunk(2, dim=-1)
         y = F.linear(F.silu(gate) * up, w2)
-        if tp and self.sequence_parallel:
-            y = reduce_scatter_to_sequence_parallel_region(y, group=self.tp_group)
-        elif tp:
-            y = reduce_from_tensor_model_parallel_region(y, group=self.tp_group)
-        return y, None
+        return out_of_ffn_region(y, self.tp_group, self.sequence_parallel), None
 
 
 def gather_coefficients(chunks) -> dict:
