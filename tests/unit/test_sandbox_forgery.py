@@ -191,7 +191,9 @@ def test_both_processes_and_directories_are_gone_afterwards():
     where = "    import os, sys\n    print(os.getcwd(), file=sys.stderr, flush=True)\n"
     for test in ("def check(f):\n" + where + "    assert f() == 1\n",
                  "def check(f):\n" + where + "    f()\n    while True:\n        pass\n"):
-        r = run_tests(code, test, "f", timeout_s=2)
+        # long enough for both processes to start on a loaded 2-core machine (at 2 s the
+        # tester was once not ready in time, and nothing printed its directory)
+        r = run_tests(code, test, "f", timeout_s=8)
         assert r.status in ("passed", "timeout"), r
         _assert_cleaned_up(r)
         tester_dir = r.stderr_tail.split(TESTS_HEADER, 1)[1].splitlines()[0]
