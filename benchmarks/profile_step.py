@@ -1,7 +1,8 @@
 """Kernel-level profile of dense training steps on one GPU (what the step time is made of).
 
     python benchmarks/profile_step.py --seq 2048 --mbs 4 --accum 2
-Prints the top CUDA kernels by total time and the share of GEMM / attention / other.
+Prints the top CUDA kernels by total time and the GPU time per step by category of work
+(benchmarks/kernels.py).
 """
 
 import argparse
@@ -9,6 +10,7 @@ import argparse
 import torch
 from torch.profiler import ProfilerActivity, profile
 
+from benchmarks import kernels
 from benchmarks.dense_step import build_point_for_profile
 
 
@@ -28,19 +30,9 @@ def main():
         for _ in range(2):
             step()
         torch.cuda.synchronize()
-    events = [e for e in prof.key_averages() if e.device_type.name == "CUDA"]
-    total = sum(e.self_device_time_total for e in events)
-    groups = {"gemm": 0.0, "attention": 0.0, "other": 0.0}
-    for e in events:
-        name = e.key.lower()
-        kind = "attention" if ("flash" in name or "fmha" in name or "attention" in name) else \
-            "gemm" if ("gemm" in name or "sm90" in name or "cutlass" in name or "nvjet" in name)\
-            else "other"
-        groups[kind] += e.self_device_time_total
     print(prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=args.rows,
                                     max_name_column_width=70))
-    print({k: f"{v / total:.1%}" for k, v in groups.items()},
-          f"GPU busy {total / 1e3 / 2:.0f} ms per step")
+    print(kernels.table({args.preset: kernels.breakdown(prof, 2)}))
 
 
 if __name__ == "__main__":

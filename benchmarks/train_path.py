@@ -25,6 +25,12 @@ synchronized wall time. Variants, alternated per point so ratios compare like wi
 
 MFU counts active parameters and full-square attention (xft_megatron/training/flops.py)
 against the H200 bf16 dense peak (989 TFLOP/s; the H100 SXM's is the same).
+
+`--profile` adds, per variant, a torch.profiler run of 3 more repetitions: GPU time per step
+by category of work and the top operators (benchmarks/kernels.py), into the JSON and, side by
+side for all variants of a micro-batch size, into the log:
+
+    python benchmarks/train_path.py --layers 12 --variants model path reference --profile
 """
 
 import argparse
@@ -133,6 +139,22 @@ def _reference(cfg, batch, device="cuda"):
     return [model], step
 
 
+PROFILED_STEPS = 3
+
+
+def _profiled(step, steps):
+    from torch.profiler import ProfilerActivity, profile
+
+    from benchmarks import kernels
+
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            step()
+        torch.cuda.synchronize()
+    return kernels.breakdown(prof, steps)
+
+
 def run(args, mbs, variant):
     cfg = _config(args, mbs, variant)
     g = torch.Generator().manual_seed(0)
@@ -143,6 +165,8 @@ def run(args, mbs, variant):
         holder, step = _reference(cfg, batch) if variant == "reference" else \
             _megatron(cfg, variant, batch)
         times = _timed(step, args.warmup, args.reps)
+        if args.profile:
+            row["profile"] = _profiled(step, PROFILED_STEPS)
     except torch.OutOfMemoryError:
         row["error"] = "out of memory"
         holder = step = None
@@ -165,7 +189,8 @@ def _child(args, mbs, variant):
     process, so the next would not fit)."""
     argv = ["--preset", args.preset, "--layers", str(args.layers), "--seq", str(args.seq),
             "--warmup", str(args.warmup), "--reps", str(args.reps), "--mbs", str(mbs),
-            "--one", variant] + (["--dense"] if args.dense else []) + args.overrides
+            "--one", variant] + (["--dense"] if args.dense else []) + \
+        (["--profile"] if args.profile else []) + args.overrides
     proc = subprocess.run([sys.executable, "-W", "ignore", __file__, *argv],
                           capture_output=True, text=True)
     for line in proc.stdout.splitlines():
@@ -187,6 +212,8 @@ def main():
     ap.add_argument("--warmup", type=int, default=5)
     ap.add_argument("--reps", type=int, default=10)
     ap.add_argument("--json", default=None)
+    ap.add_argument("--profile", action="store_true",
+                    help="also profile each variant: GPU time by category of work")
     ap.add_argument("--one", default=None, help=argparse.SUPPRESS)  # a child: one variant
     ap.add_argument("overrides", nargs="*", help="config overrides for the Megatron variants")
     args = ap.parse_args()
@@ -219,6 +246,18 @@ def main():
             print(f"[{env['kind']} mbs={r['micro_batch']}] {r['variant']:16s} "
                   f"x{r.get('vs_reference', float('nan')):.2f} the reference, "
                   f"x{r.get('vs_model', float('nan')):.3f} the model alone")
+    if args.profile:
+        from benchmarks import kernels
+
+        for mbs in args.mbs:
+            done = [r for r in rows if r["micro_batch"] == mbs and "profile" in r]
+            print(f"[{env['kind']} mbs={mbs}] GPU time by category of work\n" + kernels.table(
+                {r["variant"]: r["profile"] for r in done},
+                {r["variant"]: r["ms"] for r in done}))
+            for r in done:
+                print(f"[{env['kind']} mbs={mbs}] {r['variant']} top operators (ms per step, "
+                      "calls): " + "; ".join(f"{op} {ms:.1f} ({calls:g})"
+                                             for op, ms, calls in r["profile"]["ops"]))
     print(f"env: {env}")
     if args.json:
         with open(args.json, "w") as f:

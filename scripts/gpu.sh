@@ -132,12 +132,14 @@ if [ "$BENCH" = train-path ]; then
   # forward + backward of the training path against the model alone and the HF reference
   # (benchmarks/train_path.py): the MoE at the paper shape (MBS, default 4), then the dense
   # 1.3B; MOE_LAYERS / DENSE_LAYERS shrink them where a card is small; KINDS (moe dense)
-  # and VARIANTS (all four) choose
+  # and VARIANTS (all four) choose; PROFILE=1 adds each variant's GPU time by category of
+  # work (benchmarks/kernels.py)
   for kind in ${KINDS:-moe dense}; do
     flag=""; layers="${MOE_LAYERS:-24}"
     [ "$kind" = dense ] && flag="--dense" && layers="${DENSE_LAYERS:-24}"
     python3 -W ignore benchmarks/train_path.py $flag --layers "$layers" \
-      --mbs ${MBS:-4} ${VARIANTS:+--variants $VARIANTS} --json "$OUT/train_path_$kind.json" \
+      --mbs ${MBS:-4} ${VARIANTS:+--variants $VARIANTS} ${PROFILE:+--profile} \
+      --json "$OUT/train_path_$kind.json" \
       2>&1 | grep -v Warning \
       | tee "$OUT/train_path_$kind.log"
   done
@@ -152,11 +154,14 @@ if [ "$BENCH" = train ]; then
       2>&1 | grep -v Warning | tail -25 | tee "$OUT/e2e_$name.log"
     cp "/tmp/e2e_$name/train_e2e.json" "$OUT/e2e_$name.json" 2>/dev/null
   }
-  # E2E: the points to run (default: all that fit the machine), as name:gpus:layers[:ep]
+  # E2E: the points to run (default: all that fit the machine), as name:gpus:layers[:ep];
+  # E2E_ARGS: config overrides for every point, E2E_TAG: a suffix for their result names
+  # (e.g. E2E_ARGS="moe.num_experts=9 moe.shared_expert_impl=dense" E2E_TAG=dense)
   for point in ${E2E:-1gpu_l12:1:12 2gpu_ep2_l12:2:12:2 2gpu_ep2_l24:2:24:2 4gpu_ep4_l12:4:12:4 4gpu_ep4_l24:4:24:4}; do
     IFS=: read -r name n layers ep <<< "$point"
     [ "$n" -le "$NGPU" ] || continue
-    e2e "$name" "$n" --layers "$layers" ${ep:+parallel.expert=$ep}
+    e2e "$name${E2E_TAG:+_$E2E_TAG}" "$n" --layers "$layers" ${ep:+parallel.expert=$ep} \
+      ${E2E_ARGS:-}
   done
   exit 0
 fi

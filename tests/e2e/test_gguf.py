@@ -42,10 +42,10 @@ def test_damaged_gguf_files_and_a_full_disk_are_messages(tmp_path):
                           text=True, timeout=600, preexec_fn=_limit_file_size)
     assert full.returncode != 0 and "Traceback" not in full.stderr, full.stderr[-3000:]
     assert "could not write" in full.stderr and "is it full" in full.stderr, full.stderr[-3000:]
+    # nothing left behind, so a rerun starts clean (a successful conversion of this file is
+    # how tests/real_model.py builds the HF model the other real-model tests use)
     assert sorted(os.listdir(tmp_path)) == sorted(
         ["src", "garbage.gguf", "header_only.gguf", "half.gguf"]), os.listdir(tmp_path)
-    ok = common.xft_process("convert", "gguf-to-hf", "--gguf", real, "--out", tmp_path / "full")
-    assert ok.returncode == 0 and os.path.isfile(tmp_path / "full" / "config.json"), ok.stderr
     # without the optional `gguf` package: a message that says how to install it
     blocked = "import sys; sys.modules['gguf'] = None; from xft_megatron import cli; " \
         "sys.exit(cli.main(sys.argv[1:]))"

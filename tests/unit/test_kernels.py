@@ -1,0 +1,67 @@
+"""benchmarks/kernels.py: a profile's time per operator and per category of work, per step.
+
+A real torch.profiler run on the CPU (operators' self CPU time standing in for device time)
+of a step made of known work: a GEMM, an in-place accumulation into an fp32 buffer, token
+dispatch (sort, index_select, index_add_), a cast and a softmax."""
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+from benchmarks import kernels
+
+
+def test_category_of_operators_and_kernels():
+    cases = {
+        "aten::mm": "gemm", "aten::addmm": "gemm", "aten::_grouped_mm": "gemm",
+        "sm90_xmma_gemm_bf16bf16_bf16f32_f32_tn_n": "gemm",
+        "aten::_scaled_dot_product_flash_attention": "attention",
+        "aten::sort": "dispatch (sort, index, scatter, gather)",
+        "aten::index_add_": "dispatch (sort, index, scatter, gather)",
+        "aten::topk": "dispatch (sort, index, scatter, gather)",
+        "aten::add_": "in-place add (gradient accumulation)",
+        "aten::copy_": "copies and casts", "aten::_to_copy": "copies and casts",
+        "nccl:all_reduce": "communication", "record_param_comms": "communication",
+        "Torch-Compiled Region: 0/1": "compiled (inductor)",
+        "aten::mul": kernels.OTHER, "aten::add": kernels.OTHER, "aten::silu": kernels.OTHER,
+    }
+    assert {op: kernels.category(op) for op in cases} == cases
+
+
+def test_breakdown_of_a_real_profile_sums_per_step():
+    torch.manual_seed(0)
+    x = torch.randn(512, 256)
+    w = torch.randn(256, 256)
+    buf = torch.zeros(256, 256)
+    scores = torch.randn(4096)
+
+    def step():
+        y = x @ w
+        buf.add_(y[:256].t() @ x[:256])  # the fp32 gradient buffer
+        order = scores.sort().indices
+        rows = y.index_select(0, order[:512] % 512)
+        torch.zeros_like(y).index_add_(0, order[:512] % 512, rows)
+        y.to(torch.bfloat16).float().softmax(-1)
+
+    for _ in range(2):
+        step()
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        for _ in range(4):
+            step()
+    b = kernels.breakdown(prof, 4, top=5)
+    cats = b["categories"]
+    assert b["device"] == "cpu"
+    for cat in ("gemm", "in-place add (gradient accumulation)", "copies and casts",
+                "dispatch (sort, index, scatter, gather)", kernels.OTHER):
+        assert cats[cat] > 0, (cat, cats)
+    assert abs(sum(cats.values()) - b["busy_ms"]) < 1e-9
+    assert cats["attention"] == cats["communication"] == 0
+    # per step: aten::mm ran twice per step; the top operators are sorted by time
+    ops = {op: (ms, calls) for op, ms, calls in b["ops"]}
+    assert len(b["ops"]) <= 5 and [r[1] for r in b["ops"]] == sorted(
+        (r[1] for r in b["ops"]), reverse=True)
+    assert ops.get("aten::mm", (0, 2))[1] == 2, b["ops"]
+    everything = kernels.breakdown(prof, 1, top=1000)
+    assert abs(everything["busy_ms"] - 4 * b["busy_ms"]) < 1e-6 * everything["busy_ms"]
+    text = kernels.table({"a": b, "b": everything}, {"a": b["busy_ms"] + 1.0})
+    assert "| gemm |" in text and "| **busy** |" in text
+    assert "| wall - busy (GPU waits for the host) | 1.0 | - |" in text
