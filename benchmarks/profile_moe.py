@@ -4,7 +4,7 @@ of beyond the expert GEMMs.
     python benchmarks/profile_moe.py [--tokens 8192] [--variant xft/grouped]
 Prints wall time per iteration, GPU-busy time, the top CUDA kernels and top CPU-side ops
 (host time shows synchronizations and launch overhead), and the GPU time by category of work
-(benchmarks/kernels.py).
+(benchmarks/profile_breakdown.py).
 """
 
 import argparse
@@ -14,7 +14,7 @@ import torch
 from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler
 from torch.profiler import ProfilerActivity, profile
 
-from benchmarks import kernels
+from benchmarks import profile_breakdown as breakdown
 from benchmarks.moe_step import MOE, VARIANTS
 from xft_megatron.config import load_config
 from xft_megatron.model.builder import transformer_config
@@ -60,7 +60,7 @@ def main():
           f"{busy:.2f} ms/iter")
     print(prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=args.rows,
                                     max_name_column_width=60))
-    print(kernels.table({args.variant: kernels.breakdown(prof, 3)}, {args.variant: wall * 1e3}))
+    print(breakdown.table({args.variant: breakdown.breakdown(prof, 3)}, {args.variant: wall * 1e3}))
     print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=15,
                                     max_name_column_width=60))
 

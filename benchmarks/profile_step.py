@@ -2,7 +2,7 @@
 
     python benchmarks/profile_step.py --seq 2048 --mbs 4 --accum 2
 Prints the top CUDA kernels by total time and the GPU time per step by category of work
-(benchmarks/kernels.py).
+(benchmarks/profile_breakdown.py).
 """
 
 import argparse
@@ -10,7 +10,7 @@ import argparse
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from benchmarks import kernels
+from benchmarks import profile_breakdown as breakdown
 from benchmarks.dense_step import build_point_for_profile
 
 
@@ -32,7 +32,7 @@ def main():
         torch.cuda.synchronize()
     print(prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=args.rows,
                                     max_name_column_width=70))
-    print(kernels.table({args.preset: kernels.breakdown(prof, 2)}))
+    print(breakdown.table({args.preset: breakdown.breakdown(prof, 2)}))
 
 
 if __name__ == "__main__":

@@ -27,7 +27,7 @@ MFU counts active parameters and full-square attention (xft_megatron/training/fl
 against the H200 bf16 dense peak (989 TFLOP/s; the H100 SXM's is the same).
 
 `--profile` adds, per variant, a torch.profiler run of 3 more repetitions: GPU time per step
-by category of work and the top operators (benchmarks/kernels.py), into the JSON and, side by
+by category of work and the top operators (benchmarks/profile_breakdown.py), into the JSON and, side by
 side for all variants of a micro-batch size, into the log:
 
     python benchmarks/train_path.py --layers 12 --variants model path reference --profile
@@ -145,14 +145,14 @@ PROFILED_STEPS = 3
 def _profiled(step, steps):
     from torch.profiler import ProfilerActivity, profile
 
-    from benchmarks import kernels
+    from benchmarks import profile_breakdown as breakdown
 
     torch.cuda.synchronize()
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         for _ in range(steps):
             step()
         torch.cuda.synchronize()
-    return kernels.breakdown(prof, steps)
+    return breakdown.breakdown(prof, steps)
 
 
 def run(args, mbs, variant):
@@ -247,11 +247,11 @@ def main():
                   f"x{r.get('vs_reference', float('nan')):.2f} the reference, "
                   f"x{r.get('vs_model', float('nan')):.3f} the model alone")
     if args.profile:
-        from benchmarks import kernels
+        from benchmarks import profile_breakdown as breakdown
 
         for mbs in args.mbs:
             done = [r for r in rows if r["micro_batch"] == mbs and "profile" in r]
-            print(f"[{env['kind']} mbs={mbs}] GPU time by category of work\n" + kernels.table(
+            print(f"[{env['kind']} mbs={mbs}] GPU time by category of work\n" + breakdown.table(
                 {r["variant"]: r["profile"] for r in done},
                 {r["variant"]: r["ms"] for r in done}))
             for r in done:

@@ -38,6 +38,14 @@ ARMS: Dict[str, List[str]] = {
     # both: a router that learns, without noise drowning what it learned (unit A1 showed the
     # router's clean logits barely move at the common learning rate, noise or not)
     "routerlr10_nonoise": ["train.router_lr_mult=10", "moe.router_noise_anneal_steps=1"],
+    # the router drawn 15x wider (std 0.3 instead of 0.02): routing depends on the token from
+    # step 1 (benchmarks/router_scale.py on SmolLM2: clean logits spread 0.47 instead of
+    # 0.004, clean entropy 0.94 of the maximum), so each routed expert sees a consistent
+    # share of the tokens from the start instead of a random one; with the paper's noise
+    # (whose weights are drawn at the same scale: noise 0.92, 21% of routed sets kept) ...
+    "wide": ["moe.router_init_std=0.3"],
+    # ... and with the noise off after the first step: the routed set is the token's own
+    "wide_nonoise": ["moe.router_init_std=0.3", "moe.router_noise_anneal_steps=1"],
     # the reference's numerics for SFT and XFT alike: Adafactor, pure bf16 (no fp32 master
     # weights, round-to-nearest)
     "refnum": ["train.optimizer=adafactor", "train.distributed_optimizer=false",

@@ -133,7 +133,7 @@ if [ "$BENCH" = train-path ]; then
   # (benchmarks/train_path.py): the MoE at the paper shape (MBS, default 4), then the dense
   # 1.3B; MOE_LAYERS / DENSE_LAYERS shrink them where a card is small; KINDS (moe dense)
   # and VARIANTS (all four) choose; PROFILE=1 adds each variant's GPU time by category of
-  # work (benchmarks/kernels.py)
+  # work (benchmarks/profile_breakdown.py)
   for kind in ${KINDS:-moe dense}; do
     flag=""; layers="${MOE_LAYERS:-24}"
     [ "$kind" = dense ] && flag="--dense" && layers="${DENSE_LAYERS:-24}"

@@ -109,7 +109,8 @@ def _upcycle(args):
     hf_dir = _model_dir(args.hf, "--hf")
     moe = MoEConfig(num_experts=args.num_experts, topk=args.topk, mode=args.mode,
                     router_gate=args.router_gate, layer_freq=args.layer_freq,
-                    router_noise=not args.no_router_noise)
+                    router_noise=not args.no_router_noise,
+                    router_init_std=args.router_init_std)
     path = upcycle_checkpoint(args.ckpt, args.out, moe, seed=args.seed, noise_std=args.noise,
                               hf_dir=hf_dir, layout=_layout(args), drop_ratio=args.drop_ratio)
     print(f"wrote {path}")
@@ -264,6 +265,10 @@ def build_parser() -> argparse.ArgumentParser:
                    "(shared expert at weight 1, raw top-k probabilities)")
     u.add_argument("--router-gate", choices=["mlp", "linear"], default="mlp")
     u.add_argument("--no-router-noise", action="store_true", help="no noisy-gating weights")
+    u.add_argument("--router-init-std", type=float, default=0.02, metavar="S",
+                   help="std of the router's (and noise gate's) initial weights (default 0.02, "
+                   "the paper's: routing starts near uniform; larger makes it depend on the "
+                   "token from step 1)")
     u.add_argument("--layers", "--layer-freq", dest="layer_freq", type=_moe_layers, default=1,
                    help="which layers become MoE: all (default) | every-N (layers 0, N, 2N, ..)")
     u.add_argument("--noise", type=float, default=0.0,

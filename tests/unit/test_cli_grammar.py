@@ -66,3 +66,18 @@ def test_the_parser_and_presets_import_no_torch():
                        timeout=120)
     assert r.returncode == 0, r.stderr
     assert r.stdout.splitlines()[-1] == "[]", r.stdout[-2000:]
+
+
+def test_upcycle_router_init_std_reaches_the_upcycling(monkeypatch):
+    from xft_megatron.xft import checkpoints
+
+    seen = {}
+    monkeypatch.setattr(checkpoints, "upcycle_checkpoint",
+                        lambda ckpt, out, moe, **kw: seen.setdefault("moe", moe) and out)
+    p = cli.build_parser()
+    for argv, std in ((["--router-init-std", "0.3"], 0.3), ([], 0.02)):
+        seen.clear()
+        a = p.parse_args(["upcycle", "--ckpt", "C", "--out", "O"] + argv)
+        a.func(a)
+        assert seen["moe"].router_init_std == std
+

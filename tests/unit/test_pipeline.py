@@ -26,12 +26,12 @@ def hf(tmp_path):
     return str(path)
 
 
-def _quickstart(out, hf, **settings):
+def _quickstart(out, hf, overrides=(), **settings):
     from xft_megatron.pipeline import quickstart
 
     settings.setdefault("ablations", quickstart.ABLATIONS)  # every kind of step
     s = quickstart.Settings(base=hf, **settings)
-    return build(quickstart.pipeline_spec(out, s))
+    return build(quickstart.pipeline_spec(out, s, overrides))
 
 
 def _recipe(out, hf, only="all"):
@@ -162,7 +162,9 @@ def test_every_command_says_what_the_step_runs(tmp_path, hf):
 
     parser = build_parser()
     steps = _recipe(str(tmp_path / "rc"), hf) + _quickstart(str(tmp_path / "qs"), hf,
-                                                            moe_every=2, router_seed=3)
+                                                            moe_every=2, router_seed=3) + \
+        _quickstart(str(tmp_path / "wide"), hf, ("moe.router_init_std=0.3",
+                                                 "moe.router_noise=false"))
     seen = set()
     for s in steps:
         if s.launcher is None:
@@ -174,9 +176,9 @@ def test_every_command_says_what_the_step_runs(tmp_path, hf):
         elif isinstance(s, Upcycle):
             m = s.moe
             assert (a.ckpt, a.out, a.num_experts, a.topk, a.mode, a.router_gate, a.layer_freq,
-                    a.seed, not a.no_router_noise) == (s.ckpt, "DEST", m.num_experts, m.topk,
-                                                       m.mode, m.router_gate, m.layer_freq,
-                                                       s.seed, m.router_noise)
+                    a.seed, not a.no_router_noise, a.router_init_std) == (
+                        s.ckpt, "DEST", m.num_experts, m.topk, m.mode, m.router_gate,
+                        m.layer_freq, s.seed, m.router_noise, m.router_init_std)
         elif isinstance(s, Train):
             if a.config and not a.config.endswith(".yaml"):  # as cli.main reads it
                 a.config, a.overrides = None, [a.config] + a.overrides
@@ -204,6 +206,15 @@ def test_a_changed_setting_reruns_the_step_and_what_reads_it(tmp_path, hf):
         "upcycle", "xft_moe", "merge", "fold", "upcycle_vanilla", "vanilla_moe",
         "upcycle_none", "none_moe", "eval"}
     assert c.digests(_quickstart(out, hf)) == base  # deterministic
+    # overrides that shape the upcycled weights reach the upcycling (and what follows it);
+    # the others only the training stages
+    wide = c.digests(_quickstart(out, hf, ("moe.router_init_std=0.3",)))
+    assert {k for k in base if base[k] != wide[k]} == {
+        "upcycle", "xft_moe", "merge", "fold", "upcycle_vanilla", "vanilla_moe",
+        "upcycle_none", "none_moe", "eval", "sft"}  # sft: every stage gets the overrides
+    balance = c.digests(_quickstart(out, hf, ("moe.balance_coeff=0.1",)))
+    assert {k for k in base if base[k] != balance[k]} == {
+        "sft", "xft_moe", "merge", "fold", "vanilla_moe", "none_moe", "eval"}
     # the recipe: another layout resumes the same runs, another data file redoes them
     from xft_megatron.pipeline.recipe import recipe_spec
 
@@ -436,3 +447,30 @@ def test_outside_inputs_are_keyed_on_their_content(tmp_path, hf):
     rewritten = recipe()
     assert rewritten["sft"] != first["sft"] and rewritten["moe"] != first["moe"]
     assert rewritten["base"] == first["base"]
+
+
+def test_quickstart_upcycles_the_moe_its_overrides_describe(tmp_path):
+    """`xft quickstart ... moe.router_init_std=0.3` upcycles with that router scale (the
+    training stages read the router from the upcycled checkpoint, so an override that missed
+    the upcycling would change nothing without a word); a bad value is a ConfigError before
+    any step."""
+    from xft_megatron.config import ConfigError, MoEConfig
+    from xft_megatron.pipeline import quickstart
+
+    s = quickstart.Settings()
+    plain = quickstart.pipeline_spec(str(tmp_path), s).moe
+    assert plain == MoEConfig(num_experts=s.experts, topk=s.topk, mode="xft",
+                              layer_freq=s.moe_every)
+    spec = quickstart.pipeline_spec(str(tmp_path), s, [
+        "moe.router_init_std=0.3", "moe.router_gate=linear", "moe.router_noise=false",
+        "moe.balance_coeff=0.5", "train.lr=1e-4"])
+    assert (spec.moe.router_init_std, spec.moe.router_gate, spec.moe.router_noise) == \
+        (0.3, "linear", False)
+    assert spec.moe.balance_coeff == plain.balance_coeff  # training only: not the upcycling's
+    ups = [st for st in build(spec) if isinstance(st, Upcycle)]
+    assert ups and all(u.moe.router_init_std == 0.3 for u in ups)  # the ablations' too
+    with pytest.raises(ConfigError, match="router_init_std"):
+        quickstart.pipeline_spec(str(tmp_path), s, ["moe.router_init_std=wide"])
+    with pytest.raises(ConfigError, match="router_init_std"):
+        quickstart.pipeline_spec(str(tmp_path), s, ["moe.router_init_std=0"])
+

@@ -21,6 +21,11 @@ def test_every_arm_is_a_valid_quickstart_command_line():
         assert list(args.overrides) == overrides, arm
         # the study's own settings plus the arm's: every key exists and every value is valid
         load_config(None, ["model.preset=tiny", "precision.dtype=bf16"] + overrides)
+    # an arm's upcycling-time settings reach the upcycling (quickstart.Settings.moe)
+    from xft_megatron.pipeline import quickstart
+
+    wide = quickstart.pipeline_spec("OUT", quickstart.Settings(), xft_arms.flags("wide", 80))
+    assert wide.moe.router_init_std == 0.3
     with pytest.raises(ConfigError):  # the check above can fail: a misspelled key
         load_config(None, ["model.preset=tiny", "train.router_lr_mul=10"])
     with pytest.raises(SystemExit, match="unknown arm"):

@@ -90,5 +90,8 @@ def test_upcycle_copies_router_init_and_noise():
     c = router_weights(moe, H, seed=1, layer=1)
     assert not torch.equal(a["weight1"], c["weight1"])
     assert abs(a["weight1"].std().item() - 0.02) < 0.01
+    wide = router_weights(MoEConfig(num_experts=8, topk=6, router_init_std=0.3), H, 1, 0)
+    for k in a:  # the same draws at another scale (moe.router_init_std, upcycle --router-init-std)
+        torch.testing.assert_close(wide[k], a[k] * 15, rtol=1e-6, atol=0)
     with pytest.raises(ValueError, match="num_experts > 0"):
         list(upcycle(_dense(), MoEConfig(), H))

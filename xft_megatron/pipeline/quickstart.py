@@ -127,11 +127,18 @@ class Settings:
         """The learnable merge's step count (default a fifth of the tuning's, >= 10)."""
         return self.merge_steps or max(10, self.sft_steps // 5)
 
-    def moe(self, mode: str):
-        from xft_megatron.config import MoEConfig
+    def moe(self, mode: str, overrides: Sequence[str] = ()):
+        """The MoE the pipeline upcycles to: the flags, then those `moe.*` overrides that
+        shape the upcycled weights (`upcycle.WEIGHT_FIELDS`, e.g. moe.router_init_std). The
+        training stages get every override as well, so the MoE upcycled is the one trained."""
+        from xft_megatron.config import load_config
+        from xft_megatron.xft.upcycle import WEIGHT_FIELDS
 
-        return MoEConfig(num_experts=self.experts, topk=self.topk, mode=mode,
-                         layer_freq=self.moe_every)
+        flags = [f"moe.num_experts={self.experts}", f"moe.topk={self.topk}",
+                 f"moe.mode={mode}", f"moe.layer_freq={self.moe_every}"]
+        picked = [o for o in overrides
+                  if o.split("=", 1)[0].strip() in {f"moe.{k}" for k in WEIGHT_FIELDS}]
+        return load_config(None, flags + picked).moe  # a bad value: a ConfigError here
 
     def command(self, out_dir: str, overrides: Sequence[str]) -> str:
         """The `xft quickstart` command line that runs these settings (`add_arguments`'
@@ -232,7 +239,7 @@ def pipeline_spec(out_dir: str, s: Settings, overrides: Sequence[str] = (),
     he = HumanEvalSpec(limit=s.humaneval, max_new_tokens=s.humaneval_tokens) \
         if s.humaneval and single else None
     return PipelineSpec(
-        out=out_dir, base=base, moe=s.moe("xft"), common=tuple(common), sft=tune,
+        out=out_dir, base=base, moe=s.moe("xft", overrides), common=tuple(common), sft=tune,
         moe_train=tune, merge=TrainSpec(overrides=(sft_data,) + budget(s.merge_budget(),
                                                                        MERGE_LR)),
         router_seed=s.router_seed, drop_ratio=s.drop_ratio, shared_weight=SHARED_WEIGHT,

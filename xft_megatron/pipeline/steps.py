@@ -180,6 +180,8 @@ class Upcycle(Step):
                 str(m.num_experts), "--topk", str(m.topk), "--mode", m.mode, "--router-gate",
                 m.router_gate, "--layers", str(m.layer_freq), "--seed", str(self.seed)] + \
             ([] if m.router_noise else ["--no-router-noise"]) + \
+            ([] if m.router_init_std == MoEConfig.router_init_std else
+             ["--router-init-std", str(m.router_init_std)]) + \
             (["--drop-ratio", str(self.drop_ratio)] if self.drop_ratio else [])
 
     def run(self, dest):

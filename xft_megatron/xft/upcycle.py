@@ -100,6 +100,12 @@ def reinitialize_neurons(fc1: torch.Tensor, fc2: torch.Tensor, neurons: torch.Te
             fc2[:, neurons] = value.to(fc2.dtype)
 
 
+# the MoEConfig fields the upcycled weights depend on (which layers, how many experts, the
+# router's parameters and their initial scale); the other fields only shape training
+WEIGHT_FIELDS = ("num_experts", "topk", "mode", "layer_freq", "router_gate", "router_noise",
+                 "router_init_std")
+
+
 def router_weights(moe: MoEConfig, hidden_size: int, seed: int, layer: int,
                    dtype=torch.float32) -> Dict[str, torch.Tensor]:
     """Fresh router parameters of one layer (names relative to `names.ROUTER`)."""

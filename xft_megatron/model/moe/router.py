@@ -9,7 +9,6 @@ from dataclasses import dataclass
 from typing import Optional
 
 import torch
-import torch.nn.functional as F
 from megatron.core.tensor_parallel import get_cuda_rng_tracker
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.moe.moe_utils import (
@@ -18,8 +17,6 @@ from megatron.core.transformer.moe.moe_utils import (
 )
 
 from xft_megatron.model.moe import routing
-
-_NOISE_FLOOR = 0.01  # the reference's minimum noise scale
 
 
 @dataclass(frozen=True)
@@ -119,8 +116,7 @@ class XFTRouter(MegatronModule):
         logits = self.gate_logits(x)  # [T, R]
         noisy, noise_std = logits, None
         if s.noise and self.training and self.noise_multiplier > 0:
-            noise_std = (F.softplus(F.linear(x, self.noise_weight.float())) + _NOISE_FLOOR) \
-                * self.noise_multiplier
+            noise_std = routing.noise_std(x, self.noise_weight) * self.noise_multiplier
             noisy = logits + self._standard_normal(logits) * noise_std
         probs = torch.softmax(noisy, dim=-1)  # [T, R] fp32
         weights, selected = routing.expert_weights(probs, s.routed_topk, s.mode, s.renorm)
@@ -135,9 +131,8 @@ class XFTRouter(MegatronModule):
     # ------------------------------------------------------------------ pieces
     def gate_logits(self, x: torch.Tensor) -> torch.Tensor:
         """Router logits h [T, R] in fp32 (before noise)."""
-        if self.settings.gate == "linear":
-            return F.linear(x, self.weight.float())
-        return F.linear(torch.tanh(F.linear(x, self.weight1.float())), self.weight2.float())
+        names = ("weight",) if self.settings.gate == "linear" else ("weight1", "weight2")
+        return routing.gate_logits(x, {n: getattr(self, n) for n in names})
 
     def _standard_normal(self, like: torch.Tensor) -> torch.Tensor:
         if self.sequence_parallel:  # different tokens per TP rank: independent noise streams

@@ -9,11 +9,29 @@ in the router's score order; in `vanilla` every column is a routed expert.
 """
 
 import math
-from typing import Tuple
+from typing import Dict, Tuple
 
 import torch
+import torch.nn.functional as F
 
 _CV_EPS = 1e-10
+NOISE_FLOOR = 0.01  # the reference's minimum noise scale
+
+
+def gate_logits(x: torch.Tensor, weights: Dict[str, torch.Tensor]) -> torch.Tensor:
+    """Clean router logits h [T, R] in fp32 of tokens x [T, H]: gate `linear` (`weight`
+    [R, H]) h = W x; gate `mlp` (`weight1` [R, H], `weight2` [R, R]) h = W2 tanh(W1 x)."""
+    x = x.float()
+    if "weight" in weights:
+        return F.linear(x, weights["weight"].float())
+    return F.linear(torch.tanh(F.linear(x, weights["weight1"].float())),
+                    weights["weight2"].float())
+
+
+def noise_std(x: torch.Tensor, noise_weight: torch.Tensor) -> torch.Tensor:
+    """The noisy gate's per-token, per-expert noise scale [T, R]: softplus(W_noise x) plus
+    the reference's floor."""
+    return F.softplus(F.linear(x.float(), noise_weight.float())) + NOISE_FLOOR
 
 
 def select_topk(scores: torch.Tensor, k: int) -> Tuple[torch.Tensor, torch.Tensor]:

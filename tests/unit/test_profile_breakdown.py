@@ -1,4 +1,4 @@
-"""benchmarks/kernels.py: a profile's time per operator and per category of work, per step.
+"""benchmarks/profile_breakdown.py: a profile's time per operator and per category of work, per step.
 
 A real torch.profiler run on the CPU (operators' self CPU time standing in for device time)
 of a step made of known work: a GEMM, an in-place accumulation into an fp32 buffer, token
@@ -7,7 +7,7 @@ dispatch (sort, index_select, index_add_), a cast and a softmax."""
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from benchmarks import kernels
+from benchmarks import profile_breakdown as breakdown
 
 
 def test_category_of_operators_and_kernels():
@@ -22,9 +22,9 @@ def test_category_of_operators_and_kernels():
         "aten::copy_": "copies and casts", "aten::_to_copy": "copies and casts",
         "nccl:all_reduce": "communication", "record_param_comms": "communication",
         "Torch-Compiled Region: 0/1": "compiled (inductor)",
-        "aten::mul": kernels.OTHER, "aten::add": kernels.OTHER, "aten::silu": kernels.OTHER,
+        "aten::mul": breakdown.OTHER, "aten::add": breakdown.OTHER, "aten::silu": breakdown.OTHER,
     }
-    assert {op: kernels.category(op) for op in cases} == cases
+    assert {op: breakdown.category(op) for op in cases} == cases
 
 
 def test_breakdown_of_a_real_profile_sums_per_step():
@@ -47,11 +47,11 @@ def test_breakdown_of_a_real_profile_sums_per_step():
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         for _ in range(4):
             step()
-    b = kernels.breakdown(prof, 4, top=5)
+    b = breakdown.breakdown(prof, 4, top=5)
     cats = b["categories"]
     assert b["device"] == "cpu"
     for cat in ("gemm", "in-place add (gradient accumulation)", "copies and casts",
-                "dispatch (sort, index, scatter, gather)", kernels.OTHER):
+                "dispatch (sort, index, scatter, gather)", breakdown.OTHER):
         assert cats[cat] > 0, (cat, cats)
     assert abs(sum(cats.values()) - b["busy_ms"]) < 1e-9
     assert cats["attention"] == cats["communication"] == 0
@@ -60,8 +60,8 @@ def test_breakdown_of_a_real_profile_sums_per_step():
     assert len(b["ops"]) <= 5 and [r[1] for r in b["ops"]] == sorted(
         (r[1] for r in b["ops"]), reverse=True)
     assert ops.get("aten::mm", (0, 2))[1] == 2, b["ops"]
-    everything = kernels.breakdown(prof, 1, top=1000)
+    everything = breakdown.breakdown(prof, 1, top=1000)
     assert abs(everything["busy_ms"] - 4 * b["busy_ms"]) < 1e-6 * everything["busy_ms"]
-    text = kernels.table({"a": b, "b": everything}, {"a": b["busy_ms"] + 1.0})
+    text = breakdown.table({"a": b, "b": everything}, {"a": b["busy_ms"] + 1.0})
     assert "| gemm |" in text and "| **busy** |" in text
     assert "| wall - busy (GPU waits for the host) | 1.0 | - |" in text
