@@ -334,6 +334,12 @@ def test_the_former_moe_stage_key_is_read_as_train_stage(tmp_path):
         assert ckpt.load_config(new, parallel={}).stage == "merge"
         assert train(new).stage == "merge" and train(new, "train.stage=moe").stage == "moe"
         assert train(new, "moe.num_experts=0").stage == "pretrain"
+    # the router's initial scale belongs to the upcycling: a loaded MoE holds its router
+    assert train(new, "moe.router_init_std=0.02").moe.router_init_std == 0.02
+    with pytest.raises(ConfigError, match=r"does nothing here.*xft upcycle --router-init-std 0.3"):
+        train(new, "moe.router_init_std=0.3")
+    dense = saved("dense", yaml.safe_load(dump_config(load_config(None, []))))
+    assert train(dense, *moe, "moe.router_init_std=0.3").moe.router_init_std == 0.3
 
 
 def test_shared_expert_dense_settings_and_memory():

@@ -157,6 +157,7 @@ def load_config(path: Optional[str] = None, overrides: Sequence[str] = (),
         except FileNotFoundError as e:
             raise ConfigError(f"checkpoint.load: {e}") from None
         _check_stored_model(load, data.get("model") or {}, stored.get("model") or {})
+        _check_stored_router(load, data.get("moe") or {}, stored.get("moe") or {})
         for section in ("model", "moe"):
             data[section] = deep_merge(stored.get(section) or {}, data.get(section) or {})
         _continue_merge_stage(data, stored)
@@ -219,6 +220,25 @@ def _check_stored_model(load: str, given: dict, stored: dict) -> None:
                           f"keys given{via}: {', '.join(clash)}. Drop those model keys (the "
                           "stored architecture is used) or load a checkpoint of that "
                           "architecture")
+
+
+def _check_stored_router(load: str, given: dict, stored: dict) -> None:
+    """moe.router_init_std is used where router weights are drawn, at upcycling; a run that
+    loads an MoE checkpoint reads its router, so another value would change nothing."""
+    if not stored.get("num_experts") or "router_init_std" not in given or \
+            "router_init_std" not in stored:
+        return
+    try:
+        differs = float(given["router_init_std"]) != float(stored["router_init_std"])
+    except (TypeError, ValueError):
+        return  # a malformed value: the schema's type check reports it
+    if differs:
+        raise ConfigError(
+            f"moe.router_init_std={given['router_init_std']!r} does nothing here: "
+            f"checkpoint.load={load} already holds router weights (drawn at "
+            f"{stored['router_init_std']!r} when it was upcycled). Upcycle the dense "
+            f"checkpoint again with `xft upcycle --router-init-std "
+            f"{given['router_init_std']}`, or drop the key")
 
 
 def dump_config(cfg: Config) -> str:
