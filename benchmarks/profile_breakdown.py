@@ -11,7 +11,9 @@ synchronizations).
 Without CUDA events (a CPU-only profile) operators' self CPU time stands in for device time.
 """
 
-from typing import Dict, List, Sequence, Tuple
+from typing import Callable, Dict, List, Sequence, Tuple
+
+import torch
 
 # (category, substrings of the lower-cased operator name); the first category that matches
 # wins, so the specific ones come first
@@ -41,6 +43,23 @@ def category(op: str) -> str:
         if any(k in name for k in keys):
             return cat
     return OTHER
+
+
+def profile_steps(step: Callable[[], None], steps: int, top: int = 15) -> dict:
+    """`breakdown` of `steps` calls of `step` under torch.profiler (CUDA kernels included
+    where there is a GPU; the GPU is synchronized before and after)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = torch.cuda.is_available()
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    if cuda:
+        torch.cuda.synchronize()
+    with profile(activities=activities) as prof:
+        for _ in range(steps):
+            step()
+        if cuda:
+            torch.cuda.synchronize()
+    return breakdown(prof, steps, top)
 
 
 def breakdown(prof, steps: int, top: int = 15) -> dict:

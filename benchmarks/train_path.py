@@ -142,19 +142,6 @@ def _reference(cfg, batch, device="cuda"):
 PROFILED_STEPS = 3
 
 
-def _profiled(step, steps):
-    from torch.profiler import ProfilerActivity, profile
-
-    from benchmarks import profile_breakdown as breakdown
-
-    torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-        for _ in range(steps):
-            step()
-        torch.cuda.synchronize()
-    return breakdown.breakdown(prof, steps)
-
-
 def run(args, mbs, variant):
     cfg = _config(args, mbs, variant)
     g = torch.Generator().manual_seed(0)
@@ -166,7 +153,9 @@ def run(args, mbs, variant):
             _megatron(cfg, variant, batch)
         times = _timed(step, args.warmup, args.reps)
         if args.profile:
-            row["profile"] = _profiled(step, PROFILED_STEPS)
+            from benchmarks import profile_breakdown as breakdown
+
+            row["profile"] = breakdown.profile_steps(step, PROFILED_STEPS)
     except torch.OutOfMemoryError:
         row["error"] = "out of memory"
         holder = step = None
@@ -182,6 +171,20 @@ def run(args, mbs, variant):
     gc.collect()
     torch.cuda.empty_cache()
     return row
+
+
+def profile_report(rows, label: str, mbs: int) -> str:
+    """The profiled variants of micro-batch size `mbs` side by side (GPU time per step by
+    category of work, wall and idle time), then each one's top operators."""
+    from benchmarks import profile_breakdown as breakdown
+
+    done = [r for r in rows if r["micro_batch"] == mbs and "profile" in r]
+    lines = [f"{label} GPU time by category of work", breakdown.table(
+        {r["variant"]: r["profile"] for r in done}, {r["variant"]: r["ms"] for r in done})]
+    for r in done:
+        lines.append(f"{label} {r['variant']} top operators (ms per step, calls): " + "; ".join(
+            f"{op} {ms:.1f} ({calls:g})" for op, ms, calls in r["profile"]["ops"]))
+    return "\n".join(lines)
 
 
 def _child(args, mbs, variant):
@@ -247,17 +250,8 @@ def main():
                   f"x{r.get('vs_reference', float('nan')):.2f} the reference, "
                   f"x{r.get('vs_model', float('nan')):.3f} the model alone")
     if args.profile:
-        from benchmarks import profile_breakdown as breakdown
-
         for mbs in args.mbs:
-            done = [r for r in rows if r["micro_batch"] == mbs and "profile" in r]
-            print(f"[{env['kind']} mbs={mbs}] GPU time by category of work\n" + breakdown.table(
-                {r["variant"]: r["profile"] for r in done},
-                {r["variant"]: r["ms"] for r in done}))
-            for r in done:
-                print(f"[{env['kind']} mbs={mbs}] {r['variant']} top operators (ms per step, "
-                      "calls): " + "; ".join(f"{op} {ms:.1f} ({calls:g})"
-                                             for op, ms, calls in r["profile"]["ops"]))
+            print(profile_report(rows, f"[{env['kind']} mbs={mbs}]", mbs))
     print(f"env: {env}")
     if args.json:
         with open(args.json, "w") as f:

@@ -65,3 +65,25 @@ def test_breakdown_of_a_real_profile_sums_per_step():
     text = breakdown.table({"a": b, "b": everything}, {"a": b["busy_ms"] + 1.0})
     assert "| gemm |" in text and "| **busy** |" in text
     assert "| wall - busy (GPU waits for the host) | 1.0 | - |" in text
+
+
+def test_profile_steps_and_the_train_path_report():
+    """What `train_path.py --profile` runs per variant (`profile_steps`) and prints (its
+    `profile_report`), here on the CPU."""
+    from benchmarks import train_path
+
+    x, w = torch.randn(256, 128), torch.randn(128, 128)
+    b = breakdown.profile_steps(lambda: (x @ w).relu_(), 3)
+    assert b["categories"]["gemm"] > 0 and b["ops"][0][2] == 1  # once per step
+    rows = [dict(variant="model", micro_batch=4, ms=b["busy_ms"] + 2.0, profile=b),
+            dict(variant="path", micro_batch=4, ms=b["busy_ms"] + 5.0, profile=b),
+            dict(variant="reference", micro_batch=4, error="out of memory"),
+            dict(variant="path", micro_batch=8, ms=1.0, profile=b)]
+    text = train_path.profile_report(rows, "[moe mbs=4]", 4)
+    head, table = text.splitlines()[0], text.splitlines()[1:4]
+    assert head == "[moe mbs=4] GPU time by category of work"
+    assert table[0] == "| ms per step | model | path |"
+    assert "| wall - busy (GPU waits for the host) | 2.0 | 5.0 |" in text
+    assert "[moe mbs=4] path top operators (ms per step, calls): aten::" in text
+    assert "reference" not in text
+
