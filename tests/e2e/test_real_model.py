@@ -170,14 +170,26 @@ def _pipeline(rank, world, hf, root):
     _write_jsonl(p("held.jsonl"), held)
     r["records"] = (len(train), len(held))
 
+    # Each folder goes once nothing further reads it (the disk may be small: tests/conftest.py
+    # checks it first). Before the quickstart the most held at once is the MoE checkpoint and
+    # the fold's two outputs, about 1.9 GB; the quickstart writes about 6 GB.
+    r["tokens"], r["chats"] = {"original": _token_settings(hf)}, {"original": _greedy_chats(hf)}
+
+    def check_export(name, hf_dir):
+        r["tokens"][name] = _token_settings(hf_dir)
+        r["chats"][name] = _greedy_chats(hf_dir)
+
     mc = convert.hf_to_mcore(hf, p("mc"))
     r["verify"] = compare_logits(hf, mc)
     convert.mcore_to_hf(mc, p("dense_hf"))  # the checkpoint's dtype: fp32
     r["dense_bitwise"] = _same_tensors(hf, p("dense_hf"))
-    lap("convert, verify, export")
+    check_export("dense", p("dense_hf"))
+    shutil.rmtree(p("dense_hf"))
+    lap("convert, verify, export, greedy chats")
 
     moe = MoEConfig(num_experts=4, topk=2, layer_freq=3)
     upcycle_checkpoint(mc, p("moe"), moe, seed=0)
+    shutil.rmtree(p("mc"))
     r["loss"] = {}
     for template in ("magicoder", "chat"):
         got = evaluate_loss(p("moe"), p("held.jsonl"), cache_dir=p("cache"), template=template,
@@ -186,17 +198,16 @@ def _pipeline(rank, world, hf, root):
                                got["records"])
     lap("upcycle, eval loss x2")
     convert.mcore_to_hf(p("moe"), p("moe_hf"))
+    check_export("moe", p("moe_hf"))
+    shutil.rmtree(p("moe_hf"))
     merge_checkpoint(p("moe"), p("merged"), "uniform", 0.75, {}, report=lambda *a: None,
                      hf_out=p("merged_hf"))
+    for done in ("moe", "merged"):
+        shutil.rmtree(p(done))
     r["fold_bitwise"] = _same_tensors(hf, p("merged_hf"))
-    lap("moe export, fold")
-
-    exports = {"dense": p("dense_hf"), "moe": p("moe_hf"), "merged": p("merged_hf")}
-    r["tokens"] = {name: _token_settings(d) for name, d in {"original": hf, **exports}.items()}
-    r["chats"] = {name: _greedy_chats(d) for name, d in {"original": hf, **exports}.items()}
-    lap("greedy chats")
-    for done in ("mc", "dense_hf", "moe", "moe_hf", "merged", "merged_hf"):
-        shutil.rmtree(p(done))  # checked: the quickstart below needs the disk (CI's is small)
+    check_export("merged", p("merged_hf"))
+    shutil.rmtree(p("merged_hf"))
+    lap("moe export, fold, greedy chats")
 
     # the whole XFT pipeline from this base, at a few steps: convert, SFT, upcycle, MoE SFT,
     # learnable merge, fold, held-out loss and HumanEval of every model, report
@@ -222,7 +233,8 @@ def _pipeline(rank, world, hf, root):
 def pipeline(tmp_path_factory):
     hf = smollm2_hf_dir()  # downloads on first use; a failure is an error, not a skip
     root = str(tmp_path_factory.mktemp("real"))
-    return hf, run_ranks(1, _pipeline, hf, root, timeout=1500)[0]
+    yield hf, run_ranks(1, _pipeline, hf, root, timeout=1500)[0]
+    shutil.rmtree(root)  # several GB: the rest of the suite needs the disk
 
 
 def test_conversion_verifies_and_exports_bitwise(pipeline):
