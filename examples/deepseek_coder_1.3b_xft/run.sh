@@ -232,8 +232,11 @@ echo "== XFT recipe: deepseek-coder-1.3b, layout $LAYOUT ($NODES node(s) x $GPUS
 # before any step runs; an input checkpoint not written yet is checked against a stand-in
 # holding only the config it will have (the model section from HF_MODEL/config.json, the
 # moe section of the upcycling). The dry-run reads nothing else from a checkpoint.
+# Then what the steps not done yet will write under OUT; a run (not --plan) stops here when
+# OUT's disk has less free.
 echo "== dry-run of every training stage (per-GPU memory estimate; H200: ~140 GiB)"
-"${PIPELINE[@]}" preflight || exit 2
+if ((PLAN)); then CHECK=(); else CHECK=(--check-disk); fi
+"${PIPELINE[@]}" preflight "${CHECK[@]}" || exit 2
 
 echo "== steps"
 if ((PLAN)); then

@@ -75,6 +75,9 @@ def _parse_plan(stdout):
         if line.startswith("  $ ") and current:
             steps[current][2] = shlex.split(line[4:])
             continue
+        if line.startswith("--- disk: "):  # what the steps write (test_pipeline checks it)
+            stage = None
+            continue
         m = re.match(r"^--- (\w+): ", line)
         if m:
             stage = m.group(1)
@@ -180,6 +183,7 @@ def recipe(tmp_path_factory):
         stdout, stderr = p.communicate(timeout=120)
         assert p.returncode == 0, stderr
         assert not os.path.exists(out), "--plan must not write anything"
+        assert "--- disk: the steps not done yet write ~" in stdout
         steps, dry = _parse_plan(stdout)
         plans[layout] = {"out": out, "steps": steps, "dry": dry, "stderr": stderr}
     stdout, stderr = broken_run.communicate(timeout=120)

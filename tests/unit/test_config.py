@@ -274,6 +274,14 @@ def test_a_run_whose_checkpoint_cannot_fit_on_disk_is_refused_before_anything(tm
     notice = disk.check_room(periodic, free=2 * full)
     assert "the 3 this run keeps at once need" in notice and "checkpoint.keep" in notice
     assert disk.saves_in_run(load_config(None, base + ["checkpoint.final=false"])) == 0
+    # with train.epochs the step count comes from the data, read later: the interval saves are
+    # taken to happen (the placeholder train_steps=10 < 100 would say only the final one)
+    by_epochs = load_config(None, base + ["train.epochs=2", "checkpoint.save_interval=100",
+                                          "checkpoint.keep=1", "checkpoint.final_optimizer=false"])
+    assert disk.run_bytes(by_epochs) == {"first": full, "peak": full + size["weights"],
+                                         "kept": size["weights"], "at_once": 2}
+    with pytest.raises(ConfigError, match="needs ~"):
+        disk.check_room(by_epochs, free=full - 1)
     assert space.human(1536) == "1.5 KiB" and space.human(3 * 2 ** 30) == "3.0 GiB"
     assert space.free_bytes(str(tmp_path / "not" / "yet")) > 0  # asks the nearest folder
 

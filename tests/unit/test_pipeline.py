@@ -148,7 +148,7 @@ def test_recipe_errors_are_user_errors_reported_with_their_exit_code(tmp_path, h
     assert main(argv) == 2  # the base cannot be read: a RecipeError
     assert capsys.readouterr().err.startswith("run.sh: error: ")
     for exc in (UsageError("--world must be >= 1"), NonFiniteLoss("NaN at step 3")):
-        def fail(*args, exc=exc):
+        def fail(*args, exc=exc, **kwargs):
             raise exc
 
         monkeypatch.setattr(recipe, "preflight", fail)
@@ -474,3 +474,58 @@ def test_quickstart_upcycles_the_moe_its_overrides_describe(tmp_path):
     with pytest.raises(ConfigError, match="router_init_std"):
         quickstart.pipeline_spec(str(tmp_path), s, ["moe.router_init_std=0"])
 
+
+
+def test_recipe_preflight_plans_the_disk_and_a_run_stops_before_a_step_when_it_cannot_fit(
+        tmp_path, hf, capsys, monkeypatch):
+    """`run.sh`'s preflight says what each step not done yet leaves under OUT and the most all
+    of them hold at once, here checked against the parameter counts by hand
+    (test_recipes._expected_counts) and the stage YAMLs' checkpoint settings. A run
+    (--check-disk) stops there, exit 2, when OUT's disk has less free; --plan only says so."""
+    from tests.e2e.test_recipes import _expected_counts
+    from xft_megatron.checkpoint import space
+    from xft_megatron.pipeline.__main__ import main
+
+    n = _expected_counts()
+    dense, moe = n["dense"], n["moe_total"]
+    # bf16 weights: 2 bytes a parameter; a checkpoint with the optimizer state: 2 + 12. The
+    # pipeline's final checkpoints hold weights only. The step counts come from the data
+    # (train.epochs): long enough for the interval saves. sft (keep 2): the last interval
+    # checkpoint and the final one stay, one more while saving; moe (keep 1): the final one,
+    # one full checkpoint more while saving; merge (only the coefficients train: weights
+    # alone, keep 2): two, three while saving. (kept, extra while saving) per step:
+    want = {"base": (2 * dense, 0), "upcycle": (2 * moe, 0), "moe": (2 * moe, 14 * moe),
+            "merge_stage": (4 * moe, 2 * moe), "fold": (2 * dense, 0),
+            "xft_hf": (2 * dense, 0), "sft": (16 * dense, 14 * dense),
+            "sft_hf": (2 * dense, 0)}
+    total = sum(k for k, _ in want.values()) + max(e for _, e in want.values())
+    out = str(tmp_path / "rc")
+    argv = ["recipe", "preflight", "--hf", hf, "--data", "d.jsonl", "--out", out, "--configs",
+            RECIPE, "--world", "8", "--layout", "moe", "parallel.expert=8"]
+    assert main(argv) == 0
+    text = capsys.readouterr().out
+    disk = text[text.index("--- disk: "):].splitlines()
+    assert disk[0].startswith(f"--- disk: the steps not done yet write ~{space.human(total)} "
+                              f"under {out} (its disk has ")
+    rows = {line.split()[0]: line.split(None, 1)[1] for line in disk[1:] if line.startswith("  ")}
+    assert set(rows) == set(want), rows
+    for name, (kept, extra) in want.items():
+        assert rows[name] == f"~{space.human(kept)}" + (
+            f" (~{space.human(kept + extra)} while it saves)" if extra else ""), name
+    assert 170 * 2**30 < total < 180 * 2**30  # the paper's recipe: ~174 GiB
+
+    monkeypatch.setattr(space, "free_bytes", lambda path: 100 * 2**30)
+    assert main(argv) == 0  # --plan: said, not refused
+    assert "notice: that is more than its disk has free" in capsys.readouterr().out
+    assert main(argv + ["--check-disk"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"run.sh: error: the steps not done yet write ~{space.human(total)} "
+                          f"under {out}") and "has 100.0 GiB free" in err and \
+        "checkpoint.keep" in err
+    # steps already done are not counted: the converted base is there
+    os.makedirs(os.path.join(out, "base"))
+    with open(os.path.join(out, "base", "latest"), "w") as f:
+        f.write("iter_0000000")
+    monkeypatch.setattr(space, "free_bytes", lambda path: total - 2 * dense)
+    assert main(argv + ["--check-disk"]) == 0, capsys.readouterr().err
+    assert "  base " not in capsys.readouterr().out

@@ -14,13 +14,13 @@ import os
 import shlex
 import subprocess
 import sys
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence, Tuple
 
-from xft_megatron.checkpoint import lock
-from xft_megatron.config import MoEConfig
+from xft_megatron.checkpoint import lock, space
+from xft_megatron.config import Config, MoEConfig
 from xft_megatron.errors import UsageError, UserError
 from xft_megatron.pipeline.completion import DONE, digests, run_step, state
-from xft_megatron.pipeline.steps import DIST, Step, Train
+from xft_megatron.pipeline.steps import DIST, Convert, ExportHF, Fold, Step, Train, Upcycle
 from xft_megatron.pipeline.xft import (EvalSpec, HFBase, HumanEvalSpec, Names, PipelineSpec,
                                        TrainSpec, build)
 
@@ -82,11 +82,14 @@ def print_plan(rows: List[Dict], commands: bool) -> None:
             print(f"  $ {shlex.join(r['argv'])}" if r["argv"] else "  (in this process)")
 
 
-def preflight(spec: PipelineSpec, steps: List[Step], world: int) -> None:
+def preflight(spec: PipelineSpec, steps: List[Step], world: int,
+              check_disk: bool = False) -> None:
     """Every training step through `xft train --dry-run` at `world` ranks, its config built
     as `xft train` builds it. For an input checkpoint not written yet, the config it will
     hold stands in for the stored one: the model section read from the HF config.json (as the
-    conversion reads it), the moe section of the upcycling (as `xft upcycle` writes it)."""
+    conversion reads it), the moe section of the upcycling (as `xft upcycle` writes it).
+    Then what the steps not done yet will write under the output folder (`disk_plan`);
+    with `check_disk`, refused when its disk has less free."""
     import warnings
 
     warnings.filterwarnings("ignore")
@@ -110,6 +113,7 @@ def preflight(spec: PipelineSpec, steps: List[Step], world: int) -> None:
         upcycled = dense.replace(moe=spec.moe)
     except ConfigError as e:
         raise RecipeError(f"the upcycling settings do not fit {spec.base.path}: {e}") from e
+    cfgs = {}
     for step in (s for s in steps if isinstance(s, Train)):
         values = dict(o.split("=", 1) for o in step.overrides)
         stage, load = values["train.stage"], values["checkpoint.load"]
@@ -129,9 +133,69 @@ def preflight(spec: PipelineSpec, steps: List[Step], world: int) -> None:
         except (ConfigError, OSError, ValueError) as e:  # CheckpointError: a damaged input
             raise RecipeError(f"stage {stage} ({name} + layout "
                               f"{' '.join(step.layout)}): {e}") from e
+        cfgs[step.name] = cfg
         print(f"--- {stage}: {name}, checkpoint.load "
               f"{'= ' + load if written else 'not written yet (its planned config)'}")
         print(text)
+    need, lines = disk_plan(spec, steps, cfgs, dense, upcycled)
+    free = space.free_bytes(spec.out)
+    print(f"--- disk: the steps not done yet write ~{space.human(need)} under {spec.out} "
+          f"(its disk has {space.human(free)} free)")
+    print("\n".join(lines))
+    if need > free and not check_disk:
+        print(f"notice: that is more than its disk has free; `run.sh` without --plan stops "
+              f"here")
+    elif need > free:
+        raise RecipeError(f"the steps not done yet write ~{space.human(need)} under "
+                          f"{spec.out} (at the most, during the largest save), but its disk has "
+                          f"{space.human(free)} free; free space there, choose another output "
+                          "folder, or keep fewer checkpoints (checkpoint.keep, "
+                          "checkpoint.save_interval in the stage's YAML)")
+
+
+def disk_plan(spec: PipelineSpec, steps: List[Step], cfgs: Dict[str, Config],
+              dense: Config, upcycled: Config) -> Tuple[int, List[str]]:
+    """(bytes, one line per step): the most the steps not done yet hold at once under the
+    output folder: what each leaves there, plus the largest extra one training step holds
+    during a save (the checkpoint being written next to those it keeps). Training steps from
+    their configs (`training/disk.py`); conversions, upcycling, the fold and HF exports as
+    their weights in their dtype; evaluations and the report write little and are left out."""
+    from xft_megatron.config import PrecisionConfig
+    from xft_megatron.training import disk
+    from xft_megatron.training.memory import parameter_counts
+
+    def weights(cfg, dtype=None) -> int:
+        width = PrecisionConfig(dtype=dtype).width if dtype else cfg.precision.width
+        return parameter_counts(cfg.model, cfg.moe)["total"] * width
+
+    digest = digests(steps)
+    moe_folders = {s.folder for s in steps if isinstance(s, Train) and
+                   cfgs.get(s.name) is not None and cfgs[s.name].moe.enabled}
+    merge_cfg = next((cfgs[s.name] for s in steps if isinstance(s, Train) and
+                      cfgs[s.name].stage == "merge"), upcycled)
+    kept, extra, lines = 0, 0, []
+    for step in steps:
+        if state(step, digest[step.name]) == DONE:
+            continue
+        if isinstance(step, Train):
+            size = disk.run_bytes(cfgs[step.name])
+            leaves, during = size["kept"], size["peak"] - size["kept"]
+        elif isinstance(step, Convert):
+            leaves, during = weights(dense, step.dtype), 0
+        elif isinstance(step, Upcycle):
+            leaves, during = weights(upcycled), 0
+        elif isinstance(step, Fold):
+            leaves, during = weights(dense, merge_cfg.precision.dtype) * (2 if step.hf else 1), 0
+        elif isinstance(step, ExportHF):
+            model = upcycled if step.ckpt in moe_folders else dense
+            leaves, during = weights(model, step.dtype), 0
+        else:
+            continue
+        kept, extra = kept + leaves, max(extra, during)
+        lines.append(f"  {step.name:<13} ~{space.human(leaves)}"
+                     + (f" (~{space.human(leaves + during)} while it saves)"
+                        if during else ""))
+    return kept + extra, lines
 
 
 def run(steps: List[Step], one: Sequence[str], dist: Sequence[str], logs: str) -> int:
@@ -188,6 +252,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="launcher of one-process steps (shell words)")
     p.add_argument("--dist", default="torchrun -m xft_megatron.cli",
                    help="launcher of training steps (shell words)")
+    p.add_argument("--check-disk", action="store_true",
+                   help="preflight: stop when the steps not done yet would not fit on the "
+                   "output folder's disk")
     p.add_argument("--commands", action="store_true", help="plan: also print each command")
     p.add_argument("--json", action="store_true", help="plan: the steps as JSON")
 
@@ -202,7 +269,7 @@ def main(args: argparse.Namespace) -> int:
     one, dist = shlex.split(args.one), shlex.split(args.dist)
     try:
         if args.action == "preflight":
-            preflight(spec, steps, args.world)
+            preflight(spec, steps, args.world, check_disk=args.check_disk)
         elif args.action == "plan":
             rows = plan(steps, one, dist)
             if args.json:

@@ -32,17 +32,41 @@ def saves_in_run(cfg: Config) -> int:
     return periodic + (1 if c.final and not last_is_periodic else 0)
 
 
+def run_bytes(cfg: Config) -> Dict[str, int]:
+    """{'first', 'peak', 'kept', 'at_once'}: bytes of the run's first checkpoint, the most its
+    checkpoints hold at once (during a save, the one being written next to those kept), what
+    they hold once it has finished, and how many checkpoints the peak is; all 0 when it saves
+    nothing."""
+    c = cfg.checkpoint
+    saves = saves_in_run(cfg) if c.save else 0
+    if c.save and c.save_interval and cfg.train.epochs is not None:
+        # the step count comes from the data, read after this check: taken as long enough
+        # for the interval saves to fill checkpoint.keep (two at least when it keeps all)
+        saves = max(saves, c.keep + 1 if c.keep else 2)
+    if saves == 0:
+        return {"first": 0, "peak": 0, "kept": 0, "at_once": 0}
+    size = checkpoint_bytes(cfg)
+    full = size["weights"] + size["optimizer"]
+    final = size["weights"] if not c.final_optimizer else full
+    first = final if not c.save_interval else full
+    coexisting = saves if c.keep == 0 else min(saves, c.keep + 1)
+    kept = saves if c.keep == 0 else min(saves, c.keep)
+    return {"first": first, "peak": (coexisting - 1) * full + final,
+            "kept": (kept - 1) * full + final, "at_once": coexisting}
+
+
 def check_room(cfg: Config, free: int) -> str:
     """Refuse a run whose first checkpoint cannot fit in `free` bytes, naming what it needs
     and how to make room; '' when the whole run fits, else a notice saying at which point the
     kept checkpoints (checkpoint.keep, plus the one being written) stop fitting."""
     c = cfg.checkpoint
-    if not c.save or saves_in_run(cfg) == 0:
+    need = run_bytes(cfg)
+    if need["peak"] == 0:
         return ""
     size = checkpoint_bytes(cfg)
     full = size["weights"] + size["optimizer"]
     only_final = not c.save_interval
-    first = size["weights"] if only_final and not c.final_optimizer else full
+    first = need["first"]
     if first > free:
         raise ConfigError(
             f"checkpoint.save='{c.save}': a checkpoint of this run needs ~{space.human(first)}"
@@ -53,12 +77,9 @@ def check_room(cfg: Config, free: int) -> str:
             "another checkpoint.save"
             + ("; checkpoint.final_optimizer=false saves the weights alone" if
                only_final and c.final_optimizer and size["optimizer"] else ""))
-    coexisting = saves_in_run(cfg) if c.keep == 0 else min(saves_in_run(cfg), c.keep + 1)
-    final = size["weights"] if not c.final_optimizer else full
-    peak = (coexisting - 1) * full + final
-    if peak <= free:
+    if need["peak"] <= free:
         return ""
     return (f"notice: checkpoint.save='{c.save}' has {space.human(free)} free; the first "
-            f"checkpoint fits, but the {coexisting} this run keeps at once need "
-            f"~{space.human(peak)}: a later save will fail (lower checkpoint.keep or raise "
-            "checkpoint.save_interval)")
+            f"checkpoint fits, but the {need['at_once']} this run keeps at once need "
+            f"~{space.human(need['peak'])}: a later save will fail (lower checkpoint.keep or "
+            "raise checkpoint.save_interval)")
