@@ -18,6 +18,9 @@ synchronized wall time. Variants, alternated per point so ratios compare like wi
     path_dense, path_fused_dense
                  path and path_fused with moe.shared_expert_impl=dense: the shared expert
                  a dense FFN on every token, off the dispatch path (MoE only)
+    path_te      the training path with model.spec=te (Transformer Engine's fused norm+qkv,
+                 attention, projection and dense FFN linears; its weight gradients into the
+                 buffer); needs transformer-engine (scripts/gpu_te.sh)
     reference    transformers with fp32 weights under torch.autocast(bf16), SDPA attention;
                  the MoE is this project's HF export model (xft_megatron/hf/remote), whose
                  experts run as the XFT reference's do: a loop over experts gathering their
@@ -49,17 +52,20 @@ from xft_megatron.training.flops import H200_BF16_DENSE_PEAK, flops_per_token
 from xft_megatron.training.step import make_batch
 
 MOE = ["moe.num_experts=8", "moe.topk=6"]
-VARIANTS = ("model", "path", "path_fused", "path_dense", "path_fused_dense", "reference")
-# the settings of the training-path variants: (grad_accum_fusion, shared_expert_impl)
-PATHS = {"path": (False, "pool"), "path_fused": (True, "pool"),
-         "path_dense": (False, "dense"), "path_fused_dense": (True, "dense")}
+VARIANTS = ("model", "path", "path_fused", "path_dense", "path_fused_dense", "path_te",
+            "reference")
+# the settings of the training-path variants: (grad_accum_fusion, shared_expert_impl, spec);
+# grad_accum_fusion null: the spec's default (on for te)
+PATHS = {"path": ("false", "pool", "local"), "path_fused": ("true", "pool", "local"),
+         "path_dense": ("false", "dense", "local"),
+         "path_fused_dense": ("true", "dense", "local"), "path_te": ("null", "pool", "te")}
 
 
 def _config(args, mbs, variant):
     extra = [] if args.dense else list(MOE)
     if variant in PATHS:
-        fuse, shared = PATHS[variant]
-        extra.append(f"precision.grad_accum_fusion={str(fuse).lower()}")
+        fuse, shared, spec = PATHS[variant]
+        extra += [f"precision.grad_accum_fusion={fuse}", f"model.spec={spec}"]
         if not args.dense:
             extra.append(f"moe.shared_expert_impl={shared}")
     return load_config(None, [f"model.preset={args.preset}", "precision.dtype=bf16",

@@ -64,3 +64,60 @@ def test_training_with_te_installed_equals_training_without():
     for fuse in ("false", "true"):
         assert with_te[fuse] == without[fuse], (fuse, with_te[fuse], without[fuse])
         assert all(norm > 0.05 for _, norm in with_te[fuse])  # clipping was active
+
+
+def _layouts(rank, world, overrides):
+    """{config: {spec: {checkpoint key: (kind, global shape)}}} of one-rank models built under
+    both layer specs: local on the meta device, te for real on the CPU (tiny), where TE's
+    modules are told CUDA is there (they refuse to construct otherwise); nothing runs."""
+    import torch
+
+    from tests import common
+    from xft_megatron.config import ParallelConfig
+    from xft_megatron.model import builder
+    from xft_megatron.runtime import parallel
+
+    parallel.initialize(ParallelConfig())
+    torch.cuda.is_available = lambda: True  # this process only: TE's constructors ask
+
+    def layout(model):
+        return {v.key: (type(v).__name__, tuple(getattr(v, "global_shape", None) or
+                                                 v.data.shape))
+                for v in model.sharded_state_dict().values()}
+
+    out = {}
+    for name, extra in overrides.items():
+        cfg = common.tiny_config(*extra)
+        (local,) = builder.build_model(cfg, meta=True)
+        te = builder._gpt_model(cfg, builder.transformer_config(cfg), 0, cfg.model.num_layers,
+                                True, True, None, "te")
+        assert any(n.endswith("linear_qkv.layer_norm_weight")
+                   for n, _ in te.named_parameters()), name  # TE's fused norm is in use
+        out[name] = {"local": layout(local), "te": layout(te)}
+    return out
+
+
+def test_the_te_spec_writes_checkpoints_in_the_same_names_and_shapes():
+    """model.spec=te fuses the norms into TE's linears (`layer_norm_weight`); its checkpoints
+    still hold this project's names (arch/names.py), with the same shapes and the same stored
+    objects, so either spec loads what the other saved and conversion, upcycling, the merge
+    and resharding are unchanged. Dense, MoE every other layer, the merge stage, Qwen3's q/k
+    norms with tied embeddings."""
+    from tests.harness import run_ranks
+    from xft_megatron.arch import names
+
+    configs = {
+        "dense": [],
+        "moe": ["moe.num_experts=4", "moe.topk=2", "moe.layer_freq=2"],
+        "merge": ["moe.num_experts=4", "moe.topk=2", "moe.layer_freq=2", "train.stage=merge"],
+        "qwen3_tied": ["model.qk_norm=true", "model.tie_embeddings=true"],
+    }
+    got = run_ranks(1, _layouts, configs)[0]
+    for name, specs in got.items():
+        local, te = specs["local"], specs["te"]
+        assert local == te, (name, sorted(set(local) ^ set(te)),
+                             {k: (local.get(k), te.get(k)) for k in local if te.get(k) !=
+                              local.get(k)})
+        keys = set(local)
+        assert any(names.ATTN_NORM in k for k in keys) and any(names.MLP_NORM in k for k in keys)
+        assert not any("layer_norm_weight" in k for k in keys), name

@@ -87,3 +87,24 @@ def test_profile_steps_and_the_train_path_report():
     assert "[moe mbs=4] path top operators (ms per step, calls): aten::" in text
     assert "reference" not in text
 
+
+
+def test_every_train_path_variant_config_says_what_it_measures():
+    """`train_path.py`'s variants build the configs their names promise (MoE and dense)."""
+    import argparse
+
+    from benchmarks import train_path
+
+    for dense in (False, True):
+        args = argparse.Namespace(dense=dense, preset="deepseek-coder-1.3b", layers=2, seq=128,
+                                  overrides=[])
+        for variant in train_path.VARIANTS:
+            cfg = train_path._config(args, 4, variant)
+            assert (cfg.moe.enabled, cfg.model.num_layers) == (not dense, 2), variant
+            fuse, shared, spec = train_path.PATHS.get(variant, ("false", "pool", "local"))
+            assert cfg.model.spec == spec, variant
+            assert cfg.precision.grad_accum_fusion == {"true": True, "false": False,
+                                                       "null": None}[fuse] or \
+                variant not in train_path.PATHS, variant
+            if not dense:
+                assert cfg.moe.shared_expert_impl == shared, variant

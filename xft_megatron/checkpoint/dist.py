@@ -249,6 +249,8 @@ def load_config(path: str, **sections) -> Config:
     stored file only when that file alone is invalid; otherwise on the sections given."""
     stored = read_config(path)
     stored.pop("iteration", None)
+    if isinstance(stored.get("model"), dict):  # how the saving run computed, not inherited
+        stored["model"] = {k: v for k, v in stored["model"].items() if k != "spec"}
     file = os.path.join(resolve(path), CONFIG_FILE)
     try:
         Config.from_dict(stored)

@@ -159,7 +159,10 @@ def load_config(path: Optional[str] = None, overrides: Sequence[str] = (),
         _check_stored_model(load, data.get("model") or {}, stored.get("model") or {})
         _check_stored_router(load, data.get("moe") or {}, stored.get("moe") or {})
         for section in ("model", "moe"):
-            data[section] = deep_merge(stored.get(section) or {}, data.get(section) or {})
+            # model.spec is how the run that saved it computed (either spec loads it)
+            kept = {k: v for k, v in (stored.get(section) or {}).items()
+                    if (section, k) != ("model", "spec")}
+            data[section] = deep_merge(kept, data.get(section) or {})
         _continue_merge_stage(data, stored)
     return Config.from_dict(data)
 
@@ -194,10 +197,11 @@ def _continue_merge_stage(data: dict, stored: dict) -> None:
         data["train"] = {**train, "stage": "merge"}
 
 
-# model keys a run may change on a loaded checkpoint: positions and RoPE (context extension)
-# and the init scale (nothing is initialized from it); any other architecture key is stored
+# model keys a run may change on a loaded checkpoint: positions and RoPE (context extension),
+# the init scale (nothing is initialized from it) and the layer spec (the same tensors); any
+# other architecture key is stored
 ADJUSTABLE_MODEL_KEYS = ("max_position_embeddings", "rope_scaling_factor", "rope_theta",
-                         "init_std")
+                         "init_std", "spec")
 
 
 def _check_stored_model(load: str, given: dict, stored: dict) -> None:

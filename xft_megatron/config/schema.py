@@ -59,8 +59,15 @@ class ModelConfig:
     qk_norm: bool = False  # RMSNorm over each head's q and k, before RoPE (Qwen3)
     tie_embeddings: bool = False
     init_std: float = 0.02
+    # the layer modules: local (Megatron-Core's and this project's) | te (Transformer Engine's
+    # linears, fused norms and attention where it is installed; model/spec.py). How a run
+    # computes, not what its checkpoint holds: checkpoints are named alike under both, and a
+    # loaded checkpoint's stored value is not inherited
+    spec: str = "local"
 
     def __post_init__(self):
+        _require(self.spec in ("local", "te"),
+                 f"model.spec={self.spec!r} must be local or te (Transformer Engine)")
         if self.num_query_groups is None:
             self.num_query_groups = self.num_attention_heads
         for name in ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads",
@@ -296,9 +303,10 @@ class PrecisionConfig:
     # the weight gradients of the linear layers and experts go straight into DDP's gradient
     # buffer, one GEMM per weight accumulating in the buffer's dtype (fp32 with
     # grad_reduce_in_fp32), instead of a bf16 gradient added to it by a second kernel
-    # (Megatron's gradient_accumulation_fusion; apex's kernel when installed, else ours).
-    # Off by default: on an H100 it was slower through the compiled layers (RESULTS.md)
-    grad_accum_fusion: bool = False
+    # (Megatron's gradient_accumulation_fusion; apex's kernel when installed, else ours;
+    # Transformer Engine's own with model.spec=te). null (default): on with model.spec=te,
+    # off otherwise (on an H100 it was no faster through the compiled layers: RESULTS.md)
+    grad_accum_fusion: Optional[bool] = None
 
     def __post_init__(self):
         _require(self.dtype in ("fp32", "bf16", "fp16"),

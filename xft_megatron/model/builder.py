@@ -18,7 +18,7 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 
 from xft_megatron.arch import names
 from xft_megatron.config import Config, ConfigError
-from xft_megatron.model.spec import block_spec
+from xft_megatron.model.spec import block_spec, te_modules
 from xft_megatron.runtime import compat
 
 
@@ -99,11 +99,16 @@ def _moe_fields(cfg: Config) -> dict:
 
 
 def build_model(cfg: Config, tconfig: Optional[TransformerConfig] = None,
-                meta: bool = False) -> List[GPTModel]:
-    """The GPTModel chunks this rank owns, on this rank's device, in the configured dtype.
+                meta: bool = False, spec: Optional[str] = None) -> List[GPTModel]:
+    """The GPTModel chunks this rank owns, on this rank's device, in the configured dtype,
+    from the layer modules of `spec` (default `model.spec`).
     `meta`: parameters without storage (names, shapes and the checkpoint layout only; used by
-    the streaming checkpoint tools). Needs parallel state (see
+    the streaming checkpoint tools); that layout is the same under every spec, so a meta build
+    takes the local modules unless `spec` says otherwise. Needs parallel state (see
     `xft_megatron.runtime.parallel.initialize`)."""
+    spec = spec or ("local" if meta else cfg.model.spec)
+    if not meta:
+        check_spec(spec)
     tconfig = tconfig or transformer_config(cfg)
     if meta:
         tconfig = dataclasses.replace(tconfig, perform_initialization=False,
@@ -117,25 +122,39 @@ def build_model(cfg: Config, tconfig: Optional[TransformerConfig] = None,
         n_here = get_num_layers_to_build(tconfig, vp_stage=stage)
         first = get_transformer_layer_offset(tconfig, vp_stage=stage)
         with torch.device("meta") if meta else contextlib.nullcontext():
-            model = _gpt_model(cfg, tconfig, first, n_here, pre, post, stage)
+            model = _gpt_model(cfg, tconfig, first, n_here, pre, post, stage, spec)
         model.to(device="meta" if meta else compat.device(), dtype=cfg.precision.torch_dtype)
         _mark_expert_params(model)
         if cfg.stage == "merge":
             for name, p in model.named_parameters():  # the merge stage trains alpha alone
                 p.requires_grad_(name.endswith(names.ALPHA))
         compile_on = cfg.train.compile_layers
-        if not meta and (compile_on or (compile_on is None and compat.has_cuda())):
+        if compile_on is None:  # TE's modules are not compiled unless asked (not measured)
+            compile_on = compat.has_cuda() and spec == "local"
+        if not meta and compile_on:
             compile_layers(model)
         chunks.append(model)
     return chunks
 
 
+def check_spec(spec: str) -> None:
+    """ConfigError, before anything is built, when the layer modules of `spec` cannot run
+    here: model.spec=te needs Transformer Engine and a GPU."""
+    if spec != "te":
+        return
+    te_modules()
+    if not compat.has_cuda():
+        raise ConfigError("model.spec=te runs Transformer Engine's CUDA kernels and needs a GPU; "
+                          "use model.spec=local on the CPU")
+
+
 def _gpt_model(cfg: Config, tconfig: TransformerConfig, first: int, n_here: int, pre: bool,
-               post: bool, stage: Optional[int]) -> GPTModel:
+               post: bool, stage: Optional[int], spec: str) -> GPTModel:
     m = cfg.model
     return GPTModel(
         config=tconfig,
-        transformer_layer_spec=block_spec(m, cfg.moe, first, n_here, cfg.stage == "merge"),
+        transformer_layer_spec=block_spec(m, cfg.moe, first, n_here, cfg.stage == "merge",
+                                          spec),
         vocab_size=m.vocab_size,
         max_sequence_length=m.max_position_embeddings,
         pre_process=pre,

@@ -1,7 +1,12 @@
 """Layer specs: Megatron-Core's TransformerLayer with our SDPA attention and SP-capable RMSNorm,
 and either the dense SwiGLU FFN or Megatron's MoE layer with the XFT router and our experts.
 
-Only Megatron-Core modules and ours: no transformer-engine, no apex.
+`model.spec`: `local` (the default) uses only Megatron-Core modules and ours: no
+transformer-engine, no apex. `te` takes Transformer Engine's modules through Megatron-Core's
+wrappers for the dense parts: the input norm fused into the qkv projection, TE's attention and
+output projection, and in dense layers the pre-FFN norm fused into fc1 and fc2; MoE layers
+keep our norm before the router, the XFT router and our experts. Checkpoints are named alike
+under both (`TE_CHECKPOINT_NAMES`), so either spec loads what the other saved.
 """
 
 from functools import partial
@@ -22,13 +27,35 @@ from megatron.core.transformer.transformer_layer import (
     TransformerLayerSubmodules,
 )
 
-from xft_megatron.config import ModelConfig, MoEConfig
+from xft_megatron.config import ConfigError, ModelConfig, MoEConfig
 from xft_megatron.model.attention import SDPAttention
 from xft_megatron.model.moe.experts import GroupedExperts
 from xft_megatron.model.moe.layer import SharedExpertMoELayer
 from xft_megatron.model.moe.merge_mlp import MergeMLP
 from xft_megatron.model.moe.router import RouterSettings, XFTRouter
 from xft_megatron.model.norm import RMSNorm
+
+
+# TE fuses the norm before the attention into linear_qkv and the norm before a dense FFN into
+# linear_fc1 (`layer_norm_weight`); checkpoints keep this project's names (arch/names.py)
+TE_CHECKPOINT_NAMES = {"self_attention.linear_qkv.layer_norm_": "input_layernorm.",
+                       "mlp.linear_fc1.layer_norm_": "pre_mlp_layernorm."}
+SPECS = ("local", "te")
+
+
+def te_modules():
+    """Megatron-Core's Transformer Engine wrappers (`megatron.core.extensions.
+    transformer_engine`); ConfigError naming what is missing when TE does not import."""
+    try:
+        from megatron.core.extensions import transformer_engine as te
+    except ImportError as e:  # TE absent, or its library cannot load
+        raise ConfigError(f"model.spec=te needs Transformer Engine, which does not import here "
+                          f"({e}); install transformer-engine[pytorch] or use "
+                          "model.spec=local") from None
+    if not getattr(te, "HAVE_TE", True):
+        raise ConfigError("model.spec=te needs Transformer Engine, which does not import here; "
+                          "install transformer-engine[pytorch] or use model.spec=local")
+    return te
 
 
 def attention_spec(m: ModelConfig) -> ModuleSpec:
@@ -48,13 +75,37 @@ def attention_spec(m: ModelConfig) -> ModuleSpec:
     )
 
 
+def te_attention_spec(m: ModelConfig) -> ModuleSpec:
+    """Causal self-attention from TE: the input RMSNorm fused into the qkv projection, TE's
+    fused attention, TE's output projection; q/k norms (Qwen3) ours, as in the local spec
+    (a TE norm would add a stored `_extra_state` the local spec's checkpoints lack)."""
+    te = te_modules()
+    qk_norm = RMSNorm if m.qk_norm else IdentityOp
+    return ModuleSpec(
+        module=SelfAttention,
+        params={"attn_mask_type": AttnMaskType.causal},
+        submodules=SelfAttentionSubmodules(
+            linear_qkv=te.TELayerNormColumnParallelLinear,
+            core_attention=te.TEDotProductAttention,
+            linear_proj=te.TERowParallelLinear,
+            q_layernorm=qk_norm,
+            k_layernorm=qk_norm,
+        ),
+    )
+
+
 def _swiglu_linears() -> MLPSubmodules:
     """fc1 holds [gate; up] (column parallel), fc2 is down (row parallel)."""
     return MLPSubmodules(linear_fc1=ColumnParallelLinear, linear_fc2=RowParallelLinear)
 
 
-def dense_mlp_spec() -> MlpBuilder:
-    """SwiGLU FFN, built as Megatron's TransformerLayer builds its FFN (`MlpBuilder`)."""
+def dense_mlp_spec(spec: str = "local") -> MlpBuilder:
+    """SwiGLU FFN, built as Megatron's TransformerLayer builds its FFN (`MlpBuilder`); with
+    spec te, the pre-FFN RMSNorm fused into TE's fc1."""
+    if spec == "te":
+        te = te_modules()
+        return partial(MLP.as_mlp_submodule, submodules=MLPSubmodules(
+            linear_fc1=te.TELayerNormColumnParallelLinear, linear_fc2=te.TERowParallelLinear))
     return partial(MLP.as_mlp_submodule, submodules=_swiglu_linears())
 
 
@@ -80,8 +131,24 @@ def moe_mlp_spec(moe: MoEConfig, merge: bool = False) -> MlpBuilder:
     return partial(MoELayer, submodules=MoESubmodules(experts=experts, router=router))
 
 
-def layer_spec(m: ModelConfig, mlp: MlpBuilder) -> ModuleSpec:
-    """A pre-norm decoder layer of model `m` around the given FFN spec."""
+def layer_spec(m: ModelConfig, mlp: MlpBuilder, spec: str = "local",
+               fused_mlp_norm: bool = False) -> ModuleSpec:
+    """A pre-norm decoder layer of model `m` around the given FFN spec. With spec te the
+    attention is TE's (its norm fused in), and `fused_mlp_norm` says the FFN spec holds its
+    own norm (TE's dense fc1); otherwise our RMSNorm runs before the FFN."""
+    if spec == "te":
+        return ModuleSpec(
+            module=TransformerLayer,
+            submodules=TransformerLayerSubmodules(
+                input_layernorm=IdentityOp,
+                self_attention=te_attention_spec(m),
+                self_attn_bda=get_bias_dropout_add,
+                pre_mlp_layernorm=IdentityOp if fused_mlp_norm else RMSNorm,
+                mlp=mlp,
+                mlp_bda=get_bias_dropout_add,
+                sharded_state_dict_keys_map=dict(TE_CHECKPOINT_NAMES),
+            ),
+        )
     return ModuleSpec(
         module=TransformerLayer,
         submodules=TransformerLayerSubmodules(
@@ -96,13 +163,16 @@ def layer_spec(m: ModelConfig, mlp: MlpBuilder) -> ModuleSpec:
 
 
 def block_spec(m: ModelConfig, moe: MoEConfig, first_layer: int, num_layers_here: int,
-               merge: bool = False) -> TransformerBlockSubmodules:
+               merge: bool = False, spec: str = "local") -> TransformerBlockSubmodules:
     """The layers one pipeline stage (or virtual chunk) builds: global layers
     first_layer .. first_layer + num_layers_here - 1, MoE where `moe` says so (the merge
-    stage's merged FFN there with `merge`)."""
-    dense, sparse = layer_spec(m, dense_mlp_spec()), None
+    stage's merged FFN there with `merge`), from the modules of `spec` (local | te)."""
+    if spec not in SPECS:
+        raise ConfigError(f"model.spec={spec!r} must be one of {', '.join(SPECS)}")
+    dense = layer_spec(m, dense_mlp_spec(spec), spec, fused_mlp_norm=True)
+    sparse = None
     if moe.enabled:
-        sparse = layer_spec(m, moe_mlp_spec(moe, merge))
+        sparse = layer_spec(m, moe_mlp_spec(moe, merge), spec)
     specs = [sparse if moe.is_moe_layer(first_layer + i) else dense
              for i in range(num_layers_here)]
     return TransformerBlockSubmodules(layer_specs=specs, layer_norm=RMSNorm)

@@ -66,14 +66,17 @@ def wrap_ddp(chunks: List, tconfig: TransformerConfig, precision: PrecisionConfi
     if len(wrapped) == 1:
         tconfig.no_sync_func = tconfig.no_sync_func[0]
     tconfig.finalize_model_grads_func = finalize_model_grads
-    if precision.grad_accum_fusion:
+    fuse = precision.grad_accum_fusion
+    if fuse is None:  # auto: where Transformer Engine's linears are (model.spec=te)
+        fuse = any(hasattr(m, "fuse_wgrad_accumulation") for c in chunks for m in c.modules())
+    if fuse:
         fuse_weight_gradients(wrapped)
     return wrapped
 
 
 def fuse_weight_gradients(chunks: List) -> None:
     """Switch on `gradient_accumulation_fusion` in every Megatron linear layer and experts
-    module whose weight DDP gave a `main_grad` (trainable weights; a frozen one takes
+    module (`fuse_wgrad_accumulation` in Transformer Engine's) whose weight DDP gave a `main_grad` (trainable weights; a frozen one takes
     Megatron's frozen-weight path anyway), so their weight gradients are accumulated into
     DDP's buffer by the GEMM itself. Only here, after DDP: outside DDP there is no buffer.
     Modules inside a torch.compile'd region (train.compile_layers) stay as they are: the
@@ -83,13 +86,16 @@ def fuse_weight_gradients(chunks: List) -> None:
                 if getattr(m, "_compiled_call_impl", None) is not None for sub in m.modules()}
     for chunk in chunks:
         for module in chunk.modules():
-            if not hasattr(module, "gradient_accumulation_fusion") or id(module) in compiled:
+            # Megatron's own linears and our experts, or Transformer Engine's (model.spec=te)
+            flag = next((f for f in ("gradient_accumulation_fusion", "fuse_wgrad_accumulation")
+                         if hasattr(module, f)), None)
+            if flag is None or id(module) in compiled:
                 continue
             weights = [p for p in module.parameters(recurse=False)
                        if p.dim() >= 2 and p.requires_grad]
             shared = getattr(module, "weight", False) is None  # tied output layer
             if (weights and all(hasattr(p, "main_grad") for p in weights)) or shared:
-                module.gradient_accumulation_fusion = True
+                setattr(module, flag, True)
 
 
 def _param_layout(chunk, ddp_config: DistributedDataParallelConfig):

@@ -27,6 +27,7 @@ from xft_megatron.data.records import DataError
 from xft_megatron.data.tokenizer import Tokenizer, tokenizer_for_model
 from xft_megatron.errors import UserError
 from xft_megatron.hf import convert
+from xft_megatron.model.builder import check_spec
 from xft_megatron.runtime import parallel
 from xft_megatron.runtime.hub import HubSettings
 from xft_megatron.training import disk, memory
@@ -89,6 +90,7 @@ def dry_run(cfg: Config, world_size: int) -> str:
         f"layout       world {world_size} = TP {p.tensor} x PP {p.pipeline} x DP {dp}"
         f"{f' (VPP {p.virtual_pipeline})' if p.virtual_pipeline else ''}; EP {p.expert}, "
         f"ETP {p.expert_tensor}, SP {'on' if p.sequence_parallel else 'off'}",
+        f"modules      {_spec_text(cfg)}",
         f"batch        global {cfg.train.global_batch_size} = micro {cfg.train.micro_batch_size}"
         f" x DP {dp} x {cfg.train.num_microbatches(dp)} micro-batches; seq {cfg.train.seq_length}",
         f"parameters   total {counts['total']:,}  active {counts['active']:,}"
@@ -99,6 +101,19 @@ def dry_run(cfg: Config, world_size: int) -> str:
         f"activations {est.activations / gib:.1f} (estimate, no recomputation)",
     ]
     return "\n".join(lines)
+
+
+def _spec_text(cfg: Config) -> str:
+    """Which layer modules the run builds (model.spec) and where weight gradients go."""
+    fuse = cfg.precision.grad_accum_fusion
+    if cfg.model.spec == "te":
+        return ("te: Transformer Engine's norm+qkv, attention, projection and dense FFN "
+                "linears (experts and router: this project's); weight gradients "
+                + ("added to the fp32 buffer apart" if fuse is False else
+                   "accumulated into the fp32 buffer by the GEMM"))
+    return ("local: Megatron-Core's modules and this project's (no Transformer Engine); weight "
+            "gradients " + ("accumulated into the fp32 buffer by the GEMM" if fuse else
+                            "added to the fp32 buffer apart"))
 
 
 def _experts_line(cfg: Config) -> str:
@@ -139,6 +154,11 @@ def main(config_path: Optional[str], overrides: Sequence[str], resume: bool = Fa
         world = world_size or int(os.environ.get("WORLD_SIZE", "1"))
         print(dry_run(cfg, world))
         return None
+    check_spec(cfg.model.spec)  # the layer modules can run here (model.spec=te: TE and a GPU)
+    if cfg.model.spec == "te" and os.environ.get("RANK", "0") == "0":
+        print("notice: model.spec=te is new: its GPU tests against model.spec=local "
+              "(tests/gpu/test_te_spec.py) have not run on a GPU yet; compare a few steps "
+              "with model.spec=local before a long run", file=sys.stderr)
     world = parallel.rank_info_from_env().world_size  # torchrun or srun, as initialize reads it
     local = os.environ.get("LOCAL_WORLD_SIZE") or os.environ.get("SLURM_NTASKS_PER_NODE", "")
     memory.check_fits(cfg, world, memory.machine_memory(int(local) if local.isdigit() else world))
