@@ -526,7 +526,8 @@ CHOICES = {"moe.mode": ["xft", "none", "vanilla"], "moe.router_gate": ["mlp", "l
            "data.format": ["auto", "text", "tokens"], "data.on_error": ["fail", "skip"],
            "data.template": ["magicoder", "chat", "plain"],
            "model.preset": ["tiny", "qwen2-0.5b", "tinyllama-1.1b", "qwen3-0.6b"],
-           "model.family": ["llama", "mistral", "qwen2", "qwen3"]}
+           "model.family": ["llama", "mistral", "qwen2", "qwen3"],
+           "model.spec": ["local", "te"], "precision.grad_accum_fusion": [True, False, None]}
 WILD = st.one_of(st.integers(-10, 10), st.integers(-2**70, 2**70),
                  st.floats(allow_nan=True, allow_infinity=True), st.booleans(), st.none(),
                  st.text(max_size=6), st.lists(st.integers(-1, 4), max_size=3),

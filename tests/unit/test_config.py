@@ -368,3 +368,49 @@ def test_shared_expert_dense_settings_and_memory():
         load_config(None, ["moe.num_experts=9", "moe.topk=6", "parallel.expert=8",
                            "moe.shared_expert_impl=dense", "train.stage=merge"])
 
+
+
+def test_model_spec_is_checked_before_anything_and_not_inherited(tmp_path, capsys):
+    """model.spec: local | te. Without Transformer Engine (or without a GPU) a te run stops
+    before the data or a model is touched, saying why; `--dry-run` names the modules each
+    spec builds; a checkpoint's stored spec is a record, not a default (either spec loads it)."""
+    import yaml
+
+    from xft_megatron import cli
+    from xft_megatron.checkpoint import dist as ckpt
+    from xft_megatron.model import builder
+
+    with pytest.raises(ConfigError, match="model.spec='tex' must be local or te"):
+        load_config(None, ["model.spec=tex"])
+    base = ["model.preset=tiny", f"checkpoint.save={tmp_path}/run", "data.path=/missing.jsonl"]
+    try:
+        builder.check_spec("te")
+        usable = True
+    except ConfigError as e:
+        usable, why = False, str(e)
+    if not usable:  # CI and this machine: TE absent or no GPU
+        assert "model.spec=te" in why and "model.spec=local" in why
+        assert cli.main(["train", *base, "model.spec=te"]) == 2
+        assert why in capsys.readouterr().err
+        assert not (tmp_path / "run").exists()
+    for spec, says, grads in (("local", "local: Megatron-Core's modules and this project's",
+                               "added to the fp32 buffer apart"),
+                              ("te", "te: Transformer Engine's norm+qkv, attention",
+                               "accumulated into the fp32 buffer by the GEMM")):
+        assert cli.main(["train", *base, f"model.spec={spec}", "--dry-run"]) == 0
+        line = next(ln for ln in capsys.readouterr().out.splitlines()
+                    if ln.startswith("modules "))
+        assert line.startswith(f"modules      {says}") and line.endswith(grads), line
+
+    stored = load_config(None, ["model.preset=tiny", "model.spec=te"]).to_dict()
+    read = lambda path: stored  # noqa: E731  (a checkpoint saved by a te run)
+    assert load_config(None, ["checkpoint.load=x"], read_stored=read).model.spec == "local"
+    assert load_config(None, ["checkpoint.load=x", "model.spec=te"],
+                       read_stored=read).model.spec == "te"
+    # the tools' reader too (eval, verify, HumanEval's conversion build from it)
+    folder = tmp_path / "ckpt" / "iter_0000000"
+    folder.mkdir(parents=True)
+    (folder / "xft_config.yaml").write_text(yaml.safe_dump({"iteration": 0, **stored}))
+    (tmp_path / "ckpt" / "latest").write_text("iter_0000000")
+    assert ckpt.read_config(str(tmp_path / "ckpt"))["model"]["spec"] == "te"
+    assert ckpt.load_config(str(tmp_path / "ckpt")).model.spec == "local"
