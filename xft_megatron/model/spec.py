@@ -136,28 +136,17 @@ def layer_spec(m: ModelConfig, mlp: MlpBuilder, spec: str = "local",
     """A pre-norm decoder layer of model `m` around the given FFN spec. With spec te the
     attention is TE's (its norm fused in), and `fused_mlp_norm` says the FFN spec holds its
     own norm (TE's dense fc1); otherwise our RMSNorm runs before the FFN."""
-    if spec == "te":
-        return ModuleSpec(
-            module=TransformerLayer,
-            submodules=TransformerLayerSubmodules(
-                input_layernorm=IdentityOp,
-                self_attention=te_attention_spec(m),
-                self_attn_bda=get_bias_dropout_add,
-                pre_mlp_layernorm=IdentityOp if fused_mlp_norm else RMSNorm,
-                mlp=mlp,
-                mlp_bda=get_bias_dropout_add,
-                sharded_state_dict_keys_map=dict(TE_CHECKPOINT_NAMES),
-            ),
-        )
+    te = spec == "te"
     return ModuleSpec(
         module=TransformerLayer,
         submodules=TransformerLayerSubmodules(
-            input_layernorm=RMSNorm,
-            self_attention=attention_spec(m),
+            input_layernorm=IdentityOp if te else RMSNorm,
+            self_attention=te_attention_spec(m) if te else attention_spec(m),
             self_attn_bda=get_bias_dropout_add,
-            pre_mlp_layernorm=RMSNorm,
+            pre_mlp_layernorm=IdentityOp if te and fused_mlp_norm else RMSNorm,
             mlp=mlp,
             mlp_bda=get_bias_dropout_add,
+            sharded_state_dict_keys_map=dict(TE_CHECKPOINT_NAMES) if te else {},
         ),
     )
 
