@@ -143,8 +143,8 @@ def preflight(spec: PipelineSpec, steps: List[Step], world: int,
           f"(its disk has {space.human(free)} free)")
     print("\n".join(lines))
     if need > free and not check_disk:
-        print(f"notice: that is more than its disk has free; `run.sh` without --plan stops "
-              f"here")
+        print("notice: that is more than its disk has free; `run.sh` without --plan stops "
+              "here")
     elif need > free:
         raise RecipeError(f"the steps not done yet write ~{space.human(need)} under "
                           f"{spec.out} (at the most, during the largest save), but its disk has "
@@ -169,8 +169,7 @@ def disk_plan(spec: PipelineSpec, steps: List[Step], cfgs: Dict[str, Config],
         return parameter_counts(cfg.model, cfg.moe)["total"] * width
 
     digest = digests(steps)
-    moe_folders = {s.folder for s in steps if isinstance(s, Train) and
-                   cfgs.get(s.name) is not None and cfgs[s.name].moe.enabled}
+    moe_folders = {s.folder for s in steps if isinstance(s, Train) and cfgs[s.name].moe.enabled}
     merge_cfg = next((cfgs[s.name] for s in steps if isinstance(s, Train) and
                       cfgs[s.name].stage == "merge"), upcycled)
     kept, extra, lines = 0, 0, []

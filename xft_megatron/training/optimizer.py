@@ -76,12 +76,13 @@ def wrap_ddp(chunks: List, tconfig: TransformerConfig, precision: PrecisionConfi
 
 def fuse_weight_gradients(chunks: List) -> None:
     """Switch on `gradient_accumulation_fusion` in every Megatron linear layer and experts
-    module (`fuse_wgrad_accumulation` in Transformer Engine's) whose weight DDP gave a `main_grad` (trainable weights; a frozen one takes
-    Megatron's frozen-weight path anyway), so their weight gradients are accumulated into
-    DDP's buffer by the GEMM itself. Only here, after DDP: outside DDP there is no buffer.
-    Modules inside a torch.compile'd region (train.compile_layers) stay as they are: the
-    fused backward writes into a buffer from outside the graph, which splits the compiled
-    graph at every linear layer (slower than the separate addition it saves)."""
+    module (`fuse_wgrad_accumulation` in Transformer Engine's modules) whose weight DDP gave
+    a `main_grad` (trainable weights; a frozen one takes Megatron's frozen-weight path
+    anyway), so their weight gradients are accumulated into DDP's buffer by the GEMM itself.
+    Only here, after DDP: outside DDP there is no buffer. Modules inside a torch.compile'd
+    region (train.compile_layers) stay as they are: the fused backward writes into a buffer
+    from outside the graph, which splits the compiled graph at every linear layer (slower
+    than the separate addition it saves)."""
     compiled = {id(sub) for chunk in chunks for m in chunk.modules()
                 if getattr(m, "_compiled_call_impl", None) is not None for sub in m.modules()}
     for chunk in chunks:
