@@ -37,15 +37,13 @@ def _runs_real_model(config) -> bool:
 
 
 def _check_disk(config):
-    import shutil
     import tempfile
 
+    from xft_megatron.checkpoint.space import free_bytes
+
     where = str(config.option.basetemp or tempfile.gettempdir())
-    probe = os.path.abspath(where)
-    while not os.path.exists(probe):
-        probe = os.path.dirname(probe)
     need = REAL_MODEL_DISK if _runs_real_model(config) else OTHER_DISK
-    free = shutil.disk_usage(probe).free
+    free = free_bytes(where)  # the nearest existing folder is asked
     if free < need and not os.environ.get("XFT_TEST_IGNORE_DISK"):
         raise pytest.UsageError(
             f"these tests need about {need / 2**30:.0f} GiB free under {where} for their "

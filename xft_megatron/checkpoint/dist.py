@@ -33,7 +33,7 @@ from xft_megatron.checkpoint.directory import (CONFIG_FILE, LATEST_FILE, RANK_ST
 from xft_megatron.checkpoint.validate import (CheckpointError, check_model_tensors,
                                               load_failure, one_line, raise_damaged,
                                               read_index, unsafe_pickle, verify)
-from xft_megatron.config import Config, ConfigError, load_yaml
+from xft_megatron.config import Config, ConfigError, inheritable, load_yaml
 from xft_megatron.errors import UserError
 from xft_megatron.runtime.compat.patches import plain_data_loads
 
@@ -247,10 +247,8 @@ def load_config(path: str, **sections) -> Config:
     """The Config stored with a checkpoint, with whole sections replaced by `sections`
     (e.g. parallel={} to read it in a single process). An invalid result is blamed on the
     stored file only when that file alone is invalid; otherwise on the sections given."""
-    stored = read_config(path)
+    stored = inheritable(read_config(path))
     stored.pop("iteration", None)
-    if isinstance(stored.get("model"), dict):  # how the saving run computed, not inherited
-        stored["model"] = {k: v for k, v in stored["model"].items() if k != "spec"}
     file = os.path.join(resolve(path), CONFIG_FILE)
     try:
         Config.from_dict(stored)

@@ -153,18 +153,24 @@ def load_config(path: Optional[str] = None, overrides: Sequence[str] = (),
     load = (data.get("checkpoint") or {}).get("load")
     if load and read_stored is not None:
         try:
-            stored = read_stored(load)
+            stored = inheritable(read_stored(load))
         except FileNotFoundError as e:
             raise ConfigError(f"checkpoint.load: {e}") from None
         _check_stored_model(load, data.get("model") or {}, stored.get("model") or {})
         _check_stored_router(load, data.get("moe") or {}, stored.get("moe") or {})
         for section in ("model", "moe"):
-            # model.spec is how the run that saved it computed (either spec loads it)
-            kept = {k: v for k, v in (stored.get(section) or {}).items()
-                    if (section, k) != ("model", "spec")}
-            data[section] = deep_merge(kept, data.get(section) or {})
+            data[section] = deep_merge(stored.get(section) or {}, data.get(section) or {})
         _continue_merge_stage(data, stored)
     return Config.from_dict(data)
+
+
+def inheritable(stored: dict) -> dict:
+    """A checkpoint's stored config without what only says how the run that saved it computed
+    (model.spec: either layer spec loads the same tensors), so a run or tool that reads it
+    does not take that on."""
+    if not isinstance(stored.get("model"), dict):
+        return stored
+    return {**stored, "model": {k: v for k, v in stored["model"].items() if k != "spec"}}
 
 
 def require_runnable(cfg: Config) -> Config:
@@ -197,11 +203,11 @@ def _continue_merge_stage(data: dict, stored: dict) -> None:
         data["train"] = {**train, "stage": "merge"}
 
 
-# model keys a run may change on a loaded checkpoint: positions and RoPE (context extension),
-# the init scale (nothing is initialized from it) and the layer spec (the same tensors); any
-# other architecture key is stored
+# model keys a run may change on a loaded checkpoint: positions and RoPE (context extension)
+# and the init scale (nothing is initialized from it); any other architecture key is stored
+# (model.spec is not inherited at all: `inheritable`)
 ADJUSTABLE_MODEL_KEYS = ("max_position_embeddings", "rope_scaling_factor", "rope_theta",
-                         "init_std", "spec")
+                         "init_std")
 
 
 def _check_stored_model(load: str, given: dict, stored: dict) -> None:

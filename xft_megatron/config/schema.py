@@ -31,6 +31,7 @@ def _require(cond: bool, msg: str) -> None:
         raise ConfigError(msg)
 
 
+LAYER_SPECS = ("local", "te")  # model.spec: the layer modules (model/spec.py)
 MAX_LAYERS = 10_000  # far above any real model; beyond it a value is a typo, not a model
 
 
@@ -63,10 +64,10 @@ class ModelConfig:
     # linears, fused norms and attention where it is installed; model/spec.py). How a run
     # computes, not what its checkpoint holds: checkpoints are named alike under both, and a
     # loaded checkpoint's stored value is not inherited
-    spec: str = "local"
+    spec: str = "local"  # one of LAYER_SPECS
 
     def __post_init__(self):
-        _require(self.spec in ("local", "te"),
+        _require(self.spec in LAYER_SPECS,
                  f"model.spec={self.spec!r} must be local or te (Transformer Engine)")
         if self.num_query_groups is None:
             self.num_query_groups = self.num_attention_heads
@@ -307,6 +308,11 @@ class PrecisionConfig:
     # Transformer Engine's own with model.spec=te). null (default): on with model.spec=te,
     # off otherwise (on an H100 it was no faster through the compiled layers: RESULTS.md)
     grad_accum_fusion: Optional[bool] = None
+
+    def fuses_weight_gradients(self, te: bool) -> bool:
+        """Whether weight gradients go straight into the buffer: grad_accum_fusion, or when it
+        is null, whether the layers are Transformer Engine's (`te`)."""
+        return te if self.grad_accum_fusion is None else self.grad_accum_fusion
 
     def __post_init__(self):
         _require(self.dtype in ("fp32", "bf16", "fp16"),

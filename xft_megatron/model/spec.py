@@ -27,7 +27,7 @@ from megatron.core.transformer.transformer_layer import (
     TransformerLayerSubmodules,
 )
 
-from xft_megatron.config import ConfigError, ModelConfig, MoEConfig
+from xft_megatron.config import LAYER_SPECS, ConfigError, ModelConfig, MoEConfig
 from xft_megatron.model.attention import SDPAttention
 from xft_megatron.model.moe.experts import GroupedExperts
 from xft_megatron.model.moe.layer import SharedExpertMoELayer
@@ -40,7 +40,6 @@ from xft_megatron.model.norm import RMSNorm
 # linear_fc1 (`layer_norm_weight`); checkpoints keep this project's names (arch/names.py)
 TE_CHECKPOINT_NAMES = {"self_attention.linear_qkv.layer_norm_": "input_layernorm.",
                        "mlp.linear_fc1.layer_norm_": "pre_mlp_layernorm."}
-SPECS = ("local", "te")
 
 
 def te_modules():
@@ -156,8 +155,8 @@ def block_spec(m: ModelConfig, moe: MoEConfig, first_layer: int, num_layers_here
     """The layers one pipeline stage (or virtual chunk) builds: global layers
     first_layer .. first_layer + num_layers_here - 1, MoE where `moe` says so (the merge
     stage's merged FFN there with `merge`), from the modules of `spec` (local | te)."""
-    if spec not in SPECS:
-        raise ConfigError(f"model.spec={spec!r} must be one of {', '.join(SPECS)}")
+    if spec not in LAYER_SPECS:
+        raise ConfigError(f"model.spec={spec!r} must be one of {', '.join(LAYER_SPECS)}")
     dense = layer_spec(m, dense_mlp_spec(spec), spec, fused_mlp_norm=True)
     sparse = None
     if moe.enabled:

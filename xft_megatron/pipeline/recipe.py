@@ -169,7 +169,6 @@ def disk_plan(spec: PipelineSpec, steps: List[Step], cfgs: Dict[str, Config],
         return parameter_counts(cfg.model, cfg.moe)["total"] * width
 
     digest = digests(steps)
-    moe_folders = {s.folder for s in steps if isinstance(s, Train) and cfgs[s.name].moe.enabled}
     merge_cfg = next((cfgs[s.name] for s in steps if isinstance(s, Train) and
                       cfgs[s.name].stage == "merge"), upcycled)
     kept, extra, lines = 0, 0, []
@@ -185,9 +184,8 @@ def disk_plan(spec: PipelineSpec, steps: List[Step], cfgs: Dict[str, Config],
             leaves, during = weights(upcycled), 0
         elif isinstance(step, Fold):
             leaves, during = weights(dense, merge_cfg.precision.dtype) * (2 if step.hf else 1), 0
-        elif isinstance(step, ExportHF):
-            model = upcycled if step.ckpt in moe_folders else dense
-            leaves, during = weights(model, step.dtype), 0
+        elif isinstance(step, ExportHF):  # the SFT model or the fold: dense
+            leaves, during = weights(dense, step.dtype), 0
         else:
             continue
         kept, extra = kept + leaves, max(extra, during)

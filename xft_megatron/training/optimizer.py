@@ -66,10 +66,8 @@ def wrap_ddp(chunks: List, tconfig: TransformerConfig, precision: PrecisionConfi
     if len(wrapped) == 1:
         tconfig.no_sync_func = tconfig.no_sync_func[0]
     tconfig.finalize_model_grads_func = finalize_model_grads
-    fuse = precision.grad_accum_fusion
-    if fuse is None:  # auto: where Transformer Engine's linears are (model.spec=te)
-        fuse = any(hasattr(m, "fuse_wgrad_accumulation") for c in chunks for m in c.modules())
-    if fuse:
+    te = any(hasattr(m, "fuse_wgrad_accumulation") for c in chunks for m in c.modules())
+    if precision.fuses_weight_gradients(te):  # te: Transformer Engine's linears are built
         fuse_weight_gradients(wrapped)
     return wrapped
 

@@ -105,15 +105,13 @@ def dry_run(cfg: Config, world_size: int) -> str:
 
 def _spec_text(cfg: Config) -> str:
     """Which layer modules the run builds (model.spec) and where weight gradients go."""
-    fuse = cfg.precision.grad_accum_fusion
-    if cfg.model.spec == "te":
-        return ("te: Transformer Engine's norm+qkv, attention, projection and dense FFN "
-                "linears (experts and router: this project's); weight gradients "
-                + ("added to the fp32 buffer apart" if fuse is False else
-                   "accumulated into the fp32 buffer by the GEMM"))
-    return ("local: Megatron-Core's modules and this project's (no Transformer Engine); weight "
-            "gradients " + ("accumulated into the fp32 buffer by the GEMM" if fuse else
-                            "added to the fp32 buffer apart"))
+    te = cfg.model.spec == "te"
+    modules = ("te: Transformer Engine's norm+qkv, attention, projection and dense FFN linears "
+               "(experts and router: this project's)" if te else
+               "local: Megatron-Core's modules and this project's (no Transformer Engine)")
+    grads = ("accumulated into the fp32 buffer by the GEMM"
+             if cfg.precision.fuses_weight_gradients(te) else "added to the fp32 buffer apart")
+    return f"{modules}; weight gradients {grads}"
 
 
 def _experts_line(cfg: Config) -> str:
