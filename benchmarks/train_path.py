@@ -21,6 +21,8 @@ synchronized wall time. Variants, alternated per point so ratios compare like wi
     path_te      the training path with model.spec=te (Transformer Engine's fused norm+qkv,
                  attention, projection and dense FFN linears; its weight gradients into the
                  buffer); needs transformer-engine (scripts/gpu_te.sh)
+    path_te_fp8  path_te with precision.fp8=hybrid (tensorwise scaling): FP8 GEMMs in TE's
+                 linears (the experts stay bf16)
     reference    transformers with fp32 weights under torch.autocast(bf16), SDPA attention;
                  the MoE is this project's HF export model (xft_megatron/hf/remote), whose
                  experts run as the XFT reference's do: a loop over experts gathering their
@@ -53,12 +55,13 @@ from xft_megatron.training.step import make_batch
 
 MOE = ["moe.num_experts=8", "moe.topk=6"]
 VARIANTS = ("model", "path", "path_fused", "path_dense", "path_fused_dense", "path_te",
-            "reference")
+            "path_te_fp8", "reference")
 # the settings of the training-path variants: (grad_accum_fusion, shared_expert_impl, spec);
 # grad_accum_fusion null: the spec's default (on for te)
 PATHS = {"path": ("false", "pool", "local"), "path_fused": ("true", "pool", "local"),
          "path_dense": ("false", "dense", "local"),
-         "path_fused_dense": ("true", "dense", "local"), "path_te": ("null", "pool", "te")}
+         "path_fused_dense": ("true", "dense", "local"), "path_te": ("null", "pool", "te"),
+         "path_te_fp8": ("null", "pool", "te")}
 
 
 def _config(args, mbs, variant):
@@ -66,6 +69,8 @@ def _config(args, mbs, variant):
     if variant in PATHS:
         fuse, shared, spec = PATHS[variant]
         extra += [f"precision.grad_accum_fusion={fuse}", f"model.spec={spec}"]
+        if variant.endswith("_fp8"):
+            extra.append("precision.fp8=hybrid")
         if not args.dense:
             extra.append(f"moe.shared_expert_impl={shared}")
     return load_config(None, [f"model.preset={args.preset}", "precision.dtype=bf16",

@@ -25,6 +25,9 @@ if ls .whl/*.whl >/dev/null 2>&1; then
 else
   export PYTHONPATH="$PWD"
 fi
+# TE_SITE: where scripts/gpu_te.sh installed Transformer Engine (/tmp/te_site), for runs
+# that use it
+[ -n "${TE_SITE:-}" ] && export PYTHONPATH="$TE_SITE:$PYTHONPATH"
 export PYTHONUNBUFFERED=1 CUDA_DEVICE_MAX_CONNECTIONS=1
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
 BENCH="${BENCH:-all}"

@@ -9,6 +9,10 @@
 #                                            scripts/gpu.sh detached (setsid)
 #                                            with the given settings, e.g. BENCH=real-study
 #                                            SEEDS="1 2 3"; its OUT is /tmp/gpu_out
+#   scripts/gpu_session.sh start --as NAME [VAR=V ..]
+#                                            another run beside it (the halves joined
+#                                            already): OUT /tmp/gpu_out/NAME, STUDY_DIR
+#                                            /tmp/study_NAME
 #   scripts/gpu_session.sh wait SECONDS      follow the detached run for up to SECONDS, then
 #                                            pack /tmp/gpu_out (logs, tables, summaries) into
 #                                            $OUT/gpu_out.tgz so each call brings back the
@@ -22,11 +26,16 @@ case "${1:-}" in
     ;;
   start)
     shift
-    cat /tmp/w/wpart.aa .carry/p2/wpart.ab > /tmp/w/smol.whl || exit 1
-    mkdir -p "$RUN"
+    name=""  # --as NAME: a second run beside the first, in $RUN/NAME and /tmp/study_NAME
+    if [ "${1:-}" = --as ]; then name="${2:?--as NAME}"; shift 2; fi
+    [ -f /tmp/w/smol.whl ] || cat /tmp/w/wpart.aa .carry/p2/wpart.ab > /tmp/w/smol.whl \
+      || exit 1
+    out="$RUN${name:+/$name}"
+    mkdir -p "$out"
     setsid nohup env XFT_SMOLLM2_WHEEL=/tmp/w/smol.whl XFT_TEST_CACHE=/tmp/cache \
-      STUDY_DIR=/tmp/study OUT="$RUN" "$@" bash scripts/gpu.sh > "$RUN/gpu_sh.log" 2>&1 &
-    echo "started: $* (log $RUN/gpu_sh.log)"
+      STUDY_DIR="/tmp/study${name:+_$name}" OUT="$out" "$@" bash scripts/gpu.sh \
+      > "$out/gpu_sh.log" 2>&1 &
+    echo "started: $* (log $out/gpu_sh.log)"
     ;;
   wait)
     if [ ! -d "$RUN" ]; then

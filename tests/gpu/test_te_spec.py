@@ -73,3 +73,67 @@ def test_te_spec_matches_local_and_loads_its_checkpoints(tmp_path, moe):
             assert torch.equal(got[n], w), (spec, n)
     assert ckpt.read_config(saved)["model"]["spec"] == "te"  # recorded, not inherited
     assert ckpt.load_config(saved).model.spec == "local"
+
+
+@pytest.mark.parametrize("moe", [False, True])
+def test_fp8_runs_te_linears_in_fp8_close_to_bf16_and_stores_nothing_fp8(tmp_path, moe):
+    """precision.fp8=hybrid (tensorwise scaling) from one checkpoint against the same TE model
+    in bf16: TE's linears run under FP8 autocast (and only with fp8 on), the loss and the
+    weight gradients stay within FP8's rounding (E4M3 carries 3 mantissa bits, E5M2 2: a few
+    per cent per GEMM), and a checkpoint saved under FP8 holds the same parameters with no FP8
+    state, so local and bf16 runs load it bitwise."""
+    pytest.importorskip("transformer_engine.pytorch")
+    from transformer_engine.pytorch import fp8 as te_fp8
+
+    supported, why = te_fp8.check_fp8_support()
+    if not supported:
+        pytest.skip(f"this GPU has no FP8 GEMMs: {why}")
+    from tests import common
+    from xft_megatron.checkpoint import dist as ckpt
+    from xft_megatron.training.step import forward_backward
+
+    base = ["model.init_std=0.2", "train.compile_layers=false", "precision.dtype=bf16",
+            "model.spec=te"] + (MOE if moe else [])
+    cfg = common.tiny_config(*base)
+    chunks, _ = common.setup(cfg, ddp=False)
+    weights = str(tmp_path / "weights")
+    ckpt.save(chunks, weights, 0, cfg)
+    runs = {}
+    for fp8 in ("none", "hybrid"):
+        cfg = common.tiny_config(*base, f"precision.fp8={fp8}")
+        chunks, _ = common.setup(cfg, weights, distributed_optimizer=False)
+        module = chunks[0].module
+        seen = []
+        linears = [m for n, m in module.named_modules() if n.endswith("linear_qkv")]
+        hooks = [m.register_forward_hook(
+            lambda *_: seen.append(te_fp8.FP8GlobalStateManager.is_fp8_enabled()))
+            for m in linears]
+        loss = forward_backward(chunks, common.microbatches(cfg), cfg.train.seq_length)
+        for h in hooks:
+            h.remove()
+        assert seen and all(s == (fp8 != "none") for s in seen), (fp8, seen)
+        runs[fp8] = loss, {n: p.main_grad.float().clone() for n, p in module.named_parameters()}
+        if fp8 == "hybrid":
+            saved = str(tmp_path / "fp8_saved")
+            ckpt.save(chunks, saved, 0, cfg)
+            want = {_canonical(n): p.detach().clone() for n, p in module.named_parameters()}
+            states = [m.get_extra_state() for m in module.modules()
+                      if hasattr(m, "fp8_meta")]
+            assert states and all(s.numel() == 0 for s in states)  # tensorwise: stateless
+    (bf16_loss, bf16), (fp8_loss, fp8) = runs["none"], runs["hybrid"]
+    assert abs(fp8_loss - bf16_loss) <= 0.02 * bf16_loss, (fp8_loss, bf16_loss)
+    assert set(fp8) == set(bf16)
+    flat = torch.cat([g.flatten() for g in bf16.values()])
+    flat8 = torch.cat([fp8[n].flatten() for n in bf16])
+    assert (flat8 - flat).norm() <= 0.15 * flat.norm(), ((flat8 - flat).norm(), flat.norm())
+    assert torch.nn.functional.cosine_similarity(flat8, flat, dim=0) >= 0.98
+    for n, g in bf16.items():  # every parameter's gradient, not only the sum of them
+        assert (fp8[n] - g).norm() <= 0.3 * g.norm() + 1e-6, n
+
+    for spec, fp8 in (("local", "none"), ("te", "none"), ("te", "hybrid")):
+        cfg = common.tiny_config(*base, f"model.spec={spec}", f"precision.fp8={fp8}")
+        chunks, _ = common.setup(cfg, saved, ddp=False)
+        got = {_canonical(n): p.detach() for n, p in chunks[0].named_parameters()}
+        assert set(got) == set(want), spec
+        for n, w in want.items():
+            assert torch.equal(got[n], w), (spec, fp8, n)

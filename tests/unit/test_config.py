@@ -414,3 +414,70 @@ def test_model_spec_is_checked_before_anything_and_not_inherited(tmp_path, capsy
     (tmp_path / "ckpt" / "latest").write_text("iter_0000000")
     assert ckpt.read_config(str(tmp_path / "ckpt"))["model"]["spec"] == "te"
     assert ckpt.load_config(str(tmp_path / "ckpt")).model.spec == "local"
+
+
+def test_fp8_is_checked_before_anything_and_not_inherited(tmp_path, capsys):
+    """precision.fp8 (none | hybrid | e4m3) with a stateless recipe: refused with what to
+    change when the layers are not TE's, the dtype is not bf16, or a GEMM's tokens or widths
+    are not multiples of 16; handed to Megatron's TransformerConfig; named by `--dry-run`; a
+    run stops before touching anything where TE or its FP8 GEMMs are missing; a checkpoint's
+    stored fp8 is a record, not a default."""
+    import yaml
+
+    from xft_megatron import cli
+    from xft_megatron.checkpoint import dist as ckpt
+    from xft_megatron.model import builder
+
+    te = ["model.preset=tiny", "model.spec=te", "precision.dtype=bf16"]
+    for extra, says in (
+            (["precision.fp8=fp16"], "precision.fp8='fp16' must be one of none, hybrid, e4m3"),
+            (["precision.fp8=hybrid", "precision.fp8_recipe=delayed"],
+             "must be one of tensorwise, blockwise, mxfp8; delayed scaling stores its amax "
+             "history in checkpoints as a Python pickle"),
+            (["precision.fp8=hybrid", "precision.dtype=fp32"], "needs precision.dtype=bf16"),
+            (["precision.fp8=e4m3", "model.spec=local"],
+             "precision.fp8=e4m3 runs in Transformer Engine's linears; set model.spec=te"),
+            (["precision.fp8=hybrid", "train.seq_length=120"],
+             "gives TE's linears 120 tokens per rank"),
+            (["precision.fp8=hybrid", "train.seq_length=80", "parallel.tensor=2",
+              "parallel.sequence_parallel=true", "model.ffn_hidden_size=192"],
+             r"40 tokens per rank \(train.seq_length=80 / parallel.tensor=2\)"),
+            (["precision.fp8=hybrid", "parallel.tensor=2"],
+             "model.ffn_hidden_size per tensor-parallel rank is 88")):
+        with pytest.raises(ConfigError, match=says):
+            load_config(None, te + extra)
+    # 128 tokens, widths 64 / 64 / 32 / 176: FP8 as asked, handed to Megatron
+    tconfig = builder.transformer_config(load_config(None, te + ["precision.fp8=hybrid"]))
+    assert (tconfig.fp8, tconfig.fp8_recipe) == ("hybrid", "tensorwise")
+    assert builder.transformer_config(load_config(None, te)).fp8 is None
+    load_config(None, te + ["precision.fp8=e4m3", "precision.fp8_recipe=blockwise",
+                            "train.seq_length=96", "parallel.tensor=2",
+                            "parallel.sequence_parallel=true", "model.ffn_hidden_size=192"])
+
+    base = te + ["precision.fp8=hybrid", f"checkpoint.save={tmp_path}/run",
+                 "data.path=/missing.jsonl"]
+    assert cli.main(["train", *base, "--dry-run"]) == 0
+    line = next(ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("modules "))
+    assert line.endswith("; FP8 GEMMs in TE's linears (hybrid, tensorwise scaling)"), line
+    try:
+        builder.check_fp8(load_config(None, base).precision)
+        usable = True
+    except ConfigError as e:
+        usable, why = False, str(e)
+    if not usable:  # CI and this machine: TE absent, no GPU, or a GPU without FP8
+        assert "model.spec=local" in why or "precision.fp8=none" in why, why
+        assert cli.main(["train", *base]) == 2
+        assert why in capsys.readouterr().err
+        assert not (tmp_path / "run").exists()
+
+    stored = load_config(None, te + ["precision.fp8=hybrid"]).to_dict()
+    folder = tmp_path / "ckpt" / "iter_0000000"
+    folder.mkdir(parents=True)
+    (folder / "xft_config.yaml").write_text(yaml.safe_dump({"iteration": 0, **stored}))
+    (tmp_path / "ckpt" / "latest").write_text("iter_0000000")
+    assert ckpt.read_config(str(tmp_path / "ckpt"))["precision"]["fp8"] == "hybrid"
+    loaded = ckpt.load_config(str(tmp_path / "ckpt"))  # eval, verify, HumanEval's conversion
+    assert (loaded.model.spec, loaded.precision.fp8) == ("local", "none")
+    assert loaded.precision.dtype == "bf16"  # the rest of the section is kept
+    run = load_config(None, ["checkpoint.load=x"], read_stored=lambda path: stored)
+    assert (run.model.spec, run.precision.fp8) == ("local", "none")

@@ -164,13 +164,19 @@ def load_config(path: Optional[str] = None, overrides: Sequence[str] = (),
     return Config.from_dict(data)
 
 
+# what a stored config says only about how the run that saved it computed (the layer modules,
+# FP8 GEMMs): either way the checkpoint holds the same tensors
+COMPUTE_ONLY = {"model": ("spec",), "precision": ("fp8", "fp8_recipe")}
+
+
 def inheritable(stored: dict) -> dict:
     """A checkpoint's stored config without what only says how the run that saved it computed
-    (model.spec: either layer spec loads the same tensors), so a run or tool that reads it
-    does not take that on."""
-    if not isinstance(stored.get("model"), dict):
-        return stored
-    return {**stored, "model": {k: v for k, v in stored["model"].items() if k != "spec"}}
+    (`COMPUTE_ONLY`), so a run or tool that reads it does not take that on."""
+    out = dict(stored)
+    for section, keys in COMPUTE_ONLY.items():
+        if isinstance(out.get(section), dict):
+            out[section] = {k: v for k, v in out[section].items() if k not in keys}
+    return out
 
 
 def require_runnable(cfg: Config) -> Config:

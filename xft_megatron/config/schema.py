@@ -32,6 +32,8 @@ def _require(cond: bool, msg: str) -> None:
 
 
 LAYER_SPECS = ("local", "te")  # model.spec: the layer modules (model/spec.py)
+FP8_FORMATS = ("none", "hybrid", "e4m3")  # precision.fp8
+FP8_RECIPES = ("tensorwise", "blockwise", "mxfp8")  # precision.fp8_recipe
 MAX_LAYERS = 10_000  # far above any real model; beyond it a value is a typo, not a model
 
 
@@ -308,6 +310,16 @@ class PrecisionConfig:
     # Transformer Engine's own with model.spec=te). null (default): on with model.spec=te,
     # off otherwise (on an H100 it was no faster through the compiled layers: RESULTS.md)
     grad_accum_fusion: Optional[bool] = None
+    # FP8 GEMMs in Transformer Engine's linears (model.spec=te, a GPU that has them): none |
+    # hybrid (E4M3 activations and weights, E5M2 gradients) | e4m3 (E4M3 throughout). The
+    # weights, their gradients and the optimizer keep `dtype`; the MoE router and experts
+    # (this project's modules) and the output layer stay bf16
+    fp8: str = "none"
+    # how FP8 values are scaled, all without state (nothing FP8 is stored in checkpoints):
+    # tensorwise (one scale per tensor from its current values; Hopper, Ada) | blockwise
+    # (one per 128-wide block; Hopper, CUDA >= 12.9) | mxfp8 (one per 32 values; Blackwell).
+    # Delayed scaling is not offered: TE checkpoints its amax history as a Python pickle
+    fp8_recipe: str = "tensorwise"
 
     def fuses_weight_gradients(self, te: bool) -> bool:
         """Whether weight gradients go straight into the buffer: grad_accum_fusion, or when it
@@ -329,6 +341,17 @@ class PrecisionConfig:
             _require(self.grad_reduce_in_fp32,
                      "precision.master_weights=none computes updates from fp32 gradients; set "
                      "precision.grad_reduce_in_fp32=true")
+        _require(self.fp8 in FP8_FORMATS,
+                 f"precision.fp8={self.fp8!r} must be one of {', '.join(FP8_FORMATS)}")
+        _require(self.fp8_recipe in FP8_RECIPES,
+                 f"precision.fp8_recipe={self.fp8_recipe!r} must be one of "
+                 f"{', '.join(FP8_RECIPES)}"
+                 + ("; delayed scaling stores its amax history in checkpoints as a Python "
+                    "pickle, which is not loaded here: tensorwise scales from the current "
+                    "values and stores nothing" if self.fp8_recipe == "delayed" else ""))
+        _require(self.fp8 == "none" or self.dtype == "bf16",
+                 f"precision.fp8={self.fp8} runs FP8 GEMMs between bf16 layers and needs "
+                 f"precision.dtype=bf16 (got {self.dtype})")
         _require(self.rounding == "nearest" or self.master_weights == "none",
                  "precision.rounding=stochastic applies to precision.master_weights=none only "
                  "(with fp32 master weights the update is never rounded to bf16); set "
@@ -577,6 +600,7 @@ class Config:
             _require(t.seq_length % p.tensor == 0,
                      f"train.seq_length={t.seq_length} is not divisible by parallel.tensor="
                      f"{p.tensor}, which sequence parallelism needs")
+        self._check_fp8()
 
     def _check_moe(self):
         e, p = self.moe, self.parallel
@@ -611,6 +635,34 @@ class Config:
         _require(p.tensor == 1 or p.sequence_parallel,
                  "MoE with parallel.tensor > 1 needs parallel.sequence_parallel=true "
                  "(Megatron-Core routes tokens per sequence-parallel shard)")
+
+    def _check_fp8(self):
+        """FP8 runs in TE's linears, whose GEMMs take widths that are multiples of 16 and
+        token counts that are multiples of 16 (TE: 8 forward, 16 for the weight gradient)."""
+        m, p, fp8 = self.model, self.parallel, self.precision.fp8
+        if fp8 == "none":
+            return
+        _require(m.spec == "te", f"precision.fp8={fp8} runs in Transformer Engine's linears; "
+                 "set model.spec=te (or precision.fp8=none)")
+        tokens = self.train.seq_length // (p.tensor if p.sequence_parallel else 1)
+        _require(tokens % 16 == 0,
+                 f"precision.fp8={fp8}: each sequence gives TE's linears {tokens} tokens per "
+                 f"rank (train.seq_length={self.train.seq_length}"
+                 + (f" / parallel.tensor={p.tensor}" if p.sequence_parallel else "")
+                 + "), and FP8 GEMMs need a multiple of 16; pick a train.seq_length that gives "
+                 "one")
+        head_dim = m.head_dim or m.hidden_size // m.num_attention_heads
+        widths = {"model.hidden_size": m.hidden_size,
+                  "the attention width per tensor-parallel rank": head_dim
+                  * m.num_attention_heads // p.tensor,
+                  "the key/value width per tensor-parallel rank": head_dim
+                  * m.num_query_groups // p.tensor,
+                  "model.ffn_hidden_size per tensor-parallel rank": m.ffn_hidden_size
+                  // p.tensor}
+        for name, width in widths.items():
+            _require(width % 16 == 0, f"precision.fp8={fp8}: {name} is {width}, and FP8 GEMMs "
+                     "need widths that are multiples of 16; use precision.fp8=none for this "
+                     "model")
 
     def _check_optimizer(self):
         t, p = self.train, self.parallel

@@ -17,7 +17,7 @@ from megatron.core.transformer.transformer_layer import get_transformer_layer_of
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 from xft_megatron.arch import names
-from xft_megatron.config import Config, ConfigError
+from xft_megatron.config import Config, ConfigError, PrecisionConfig
 from xft_megatron.model.spec import block_spec, te_modules
 from xft_megatron.runtime import compat
 
@@ -27,6 +27,7 @@ def transformer_config(cfg: Config) -> TransformerConfig:
     on_gpu = compat.has_cuda()
     return TransformerConfig(
         **_moe_fields(cfg),
+        **_fp8_fields(prec),
         num_layers=m.num_layers,
         hidden_size=m.hidden_size,
         ffn_hidden_size=m.ffn_hidden_size,
@@ -74,6 +75,14 @@ def transformer_config(cfg: Config) -> TransformerConfig:
         # they are deprecated
         cuda_graph_modules=[],
     )
+
+
+def _fp8_fields(prec: PrecisionConfig) -> dict:
+    """Megatron's FP8 settings: TransformerBlock runs each layer under TE's autocast with the
+    recipe they name (precision.fp8, fp8_recipe); only TE's modules compute in FP8."""
+    if prec.fp8 == "none":
+        return {}
+    return dict(fp8=prec.fp8, fp8_recipe=prec.fp8_recipe)
 
 
 def _moe_fields(cfg: Config) -> dict:
@@ -146,6 +155,28 @@ def check_spec(spec: str) -> None:
     if not compat.has_cuda():
         raise ConfigError("model.spec=te runs Transformer Engine's CUDA kernels and needs a GPU; "
                           "use model.spec=local on the CPU")
+
+
+# precision.fp8_recipe -> the TE check of whether this GPU runs it (transformer_engine.
+# pytorch.fp8): the FP8 GEMMs of each recipe need a GPU generation of their own
+_FP8_SUPPORT = {"tensorwise": "check_fp8_support", "blockwise": "check_fp8_block_scaling_support",
+                "mxfp8": "check_mxfp8_support"}
+
+
+def check_fp8(prec: PrecisionConfig) -> None:
+    """ConfigError, before anything is built, when precision.fp8 cannot run on this GPU (TE
+    says why: tensorwise needs Hopper or Ada, blockwise Hopper and CUDA 12.9, mxfp8
+    Blackwell). The config has already required model.spec=te (Config._check_fp8)."""
+    if prec.fp8 == "none":
+        return
+    check_spec("te")
+    from transformer_engine.pytorch import fp8 as te_fp8
+
+    supported, reason = getattr(te_fp8, _FP8_SUPPORT[prec.fp8_recipe])()
+    if not supported:
+        raise ConfigError(f"precision.fp8={prec.fp8} with precision.fp8_recipe="
+                          f"{prec.fp8_recipe} cannot run on this GPU ({torch.cuda.get_device_name()}"
+                          f"): {reason} Use another precision.fp8_recipe, or precision.fp8=none")
 
 
 def _gpt_model(cfg: Config, tconfig: TransformerConfig, first: int, n_here: int, pre: bool,

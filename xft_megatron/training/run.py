@@ -27,7 +27,7 @@ from xft_megatron.data.records import DataError
 from xft_megatron.data.tokenizer import Tokenizer, tokenizer_for_model
 from xft_megatron.errors import UserError
 from xft_megatron.hf import convert
-from xft_megatron.model.builder import check_spec
+from xft_megatron.model.builder import check_fp8, check_spec
 from xft_megatron.runtime import parallel
 from xft_megatron.runtime.hub import HubSettings
 from xft_megatron.training import disk, memory
@@ -109,9 +109,12 @@ def _spec_text(cfg: Config) -> str:
     modules = ("te: Transformer Engine's norm+qkv, attention, projection and dense FFN linears "
                "(experts and router: this project's)" if te else
                "local: Megatron-Core's modules and this project's (no Transformer Engine)")
+    prec = cfg.precision
     grads = ("accumulated into the fp32 buffer by the GEMM"
-             if cfg.precision.fuses_weight_gradients(te) else "added to the fp32 buffer apart")
-    return f"{modules}; weight gradients {grads}"
+             if prec.fuses_weight_gradients(te) else "added to the fp32 buffer apart")
+    fp8 = (f"; FP8 GEMMs in TE's linears ({prec.fp8}, {prec.fp8_recipe} scaling)"
+           if prec.fp8 != "none" else "")
+    return f"{modules}; weight gradients {grads}{fp8}"
 
 
 def _experts_line(cfg: Config) -> str:
@@ -153,6 +156,7 @@ def main(config_path: Optional[str], overrides: Sequence[str], resume: bool = Fa
         print(dry_run(cfg, world))
         return None
     check_spec(cfg.model.spec)  # the layer modules can run here (model.spec=te: TE and a GPU)
+    check_fp8(cfg.precision)  # and their FP8 recipe on this GPU
     if cfg.model.spec == "te" and os.environ.get("RANK", "0") == "0":
         print("notice: model.spec=te is new: its GPU tests against model.spec=local "
               "(tests/gpu/test_te_spec.py) have not run on a GPU yet; compare a few steps "
