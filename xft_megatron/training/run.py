@@ -158,7 +158,8 @@ def main(config_path: Optional[str], overrides: Sequence[str], resume: bool = Fa
     check_spec(cfg.model.spec)  # the layer modules can run here (model.spec=te: TE and a GPU)
     check_fp8(cfg.precision)  # and their FP8 recipe on this GPU
     if cfg.model.spec == "te" and os.environ.get("RANK", "0") == "0":
-        print("notice: model.spec=te is new: its GPU tests against model.spec=local "
+        fp8 = " and precision.fp8 against bf16" if cfg.precision.fp8 != "none" else ""
+        print(f"notice: model.spec=te is new: its GPU tests against model.spec=local{fp8} "
               "(tests/gpu/test_te_spec.py) have not run on a GPU yet; compare a few steps "
               "with model.spec=local before a long run", file=sys.stderr)
     world = parallel.rank_info_from_env().world_size  # torchrun or srun, as initialize reads it
