@@ -7,11 +7,14 @@ data, batches and step budget) with the arm's own flags and config overrides; `g
 
     python3 benchmarks/xft_arms.py flags ARM         # the arm's extra quickstart arguments
     python3 benchmarks/xft_arms.py summarize DIR [--out FILE.md]
+    python3 benchmarks/xft_arms.py curves DIR ARM_A ARM_B [--out FILE.md] [--plots DIR]
 
 DIR holds `ARM_seedN/` run folders (their summary.json, xft_moe/summary.json). The summary
 is a markdown table per arm and seed: held-out loss of the dense SFT model, the XFT MoE and
 the merged model (and HumanEval pass@1 where run), then per arm the routing figures of the
 MoE stage (means over MoE layers and the last 10 steps) and the verdict of `pipeline/report.py`.
+`curves` compares two arms' training-loss curves step by step (e.g. `te` and `te_fp8`: bf16
+against FP8 GEMMs from the same base, data and batches).
 """
 
 import argparse
@@ -132,6 +135,51 @@ def summarize(study: str) -> str:
     return "\n".join(lines) + "\n\nRouting of each XFT MoE stage:\n\n" + "\n".join(notes) + "\n"
 
 
+# the trained stages of a quickstart run: (name, folder)
+STAGES = (("sft (dense)", "sft"), ("xft moe", "xft_moe"), ("xft merge", "xft_merged"))
+
+
+def curves(study: str, a: str, b: str, plot_dir: str = "") -> str:
+    """The training-loss curves of arms `a` and `b` over the seeds both ran (same data, batches
+    and order, e.g. `te` against `te_fp8`): per stage and seed, the steps both logged, the mean
+    and largest |a - b| of the LM loss at a step, the mean of a - b over the last 10 of them
+    (a drift shows there), and each arm's last loss. With `plot_dir`, one PNG per stage and seed
+    of both curves."""
+    from xft_megatron.pipeline import report
+
+    seeds = sorted({os.path.basename(f).rsplit("_seed", 1)[1]
+                    for f in glob.glob(os.path.join(study, f"{a}_seed*"))} &
+                   {os.path.basename(f).rsplit("_seed", 1)[1]
+                    for f in glob.glob(os.path.join(study, f"{b}_seed*"))})
+    if not seeds:
+        raise SystemExit(f"no seed ran both {a} and {b} under {study} ({a}_seedN, {b}_seedN)")
+    lines = [f"| stage | seed | steps | mean abs {a} - {b} | max abs | mean {a} - {b}, last 10 "
+             f"| last loss {a} | last loss {b} |", "|---" * 8 + "|"]
+    for name, folder in STAGES:
+        for seed in seeds:
+            runs = [{r["step"]: r["lm_loss"] for r in report.read_metrics(
+                os.path.join(study, f"{arm}_seed{seed}", folder)) if "lm_loss" in r}
+                for arm in (a, b)]
+            steps = sorted(set(runs[0]) & set(runs[1]))
+            if not steps:
+                continue
+            diff = [runs[0][t] - runs[1][t] for t in steps]
+            tail = diff[-10:]
+            lines.append(f"| {name} | {seed} | {len(steps)} | "
+                         f"{statistics.mean(abs(d) for d in diff):.4f} | "
+                         f"{max(abs(d) for d in diff):.4f} | {statistics.mean(tail):+.4f} | "
+                         f"{runs[0][steps[-1]]:.4f} | {runs[1][steps[-1]]:.4f} |")
+            if plot_dir:
+                os.makedirs(plot_dir, exist_ok=True)
+                report.plot_losses(
+                    {arm: [{"step": t, "lm_loss": run[t]} for t in steps]
+                     for arm, run in zip((a, b), runs)},
+                    os.path.join(plot_dir, f"{a}_vs_{b}_{folder}_seed{seed}.png"))
+    if len(lines) == 2:
+        raise SystemExit(f"{a} and {b} logged no training step in common under {study}")
+    return "\n".join(lines) + "\n"
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -141,11 +189,18 @@ def main(argv=None) -> int:
     s = sub.add_parser("summarize")
     s.add_argument("dir")
     s.add_argument("--out")
+    c = sub.add_parser("curves")
+    c.add_argument("dir")
+    c.add_argument("a")
+    c.add_argument("b")
+    c.add_argument("--out")
+    c.add_argument("--plots", default="", help="folder for one PNG per stage and seed")
     args = ap.parse_args(argv)
     if args.cmd == "flags":
         print(" ".join(flags(args.arm, args.steps)))
         return 0
-    text = summarize(args.dir)
+    text = curves(args.dir, args.a, args.b, args.plots) if args.cmd == "curves" \
+        else summarize(args.dir)
     print(text)
     if args.out:
         with open(args.out, "w") as fh:

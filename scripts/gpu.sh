@@ -110,6 +110,11 @@ if [ "$BENCH" = arms ]; then
   done
   wait
   python3 -W ignore benchmarks/xft_arms.py summarize "$dir" --out "$OUT/arms.md"
+  # CURVES="A B": the two arms' training-loss curves step by step (e.g. te te_fp8)
+  if [ -n "${CURVES:-}" ]; then
+    python3 -W ignore benchmarks/xft_arms.py curves "$dir" $CURVES \
+      --out "$OUT/curves_${CURVES// /_vs_}.md" --plots "$OUT/curves"
+  fi
   exit 0
 fi
 if [ "$BENCH" = study ]; then

@@ -62,3 +62,33 @@ def test_a_run_stopped_after_its_evaluation_is_summarized_from_the_eval_marker(t
     assert len(rows) == 1 and "refnum" not in text
     cells = [c.strip() for c in rows[0].strip("|").split("|")]
     assert cells[2:6] == ["1.6800", "1.7000", "1.9700", "0.2900"], cells
+
+
+def test_curves_compare_two_arms_step_by_step_per_stage(tmp_path):
+    """`curves`: per stage and common seed, the steps both arms logged, mean and largest
+    |a - b|, the mean of a - b over the last 10 steps, the last losses; one plot each."""
+    def write(arm, seed, stage, losses):
+        folder = tmp_path / f"{arm}_seed{seed}" / stage
+        os.makedirs(folder)
+        (folder / "metrics.jsonl").write_text("".join(
+            json.dumps({"step": i + 1, "lm_loss": v, "lr": 1e-4}) + "\n"
+            for i, v in enumerate(losses)))
+
+    bf16 = [2.0 - 0.01 * i for i in range(20)]
+    write("te", 1, "sft", bf16)
+    write("te_fp8", 1, "sft", [v + (0.002 if i < 10 else 0.004) for i, v in enumerate(bf16)])
+    write("te", 1, "xft_moe", [1.5, 1.4, 1.3])
+    write("te_fp8", 1, "xft_moe", [1.5, 1.45])  # stopped early: the steps both logged
+    write("te", 2, "sft", bf16)  # seed 2 ran one arm only: left out
+    plots = tmp_path / "plots"
+    text = xft_arms.curves(str(tmp_path), "te", "te_fp8", str(plots))
+    rows = {line.split("|")[1].strip(): [c.strip() for c in line.strip("|").split("|")]
+            for line in text.splitlines()[2:]}
+    assert set(rows) == {"sft (dense)", "xft moe"}
+    assert rows["sft (dense)"][1:] == ["1", "20", "0.0030", "0.0040", "-0.0040", "1.8100",
+                                       "1.8140"]
+    assert rows["xft moe"][1:] == ["1", "2", "0.0250", "0.0500", "-0.0250", "1.4000", "1.4500"]
+    assert sorted(os.listdir(plots)) == ["te_vs_te_fp8_sft_seed1.png",
+                                         "te_vs_te_fp8_xft_moe_seed1.png"]
+    with pytest.raises(SystemExit, match="no seed ran both te and paper"):
+        xft_arms.curves(str(tmp_path), "te", "paper")
