@@ -138,6 +138,16 @@ def setup(cfg, weights=None, seed=7, ddp=True, distributed_optimizer=True):
     return chunks, tc
 
 
+def initial_weights(cfg, path: str) -> str:
+    """A freshly initialized model of `cfg` saved as a checkpoint at `path` (returned), for
+    runs that must start from the same weights under different settings."""
+    from xft_megatron.checkpoint import dist as ckpt
+
+    chunks, _ = setup(cfg, ddp=False)
+    ckpt.save(chunks, path, 0, cfg)
+    return path
+
+
 def optimizer_for(chunks, cfg):
     from xft_megatron.training.optimizer import build_optimizer, build_scheduler
 

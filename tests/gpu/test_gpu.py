@@ -149,15 +149,11 @@ def test_gpu_shared_expert_dense_matches_pool(tmp_path, fuse):
     fp32 pool's as the bf16 pool's are (`_assert_as_close_as_bf16`; bf16 alone is 5-14% off
     fp32 at this init scale, so a fixed tolerance would say little)."""
     from tests import common
-    from xft_megatron.checkpoint import dist as ckpt
     from xft_megatron.training.step import forward_backward
 
     base = ["model.init_std=0.2", "moe.num_experts=8", "moe.topk=6", "moe.router_noise=false",
             f"precision.grad_accum_fusion={str(fuse).lower()}"]
-    cfg = common.tiny_config(*base)
-    chunks, _ = common.setup(cfg, ddp=False)
-    weights = str(tmp_path / "weights")
-    ckpt.save(chunks, weights, 0, cfg)
+    weights = common.initial_weights(common.tiny_config(*base), str(tmp_path / "weights"))
     runs = {}
     for dtype in ("fp32", "bf16"):
         for impl in ("pool", "dense"):

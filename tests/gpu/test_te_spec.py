@@ -33,10 +33,7 @@ def test_te_spec_matches_local_and_loads_its_checkpoints(tmp_path, moe):
     from xft_megatron.training.step import forward_backward
 
     base = ["model.init_std=0.2", "train.compile_layers=false"] + (MOE if moe else [])
-    cfg = common.tiny_config(*base)
-    chunks, _ = common.setup(cfg, ddp=False)
-    weights = str(tmp_path / "weights")
-    ckpt.save(chunks, weights, 0, cfg)
+    weights = common.initial_weights(common.tiny_config(*base), str(tmp_path / "weights"))
     runs = {}
     for dtype, spec, fuse in (("fp32", "local", "false"), ("bf16", "local", "false"),
                               ("bf16", "te", "null"), ("bf16", "te", "false")):
@@ -94,10 +91,7 @@ def test_fp8_runs_te_linears_in_fp8_close_to_bf16_and_stores_nothing_fp8(tmp_pat
 
     base = ["model.init_std=0.2", "train.compile_layers=false", "precision.dtype=bf16",
             "model.spec=te"] + (MOE if moe else [])
-    cfg = common.tiny_config(*base)
-    chunks, _ = common.setup(cfg, ddp=False)
-    weights = str(tmp_path / "weights")
-    ckpt.save(chunks, weights, 0, cfg)
+    weights = common.initial_weights(common.tiny_config(*base), str(tmp_path / "weights"))
     runs = {}
     for fp8 in ("none", "hybrid"):
         cfg = common.tiny_config(*base, f"precision.fp8={fp8}")

@@ -174,9 +174,10 @@ def check_fp8(prec: PrecisionConfig) -> None:
 
     supported, reason = getattr(te_fp8, _FP8_SUPPORT[prec.fp8_recipe])()
     if not supported:
+        gpu = torch.cuda.get_device_name()
         raise ConfigError(f"precision.fp8={prec.fp8} with precision.fp8_recipe="
-                          f"{prec.fp8_recipe} cannot run on this GPU ({torch.cuda.get_device_name()}"
-                          f"): {reason} Use another precision.fp8_recipe, or precision.fp8=none")
+                          f"{prec.fp8_recipe} cannot run on this GPU ({gpu}): {reason} Use "
+                          "another precision.fp8_recipe, or precision.fp8=none")
 
 
 def _gpt_model(cfg: Config, tconfig: TransformerConfig, first: int, n_here: int, pre: bool,

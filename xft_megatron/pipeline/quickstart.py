@@ -337,7 +337,7 @@ def _settings_section(data: Dict, run_info: Dict) -> str:
         f"{s['max_files']} per source); {data['train_records']} training / "
         f"{data['heldout_records']} held-out instruction records ({data['train_modules']} / "
         f"{data['heldout_modules']} top-level modules); " + (
-            f"the base's own tokenizer" if s["base"] else
+            "the base's own tokenizer" if s["base"] else
             f"pretraining corpus {data['corpus_files']} files, {data['corpus_chars']:,} "
             f"characters; sentencepiece BPE vocabulary {s['vocab']}"),
         "- model: " + (f"HF base `{s['base']}`" if s["base"] else f"preset `{m.preset}`") +
