@@ -93,6 +93,7 @@ def _layouts(rank, world, overrides):
                                 True, True, None, "te")
         assert any(n.endswith("linear_qkv.layer_norm_weight")
                    for n, _ in te.named_parameters()), name  # TE's fused norm is in use
+        assert te.config.fp8 == (None if cfg.precision.fp8 == "none" else cfg.precision.fp8)
         out[name] = {"local": layout(local), "te": layout(te)}
     return out
 
@@ -102,7 +103,7 @@ def test_the_te_spec_writes_checkpoints_in_the_same_names_and_shapes():
     still hold this project's names (arch/names.py), with the same shapes and the same stored
     objects, so either spec loads what the other saved and conversion, upcycling, the merge
     and resharding are unchanged. Dense, MoE every other layer, the merge stage, Qwen3's q/k
-    norms with tied embeddings."""
+    norms with tied embeddings, and MoE under FP8."""
     from tests.harness import run_ranks
     from xft_megatron.arch import names
 
@@ -111,6 +112,9 @@ def test_the_te_spec_writes_checkpoints_in_the_same_names_and_shapes():
         "moe": ["moe.num_experts=4", "moe.topk=2", "moe.layer_freq=2"],
         "merge": ["moe.num_experts=4", "moe.topk=2", "moe.layer_freq=2", "train.stage=merge"],
         "qwen3_tied": ["model.qk_norm=true", "model.tie_embeddings=true"],
+        # FP8 changes how TE's GEMMs compute, not what is stored
+        "moe_fp8": ["moe.num_experts=4", "moe.topk=2", "moe.layer_freq=2", "model.spec=te",
+                    "precision.dtype=bf16", "precision.fp8=hybrid"],
     }
     got = run_ranks(1, _layouts, configs)[0]
     for name, specs in got.items():
