@@ -2,6 +2,8 @@
 checkpoint reader), so they accept and refuse the same arguments; `xft config` only names, on
 stderr, what a run needs beyond a valid config (checkpoint.save, data.path)."""
 
+import re
+
 import yaml
 
 from tests.common import run_cli
@@ -111,3 +113,18 @@ def test_quickstart_checks_its_overrides_against_the_base_as_training_will(tmp_p
         _check_config(["model.num_layers=2"], str(hf))
     with pytest.raises(ConfigError, match="not divisible by parallel.tensor=8"):
         _check_config(["parallel.tensor=8"], str(hf))
+    # the layers and FP8 asked for must run here (TE and a GPU), also before the data is mined
+    from xft_megatron.model import builder
+
+    for extra in (["model.spec=te"], ["model.spec=te", "precision.dtype=bf16",
+                                      "precision.fp8=hybrid"]):
+        try:
+            builder.check_spec("te")
+            builder.check_fp8(load_config(None, ["model.preset=tiny"] + extra).precision)
+        except ConfigError as e:  # CI and this machine: no TE, or no GPU
+            with pytest.raises(ConfigError, match=re.escape(str(e))):
+                _check_config(extra, str(hf))
+            with pytest.raises(ConfigError, match=re.escape(str(e))):
+                _check_config(extra, None)
+        else:  # a machine where they run
+            _check_config(extra, str(hf))

@@ -305,17 +305,21 @@ def run(out_dir: str, settings: Optional[Settings] = None, overrides: Sequence[s
 def _check_config(overrides: Sequence[str], base: Optional[str]) -> None:
     """Validate the shared overrides up front, as `xft train` will: against the base's
     architecture if given, as the stored config of the base's conversion, which every stage
-    loads from first."""
+    loads from first; and whether the layer modules and FP8 they ask for run here
+    (model.spec=te, precision.fp8), before the data is mined."""
     from xft_megatron.config import load_config
+    from xft_megatron.model.builder import check_fp8, check_spec
 
     if not base:
-        load_config(None, overrides)
-        return
-    from xft_megatron.hf.files import model_config_from_hf
+        cfg = load_config(None, overrides)
+    else:
+        from xft_megatron.hf.files import model_config_from_hf
 
-    stored = {"model": asdict(model_config_from_hf(base)[0])}
-    load_config(None, list(overrides) + [f"checkpoint.load={base}"],
-                read_stored=lambda _path: stored)
+        stored = {"model": asdict(model_config_from_hf(base)[0])}
+        cfg = load_config(None, list(overrides) + [f"checkpoint.load={base}"],
+                          read_stored=lambda _path: stored)
+    check_spec(cfg.model.spec)
+    check_fp8(cfg.precision)
 
 
 def _settings_section(data: Dict, run_info: Dict) -> str:
