@@ -23,6 +23,9 @@ synchronized wall time. Variants, alternated per point so ratios compare like wi
                  buffer); needs transformer-engine (scripts/gpu_te.sh)
     path_te_fp8  path_te with precision.fp8=hybrid (tensorwise scaling): FP8 GEMMs in TE's
                  linears (the experts stay bf16)
+    path_te_experts, path_te_experts_fp8
+                 path_te and path_te_fp8 with moe.experts_impl=te_grouped: the experts as
+                 TE's grouped linears too (in FP8 with _fp8)
     reference    transformers with fp32 weights under torch.autocast(bf16), SDPA attention;
                  the MoE is this project's HF export model (xft_megatron/hf/remote), whose
                  experts run as the XFT reference's do: a loop over experts gathering their
@@ -55,13 +58,14 @@ from xft_megatron.training.step import make_batch
 
 MOE = ["moe.num_experts=8", "moe.topk=6"]
 VARIANTS = ("model", "path", "path_fused", "path_dense", "path_fused_dense", "path_te",
-            "path_te_fp8", "reference")
+            "path_te_fp8", "path_te_experts", "path_te_experts_fp8", "reference")
 # the settings of the training-path variants: (grad_accum_fusion, shared_expert_impl, spec);
 # grad_accum_fusion null: the spec's default (on for te)
 PATHS = {"path": ("false", "pool", "local"), "path_fused": ("true", "pool", "local"),
          "path_dense": ("false", "dense", "local"),
          "path_fused_dense": ("true", "dense", "local"), "path_te": ("null", "pool", "te"),
-         "path_te_fp8": ("null", "pool", "te")}
+         "path_te_fp8": ("null", "pool", "te"), "path_te_experts": ("null", "pool", "te"),
+         "path_te_experts_fp8": ("null", "pool", "te")}
 
 
 def _config(args, mbs, variant):
@@ -71,6 +75,8 @@ def _config(args, mbs, variant):
         extra += [f"precision.grad_accum_fusion={fuse}", f"model.spec={spec}"]
         if variant.endswith("_fp8"):
             extra.append("precision.fp8=hybrid")
+        if "te_experts" in variant and not args.dense:
+            extra.append("moe.experts_impl=te_grouped")
         if not args.dense:
             extra.append(f"moe.shared_expert_impl={shared}")
     return load_config(None, [f"model.preset={args.preset}", "precision.dtype=bf16",

@@ -49,11 +49,12 @@ ARMS: Dict[str, List[str]] = {
     "wide": ["moe.router_init_std=0.3"],
     # ... and with the noise off after the first step: the routed set is the token's own
     "wide_nonoise": ["moe.router_init_std=0.3", "moe.router_noise_anneal_steps=1"],
-    # the paper's XFT with Transformer Engine's layers (model.spec=te), in bf16 and with FP8
-    # GEMMs in TE's linears (gpu.sh TE_SITE=/tmp/te_site, scripts/gpu_te.sh): the loss curves
-    # of bf16 and FP8 training from a real base side by side
-    "te": ["model.spec=te"],
-    "te_fp8": ["model.spec=te", "precision.fp8=hybrid"],
+    # the paper's XFT with Transformer Engine's layers and experts (model.spec=te,
+    # moe.experts_impl=te_grouped), in bf16 and with FP8 GEMMs in all of TE's linears
+    # (gpu.sh TE_SITE=/tmp/te_site, scripts/gpu_te.sh): the loss curves of bf16 and FP8
+    # training from a real base side by side
+    "te": ["model.spec=te", "moe.experts_impl=te_grouped"],
+    "te_fp8": ["model.spec=te", "moe.experts_impl=te_grouped", "precision.fp8=hybrid"],
     # the reference's numerics for SFT and XFT alike: Adafactor, pure bf16 (no fp32 master
     # weights, round-to-nearest)
     "refnum": ["train.optimizer=adafactor", "train.distributed_optimizer=false",

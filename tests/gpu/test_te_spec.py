@@ -131,3 +131,61 @@ def test_fp8_runs_te_linears_in_fp8_close_to_bf16_and_stores_nothing_fp8(tmp_pat
         assert set(got) == set(want), spec
         for n, w in want.items():
             assert torch.equal(got[n], w), (spec, fp8, n)
+
+
+def _grads_by_expert(module):
+    """main_grad of every parameter, the experts' split per expert in this project's shapes
+    (fc1 [2, F, H], fc2 [H, F]) whichever module holds them, other names as stored."""
+    out = {}
+    for name, m in module.named_modules():
+        if hasattr(m, "local_expert_weights"):  # TE's grouped linears
+            for i in range(m.num_local_experts):
+                fc1 = getattr(m.linear_fc1, f"weight{i}").main_grad.float()
+                out[f"{name}.fc1.{i}"] = fc1.view(2, -1, fc1.shape[1]).clone()
+                out[f"{name}.fc2.{i}"] = getattr(m.linear_fc2, f"weight{i}").main_grad.float()
+        elif hasattr(m, "fc1_weight"):  # ours
+            for i in range(m.fc1_weight.shape[0]):
+                out[f"{name}.fc1.{i}"] = m.fc1_weight.main_grad[i].float().clone()
+                out[f"{name}.fc2.{i}"] = m.fc2_weight.main_grad[i].float().clone()
+    out.update({_canonical(n): p.main_grad.float().clone()
+                for n, p in module.named_parameters() if ".experts." not in n})
+    return out
+
+
+def test_te_experts_match_the_grouped_experts_and_run_in_fp8(tmp_path):
+    """moe.experts_impl=te_grouped (TE's grouped linears) from one checkpoint against this
+    project's grouped experts: gradients as close to the fp32 local model's as the bf16 local
+    model's are, expert by expert; with precision.fp8=hybrid the experts' GEMMs run in FP8
+    too, within FP8's rounding of the bf16 run (as the dense parts are held to above)."""
+    pytest.importorskip("transformer_engine.pytorch")
+    from transformer_engine.pytorch import fp8 as te_fp8
+
+    from tests import common
+    from xft_megatron.training.step import forward_backward
+
+    base = ["model.init_std=0.2", "train.compile_layers=false"] + MOE
+    weights = common.initial_weights(common.tiny_config(*base), str(tmp_path / "weights"))
+    fp8_ok = te_fp8.check_fp8_support()[0]
+    runs = {}
+    for key in (("fp32", "local", "grouped", "none"), ("bf16", "local", "grouped", "none"),
+                ("bf16", "te", "te_grouped", "none")) + \
+            ((("bf16", "te", "te_grouped", "hybrid"),) if fp8_ok else ()):
+        dtype, spec, impl, fp8 = key
+        cfg = common.tiny_config(*base, f"precision.dtype={dtype}", f"model.spec={spec}",
+                                 f"moe.experts_impl={impl}", f"precision.fp8={fp8}")
+        chunks, _ = common.setup(cfg, weights, distributed_optimizer=False)
+        loss = forward_backward(chunks, common.microbatches(cfg), cfg.train.seq_length)
+        module = chunks[0].module
+        assert any(hasattr(m, "local_expert_weights") for m in module.modules()) == \
+            (impl == "te_grouped")
+        runs[key] = loss, _grads_by_expert(module)
+    (ref_loss, ref), (plain_loss, plain) = runs[("fp32", "local", "grouped", "none")], \
+        runs[("bf16", "local", "grouped", "none")]
+    te_loss, te = runs[("bf16", "te", "te_grouped", "none")]
+    assert abs(te_loss - ref_loss) <= 1.5 * abs(plain_loss - ref_loss) + 2e-3 * ref_loss
+    _assert_as_close_as_bf16(te, plain, ref)
+    if fp8_ok:
+        fp8_loss, fp8 = runs[("bf16", "te", "te_grouped", "hybrid")]
+        assert abs(fp8_loss - te_loss) <= 0.02 * te_loss, (fp8_loss, te_loss)
+        for n, g in te.items():
+            assert (fp8[n] - g).norm() <= 0.3 * g.norm() + 1e-6, n

@@ -481,3 +481,41 @@ def test_fp8_is_checked_before_anything_and_not_inherited(tmp_path, capsys):
     assert loaded.precision.dtype == "bf16"  # the rest of the section is kept
     run = load_config(None, ["checkpoint.load=x"], read_stored=lambda path: stored)
     assert (run.model.spec, run.precision.fp8) == ("local", "none")
+
+
+def test_te_experts_need_the_te_spec_and_are_read_back_as_grouped(tmp_path):
+    """moe.experts_impl=te_grouped: TE's grouped linears, stored in the grouped layout. It
+    needs model.spec=te, refuses what it cannot do (the dense shared expert, Adafactor's
+    per-half factoring), and what a checkpoint saved with it records reads back as grouped
+    (runs and tools that load it build this project's experts unless they ask again); a meta
+    build (the streaming tools) takes the grouped experts."""
+    import torch
+
+    from xft_megatron.model import builder
+    from xft_megatron.model.moe.experts import GroupedExperts
+    from xft_megatron.runtime import parallel
+
+    moe = ["model.preset=tiny", "moe.num_experts=4", "moe.topk=2", "moe.experts_impl=te_grouped"]
+    for extra, says in (
+            ([], "moe.experts_impl=te_grouped takes Transformer Engine's grouped linears; set "
+                 "model.spec=te"),
+            (["model.spec=te", "train.optimizer=adafactor", "train.distributed_optimizer=false"],
+             "train.optimizer=adafactor factors each expert's gate and up halves apart"),
+            (["model.spec=te", "moe.shared_expert_impl=dense"],
+             "moe.shared_expert_impl=dense needs moe.experts_impl=grouped"),
+            (["moe.experts_impl=te"], "moe.experts_impl='te' must be one of grouped, "
+                                      "sequential, te_grouped")):
+        with pytest.raises(ConfigError, match=says):
+            load_config(None, moe + extra)
+    cfg = load_config(None, moe + ["model.spec=te"])
+    stored = cfg.to_dict()
+    run = load_config(None, ["checkpoint.load=x"], read_stored=lambda path: stored)
+    assert (run.model.spec, run.moe.experts_impl) == ("local", "grouped")
+    again = load_config(None, ["checkpoint.load=x", "model.spec=te",
+                               "moe.experts_impl=te_grouped"], read_stored=lambda path: stored)
+    assert again.moe.experts_impl == "te_grouped"
+    parallel.initialize(cfg.parallel)
+    (meta,) = builder.build_model(cfg, meta=True)
+    experts = [m for m in meta.modules() if type(m).__name__.endswith("Experts")]
+    assert experts and all(isinstance(m, GroupedExperts) for m in experts)
+    assert all(p.device == torch.device("meta") for p in meta.parameters())

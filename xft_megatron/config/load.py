@@ -165,7 +165,8 @@ def load_config(path: Optional[str] = None, overrides: Sequence[str] = (),
 
 
 # what a stored config says only about how the run that saved it computed (the layer modules,
-# FP8 GEMMs): either way the checkpoint holds the same tensors
+# FP8 GEMMs, and TE's experts, read as the grouped ones they are stored as): either way the
+# checkpoint holds the same tensors
 COMPUTE_ONLY = {"model": ("spec",), "precision": ("fp8", "fp8_recipe")}
 
 
@@ -176,6 +177,9 @@ def inheritable(stored: dict) -> dict:
     for section, keys in COMPUTE_ONLY.items():
         if isinstance(out.get(section), dict):
             out[section] = {k: v for k, v in out[section].items() if k not in keys}
+    moe = out.get("moe")
+    if isinstance(moe, dict) and moe.get("experts_impl") == "te_grouped":  # TE's experts are
+        out["moe"] = {**moe, "experts_impl": "grouped"}  # stored in the grouped layout
     return out
 
 

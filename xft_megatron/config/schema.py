@@ -32,6 +32,7 @@ def _require(cond: bool, msg: str) -> None:
 
 
 LAYER_SPECS = ("local", "te")  # model.spec: the layer modules (model/spec.py)
+EXPERTS_IMPLS = ("grouped", "sequential", "te_grouped")  # moe.experts_impl
 FP8_FORMATS = ("none", "hybrid", "e4m3")  # precision.fp8
 FP8_RECIPES = ("tensorwise", "blockwise", "mxfp8")  # precision.fp8_recipe
 MAX_LAYERS = 10_000  # far above any real model; beyond it a value is a typo, not a model
@@ -130,7 +131,10 @@ class MoEConfig:
     capacity_factor: Optional[float] = None  # None = dropless; else routed-expert capacity
     layer_freq: int = 1  # every layer_freq-th layer (0, f, 2f, ...) is MoE, others dense
     dispatcher: str = "alltoall"  # alltoall | allgather
-    experts_impl: str = "grouped"  # grouped (one grouped GEMM) | sequential (Megatron's)
+    # grouped (ours: one grouped GEMM) | sequential (Megatron's SequentialMLP: one MLP per
+    # expert, stored per expert) | te_grouped (Transformer Engine's grouped linears, FP8 with
+    # precision.fp8; model.spec=te; stored as grouped, which is what a checkpoint records)
+    experts_impl: str = "grouped"
     # where the shared expert runs: pool = expert 0 of the routed pool, every token dispatched
     # to it | dense = a tensor-parallel FFN on each rank's own tokens, off the dispatch path
     # (EP must divide the routed experts; needs expert_tensor = tensor). Checkpoints are the
@@ -159,8 +163,9 @@ class MoEConfig:
                  f"moe.balance_loss={self.balance_loss!r} must be cv, aux or none")
         _require(self.dispatcher in ("alltoall", "allgather"),
                  f"moe.dispatcher={self.dispatcher!r} must be alltoall or allgather")
-        _require(self.experts_impl in ("grouped", "sequential"),
-                 f"moe.experts_impl={self.experts_impl!r} must be grouped or sequential")
+        _require(self.experts_impl in EXPERTS_IMPLS,
+                 f"moe.experts_impl={self.experts_impl!r} must be one of "
+                 f"{', '.join(EXPERTS_IMPLS)}")
         _require(self.shared_expert_impl in ("pool", "dense"),
                  f"moe.shared_expert_impl={self.shared_expert_impl!r} must be pool or dense")
         _require(self.balance_coeff >= 0, f"moe.balance_coeff={self.balance_coeff} must be >= 0")
@@ -601,6 +606,13 @@ class Config:
                      f"train.seq_length={t.seq_length} is not divisible by parallel.tensor="
                      f"{p.tensor}, which sequence parallelism needs")
         self._check_fp8()
+        if self.moe.enabled and self.moe.experts_impl == "te_grouped":
+            _require(m.spec == "te", "moe.experts_impl=te_grouped takes Transformer Engine's "
+                     "grouped linears; set model.spec=te (or moe.experts_impl=grouped)")
+            _require(t.optimizer != "adafactor",
+                     "train.optimizer=adafactor factors each expert's gate and up halves apart, "
+                     "which TE's per-expert [2F, H] weights do not mark; use "
+                     "moe.experts_impl=grouped with adafactor")
 
     def _check_moe(self):
         e, p = self.moe, self.parallel

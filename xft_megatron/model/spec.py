@@ -17,7 +17,7 @@ from megatron.core.transformer.attention import SelfAttention, SelfAttentionSubm
 from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.identity_op import IdentityOp
 from megatron.core.transformer.mlp import MLP, MLPSubmodules
-from megatron.core.transformer.moe.experts import SequentialMLP
+from megatron.core.transformer.moe.experts import GroupedMLPSubmodules, SequentialMLP
 from megatron.core.transformer.moe.moe_layer import MoELayer, MoESubmodules
 from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.transformer_block import TransformerBlockSubmodules
@@ -33,6 +33,7 @@ from xft_megatron.model.moe.experts import GroupedExperts
 from xft_megatron.model.moe.layer import SharedExpertMoELayer
 from xft_megatron.model.moe.merge_mlp import MergeMLP
 from xft_megatron.model.moe.router import RouterSettings, XFTRouter
+from xft_megatron.model.moe.te_experts import TEGroupedExperts
 from xft_megatron.model.norm import RMSNorm
 
 
@@ -108,9 +109,11 @@ def dense_mlp_spec(spec: str = "local") -> MlpBuilder:
     return partial(MLP.as_mlp_submodule, submodules=_swiglu_linears())
 
 
-def moe_mlp_spec(moe: MoEConfig, merge: bool = False) -> MlpBuilder:
+def moe_mlp_spec(moe: MoEConfig, merge: bool = False, spec: str = "local") -> MlpBuilder:
     """Megatron's MoELayer (dispatch, combine, EP/ETP) with the XFT router; experts are our
-    grouped GEMM module or Megatron's SequentialMLP (one MLP per expert, for comparison).
+    grouped GEMM module, Megatron's SequentialMLP (one MLP per expert, for comparison) or
+    TE's grouped linears stored as ours (`te_grouped`, under spec te; under spec local, as
+    meta builds take it, the grouped experts whose layout that is).
     With `moe.shared_expert_impl=dense`, the layer that runs the shared expert off the
     dispatch path (`moe/layer.py`).
     With `merge` (the merge stage, train.stage=merge), the learnable merge of the same
@@ -123,10 +126,15 @@ def moe_mlp_spec(moe: MoEConfig, merge: bool = False) -> MlpBuilder:
         experts = partial(GroupedExperts, shared_slots=1)
         return partial(SharedExpertMoELayer, num_experts=moe.num_experts,
                        submodules=MoESubmodules(experts=experts, router=router))
-    if moe.experts_impl == "grouped":
-        experts = GroupedExperts
-    else:
+    if moe.experts_impl == "sequential":
         experts = partial(SequentialMLP, submodules=_swiglu_linears())
+    elif moe.experts_impl == "te_grouped" and spec == "te":  # TE's, stored as ours
+        te = te_modules()
+        experts = partial(TEGroupedExperts, submodules=GroupedMLPSubmodules(
+            linear_fc1=te.TEColumnParallelGroupedLinear,
+            linear_fc2=te.TERowParallelGroupedLinear))
+    else:  # grouped, or the layout te_grouped is stored in
+        experts = GroupedExperts
     return partial(MoELayer, submodules=MoESubmodules(experts=experts, router=router))
 
 
@@ -160,7 +168,7 @@ def block_spec(m: ModelConfig, moe: MoEConfig, first_layer: int, num_layers_here
     dense = layer_spec(m, dense_mlp_spec(spec), spec, fused_mlp_norm=True)
     sparse = None
     if moe.enabled:
-        sparse = layer_spec(m, moe_mlp_spec(moe, merge), spec)
+        sparse = layer_spec(m, moe_mlp_spec(moe, merge, spec), spec)
     specs = [sparse if moe.is_moe_layer(first_layer + i) else dense
              for i in range(num_layers_here)]
     return TransformerBlockSubmodules(layer_specs=specs, layer_norm=RMSNorm)

@@ -106,8 +106,10 @@ def dry_run(cfg: Config, world_size: int) -> str:
 def _spec_text(cfg: Config) -> str:
     """Which layer modules the run builds (model.spec) and where weight gradients go."""
     te = cfg.model.spec == "te"
+    te_experts = cfg.moe.enabled and cfg.moe.experts_impl == "te_grouped"
     modules = ("te: Transformer Engine's norm+qkv, attention, projection and dense FFN linears "
-               "(experts and router: this project's)" if te else
+               + ("and grouped experts (router: this project's)" if te_experts else
+                  "(experts and router: this project's)") if te else
                "local: Megatron-Core's modules and this project's (no Transformer Engine)")
     prec = cfg.precision
     grads = ("accumulated into the fp32 buffer by the GEMM"

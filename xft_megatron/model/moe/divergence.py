@@ -40,6 +40,10 @@ def local_expert_vectors(experts) -> torch.Tensor:
         e = experts.fc1_weight.shape[0]
         return torch.cat([experts.fc1_weight.detach().reshape(e, -1),
                           experts.fc2_weight.detach().reshape(e, -1)], dim=1)
+    if hasattr(experts, "local_expert_weights"):  # TE's grouped linears (te_experts.py)
+        return torch.stack([torch.cat([w.detach().reshape(-1) for w in
+                                       experts.local_expert_weights(i)])
+                            for i in range(experts.num_local_experts)])
     return torch.stack([torch.cat([x.linear_fc1.weight.detach().reshape(-1),  # SequentialMLP
                                    x.linear_fc2.weight.detach().reshape(-1)])
                         for x in experts.local_experts])
