@@ -317,8 +317,9 @@ class PrecisionConfig:
     grad_accum_fusion: Optional[bool] = None
     # FP8 GEMMs in Transformer Engine's linears (model.spec=te, a GPU that has them): none |
     # hybrid (E4M3 activations and weights, E5M2 gradients) | e4m3 (E4M3 throughout). The
-    # weights, their gradients and the optimizer keep `dtype`; the MoE router and experts
-    # (this project's modules) and the output layer stay bf16
+    # weights, their gradients and the optimizer keep `dtype`; the MoE router, this project's
+    # experts (TE's with moe.experts_impl=te_grouped compute in FP8) and the output layer stay
+    # bf16
     fp8: str = "none"
     # how FP8 values are scaled, all without state (nothing FP8 is stored in checkpoints):
     # tensorwise (one scale per tensor from its current values; Hopper, Ada) | blockwise
