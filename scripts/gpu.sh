@@ -19,8 +19,14 @@ cd "$(dirname "$0")/.."
 OUT="${OUT:-runs/gpu}"
 mkdir -p "$OUT"
 if ls .whl/*.whl >/dev/null 2>&1; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-    --target /tmp/site .whl/*.whl || exit 1
+  # once per machine: a second run started beside a first (gpu_session.sh start --as) must
+  # not reinstall under the first's feet
+  stamp=$(cat .whl/*.whl | sha256sum | cut -c1-16)
+  if [ "$(cat /tmp/site/.xft_wheels 2>/dev/null)" != "$stamp" ]; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+      --target /tmp/site .whl/*.whl || exit 1
+    echo "$stamp" > /tmp/site/.xft_wheels
+  fi
   export PYTHONPATH="/tmp/site:$PWD"
 else
   export PYTHONPATH="$PWD"
