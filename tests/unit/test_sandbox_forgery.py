@@ -99,7 +99,10 @@ ATTEMPTS = {
 }
 
 
-def _score(problem: dict, completion: str, protocol: str = "raw", timeout_s: float = 10.0):
+# Each of these runs in a fraction of a second; the wall-clock limit is only a backstop, and
+# wide, because one run of the full suite on a loaded 2-core machine took over 10 s for one
+# of them (the frame-jump forgery: scored "timeout" instead of "failed")
+def _score(problem: dict, completion: str, protocol: str = "raw", timeout_s: float = 60.0):
     results = execute_completions([problem], {problem["task_id"]: [completion]},
                                   workers=1, timeout_s=timeout_s, protocol=protocol)
     return results[problem["task_id"]][0]
