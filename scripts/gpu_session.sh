@@ -48,7 +48,8 @@ case "${1:-}" in
     if running; then echo "still running"; else echo "finished"; fi
     nvidia-smi --query-gpu=memory.used,utilization.gpu --format=csv,noheader
     df -h /tmp | tail -n 1
-    for log in "$RUN"/*.log; do  # progress bars redraw with \r: their last state
+    for log in "$RUN"/*.log "$RUN"/*/*.log; do  # progress bars redraw with \r: their last state
+      [ -f "$log" ] || continue
       echo "== $log"; tr '\r' '\n' < "$log" | grep -v '^$' | tail -n 3 | cut -c1-300
     done
     # summaries, reports and each stage's metrics (the routing diagnostics of every step) of
