@@ -66,6 +66,10 @@ PATHS = {"path": ("false", "pool", "local"), "path_fused": ("true", "pool", "loc
          "path_fused_dense": ("true", "dense", "local"), "path_te": ("null", "pool", "te"),
          "path_te_fp8": ("null", "pool", "te"), "path_te_experts": ("null", "pool", "te"),
          "path_te_experts_fp8": ("null", "pool", "te")}
+# and their further overrides (the experts' only for the MoE)
+FP8, TE_EXPERTS = ["precision.fp8=hybrid"], ["moe.experts_impl=te_grouped"]
+EXTRA = {"path_te_fp8": (FP8, []), "path_te_experts": ([], TE_EXPERTS),
+         "path_te_experts_fp8": (FP8, TE_EXPERTS)}
 
 
 def _config(args, mbs, variant):
@@ -73,12 +77,10 @@ def _config(args, mbs, variant):
     if variant in PATHS:
         fuse, shared, spec = PATHS[variant]
         extra += [f"precision.grad_accum_fusion={fuse}", f"model.spec={spec}"]
-        if variant.endswith("_fp8"):
-            extra.append("precision.fp8=hybrid")
-        if "te_experts" in variant and not args.dense:
-            extra.append("moe.experts_impl=te_grouped")
+        every, moe_only = EXTRA.get(variant, ([], []))
+        extra += every
         if not args.dense:
-            extra.append(f"moe.shared_expert_impl={shared}")
+            extra += moe_only + [f"moe.shared_expert_impl={shared}"]
     return load_config(None, [f"model.preset={args.preset}", "precision.dtype=bf16",
                               f"model.num_layers={args.layers}", f"train.seq_length={args.seq}",
                               f"train.micro_batch_size={mbs}", f"train.global_batch_size={mbs}",

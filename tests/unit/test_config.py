@@ -460,7 +460,7 @@ def test_fp8_is_checked_before_anything_and_not_inherited(tmp_path, capsys):
     line = next(ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("modules "))
     assert line.endswith("; FP8 GEMMs in TE's linears (hybrid, tensorwise scaling)"), line
     try:
-        builder.check_fp8(load_config(None, base).precision)
+        builder.check_runnable(load_config(None, base))
         usable = True
     except ConfigError as e:
         usable, why = False, str(e)

@@ -108,3 +108,5 @@ def test_every_train_path_variant_config_says_what_it_measures():
                 variant not in train_path.PATHS, variant
             if not dense:
                 assert cfg.moe.shared_expert_impl == shared, variant
+                assert (cfg.moe.experts_impl == "te_grouped") == ("te_experts" in variant)
+            assert (cfg.precision.fp8 == "hybrid") == variant.endswith("_fp8"), variant

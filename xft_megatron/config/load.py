@@ -164,22 +164,29 @@ def load_config(path: Optional[str] = None, overrides: Sequence[str] = (),
     return Config.from_dict(data)
 
 
-# what a stored config says only about how the run that saved it computed (the layer modules,
-# FP8 GEMMs, and TE's experts, read as the grouped ones they are stored as): either way the
-# checkpoint holds the same tensors
-COMPUTE_ONLY = {"model": ("spec",), "precision": ("fp8", "fp8_recipe")}
+# what a stored config says only about how the run that saved it computed, and what a reader
+# of the checkpoint sees instead: None drops the key (the reader's own value or default), a
+# mapping reads a value as the one the tensors are stored as. The layer modules, FP8 GEMMs
+# and TE's experts (stored in the grouped layout) leave the same tensors either way.
+COMPUTE_ONLY = {("model", "spec"): None, ("precision", "fp8"): None,
+                ("precision", "fp8_recipe"): None,
+                ("moe", "experts_impl"): {"te_grouped": "grouped"}}
 
 
 def inheritable(stored: dict) -> dict:
-    """A checkpoint's stored config without what only says how the run that saved it computed
-    (`COMPUTE_ONLY`), so a run or tool that reads it does not take that on."""
+    """A checkpoint's stored config as runs and tools that read it take it: what only says how
+    the run that saved it computed (`COMPUTE_ONLY`) dropped or read as what is stored."""
     out = dict(stored)
-    for section, keys in COMPUTE_ONLY.items():
-        if isinstance(out.get(section), dict):
-            out[section] = {k: v for k, v in out[section].items() if k not in keys}
-    moe = out.get("moe")
-    if isinstance(moe, dict) and moe.get("experts_impl") == "te_grouped":  # TE's experts are
-        out["moe"] = {**moe, "experts_impl": "grouped"}  # stored in the grouped layout
+    for (section, key), stored_as in COMPUTE_ONLY.items():
+        values = out.get(section)
+        if not isinstance(values, dict) or key not in values:
+            continue
+        values = dict(values)
+        if stored_as is None:
+            del values[key]
+        elif isinstance(values[key], str):  # anything else: the schema reports it
+            values[key] = stored_as.get(values[key], values[key])
+        out[section] = values
     return out
 
 

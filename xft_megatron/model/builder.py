@@ -163,13 +163,15 @@ _FP8_SUPPORT = {"tensorwise": "check_fp8_support", "blockwise": "check_fp8_block
                 "mxfp8": "check_mxfp8_support"}
 
 
-def check_fp8(prec: PrecisionConfig) -> None:
-    """ConfigError, before anything is built, when precision.fp8 cannot run on this GPU (TE
-    says why: tensorwise needs Hopper or Ada, blockwise Hopper and CUDA 12.9, mxfp8
-    Blackwell). The config has already required model.spec=te (Config._check_fp8)."""
+def check_runnable(cfg: Config) -> None:
+    """ConfigError, before anything is built, when what `cfg` computes with cannot run here:
+    the layer modules (`check_spec`) and precision.fp8's recipe on this GPU (TE says why:
+    tensorwise needs Hopper or Ada, blockwise Hopper and CUDA 12.9, mxfp8 Blackwell; the
+    config has already required model.spec=te for FP8, Config._check_fp8)."""
+    check_spec(cfg.model.spec)
+    prec = cfg.precision
     if prec.fp8 == "none":
         return
-    check_spec("te")
     from transformer_engine.pytorch import fp8 as te_fp8
 
     supported, reason = getattr(te_fp8, _FP8_SUPPORT[prec.fp8_recipe])()

@@ -308,7 +308,7 @@ def _check_config(overrides: Sequence[str], base: Optional[str]) -> None:
     loads from first; and whether the layer modules and FP8 they ask for run here
     (model.spec=te, precision.fp8), before the data is mined."""
     from xft_megatron.config import load_config
-    from xft_megatron.model.builder import check_fp8, check_spec
+    from xft_megatron.model.builder import check_runnable
 
     if not base:
         cfg = load_config(None, overrides)
@@ -318,8 +318,7 @@ def _check_config(overrides: Sequence[str], base: Optional[str]) -> None:
         stored = {"model": asdict(model_config_from_hf(base)[0])}
         cfg = load_config(None, list(overrides) + [f"checkpoint.load={base}"],
                           read_stored=lambda _path: stored)
-    check_spec(cfg.model.spec)
-    check_fp8(cfg.precision)
+    check_runnable(cfg)
 
 
 def _settings_section(data: Dict, run_info: Dict) -> str:

@@ -27,7 +27,7 @@ from xft_megatron.data.records import DataError
 from xft_megatron.data.tokenizer import Tokenizer, tokenizer_for_model
 from xft_megatron.errors import UserError
 from xft_megatron.hf import convert
-from xft_megatron.model.builder import check_fp8, check_spec
+from xft_megatron.model.builder import check_runnable
 from xft_megatron.runtime import parallel
 from xft_megatron.runtime.hub import HubSettings
 from xft_megatron.training import disk, memory
@@ -157,8 +157,7 @@ def main(config_path: Optional[str], overrides: Sequence[str], resume: bool = Fa
         world = world_size or int(os.environ.get("WORLD_SIZE", "1"))
         print(dry_run(cfg, world))
         return None
-    check_spec(cfg.model.spec)  # the layer modules can run here (model.spec=te: TE and a GPU)
-    check_fp8(cfg.precision)  # and their FP8 recipe on this GPU
+    check_runnable(cfg)  # the layer modules (model.spec=te: TE and a GPU) and FP8 run here
     if cfg.model.spec == "te" and os.environ.get("RANK", "0") == "0":
         fp8 = " and precision.fp8 against bf16" if cfg.precision.fp8 != "none" else ""
         print(f"notice: model.spec=te is new: its GPU tests against model.spec=local{fp8} "
